@@ -1,0 +1,49 @@
+"""The seed's model: the SwiGLU feed-forward block of Lightning's tensor-parallel docs.
+
+Single-device code: no mesh, no axis names. ``jtp`` shards it from outside with a plan such as
+``{"w1": ColwiseParallel(), "w2": RowwiseParallel(), "w3": ColwiseParallel()}``.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+
+class FeedForward(nnx.Module):
+    """``w2(silu(w1(x)) * w3(x))`` with bias-free linears (Llama's MLP).
+
+    Args:
+      dim: input and output features.
+      hidden_dim: features of the gated hidden layer.
+      rngs: random streams for the kernel initialisers (keyword-only, as in ``nnx.Linear``).
+      dtype: computation dtype (``None``: promote from inputs and params).
+      param_dtype: parameter dtype.
+
+    Example::
+
+      model = FeedForward(64, 256, rngs=nnx.Rngs(0))
+      y = model(jnp.ones((8, 64)))  # (8, 64)
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        *,
+        rngs: nnx.Rngs,
+        dtype: jnp.dtype | None = None,
+        param_dtype: jnp.dtype = jnp.float32,
+    ):
+        def linear(n_in: int, n_out: int) -> nnx.Linear:
+            return nnx.Linear(
+                n_in, n_out, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+            )
+
+        self.w1 = linear(dim, hidden_dim)
+        self.w2 = linear(hidden_dim, dim)
+        self.w3 = linear(dim, hidden_dim)
+
+    def __call__(self, x_bd: jnp.ndarray) -> jnp.ndarray:
+        h_bh = nnx.silu(self.w1(x_bd)) * self.w3(x_bd)  # (..., hidden_dim)
+        return self.w2(h_bh)  # (..., dim)

@@ -1,0 +1,104 @@
+"""Apply a plan: parameters born sharded, existing models resharded, optimizer state alike.
+
+``sharded_init`` is the reason jtp needs no "meta device": ``nnx.eval_shape`` gives the model's
+shapes for free, the plan turns them into shardings, and ``jax.jit(init, out_shardings=...)``
+lets XLA's partitioner run each initialiser only for the shard a device keeps (jax's threefry
+is partitionable, so the values are the same as an unsharded ``factory()``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import jax
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jtp._compat import unrolled_threefry_on_cpu
+from jtp.plan import Plan, plan_shardings
+
+M = TypeVar("M", bound=nnx.Module)
+
+
+def _init_program(
+    factory: Callable[[], M], mesh: Mesh, plan: Plan, *, fsdp: bool = False
+) -> tuple[jax.stages.Compiled, nnx.GraphDef]:
+    """The compiled initialiser (all validation done first) and the model's graph definition."""
+    if not callable(factory):
+        raise ValueError(
+            f"factory must be a zero-argument callable returning the model, got "
+            f"{type(factory).__name__}; write `lambda: MyModel(..., rngs=nnx.Rngs(0))`"
+        )
+    abstract = nnx.eval_shape(factory)
+    shardings = plan_shardings(abstract, mesh, plan, fsdp=fsdp)
+    graphdef = nnx.graphdef(abstract)
+
+    def init() -> nnx.State:
+        return nnx.state(factory())
+
+    with unrolled_threefry_on_cpu():
+        compiled = jax.jit(init, out_shardings=shardings).lower().compile()
+    return compiled, graphdef
+
+
+def sharded_init(factory: Callable[[], M], mesh: Mesh, plan: Plan, *, fsdp: bool = False) -> M:
+    """Build ``factory()`` with every parameter created directly in its shards.
+
+    No device ever holds an unsharded planned parameter. Parameters no plan key covers are
+    replicated (or, with ``fsdp=True``, split on ``"data"``: see :mod:`jtp.plan`).
+
+    Args:
+      factory: zero-argument callable returning the model, e.g.
+        ``lambda: FeedForward(8192, 8192, rngs=nnx.Rngs(0))``.
+      mesh: a ``("data", "tensor")`` mesh from :func:`jtp.make_mesh`.
+      plan: ``{module_path_pattern: style}``.
+      fsdp: also split each planned kernel's other dimension on ``"data"`` (2D parallelism).
+
+    Returns:
+      The model, its variables global ``jax.Array``s with ``NamedSharding``s.
+    """
+    init, graphdef = _init_program(factory, mesh, plan, fsdp=fsdp)
+    return nnx.merge(graphdef, init())
+
+
+def parallelize(model: M, mesh: Mesh, plan: Plan, *, fsdp: bool = False) -> M:
+    """Reshard an existing model's variables in place (torch's ``parallelize_module``).
+
+    Returns the same object, so ``model = jtp.parallelize(model, mesh, plan)`` reads as in
+    torch. Prefer :func:`sharded_init` for large models: this one starts from whatever the
+    model holds now, usually whole arrays on one device.
+    """
+    shardings = plan_shardings(model, mesh, plan, fsdp=fsdp)
+    nnx.update(model, jax.device_put(nnx.state(model), shardings))
+    return model
+
+
+def _replicated_on(tree: Any) -> NamedSharding:
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            return NamedSharding(sharding.mesh, P())
+    raise ValueError("params hold no NamedSharding arrays; shard the model first")
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, params: Any) -> Any:
+    """Shardings for ``tx.init(params)``: every parameter-shaped slot (Adam's moments, ...)
+    sharded like its parameter, everything else (step counts) replicated."""
+    abstract = jax.eval_shape(tx.init, params)
+    param_shardings = jax.tree.map(lambda p: p.sharding, params)
+    replicated = _replicated_on(params)
+    return optax.tree_map_params(
+        tx,
+        lambda _, sharding: sharding,
+        abstract,
+        param_shardings,
+        transform_non_params=lambda _: replicated,
+    )
+
+
+def init_opt_state(tx: optax.GradientTransformation, params: Any) -> Any:
+    """``tx.init(params)`` created inside jit directly in the parameters' shardings."""
+    return jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params))(params)

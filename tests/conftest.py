@@ -1,0 +1,13 @@
+"""Force 8 CPU devices before anything imports jax (once, for the whole suite)."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+assert len(jax.devices()) == 8, jax.devices()
