@@ -27,6 +27,12 @@ def _init_program(
     factory: Callable[[], M], mesh: Mesh, plan: Plan, *, fsdp: bool = False
 ) -> tuple[jax.stages.Compiled, nnx.GraphDef]:
     """The compiled initialiser (all validation done first) and the model's graph definition."""
+    if isinstance(factory, nnx.Module):
+        raise ValueError(
+            f"factory must be a zero-argument callable returning the model, got a built "
+            f"{type(factory).__name__}; wrap its construction in a lambda, or reshard the "
+            "existing model with jtp.parallelize(model, mesh, plan)"
+        )
     if not callable(factory):
         raise ValueError(
             f"factory must be a zero-argument callable returning the model, got "

@@ -201,7 +201,7 @@ def resolve(model: nnx.Module, mesh: Mesh, plan: Plan, *, fsdp: bool = False) ->
     placements = []
     for path, var in nnx.to_flat_state(nnx.state(model)):
         name = path_str(path)
-        shape = tuple(var.value.shape)
+        shape = tuple(var.get_value().shape)
         module_path, param = path_str(path[:-1]), path[-1]
         key, style = matched.get(module_path, (None, None))
         rule = style.rule_for(modules[module_path], param) if style else None
@@ -218,7 +218,7 @@ def resolve(model: nnx.Module, mesh: Mesh, plan: Plan, *, fsdp: bool = False) ->
             if dim is not None:
                 axes[dim] = DATA
         placements.append(
-            Placement(name, shape, var.value.dtype, key, style, _spec(len(shape), axes))
+            Placement(name, shape, var.get_value().dtype, key, style, _spec(len(shape), axes))
         )
     return placements
 

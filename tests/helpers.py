@@ -1,0 +1,112 @@
+"""Shared test fixtures: a user-style nested model, the seed plan, reference comparisons."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import jtp
+
+FF_PLAN = {"w1": jtp.ColwiseParallel(), "w2": jtp.RowwiseParallel(), "w3": jtp.ColwiseParallel()}
+
+
+class Block(nnx.Module):
+    """A pre-norm residual MLP with biases, the way users write them."""
+
+    def __init__(self, dim: int, *, rngs: nnx.Rngs):
+        self.norm = nnx.LayerNorm(dim, rngs=rngs)
+        self.up = nnx.Linear(dim, 4 * dim, rngs=rngs)
+        self.down = nnx.Linear(4 * dim, dim, rngs=rngs)
+
+    def __call__(self, x):
+        return x + self.down(nnx.gelu(self.up(self.norm(x))))
+
+
+class TinyLM(nnx.Module):
+    """Embed -> blocks -> head; biases everywhere a user would put them."""
+
+    def __init__(self, vocab: int = 32, dim: int = 16, depth: int = 2, *, rngs: nnx.Rngs):
+        self.embed = nnx.Embed(vocab, dim, rngs=rngs)
+        self.blocks = nnx.List([Block(dim, rngs=rngs) for _ in range(depth)])
+        self.head = nnx.Linear(dim, vocab, rngs=rngs)
+
+    def __call__(self, tokens_bt):
+        x_btd = self.embed(tokens_bt)
+        for block in self.blocks:
+            x_btd = block(x_btd)
+        return self.head(x_btd)  # (B, T, vocab)
+
+
+LM_PLAN = {
+    "embed": jtp.RowwiseParallel(),
+    "blocks.*.up": jtp.ColwiseParallel(),
+    "blocks.*.down": jtp.RowwiseParallel(),
+    "head": jtp.ColwiseParallel(),
+}
+
+
+def ff_factory(dim: int = 16, hidden: int = 64):
+    return lambda: jtp.models.FeedForward(dim, hidden, rngs=nnx.Rngs(0))
+
+
+def lm_factory():
+    return lambda: TinyLM(rngs=nnx.Rngs(0))
+
+
+def ff_loss(model, batch):
+    x, y = batch
+    out = model(x)
+    return jnp.mean((out - y) ** 2), out
+
+
+def lm_loss(model, batch):
+    tokens, labels = batch
+    logits = model(tokens)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return loss, logits
+
+
+def ff_batch(batch: int = 8, dim: int = 16, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    return (
+        rng.standard_normal((batch, dim), dtype=np.float32),
+        rng.standard_normal((batch, dim), dtype=np.float32),
+    )
+
+
+def lm_batch(batch: int = 8, seq: int = 8, vocab: int = 32, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, (batch, seq + 1), dtype=np.int32)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def rel_err(a, b) -> float:
+    """Norm-relative error ||a - b|| / ||b|| over a whole pytree."""
+    la = [np.asarray(x, np.float64) for x in jax.tree.leaves(a)]
+    lb = [np.asarray(x, np.float64) for x in jax.tree.leaves(b)]
+    num = sum(float(np.sum((x - y) ** 2)) for x, y in zip(la, lb, strict=True))
+    den = sum(float(np.sum(y**2)) for y in lb)
+    return float(np.sqrt(num / max(den, 1e-30)))
+
+
+def make_fns(graphdef, loss_fn, tx):
+    """(forward+grad, two-step train) functions over the pure params State."""
+
+    def fwd_grad(params, batch):
+        def f(p):
+            return loss_fn(nnx.merge(graphdef, p), batch)
+
+        (loss, out), grads = jax.value_and_grad(f, has_aux=True)(params)
+        return loss, out, grads
+
+    def train2(params, opt_state, batch):
+        for _ in range(2):
+            _, _, grads = fwd_grad(params, batch)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+        return params, opt_state
+
+    return fwd_grad, train2
