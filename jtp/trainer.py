@@ -1,0 +1,355 @@
+"""Trainer: fit / validate / test a TrainModule on a ModelParallelStrategy's mesh.
+
+The train step is compiled exactly once per fit, ahead of time, with fixed input and output
+shardings (parameters and optimizer state keep their plan layout across steps) and donated
+state buffers (the update happens in place: the peak holds one copy of the state, not two).
+The loop never reads device values except every ``log_every_n_steps`` steps, so the host
+dispatches ahead of the devices.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jtp.batch import shard_batch
+from jtp.module import StepOutput, TrainModule
+from jtp.parallelize import opt_state_shardings, parallelize, sharded_init
+from jtp.progress import MetricsLogger, ProgressBar, next_run_dir
+from jtp.report import device_peak_bytes, peak_memory_per_device
+from jtp.strategy import ModelParallelStrategy
+
+GB = 1e9
+
+
+def _split_output(out: StepOutput) -> tuple[jax.Array, dict[str, jax.Array]]:
+    if isinstance(out, tuple):
+        loss, metrics = out
+        return loss, dict(metrics)
+    return out, {}
+
+
+def _shardings(tree: Any) -> Any:
+    return jax.tree.map(lambda a: a.sharding, tree)
+
+
+def _is_global(batch: Any) -> bool:
+    return all(isinstance(x, jax.Array) for x in jax.tree.leaves(batch))
+
+
+class Trainer:
+    """Lightning-style trainer for tensor/data/2D-parallel JAX training.
+
+    Args:
+      strategy: the mesh layout (default: ``ModelParallelStrategy()``, "auto" sizes).
+      max_epochs: epochs to run (stops earlier at ``max_steps``).
+      max_steps: optimizer steps to run in total; ``-1`` for no limit.
+      gradient_clip_val: clip gradients by their global norm (computed over the whole,
+        sharded gradient: identical to clipping the unsharded one).
+      accumulate_grad_batches: average gradients over this many batches per optimizer step
+        (``optax.MultiSteps``): equal to one step on a batch that many times larger.
+      log_every_n_steps: fetch metrics from the devices, log and refresh the progress bar
+        every this many batches (the only host syncs in the loop).
+      enable_progress_bar: show the progress line (process 0 only).
+      logger: ``"csv"``, ``"jsonl"`` or ``None``: per-step metrics under ``log_dir``.
+      default_root_dir: runs go to ``<default_root_dir>/version_N``.
+      seed: seeds Python's and NumPy's global RNGs for user code; jax randomness is explicit
+        (``nnx.Rngs``) and the loaders' order is a function of their own ``seed``.
+      limit_val_batches: evaluate at most this many batches in ``validate``/``test``.
+      report_memory: print the per-device peak memory at the end of ``fit``.
+    """
+
+    def __init__(
+        self,
+        strategy: ModelParallelStrategy | None = None,
+        *,
+        max_epochs: int = 1,
+        max_steps: int = -1,
+        gradient_clip_val: float | None = None,
+        accumulate_grad_batches: int = 1,
+        log_every_n_steps: int = 10,
+        enable_progress_bar: bool = True,
+        logger: str | None = "csv",
+        default_root_dir: str = "runs",
+        seed: int | None = 0,
+        limit_val_batches: int | None = None,
+        report_memory: bool = True,
+    ):
+        if accumulate_grad_batches < 1:
+            raise ValueError(f"accumulate_grad_batches={accumulate_grad_batches} must be >= 1")
+        if log_every_n_steps < 1:
+            raise ValueError(f"log_every_n_steps={log_every_n_steps} must be >= 1")
+        if gradient_clip_val is not None and gradient_clip_val <= 0:
+            raise ValueError(f"gradient_clip_val={gradient_clip_val} must be > 0 or None")
+        self.strategy = strategy or ModelParallelStrategy()
+        self.max_epochs = max_epochs
+        self.max_steps = max_steps
+        self.gradient_clip_val = gradient_clip_val
+        self.accumulate_grad_batches = accumulate_grad_batches
+        self.log_every_n_steps = log_every_n_steps
+        self.enable_progress_bar = enable_progress_bar
+        self.logger_format = logger
+        self.default_root_dir = default_root_dir
+        self.seed = seed
+        self.limit_val_batches = limit_val_batches
+        self.report_memory = report_memory
+
+        self.global_step = 0  # optimizer steps taken
+        self.current_epoch = 0
+        self.losses: list[float] = []  # one per training batch of the last fit
+        self.metrics_history: list[dict[str, float]] = []
+        self.num_compiles = 0  # train-step compiles in this trainer's lifetime
+        self.compiled_step: jax.stages.Compiled | None = None
+        self.peak_memory_bytes_per_device: int | None = None
+        self.log_dir: str | None = None
+        self.model: nnx.Module | None = None
+        self._module: TrainModule | None = None
+
+    # ------------------------------------------------------------------ setup
+    @property
+    def mesh(self) -> Mesh:
+        return self.strategy.mesh
+
+    @property
+    def is_global_zero(self) -> bool:
+        return jax.process_index() == 0
+
+    def _setup_model(self, module: TrainModule) -> None:
+        """Build (once) the sharded model and split it into (graphdef, params, rest)."""
+        if self._module is module and self.model is not None:
+            return
+        if self.seed is not None:
+            random.seed(self.seed)
+            np.random.seed(self.seed)
+        module.mesh, module.trainer = self.mesh, self
+        built = module.configure_model(self.mesh)
+        if isinstance(built, tuple):
+            target, plan = built
+            fsdp = self.strategy.fsdp
+            if isinstance(target, nnx.Module):
+                built = parallelize(target, self.mesh, plan, fsdp=fsdp)
+            else:
+                built = sharded_init(target, self.mesh, plan, fsdp=fsdp)
+        if not isinstance(built, nnx.Module):
+            raise ValueError(
+                "configure_model must return an nnx.Module or (factory, plan), "
+                f"got {type(built).__name__}"
+            )
+        self.model, self._module = built, module
+        self._graphdef, self._params, self._rest = nnx.split(built, nnx.Param, ...)
+        self._replicated = NamedSharding(self.mesh, P())
+        self._params = self._committed(self._params)
+        self._rest = self._committed(self._rest)
+
+    def _committed(self, tree: Any) -> Any:
+        """Place any leaf that is not yet a mesh array (e.g. an RNG counter) replicated."""
+
+        def place(x: Any) -> Any:
+            sharding = getattr(x, "sharding", None)
+            if isinstance(sharding, NamedSharding) and sharding.mesh == self.mesh:
+                return x
+            return jax.device_put(x, self._replicated)
+
+        return jax.tree.map(place, tree)
+
+    def _optimizer(self, module: TrainModule) -> optax.GradientTransformation:
+        tx = module.configure_optimizers()
+        if self.gradient_clip_val is not None:
+            tx = optax.chain(optax.clip_by_global_norm(self.gradient_clip_val), tx)
+        if self.accumulate_grad_batches > 1:
+            tx = optax.MultiSteps(tx, every_k_schedule=self.accumulate_grad_batches)
+        return tx
+
+    def _merged(self, params: Any, rest: Any) -> nnx.Module:
+        return nnx.merge(self._graphdef, params, rest)
+
+    def _sync_model(self) -> None:
+        """Point the user-visible model at the latest state."""
+        self.model = self._merged(self._params, self._rest)
+
+    # ------------------------------------------------------------------ steps
+    def _make_train_step(self, module: TrainModule, tx: optax.GradientTransformation) -> Callable:
+        param_sh = _shardings(self._params)
+
+        def train_step(params, opt_state, rest, batch):
+            def loss_fn(p):
+                model = self._merged(p, rest)
+                loss, metrics = _split_output(module.training_step(model, batch))
+                _, _, new_rest = nnx.split(model, nnx.Param, ...)
+                return loss.astype(jnp.float32), (metrics, new_rest)
+
+            (loss, (metrics, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            # Keep gradients in the parameters' layout: with fsdp this makes XLA reduce-scatter
+            # them over "data" instead of all-reducing full copies.
+            grads = jax.lax.with_sharding_constraint(grads, param_sh)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **metrics}
+            return params, opt_state, new_rest, metrics
+
+        return train_step
+
+    def _compile_train_step(self, step: Callable, batch: Any) -> jax.stages.Compiled:
+        state_sh = (
+            _shardings(self._params),
+            self._opt_shardings,
+            _shardings(self._rest),
+        )
+        jitted = jax.jit(
+            step,
+            in_shardings=(*state_sh, _shardings(batch)),
+            out_shardings=(*state_sh, self._replicated),
+            donate_argnums=(0, 1, 2),
+        )
+        compiled = jitted.lower(self._params, self._opt_state, self._rest, batch).compile()
+        self.num_compiles += 1
+        return compiled
+
+    def _global_batch(self, batch: Any) -> Any:
+        return batch if _is_global(batch) else shard_batch(batch, self.mesh)
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, module: TrainModule) -> Trainer:
+        """Train ``module`` for ``max_epochs`` (or ``max_steps``); returns the trainer."""
+        self._setup_model(module)
+        tx = self._optimizer(module)
+        self._opt_shardings = opt_state_shardings(tx, self._params)
+        self._opt_state = jax.jit(tx.init, out_shardings=self._opt_shardings)(self._params)
+        step_fn = self._make_train_step(module, tx)
+        loader = module.train_dataloader()
+        if self.is_global_zero and self.logger_format:
+            self.log_dir = next_run_dir(self.default_root_dir)
+        logger = MetricsLogger(self.log_dir, self.logger_format) if self.log_dir else None
+        bar = ProgressBar(self.enable_progress_bar and self.is_global_zero)
+        self.losses, self.metrics_history = [], []
+        compiled, pending = None, []
+        batches_seen, done = 0, False
+        t_start = time.perf_counter()
+        for epoch in range(self.current_epoch, self.max_epochs):
+            self.current_epoch = epoch
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(epoch)
+            bar.start_epoch()
+            total = len(loader) if hasattr(loader, "__len__") else None
+            for i, batch in enumerate(loader):
+                batch = self._global_batch(batch)
+                if compiled is None:
+                    compiled = self._compile_train_step(step_fn, batch)
+                try:
+                    self._params, self._opt_state, self._rest, metrics = compiled(
+                        self._params, self._opt_state, self._rest, batch
+                    )
+                except (TypeError, ValueError) as err:
+                    raise ValueError(
+                        f"batch {i} of epoch {epoch} does not match the compiled train step "
+                        f"(shapes/shardings must stay fixed; use drop_last=True): {err}"
+                    ) from err
+                batches_seen += 1
+                if batches_seen % self.accumulate_grad_batches == 0:
+                    self.global_step += 1
+                pending.append((self.global_step, epoch, metrics))
+                done = 0 < self.max_steps <= self.global_step
+                if len(pending) >= self.log_every_n_steps or done or i + 1 == total:
+                    last = self._flush(pending, logger)
+                    pending = []
+                    bar.update(epoch, i + 1, total, last, self._batch_rows(batch))
+                if done:
+                    break
+            if done:
+                break
+        else:
+            self.current_epoch = self.max_epochs
+        self._flush(pending, logger)
+        bar.close()
+        self.fit_seconds = time.perf_counter() - t_start
+        self._sync_model()
+        if compiled is not None:
+            self.compiled_step = compiled
+            self.peak_memory_bytes_per_device = peak_memory_per_device(compiled)
+            if self.report_memory and self.is_global_zero:
+                print(self.memory_report())
+        return self
+
+    @staticmethod
+    def _batch_rows(batch: Any) -> int:
+        leaves = jax.tree.leaves(batch)
+        return int(leaves[0].shape[0]) if leaves else 0
+
+    def _flush(self, pending: list, logger: MetricsLogger | None) -> dict[str, float]:
+        """Fetch pending step metrics in one transfer; log them; return the latest."""
+        if not pending:
+            return {}
+        fetched = jax.device_get([m for _, _, m in pending])
+        rows = []
+        for (step, epoch, _), values in zip(pending, fetched, strict=True):
+            row = {k: float(v) for k, v in values.items()}
+            self.losses.append(row["loss"])
+            self.metrics_history.append(row)
+            rows.append({"step": step, "epoch": epoch, **row})
+        if logger is not None:
+            logger.log(rows)
+        last = rows[-1]
+        if not np.isfinite(last["loss"]):
+            raise FloatingPointError(f"loss is {last['loss']} at step {last['step']}")
+        return {"loss": last["loss"]}
+
+    def memory_report(self) -> str:
+        """``Peak memory usage: X GB`` per device, as Lightning's example prints it.
+
+        Backends with allocator statistics (GPU) report the measured peak; on CPU the figure
+        is the compiled train step's footprint per device (arguments + outputs + temporaries
+        - donated aliases), which is what each device must hold at the step's peak.
+        """
+        lines = []
+        measured = device_peak_bytes()
+        for d in jax.local_devices():
+            if measured is not None:
+                stats = d.memory_stats() or {}
+                value, how = stats.get("peak_bytes_in_use", 0), "allocator peak"
+            else:
+                value, how = self.peak_memory_bytes_per_device or 0, "compiled step"
+            lines.append(f"[device {d.id}] Peak memory usage: {value / GB:.2f} GB ({how})")
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ eval
+    def _evaluate(self, module: TrainModule, hook: str, loader_hook: str, prefix: str) -> dict:
+        self._setup_model(module)
+        step = getattr(module, hook)
+
+        def eval_step(params, rest, batch):
+            loss, metrics = _split_output(step(self._merged(params, rest), batch))
+            return {"loss": loss.astype(jnp.float32), **metrics}
+
+        jitted = jax.jit(eval_step, out_shardings=self._replicated)
+        totals: dict[str, jax.Array] = {}
+        n = 0
+        for i, batch in enumerate(getattr(module, loader_hook)()):
+            if self.limit_val_batches is not None and i >= self.limit_val_batches:
+                break
+            out = jitted(self._params, self._rest, self._global_batch(batch))
+            totals = out if not totals else jax.tree.map(jnp.add, totals, out)
+            n += 1
+        if n == 0:
+            raise ValueError(f"{loader_hook}() yielded no batches")
+        means = {f"{prefix}_{k}": float(v) / n for k, v in jax.device_get(totals).items()}
+        if self.is_global_zero and self.enable_progress_bar:
+            print(" ".join(f"{k} {v:.4g}" for k, v in means.items()))
+        return means
+
+    def validate(self, module: TrainModule) -> dict[str, float]:
+        """Mean of ``validation_step`` outputs over ``val_dataloader()`` (keys ``val_*``)."""
+        return self._evaluate(module, "validation_step", "val_dataloader", "val")
+
+    def test(self, module: TrainModule) -> dict[str, float]:
+        """Mean of ``test_step`` outputs over ``test_dataloader()`` (keys ``test_*``)."""
+        return self._evaluate(module, "test_step", "test_dataloader", "test")
