@@ -42,7 +42,9 @@ class LitModel(jtp.TrainModule):
             "w3": jtp.ColwiseParallel(),
         }
         # Parameters are born sharded: no device ever holds a whole kernel.
-        return jtp.sharded_init(lambda: FeedForward(self.dim, self.dim, rngs=nnx.Rngs(0)), mesh, plan)
+        return jtp.sharded_init(
+            lambda: FeedForward(self.dim, self.dim, rngs=nnx.Rngs(0)), mesh, plan
+        )
 
     def training_step(self, model, batch):
         output = model(batch)

@@ -1,29 +1,62 @@
 """jtp: tensor parallelism for JAX and Flax NNX.
 
 A plan outside the model names column- and row-wise layers; parameters are born sharded on a
-``("data", "tensor")`` mesh; XLA inserts the collectives.
+``("data", "tensor")`` mesh; XLA inserts the collectives; the trainer keeps every
+tensor-parallel group on the same batch.
 """
 
 from jtp import models
-from jtp.batch import shard_batch
-from jtp.mesh import DATA, TENSOR, make_mesh
+from jtp.batch import batch_sharding, shard_batch
+from jtp.data import DataLoader, RandomDataset, local_data_ranks
+from jtp.mesh import DATA, TENSOR, make_mesh, mesh_shape
+from jtp.module import TrainModule
 from jtp.parallelize import init_opt_state, opt_state_shardings, parallelize, sharded_init
-from jtp.plan import ColwiseParallel, ParallelStyle, Placement, RowwiseParallel, resolve
+from jtp.plan import (
+    ColwiseParallel,
+    ParallelStyle,
+    Placement,
+    RowwiseParallel,
+    plan_shardings,
+    resolve,
+)
+from jtp.report import (
+    Collective,
+    collectives,
+    format_collectives,
+    memory_breakdown,
+    peak_memory_per_device,
+)
+from jtp.strategy import ModelParallelStrategy
+from jtp.trainer import Trainer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DATA",
     "TENSOR",
+    "Collective",
     "ColwiseParallel",
+    "DataLoader",
+    "ModelParallelStrategy",
     "ParallelStyle",
     "Placement",
+    "RandomDataset",
     "RowwiseParallel",
+    "TrainModule",
+    "Trainer",
+    "batch_sharding",
+    "collectives",
+    "format_collectives",
     "init_opt_state",
+    "local_data_ranks",
     "make_mesh",
+    "memory_breakdown",
+    "mesh_shape",
     "models",
     "opt_state_shardings",
     "parallelize",
+    "peak_memory_per_device",
+    "plan_shardings",
     "resolve",
     "shard_batch",
     "sharded_init",

@@ -9,7 +9,7 @@ is partitionable, so the values are the same as an unsharded ``factory()``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import jax
 import optax
@@ -20,10 +20,8 @@ from jax.sharding import PartitionSpec as P
 from jtp._compat import unrolled_threefry_on_cpu
 from jtp.plan import Plan, plan_shardings
 
-M = TypeVar("M", bound=nnx.Module)
 
-
-def _init_program(
+def _init_program[M: nnx.Module](
     factory: Callable[[], M], mesh: Mesh, plan: Plan, *, fsdp: bool = False
 ) -> tuple[jax.stages.Compiled, nnx.GraphDef]:
     """The compiled initialiser (all validation done first) and the model's graph definition."""
@@ -50,7 +48,9 @@ def _init_program(
     return compiled, graphdef
 
 
-def sharded_init(factory: Callable[[], M], mesh: Mesh, plan: Plan, *, fsdp: bool = False) -> M:
+def sharded_init[M: nnx.Module](
+    factory: Callable[[], M], mesh: Mesh, plan: Plan, *, fsdp: bool = False
+) -> M:
     """Build ``factory()`` with every parameter created directly in its shards.
 
     No device ever holds an unsharded planned parameter. Parameters no plan key covers are
@@ -70,7 +70,7 @@ def sharded_init(factory: Callable[[], M], mesh: Mesh, plan: Plan, *, fsdp: bool
     return nnx.merge(graphdef, init())
 
 
-def parallelize(model: M, mesh: Mesh, plan: Plan, *, fsdp: bool = False) -> M:
+def parallelize[M: nnx.Module](model: M, mesh: Mesh, plan: Plan, *, fsdp: bool = False) -> M:
     """Reshard an existing model's variables in place (torch's ``parallelize_module``).
 
     Returns the same object, so ``model = jtp.parallelize(model, mesh, plan)`` reads as in

@@ -211,7 +211,9 @@ def resolve(model: nnx.Module, mesh: Mesh, plan: Plan, *, fsdp: bool = False) ->
             _check_divisible(label, name, shape, rule.tensor_dim, TENSOR, n_tensor)
             axes[rule.tensor_dim] = TENSOR
             if fsdp and rule.fsdp_dim is not None:
-                _check_divisible(label + " with fsdp=True", name, shape, rule.fsdp_dim, DATA, n_data)
+                _check_divisible(
+                    label + " with fsdp=True", name, shape, rule.fsdp_dim, DATA, n_data
+                )
                 axes[rule.fsdp_dim] = DATA
         elif fsdp and isinstance(var, nnx.Param):
             dim = _largest_divisible_dim(shape, n_data)

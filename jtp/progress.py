@@ -36,9 +36,8 @@ class ProgressBar:
         rate = (done - self._steps0) / dt
         total_s = f"/{total}" if total else ""
         shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-        line = (
-            f"epoch {epoch} [{done}{total_s}] {shown} | {rate:.2f} it/s {rate * samples:.1f} samples/s"
-        )
+        speed = f"{rate:.2f} it/s {rate * samples:.1f} samples/s"
+        line = f"epoch {epoch} [{done}{total_s}] {shown} | {speed}"
         end = "\r" if self._isatty else "\n"
         self.stream.write(line + end)
         self.stream.flush()

@@ -58,7 +58,10 @@ def _dtype_bytes(dtype: str) -> int:
 
 def _arrays_bytes(text: str) -> tuple[int, str]:
     arrays = _ARRAY.findall(text)
-    total = sum(_dtype_bytes(dt) * int(np.prod([int(d) for d in dims.split(",") if d])) for dt, dims in arrays)
+    total = sum(
+        _dtype_bytes(dt) * int(np.prod([int(d) for d in dims.split(",") if d]))
+        for dt, dims in arrays
+    )
     return total, (arrays[0][0] if arrays else "")
 
 
@@ -167,7 +170,9 @@ def format_collectives(records: list[Collective]) -> str:
     return "\n".join(lines)
 
 
-def total_bytes(records: list[Collective], *, kind: str | None = None, axis: str | None = None) -> int:
+def total_bytes(
+    records: list[Collective], *, kind: str | None = None, axis: str | None = None
+) -> int:
     """Sum of ``bytes`` over records, optionally of one kind and/or touching one axis."""
     return sum(
         r.bytes

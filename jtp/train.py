@@ -112,7 +112,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     mesh = strategy.mesh
     if jax.process_index() == 0:
-        print(f"mesh {mesh_shape(mesh)} on {mesh.devices.size} {mesh.devices.flat[0].platform} devices, fsdp={args.fsdp}")
+        print(
+            f"mesh {mesh_shape(mesh)} on {mesh.devices.size} "
+            f"{mesh.devices.flat[0].platform} devices, fsdp={args.fsdp}"
+        )
     trainer.fit(FeedForwardTask(config))
     steps = len(trainer.losses)
     metrics = {

@@ -194,7 +194,7 @@ class Trainer:
             grads = jax.lax.with_sharding_constraint(grads, param_sh)
             updates, opt_state = tx.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
-            metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **metrics}
+            metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
             return params, opt_state, new_rest, metrics
 
         return train_step
@@ -318,7 +318,10 @@ class Trainer:
                 value, how = stats.get("peak_bytes_in_use", 0), "allocator peak"
             else:
                 value, how = self.peak_memory_bytes_per_device or 0, "compiled step"
-            lines.append(f"[device {d.id}] Peak memory usage: {value / GB:.2f} GB ({how})")
+            lines.append(
+                f"[device {d.id}] Peak memory usage: {value / GB:.2f} GB "
+                f"({value / 2**20:.1f} MiB, {how})"
+            )
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ eval

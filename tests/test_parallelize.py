@@ -121,7 +121,9 @@ def test_init_is_born_sharded(shape, fsdp):
     factory = ff_factory(512, 2048)
     mesh = jtp.make_mesh(*shape)
     compiled, _ = _init_program(factory, mesh, FF_PLAN, fsdp=fsdp)
-    shard_bytes = bytes_per_device(jtp.resolve(nnx.eval_shape(factory), mesh, FF_PLAN, fsdp=fsdp), mesh)
+    shard_bytes = bytes_per_device(
+        jtp.resolve(nnx.eval_shape(factory), mesh, FF_PLAN, fsdp=fsdp), mesh
+    )
     ma = compiled.memory_analysis()
     peak = (
         ma.argument_size_in_bytes

@@ -102,7 +102,9 @@ def test_module_matched_twice():
 
 
 def test_style_on_unsupported_module():
-    with pytest.raises(ValueError, match=r"ColwiseParallel cannot shard module 'blocks\.0\.norm'.*LayerNorm"):
+    with pytest.raises(
+        ValueError, match=r"ColwiseParallel cannot shard module 'blocks\.0\.norm'.*LayerNorm"
+    ):
         jtp.resolve(
             nnx.eval_shape(lm_factory()),
             jtp.make_mesh(1, 8),
@@ -125,7 +127,9 @@ def test_indivisible_dimension_names_everything():
 
 
 def test_indivisible_fsdp_dimension():
-    with pytest.raises(ValueError, match=r"with fsdp=True: parameter 'w1\.kernel'.*mesh axis 'data' of size 8"):
+    with pytest.raises(
+        ValueError, match=r"with fsdp=True: parameter 'w1\.kernel'.*mesh axis 'data' of size 8"
+    ):
         jtp.resolve(nnx.eval_shape(ff_factory(12, 64)), jtp.make_mesh(8, 1), FF_PLAN, fsdp=True)
 
 
