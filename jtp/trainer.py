@@ -43,6 +43,11 @@ def _shardings(tree: Any) -> Any:
     return jax.tree.map(lambda a: a.sharding, tree)
 
 
+def _global_norm(tree: Any) -> jax.Array:
+    """sqrt(sum g**2) over a whole (sharded) gradient tree, in float32."""
+    return optax.tree.norm(jax.tree.map(lambda g: g.astype(jnp.float32), tree))
+
+
 def _is_global(batch: Any) -> bool:
     return all(isinstance(x, jax.Array) for x in jax.tree.leaves(batch))
 
@@ -65,6 +70,8 @@ class Trainer:
       default_root_dir: runs go to ``<default_root_dir>/version_N``.
       seed: seeds Python's and NumPy's global RNGs for user code; jax randomness is explicit
         (``nnx.Rngs``) and the loaders' order is a function of their own ``seed``.
+      track_grad_norm: log the global gradient norm each step. Off by default: on XLA's CPU
+        backend the norm's reduction materialises one parameter-sized temporary.
       limit_val_batches: evaluate at most this many batches in ``validate``/``test``.
       report_memory: print the per-device peak memory at the end of ``fit``.
     """
@@ -82,6 +89,7 @@ class Trainer:
         logger: str | None = "csv",
         default_root_dir: str = "runs",
         seed: int | None = 0,
+        track_grad_norm: bool = False,
         limit_val_batches: int | None = None,
         report_memory: bool = True,
     ):
@@ -101,6 +109,7 @@ class Trainer:
         self.logger_format = logger
         self.default_root_dir = default_root_dir
         self.seed = seed
+        self.track_grad_norm = track_grad_norm
         self.limit_val_batches = limit_val_batches
         self.report_memory = report_memory
 
@@ -192,9 +201,16 @@ class Trainer:
             # Keep gradients in the parameters' layout: with fsdp this makes XLA reduce-scatter
             # them over "data" instead of all-reducing full copies.
             grads = jax.lax.with_sharding_constraint(grads, param_sh)
+            # Finish every read of the old parameters (forward and backward) before the
+            # in-place update may start. Without this, a loss whose gradient does not depend
+            # on the forward (the docs' ``output.sum()``) lets XLA schedule an update before
+            # a forward matmul, and it copies the donated parameter to keep it alive.
+            loss, metrics, grads = jax.lax.optimization_barrier((loss, metrics, grads))
             updates, opt_state = tx.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
-            metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
+            metrics = {"loss": loss, **metrics}
+            if self.track_grad_norm:
+                metrics["grad_norm"] = _global_norm(grads)
             return params, opt_state, new_rest, metrics
 
         return train_step

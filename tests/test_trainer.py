@@ -107,7 +107,7 @@ def test_fit_2x4_matches_one_device_loop(fsdp):
 
 
 def test_clipping_equals_unsharded_clipping():
-    trainer = _trainer((2, 4), max_epochs=1, gradient_clip_val=1e-3)
+    trainer = _trainer((2, 4), max_epochs=1, gradient_clip_val=1e-3, track_grad_norm=True)
     trainer.fit(LitFF())
     ref_losses, ref_params = reference_loop(1, clip=1e-3)
     np.testing.assert_allclose(trainer.losses, ref_losses, rtol=1e-5)
