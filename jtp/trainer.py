@@ -121,6 +121,7 @@ class Trainer:
         self.compiled_step: jax.stages.Compiled | None = None
         self.peak_memory_bytes_per_device: int | None = None
         self.log_dir: str | None = None
+        self.fit_seconds = self.train_seconds = self.steps_per_second = None
         self.model: nnx.Module | None = None
         self._module: TrainModule | None = None
 
@@ -261,6 +262,7 @@ class Trainer:
                 batch = self._global_batch(batch)
                 if compiled is None:
                     compiled = self._compile_train_step(step_fn, batch)
+                    t_compiled = time.perf_counter()
                 try:
                     self._params, self._opt_state, self._rest, metrics = compiled(
                         self._params, self._opt_state, self._rest, batch
@@ -287,7 +289,12 @@ class Trainer:
             self.current_epoch = self.max_epochs
         self._flush(pending, logger)
         bar.close()
-        self.fit_seconds = time.perf_counter() - t_start
+        t_end = time.perf_counter()
+        self.fit_seconds = t_end - t_start  # everything, compile included
+        if compiled is not None:
+            # Steady state: from the end of the compile to the last step's metrics on host.
+            self.train_seconds = t_end - t_compiled
+            self.steps_per_second = batches_seen / self.train_seconds
         self._sync_model()
         if compiled is not None:
             self.compiled_step = compiled
