@@ -5,9 +5,10 @@ A plan outside the model names column- and row-wise layers; parameters are born 
 tensor-parallel group on the same batch.
 """
 
-from jtp import models
+from jtp import models, plans
+from jtp.activations import activation_rules, shard_activation
 from jtp.batch import batch_sharding, shard_batch
-from jtp.data import DataLoader, RandomDataset, local_data_ranks
+from jtp.data import DataLoader, RandomDataset, RandomTokenDataset, local_data_ranks
 from jtp.mesh import DATA, TENSOR, make_mesh, mesh_shape
 from jtp.module import TrainModule
 from jtp.parallelize import init_opt_state, opt_state_shardings, parallelize, sharded_init
@@ -16,6 +17,7 @@ from jtp.plan import (
     ParallelStyle,
     Placement,
     RowwiseParallel,
+    TPPlan,
     plan_shardings,
     resolve,
 )
@@ -41,6 +43,11 @@ __all__ = [
     "ParallelStyle",
     "Placement",
     "RandomDataset",
+    "RandomTokenDataset",
+    "TPPlan",
+    "activation_rules",
+    "plans",
+    "shard_activation",
     "RowwiseParallel",
     "TrainModule",
     "Trainer",

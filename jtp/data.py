@@ -51,6 +51,24 @@ class RandomDataset:
         return rng.standard_normal(self.size, dtype=np.float32)
 
 
+class RandomTokenDataset:
+    """``length`` random token sequences of ``seq_len + 1`` ids in ``[0, vocab_size)``
+    (inputs are ``[:-1]``, labels ``[1:]``), as Lightning's tensor-parallel Llama example.
+    Sample i is a pure function of ``(seed, i)``."""
+
+    def __init__(self, vocab_size: int, seq_len: int, length: int, *, seed: int = 0):
+        self.vocab_size, self.seq_len, self.length, self.seed = vocab_size, seq_len, length, seed
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        rng = np.random.default_rng([self.seed, index])
+        return rng.integers(0, self.vocab_size, self.seq_len + 1, dtype=np.int32)
+
+
 def default_collate(samples: Sequence[Any]) -> Any:
     """Stack samples (arrays or pytrees of arrays) along a new leading batch axis."""
     return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *samples)

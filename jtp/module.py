@@ -8,13 +8,13 @@ the :class:`~jtp.Trainer`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import jax
 import optax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
 from jtp.plan import Plan
 
@@ -79,6 +79,12 @@ class TrainModule:
     def configure_optimizers(self) -> optax.GradientTransformation:
         """An optax transformation; its state is created sharded like the parameters."""
         raise NotImplementedError("TrainModule.configure_optimizers must return an optax optimizer")
+
+    def activation_rules(self) -> Mapping[str, PartitionSpec] | None:
+        """Layouts for the model's ``shard_activation`` marks while steps are traced, e.g.
+        ``jtp.plans.llama(sequence_parallel=True).activations``. ``None`` (default): those
+        of the plan ``configure_model`` returned with ``(factory, plan)``, if any."""
+        return None
 
     def train_dataloader(self) -> Iterable[Any]:
         raise NotImplementedError(f"{type(self).__name__} has no train_dataloader")

@@ -112,6 +112,21 @@ class RowwiseParallel(ParallelStyle):
 Plan = Mapping[str, ParallelStyle]
 
 
+class TPPlan(dict):
+    """A plan dict that also carries activation rules ``{logical_name: PartitionSpec}``
+    for the model's :func:`jtp.activations.shard_activation` marks (sequence and loss
+    parallelism). Used wherever a plain plan dict is."""
+
+    def __init__(self, styles: Plan, activations: Mapping[str, P] | None = None):
+        super().__init__(styles)
+        self.activations = dict(activations or {})
+
+
+def activation_rules_of(plan: Plan) -> dict[str, P]:
+    """The activation rules a plan carries (none for a plain dict)."""
+    return dict(getattr(plan, "activations", {}) or {})
+
+
 @dataclasses.dataclass(frozen=True)
 class Placement:
     """How one model variable is laid out on the mesh (one row of ``jtp.explain``)."""

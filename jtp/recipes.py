@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import jax
 import optax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
-from jtp.data import DataLoader, RandomDataset
+from jtp.data import DataLoader, RandomDataset, RandomTokenDataset
 from jtp.models import FeedForward
+from jtp.models.llama import PRESETS, Llama, LlamaConfig, cross_entropy
 from jtp.module import TrainModule
 from jtp.parallelize import sharded_init
 from jtp.plan import ColwiseParallel, RowwiseParallel
+from jtp.plans import check_llama, llama
 
 FEEDFORWARD_PLAN = {"w1": ColwiseParallel(), "w2": RowwiseParallel(), "w3": ColwiseParallel()}
 
@@ -56,5 +59,58 @@ class FeedForwardTask(TrainModule):
         c = self.config
         dataset = RandomDataset(c.dim, c.samples, seed=c.seed)
         return DataLoader(dataset, c.batch_size, mesh=self.mesh, shuffle=True, seed=c.seed)
+
+    val_dataloader = train_dataloader
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaTaskConfig:
+    preset: str = "tiny"  # key of jtp.models.llama.PRESETS
+    seq_len: int = 32  # tokens per sample fed to the model (the dataset adds one for labels)
+    samples: int = 64  # RandomTokenDataset length
+    batch_size: int = 8  # global batch
+    lr: float = 3e-3  # AdamW
+    seed: int = 0  # parameter init and data order
+    fsdp: bool = False  # 2D: also shard over "data"
+    sequence_parallel: bool = False  # residual stream split on the sequence over "tensor"
+    loss_parallel: bool = False  # cross-entropy on vocabulary-sharded logits
+    remat: bool = False  # activation checkpointing per block
+
+
+class LlamaTask(TrainModule):
+    """Lightning's tensor-parallel Llama example: next-token loss on random tokens."""
+
+    def __init__(self, config: LlamaTaskConfig = LlamaTaskConfig()):
+        self.config = config
+        self.model_config = dataclasses.replace(PRESETS[config.preset], remat=config.remat)
+        self.plan = llama(
+            sequence_parallel=config.sequence_parallel, loss_parallel=config.loss_parallel
+        )
+
+    def configure_model(self, mesh: Mesh) -> nnx.Module:
+        c, mc = self.config, self.model_config
+        check_llama(mc, mesh, seq_len=c.seq_len, sequence_parallel=c.sequence_parallel)
+
+        def factory() -> Llama:
+            return Llama(mc, rngs=nnx.Rngs(c.seed))
+
+        return sharded_init(factory, mesh, self.plan, fsdp=c.fsdp)
+
+    def activation_rules(self) -> Mapping[str, PartitionSpec]:
+        return self.plan.activations
+
+    def training_step(self, model: nnx.Module, batch: jax.Array) -> jax.Array:
+        inputs_bt, labels_bt = batch[:, :-1], batch[:, 1:]
+        return cross_entropy(model(inputs_bt), labels_bt)
+
+    validation_step = training_step
+
+    def configure_optimizers(self) -> optax.GradientTransformation:
+        return optax.adamw(self.config.lr)
+
+    def train_dataloader(self) -> DataLoader:
+        c = self.config
+        data = RandomTokenDataset(self.model_config.vocab_size, c.seq_len, c.samples, seed=c.seed)
+        return DataLoader(data, c.batch_size, mesh=self.mesh, shuffle=True, seed=c.seed)
 
     val_dataloader = train_dataloader

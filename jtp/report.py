@@ -46,6 +46,7 @@ class Collective:
     dtype: str
     groups: tuple[tuple[int, ...], ...]  # device positions in the program's assignment
     axes: tuple[str, ...] | None  # mesh axes the groups vary over (None without a mesh)
+    op_name: str = ""  # jax's name for the op that caused it (HLO metadata), e.g. a param path
 
 
 def _dtype_bytes(dtype: str) -> int:
@@ -147,7 +148,9 @@ def parse_hlo(text: str, mesh: Mesh | None = None) -> list[Collective]:
             n_bytes, dtype = _arrays_bytes(source)
         groups = parse_groups(m.group("attrs") or "")
         axes = _axes(groups, mesh) if mesh is not None else None
-        records.append(Collective(kind, n_bytes, dtype, groups, axes))
+        op = re.search(r'op_name="([^"]*)"', m.group("attrs") or "")
+        name = op.group(1).replace("\\'", "'") if op else ""
+        records.append(Collective(kind, n_bytes, dtype, groups, axes, name))
     return records
 
 

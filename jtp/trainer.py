@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import time
+from functools import partial
 from collections.abc import Callable
 from typing import Any
 
@@ -22,14 +23,24 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jtp.activations import activation_rules
 from jtp.batch import shard_batch
 from jtp.module import StepOutput, TrainModule
 from jtp.parallelize import opt_state_shardings, parallelize, sharded_init
+from jtp.plan import activation_rules_of
 from jtp.progress import MetricsLogger, ProgressBar, next_run_dir
 from jtp.report import device_peak_bytes, peak_memory_per_device
 from jtp.strategy import ModelParallelStrategy
 
 GB = 1e9
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
+
+
+def _cast_floats(tree: Any, dtype: Any) -> Any:
+    def cast(x: Any) -> Any:
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    return jax.tree.map(cast, tree)
 
 
 def _split_output(out: StepOutput) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -72,6 +83,9 @@ class Trainer:
         (``nnx.Rngs``) and the loaders' order is a function of their own ``seed``.
       track_grad_norm: log the global gradient norm each step. Off by default: on XLA's CPU
         backend the norm's reduction materialises one parameter-sized temporary.
+      precision: ``"32-true"``; ``"bf16-mixed"`` (fp32 parameters and optimizer state, bf16
+        compute: parameters are cast inside the step, the loss is taken in fp32);
+        ``"bf16-true"`` (parameters and optimizer state stored in bf16).
       limit_val_batches: evaluate at most this many batches in ``validate``/``test``.
       report_memory: print the per-device peak memory at the end of ``fit``.
     """
@@ -90,6 +104,7 @@ class Trainer:
         default_root_dir: str = "runs",
         seed: int | None = 0,
         track_grad_norm: bool = False,
+        precision: str = "32-true",
         limit_val_batches: int | None = None,
         report_memory: bool = True,
     ):
@@ -99,6 +114,9 @@ class Trainer:
             raise ValueError(f"log_every_n_steps={log_every_n_steps} must be >= 1")
         if gradient_clip_val is not None and gradient_clip_val <= 0:
             raise ValueError(f"gradient_clip_val={gradient_clip_val} must be > 0 or None")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision={precision!r} must be one of {PRECISIONS}")
+        self.precision = precision
         self.strategy = strategy or ModelParallelStrategy()
         self.max_epochs = max_epochs
         self.max_steps = max_steps
@@ -143,8 +161,10 @@ class Trainer:
             np.random.seed(self.seed)
         module.mesh, module.trainer = self.mesh, self
         built = module.configure_model(self.mesh)
+        rules = module.activation_rules()
         if isinstance(built, tuple):
             target, plan = built
+            rules = rules if rules is not None else activation_rules_of(plan)
             fsdp = self.strategy.fsdp
             if isinstance(target, nnx.Module):
                 built = parallelize(target, self.mesh, plan, fsdp=fsdp)
@@ -156,10 +176,23 @@ class Trainer:
                 f"got {type(built).__name__}"
             )
         self.model, self._module = built, module
+        self._activation_rules = rules or {}
         self._graphdef, self._params, self._rest = nnx.split(built, nnx.Param, ...)
         self._replicated = NamedSharding(self.mesh, P())
         self._params = self._committed(self._params)
         self._rest = self._committed(self._rest)
+        if self.precision == "bf16-true":
+            shardings = _shardings(self._params)
+            to_bf16 = jax.jit(partial(_cast_floats, dtype=jnp.bfloat16), out_shardings=shardings)
+            self._params = to_bf16(self._params)
+
+    def _tracing(self) -> Any:
+        """Context for tracing steps: the module's activation rules on this mesh."""
+        return activation_rules(self.mesh, self._activation_rules)
+
+    def _compute_params(self, params: Any) -> Any:
+        """The parameters the step computes with (bf16 copies under "bf16-mixed")."""
+        return _cast_floats(params, jnp.bfloat16) if self.precision == "bf16-mixed" else params
 
     def _committed(self, tree: Any) -> Any:
         """Place any leaf that is not yet a mesh array (e.g. an RNG counter) replicated."""
@@ -193,7 +226,7 @@ class Trainer:
 
         def train_step(params, opt_state, rest, batch):
             def loss_fn(p):
-                model = self._merged(p, rest)
+                model = self._merged(self._compute_params(p), rest)
                 loss, metrics = _split_output(module.training_step(model, batch))
                 _, _, new_rest = nnx.split(model, nnx.Param, ...)
                 return loss.astype(jnp.float32), (metrics, new_rest)
@@ -228,7 +261,9 @@ class Trainer:
             out_shardings=(*state_sh, self._replicated),
             donate_argnums=(0, 1, 2),
         )
-        compiled = jitted.lower(self._params, self._opt_state, self._rest, batch).compile()
+        with self._tracing():
+            lowered = jitted.lower(self._params, self._opt_state, self._rest, batch)
+        compiled = lowered.compile()
         self.num_compiles += 1
         return compiled
 
@@ -353,7 +388,8 @@ class Trainer:
         step = getattr(module, hook)
 
         def eval_step(params, rest, batch):
-            loss, metrics = _split_output(step(self._merged(params, rest), batch))
+            model = self._merged(self._compute_params(params), rest)
+            loss, metrics = _split_output(step(model, batch))
             return {"loss": loss.astype(jnp.float32), **metrics}
 
         jitted = jax.jit(eval_step, out_shardings=self._replicated)
@@ -362,7 +398,8 @@ class Trainer:
         for i, batch in enumerate(getattr(module, loader_hook)()):
             if self.limit_val_batches is not None and i >= self.limit_val_batches:
                 break
-            out = jitted(self._params, self._rest, self._global_batch(batch))
+            with self._tracing():
+                out = jitted(self._params, self._rest, self._global_batch(batch))
             totals = out if not totals else jax.tree.map(jnp.add, totals, out)
             n += 1
         if n == 0:
