@@ -2,6 +2,7 @@
 
     python -m jtp.bench memory   [--dim 8192] [--json PATH] [--plot PNG]
     python -m jtp.bench overhead [--dim 1024] [--steps 200] [--json PATH]
+    python -m jtp.bench llama    [--json PATH] [--no-8b]
 
 ``memory`` re-runs the Lightning docs' table: FeedForward(dim, dim) + AdamW, global batch 8,
 with tensor parallelism over 1, 2, 4, 8 devices and 2D (data 2 x tensor 4, fsdp). Each
@@ -12,6 +13,11 @@ Lightning's published CUDA figures and the floor, (params + grads + 2 AdamW mome
 ``overhead`` times ``Trainer.fit`` against a bare jitted loop with the same shardings, the
 same compiled step and the same loader, in one process, alternating runs; the ratio of
 steady-state steps/s is the trainer's cost.
+
+``llama`` compiles the trainer's real Llama train step abstractly (:mod:`jtp.abstract`:
+nothing allocated) on 64 forced CPU devices and reads per-device memory and collective bytes
+per step: the tiny preset at (1,8), (2,4), (8,1) with and without fsdp / sequence parallel /
+remat, and llama3-8b at data 8 x tensor 8.
 """
 
 from __future__ import annotations
@@ -233,6 +239,115 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
     return payload
 
 
+def _llama_row(
+    preset: str, shape: tuple[int, int], seq_len: int, batch: int, devices: list, **flags: Any
+) -> dict[str, Any]:
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    import jtp
+    from jtp.abstract import abstract_train_step
+    from jtp.recipes import LlamaTask, LlamaTaskConfig
+    from jtp.report import collectives, peak_memory_per_device
+
+    precision = flags.pop("precision", "32-true")
+    config = LlamaTaskConfig(preset=preset, seq_len=seq_len, batch_size=batch, **flags)
+    task = LlamaTask(config)
+    strategy = jtp.ModelParallelStrategy(*shape, devices=devices[: shape[0] * shape[1]])
+    jtp.plans.check_llama(task.model_config, strategy.mesh, seq_len=seq_len, **{
+        "sequence_parallel": config.sequence_parallel})  # fmt: skip
+    t0 = time.perf_counter()
+    compiled = abstract_train_step(
+        task, strategy, jax.ShapeDtypeStruct((batch, seq_len + 1), jnp.int32),
+        factory=task.model_factory(), plan=task.plan, fsdp=config.fsdp, precision=precision,
+    )  # fmt: skip
+    seconds = time.perf_counter() - t0
+    colls = collectives(compiled, strategy.mesh)
+    by_axis: dict[str, int] = {}
+    for c in colls:
+        key = "+".join(c.axes or ()) or "-"
+        by_axis[key] = by_axis.get(key, 0) + c.bytes
+    flags_on = [k for k, v in dataclasses.asdict(config).items() if v is True]
+    return {
+        "preset": preset,
+        "mesh": {"data": shape[0], "tensor": shape[1]},
+        "flags": flags_on + ([precision] if precision != "32-true" else []),
+        "seq_len": seq_len,
+        "global_batch": batch,
+        "peak_bytes_per_device": peak_memory_per_device(compiled),
+        "collective_bytes_by_axis": by_axis,
+        "collectives": len(colls),
+        "compile_seconds": seconds,
+    }
+
+
+def format_llama(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        f"| {'preset':<10} | {'mesh d x t':>10} | {'options':<36} | {'peak/device':>12} | "
+        f"{'tensor-axis bytes':>17} | {'data-axis bytes':>15} | {'other':>9} |",
+        f"|{'-' * 12}|{'-' * 12}|{'-' * 38}|{'-' * 14}|{'-' * 19}|{'-' * 17}|{'-' * 11}|",
+    ]
+    for r in rows:
+        ax = dict(r["collective_bytes_by_axis"])
+        tensor, data = ax.pop("tensor", 0), ax.pop("data", 0)
+        mesh = f"{r['mesh']['data']} x {r['mesh']['tensor']}"
+        lines.append(
+            f"| {r['preset']:<10} | {mesh:>10} | {', '.join(r['flags']) or 'tp':<36} | "
+            f"{_human(r['peak_bytes_per_device']):>12} | {_human(tensor):>17} | "
+            f"{_human(data):>15} | {_human(sum(ax.values())):>9} |"
+        )
+    return "\n".join(lines)
+
+
+def _human(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def llama(args: argparse.Namespace) -> dict[str, Any]:
+    from jtp.train import _select_devices
+
+    devices = _select_devices(64)
+    rows = []
+    variants = [
+        {},
+        {"fsdp": True},
+        {"sequence_parallel": True},
+        {"remat": True},
+        {"fsdp": True, "sequence_parallel": True, "remat": True},
+    ]
+    for shape in [(1, 8), (2, 4), (8, 1)]:
+        for flags in variants:
+            if flags.get("sequence_parallel") and shape[1] == 1:
+                continue
+            rows.append(_llama_row("tiny", shape, 32, 8, devices, **flags))
+            print(f"  tiny {shape} {flags}", file=sys.stderr)
+    if not args.no_8b:
+        big = {"fsdp": True, "precision": "bf16-mixed", "loss_parallel": True}
+        for extra in ({"remat": True}, {"remat": True, "sequence_parallel": True}, {}):
+            rows.append(_llama_row("llama3-8b", (8, 8), 8192, 8, devices, **big, **extra))
+            print(f"  llama3-8b {extra}: {rows[-1]['compile_seconds']:.0f} s", file=sys.stderr)
+    table = (
+        "Llama train step (AdamW), per device, from the compiled program (abstract: nothing "
+        f"allocated; {jax_platform()} backend, 64 forced devices). tiny: batch 8 x 32 tokens; "
+        "llama3-8b: batch 8 x 8192 tokens.\n" + format_llama(rows)
+    )
+    print(table)
+    payload = {"benchmark": "llama", "machine": _machine(), "rows": rows}
+    _write_json(args.json, payload)
+    return payload
+
+
+def jax_platform() -> str:
+    import jax
+
+    return jax.devices()[0].platform
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m jtp.bench", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="which", required=True)
@@ -246,8 +361,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     o.add_argument("--steps", type=int, default=200, help="steps per run")
     o.add_argument("--repeats", type=int, default=3, help="alternating runs; best counts")
     o.add_argument("--json", default="bench_results/overhead.json", help="JSON output path")
+    lm = sub.add_parser("llama", help="Llama memory and communication per step, abstractly")
+    lm.add_argument("--json", default="bench_results/llama.json", help="JSON output path")
+    lm.add_argument("--no-8b", action="store_true", help="skip the llama3-8b rows")
     args = p.parse_args(argv)
-    return memory(args) if args.which == "memory" else overhead(args)
+    return {"memory": memory, "overhead": overhead, "llama": llama}[args.which](args)
 
 
 if __name__ == "__main__":

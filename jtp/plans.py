@@ -43,7 +43,8 @@ def llama(*, sequence_parallel: bool = False, loss_parallel: bool = False) -> TP
     activations = {
         "residual": P(DATA, TENSOR, None) if sequence_parallel else P(DATA, None, None),
         "tp_input": P(DATA, None, None),  # normed input of attention / MLP / output: whole T
-        "heads": P(DATA, None, TENSOR, None),  # q, k, v: (B, T, heads, E) split by head
+        "heads": P(DATA, None, TENSOR, None),  # q, k, v, out: (B, T, heads, E) split by head
+        "ffn_hidden": P(DATA, None, TENSOR),  # SwiGLU hidden (B, T, F) split like w1/w3
         "logits": P(DATA, None, TENSOR) if loss_parallel else P(DATA, None, None),
     }
     return TPPlan(styles, activations)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import optax
@@ -12,7 +12,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from jtp.data import DataLoader, RandomDataset, RandomTokenDataset
 from jtp.models import FeedForward
-from jtp.models.llama import PRESETS, Llama, LlamaConfig, cross_entropy
+from jtp.models.llama import PRESETS, Llama, cross_entropy
 from jtp.module import TrainModule
 from jtp.parallelize import sharded_init
 from jtp.plan import ColwiseParallel, RowwiseParallel
@@ -87,14 +87,16 @@ class LlamaTask(TrainModule):
             sequence_parallel=config.sequence_parallel, loss_parallel=config.loss_parallel
         )
 
+    def model_factory(self) -> Callable[[], Llama]:
+        mc, seed = self.model_config, self.config.seed
+        return lambda: Llama(mc, rngs=nnx.Rngs(seed))
+
     def configure_model(self, mesh: Mesh) -> nnx.Module:
-        c, mc = self.config, self.model_config
-        check_llama(mc, mesh, seq_len=c.seq_len, sequence_parallel=c.sequence_parallel)
-
-        def factory() -> Llama:
-            return Llama(mc, rngs=nnx.Rngs(c.seed))
-
-        return sharded_init(factory, mesh, self.plan, fsdp=c.fsdp)
+        c = self.config
+        check_llama(
+            self.model_config, mesh, seq_len=c.seq_len, sequence_parallel=c.sequence_parallel
+        )
+        return sharded_init(self.model_factory(), mesh, self.plan, fsdp=c.fsdp)
 
     def activation_rules(self) -> Mapping[str, PartitionSpec]:
         return self.plan.activations

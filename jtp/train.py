@@ -8,6 +8,8 @@ prints the peak memory per device at the end.
     python -m jtp.train --devices 8                       # 8 forced CPU devices, TP=8
     python -m jtp.train --devices 8 --data-parallel 2 --tensor-parallel 4 --fsdp
     python -m jtp.train --devices 8 --dim 256 --hidden-dim 1024 --metrics-json m.json
+    python -m jtp.train --devices 8 --model llama --preset tiny --data-parallel 2 \
+        --tensor-parallel 4 --fsdp --sequence-parallel --loss-parallel --precision bf16-mixed
 
 ``main(argv)`` is importable (tests call it) and returns the metrics dict it writes.
 """
@@ -40,6 +42,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--tensor-parallel", default="auto", help="size of the 'tensor' mesh axis, or 'auto'"
     )
     p.add_argument("--fsdp", action="store_true", help="2D: also shard params over 'data'")
+    p.add_argument(
+        "--model", choices=("feedforward", "llama"), default="feedforward", help="what to train"
+    )
+    p.add_argument("--preset", default="tiny", help="llama: tiny | llama3-8b | llama3-70b")
+    p.add_argument("--seq-len", type=int, default=32, help="llama: tokens per sample")
+    p.add_argument(
+        "--sequence-parallel", action="store_true", help="llama: split the residual on T"
+    )
+    p.add_argument(
+        "--loss-parallel", action="store_true", help="llama: cross-entropy on vocab shards"
+    )
+    p.add_argument("--remat", action="store_true", help="llama: recompute blocks in backward")
+    p.add_argument(
+        "--precision",
+        choices=("32-true", "bf16-mixed", "bf16-true"),
+        default="32-true",
+        help="parameter/compute dtypes",
+    )
     p.add_argument("--dim", type=int, default=8192, help="FeedForward input/output features")
     p.add_argument("--hidden-dim", type=int, default=8192, help="FeedForward hidden features")
     p.add_argument("--batch-size", type=int, default=8, help="global batch size")
@@ -87,20 +107,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import jtp
     from jtp.mesh import mesh_shape
-    from jtp.recipes import FeedForwardConfig, FeedForwardTask
+    from jtp.recipes import FeedForwardConfig, FeedForwardTask, LlamaTask, LlamaTaskConfig
 
     strategy = jtp.ModelParallelStrategy(
         _size(args.data_parallel), _size(args.tensor_parallel), fsdp=args.fsdp, devices=devices
     )
-    config = FeedForwardConfig(
-        dim=args.dim,
-        hidden_dim=args.hidden_dim,
-        samples=args.samples,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
+    common = dict(
+        samples=args.samples, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         fsdp=args.fsdp,
-    )
+    )  # fmt: skip
+    if args.model == "llama":
+        task = LlamaTask(
+            LlamaTaskConfig(
+                preset=args.preset,
+                seq_len=args.seq_len,
+                remat=args.remat,
+                sequence_parallel=args.sequence_parallel,
+                loss_parallel=args.loss_parallel,
+                **common,
+            )  # fmt: skip
+        )
+    else:
+        task = FeedForwardTask(
+            FeedForwardConfig(dim=args.dim, hidden_dim=args.hidden_dim, **common)
+        )
     trainer = jtp.Trainer(
         strategy,
         max_epochs=args.max_epochs,
@@ -109,6 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         enable_progress_bar=not args.no_progress,
         default_root_dir=args.root_dir,
         seed=args.seed,
+        precision=args.precision,
     )
     mesh = strategy.mesh
     if jax.process_index() == 0:
@@ -116,11 +147,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"mesh {mesh_shape(mesh)} on {mesh.devices.size} "
             f"{mesh.devices.flat[0].platform} devices, fsdp={args.fsdp}"
         )
-    trainer.fit(FeedForwardTask(config))
+    trainer.fit(task)
     steps = len(trainer.losses)
     metrics = {
         "mesh": mesh_shape(mesh),
         "fsdp": args.fsdp,
+        "model": args.model,
         "platform": mesh.devices.flat[0].platform,
         "losses": trainer.losses,
         "first_step": 0,

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import random
 import time
-from functools import partial
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import jax
@@ -175,16 +175,24 @@ class Trainer:
                 "configure_model must return an nnx.Module or (factory, plan), "
                 f"got {type(built).__name__}"
             )
-        self.model, self._module = built, module
+        self._install(module, built, rules)
+
+    def _install(self, module: TrainModule, model: nnx.Module, rules: Any) -> None:
+        """Adopt a sharded (or abstract, see :mod:`jtp.abstract`) model for training."""
+        self.model, self._module = model, module
         self._activation_rules = rules or {}
-        self._graphdef, self._params, self._rest = nnx.split(built, nnx.Param, ...)
+        self._graphdef, self._params, self._rest = nnx.split(model, nnx.Param, ...)
         self._replicated = NamedSharding(self.mesh, P())
         self._params = self._committed(self._params)
         self._rest = self._committed(self._rest)
         if self.precision == "bf16-true":
             shardings = _shardings(self._params)
             to_bf16 = jax.jit(partial(_cast_floats, dtype=jnp.bfloat16), out_shardings=shardings)
-            self._params = to_bf16(self._params)
+            abstract = any(
+                isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(self._params)
+            )
+            cast = jax.eval_shape(to_bf16, self._params) if abstract else to_bf16(self._params)
+            self._params = cast
 
     def _tracing(self) -> Any:
         """Context for tracing steps: the module's activation rules on this mesh."""
@@ -199,6 +207,8 @@ class Trainer:
 
         def place(x: Any) -> Any:
             sharding = getattr(x, "sharding", None)
+            if isinstance(x, jax.ShapeDtypeStruct) and sharding is None:
+                return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._replicated)
             if isinstance(sharding, NamedSharding) and sharding.mesh == self.mesh:
                 return x
             return jax.device_put(x, self._replicated)

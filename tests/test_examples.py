@@ -25,3 +25,10 @@ def _run(script: str, *args: str, cwd: Path = ROOT) -> str:
 def test_01_feedforward_tp(tmp_path):
     out = _run("01_feedforward_tp.py", "--dim", "128", cwd=tmp_path)
     assert out.count("Peak memory usage:") == 8
+
+
+def test_02_llama_2d(tmp_path):
+    out = _run(
+        "02_llama_2d.py", "--sequence-parallel", "--loss-parallel", "--steps", "4", cwd=tmp_path
+    )
+    assert "final loss" in out and out.count("Peak memory usage:") == 4

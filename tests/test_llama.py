@@ -104,7 +104,7 @@ def test_matches_unsharded(case):
     diff = np.concatenate(
         [
             np.abs(a - b).ravel()
-            for a, b in zip(jax.tree.leaves(update), jax.tree.leaves(ref_update))
+            for a, b in zip(jax.tree.leaves(update), jax.tree.leaves(ref_update), strict=True)
         ]
     )
     assert np.mean(diff > 1e-2 * 1e-2) < 1e-4, np.sum(diff > 1e-4)
@@ -223,3 +223,17 @@ def test_presets_shapes_abstractly():
         n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
         assert n == PRESETS[name].num_params()
         assert abs(n / 1e9 - billions) < 0.01, n
+
+
+def test_cli_llama_2d(tmp_path):
+    from jtp.train import main
+
+    path = tmp_path / "m.json"
+    metrics = main(
+        ["--devices", "8", "--model", "llama", "--data-parallel", "2", "--tensor-parallel", "4",
+         "--fsdp", "--sequence-parallel", "--loss-parallel", "--remat", "--precision",
+         "bf16-mixed", "--samples", "32", "--no-progress", "--root-dir", str(tmp_path),
+         "--metrics-json", str(path)]
+    )  # fmt: skip
+    assert metrics["mesh"] == {"data": 2, "tensor": 4} and metrics["steps"] == 4
+    assert all(np.isfinite(metrics["losses"])) and metrics["losses"][0] > 5.0  # ~ln(512)

@@ -1,6 +1,7 @@
 """The seed's model: the SwiGLU feed-forward block of Lightning's tensor-parallel docs.
 
-Single-device code: no mesh, no axis names. ``jtp`` shards it from outside with a plan such as
+Single-device code: no mesh, no axis names (the one ``shard_activation`` mark is a no-op
+unless a plan names it). ``jtp`` shards it from outside with a plan such as
 ``{"w1": ColwiseParallel(), "w2": RowwiseParallel(), "w3": ColwiseParallel()}``.
 """
 
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 from flax import nnx
+
+from jtp.activations import shard_activation
 
 
 class FeedForward(nnx.Module):
@@ -46,4 +49,6 @@ class FeedForward(nnx.Module):
 
     def __call__(self, x_bd: jnp.ndarray) -> jnp.ndarray:
         h_bh = nnx.silu(self.w1(x_bd)) * self.w3(x_bd)  # (..., hidden_dim)
+        # A no-op unless a plan gives "ffn_hidden" a layout (jtp.plans.llama does).
+        h_bh = shard_activation(h_bh, "ffn_hidden")
         return self.w2(h_bh)  # (..., dim)
