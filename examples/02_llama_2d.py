@@ -1,6 +1,6 @@
 """Lightning's examples/pytorch/tensor_parallel (Llama 3, FSDP x TP), ported to jtp.
 
-    python examples/02_llama_2d.py                    # tiny preset, data 2 x tensor 2, 4 CPU devices
+    python examples/02_llama_2d.py                    # tiny, data 2 x tensor 2, 4 CPU devices
     python examples/02_llama_2d.py --sequence-parallel --loss-parallel --precision bf16-mixed
 
 Lightning's example builds the model on the meta device, applies the TP plan with

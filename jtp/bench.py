@@ -285,16 +285,16 @@ def _llama_row(
 
 def format_llama(rows: list[dict[str, Any]]) -> str:
     lines = [
-        f"| {'preset':<10} | {'mesh d x t':>10} | {'options':<36} | {'peak/device':>12} | "
+        f"| {'preset':<10} | {'mesh d x t':>10} | {'options':<52} | {'peak/device':>12} | "
         f"{'tensor-axis bytes':>17} | {'data-axis bytes':>15} | {'other':>9} |",
-        f"|{'-' * 12}|{'-' * 12}|{'-' * 38}|{'-' * 14}|{'-' * 19}|{'-' * 17}|{'-' * 11}|",
+        f"|{'-' * 12}|{'-' * 12}|{'-' * 54}|{'-' * 14}|{'-' * 19}|{'-' * 17}|{'-' * 11}|",
     ]
     for r in rows:
         ax = dict(r["collective_bytes_by_axis"])
         tensor, data = ax.pop("tensor", 0), ax.pop("data", 0)
         mesh = f"{r['mesh']['data']} x {r['mesh']['tensor']}"
         lines.append(
-            f"| {r['preset']:<10} | {mesh:>10} | {', '.join(r['flags']) or 'tp':<36} | "
+            f"| {r['preset']:<10} | {mesh:>10} | {', '.join(r['flags']) or 'plan only':<52} | "
             f"{_human(r['peak_bytes_per_device']):>12} | {_human(tensor):>17} | "
             f"{_human(data):>15} | {_human(sum(ax.values())):>9} |"
         )

@@ -237,3 +237,25 @@ def test_cli_llama_2d(tmp_path):
     )  # fmt: skip
     assert metrics["mesh"] == {"data": 2, "tensor": 4} and metrics["steps"] == 4
     assert all(np.isfinite(metrics["losses"])) and metrics["losses"][0] > 5.0  # ~ln(512)
+
+
+def test_abstract_step_is_the_trainers_step():
+    """jtp.abstract compiles, from shapes alone, the very program Trainer.fit runs: same
+    per-device memory, same collectives."""
+    from jtp.abstract import abstract_train_step
+
+    config = LlamaTaskConfig(samples=16, fsdp=True, sequence_parallel=True, loss_parallel=True)
+    trainer = jtp.Trainer(
+        jtp.ModelParallelStrategy(2, 4), max_steps=1, enable_progress_bar=False, logger=None,
+        report_memory=False,
+    )  # fmt: skip
+    trainer.fit(LlamaTask(config))
+    task = LlamaTask(config)
+    compiled = abstract_train_step(
+        task, jtp.ModelParallelStrategy(2, 4), jax.ShapeDtypeStruct((8, 33), np.int32),
+        factory=task.model_factory(), plan=task.plan, fsdp=True,
+    )  # fmt: skip
+    assert jtp.memory_breakdown(compiled) == jtp.memory_breakdown(trainer.compiled_step)
+    mesh = trainer.mesh
+    key = lambda cs: sorted((c.kind, c.axes, c.bytes) for c in cs)  # noqa: E731
+    assert key(jtp.collectives(compiled, mesh)) == key(jtp.collectives(trainer.compiled_step, mesh))
