@@ -8,7 +8,9 @@ tensor-parallel group on the same batch.
 from jtp import models, plans
 from jtp.activations import activation_rules, shard_activation
 from jtp.batch import batch_sharding, shard_batch
+from jtp.checkpoint import Checkpointer
 from jtp.data import DataLoader, RandomDataset, RandomTokenDataset, local_data_ranks
+from jtp.export import load_consolidated, save_consolidated
 from jtp.mesh import DATA, TENSOR, make_mesh, mesh_shape
 from jtp.module import TrainModule
 from jtp.parallelize import init_opt_state, opt_state_shardings, parallelize, sharded_init
@@ -36,6 +38,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DATA",
     "TENSOR",
+    "Checkpointer",
     "Collective",
     "ColwiseParallel",
     "DataLoader",
@@ -47,6 +50,7 @@ __all__ = [
     "TPPlan",
     "activation_rules",
     "plans",
+    "save_consolidated",
     "shard_activation",
     "RowwiseParallel",
     "TrainModule",
@@ -55,6 +59,7 @@ __all__ = [
     "collectives",
     "format_collectives",
     "init_opt_state",
+    "load_consolidated",
     "local_data_ranks",
     "make_mesh",
     "memory_breakdown",

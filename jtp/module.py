@@ -86,6 +86,10 @@ class TrainModule:
         of the plan ``configure_model`` returned with ``(factory, plan)``, if any."""
         return None
 
+    def checkpoint_metadata(self) -> dict[str, Any]:
+        """JSON-able facts saved beside each checkpoint (model config, plan, ...)."""
+        return {"module": type(self).__name__}
+
     def train_dataloader(self) -> Iterable[Any]:
         raise NotImplementedError(f"{type(self).__name__} has no train_dataloader")
 

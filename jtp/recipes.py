@@ -46,6 +46,10 @@ class FeedForwardTask(TrainModule):
 
         return sharded_init(factory, mesh, FEEDFORWARD_PLAN, fsdp=c.fsdp)
 
+    def checkpoint_metadata(self) -> dict:
+        plan = {k: type(v).__name__ for k, v in FEEDFORWARD_PLAN.items()}
+        return {"model": "FeedForward", "config": dataclasses.asdict(self.config), "plan": plan}
+
     def training_step(self, model: nnx.Module, batch: jax.Array) -> jax.Array:
         return model(batch).sum()
 
@@ -100,6 +104,14 @@ class LlamaTask(TrainModule):
 
     def activation_rules(self) -> Mapping[str, PartitionSpec]:
         return self.plan.activations
+
+    def checkpoint_metadata(self) -> dict:
+        return {
+            "model": "Llama",
+            "config": dataclasses.asdict(self.config),
+            "model_config": dataclasses.asdict(self.model_config),
+            "plan": {k: type(v).__name__ for k, v in self.plan.items()},
+        }
 
     def training_step(self, model: nnx.Module, batch: jax.Array) -> jax.Array:
         inputs_bt, labels_bt = batch[:, :-1], batch[:, 1:]

@@ -74,7 +74,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--metrics-json", default=None, help="write mesh, losses, memory, ... as JSON here"
     )
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--checkpoint-dir", default=None, help="save sharded checkpoints here")
+    g.add_argument("--checkpoint-every", type=int, default=None, help="save every N steps")
+    g.add_argument("--keep-last", type=int, default=3, help="complete checkpoints to keep")
+    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    g.add_argument(
+        "--export", default=None, help="after training, write consolidated params (safetensors)"
+    )
+    d = p.add_argument_group("multiple processes (jax.distributed)")
+    d.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
+    d.add_argument("--num-processes", type=int, default=None, help="processes in the job")
+    d.add_argument("--process-id", type=int, default=None, help="this process's index")
+    d.add_argument(
+        "--heartbeat-timeout", type=int, default=20,
+        help="seconds without a heartbeat before a peer counts as dead (then all exit)",
+    )  # fmt: skip
     return p
+
+
+def _distributed() -> bool:
+    import jax
+
+    return jax.process_count() > 1
 
 
 def _size(value: str) -> int | str:
@@ -99,9 +121,35 @@ def _select_devices(n: int | None) -> list | None:
     return devices[:n]
 
 
+def _init_distributed(args: argparse.Namespace) -> None:
+    """Start jax's distributed runtime before any other jax call, when asked to.
+
+    Explicit flags, or the standard environment (``JAX_COORDINATOR_ADDRESS`` /
+    ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``) or a detected cluster (SLURM, ...), which
+    ``jax.distributed.initialize()`` reads itself.
+    """
+    import jax
+
+    explicit = args.coordinator is not None
+    from_env = "JAX_COORDINATOR_ADDRESS" in os.environ or "SLURM_JOB_ID" in os.environ
+    if not (explicit or from_env):
+        return
+    if args.devices is not None:  # per-process CPU devices must be set before the backend
+        jax.config.update("jax_num_cpu_devices", args.devices)
+    kwargs: dict[str, Any] = {"heartbeat_timeout_seconds": args.heartbeat_timeout}
+    if explicit:
+        kwargs.update(
+            coordinator_address=args.coordinator,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+        )
+    jax.distributed.initialize(**kwargs)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    devices = _select_devices(args.devices)
+    _init_distributed(args)
+    devices = None if _distributed() else _select_devices(args.devices)
 
     import jax
 
@@ -140,6 +188,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default_root_dir=args.root_dir,
         seed=args.seed,
         precision=args.precision,
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every_n_steps=args.checkpoint_every,
+        keep_last=args.keep_last,
     )
     mesh = strategy.mesh
     if jax.process_index() == 0:
@@ -147,7 +198,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"mesh {mesh_shape(mesh)} on {mesh.devices.size} "
             f"{mesh.devices.flat[0].platform} devices, fsdp={args.fsdp}"
         )
-    trainer.fit(task)
+    trainer.fit(task, resume=args.resume)
+    if args.export:
+        from jtp.export import save_consolidated
+
+        save_consolidated(trainer.model, args.export)
     steps = len(trainer.losses)
     metrics = {
         "mesh": mesh_shape(mesh),
@@ -155,12 +210,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model": args.model,
         "platform": mesh.devices.flat[0].platform,
         "losses": trainer.losses,
-        "first_step": 0,
+        "first_step": trainer.first_step,
         "steps": steps,
         "peak_memory_bytes_per_device": trainer.peak_memory_bytes_per_device,
         "fit_seconds": trainer.fit_seconds,
         "config": vars(args),
         "process_index": jax.process_index(),
+        "process_count": jax.process_count(),
     }
     if args.metrics_json:
         os.makedirs(os.path.dirname(os.path.abspath(args.metrics_json)), exist_ok=True)

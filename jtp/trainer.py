@@ -10,6 +10,7 @@ dispatches ahead of the devices.
 from __future__ import annotations
 
 import random
+import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -25,11 +26,14 @@ from jax.sharding import PartitionSpec as P
 
 from jtp.activations import activation_rules
 from jtp.batch import shard_batch
+from jtp.checkpoint import Checkpointer
+from jtp.mesh import mesh_shape
 from jtp.module import StepOutput, TrainModule
 from jtp.parallelize import opt_state_shardings, parallelize, sharded_init
 from jtp.plan import activation_rules_of
 from jtp.progress import MetricsLogger, ProgressBar, next_run_dir
 from jtp.report import device_peak_bytes, peak_memory_per_device
+from jtp.signals import stop_on_signals
 from jtp.strategy import ModelParallelStrategy
 
 GB = 1e9
@@ -59,6 +63,23 @@ def _global_norm(tree: Any) -> jax.Array:
     return optax.tree.norm(jax.tree.map(lambda g: g.astype(jnp.float32), tree))
 
 
+def _loader_start(loader: Any, epoch: int) -> int:
+    """Select ``epoch`` on the loader; the batch index it will resume from (0 if fresh)."""
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    if hasattr(loader, "state_dict"):
+        state = loader.state_dict()
+        if state.get("epoch") == epoch:
+            return int(state.get("batch", 0))
+    return 0
+
+
+def _version() -> str:
+    from jtp import __version__
+
+    return __version__
+
+
 def _is_global(batch: Any) -> bool:
     return all(isinstance(x, jax.Array) for x in jax.tree.leaves(batch))
 
@@ -86,6 +107,9 @@ class Trainer:
       precision: ``"32-true"``; ``"bf16-mixed"`` (fp32 parameters and optimizer state, bf16
         compute: parameters are cast inside the step, the loss is taken in fp32);
         ``"bf16-true"`` (parameters and optimizer state stored in bf16).
+      checkpoint_dir: save sharded, asynchronous, atomic checkpoints here (orbax): every
+        ``checkpoint_every_n_steps`` optimizer steps, at the end of ``fit`` and on SIGTERM /
+        SIGINT (then exit with 128 + signal); ``keep_last`` complete ones are kept.
       limit_val_batches: evaluate at most this many batches in ``validate``/``test``.
       report_memory: print the per-device peak memory at the end of ``fit``.
     """
@@ -105,6 +129,9 @@ class Trainer:
         seed: int | None = 0,
         track_grad_norm: bool = False,
         precision: str = "32-true",
+        checkpoint_dir: str | None = None,
+        checkpoint_every_n_steps: int | None = None,
+        keep_last: int = 3,
         limit_val_batches: int | None = None,
         report_memory: bool = True,
     ):
@@ -117,6 +144,10 @@ class Trainer:
         if precision not in PRECISIONS:
             raise ValueError(f"precision={precision!r} must be one of {PRECISIONS}")
         self.precision = precision
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_every_n_steps = checkpoint_every_n_steps
+        self.keep_last = keep_last
+        self.first_step = 0  # global step the last fit started from (> 0 after resuming)
         self.strategy = strategy or ModelParallelStrategy()
         self.max_epochs = max_epochs
         self.max_steps = max_steps
@@ -281,65 +312,101 @@ class Trainer:
         return batch if _is_global(batch) else shard_batch(batch, self.mesh)
 
     # ------------------------------------------------------------------ fit
-    def fit(self, module: TrainModule) -> Trainer:
-        """Train ``module`` for ``max_epochs`` (or ``max_steps``); returns the trainer."""
+    def fit(self, module: TrainModule, *, resume: bool = False) -> Trainer:
+        """Train ``module`` for ``max_epochs`` (or until ``max_steps`` optimizer steps in
+        total); returns the trainer.
+
+        With ``resume=True`` (needs ``checkpoint_dir``) training continues from the newest
+        complete checkpoint, if any: parameters, optimizer state, step, epoch and loader
+        position; on the same mesh the following losses are bitwise those of an
+        uninterrupted run, on another mesh the state is resharded on restore.
+        """
         self._setup_model(module)
         tx = self._optimizer(module)
         self._opt_shardings = opt_state_shardings(tx, self._params)
         self._opt_state = jax.jit(tx.init, out_shardings=self._opt_shardings)(self._params)
         step_fn = self._make_train_step(module, tx)
         loader = module.train_dataloader()
+        ckpt = (
+            Checkpointer(self.checkpoint_dir, keep_last=self.keep_last)
+            if self.checkpoint_dir
+            else None
+        )
+        if resume and ckpt is None:
+            raise ValueError("fit(resume=True) needs Trainer(checkpoint_dir=...)")
+        self.first_step = 0
+        if resume and ckpt.latest_step() is not None:
+            self._restore(ckpt, loader)
         if self.is_global_zero and self.logger_format:
             self.log_dir = next_run_dir(self.default_root_dir)
         logger = MetricsLogger(self.log_dir, self.logger_format) if self.log_dir else None
         bar = ProgressBar(self.enable_progress_bar and self.is_global_zero)
         self.losses, self.metrics_history = [], []
         compiled, pending = None, []
-        batches_seen, done = 0, False
-        t_start = time.perf_counter()
-        for epoch in range(self.current_epoch, self.max_epochs):
-            self.current_epoch = epoch
-            if hasattr(loader, "set_epoch"):
-                loader.set_epoch(epoch)
-            bar.start_epoch()
-            total = len(loader) if hasattr(loader, "__len__") else None
-            for i, batch in enumerate(loader):
-                batch = self._global_batch(batch)
-                if compiled is None:
-                    compiled = self._compile_train_step(step_fn, batch)
-                    t_compiled = time.perf_counter()
-                try:
-                    self._params, self._opt_state, self._rest, metrics = compiled(
-                        self._params, self._opt_state, self._rest, batch
-                    )
-                except (TypeError, ValueError) as err:
-                    raise ValueError(
-                        f"batch {i} of epoch {epoch} does not match the compiled train step "
-                        f"(shapes/shardings must stay fixed; use drop_last=True): {err}"
-                    ) from err
-                batches_seen += 1
-                if batches_seen % self.accumulate_grad_batches == 0:
-                    self.global_step += 1
-                pending.append((self.global_step, epoch, metrics))
-                done = 0 < self.max_steps <= self.global_step
-                if len(pending) >= self.log_every_n_steps or done or i + 1 == total:
-                    last = self._flush(pending, logger)
-                    pending = []
-                    bar.update(epoch, i + 1, total, last, self._batch_rows(batch))
+        k = self.accumulate_grad_batches
+        batches_seen, done = self.global_step * k, 0 < self.max_steps <= self.global_step
+        t_start = t_compiled = time.perf_counter()
+        with stop_on_signals() as stop:
+            for epoch in range(self.current_epoch, self.max_epochs):
                 if done:
                     break
-            if done:
-                break
-        else:
-            self.current_epoch = self.max_epochs
+                self.current_epoch = epoch
+                start = _loader_start(loader, epoch)
+                bar.start_epoch()
+                total = len(loader) if hasattr(loader, "__len__") else None
+                for i, batch in enumerate(loader, start=start):
+                    batch = self._global_batch(batch)
+                    if compiled is None:
+                        compiled = self._compile_train_step(step_fn, batch)
+                        t_compiled = time.perf_counter()
+                    try:
+                        self._params, self._opt_state, self._rest, metrics = compiled(
+                            self._params, self._opt_state, self._rest, batch
+                        )
+                    except (TypeError, ValueError) as err:
+                        raise ValueError(
+                            f"batch {i} of epoch {epoch} does not match the compiled train "
+                            f"step (shapes/shardings must stay fixed; use drop_last=True): {err}"
+                        ) from err
+                    batches_seen += 1
+                    boundary = batches_seen % k == 0  # an optimizer step just happened
+                    self.global_step += int(boundary)
+                    pending.append((self.global_step, epoch, metrics))
+                    done = 0 < self.max_steps <= self.global_step
+                    every = self.checkpoint_every_n_steps
+                    save = (
+                        ckpt is not None
+                        and boundary
+                        and (stop.requested or bool(every and self.global_step % every == 0))
+                    )
+                    if save or done or len(pending) >= self.log_every_n_steps or i + 1 == total:
+                        last = self._flush(pending, logger)  # raises on a non-finite loss
+                        pending = []
+                        bar.update(epoch, i + 1, total, last, self._batch_rows(batch))
+                    if save:
+                        self._save(ckpt, loader)
+                    if stop.requested and (boundary or ckpt is None):
+                        self._flush(pending, logger)
+                        bar.close()
+                        if ckpt is not None:
+                            ckpt.close()
+                        raise SystemExit(stop.exit_code)
+                    if done:
+                        break
+            else:
+                self.current_epoch = self.max_epochs
         self._flush(pending, logger)
         bar.close()
+        if ckpt is not None:
+            if self.global_step > 0 and self.global_step not in ckpt.all_steps():
+                self._save(ckpt, loader)
+            ckpt.close()
         t_end = time.perf_counter()
         self.fit_seconds = t_end - t_start  # everything, compile included
         if compiled is not None:
             # Steady state: from the end of the compile to the last step's metrics on host.
             self.train_seconds = t_end - t_compiled
-            self.steps_per_second = batches_seen / self.train_seconds
+            self.steps_per_second = (batches_seen - self.first_step * k) / self.train_seconds
         self._sync_model()
         if compiled is not None:
             self.compiled_step = compiled
@@ -347,6 +414,43 @@ class Trainer:
             if self.report_memory and self.is_global_zero:
                 print(self.memory_report())
         return self
+
+    def _train_state(self) -> dict[str, Any]:
+        return {"params": self._params, "opt_state": self._opt_state, "rest": self._rest}
+
+    def _save(self, ckpt: Checkpointer, loader: Any) -> None:
+        """Start an async save of the state after ``global_step`` optimizer steps."""
+        loader_state = loader.state_dict() if hasattr(loader, "state_dict") else None
+        meta = {
+            "step": self.global_step,
+            "epoch": loader_state["epoch"] if loader_state else self.current_epoch,
+            "loader": loader_state,
+            "mesh": mesh_shape(self.mesh),
+            "fsdp": self.strategy.fsdp,
+            "precision": self.precision,
+            "jtp_version": _version(),
+            "module": self._module.checkpoint_metadata() if self._module else {},
+        }
+        ckpt.save(self.global_step, self._train_state(), meta)
+
+    def _restore(self, ckpt: Checkpointer, loader: Any) -> None:
+        state, meta, step = ckpt.restore(self._train_state())
+        self._params, self._opt_state, self._rest = (
+            state["params"],
+            state["opt_state"],
+            state["rest"],
+        )
+        self.global_step = self.first_step = int(meta["step"])
+        self.current_epoch = int(meta["epoch"])
+        if meta.get("loader") and hasattr(loader, "load_state_dict"):
+            loader.load_state_dict(meta["loader"])
+        if self.is_global_zero:
+            print(
+                f"resumed from step {step} (epoch {self.current_epoch}) saved on mesh "
+                f"{meta.get('mesh')}, fsdp={meta.get('fsdp')}; now {mesh_shape(self.mesh)}, "
+                f"fsdp={self.strategy.fsdp}",
+                file=sys.stderr,
+            )
 
     @staticmethod
     def _batch_rows(batch: Any) -> int:
