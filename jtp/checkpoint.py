@@ -108,7 +108,9 @@ class Checkpointer:
 
     def _check_shapes(self, step: int, target: dict[str, Any]) -> None:
         saved = self._manager.item_metadata(step)["state"]
-        for name, want in target.items():
+        # Parameters first: the error should name a parameter, not its Adam moment.
+        for name in sorted(target, key=lambda n: (not n.startswith("params."), n)):
+            want = target[name]
             if name not in saved:
                 raise ValueError(
                     f"checkpoint step {step} in {self.directory} has no entry for {name!r}; "

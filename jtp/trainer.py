@@ -9,7 +9,9 @@ dispatches ahead of the devices.
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -432,6 +434,9 @@ class Trainer:
             "module": self._module.checkpoint_metadata() if self._module else {},
         }
         ckpt.save(self.global_step, self._train_state(), meta)
+        if os.environ.get("JTP_FAULT_KILL_DURING_SAVE") == str(self.global_step):
+            # Fault injection for tests: die like `kill -9` while the async write runs.
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def _restore(self, ckpt: Checkpointer, loader: Any) -> None:
         state, meta, step = ckpt.restore(self._train_state())
@@ -470,10 +475,18 @@ class Trainer:
             rows.append({"step": step, "epoch": epoch, **row})
         if logger is not None:
             logger.log(rows)
-        last = rows[-1]
-        if not np.isfinite(last["loss"]):
-            raise FloatingPointError(f"loss is {last['loss']} at step {last['step']}")
-        return {"loss": last["loss"]}
+        bad = next((r for r in rows if not np.isfinite(r["loss"])), None)
+        if bad is not None:
+            where = (
+                f" ({self.checkpoint_dir} keeps the last good checkpoint)"
+                if self.checkpoint_dir
+                else ""
+            )
+            raise FloatingPointError(
+                f"non-finite loss {bad['loss']} at step {bad['step']} (epoch {bad['epoch']}); "
+                f"training stopped{where}"
+            )
+        return {"loss": rows[-1]["loss"]}
 
     def memory_report(self) -> str:
         """``Peak memory usage: X GB`` per device, as Lightning's example prints it.
