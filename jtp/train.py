@@ -93,12 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _distributed() -> bool:
-    import jax
-
-    return jax.process_count() > 1
-
-
 def _size(value: str) -> int | str:
     return value if value == "auto" else int(value)
 
@@ -121,7 +115,7 @@ def _select_devices(n: int | None) -> list | None:
     return devices[:n]
 
 
-def _init_distributed(args: argparse.Namespace) -> None:
+def _init_distributed(args: argparse.Namespace) -> bool:
     """Start jax's distributed runtime before any other jax call, when asked to.
 
     Explicit flags, or the standard environment (``JAX_COORDINATOR_ADDRESS`` /
@@ -133,7 +127,7 @@ def _init_distributed(args: argparse.Namespace) -> None:
     explicit = args.coordinator is not None
     from_env = "JAX_COORDINATOR_ADDRESS" in os.environ or "SLURM_JOB_ID" in os.environ
     if not (explicit or from_env):
-        return
+        return False
     if args.devices is not None:  # per-process CPU devices must be set before the backend
         jax.config.update("jax_num_cpu_devices", args.devices)
     kwargs: dict[str, Any] = {"heartbeat_timeout_seconds": args.heartbeat_timeout}
@@ -144,12 +138,13 @@ def _init_distributed(args: argparse.Namespace) -> None:
             process_id=args.process_id,
         )
     jax.distributed.initialize(**kwargs)
+    return True
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    _init_distributed(args)
-    devices = None if _distributed() else _select_devices(args.devices)
+    # Each process's devices are forced inside _init_distributed; there all devices are used.
+    devices = None if _init_distributed(args) else _select_devices(args.devices)
 
     import jax
 

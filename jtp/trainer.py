@@ -376,18 +376,16 @@ class Trainer:
                     pending.append((self.global_step, epoch, metrics))
                     done = 0 < self.max_steps <= self.global_step
                     every = self.checkpoint_every_n_steps
-                    save = (
-                        ckpt is not None
-                        and boundary
-                        and (stop.requested or bool(every and self.global_step % every == 0))
-                    )
+                    stopping = stop.requested  # read once: a signal may land at any moment
+                    periodic = bool(every and self.global_step % every == 0)
+                    save = ckpt is not None and boundary and (stopping or periodic)
                     if save or done or len(pending) >= self.log_every_n_steps or i + 1 == total:
                         last = self._flush(pending, logger)  # raises on a non-finite loss
                         pending = []
                         bar.update(epoch, i + 1, total, last, self._batch_rows(batch))
                     if save:
                         self._save(ckpt, loader)
-                    if stop.requested and (boundary or ckpt is None):
+                    if stopping and (boundary or ckpt is None):
                         self._flush(pending, logger)
                         bar.close()
                         if ckpt is not None:
