@@ -148,7 +148,8 @@ def test_kill_9_during_async_save_resumes_from_previous(tmp_path):
 
 def test_dead_peer_ends_the_survivor(tmp_path):
     args = ["--dim", "64", "--hidden-dim", "256", "--samples", "100000", "--log-every", "1",
-            "--data-parallel", "2", "--tensor-parallel", "4", "--heartbeat-timeout", "10"]  # fmt: skip
+            "--data-parallel", "2", "--tensor-parallel", "4",
+            "--heartbeat-timeout", "10"]  # fmt: skip
     procs = _launch(tmp_path, 2, args, "p")
     try:
         deadline = time.time() + 120
