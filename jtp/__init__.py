@@ -10,6 +10,7 @@ from jtp.activations import activation_rules, shard_activation
 from jtp.batch import batch_sharding, shard_batch
 from jtp.checkpoint import Checkpointer
 from jtp.data import DataLoader, RandomDataset, RandomTokenDataset, local_data_ranks
+from jtp.explain import Explanation, explain
 from jtp.export import load_consolidated, save_consolidated
 from jtp.mesh import DATA, TENSOR, make_mesh, mesh_shape
 from jtp.module import TrainModule
@@ -23,6 +24,7 @@ from jtp.plan import (
     plan_shardings,
     resolve,
 )
+from jtp.replicas import check_replicas
 from jtp.report import (
     Collective,
     collectives,
@@ -55,7 +57,10 @@ __all__ = [
     "RowwiseParallel",
     "TrainModule",
     "Trainer",
+    "Explanation",
     "batch_sharding",
+    "check_replicas",
+    "explain",
     "collectives",
     "format_collectives",
     "init_opt_state",

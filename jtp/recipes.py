@@ -38,13 +38,14 @@ class FeedForwardTask(TrainModule):
     def __init__(self, config: FeedForwardConfig = FeedForwardConfig()):
         self.config = config
 
-    def configure_model(self, mesh: Mesh) -> nnx.Module:
+    plan = FEEDFORWARD_PLAN
+
+    def model_factory(self) -> Callable[[], FeedForward]:
         c = self.config
+        return lambda: FeedForward(c.dim, c.hidden_dim, rngs=nnx.Rngs(c.seed))
 
-        def factory() -> FeedForward:
-            return FeedForward(c.dim, c.hidden_dim, rngs=nnx.Rngs(c.seed))
-
-        return sharded_init(factory, mesh, FEEDFORWARD_PLAN, fsdp=c.fsdp)
+    def configure_model(self, mesh: Mesh) -> nnx.Module:
+        return sharded_init(self.model_factory(), mesh, self.plan, fsdp=self.config.fsdp)
 
     def checkpoint_metadata(self) -> dict:
         plan = {k: type(v).__name__ for k, v in FEEDFORWARD_PLAN.items()}

@@ -72,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root-dir", default="runs", help="run directory root (metrics.csv)")
     p.add_argument("--no-progress", action="store_true", help="turn the progress bar off")
     p.add_argument(
+        "--explain", action="store_true", help="print every parameter's layout before training"
+    )
+    p.add_argument(
+        "--check-replicas", type=int, default=None,
+        help="verify tensor groups hold identical rows for N first batches "
+        "(default: 2 with several processes, else 0)",
+    )  # fmt: skip
+    p.add_argument(
         "--metrics-json", default=None, help="write mesh, losses, memory, ... as JSON here"
     )
     g = p.add_argument_group("checkpoints")
@@ -186,6 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         checkpoint_dir=args.checkpoint_dir,
         checkpoint_every_n_steps=args.checkpoint_every,
         keep_last=args.keep_last,
+        check_replicas=args.check_replicas,
     )
     mesh = strategy.mesh
     if jax.process_index() == 0:
@@ -193,6 +202,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"mesh {mesh_shape(mesh)} on {mesh.devices.size} "
             f"{mesh.devices.flat[0].platform} devices, fsdp={args.fsdp}"
         )
+    if args.explain and jax.process_index() == 0:
+        from jtp.explain import explain
+
+        print(explain(task.model_factory(), mesh, task.plan, fsdp=args.fsdp))
     trainer.fit(task, resume=args.resume)
     if args.export:
         from jtp.export import save_consolidated

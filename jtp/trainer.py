@@ -34,6 +34,7 @@ from jtp.module import StepOutput, TrainModule
 from jtp.parallelize import opt_state_shardings, parallelize, sharded_init
 from jtp.plan import activation_rules_of
 from jtp.progress import MetricsLogger, ProgressBar, next_run_dir
+from jtp.replicas import check_replicas
 from jtp.report import device_peak_bytes, peak_memory_per_device
 from jtp.signals import stop_on_signals
 from jtp.strategy import ModelParallelStrategy
@@ -112,6 +113,9 @@ class Trainer:
       checkpoint_dir: save sharded, asynchronous, atomic checkpoints here (orbax): every
         ``checkpoint_every_n_steps`` optimizer steps, at the end of ``fit`` and on SIGTERM /
         SIGINT (then exit with 128 + signal); ``keep_last`` complete ones are kept.
+      check_replicas: verify with :func:`jtp.check_replicas` that every device of a tensor
+        group holds the same rows, for this many first batches of each fit. ``None``: 2 in
+        a multi-process run (where a process-dependent loader would go wrong), else 0.
       limit_val_batches: evaluate at most this many batches in ``validate``/``test``.
       report_memory: print the per-device peak memory at the end of ``fit``.
     """
@@ -134,6 +138,7 @@ class Trainer:
         checkpoint_dir: str | None = None,
         checkpoint_every_n_steps: int | None = None,
         keep_last: int = 3,
+        check_replicas: int | None = None,
         limit_val_batches: int | None = None,
         report_memory: bool = True,
     ):
@@ -149,6 +154,7 @@ class Trainer:
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_every_n_steps = checkpoint_every_n_steps
         self.keep_last = keep_last
+        self.check_replicas = check_replicas
         self.first_step = 0  # global step the last fit started from (> 0 after resuming)
         self.strategy = strategy or ModelParallelStrategy()
         self.max_epochs = max_epochs
@@ -356,8 +362,13 @@ class Trainer:
                 start = _loader_start(loader, epoch)
                 bar.start_epoch()
                 total = len(loader) if hasattr(loader, "__len__") else None
+                n_check = self.check_replicas
+                if n_check is None:
+                    n_check = 2 if jax.process_count() > 1 else 0
                 for i, batch in enumerate(loader, start=start):
                     batch = self._global_batch(batch)
+                    if batches_seen - self.first_step * k < n_check:
+                        check_replicas(batch, step=self.global_step + 1)
                     if compiled is None:
                         compiled = self._compile_train_step(step_fn, batch)
                         t_compiled = time.perf_counter()

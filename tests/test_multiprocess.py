@@ -164,3 +164,27 @@ def test_dead_peer_ends_the_survivor(tmp_path):
         assert time.time() - t0 < 60
     finally:
         _stop(procs)
+
+
+@pytest.mark.parametrize("mode", ["good", "bad"])
+def test_check_replicas_across_processes(tmp_path, mode):
+    port = _port()
+    worker = Path(__file__).with_name("mp_replicas_worker.py")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(worker), f"127.0.0.1:{port}", str(i), mode],
+            stdout=open(tmp_path / f"w{i}.log", "w"),
+            stderr=subprocess.STDOUT,
+            env=_env(),
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    codes = _wait(procs, timeout=120)
+    logs = [_log(tmp_path, f"w{i}.log") for i in range(2)]
+    if mode == "good":
+        assert codes == [0, 0], logs
+    else:
+        assert codes == [3, 3], logs
+        for log in logs:
+            assert "step 1: devices that must hold the same rows" in log
+            assert "(process 0)" in log and "(process 1)" in log
