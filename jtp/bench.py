@@ -208,12 +208,24 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
         jax.block_until_ready(metrics)
         return n / (time.perf_counter() - t0)
 
+    def replica_check_ms() -> float:
+        """Cost of one jtp.check_replicas call on a training batch (hash every shard)."""
+        task = FeedForwardTask(config)
+        task.mesh = strategy.mesh
+        batch = next(iter(task.train_dataloader()))
+        jtp.check_replicas(batch)
+        t0 = time.perf_counter()
+        for _ in range(20):
+            jtp.check_replicas(batch)
+        return (time.perf_counter() - t0) / 20 * 1e3
+
     results: dict[str, list[float]] = {"trainer": [], "bare": []}
     for _ in range(args.repeats):
         results["bare"].append(bare_run())
         results["trainer"].append(trainer_run())
     best = {k: max(v) for k, v in results.items()}
     ratio = best["trainer"] / best["bare"]
+    check_ms = replica_check_ms()
     table = "\n".join(
         [
             f"FeedForward({args.dim}, {4 * args.dim}), mesh data 2 x tensor 4, batch 8, "
@@ -223,6 +235,9 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
             f"| {'bare jitted loop':<20} | {best['bare']:>9.1f} |",
             f"| {'jtp.Trainer.fit':<20} | {best['trainer']:>9.1f} |",
             f"| {'ratio (target>=0.97)':<20} | {ratio:>9.3f} |",
+            f"check_replicas on one batch: {check_ms:.2f} ms "
+            f"({check_ms / (1e3 / best['bare']):.2f} steps' time; on by default for the first "
+            "2 steps of a multi-process run)",
         ]
     )
     print(table)
@@ -234,6 +249,7 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
         "runs": results,
         "best_steps_per_second": best,
         "ratio": ratio,
+        "check_replicas_ms_per_batch": check_ms,
     }
     _write_json(args.json, payload)
     return payload
