@@ -203,21 +203,24 @@ class DataLoader:
         stop = threading.Event()
         done = object()
 
+        def put(item: Any) -> bool:
+            """Hand over ``item`` unless the consumer has gone; never blocks for good."""
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         def work() -> None:
             try:
                 for b in batches:
-                    item = (b, self._load(epoch, b))
-                    while not stop.is_set():
-                        try:
-                            q.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
+                    if not put((b, self._load(epoch, b))):
                         return
-                q.put((None, done))
+                put((None, done))
             except BaseException as err:  # re-raised in the consumer
-                q.put((None, err))
+                put((None, err))
 
         thread = threading.Thread(target=work, name="jtp-prefetch", daemon=True)
         thread.start()

@@ -165,3 +165,18 @@ def test_random_dataset_is_deterministic():
 def test_errors(kw, msg):
     with pytest.raises(ValueError, match=msg):
         jtp.DataLoader(Indexed(64), mesh=jtp.make_mesh(4, 2), **kw)
+
+
+def test_early_exit_does_not_wait_for_a_blocked_producer():
+    """The producer may be parked on a full queue holding its end-of-epoch marker when the
+    consumer stops (max_steps): closing must not wait for its 10 s join timeout."""
+    import time
+
+    loader = jtp.DataLoader(Indexed(24), 8, mesh=jtp.make_mesh(2, 4), prefetch=1)
+    it = iter(loader)
+    next(it)
+    time.sleep(0.3)  # let the producer fill the queue and block on the marker
+    t0 = time.perf_counter()
+    it.close()
+    assert time.perf_counter() - t0 < 2.0
+    assert not [t for t in threading.enumerate() if t.name == "jtp-prefetch" and t.is_alive()]

@@ -200,8 +200,10 @@ def test_max_steps_and_metrics_file(tmp_path):
     assert [r["loss"] for r in rows] == trainer.losses
 
 
-def test_progress_bar_and_memory_report(capsys):
-    trainer = jtp.Trainer(jtp.ModelParallelStrategy(1, 8), max_steps=2, logger=None)
+def test_progress_bar_and_memory_report(capsys, tmp_path):
+    trainer = jtp.Trainer(
+        jtp.ModelParallelStrategy(1, 8), max_steps=2, default_root_dir=str(tmp_path)
+    )
     trainer.fit(LitFF())
     out, err = capsys.readouterr()
     assert "it/s" in err and "samples/s" in err
