@@ -215,3 +215,24 @@ def device_peak_bytes() -> int | None:
         if stats and "peak_bytes_in_use" in stats:
             peaks.append(int(stats["peak_bytes_in_use"]))
     return max(peaks) if peaks else None
+
+
+def memory_report(compiled_peak_bytes: int) -> str:
+    """``[device i] Peak memory usage: X GB`` per local device, as Lightning's example prints.
+
+    Backends with allocator statistics (GPU) report the measured peak; on CPU the figure is
+    the compiled step's footprint per device (arguments + outputs + temporaries - donated
+    aliases), which is what each device must hold at the step's peak.
+    """
+    lines = []
+    measured = device_peak_bytes() is not None
+    for d in jax.local_devices():
+        if measured:
+            value, how = (d.memory_stats() or {}).get("peak_bytes_in_use", 0), "allocator peak"
+        else:
+            value, how = compiled_peak_bytes, "compiled step"
+        lines.append(
+            f"[device {d.id}] Peak memory usage: {value / 1e9:.2f} GB "
+            f"({value / 2**20:.1f} MiB, {how})"
+        )
+    return "\n".join(lines)

@@ -30,40 +30,19 @@ from jtp.activations import activation_rules
 from jtp.batch import shard_batch
 from jtp.checkpoint import Checkpointer
 from jtp.mesh import mesh_shape
-from jtp.module import StepOutput, TrainModule
+from jtp.module import TrainModule
 from jtp.parallelize import opt_state_shardings, parallelize, sharded_init
 from jtp.plan import activation_rules_of
 from jtp.progress import MetricsLogger, ProgressBar, next_run_dir
 from jtp.replicas import check_replicas
-from jtp.report import device_peak_bytes, peak_memory_per_device
+from jtp.report import memory_report, peak_memory_per_device
 from jtp.signals import stop_on_signals
+from jtp.steps import PRECISIONS, cast_floats, make_eval_step, make_train_step
 from jtp.strategy import ModelParallelStrategy
-
-GB = 1e9
-PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
-
-
-def _cast_floats(tree: Any, dtype: Any) -> Any:
-    def cast(x: Any) -> Any:
-        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
-
-    return jax.tree.map(cast, tree)
-
-
-def _split_output(out: StepOutput) -> tuple[jax.Array, dict[str, jax.Array]]:
-    if isinstance(out, tuple):
-        loss, metrics = out
-        return loss, dict(metrics)
-    return out, {}
 
 
 def _shardings(tree: Any) -> Any:
     return jax.tree.map(lambda a: a.sharding, tree)
-
-
-def _global_norm(tree: Any) -> jax.Array:
-    """sqrt(sum g**2) over a whole (sharded) gradient tree, in float32."""
-    return optax.tree.norm(jax.tree.map(lambda g: g.astype(jnp.float32), tree))
 
 
 def _loader_start(loader: Any, epoch: int) -> int:
@@ -226,7 +205,7 @@ class Trainer:
         self._rest = self._committed(self._rest)
         if self.precision == "bf16-true":
             shardings = _shardings(self._params)
-            to_bf16 = jax.jit(partial(_cast_floats, dtype=jnp.bfloat16), out_shardings=shardings)
+            to_bf16 = jax.jit(partial(cast_floats, dtype=jnp.bfloat16), out_shardings=shardings)
             abstract = any(
                 isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(self._params)
             )
@@ -236,10 +215,6 @@ class Trainer:
     def _tracing(self) -> Any:
         """Context for tracing steps: the module's activation rules on this mesh."""
         return activation_rules(self.mesh, self._activation_rules)
-
-    def _compute_params(self, params: Any) -> Any:
-        """The parameters the step computes with (bf16 copies under "bf16-mixed")."""
-        return _cast_floats(params, jnp.bfloat16) if self.precision == "bf16-mixed" else params
 
     def _committed(self, tree: Any) -> Any:
         """Place any leaf that is not yet a mesh array (e.g. an RNG counter) replicated."""
@@ -271,32 +246,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
     def _make_train_step(self, module: TrainModule, tx: optax.GradientTransformation) -> Callable:
-        param_sh = _shardings(self._params)
-
-        def train_step(params, opt_state, rest, batch):
-            def loss_fn(p):
-                model = self._merged(self._compute_params(p), rest)
-                loss, metrics = _split_output(module.training_step(model, batch))
-                _, _, new_rest = nnx.split(model, nnx.Param, ...)
-                return loss.astype(jnp.float32), (metrics, new_rest)
-
-            (loss, (metrics, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-            # Keep gradients in the parameters' layout: with fsdp this makes XLA reduce-scatter
-            # them over "data" instead of all-reducing full copies.
-            grads = jax.lax.with_sharding_constraint(grads, param_sh)
-            # Finish every read of the old parameters (forward and backward) before the
-            # in-place update may start. Without this, a loss whose gradient does not depend
-            # on the forward (the docs' ``output.sum()``) lets XLA schedule an update before
-            # a forward matmul, and it copies the donated parameter to keep it alive.
-            loss, metrics, grads = jax.lax.optimization_barrier((loss, metrics, grads))
-            updates, opt_state = tx.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
-            metrics = {"loss": loss, **metrics}
-            if self.track_grad_norm:
-                metrics["grad_norm"] = _global_norm(grads)
-            return params, opt_state, new_rest, metrics
-
-        return train_step
+        return make_train_step(
+            self._graphdef, _shardings(self._params), module.training_step, tx,
+            precision=self.precision, track_grad_norm=self.track_grad_norm,
+        )  # fmt: skip
 
     def _compile_train_step(self, step: Callable, batch: Any) -> jax.stages.Compiled:
         state_sh = (
@@ -498,37 +451,14 @@ class Trainer:
         return {"loss": rows[-1]["loss"]}
 
     def memory_report(self) -> str:
-        """``Peak memory usage: X GB`` per device, as Lightning's example prints it.
-
-        Backends with allocator statistics (GPU) report the measured peak; on CPU the figure
-        is the compiled train step's footprint per device (arguments + outputs + temporaries
-        - donated aliases), which is what each device must hold at the step's peak.
-        """
-        lines = []
-        measured = device_peak_bytes()
-        for d in jax.local_devices():
-            if measured is not None:
-                stats = d.memory_stats() or {}
-                value, how = stats.get("peak_bytes_in_use", 0), "allocator peak"
-            else:
-                value, how = self.peak_memory_bytes_per_device or 0, "compiled step"
-            lines.append(
-                f"[device {d.id}] Peak memory usage: {value / GB:.2f} GB "
-                f"({value / 2**20:.1f} MiB, {how})"
-            )
-        return "\n".join(lines)
+        """``Peak memory usage: X GB`` per device, as Lightning's example prints it."""
+        return memory_report(self.peak_memory_bytes_per_device or 0)
 
     # ------------------------------------------------------------------ eval
     def _evaluate(self, module: TrainModule, hook: str, loader_hook: str, prefix: str) -> dict:
         self._setup_model(module)
-        step = getattr(module, hook)
-
-        def eval_step(params, rest, batch):
-            model = self._merged(self._compute_params(params), rest)
-            loss, metrics = _split_output(step(model, batch))
-            return {"loss": loss.astype(jnp.float32), **metrics}
-
-        jitted = jax.jit(eval_step, out_shardings=self._replicated)
+        step = make_eval_step(self._graphdef, getattr(module, hook), precision=self.precision)
+        jitted = jax.jit(step, out_shardings=self._replicated)
         totals: dict[str, jax.Array] = {}
         n = 0
         for i, batch in enumerate(getattr(module, loader_hook)()):
