@@ -105,7 +105,7 @@ def memory(args: argparse.Namespace) -> dict[str, Any]:
     payload = {"benchmark": "memory", "dim": args.dim, "machine": _machine(), "rows": rows}
     _write_json(args.json, payload)
     if args.plot:
-        _plot(rows, args.plot)
+        _plot(rows, args.plot, f"FeedForward {args.dim}x{args.dim} + AdamW")
     return payload
 
 
@@ -138,9 +138,10 @@ def format_memory(rows: list[dict[str, Any]], dim: int) -> str:
     return head + "\n".join(lines + notes)
 
 
-def _plot(rows: list[dict[str, Any]], path: str) -> None:
+def _plot(rows: list[dict[str, Any]], path: str, title: str = "FeedForward + AdamW") -> None:
     try:
         import matplotlib
+        import matplotlib.ticker
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -155,8 +156,10 @@ def _plot(rows: list[dict[str, Any]], path: str) -> None:
     lt = [(r["devices"], r["lightning_gb"]) for r in tp if r["lightning_gb"]]
     if lt:
         ax.plot(*zip(*lt, strict=True), "s-", label="Lightning (published, CUDA)")
-    ax.set(xscale="log", xticks=n, xticklabels=n, xlabel="tensor-parallel devices")
-    ax.set(ylabel="peak GB per device", title="FeedForward 8192x8192 + AdamW")
+    ax.set(xscale="log", xlabel="tensor-parallel devices", ylabel="peak GB per device")
+    ax.set_xticks(n, [str(v) for v in n])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_title(f"{title}: jtp on {tp[0]['platform'].upper()} (forced devices)", fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -87,3 +87,13 @@ def test_trainer_checks_replicas_for_first_steps():
     trainer = jtp.Trainer(jtp.ModelParallelStrategy(2, 4), check_replicas=1, logger=None)
     with pytest.raises(ValueError, match="step 1: devices that must hold the same rows"):
         trainer.fit(BadLoader())
+
+
+def test_cli_explain_prints_the_table(tmp_path, capsys):
+    from jtp.train import main
+
+    main(["--devices", "8", "--dim", "32", "--hidden-dim", "64", "--samples", "16",
+          "--no-progress", "--explain", "--root-dir", str(tmp_path)])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "| w2.kernel | (64, 32)" in out and "w2 -> RowwiseParallel" in out
+    assert out.index("plan key -> style") < out.index("Peak memory usage")  # before training
