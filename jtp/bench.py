@@ -169,9 +169,9 @@ def _plot(rows: list[dict[str, Any]], path: str, title: str = "FeedForward + Ada
 def overhead(args: argparse.Namespace) -> dict[str, Any]:
     import jax
 
-    from jtp.train import _select_devices
+    from jtp.mesh import select_devices
 
-    _select_devices(8)  # 8 forced devices on CPU (before jax starts); the first 8 elsewhere
+    select_devices(8)  # 8 forced devices on CPU (before jax starts); the first 8 elsewhere
 
     import jtp
     from jtp.recipes import FeedForwardConfig, FeedForwardTask
@@ -328,9 +328,9 @@ def _human(n: float) -> str:
 
 
 def llama(args: argparse.Namespace) -> dict[str, Any]:
-    from jtp.train import _select_devices
+    from jtp.mesh import select_devices
 
-    devices = _select_devices(64)
+    devices = select_devices(64)
     rows = []
     variants = [
         {},

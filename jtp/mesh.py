@@ -64,6 +64,21 @@ def make_mesh(
     return Mesh(grid, AXES, axis_types=(AxisType.Auto, AxisType.Auto))
 
 
+def select_devices(n: int) -> list[jax.Device]:
+    """The first ``n`` devices; on CPU, first force ``n`` host devices if jax has not
+    started its backend yet (the only moment that is possible)."""
+    if n < 1:
+        raise ValueError(f"--devices {n} must be >= 1")
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:
+        pass  # backend already up (e.g. under pytest): use what exists
+    devices = jax.devices()
+    if len(devices) < n:
+        raise ValueError(f"--devices {n}: only {len(devices)} {devices[0].platform} devices")
+    return devices[:n]
+
+
 def mesh_shape(mesh: Mesh) -> dict[str, int]:
     """``{"data": d, "tensor": t}`` for a jtp mesh."""
     return {DATA: int(mesh.shape[DATA]), TENSOR: int(mesh.shape[TENSOR])}

@@ -24,6 +24,8 @@ import sys
 import time
 from typing import Any
 
+from jtp.steps import PRECISIONS
+
 GB = 1e9
 
 
@@ -164,9 +166,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--micro-batch", type=int, default=1, help="sequences per data rank per micro-step"
     )
     p.add_argument("--seq-len", type=int, default=8192, help="tokens per sequence")
-    p.add_argument(
-        "--precision", default="bf16-mixed", choices=["32-true", "bf16-mixed", "bf16-true"]
-    )
+    p.add_argument("--precision", default="bf16-mixed", choices=PRECISIONS)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak (H100: 989)")
     p.add_argument("--compute-efficiency", type=float, default=0.5, help="fraction of peak reached")
     p.add_argument("--intra-host-gbps", type=float, default=450.0, help="GB/s per device in a host")
@@ -177,17 +177,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--json", default="bench_results/plan.json", help="JSON output path")
     args = p.parse_args(argv)
 
-    import jax
+    from jtp.mesh import select_devices
 
-    try:
-        jax.config.update("jax_num_cpu_devices", args.devices)
-    except RuntimeError:
-        pass  # backend already up (tests): use what exists
-    devices = jax.devices()[: args.devices]
-    if len(devices) < args.devices:
-        raise ValueError(
-            f"--devices {args.devices}: only {len(devices)} devices can be forced here"
-        )
+    devices = select_devices(args.devices)
     from jtp.models.llama import PRESETS
 
     model = PRESETS[args.model]

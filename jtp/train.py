@@ -22,6 +22,8 @@ import os
 import sys
 from typing import Any
 
+from jtp.steps import PRECISIONS
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -56,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remat", action="store_true", help="llama: recompute blocks in backward")
     p.add_argument(
         "--precision",
-        choices=("32-true", "bf16-mixed", "bf16-true"),
+        choices=PRECISIONS,
         default="32-true",
         help="parameter/compute dtypes",
     )
@@ -105,24 +107,6 @@ def _size(value: str) -> int | str:
     return value if value == "auto" else int(value)
 
 
-def _select_devices(n: int | None) -> list | None:
-    """Force ``n`` CPU devices if jax has not started yet; then pick the first ``n``."""
-    import jax
-
-    if n is None:
-        return None
-    if n < 1:
-        raise ValueError(f"--devices {n} must be >= 1")
-    try:
-        jax.config.update("jax_num_cpu_devices", n)
-    except RuntimeError:
-        pass  # backend already up (e.g. under pytest): use what exists
-    devices = jax.devices()
-    if len(devices) < n:
-        raise ValueError(f"--devices {n}: only {len(devices)} {devices[0].platform} devices")
-    return devices[:n]
-
-
 def _init_distributed(args: argparse.Namespace) -> bool:
     """Start jax's distributed runtime before any other jax call, when asked to.
 
@@ -152,7 +136,10 @@ def _init_distributed(args: argparse.Namespace) -> bool:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     # Each process's devices are forced inside _init_distributed; there all devices are used.
-    devices = None if _init_distributed(args) else _select_devices(args.devices)
+    distributed = _init_distributed(args)
+    from jtp.mesh import select_devices
+
+    devices = None if distributed or args.devices is None else select_devices(args.devices)
 
     import jax
 
