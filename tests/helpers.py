@@ -92,6 +92,11 @@ def rel_err(a, b) -> float:
     return float(np.sqrt(num / max(den, 1e-30)))
 
 
+def delta(after, before):
+    """``after - before`` leaf by leaf, on the host (a parameter update)."""
+    return jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), after, before)
+
+
 def make_fns(graphdef, loss_fn, tx):
     """(forward+grad, two-step train) functions over the pure params State."""
 

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import rel_err
+from helpers import delta, make_fns, rel_err
 
 import jtp
 from jtp.models.llama import PRESETS, Llama, LlamaConfig, cross_entropy
@@ -36,23 +36,6 @@ def loss_fn(model, tokens):
     return cross_entropy(logits, tokens[:, 1:]), logits
 
 
-def fns(graphdef, tx):
-    def fwd_grad(params, tokens):
-        (loss, logits), grads = jax.value_and_grad(
-            lambda p: loss_fn(nnx.merge(graphdef, p), tokens), has_aux=True
-        )(params)
-        return loss, logits, grads
-
-    def train2(params, opt_state, tokens):
-        for _ in range(2):
-            _, _, grads = fwd_grad(params, tokens)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
-        return params
-
-    return fwd_grad, train2
-
-
 _REF = {}
 
 
@@ -60,11 +43,11 @@ def reference():
     if not _REF:
         graphdef, params = nnx.split(factory()(), nnx.Param)
         tx = optax.adamw(1e-2)
-        fwd_grad, train2 = fns(graphdef, tx)
+        fwd_grad, train2 = make_fns(graphdef, loss_fn, tx)
         loss, logits, grads = jax.jit(fwd_grad)(params, TOKENS)
         _REF.update(
             params=params, loss=loss, logits=logits, grads=grads,
-            new=jax.jit(train2)(params, tx.init(params), TOKENS),
+            new=jax.jit(train2)(params, tx.init(params), TOKENS)[0],
         )  # fmt: skip
     return _REF
 
@@ -89,17 +72,16 @@ def test_matches_unsharded(case):
     assert rel_err(params, ref["params"]) == 0.0
     tx = optax.adamw(1e-2)
     opt_state = jtp.init_opt_state(tx, params)
-    fwd_grad, train2 = fns(graphdef, tx)
+    fwd_grad, train2 = make_fns(graphdef, loss_fn, tx)
     tokens = jtp.shard_batch(TOKENS, mesh)
-    param_sh = jax.tree.map(lambda p: p.sharding, params)
+    out_sh = (jax.tree.map(lambda p: p.sharding, params), jtp.opt_state_shardings(tx, params))
     with jtp.activation_rules(mesh, plan.activations):
         loss, logits, grads = jax.jit(fwd_grad)(params, tokens)
-        new = jax.jit(train2, out_shardings=param_sh)(params, opt_state, tokens)
+        new, _ = jax.jit(train2, out_shardings=out_sh)(params, opt_state, tokens)
     assert abs(float(loss) - float(ref["loss"])) <= 1e-5 * float(ref["loss"])
     assert rel_err(logits, ref["logits"]) < 1e-5
     assert rel_err(grads, ref["grads"]) < 1e-5
-    update = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), new, params)
-    ref_update = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), ref["new"], ref["params"])
+    update, ref_update = delta(new, params), delta(ref["new"], ref["params"])
     assert rel_err(update, ref_update) < 1e-3
     diff = np.concatenate(
         [
@@ -185,7 +167,7 @@ def test_bf16_mixed_close_to_fp32_and_keeps_fp32_state():
 def test_remat_same_numbers():
     remat = dataclasses.replace(CFG, remat=True)
     graphdef, params = nnx.split(factory(remat)(), nnx.Param)
-    fwd_grad, _ = fns(graphdef, optax.sgd(0.1))
+    fwd_grad, _ = make_fns(graphdef, loss_fn, optax.sgd(0.1))
     loss, _, grads = jax.jit(fwd_grad)(params, TOKENS)
     ref = reference()
     assert abs(float(loss) - float(ref["loss"])) <= 1e-6 * float(ref["loss"])

@@ -20,6 +20,7 @@ from flax import nnx
 from helpers import (
     FF_PLAN,
     LM_PLAN,
+    delta,
     ff_batch,
     ff_factory,
     ff_loss,
@@ -99,8 +100,7 @@ def test_matches_unsharded(name, shape, fsdp):
     opt_sh = jtp.opt_state_shardings(tx, params)
     step = jax.jit(train2, out_shardings=(param_sh, opt_sh))
     new_params, _ = step(params, opt_state, batch)
-    update = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), new_params, params)
-    ref_update = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), ref_new, ref_params)
+    update, ref_update = delta(new_params, params), delta(ref_new, ref_params)
     assert rel_err(update, ref_update) < 1e-4
 
 
