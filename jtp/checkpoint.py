@@ -65,6 +65,10 @@ def _abstract(flat: dict[str, Any]) -> dict[str, jax.ShapeDtypeStruct]:
     return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in flat.items()}
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint that does not fit the model (missing entry or other shape)."""
+
+
 class Checkpointer:
     """Save and restore training state under ``directory/<step>``, keeping the last few.
 
@@ -112,13 +116,13 @@ class Checkpointer:
         for name in sorted(target, key=lambda n: (not n.startswith("params."), n)):
             want = target[name]
             if name not in saved:
-                raise ValueError(
+                raise CheckpointMismatchError(
                     f"checkpoint step {step} in {self.directory} has no entry for {name!r}; "
                     "it was written by a different model or optimizer"
                 )
             shape = tuple(saved[name].shape)
             if shape != tuple(want.shape):
-                raise ValueError(
+                raise CheckpointMismatchError(
                     f"checkpoint step {step}: parameter {name!r} has shape {shape} but the "
                     f"model expects {tuple(want.shape)}; the checkpoint is for another "
                     "model configuration"
@@ -140,20 +144,15 @@ class Checkpointer:
         for s in steps:
             try:
                 self._check_shapes(s, target)
-            except ValueError:
-                raise
-            except Exception as err:  # unreadable metadata: a damaged checkpoint
-                errors.append((s, err))
-                log.warning("checkpoint step %s is unreadable (%s); trying an older one", s, err)
-                continue
-            try:
                 out = self._manager.restore(
                     s,
                     args=ocp.args.Composite(
                         state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
                     ),
                 )
-            except Exception as err:  # damaged array files
+            except CheckpointMismatchError:
+                raise  # the wrong model, not a damaged file: no fallback
+            except Exception as err:  # unreadable metadata or array files: damaged
                 errors.append((s, err))
                 log.warning("checkpoint step %s is unreadable (%s); trying an older one", s, err)
                 continue
