@@ -71,3 +71,40 @@ def abstract_train_step(
         batch,
     )
     return trainer._compile_train_step(trainer._make_train_step(module, tx), batch)
+
+
+def abstract_llama_step(
+    config: Any,
+    shape: tuple[int, int],
+    devices: list[jax.Device],
+    *,
+    precision: str = "32-true",
+    n_layers: int | None = None,
+) -> tuple[jax.stages.Compiled, Any]:
+    """The compiled Llama train step for ``LlamaTaskConfig`` ``config`` on a (data, tensor)
+    mesh over the first devices, optionally with ``n_layers`` blocks; and that mesh.
+
+    One global batch of ``config.batch_size`` sequences of ``config.seq_len + 1`` tokens.
+    Shared by ``python -m jtp.bench llama`` and the planner.
+    """
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from jtp.plans import check_llama
+    from jtp.recipes import LlamaTask
+
+    task = LlamaTask(config)
+    if n_layers is not None:
+        task.model_config = dataclasses.replace(task.model_config, n_layers=n_layers)
+    strategy = ModelParallelStrategy(*shape, devices=devices[: shape[0] * shape[1]])
+    check_llama(
+        task.model_config, strategy.mesh, seq_len=config.seq_len,
+        sequence_parallel=config.sequence_parallel,
+    )  # fmt: skip
+    batch = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1), jnp.int32)
+    compiled = abstract_train_step(
+        task, strategy, batch, factory=task.model_factory(), plan=task.plan,
+        fsdp=config.fsdp, precision=precision,
+    )  # fmt: skip
+    return compiled, strategy.mesh

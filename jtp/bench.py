@@ -263,27 +263,16 @@ def _llama_row(
 ) -> dict[str, Any]:
     import dataclasses
 
-    import jax
-    import jax.numpy as jnp
-
-    import jtp
-    from jtp.abstract import abstract_train_step
-    from jtp.recipes import LlamaTask, LlamaTaskConfig
+    from jtp.abstract import abstract_llama_step
+    from jtp.recipes import LlamaTaskConfig
     from jtp.report import collectives, peak_memory_per_device
 
     precision = flags.pop("precision", "32-true")
     config = LlamaTaskConfig(preset=preset, seq_len=seq_len, batch_size=batch, **flags)
-    task = LlamaTask(config)
-    strategy = jtp.ModelParallelStrategy(*shape, devices=devices[: shape[0] * shape[1]])
-    jtp.plans.check_llama(task.model_config, strategy.mesh, seq_len=seq_len, **{
-        "sequence_parallel": config.sequence_parallel})  # fmt: skip
     t0 = time.perf_counter()
-    compiled = abstract_train_step(
-        task, strategy, jax.ShapeDtypeStruct((batch, seq_len + 1), jnp.int32),
-        factory=task.model_factory(), plan=task.plan, fsdp=config.fsdp, precision=precision,
-    )  # fmt: skip
+    compiled, mesh = abstract_llama_step(config, shape, devices, precision=precision)
     seconds = time.perf_counter() - t0
-    colls = collectives(compiled, strategy.mesh)
+    colls = collectives(compiled, mesh)
     by_axis: dict[str, int] = {}
     for c in colls:
         key = "+".join(c.axes or ()) or "-"

@@ -88,27 +88,18 @@ def measure(
     devices: list,
 ) -> dict[str, Any]:
     """Compile one configuration with ``n_layers`` blocks; compiler figures per device."""
-    import jax
-    import jax.numpy as jnp
-
-    from jtp.abstract import abstract_train_step
-    from jtp.recipes import LlamaTask, LlamaTaskConfig
+    from jtp.abstract import abstract_llama_step
+    from jtp.recipes import LlamaTaskConfig
     from jtp.report import collectives, peak_memory_per_device
-    from jtp.strategy import ModelParallelStrategy
 
-    task = LlamaTask(LlamaTaskConfig(
+    task_config = LlamaTaskConfig(
         preset=preset, seq_len=seq, batch_size=micro_batch * config.data, fsdp=config.fsdp,
         sequence_parallel=config.sequence_parallel, loss_parallel=config.tensor > 1,
         remat=config.remat,
-    ))  # fmt: skip
-    task.model_config = dataclasses.replace(task.model_config, n_layers=n_layers)
-    strategy = ModelParallelStrategy(config.data, config.tensor, devices=devices)
-    batch = jax.ShapeDtypeStruct((micro_batch * config.data, seq + 1), jnp.int32)
-    compiled = abstract_train_step(
-        task, strategy, batch, factory=task.model_factory(), plan=task.plan,
-        fsdp=config.fsdp, precision=precision,
     )  # fmt: skip
-    mesh = strategy.mesh
+    compiled, mesh = abstract_llama_step(
+        task_config, (config.data, config.tensor), devices, precision=precision, n_layers=n_layers
+    )
     by_axis = {"tensor": 0.0, "data": 0.0, "both": 0.0}
     wire = {"tensor": 0.0, "data": 0.0, "both": 0.0}
     for c in collectives(compiled, mesh):
