@@ -17,8 +17,8 @@ from flax import nnx
 
 from jtp.batch import batch_sharding
 from jtp.module import TrainModule
-from jtp.parallelize import opt_state_shardings
-from jtp.plan import Plan, activation_rules_of, plan_shardings
+from jtp.parallelize import abstract_sharded, opt_state_shardings
+from jtp.plan import Plan, activation_rules_of
 from jtp.strategy import ModelParallelStrategy
 from jtp.trainer import Trainer
 
@@ -54,9 +54,7 @@ def abstract_train_step(
     )
     mesh = strategy.mesh
     module.mesh, module.trainer = mesh, trainer
-    abstract = nnx.eval_shape(factory)
-    state = _abstract(nnx.state(abstract), plan_shardings(abstract, mesh, plan, fsdp=fsdp))
-    model = nnx.merge(nnx.graphdef(abstract), state)
+    model = abstract_sharded(nnx.eval_shape(factory), mesh, plan, fsdp=fsdp)
     rules = module.activation_rules()
     trainer._install(module, model, rules if rules is not None else activation_rules_of(plan))
     tx = trainer._optimizer(module)

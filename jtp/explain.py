@@ -123,18 +123,9 @@ def explain(
 
 
 def _optimizer_bytes(tx: Any, abstract: nnx.Module, mesh: Mesh, plan: Plan, fsdp: bool) -> int:
-    from jtp.parallelize import opt_state_shardings
+    from jtp.parallelize import abstract_sharded, opt_state_shardings
 
-    specs = {p.path: p.spec for p in resolve(abstract, mesh, plan, fsdp=fsdp)}
-    params = nnx.from_flat_state(
-        [
-            (path, var.replace(jax.ShapeDtypeStruct(
-                var.get_value().shape, var.get_value().dtype,
-                sharding=NamedSharding(mesh, specs[".".join(map(str, path))]),
-            )))
-            for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param))
-        ]
-    )  # fmt: skip
+    params = nnx.state(abstract_sharded(abstract, mesh, plan, fsdp=fsdp), nnx.Param)
     state = jax.eval_shape(tx.init, params)
     opt_sh = opt_state_shardings(tx, params)
     total = 0

@@ -70,6 +70,21 @@ def sharded_init[M: nnx.Module](
     return nnx.merge(graphdef, init())
 
 
+def abstract_sharded[M: nnx.Module](
+    abstract: M, mesh: Mesh, plan: Plan, *, fsdp: bool = False
+) -> M:
+    """``abstract`` (from ``nnx.eval_shape``) with every variable a ``jax.ShapeDtypeStruct``
+    carrying its plan sharding: the shapes-only twin of :func:`sharded_init`, for
+    compiling or sizing without allocating."""
+    shardings = plan_shardings(abstract, mesh, plan, fsdp=fsdp)
+    state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        nnx.state(abstract),
+        shardings,
+    )
+    return nnx.merge(nnx.graphdef(abstract), state)
+
+
 def parallelize[M: nnx.Module](model: M, mesh: Mesh, plan: Plan, *, fsdp: bool = False) -> M:
     """Reshard an existing model's variables in place (torch's ``parallelize_module``).
 
