@@ -166,3 +166,12 @@ def test_metadata_record(tmp_path):
         "w3": "ColwiseParallel",
     }
     assert meta["jtp_version"] == jtp.__version__
+
+
+def test_checkpoint_and_export_input_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        jtp.Checkpointer(str(tmp_path / "empty")).restore({"w": jnp.zeros(2)})
+    path = str(tmp_path / "ff.safetensors")
+    jtp.save_consolidated(ff_factory(32, 64)(), path)
+    with pytest.raises(ValueError, match="without a mesh takes a built model"):
+        jtp.load_consolidated(path, ff_factory(32, 64))

@@ -180,3 +180,9 @@ def test_early_exit_does_not_wait_for_a_blocked_producer():
     it.close()
     assert time.perf_counter() - t0 < 2.0
     assert not [t for t in threading.enumerate() if t.name == "jtp-prefetch" and t.is_alive()]
+
+
+def test_load_state_dict_rejects_another_seed():
+    loader = jtp.DataLoader(Indexed(64), 8, mesh=jtp.make_mesh(2, 4), shuffle=True, seed=1)
+    with pytest.raises(ValueError, match="saved seed 2 != loader seed 1"):
+        loader.load_state_dict({"epoch": 0, "batch": 3, "seed": 2})

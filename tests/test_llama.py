@@ -241,3 +241,16 @@ def test_abstract_step_is_the_trainers_step():
     mesh = trainer.mesh
     key = lambda cs: sorted((c.kind, c.axes, c.bytes) for c in cs)  # noqa: E731
     assert key(jtp.collectives(compiled, mesh)) == key(jtp.collectives(trainer.compiled_step, mesh))
+
+
+def test_config_and_activation_rule_errors():
+    with pytest.raises(ValueError, match="dim 100 not divisible by n_heads 16"):
+        LlamaConfig(dim=100)
+    with pytest.raises(ValueError, match="n_heads 16 not divisible by n_kv_heads 6"):
+        LlamaConfig(n_kv_heads=6)
+    mesh = jtp.make_mesh(1, 8)
+    x = jax.numpy.ones((2, 4))
+    with jtp.activation_rules(mesh, {"residual": jax.sharding.PartitionSpec("data", None, None)}):
+        with pytest.raises(ValueError, match=r"activation rule 'residual'.*3 dims, array has 2"):
+            jtp.shard_activation(x, "residual")
+    assert jtp.shard_activation(x, "residual") is x  # no rules: a no-op

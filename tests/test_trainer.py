@@ -233,3 +233,51 @@ def test_cli_writes_metrics_json(tmp_path):
     assert saved["losses"] == metrics["losses"]
     assert saved["peak_memory_bytes_per_device"] > 0
     assert all(np.isfinite(saved["losses"]))
+
+
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        ({"accumulate_grad_batches": 0}, "accumulate_grad_batches=0 must be >= 1"),
+        ({"log_every_n_steps": 0}, "log_every_n_steps=0 must be >= 1"),
+        ({"gradient_clip_val": 0.0}, "gradient_clip_val=0.0 must be > 0 or None"),
+        ({"precision": "fp16"}, r"precision='fp16' must be one of"),
+        ({"logger": "tensorboard"}, "logger must be 'csv', 'jsonl' or None"),
+    ],
+)
+def test_trainer_rejects_bad_options(kw, msg, tmp_path):
+    with pytest.raises(ValueError, match=msg):
+        trainer = jtp.Trainer(jtp.ModelParallelStrategy(2, 4), default_root_dir=str(tmp_path), **kw)
+        trainer.fit(LitFF())  # the logger format is checked when fit opens the run directory
+
+
+def test_fit_resume_needs_a_checkpoint_dir():
+    with pytest.raises(ValueError, match=r"fit\(resume=True\) needs Trainer\(checkpoint_dir=...\)"):
+        _trainer((2, 4)).fit(LitFF(), resume=True)
+
+
+def test_configure_model_must_return_a_model():
+    class Bad(LitFF):
+        def configure_model(self, mesh):
+            return "a model"
+
+    with pytest.raises(ValueError, match="configure_model must return an nnx.Module or"):
+        _trainer((2, 4)).fit(Bad())
+
+
+def test_configure_model_may_return_factory_and_plan():
+    """The trainer applies sharded_init with the strategy's fsdp."""
+
+    class FactoryAndPlan(LitFF):
+        def configure_model(self, mesh):
+            return ff_factory(DIM, HIDDEN), FF_PLAN
+
+    trainer = jtp.Trainer(
+        jtp.ModelParallelStrategy(2, 4, fsdp=True), logger=None, enable_progress_bar=False,
+        report_memory=False,
+    )  # fmt: skip
+    trainer.fit(FactoryAndPlan())
+    assert trainer.model.w1.kernel[...].sharding.spec == jax.sharding.PartitionSpec(
+        "data", "tensor"
+    )
+    np.testing.assert_allclose(trainer.losses, reference_loop(1)[0], rtol=1e-5)
