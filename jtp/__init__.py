@@ -2,40 +2,40 @@
 
 A plan outside the model names column- and row-wise layers; parameters are born sharded on a
 ``("data", "tensor")`` mesh; XLA inserts the collectives; the trainer keeps every
-tensor-parallel group on the same batch.
+tensor-parallel group on the same batch. This file only re-exports the public API:
+
+- ``jtp.mesh``: axis names, :func:`make_mesh`, :class:`ModelParallelStrategy`
+- ``jtp.parallel``: styles, plans, ``sharded_init`` / ``parallelize``, batches, replicas
+- ``jtp.models``: single-device NNX models and their plans (``jtp.plans``)
+- ``jtp.training``: :class:`TrainModule`, :class:`Trainer`, data, checkpoints, export
+- ``jtp.analysis``: collectives and memory of a compiled step, :func:`explain`
 """
 
-from jtp import models, plans
-from jtp.activations import activation_rules, shard_activation
-from jtp.batch import batch_sharding, shard_batch
-from jtp.checkpoint import Checkpointer
-from jtp.data import DataLoader, RandomDataset, RandomTokenDataset, local_data_ranks
-from jtp.explain import Explanation, explain
-from jtp.export import load_consolidated, save_consolidated
-from jtp.mesh import DATA, TENSOR, make_mesh, mesh_shape
-from jtp.module import TrainModule
-from jtp.parallelize import init_opt_state, opt_state_shardings, parallelize, sharded_init
-from jtp.plan import (
-    ColwiseParallel,
-    ParallelStyle,
-    Placement,
-    RowwiseParallel,
-    TPPlan,
-    plan_shardings,
-    resolve,
-)
-from jtp.replicas import check_replicas
-from jtp.report import (
-    Collective,
-    collectives,
-    format_collectives,
-    memory_breakdown,
-    peak_memory_per_device,
-)
-from jtp.strategy import ModelParallelStrategy
-from jtp.trainer import Trainer
+from importlib.metadata import PackageNotFoundError, version
 
-__version__ = "0.1.0"
+from jtp import models, plans
+from jtp.analysis.collectives import Collective, collectives, format_collectives
+from jtp.analysis.explain import Explanation, explain
+from jtp.analysis.memory import memory_breakdown, peak_memory_per_device
+from jtp.mesh import DATA, TENSOR, ModelParallelStrategy, make_mesh, mesh_shape
+from jtp.parallel.activations import activation_rules, shard_activation
+from jtp.parallel.batch import batch_sharding, shard_batch
+from jtp.parallel.optimizer import init_opt_state, opt_state_shardings
+from jtp.parallel.parallelize import parallelize, sharded_init
+from jtp.parallel.plan import Placement, TPPlan, plan_shardings, resolve
+from jtp.parallel.replicas import check_replicas
+from jtp.parallel.styles import ColwiseParallel, ParallelStyle, RowwiseParallel
+from jtp.training.checkpoint import Checkpointer
+from jtp.training.data import DataLoader, local_data_ranks
+from jtp.training.datasets import RandomDataset, RandomTokenDataset
+from jtp.training.export import load_consolidated, save_consolidated
+from jtp.training.module import TrainModule
+from jtp.training.trainer import Trainer
+
+try:
+    __version__ = version("jtp")
+except PackageNotFoundError:  # a source tree that is not installed
+    __version__ = "0.0.0+unknown"
 
 __all__ = [
     "DATA",
@@ -44,24 +44,21 @@ __all__ = [
     "Collective",
     "ColwiseParallel",
     "DataLoader",
+    "Explanation",
     "ModelParallelStrategy",
     "ParallelStyle",
     "Placement",
     "RandomDataset",
     "RandomTokenDataset",
-    "TPPlan",
-    "activation_rules",
-    "plans",
-    "save_consolidated",
-    "shard_activation",
     "RowwiseParallel",
+    "TPPlan",
     "TrainModule",
     "Trainer",
-    "Explanation",
+    "activation_rules",
     "batch_sharding",
     "check_replicas",
-    "explain",
     "collectives",
+    "explain",
     "format_collectives",
     "init_opt_state",
     "load_consolidated",
@@ -74,7 +71,10 @@ __all__ = [
     "parallelize",
     "peak_memory_per_device",
     "plan_shardings",
+    "plans",
     "resolve",
+    "save_consolidated",
+    "shard_activation",
     "shard_batch",
     "sharded_init",
 ]

@@ -44,13 +44,3 @@ def test_product_mismatch_names_both_numbers():
 def test_bad_sizes(kw, msg):
     with pytest.raises(ValueError, match=msg):
         jtp.make_mesh(**kw)
-
-
-def test_select_devices():
-    from jtp.mesh import select_devices
-
-    assert select_devices(4) == jax.devices()[:4]
-    with pytest.raises(ValueError, match="--devices 0 must be >= 1"):
-        select_devices(0)
-    with pytest.raises(ValueError, match="--devices 16: only 8 cpu devices"):
-        select_devices(16)

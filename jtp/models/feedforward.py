@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from jtp.activations import shard_activation
+from jtp.parallel.activations import shard_activation
 
 
 class FeedForward(nnx.Module):

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jtp.activations import shard_activation
 from jtp.models.feedforward import FeedForward
+from jtp.parallel.activations import shard_activation
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,3 @@
+"""The programs (train, bench, capacity planner) and what only they share.
+
+The library never imports this package."""

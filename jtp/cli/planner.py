@@ -1,0 +1,253 @@
+"""Capacity planner: which (data, tensor) split, fsdp, sequence parallel and remat to use.
+
+For each valid configuration the planner compiles jtp's real Llama train step *abstractly*
+(:mod:`jtp.analysis.abstract`: shapes and shardings only, nothing allocated) for as many forced CPU
+devices as the cluster has, and reads per-device memory (``memory_analysis``), FLOPs
+(``cost_analysis``) and collective bytes by mesh axis (the HLO). Compiling all layers of an
+8B model 28 times would take too long on a small machine, so it compiles 1- and 2-layer
+versions and extrapolates linearly in the layer count (blocks are identical, so every
+per-block quantity is exactly additive; ``tests/test_planner.py`` checks the linearity).
+
+Times are ESTIMATES from a roofline: compute at a fraction of the device's peak plus
+communication at the link bandwidths (tensor axis inside a host; data axis across hosts
+when it spans them), without overlap. Memory and bytes are compiler figures for XLA's CPU
+backend; a GPU program fuses and schedules differently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from jtp.training.steps import PRECISIONS
+
+GB = 1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    peak_tflops: float = 989.0  # H100 SXM dense bf16
+    compute_efficiency: float = 0.5  # fraction of peak a real step reaches
+    intra_host_gbps: float = 450.0  # NVLink, per direction per GPU (tensor axis)
+    inter_host_gbps: float = 50.0  # per GPU across hosts (400 Gb/s NICs)
+    memory_gb: float = 80.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    data: int
+    tensor: int
+    fsdp: bool
+    sequence_parallel: bool
+    remat: bool
+
+    def label(self) -> str:
+        flags = [f for f in ("fsdp", "sequence_parallel", "remat") if getattr(self, f)]
+        return f"{self.data}x{self.tensor} " + (
+            ",".join(f.replace("sequence_parallel", "sp") for f in flags) or "-"
+        )
+
+
+def configurations(
+    n_devices: int, per_host: int, n_heads: int, n_kv: int, batch: int, seq: int
+) -> list[Config]:
+    """Valid splits: tensor divides the heads, fits in one host; data divides the batch."""
+    out = []
+    for t in range(1, min(per_host, n_devices) + 1):
+        if n_devices % t or n_heads % t or n_kv % t:
+            continue
+        d = n_devices // t
+        if batch % d:
+            continue
+        for fsdp in (False, True) if d > 1 else (False,):  # fsdp over 1 device is a no-op
+            for sp in (False, True) if t > 1 and seq % t == 0 else (False,):
+                for remat in (False, True):
+                    out.append(Config(d, t, fsdp, sp, remat))
+    return out
+
+
+def _ring_factor(kind: str, n: int) -> float:
+    """Bytes a device sends per byte of (full) buffer in a ring implementation."""
+    if n <= 1:
+        return 0.0
+    return 2 * (n - 1) / n if kind == "all-reduce" else (n - 1) / n
+
+
+def measure(
+    config: Config,
+    preset: str,
+    n_layers: int,
+    seq: int,
+    micro_batch: int,
+    precision: str,
+    devices: list,
+) -> dict[str, Any]:
+    """Compile one configuration with ``n_layers`` blocks; compiler figures per device."""
+    from jtp.analysis.collectives import collectives
+    from jtp.analysis.memory import peak_memory_per_device
+    from jtp.cli.recipes import LlamaTaskConfig, abstract_llama_step
+
+    task_config = LlamaTaskConfig(
+        preset=preset, seq_len=seq, batch_size=micro_batch * config.data, fsdp=config.fsdp,
+        sequence_parallel=config.sequence_parallel, loss_parallel=config.tensor > 1,
+        remat=config.remat,
+    )  # fmt: skip
+    compiled, mesh = abstract_llama_step(
+        task_config, (config.data, config.tensor), devices, precision=precision, n_layers=n_layers
+    )
+    by_axis = {"tensor": 0.0, "data": 0.0, "both": 0.0}
+    wire = {"tensor": 0.0, "data": 0.0, "both": 0.0}
+    for c in collectives(compiled, mesh):
+        axes = c.axes or ()
+        key = "both" if len(axes) > 1 else (axes[0] if axes else "tensor")
+        n = 1
+        for a in axes:
+            n *= int(mesh.shape[a])
+        by_axis[key] += c.bytes
+        wire[key] += c.bytes * _ring_factor(c.kind, n)
+    flops = float((compiled.cost_analysis() or {}).get("flops", 0.0))
+    return {
+        "memory": float(peak_memory_per_device(compiled)),
+        "flops": flops,
+        **{f"bytes_{k}": v for k, v in by_axis.items()},
+        **{f"wire_{k}": v for k, v in wire.items()},
+    }
+
+
+def extrapolate(one: dict[str, float], two: dict[str, float], n_layers: int) -> dict[str, float]:
+    """f(L) = f(1) + (L - 1) * (f(2) - f(1)) for every per-step quantity."""
+    return {k: one[k] + (n_layers - 1) * (two[k] - one[k]) for k in one}
+
+
+def estimate(
+    m: dict[str, float], config: Config, hw: Hardware, per_host: int, accumulate: int
+) -> dict[str, float]:
+    compute = m["flops"] / (hw.peak_tflops * 1e12 * hw.compute_efficiency)
+    data_bw = hw.inter_host_gbps if config.data * config.tensor > per_host else hw.intra_host_gbps
+    comm = m["wire_tensor"] / (hw.intra_host_gbps * 1e9) + (m["wire_data"] + m["wire_both"]) / (
+        data_bw * 1e9
+    )
+    return {
+        "compute_s": accumulate * compute,
+        "comm_s": accumulate * comm,
+        "step_s": accumulate * (compute + comm),
+    }
+
+
+def analytic_floor(n_params: int, n_devices: int, config: Config, precision: str) -> float:
+    """(params + grads + 2 AdamW moments) bytes per device, fp32 state."""
+    per_param = 16 if precision != "bf16-true" else 8
+    shards = n_devices if config.fsdp else config.tensor
+    return n_params * per_param / shards
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="python -m jtp.plan", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="llama3-8b", help="a jtp.models.llama preset")
+    p.add_argument("--devices", type=int, default=64, help="devices in the cluster")
+    p.add_argument("--devices-per-host", type=int, default=8, help="tensor groups stay in a host")
+    p.add_argument("--device-memory-gb", type=float, default=80.0, help="memory per device")
+    p.add_argument("--global-batch", type=int, default=256, help="sequences per optimizer step")
+    p.add_argument(
+        "--micro-batch", type=int, default=1, help="sequences per data rank per micro-step"
+    )
+    p.add_argument("--seq-len", type=int, default=8192, help="tokens per sequence")
+    p.add_argument("--precision", default="bf16-mixed", choices=PRECISIONS)
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak (H100: 989)")
+    p.add_argument("--compute-efficiency", type=float, default=0.5, help="fraction of peak reached")
+    p.add_argument("--intra-host-gbps", type=float, default=450.0, help="GB/s per device in a host")
+    p.add_argument(
+        "--inter-host-gbps", type=float, default=50.0, help="GB/s per device across hosts"
+    )
+    p.add_argument("--tensor", default=None, help="only these tensor sizes, e.g. 4,8")
+    p.add_argument("--json", default="bench_results/plan.json", help="JSON output path")
+    args = p.parse_args(argv)
+
+    from jtp.cli.devices import select_devices
+
+    devices = select_devices(args.devices)
+    from jtp.models.llama import PRESETS
+
+    model = PRESETS[args.model]
+    hw = Hardware(args.peak_tflops, args.compute_efficiency, args.intra_host_gbps,
+                  args.inter_host_gbps, args.device_memory_gb)  # fmt: skip
+    configs = configurations(args.devices, args.devices_per_host, model.n_heads,
+                             model.n_kv_heads, args.global_batch, args.seq_len)  # fmt: skip
+    if args.tensor:
+        keep = {int(t) for t in args.tensor.split(",")}
+        configs = [c for c in configs if c.tensor in keep]
+    t0 = time.perf_counter()
+    rows = []
+    for config in configs:
+        if args.global_batch % (config.data * args.micro_batch):
+            continue
+        accumulate = args.global_batch // (config.data * args.micro_batch)
+        one, two = (
+            measure(config, args.model, n, args.seq_len, args.micro_batch, args.precision, devices)
+            for n in (1, 2)
+        )
+        m = extrapolate(one, two, model.n_layers)
+        est = estimate(m, config, hw, args.devices_per_host, accumulate)
+        tokens = args.global_batch * args.seq_len / est["step_s"] / args.devices
+        floor = analytic_floor(model.num_params(), args.devices, config, args.precision)
+        rows.append({
+            "config": dataclasses.asdict(config), "label": config.label(), "accumulate": accumulate,
+            "memory_bytes": m["memory"], "floor_bytes": floor,
+            "fits": m["memory"] <= hw.memory_gb * GB, "flops_per_step": m["flops"] * accumulate,
+            "tensor_bytes_per_step": m["bytes_tensor"] * accumulate,
+            "data_bytes_per_step": (m["bytes_data"] + m["bytes_both"]) * accumulate,
+            **est, "tokens_per_s_per_device": tokens,
+        })  # fmt: skip
+        print(
+            f"  {config.label():<22} {m['memory'] / GB:8.2f} GB  {time.perf_counter() - t0:6.0f} s",
+            file=sys.stderr,
+        )
+    rows.sort(key=lambda r: (not r["fits"], -r["tokens_per_s_per_device"]))
+    best = next((r for r in rows if r["fits"]), None)
+    print(format_plan(rows, args, best))
+    payload = {"args": vars(args), "hardware": dataclasses.asdict(hw), "rows": rows,
+               "recommended": best, "seconds": time.perf_counter() - t0}  # fmt: skip
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=1)
+    return payload
+
+
+def format_plan(rows: list[dict[str, Any]], args: argparse.Namespace, best: dict | None) -> str:
+    head = (
+        f"{args.model} on {args.devices} devices ({args.devices_per_host}/host, "
+        f"{args.device_memory_gb:g} GB), global batch {args.global_batch} x {args.seq_len} tokens, "
+        f"{args.precision}, micro-batch {args.micro_batch}/data rank.\n"
+        "Memory and bytes: compiled (XLA CPU backend, per device). Step time and tokens/s: "
+        f"ESTIMATES (roofline: {args.compute_efficiency:.0%} of {args.peak_tflops:g} TFLOP/s, "
+        f"{args.intra_host_gbps:g} GB/s in host, {args.inter_host_gbps:g} GB/s across, "
+        "no overlap).\n"
+    )
+    lines = [
+        f"| {'':1} | {'d x t, options':<22} | {'accum':>5} | {'memory GB':>9} | {'floor GB':>8} | "
+        f"{'fits':>4} | {'tensor GB/step':>14} | {'data GB/step':>12} | {'step s (est)':>12} | "
+        f"{'tok/s/dev (est)':>15} |",
+        "|---|" + "|".join("-" * (w + 2) for w in (22, 5, 9, 8, 4, 14, 12, 12, 15)) + "|",
+    ]
+    for r in rows:
+        mark = "*" if r is best else " "
+        lines.append(
+            f"| {mark} | {r['label']:<22} | {r['accumulate']:>5} | "
+            f"{r['memory_bytes'] / GB:>9.2f} | "
+            f"{r['floor_bytes'] / GB:>8.2f} | {'yes' if r['fits'] else 'no':>4} | "
+            f"{r['tensor_bytes_per_step'] / GB:>14.1f} | {r['data_bytes_per_step'] / GB:>12.1f} | "
+            f"{r['step_s']:>12.2f} | {r['tokens_per_s_per_device']:>15,.0f} |"
+        )
+    tail = f"\n* recommended: {best['label']}" if best else "\nno configuration fits"
+    return head + "\n".join(lines) + tail
+
+
+def run() -> None:
+    """The ``python -m`` entry point."""
+    main(sys.argv[1:])

@@ -1,0 +1,75 @@
+"""Ready-made plans for the models of this package (torchtitan's Llama plan, in jtp's terms).
+
+A plan here is a :class:`jtp.TPPlan`: the usual ``{module_path: style}`` dict plus
+activation rules for the model's ``shard_activation`` marks (used by sequence and loss
+parallelism). Only this file, :mod:`jtp.mesh` and :mod:`jtp.parallel` spell mesh axis names.
+"""
+
+from __future__ import annotations
+
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from jtp.mesh import DATA, TENSOR
+from jtp.models.llama import LlamaConfig
+from jtp.parallel.plan import TPPlan
+from jtp.parallel.styles import ColwiseParallel, RowwiseParallel
+
+
+def feedforward() -> dict[str, ColwiseParallel | RowwiseParallel]:
+    """The Lightning docs' plan for :class:`jtp.models.FeedForward`: ``w1``, ``w3`` column-wise,
+    ``w2`` row-wise (one all-reduce over "tensor" in the forward)."""
+    return {"w1": ColwiseParallel(), "w2": RowwiseParallel(), "w3": ColwiseParallel()}
+
+
+def llama(*, sequence_parallel: bool = False, loss_parallel: bool = False) -> TPPlan:
+    """The Llama 3 plan.
+
+    ``wq``, ``wk``, ``wv``, ``w1``, ``w3`` column-wise and ``wo``, ``w2`` row-wise: one
+    all-reduce per attention and one per MLP. The token embedding is split on its vocabulary
+    rows, the output projection on its vocabulary columns; norms are replicated.
+
+    Args:
+      sequence_parallel: between the tensor-parallel regions, keep the residual stream
+        split on its sequence axis over "tensor" (the norms then run on a sequence shard, and
+        each all-reduce becomes a reduce-scatter + all-gather pair).
+      loss_parallel: keep the logits split on the vocabulary and compute the cross-entropy
+        there (:func:`jtp.models.llama.cross_entropy`), never gathering (B, T, V) logits.
+    """
+    styles = {
+        "tok_embeddings": RowwiseParallel(),
+        "layers.*.attention.wq": ColwiseParallel(),
+        "layers.*.attention.wk": ColwiseParallel(),
+        "layers.*.attention.wv": ColwiseParallel(),
+        "layers.*.attention.wo": RowwiseParallel(),
+        "layers.*.feed_forward.w1": ColwiseParallel(),
+        "layers.*.feed_forward.w3": ColwiseParallel(),
+        "layers.*.feed_forward.w2": RowwiseParallel(),
+        "output": ColwiseParallel(),
+    }
+    activations = {
+        "residual": P(DATA, TENSOR, None) if sequence_parallel else P(DATA, None, None),
+        "tp_input": P(DATA, None, None),  # normed input of attention / MLP / output: whole T
+        "heads": P(DATA, None, TENSOR, None),  # q, k, v, out: (B, T, heads, E) split by head
+        "ffn_hidden": P(DATA, None, TENSOR),  # SwiGLU hidden (B, T, F) split like w1/w3
+        "logits": P(DATA, None, TENSOR) if loss_parallel else P(DATA, None, None),
+    }
+    return TPPlan(styles, activations)
+
+
+def check_llama(
+    config: LlamaConfig, mesh: Mesh, *, seq_len: int | None = None, sequence_parallel: bool = False
+) -> None:
+    """Raise a ``ValueError`` naming the numbers when the Llama plan cannot apply."""
+    t = int(mesh.shape[TENSOR])
+    for name, value in (("n_heads", config.n_heads), ("n_kv_heads", config.n_kv_heads)):
+        if value % t:
+            raise ValueError(
+                f"llama plan: {name}={value} is not divisible by mesh axis 'tensor' of size "
+                f"{t}; each device must hold whole heads (use tensor size dividing {value})"
+            )
+    if sequence_parallel and seq_len is not None and seq_len % t:
+        raise ValueError(
+            f"llama plan with sequence_parallel: sequence length {seq_len} is not divisible "
+            f"by mesh axis 'tensor' of size {t}"
+        )

@@ -1,0 +1,1 @@
+"""How a model is split: styles, plans, sharded init, optimizer state, activations, batches."""

@@ -1,0 +1,1 @@
+"""Training: TrainModule hooks, the Trainer loop, its compiled steps, data, checkpoints, export."""

@@ -1,0 +1,199 @@
+"""Sharded, asynchronous, atomic checkpoints (orbax) that restore onto any mesh.
+
+Each process writes only its own shards; orbax commits a step by renaming a finished
+temporary directory, so a step is complete or absent, never half visible (a killed save
+leaves only a temporary directory, which is ignored). Restoring takes *abstract* targets
+(``jax.ShapeDtypeStruct`` with the new run's shardings), so a checkpoint written on a
+(2, 4) mesh with fsdp restores onto (1, 8) without it: the arrays are resharded on read.
+
+The training state is stored as a flat ``{"params.w1.kernel": array, ...}`` dict, so
+it is independent of pytree node types; a small JSON record beside it holds the step, the
+epoch, the loader position, the mesh, the plan and the jtp version.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jtp.parallel.abstract import abstract_array, abstract_tree
+from jtp.parallel.names import leaf_names
+
+log = logging.getLogger("jtp.training.checkpoint")
+
+_KEY_SUFFIX = "#key_data"  # typed PRNG keys are stored as their raw uint32 data
+
+
+_LEGACY = ".value"  # checkpoints before jtp 0.2 named a Variable's leaf "<path>.value"
+
+
+def flatten_state(tree: Any) -> dict[str, Any]:
+    """``{name: leaf}`` under jtp's one variable naming (:func:`jtp.parallel.names.leaf_names`:
+    ``params.w1.kernel``); typed PRNG keys become their ``key_data``."""
+    flat = {}
+    for name, leaf in zip(leaf_names(tree), jax.tree.leaves(tree), strict=True):
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            flat[name + _KEY_SUFFIX] = _key_data(leaf)
+        else:
+            flat[name] = leaf
+    return flat
+
+
+def _key_data(leaf: Any) -> Any:
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return abstract_array(jax.eval_shape(jax.random.key_data, leaf), leaf.sharding)
+    return jax.random.key_data(leaf)
+
+
+def unflatten_state(flat: dict[str, Any], like: Any) -> Any:
+    """Inverse of :func:`flatten_state`, shaped like the pytree ``like``."""
+    leaves = []
+    for name, leaf in zip(leaf_names(like), jax.tree.leaves(like), strict=True):
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            impl = jax.random.key_impl(leaf)
+            leaves.append(jax.random.wrap_key_data(flat[name + _KEY_SUFFIX], impl=impl))
+        else:
+            leaves.append(flat[name])
+    return jax.tree.unflatten(jax.tree.structure(like), leaves)
+
+
+def _legacy_name(name: str) -> str:
+    """The name an older checkpoint gave ``name``: ``params.w1.kernel`` ->
+    ``params.w1.kernel.value`` (``...#key_data`` -> ``....value#key_data``)."""
+    if name.endswith(_KEY_SUFFIX):
+        return name.removesuffix(_KEY_SUFFIX) + _LEGACY + _KEY_SUFFIX
+    return name + _LEGACY
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint that does not fit the model (missing entry or other shape)."""
+
+
+class Checkpointer:
+    """Save and restore training state under ``directory/<step>``, keeping the last few.
+
+    Args:
+      directory: a shared path every process can reach.
+      keep_last: how many complete checkpoints to keep.
+      async_save: write in the background (the device-to-host copy happens before
+        ``save`` returns, so the caller may overwrite or donate the arrays at once).
+    """
+
+    def __init__(self, directory: str, *, keep_last: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep_last,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+            create=True,
+        )
+        handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_handlers=handlers
+        )
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        """Start writing ``state`` (a pytree of global arrays) and ``meta`` (JSON)."""
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(flatten_state(state)),
+            meta=ocp.args.JsonSave(meta),
+        )
+        self._manager.save(step, args=args, force=True)
+
+    def wait(self) -> None:
+        """Block until every started save is committed."""
+        self._manager.wait_until_finished()
+
+    def _saved_names(self, step: int, target: dict[str, Any]) -> dict[str, str]:
+        """``{target name: name in the checkpoint}``; older checkpoints spelled a variable
+        ``params.w1.kernel.value``, and still restore."""
+        saved = self._manager.item_metadata(step)["state"]
+        legacy = not any(n in saved for n in target) and any(
+            _legacy_name(n) in saved for n in target
+        )
+        names = {n: _legacy_name(n) if legacy else n for n in target}
+        self._check_shapes(step, target, names, saved)
+        return names
+
+    def _check_shapes(
+        self, step: int, target: dict[str, Any], names: dict[str, str], saved: Any
+    ) -> None:
+        # Parameters first: the error should name a parameter, not its Adam moment.
+        for name in sorted(target, key=lambda n: (not n.startswith("params."), n)):
+            want, name = target[name], names[name]
+            if name not in saved:
+                raise CheckpointMismatchError(
+                    f"checkpoint step {step} in {self.directory} has no entry for {name!r}; "
+                    "it was written by a different model or optimizer"
+                )
+            shape = tuple(saved[name].shape)
+            if shape != tuple(want.shape):
+                raise CheckpointMismatchError(
+                    f"checkpoint step {step}: parameter {name!r} has shape {shape} but the "
+                    f"model expects {tuple(want.shape)}; the checkpoint is for another "
+                    "model configuration"
+                )
+
+    def restore(self, like: Any, step: int | None = None) -> tuple[Any, dict[str, Any], int]:
+        """Restore onto the layout of ``like`` (arrays or ShapeDtypeStructs with shardings).
+
+        Without ``step``: the newest complete checkpoint; if it cannot be read (corrupted
+        files), the next older one, with a warning naming both. Shapes that do not fit
+        ``like`` are a ``ValueError`` naming the parameter (no fallback: that is a wrong
+        model, not a damaged file).
+        """
+        target = abstract_tree(flatten_state(like))
+        steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
+        if not steps:
+            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+        errors = []
+        for s in steps:
+            try:
+                names = self._saved_names(s, target)
+                saved_target = {names[n]: a for n, a in target.items()}
+                out = self._manager.restore(
+                    s,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(saved_target), meta=ocp.args.JsonRestore()
+                    ),
+                )
+            except CheckpointMismatchError:
+                raise  # the wrong model, not a damaged file: no fallback
+            except Exception as err:  # unreadable metadata or array files: damaged
+                errors.append((s, err))
+                log.warning("checkpoint step %s is unreadable (%s); trying an older one", s, err)
+                continue
+            if errors:
+                log.warning(
+                    "restored step %s instead of damaged step(s) %s", s, [e[0] for e in errors]
+                )
+            flat = {n: out["state"][names[n]] for n in target}
+            return unflatten_state(flat, like), dict(out["meta"]), s
+        raise RuntimeError(
+            f"no readable checkpoint in {self.directory}: "
+            + "; ".join(f"step {s}: {e}" for s, e in errors)
+        )
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def host_copy(tree: Any) -> Any:
+    """Whole arrays on the host, gathered from every process (for consolidated export)."""
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() > 1:
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.tree.map(np.asarray, tree)

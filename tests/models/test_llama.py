@@ -1,0 +1,256 @@
+"""Llama (tiny preset) sharded vs unsharded, for TP, TP+SP, FSDP+TP and loss parallel; its
+communication from the compiled HLO; bf16-mixed; remat; plan errors.
+
+Tolerances: 1e-5 norm-relative for logits, loss and gradients (only the reduction order
+differs). AdamW updates: Adam's first steps are ~lr * g / |g| element-wise, so an element
+whose gradient is within fp32 reduction noise of zero may move by O(lr) differently; over
+this model's ~300K parameters a few do. We bound both the norm-relative error (1e-3) and the
+fraction of elements that differ by more than 1e-2 * lr (< 1e-4: at most ~50 of 525K;
+seen: under 10, all second-step echoes of near-zero first-step gradients).
+"""
+
+import dataclasses
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from helpers import delta, make_fns, rel_err
+
+import jtp
+from jtp.cli.recipes import LlamaTask, LlamaTaskConfig
+from jtp.models.llama import PRESETS, Llama, LlamaConfig, cross_entropy
+
+CFG = PRESETS["tiny"]
+B, T = 8, 32
+TOKENS = np.random.default_rng(0).integers(0, CFG.vocab_size, (B, T + 1), dtype=np.int32)
+
+
+def factory(config=CFG):
+    return lambda: Llama(config, rngs=nnx.Rngs(0))
+
+
+def loss_fn(model, tokens):
+    logits = model(tokens[:, :-1])
+    return cross_entropy(logits, tokens[:, 1:]), logits
+
+
+_REF = {}
+
+
+def reference():
+    if not _REF:
+        graphdef, params = nnx.split(factory()(), nnx.Param)
+        tx = optax.adamw(1e-2)
+        fwd_grad, train2 = make_fns(graphdef, loss_fn, tx)
+        loss, logits, grads = jax.jit(fwd_grad)(params, TOKENS)
+        _REF.update(
+            params=params, loss=loss, logits=logits, grads=grads,
+            new=jax.jit(train2)(params, tx.init(params), TOKENS)[0],
+        )  # fmt: skip
+    return _REF
+
+
+CASES = {
+    "tp-1x8": ((1, 8), False, False, False),
+    "tp-sp-1x8": ((1, 8), True, False, False),
+    "fsdp-tp-2x4": ((2, 4), False, False, True),
+    "loss-parallel-2x4": ((2, 4), False, True, False),
+    "all-2x4": ((2, 4), True, True, True),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_unsharded(case):
+    shape, sp, lp, fsdp = CASES[case]
+    ref = reference()
+    mesh = jtp.make_mesh(*shape)
+    plan = jtp.plans.llama(sequence_parallel=sp, loss_parallel=lp)
+    model = jtp.sharded_init(factory(), mesh, plan, fsdp=fsdp)
+    graphdef, params = nnx.split(model, nnx.Param)
+    assert rel_err(params, ref["params"]) == 0.0
+    tx = optax.adamw(1e-2)
+    opt_state = jtp.init_opt_state(tx, params)
+    fwd_grad, train2 = make_fns(graphdef, loss_fn, tx)
+    tokens = jtp.shard_batch(TOKENS, mesh)
+    out_sh = (jax.tree.map(lambda p: p.sharding, params), jtp.opt_state_shardings(tx, params))
+    with jtp.activation_rules(mesh, plan.activations):
+        loss, logits, grads = jax.jit(fwd_grad)(params, tokens)
+        new, _ = jax.jit(train2, out_shardings=out_sh)(params, opt_state, tokens)
+    assert abs(float(loss) - float(ref["loss"])) <= 1e-5 * float(ref["loss"])
+    assert rel_err(logits, ref["logits"]) < 1e-5
+    assert rel_err(grads, ref["grads"]) < 1e-5
+    update, ref_update = delta(new, params), delta(ref["new"], ref["params"])
+    assert rel_err(update, ref_update) < 1e-3
+    diff = np.concatenate(
+        [
+            np.abs(a - b).ravel()
+            for a, b in zip(jax.tree.leaves(update), jax.tree.leaves(ref_update), strict=True)
+        ]
+    )
+    assert np.mean(diff > 1e-2 * 1e-2) < 1e-4, np.sum(diff > 1e-4)
+    if lp:  # logits stay split on the vocabulary
+        assert logits.sharding.spec[-1] == "tensor"
+
+
+def _forward_collectives(shape, sp, lp, with_loss=False):
+    mesh = jtp.make_mesh(*shape)
+    plan = jtp.plans.llama(sequence_parallel=sp, loss_parallel=lp)
+    graphdef, state = nnx.split(jtp.sharded_init(factory(), mesh, plan))
+
+    def f(state, tokens):
+        loss, logits = loss_fn(nnx.merge(graphdef, state), tokens)
+        return loss if with_loss else logits
+
+    with jtp.activation_rules(mesh, plan.activations):
+        compiled = jax.jit(f).lower(state, jtp.shard_batch(TOKENS, mesh)).compile()
+    return jtp.collectives(compiled, mesh)
+
+
+BTD = B * T * CFG.dim * 4
+BTV = B * T * CFG.vocab_size * 4
+
+
+def test_tp_forward_two_all_reduces_per_layer():
+    colls = _forward_collectives((1, 8), sp=False, lp=True)
+    # 2 per block (attention, MLP) + 1 for the vocab-sharded embedding lookup.
+    assert [(c.kind, c.axes, c.bytes) for c in colls] == [("all-reduce", ("tensor",), BTD)] * (
+        2 * CFG.n_layers + 1
+    ), colls
+    plain = _forward_collectives((1, 8), sp=False, lp=False)
+    assert not [c for c in plain if c.kind == "all-gather" and "layers" in c.op_name], plain
+
+
+def test_sequence_parallel_pairs():
+    """Each all-reduce becomes a reduce-scatter + all-gather pair. XLA's CPU backend has no
+    reduce-scatter pass and emits all-reduce + dynamic-slice, so we count by bytes: per TP
+    region one (B, T, D) reduction and one (B, T, D) all-gather; no weight is gathered."""
+    colls = _forward_collectives((1, 8), sp=True, lp=True)
+    reductions = [c for c in colls if c.kind in ("all-reduce", "reduce-scatter") and c.bytes == BTD]
+    gathers = [c for c in colls if c.kind == "all-gather" and c.bytes == BTD]
+    regions = 2 * CFG.n_layers + 1  # + embedding reduction / final-norm gather
+    assert len(reductions) == regions and len(gathers) == regions, colls
+    assert all(c.axes == ("tensor",) for c in reductions + gathers)
+    weights = [c for c in colls if c.kind == "all-gather" and "kernel" in c.op_name]
+    assert not weights, weights
+    # Nothing else of any size: what is left is bookkeeping under 1 KiB (token slicing).
+    assert all(c.bytes <= 1024 for c in colls if c not in reductions + gathers), colls
+
+
+def test_loss_parallel_never_gathers_logits():
+    for shape in [(1, 8), (2, 4)]:
+        colls = _forward_collectives(shape, sp=False, lp=True, with_loss=True)
+        biggest = max(c.bytes for c in colls)
+        assert biggest < BTV // shape[0], colls  # no (B, T, V) tensor crosses devices
+        assert not [c for c in colls if "output" in c.op_name], colls  # nor the output weight
+
+
+def test_bf16_mixed_close_to_fp32_and_keeps_fp32_state():
+    losses = {}
+    for precision in ("32-true", "bf16-mixed", "bf16-true"):
+        trainer = jtp.Trainer(
+            jtp.ModelParallelStrategy(2, 4), max_steps=3, precision=precision,
+            enable_progress_bar=False, logger=None, report_memory=False,
+        )  # fmt: skip
+        trainer.fit(LlamaTask(LlamaTaskConfig(samples=32)))
+        losses[precision] = trainer.losses
+        dtypes = {p.dtype for p in jax.tree.leaves(nnx.state(trainer.model, nnx.Param))}
+        want = "bfloat16" if precision == "bf16-true" else "float32"
+        assert {str(d) for d in dtypes} == {want}
+    # bf16 has an 8-bit mantissa: ~0.4% per op; the loss (a mean in fp32) stays within 1%.
+    np.testing.assert_allclose(losses["bf16-mixed"], losses["32-true"], rtol=1e-2)
+    np.testing.assert_allclose(losses["bf16-true"], losses["32-true"], rtol=3e-2)
+    assert losses["bf16-mixed"] != losses["32-true"]  # bf16 compute really happened
+
+
+def test_remat_same_numbers():
+    remat = dataclasses.replace(CFG, remat=True)
+    graphdef, params = nnx.split(factory(remat)(), nnx.Param)
+    fwd_grad, _ = make_fns(graphdef, loss_fn, optax.sgd(0.1))
+    loss, _, grads = jax.jit(fwd_grad)(params, TOKENS)
+    ref = reference()
+    assert abs(float(loss) - float(ref["loss"])) <= 1e-6 * float(ref["loss"])
+    assert rel_err(grads, ref["grads"]) < 1e-6
+    jaxpr = str(jax.make_jaxpr(fwd_grad)(params, TOKENS))
+    assert "remat" in jaxpr or "checkpoint" in jaxpr
+
+
+def test_plan_errors_name_the_numbers():
+    mesh = jtp.make_mesh(1, 8)
+    bad_heads = LlamaConfig(dim=96, n_heads=12, n_kv_heads=4)
+    with pytest.raises(
+        ValueError, match=r"n_heads=12 is not divisible by mesh axis 'tensor' of size 8"
+    ):
+        jtp.plans.check_llama(bad_heads, mesh)
+    bad_kv = LlamaConfig(dim=128, n_heads=16, n_kv_heads=4)
+    with pytest.raises(
+        ValueError, match=r"n_kv_heads=4 is not divisible by mesh axis 'tensor' of size 8"
+    ):
+        jtp.plans.check_llama(bad_kv, mesh)
+    with pytest.raises(
+        ValueError, match=r"sequence length 30 is not divisible by mesh axis 'tensor' of size 8"
+    ):
+        jtp.plans.check_llama(CFG, mesh, seq_len=30, sequence_parallel=True)
+    jtp.plans.check_llama(CFG, mesh, seq_len=30, sequence_parallel=False)  # fine without SP
+    task = LlamaTask(LlamaTaskConfig(seq_len=30, sequence_parallel=True))
+    trainer = jtp.Trainer(jtp.ModelParallelStrategy(1, 8), logger=None)
+    with pytest.raises(ValueError, match="sequence length 30"):
+        trainer.fit(task)
+
+
+def test_presets_shapes_abstractly():
+    for name, billions in (("llama3-8b", 8.03), ("llama3-70b", 70.55)):
+        abstract = nnx.eval_shape(factory(PRESETS[name]))
+        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+        assert n == PRESETS[name].num_params()
+        assert abs(n / 1e9 - billions) < 0.01, n
+
+
+def test_cli_llama_2d(tmp_path):
+    from jtp.cli.train import main
+
+    path = tmp_path / "m.json"
+    metrics = main(
+        ["--devices", "8", "--model", "llama", "--data-parallel", "2", "--tensor-parallel", "4",
+         "--fsdp", "--sequence-parallel", "--loss-parallel", "--remat", "--precision",
+         "bf16-mixed", "--samples", "32", "--no-progress", "--root-dir", str(tmp_path),
+         "--metrics-json", str(path)]
+    )  # fmt: skip
+    assert metrics["mesh"] == {"data": 2, "tensor": 4} and metrics["steps"] == 4
+    assert all(np.isfinite(metrics["losses"])) and metrics["losses"][0] > 5.0  # ~ln(512)
+
+
+def test_abstract_step_is_the_trainers_step():
+    """jtp.analysis.abstract compiles, from shapes alone, the very program Trainer.fit runs: same
+    per-device memory, same collectives."""
+    from jtp.analysis.abstract import abstract_train_step
+
+    config = LlamaTaskConfig(samples=16, fsdp=True, sequence_parallel=True, loss_parallel=True)
+    trainer = jtp.Trainer(
+        jtp.ModelParallelStrategy(2, 4), max_steps=1, enable_progress_bar=False, logger=None,
+        report_memory=False,
+    )  # fmt: skip
+    trainer.fit(LlamaTask(config))
+    task = LlamaTask(config)
+    compiled = abstract_train_step(
+        task, jtp.ModelParallelStrategy(2, 4), jax.ShapeDtypeStruct((8, 33), np.int32),
+        factory=task.model_factory(), plan=task.plan, fsdp=True,
+    )  # fmt: skip
+    assert jtp.memory_breakdown(compiled) == jtp.memory_breakdown(trainer.compiled_step)
+    mesh = trainer.mesh
+    key = lambda cs: sorted((c.kind, c.axes, c.bytes) for c in cs)  # noqa: E731
+    assert key(jtp.collectives(compiled, mesh)) == key(jtp.collectives(trainer.compiled_step, mesh))
+
+
+def test_config_and_activation_rule_errors():
+    with pytest.raises(ValueError, match="dim 100 not divisible by n_heads 16"):
+        LlamaConfig(dim=100)
+    with pytest.raises(ValueError, match="n_heads 16 not divisible by n_kv_heads 6"):
+        LlamaConfig(n_kv_heads=6)
+    mesh = jtp.make_mesh(1, 8)
+    x = jax.numpy.ones((2, 4))
+    with jtp.activation_rules(mesh, {"residual": jax.sharding.PartitionSpec("data", None, None)}):
+        with pytest.raises(ValueError, match=r"activation rule 'residual'.*3 dims, array has 2"):
+            jtp.shard_activation(x, "residual")
+    assert jtp.shard_activation(x, "residual") is x  # no rules: a no-op

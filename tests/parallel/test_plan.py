@@ -1,0 +1,138 @@
+"""Golden PartitionSpecs per parameter (a silent sharding change fails here) and plan errors."""
+
+import pytest
+from flax import nnx
+from helpers import FF_PLAN, LM_PLAN, ff_factory, lm_factory
+from jax.sharding import PartitionSpec as P
+
+import jtp
+from jtp.parallel.plan import match_plan
+
+
+def specs(factory, mesh, plan, fsdp=False):
+    return {p.path: p.spec for p in jtp.resolve(nnx.eval_shape(factory), mesh, plan, fsdp=fsdp)}
+
+
+def test_feedforward_golden():
+    mesh = jtp.make_mesh(2, 4)
+    assert specs(ff_factory(), mesh, FF_PLAN) == {
+        "w1.kernel": P(None, "tensor"),
+        "w2.kernel": P("tensor", None),
+        "w3.kernel": P(None, "tensor"),
+    }
+    assert specs(ff_factory(), mesh, FF_PLAN, fsdp=True) == {
+        "w1.kernel": P("data", "tensor"),
+        "w2.kernel": P("tensor", "data"),
+        "w3.kernel": P("data", "tensor"),
+    }
+
+
+def test_nested_model_golden():
+    """Biases, Embed, wildcards, and the unplanned rule (LayerNorm, head bias)."""
+    mesh = jtp.make_mesh(2, 4)
+    tp = specs(lm_factory(), mesh, LM_PLAN)
+    fsdp = specs(lm_factory(), mesh, LM_PLAN, fsdp=True)
+    for i in (0, 1):
+        b = f"blocks.{i}"
+        assert tp[f"{b}.up.kernel"] == P(None, "tensor")
+        assert tp[f"{b}.up.bias"] == P("tensor")
+        assert tp[f"{b}.down.kernel"] == P("tensor", None)
+        assert tp[f"{b}.down.bias"] == P(None)  # added once, after the all-reduce
+        assert tp[f"{b}.norm.scale"] == P(None)
+        assert fsdp[f"{b}.up.kernel"] == P("data", "tensor")
+        assert fsdp[f"{b}.up.bias"] == P("tensor")
+        assert fsdp[f"{b}.down.kernel"] == P("tensor", "data")
+        assert fsdp[f"{b}.down.bias"] == P("data")  # unplanned rule: 16 % 2 == 0
+        assert fsdp[f"{b}.norm.scale"] == P("data")
+    assert tp["embed.embedding"] == P("tensor", None)  # (vocab, dim): vocab rows
+    assert fsdp["embed.embedding"] == P("tensor", "data")
+    assert tp["head.kernel"] == P(None, "tensor")
+    assert tp["head.bias"] == P("tensor")
+
+
+def test_unplanned_rule_largest_divisible_dim():
+    class M(nnx.Module):
+        def __init__(self):
+            self.a = nnx.Param(nnx.initializers.zeros(None, (3, 8, 4)))
+            self.b = nnx.Param(nnx.initializers.zeros(None, (3, 5)))
+            self.c = nnx.Param(nnx.initializers.zeros(None, ()))
+
+    mesh = jtp.make_mesh(4, 2)
+    got = specs(M, mesh, {}, fsdp=True)
+    assert got == {"a": P(None, "data", None), "b": P(None, None), "c": P()}
+
+
+def test_embed_colwise():
+    class M(nnx.Module):
+        def __init__(self):
+            self.tok = nnx.Embed(8, 16, rngs=nnx.Rngs(0))
+
+    mesh = jtp.make_mesh(1, 8)
+    assert specs(M, mesh, {"tok": jtp.ColwiseParallel()}) == {"tok.embedding": P(None, "tensor")}
+
+
+def test_wildcards_match_every_block():
+    matched = match_plan(nnx.eval_shape(lm_factory()), LM_PLAN)
+    assert sorted(matched) == [
+        "blocks.0.down",
+        "blocks.0.up",
+        "blocks.1.down",
+        "blocks.1.up",
+        "embed",
+        "head",
+    ]
+
+
+# --- bad input: each a ValueError naming what to fix, raised before any compile ---------
+
+
+def test_key_matching_nothing():
+    with pytest.raises(ValueError, match=r"plan key 'blocks\.\*\.mlp' matches no module.*blocks"):
+        jtp.resolve(
+            nnx.eval_shape(lm_factory()),
+            jtp.make_mesh(1, 8),
+            {"blocks.*.mlp": jtp.ColwiseParallel()},
+        )
+
+
+def test_module_matched_twice():
+    plan = {"blocks.*.up": jtp.ColwiseParallel(), "blocks.0.u*": jtp.ColwiseParallel()}
+    with pytest.raises(ValueError, match=r"'blocks\.0\.up' is matched by two plan keys"):
+        jtp.resolve(nnx.eval_shape(lm_factory()), jtp.make_mesh(1, 8), plan)
+
+
+def test_style_on_unsupported_module():
+    with pytest.raises(
+        ValueError, match=r"ColwiseParallel cannot shard module 'blocks\.0\.norm'.*LayerNorm"
+    ):
+        jtp.resolve(
+            nnx.eval_shape(lm_factory()),
+            jtp.make_mesh(1, 8),
+            {"blocks.0.norm": jtp.ColwiseParallel()},
+        )
+
+
+def test_not_a_style():
+    with pytest.raises(ValueError, match=r"plan\['w1'\] = 'colwise' is not a parallel style"):
+        jtp.resolve(nnx.eval_shape(ff_factory()), jtp.make_mesh(1, 8), {"w1": "colwise"})
+
+
+def test_indivisible_dimension_names_everything():
+    msg = (
+        r"plan\['w1'\]: parameter 'w1\.kernel' of shape \(16, 60\) has dimension 1 of size 60, "
+        r"not divisible by mesh axis 'tensor' of size 8"
+    )
+    with pytest.raises(ValueError, match=msg):
+        jtp.resolve(nnx.eval_shape(ff_factory(16, 60)), jtp.make_mesh(1, 8), FF_PLAN)
+
+
+def test_indivisible_fsdp_dimension():
+    with pytest.raises(
+        ValueError, match=r"with fsdp=True: parameter 'w1\.kernel'.*mesh axis 'data' of size 8"
+    ):
+        jtp.resolve(nnx.eval_shape(ff_factory(12, 64)), jtp.make_mesh(8, 1), FF_PLAN, fsdp=True)
+
+
+def test_plan_not_a_dict():
+    with pytest.raises(ValueError, match="plan must be a dict"):
+        jtp.resolve(nnx.eval_shape(ff_factory()), jtp.make_mesh(1, 8), [("w1", FF_PLAN["w1"])])

@@ -1,0 +1,192 @@
+"""Real processes on 127.0.0.1: jax.distributed, signals, kill -9, dying peers.
+
+Every process is started with a timeout and killed in a ``finally`` if still alive. Losses
+across process layouts are compared within 1e-5 relative: gloo's cross-process reductions
+sum in another order than one process's in-memory ones.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import jtp
+
+SMALL = ["--dim", "32", "--hidden-dim", "64", "--samples", "64", "--max-epochs", "2"]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(
+    args: list[str], log: Path, env: dict | None = None, program: list[str] | None = None
+) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, *(program or ["-m", "jtp.train"]), *args],
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        env=env or _env(),
+    )
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait(timeout=30)
+
+
+def _launch(tmp: Path, n: int, args: list[str], tag: str) -> list[subprocess.Popen]:
+    port = _port()
+    return [
+        _start(
+            [
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                str(n),
+                "--process-id",
+                str(i),
+                "--devices",
+                str(8 // n),
+                "--root-dir",
+                str(tmp / "runs"),
+                "--metrics-json",
+                str(tmp / f"{tag}{i}.json"),
+                *args,
+            ],
+            tmp / f"{tag}{i}.log",
+        )  # fmt: skip
+        for i in range(n)
+    ]
+
+
+def _wait(procs, timeout=240):
+    try:
+        for p in procs:
+            p.wait(timeout=timeout)
+    finally:
+        _stop(procs)
+    return [p.returncode for p in procs]
+
+
+def _log(tmp: Path, name: str) -> str:
+    return (tmp / name).read_text()[-3000:]
+
+
+@pytest.mark.parametrize("mesh", [(2, 4), (1, 8)], ids=["2x4", "1x8-tensor-spans-processes"])
+def test_two_processes_equal_one(tmp_path, mesh):
+    layout = ["--data-parallel", str(mesh[0]), "--tensor-parallel", str(mesh[1]), "--no-progress"]
+    one = _launch(tmp_path, 1, [*SMALL, *layout], "one")
+    two = _launch(tmp_path, 2, [*SMALL, *layout], "two")
+    assert _wait(one) == [0], _log(tmp_path, "one0.log")
+    assert _wait(two) == [0, 0], _log(tmp_path, "two0.log") + _log(tmp_path, "two1.log")
+    ref = json.loads((tmp_path / "one0.json").read_text())
+    got = [json.loads((tmp_path / f"two{i}.json").read_text()) for i in range(2)]
+    assert got[0]["process_count"] == 2 and got[0]["mesh"] == {"data": mesh[0], "tensor": mesh[1]}
+    assert got[0]["losses"] == got[1]["losses"]  # every process reports the same losses
+    np.testing.assert_allclose(got[0]["losses"], ref["losses"], rtol=1e-5)
+    assert len(ref["losses"]) == 16
+
+
+def test_sigterm_saves_and_resume_continues(tmp_path):
+    ck = tmp_path / "ck"
+    args = ["--devices", "8", "--dim", "256", "--hidden-dim", "1024", "--samples", "2048",
+            "--tensor-parallel", "8", "--log-every", "1", "--root-dir", str(tmp_path / "runs"),
+            "--checkpoint-dir", str(ck), "--metrics-json", str(tmp_path / "a.json")]  # fmt: skip
+    proc = _start(args, tmp_path / "a.log")
+    try:
+        deadline = time.time() + 120
+        while "epoch 0 [" not in (tmp_path / "a.log").read_text():
+            assert proc.poll() is None and time.time() < deadline, _log(tmp_path, "a.log")
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 128 + signal.SIGTERM, _log(tmp_path, "a.log")
+    finally:
+        _stop([proc])
+    steps = jtp.Checkpointer(str(ck)).all_steps()
+    assert len(steps) == 1 and 0 < steps[0] < 256, steps
+    resumed = _start([*args[:-1], str(tmp_path / "b.json"), "--resume"], tmp_path / "b.log")
+    assert _wait([resumed]) == [0], _log(tmp_path, "b.log")
+    b = json.loads((tmp_path / "b.json").read_text())
+    assert b["first_step"] == steps[0] and b["first_step"] + b["steps"] == 256
+    full = _start([*args[:-4], "--metrics-json", str(tmp_path / "c.json")], tmp_path / "c.log")
+    assert _wait([full]) == [0], _log(tmp_path, "c.log")
+    c = json.loads((tmp_path / "c.json").read_text())
+    assert b["losses"] == c["losses"][steps[0] :]  # bitwise: nothing was lost or repeated
+
+
+def test_kill_9_during_async_save_resumes_from_previous(tmp_path):
+    ck = tmp_path / "ck"
+    args = ["--devices", "8", *SMALL, "--no-progress", "--root-dir", str(tmp_path / "runs"),
+            "--checkpoint-dir", str(ck), "--checkpoint-every", "3"]  # fmt: skip
+    killer = [str(Path(__file__).with_name("fault_kill_during_save.py")), "6"]
+    proc = _start(args, tmp_path / "a.log", program=killer)
+    assert _wait([proc]) == [-signal.SIGKILL], _log(tmp_path, "a.log")
+    assert jtp.Checkpointer(str(ck)).all_steps() == [3]  # step 6 never became visible
+    resumed = _start(
+        [*args, "--resume", "--metrics-json", str(tmp_path / "b.json")], tmp_path / "b.log"
+    )
+    assert _wait([resumed]) == [0], _log(tmp_path, "b.log")
+    b = json.loads((tmp_path / "b.json").read_text())
+    assert b["first_step"] == 3 and b["steps"] == 13
+
+
+def test_dead_peer_ends_the_survivor(tmp_path):
+    args = ["--dim", "64", "--hidden-dim", "256", "--samples", "100000", "--log-every", "1",
+            "--data-parallel", "2", "--tensor-parallel", "4",
+            "--heartbeat-timeout", "10"]  # fmt: skip
+    procs = _launch(tmp_path, 2, args, "p")
+    try:
+        deadline = time.time() + 120
+        while "epoch 0 [" not in (tmp_path / "p0.log").read_text():
+            assert all(p.poll() is None for p in procs), _log(tmp_path, "p0.log")
+            assert time.time() < deadline
+            time.sleep(0.1)
+        procs[1].kill()
+        t0 = time.time()
+        code = procs[0].wait(timeout=60)  # raises TimeoutExpired if the survivor hangs
+        assert code != 0, _log(tmp_path, "p0.log")
+        assert time.time() - t0 < 60
+    finally:
+        _stop(procs)
+
+
+@pytest.mark.parametrize("mode", ["good", "bad"])
+def test_check_replicas_across_processes(tmp_path, mode):
+    port = _port()
+    worker = Path(__file__).with_name("mp_replicas_worker.py")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(worker), f"127.0.0.1:{port}", str(i), mode],
+            stdout=open(tmp_path / f"w{i}.log", "w"),
+            stderr=subprocess.STDOUT,
+            env=_env(),
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    codes = _wait(procs, timeout=120)
+    logs = [_log(tmp_path, f"w{i}.log") for i in range(2)]
+    if mode == "good":
+        assert codes == [0, 0], logs
+    else:
+        assert codes == [3, 3], logs
+        for log in logs:
+            assert "step 1: devices that must hold the same rows" in log
+            assert "(process 0)" in log and "(process 1)" in log

@@ -1,0 +1,283 @@
+"""Trainer vs a hand-written one-device loop; clipping, accumulation, eval, compile count."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from helpers import FF_PLAN, delta, ff_factory, rel_err
+
+import jtp
+from jtp.cli.train import main as train_main
+
+DIM, HIDDEN, N, BATCH = 16, 64, 32, 8
+
+
+class LitFF(jtp.TrainModule):
+    """A tiny FeedForward with a bounded loss (mean square of the output)."""
+
+    def __init__(self, batch_size=BATCH, lr=1e-2, fsdp=False, samples=N):
+        self.batch_size, self.lr, self.fsdp, self.samples = batch_size, lr, fsdp, samples
+
+    def configure_model(self, mesh):
+        return jtp.sharded_init(ff_factory(DIM, HIDDEN), mesh, FF_PLAN, fsdp=self.fsdp)
+
+    def training_step(self, model, batch):
+        out = model(batch)
+        return jnp.mean(out**2), {"out_abs": jnp.abs(out).mean()}
+
+    validation_step = test_step = training_step
+
+    def configure_optimizers(self):
+        return optax.adamw(self.lr)
+
+    def train_dataloader(self):
+        ds = jtp.RandomDataset(DIM, self.samples, seed=7)
+        return jtp.DataLoader(ds, self.batch_size, mesh=self.mesh, shuffle=True, seed=1)
+
+    val_dataloader = test_dataloader = train_dataloader
+
+
+def reference_loop(epochs, *, batch_size=BATCH, clip=None, accumulate=1, lr=1e-2):
+    """The same training written by hand on one device, no jtp in the loop."""
+    model = ff_factory(DIM, HIDDEN)()
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx = optax.adamw(lr)
+    if clip is not None:
+        tx = optax.chain(optax.clip_by_global_norm(clip), tx)
+    if accumulate > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=accumulate)
+    opt_state = tx.init(params)
+    ds = jtp.RandomDataset(DIM, N, seed=7)
+    order_src = jtp.DataLoader(ds, batch_size, mesh=jtp.make_mesh(1, 8), shuffle=True, seed=1)
+
+    @jax.jit
+    def step(params, opt_state, x):
+        loss, grads = jax.value_and_grad(lambda p, x=x: jnp.mean(nnx.merge(graphdef, p)(x) ** 2))(
+            params
+        )
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    losses = []
+    for epoch in range(epochs):
+        for b in range(len(order_src)):
+            x = np.stack([ds[int(i)] for i in order_src.batch_indices(epoch, b)])
+            params, opt_state, loss = step(params, opt_state, x)
+            losses.append(float(loss))
+    return losses, params
+
+
+def _trainer(shape, **kw):
+    kw.setdefault("enable_progress_bar", False)
+    kw.setdefault("logger", None)
+    kw.setdefault("report_memory", False)
+    return jtp.Trainer(jtp.ModelParallelStrategy(*shape), **kw)
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["tp", "fsdp"])
+def test_fit_2x4_matches_one_device_loop(fsdp):
+    """Losses within 1e-5 relative (reduction order); params after 8 AdamW steps within
+    1e-4 of the reference update (Adam's element-wise normalisation, see test_parallelize)."""
+    trainer = _trainer((2, 4), max_epochs=2, log_every_n_steps=3)
+    trainer.fit(LitFF(fsdp=fsdp))
+    ref_losses, ref_params = reference_loop(2)
+    assert len(trainer.losses) == len(ref_losses) == 8
+    np.testing.assert_allclose(trainer.losses, ref_losses, rtol=1e-5)
+    params = nnx.state(trainer.model, nnx.Param)
+    init = nnx.state(ff_factory(DIM, HIDDEN)(), nnx.Param)
+    assert rel_err(delta(params, init), delta(ref_params, init)) < 1e-4
+    assert trainer.global_step == 8 and trainer.current_epoch == 2
+    assert trainer.num_compiles == 1
+    # Parameters and Adam moments keep the plan's layout after training.
+    placements = {
+        p.path: p.spec for p in jtp.resolve(trainer.model, trainer.mesh, FF_PLAN, fsdp=fsdp)
+    }
+    for path, var in nnx.to_flat_state(params):
+        assert var.get_value().sharding.spec == placements[".".join(path)]
+    adam = trainer._opt_state[0]
+    for m, p in zip(jax.tree.leaves(adam.mu), jax.tree.leaves(params), strict=True):
+        assert m.sharding.spec == p.sharding.spec
+    assert adam.count.sharding.is_fully_replicated
+
+
+def test_clipping_equals_unsharded_clipping():
+    trainer = _trainer((2, 4), max_epochs=1, gradient_clip_val=1e-3, track_grad_norm=True)
+    trainer.fit(LitFF())
+    ref_losses, ref_params = reference_loop(1, clip=1e-3)
+    np.testing.assert_allclose(trainer.losses, ref_losses, rtol=1e-5)
+    # The clip is active: grad norms are far above 1e-3.
+    assert min(m["grad_norm"] for m in trainer.metrics_history) > 1e-2
+    assert rel_err(nnx.state(trainer.model, nnx.Param), ref_params) < 1e-5
+
+
+def test_accumulation_equals_the_larger_batch():
+    """2 accumulated batches of 4 == 1 batch of 8 (the loss is a mean over rows), when both
+    see the same rows: the reference's batch b is the concatenation of our batches 2b, 2b+1."""
+    trainer = _trainer((2, 4), max_epochs=1, accumulate_grad_batches=2)
+    trainer.fit(LitFF(batch_size=4))
+    assert trainer.global_step == 4 and len(trainer.losses) == 8
+    ref_losses, ref_params = reference_loop_pairs()
+    got = nnx.state(trainer.model, nnx.Param)
+    init = nnx.state(ff_factory(DIM, HIDDEN)(), nnx.Param)
+    assert rel_err(delta(got, init), delta(ref_params, init)) < 1e-4
+
+
+def reference_loop_pairs():
+    """One-device AdamW on batches of 8 made of the 4-row loader's consecutive pairs."""
+    model = ff_factory(DIM, HIDDEN)()
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx = optax.adamw(1e-2)
+    opt_state = tx.init(params)
+    ds = jtp.RandomDataset(DIM, N, seed=7)
+    small = jtp.DataLoader(ds, 4, mesh=jtp.make_mesh(1, 8), shuffle=True, seed=1)
+    losses = []
+    for b in range(0, len(small), 2):
+        idx = np.concatenate([small.batch_indices(0, b), small.batch_indices(0, b + 1)])
+        x = np.stack([ds[int(i)] for i in idx])
+        loss, grads = jax.value_and_grad(lambda p, x=x: jnp.mean(nnx.merge(graphdef, p)(x) ** 2))(
+            params
+        )
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        losses.append(float(loss))
+    return losses, params
+
+
+def test_validate_and_test():
+    trainer = _trainer((4, 2))
+    module = LitFF()
+    val = trainer.validate(module)
+    ref = trainer.test(module)
+    assert set(val) == {"val_loss", "val_out_abs"} and set(ref) == {"test_loss", "test_out_abs"}
+    # Reference: the mean of per-batch losses of the untrained model on one device.
+    model = ff_factory(DIM, HIDDEN)()
+    ds = jtp.RandomDataset(DIM, N, seed=7)
+    losses = [
+        float(jnp.mean(model(np.stack([ds[i] for i in range(b, b + 8)])) ** 2))
+        for b in range(0, N, 8)
+    ]
+    assert val["val_loss"] == pytest.approx(np.mean(losses), rel=1e-5)
+
+
+def test_one_compile_per_fit_whatever_the_length():
+    """Counted from jax's own compile events: a longer fit compiles nothing more."""
+    events = []
+
+    def listener(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        counts = []
+        for epochs in (1, 3):
+            events.clear()
+            trainer = _trainer((2, 4), max_epochs=epochs)
+            trainer.fit(LitFF())
+            counts.append(len(events))
+            assert trainer.num_compiles == 1
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert counts[0] == counts[1], counts
+
+
+def test_max_steps_and_metrics_file(tmp_path):
+    trainer = _trainer(
+        (2, 4), max_epochs=5, max_steps=6, logger="jsonl", default_root_dir=str(tmp_path)
+    )
+    trainer.fit(LitFF())
+    assert trainer.global_step == 6 and len(trainer.losses) == 6
+    rows = [json.loads(line) for line in open(f"{trainer.log_dir}/metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in rows] == trainer.losses
+
+
+def test_progress_bar_and_memory_report(capsys, tmp_path):
+    trainer = jtp.Trainer(
+        jtp.ModelParallelStrategy(1, 8), max_steps=2, default_root_dir=str(tmp_path)
+    )
+    trainer.fit(LitFF())
+    out, err = capsys.readouterr()
+    assert "it/s" in err and "samples/s" in err
+    assert out.count("Peak memory usage:") == 8
+    assert trainer.peak_memory_bytes_per_device > 0
+
+
+def test_strategy_sizes():
+    assert jtp.ModelParallelStrategy().mesh.shape == {"data": 1, "tensor": 8}
+    assert jtp.ModelParallelStrategy(data_parallel_size=2).mesh.shape == {"data": 2, "tensor": 4}
+    assert jtp.ModelParallelStrategy(tensor_parallel_size=2).mesh.shape == {"data": 4, "tensor": 2}
+    with pytest.raises(
+        ValueError,
+        match=r"data_parallel_size=3 x tensor_parallel_size=2 = 6, but there are 8 devices",
+    ):
+        _ = jtp.ModelParallelStrategy(3, 2).mesh
+    with pytest.raises(ValueError, match="tensor_parallel_size=0"):
+        jtp.ModelParallelStrategy(tensor_parallel_size=0)
+
+
+def test_cli_writes_metrics_json(tmp_path):
+    path = tmp_path / "m.json"
+    metrics = train_main(
+        ["--devices", "8", "--data-parallel", "2", "--tensor-parallel", "4", "--dim", "32",
+         "--hidden-dim", "64", "--samples", "32", "--no-progress", "--root-dir", str(tmp_path),
+         "--metrics-json", str(path)]
+    )  # fmt: skip
+    saved = json.loads(path.read_text())
+    assert saved["mesh"] == {"data": 2, "tensor": 4}
+    assert saved["steps"] == 4 and len(saved["losses"]) == 4 and saved["first_step"] == 0
+    assert saved["losses"] == metrics["losses"]
+    assert saved["peak_memory_bytes_per_device"] > 0
+    assert all(np.isfinite(saved["losses"]))
+
+
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        ({"accumulate_grad_batches": 0}, "accumulate_grad_batches=0 must be >= 1"),
+        ({"log_every_n_steps": 0}, "log_every_n_steps=0 must be >= 1"),
+        ({"gradient_clip_val": 0.0}, "gradient_clip_val=0.0 must be > 0 or None"),
+        ({"precision": "fp16"}, r"precision='fp16' must be one of"),
+        ({"logger": "tensorboard"}, "logger must be 'csv', 'jsonl' or None"),
+    ],
+)
+def test_trainer_rejects_bad_options(kw, msg, tmp_path):
+    with pytest.raises(ValueError, match=msg):
+        trainer = jtp.Trainer(jtp.ModelParallelStrategy(2, 4), default_root_dir=str(tmp_path), **kw)
+        trainer.fit(LitFF())  # the logger format is checked when fit opens the run directory
+
+
+def test_fit_resume_needs_a_checkpoint_dir():
+    with pytest.raises(ValueError, match=r"fit\(resume=True\) needs Trainer\(checkpoint_dir=...\)"):
+        _trainer((2, 4)).fit(LitFF(), resume=True)
+
+
+def test_configure_model_must_return_a_model():
+    class Bad(LitFF):
+        def configure_model(self, mesh):
+            return "a model"
+
+    with pytest.raises(ValueError, match="configure_model must return an nnx.Module or"):
+        _trainer((2, 4)).fit(Bad())
+
+
+def test_configure_model_may_return_factory_and_plan():
+    """The trainer applies sharded_init with the strategy's fsdp."""
+
+    class FactoryAndPlan(LitFF):
+        def configure_model(self, mesh):
+            return ff_factory(DIM, HIDDEN), FF_PLAN
+
+    trainer = jtp.Trainer(
+        jtp.ModelParallelStrategy(2, 4, fsdp=True), logger=None, enable_progress_bar=False,
+        report_memory=False,
+    )  # fmt: skip
+    trainer.fit(FactoryAndPlan())
+    assert trainer.model.w1.kernel[...].sharding.spec == jax.sharding.PartitionSpec(
+        "data", "tensor"
+    )
+    np.testing.assert_allclose(trainer.losses, reference_loop(1)[0], rtol=1e-5)
