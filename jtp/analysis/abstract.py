@@ -16,18 +16,11 @@ import jax
 from flax import nnx
 
 from jtp.mesh import ModelParallelStrategy
-from jtp.parallel.abstract import abstract_sharded
+from jtp.parallel.abstract import abstract_array, abstract_sharded
 from jtp.parallel.batch import batch_sharding
-from jtp.parallel.optimizer import opt_state_shardings
 from jtp.parallel.plan import Plan, activation_rules_of
 from jtp.training.module import TrainModule
 from jtp.training.trainer import Trainer
-
-
-def _abstract(tree: Any, shardings: Any) -> Any:
-    return jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings
-    )
 
 
 def abstract_train_step(
@@ -38,35 +31,31 @@ def abstract_train_step(
     factory: Callable[[], nnx.Module],
     plan: Plan,
     fsdp: bool = False,
-    **trainer_kwargs: Any,
+    **trainer_options: Any,
 ) -> jax.stages.Compiled:
-    """The compiled train step ``Trainer(strategy, **trainer_kwargs).fit(module)`` would run.
+    """The compiled train step ``Trainer(strategy, **trainer_options).fit(module)`` would run.
 
     Args:
       module: supplies ``training_step``, ``configure_optimizers`` and activation rules
         (its ``configure_model`` is not called: ``factory`` and ``plan`` replace it).
       strategy: the mesh (e.g. 64 forced CPU devices).
-      batch: pytree of ``jax.ShapeDtypeStruct`` for one global batch (sharded or not; it is
-        given the loader's ``P("data", ...)`` layout if it has no sharding).
+      batch: pytree of ``jax.ShapeDtypeStruct`` for one global loader batch (sharded or
+        not; it is given the loader's ``P("data", ...)`` layout if it has no sharding). The
+        step takes ``accumulate_grad_batches`` of them, as ``fit`` does.
       factory, plan, fsdp: what ``jtp.sharded_init`` would get.
     """
     trainer = Trainer(
-        strategy, logger=None, enable_progress_bar=False, report_memory=False, **trainer_kwargs
+        strategy, logger=None, enable_progress_bar=False, report_memory=False, **trainer_options
     )
     mesh = strategy.mesh
-    module.mesh, module.trainer = mesh, trainer
     model = abstract_sharded(nnx.eval_shape(factory), mesh, plan, fsdp=fsdp)
     rules = module.activation_rules()
-    trainer._install(module, model, rules if rules is not None else activation_rules_of(plan))
-    tx = trainer._optimizer(module)
-    trainer._opt_shardings = opt_state_shardings(tx, trainer._params)
-    trainer._opt_state = _abstract(jax.eval_shape(tx.init, trainer._params), trainer._opt_shardings)
+    trainer.setup(
+        module, model=model, rules=rules if rules is not None else activation_rules_of(plan)
+    )
+    step = trainer.train_step_fn(module)
     batch = jax.tree.map(
-        lambda b: (
-            b
-            if getattr(b, "sharding", None) is not None
-            else jax.ShapeDtypeStruct(b.shape, b.dtype, sharding=batch_sharding(mesh, len(b.shape)))
-        ),
+        lambda b: b if b.sharding is not None else abstract_array(b, batch_sharding(mesh, b.ndim)),
         batch,
     )
-    return trainer._compile_train_step(trainer._make_train_step(module, tx), batch)
+    return trainer.compile_train_step(step, [batch] * trainer.options.accumulate_grad_batches)

@@ -193,20 +193,16 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
         """The same step, shardings and loader, driven by a plain Python loop."""
         task = FeedForwardTask(config)
         trainer = jtp.Trainer(strategy, report_memory=False, logger=None)
-        trainer._setup_model(task)
-        tx = task.configure_optimizers()
-        trainer._opt_shardings = jtp.opt_state_shardings(tx, trainer._params)
-        trainer._opt_state = jax.jit(tx.init, out_shardings=trainer._opt_shardings)(trainer._params)
-        loader = task.train_dataloader()
-        params, opt, rest = trainer._params, trainer._opt_state, trainer._rest
+        step = trainer.train_step_fn(task)
+        state = trainer._state
+        params, opt, rest = state.arrays()
         compiled = None
         n = 0
-        for batch in loader:
+        for batch in task.train_dataloader():
             if compiled is None:
-                trainer._params, trainer._opt_state = params, opt
-                compiled = trainer._compile_train_step(trainer._make_train_step(task, tx), batch)
+                compiled = trainer.compile_train_step(step, [batch])
                 t0 = time.perf_counter()
-            params, opt, rest, metrics = compiled(params, opt, rest, batch)
+            params, opt, rest, metrics = compiled(params, opt, rest, [batch])
             n += 1
         jax.block_until_ready(metrics)
         return n / (time.perf_counter() - t0)

@@ -6,31 +6,76 @@ Model code marks a few activations by a *logical* name (``shard_activation(x_btd
 trainer enters it while tracing its steps). Without rules, or for a name without a rule,
 ``shard_activation`` returns its input unchanged, so the model runs as plain single-device
 code.
+
+A rule that no mark used while tracing is an error: a typo in a rule name (``"logit"`` for
+``"logits"``) must not silently switch sequence or loss parallelism off.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 from collections.abc import Iterator, Mapping
 
 import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-_ACTIVE: contextvars.ContextVar[tuple[Mesh, Mapping[str, P]] | None] = contextvars.ContextVar(
+from jtp.mesh import DATA
+
+
+@dataclasses.dataclass
+class _Active:
+    mesh: Mesh
+    rules: Mapping[str, P]
+    used: set[str] = dataclasses.field(default_factory=set)
+    data_mapped: bool = False  # inside a per-data-rank vmap: "data" is the mapped axis
+
+
+_ACTIVE: contextvars.ContextVar[_Active | None] = contextvars.ContextVar(
     "jtp_activation_rules", default=None
 )
 
 
 @contextlib.contextmanager
-def activation_rules(mesh: Mesh, rules: Mapping[str, P] | None) -> Iterator[None]:
-    """Apply ``{logical_name: PartitionSpec}`` to ``shard_activation`` calls traced inside."""
-    token = _ACTIVE.set((mesh, dict(rules or {})))
+def activation_rules(
+    mesh: Mesh, rules: Mapping[str, P] | None, *, check_unused: bool = True
+) -> Iterator[None]:
+    """Apply ``{logical_name: PartitionSpec}`` to ``shard_activation`` calls traced inside.
+
+    With ``check_unused`` (default), leaving the block after tracing at least one mark
+    raises ``ValueError`` naming every rule that no mark used. (A block that traced
+    nothing, e.g. a cached jit call, is not checked.)
+    """
+    active = _Active(mesh, dict(rules or {}))
+    token = _ACTIVE.set(active)
     try:
         yield
     finally:
         _ACTIVE.reset(token)
+    unused = sorted(set(active.rules) - active.used)
+    if check_unused and active.used and unused:
+        raise ValueError(
+            f"activation rules {unused} matched no shard_activation mark while tracing (marks "
+            f"used: {sorted(active.used)}); fix the rule names or drop them — a misspelt rule "
+            "would silently turn sequence or loss parallelism off"
+        )
+
+
+@contextlib.contextmanager
+def per_data_rank() -> Iterator[None]:
+    """Inside: code runs once per data-parallel rank under ``jax.vmap(...,
+    spmd_axis_name="data")``, which puts "data" on the mapped axis; rules drop "data"."""
+    active = _ACTIVE.get()
+    if active is None:
+        yield
+        return
+    previous, active.data_mapped = active.data_mapped, True
+    try:
+        yield
+    finally:
+        active.data_mapped = previous
 
 
 def shard_activation(x: jax.Array, name: str) -> jax.Array:
@@ -38,12 +83,15 @@ def shard_activation(x: jax.Array, name: str) -> jax.Array:
     active = _ACTIVE.get()
     if active is None:
         return x
-    mesh, rules = active
-    spec = rules.get(name)
+    active.used.add(name)
+    spec = active.rules.get(name)
     if spec is None:
         return x
     if len(spec) != x.ndim:
         raise ValueError(
-            f"activation rule {name!r}: spec {spec} has {len(spec)} dims, array has {x.ndim}"
+            f"activation rule {name!r}: spec {spec} has {len(spec)} dims but the marked array "
+            f"has {x.ndim} (shape {x.shape}); give the rule one entry per dimension"
         )
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    if active.data_mapped:
+        spec = P(*(None if axis == DATA else axis for axis in spec))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(active.mesh, spec))

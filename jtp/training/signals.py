@@ -1,8 +1,13 @@
-"""Turn SIGTERM / SIGINT into a request the training loop honours between steps.
+"""Stop requests (SIGTERM, SIGINT, the runtime's preemption notice) that every process obeys
+at the same optimizer step.
 
-A preempted job gets SIGTERM and some grace time: the loop finishes the step it is in,
-saves a checkpoint, waits for it and exits with 128 + the signal number, as a process
-killed by that signal would report.
+A preempted job gets SIGTERM and some grace time, but a cluster delivers it to the processes
+of one job at different moments (or to only one of them). If each process stopped on its own
+flag they would leave the step sequence at different steps, and the collective save, or the
+next step's collectives, would wait forever. So a process only *records* a signal; every
+``every`` optimizer steps all processes agree (one tiny all-gather of the signal numbers) and,
+if any process has one, all of them save that same step and exit with 128 + the signal
+(143 for SIGTERM, 130 for SIGINT), as a process killed by it would report.
 """
 
 from __future__ import annotations
@@ -12,18 +17,19 @@ import signal
 import threading
 from collections.abc import Iterator
 
+import jax
+import numpy as np
+
 
 class StopRequest:
+    """The first signal this process received (``None`` until one arrives)."""
+
     def __init__(self) -> None:
         self.signum: int | None = None
 
     @property
     def requested(self) -> bool:
         return self.signum is not None
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + (self.signum or 0)
 
 
 @contextlib.contextmanager
@@ -46,3 +52,57 @@ def stop_on_signals(
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def _runtime_preemption(step: int) -> bool:
+    """jax's preemption sync point (all processes answer True at the same step), where the
+    distributed runtime runs its preemption service; False elsewhere."""
+    from jax.experimental import multihost_utils
+
+    try:
+        return bool(multihost_utils.reached_preemption_sync_point(step))
+    except RuntimeError:  # the service is not enabled in this runtime
+        return False
+
+
+def agree_max(value: int) -> int:
+    """The largest ``value`` over all processes: one all-gather of one int32 each."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.int32(value))))
+
+
+class StopAgreement:
+    """Decides, identically in every process, after which optimizer step to stop.
+
+    Args:
+      request: this process's recorded signal.
+      every: agree every this many optimizer steps (the only cross-process cost: one
+        all-gather of an int32 per process, which also waits for the step to finish).
+        With one process there is nothing to agree and the flag is read every step.
+    """
+
+    def __init__(self, request: StopRequest, every: int):
+        if every < 1:
+            raise ValueError(f"stop_check_every_n_steps={every} must be >= 1")
+        self.request, self.every = request, every
+        self.multi = jax.process_count() > 1
+        self.preempted = False  # sticky: the runtime answers True at one step only
+
+    def exit_code(self, step: int) -> int | None:
+        """128 + the agreed signal if all processes stop after ``step``, else None.
+
+        Every process must call it after every optimizer step (it is collective on the
+        steps that are multiples of ``every``).
+        """
+        self.preempted = self.preempted or _runtime_preemption(step)
+        signum = self.request.signum or 0
+        if self.preempted:
+            signum = max(signum, int(signal.SIGTERM))
+        if self.multi:
+            if step % self.every:
+                return None
+            signum = agree_max(signum)
+        return 128 + signum if signum else None

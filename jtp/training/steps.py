@@ -1,22 +1,42 @@
 """The pure step functions the trainer compiles: one train step, one eval step.
 
 Kept apart from the loop so they read as what XLA sees: a function of (params, optimizer
-state, other model state, batch) with no Python state, traced once per fit.
+state, other model state, batches) with no Python state, traced once per fit.
+
+Gradient accumulation happens *inside* the train step: it takes the k loader batches of
+one optimizer step and loops over them in the compiled program. How the gradients cross the
+"data" axis is the choice that matters (see :data:`GRAD_REDUCE`):
+
+- ``"per_step"``: each data rank accumulates its own gradient over the k micro-batches
+  (a ``jax.vmap`` over data ranks with ``spmd_axis_name="data"``: nothing crosses "data"
+  inside the loop), then one all-reduce (or reduce-scatter) after it. Data-axis bytes per
+  optimizer step are those of k = 1, whatever k; the cost is one unreduced, param-sized
+  gradient per device, which under fsdp is larger than the fsdp shard.
+- ``"per_micro_batch"``: every micro-batch's gradient is reduced into the parameters'
+  layout inside the loop (k reductions per step); under fsdp the accumulator then stays
+  fsdp-sharded, which is why it is fsdp's default (as in torchtitan).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from jtp.mesh import DATA
+from jtp.parallel.activations import per_data_rank
 from jtp.training.module import StepOutput
 
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
+GRAD_REDUCE = ("per_step", "per_micro_batch")
+
+Step = Callable[[Any, Any, Any, Sequence[Any]], tuple[Any, Any, Any, dict[str, jax.Array]]]
 
 
 def cast_floats(tree: Any, dtype: Any) -> Any:
@@ -46,6 +66,17 @@ def global_norm(tree: Any) -> jax.Array:
     return optax.tree.norm(cast_floats(tree, jnp.float32))
 
 
+def _mean0(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)
+
+
+def _per_rank_spec(sharding: NamedSharding) -> NamedSharding:
+    """A per-data-rank gradient ``(d, *param)``: rank on "data", the rest like the param
+    without "data" (each device holds its rank's whole tensor-shard of the gradient)."""
+    rest = (None if a == DATA else a for a in sharding.spec)
+    return NamedSharding(sharding.mesh, P(DATA, *rest))
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     param_shardings: Any,
@@ -54,10 +85,18 @@ def make_train_step(
     *,
     precision: str = "32-true",
     track_grad_norm: bool = False,
-) -> Callable:
-    """``(params, opt_state, rest, batch) -> (params, opt_state, rest, metrics)``."""
+    accumulate: int = 1,
+    grad_reduce: str = "per_step",
+) -> Step:
+    """``(params, opt_state, rest, batches) -> (params, opt_state, rest, metrics)``.
 
-    def train_step(params, opt_state, rest, batch):
+    ``batches`` holds the ``accumulate`` global batches of one optimizer step; the update
+    equals one step on their concatenation (mean loss, mean gradient).
+    """
+    if grad_reduce not in GRAD_REDUCE:
+        raise ValueError(f"grad_reduce={grad_reduce!r} must be one of {GRAD_REDUCE}")
+
+    def grads_of(params, rest, batch):
         def loss_fn(p):
             model = nnx.merge(graphdef, compute_params(p, precision), rest)
             loss, metrics = split_output(training_step(model, batch))
@@ -65,6 +104,55 @@ def make_train_step(
             return loss.astype(jnp.float32), (metrics, new_rest)
 
         (loss, (metrics, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return grads, {"loss": loss, **metrics}, new_rest
+
+    def accumulated(params, rest, micro):
+        """Sum of gradients and metrics over the leading (micro-batch) axis of ``micro``."""
+
+        def body(carry, batch):
+            acc, metric_sum, rest = carry
+            grads, metrics, rest = grads_of(params, rest, batch)
+            if grad_reduce == "per_micro_batch":  # reduce into the params' layout now
+                grads = jax.lax.with_sharding_constraint(grads, param_shardings)
+            acc = jax.tree.map(jnp.add, acc, grads)
+            return (acc, jax.tree.map(jnp.add, metric_sum, metrics), rest), None
+
+        first = jax.tree.map(lambda x: x[0], micro)
+        shapes = jax.eval_shape(grads_of, params, rest, first)[1]
+        metric_zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        zero = jax.tree.map(jnp.zeros_like, params)
+        (acc, metric_sum, rest), _ = jax.lax.scan(body, (zero, metric_zero, rest), micro)
+        return acc, metric_sum, rest
+
+    def gradients(params, rest, batches):
+        if accumulate == 1:
+            return grads_of(params, rest, batches[0])
+        micro = jax.tree.map(lambda *xs: jnp.stack(xs), *batches)  # (k, B, ...)
+        k = accumulate
+        if grad_reduce == "per_micro_batch":
+            acc, metric_sum, rest = accumulated(params, rest, micro)
+            return jax.tree.map(lambda g: g / k, acc), _scaled(metric_sum, 1 / k), rest
+        n_data = _data_size(param_shardings)
+        # (k, B, ...) -> (d, k, B/d, ...): data rank r holds rows r*B/d:(r+1)*B/d of every
+        # micro-batch, which is exactly the rows its devices already hold (no data moves).
+        by_rank = jax.tree.map(
+            lambda x: jnp.swapaxes(x.reshape(k, n_data, -1, *x.shape[2:]), 0, 1), micro
+        )
+
+        def rank_step(rank_micro):
+            with per_data_rank():
+                return accumulated(params, rest, rank_micro)
+
+        acc_d, metric_d, rest_d = jax.vmap(rank_step, spmd_axis_name=DATA)(by_rank)
+        acc_d = jax.lax.with_sharding_constraint(
+            acc_d, jax.tree.map(_per_rank_spec, param_shardings)
+        )
+        grads = jax.tree.map(lambda g: g / k, _mean0(acc_d))  # the one reduction over "data"
+        rest = jax.tree.map(lambda x: x[0], rest_d)  # every rank advanced it alike
+        return grads, _scaled(_mean0(metric_d), 1 / k), rest
+
+    def train_step(params, opt_state, rest, batches):
+        grads, metrics, new_rest = gradients(params, rest, batches)
         # Keep gradients in the parameters' layout: with fsdp this makes XLA reduce-scatter
         # them over "data" instead of all-reducing full copies.
         grads = jax.lax.with_sharding_constraint(grads, param_shardings)
@@ -72,15 +160,23 @@ def make_train_step(
         # in-place update may start. Without this, a loss whose gradient does not depend
         # on the forward (the docs' ``output.sum()``) lets XLA schedule an update before
         # a forward matmul, and it copies the donated parameter to keep it alive.
-        loss, metrics, grads = jax.lax.optimization_barrier((loss, metrics, grads))
+        metrics, grads = jax.lax.optimization_barrier((metrics, grads))
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = {"loss": loss, **metrics}
         if track_grad_norm:
             metrics["grad_norm"] = global_norm(grads)
         return params, opt_state, new_rest, metrics
 
     return train_step
+
+
+def _scaled(tree: Any, factor: float) -> Any:
+    return jax.tree.map(lambda x: x * factor, tree)
+
+
+def _data_size(param_shardings: Any) -> int:
+    leaf = jax.tree.leaves(param_shardings)[0]
+    return int(leaf.mesh.shape[DATA])
 
 
 def make_eval_step(

@@ -41,9 +41,7 @@ def test_explain_marks_unplanned_and_strict_rejects_them():
 
 def test_explain_llama3_8b_abstractly():
     mesh = jtp.make_mesh(1, 8)
-    e = jtp.explain(
-        lambda: Llama(PRESETS["llama3-8b"], rngs=nnx.Rngs(0)), mesh, jtp.plans.llama()
-    )
+    e = jtp.explain(lambda: Llama(PRESETS["llama3-8b"], rngs=nnx.Rngs(0)), mesh, jtp.plans.llama())
     # 8.03B fp32 params; norms replicated (tiny), everything else split 8 ways.
     assert 8.03e9 * 4 / 8 < e.param_bytes < 8.04e9 * 4 / 8 + 2e6
 

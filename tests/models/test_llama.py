@@ -251,6 +251,9 @@ def test_config_and_activation_rule_errors():
     mesh = jtp.make_mesh(1, 8)
     x = jax.numpy.ones((2, 4))
     with jtp.activation_rules(mesh, {"residual": jax.sharding.PartitionSpec("data", None, None)}):
-        with pytest.raises(ValueError, match=r"activation rule 'residual'.*3 dims, array has 2"):
+        with pytest.raises(
+            ValueError,
+            match=r"activation rule 'residual'.*3 dims but the marked array has 2 \(shape",
+        ):
             jtp.shard_activation(x, "residual")
     assert jtp.shard_activation(x, "residual") is x  # no rules: a no-op

@@ -1,0 +1,58 @@
+"""Step metrics held on the device until the logging interval, then fetched in one transfer.
+
+The loop never reads a device value per step (that would stall the host behind the
+devices); it keeps the metric arrays of the last few steps and fetches them together.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from jtp.training.progress import MetricsLogger
+
+
+class MetricsBuffer:
+    """Pending ``(step, epoch, {name: device scalar})`` rows; :meth:`flush` fetches them."""
+
+    def __init__(self, logger: MetricsLogger | None, checkpoint_dir: str | None):
+        self.logger, self.checkpoint_dir = logger, checkpoint_dir
+        self.pending: list[tuple[int, int, dict[str, Any]]] = []
+        self.losses: list[float] = []  # one per optimizer step, in order
+        self.history: list[dict[str, float]] = []
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def add(self, step: int, epoch: int, metrics: dict[str, Any]) -> None:
+        self.pending.append((step, epoch, metrics))
+
+    def flush(self) -> dict[str, float]:
+        """Fetch, record and log the pending rows; the newest row's metrics.
+
+        Raises ``FloatingPointError`` on a non-finite loss. The loss is the same replicated
+        value in every process, so every process raises at the same step.
+        """
+        if not self.pending:
+            return {}
+        fetched = jax.device_get([m for _, _, m in self.pending])
+        rows = []
+        for (step, epoch, _), values in zip(self.pending, fetched, strict=True):
+            row = {k: float(v) for k, v in values.items()}
+            self.losses.append(row["loss"])
+            self.history.append(row)
+            rows.append({"step": step, "epoch": epoch, **row})
+        self.pending = []
+        if self.logger is not None:
+            self.logger.log(rows)
+        bad = next((r for r in rows if not np.isfinite(r["loss"])), None)
+        if bad is not None:
+            keeps = f" ({self.checkpoint_dir} keeps the last good checkpoint)"
+            raise FloatingPointError(
+                f"non-finite loss {bad['loss']} at step {bad['step']} (epoch {bad['epoch']}); "
+                f"training stopped{keeps if self.checkpoint_dir else ''}. Lower the learning "
+                "rate, clip gradients (gradient_clip_val) or check the data"
+            )
+        return {k: v for k, v in rows[-1].items() if k not in ("step", "epoch")}

@@ -1,0 +1,96 @@
+"""The Trainer's options, validated up front (Lightning's names where Lightning has one)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jtp.training.steps import GRAD_REDUCE, PRECISIONS
+
+LOGGERS = ("csv", "jsonl", None)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerOptions:
+    """Everything ``jtp.Trainer(strategy, **options)`` takes besides the strategy.
+
+    Attributes:
+      max_epochs: epochs to run (stops earlier at ``max_steps``).
+      max_steps: optimizer steps to run in total; ``-1`` for no limit.
+      gradient_clip_val: clip gradients by their global norm (computed over the whole,
+        sharded gradient: identical to clipping the unsharded one).
+      accumulate_grad_batches: k loader batches make one optimizer step, equal to one step
+        on a batch k times larger; the k micro-batches are looped over inside the compiled
+        step (see ``grad_reduce``).
+      grad_reduce: when gradients cross the "data" axis with k > 1: ``"per_step"`` (once
+        per optimizer step, whatever k; holds one unreduced param-sized gradient per
+        device) or ``"per_micro_batch"`` (k times; the accumulator keeps the parameters'
+        layout). ``None``: per_step, but per_micro_batch under fsdp (whose point is to not
+        hold whole gradients), as torchtitan does.
+      log_every_n_steps: fetch metrics from the devices, log and refresh the progress bar
+        every this many optimizer steps (the only host syncs in the loop).
+      stop_check_every_n_steps: in a multi-process run, agree on stop requests (SIGTERM,
+        SIGINT, preemption) every this many optimizer steps; ``None``: every
+        ``log_every_n_steps`` (the loop syncs there anyway). One process: every step.
+      enable_progress_bar: show the progress line (process 0 only).
+      logger: ``"csv"``, ``"jsonl"`` or ``None``: per-step metrics under ``log_dir``.
+      default_root_dir: runs go to ``<default_root_dir>/version_N``.
+      seed: seeds Python's and NumPy's global RNGs for user code; jax randomness is explicit
+        (``nnx.Rngs``) and the loaders' order is a function of their own ``seed``.
+      track_grad_norm: log the global gradient norm each step. Off by default: on XLA's CPU
+        backend the norm's reduction materialises one parameter-sized temporary.
+      precision: ``"32-true"``; ``"bf16-mixed"`` (fp32 parameters and optimizer state, bf16
+        compute: parameters are cast inside the step, the loss is taken in fp32);
+        ``"bf16-true"`` (parameters and optimizer state stored in bf16).
+      checkpoint_dir: save sharded, asynchronous, atomic checkpoints here (orbax): every
+        ``checkpoint_every_n_steps`` optimizer steps, at the end of ``fit`` and on an agreed
+        stop (then exit with 128 + signal); ``keep_last`` complete ones are kept.
+      check_replicas: verify with :func:`jtp.check_replicas` that every device of a tensor
+        group holds the same rows, for this many first batches of each fit. ``None``: 2 in
+        a multi-process run (where a process-dependent loader would go wrong), else 0.
+      limit_val_batches: evaluate at most this many batches in ``validate``/``test``.
+      report_memory: print the per-device peak memory at the end of ``fit``.
+    """
+
+    max_epochs: int = 1
+    max_steps: int = -1
+    gradient_clip_val: float | None = None
+    accumulate_grad_batches: int = 1
+    grad_reduce: str | None = None
+    log_every_n_steps: int = 10
+    stop_check_every_n_steps: int | None = None
+    enable_progress_bar: bool = True
+    logger: str | None = "csv"
+    default_root_dir: str = "runs"
+    seed: int | None = 0
+    track_grad_norm: bool = False
+    precision: str = "32-true"
+    checkpoint_dir: str | None = None
+    checkpoint_every_n_steps: int | None = None
+    keep_last: int = 3
+    check_replicas: int | None = None
+    limit_val_batches: int | None = None
+    report_memory: bool = True
+
+    def __post_init__(self) -> None:
+        positive = ("accumulate_grad_batches", "log_every_n_steps", "keep_last")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("stop_check_every_n_steps", "checkpoint_every_n_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value} must be >= 1 or None")
+        if self.gradient_clip_val is not None and self.gradient_clip_val <= 0:
+            raise ValueError(f"gradient_clip_val={self.gradient_clip_val} must be > 0 or None")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} must be one of {PRECISIONS}")
+        if self.grad_reduce not in (*GRAD_REDUCE, None):
+            raise ValueError(f"grad_reduce={self.grad_reduce!r} must be one of {GRAD_REDUCE}")
+        if self.logger not in LOGGERS:
+            raise ValueError(f"logger={self.logger!r}: logger must be 'csv', 'jsonl' or None")
+
+    def grad_reduce_for(self, *, fsdp: bool) -> str:
+        """The gradient reduction in force (see ``grad_reduce``)."""
+        if self.grad_reduce is not None:
+            return self.grad_reduce
+        return "per_micro_batch" if fsdp else "per_step"
