@@ -16,36 +16,32 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from jtp.analysis.hlo import (
+    close_paren,
+    computation_trips,
+    dtype_bytes,
+    parse_groups,
+    parse_type,
+    type_leaves,
+)
+
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
-# Bytes per element as XLA lays arrays out in memory: sub-byte types (s4, f4e2m1fn, ...) take
-# a byte each unless a layout packs them, which a per-device byte count can ignore.
-_DTYPE_BYTES = {
-    "pred": 1, "s1": 1, "u1": 1, "s2": 1, "u2": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1,
-    "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
-    "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "token": 0,
-    "f8e5m2": 1, "f8e4m3": 1, "f8e4m3fn": 1, "f8e4m3b11fnuz": 1, "f8e5m2fnuz": 1,
-    "f8e4m3fnuz": 1, "f8e3m4": 1, "f8e8m0fnu": 1, "f4e2m1fn": 1,
-}  # fmt: skip
 _OP = re.compile(r"(" + "|".join(KINDS) + r")(-start)?\(")
 _HEAD = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*")  # `  ROOT %name = `
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")  # `%body (p: ...) -> ... {`
-_TYPE_TOKEN = re.compile(r"\(|\)|([a-z][a-z0-9]*)\[([<=\d,]*)\]")
-_TYPE_NOISE = re.compile(r"/\*.*?\*/|\{[^{}]*\}")  # `/*index=5*/` comments and layouts
-_IOTA = re.compile(r"\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
-_MESH_GROUPS = re.compile(r"replica_groups=mesh\[(.*?)\s*\{([^}]*)\}")
-_LIST_GROUPS = re.compile(r"(?:replica_groups|source_target_pairs)=\{((?:\{[\d,\s]*\},?\s*)*)\}")
 
 
 @dataclasses.dataclass(frozen=True)
 class Collective:
     """One collective op of a compiled program: a *static* occurrence in its HLO text.
 
-    ``bytes`` is the per-device size of the full, un-scattered buffer: the result of an
-    all-reduce / all-gather / all-to-all / collective-permute, the operand of a reduce-scatter
-    (its result times the group size); a combined (tuple) op sums its buffers. An async
-    ``*-start``/``*-done`` pair is one record, read from the start. An op inside a while body
-    or any called computation appears once whatever the trip count: multiply by hand.
+    ``bytes`` is per device and per *execution of the program*: the size of the full,
+    un-scattered buffer (the result of an all-reduce / all-gather / all-to-all /
+    collective-permute, the operand of a reduce-scatter, i.e. its result times the group
+    size; a combined (tuple) op sums its buffers) times ``trips``, the number of times the
+    computation holding it runs (a loop body's op runs once per trip). An async
+    ``*-start``/``*-done`` pair is one record, read from the start.
     """
 
     kind: str  # one of KINDS
@@ -57,104 +53,12 @@ class Collective:
     shapes: tuple[tuple[int, ...], ...] = ()  # the counted buffers' shapes
     computation: str = ""  # enclosing HLO computation (a loop body is not the ENTRY one)
     instruction: str = ""  # HLO instruction name
+    trips: int = 1  # executions per program run (a while body's trip count)
 
-
-def _close(text: str, i: int) -> int:
-    """Index of the parenthesis closing the one at ``text[i]``."""
-    depth = 0
-    for j in range(i, len(text)):
-        depth += {"(": 1, ")": -1}.get(text[j], 0)
-        if depth == 0:
-            return j
-    raise ValueError(f"unbalanced parentheses in HLO: {text!r}")
-
-
-def _parse_type(text: str) -> Any:
-    """``f32[8]{0}`` -> ("f32", (8,)); tuples -> nested lists (layouts and comments dropped)."""
-    stack: list[list[Any]] = [[]]
-    for tok in _TYPE_TOKEN.finditer(_TYPE_NOISE.sub("", text)):
-        if tok.group() == "(":
-            stack.append([])
-        elif tok.group() == ")":
-            done = stack.pop()
-            stack[-1].append(done)
-        else:
-            dims = tuple(int(d.removeprefix("<=")) for d in tok.group(2).split(",") if d)
-            stack[-1].append((tok.group(1), dims))  # a dynamic dim `<=n` counts its bound
-    return stack[0][0] if stack[0] else []
-
-
-def _leaves(tree: Any) -> list[tuple[str, tuple[int, ...]]]:
-    return [x for t in tree for x in _leaves(t)] if isinstance(tree, list) else [tree]
-
-
-def _dtype_bytes(dtype: str) -> int:
-    if dtype in _DTYPE_BYTES:
-        return _DTYPE_BYTES[dtype]
-    if dtype[:2] in ("f4", "f6", "f8"):  # a newer narrow float: a byte per element
-        return 1
-    raise ValueError(f"unknown HLO element type {dtype!r}")
-
-
-def _iota(spec: str) -> np.ndarray:
-    """``[a,b]<=[d0,d1]T(perm)``: iota over dims, transposed by perm, reshaped to (a, b)."""
-    m = _IOTA.fullmatch(spec.strip())
-    if not m:
-        raise ValueError(f"cannot parse iota device list {spec!r}")
-    out, dims = ([int(x) for x in m.group(i).split(",")] for i in (1, 2))
-    ids = np.arange(int(np.prod(dims))).reshape(dims)
-    perm = [int(x) for x in m.group(3).split(",")] if m.group(3) else None
-    return (ids.transpose(perm) if perm else ids).reshape(out)
-
-
-def _mesh_groups(mesh: str, selected: str) -> np.ndarray:
-    """Shardy's ``mesh['a'=2,'b'=4] {'b'}``: the (device_ids, default iota) array reshaped to
-    the mesh, grouped axes moved last; a sub-axis ``'a':(pre)size`` splits its axis first."""
-    ids_m = re.search(r"device_ids=\((.*)\)", mesh)
-    ids = ids_m.group(1) if ids_m else ""
-    sizes = mesh[: ids_m.start()] if ids_m else mesh
-    dims = [(n, int(s)) for n, s in re.findall(r"'?([A-Za-z_][^',=\s\]]*)'?=(\d+)", sizes)]
-    refs = re.findall(r"'?([^',:\s]+)'?(?::\((\d+)\)(\d+))?", selected)
-    if not dims or {n for n, _, _ in refs} - {n for n, _ in dims}:
-        raise ValueError(f"cannot parse replica groups mesh[{mesh} {{{selected}}}")
-    reshape: list[int] = []
-    grouped: list[int] = []
-    for name, size in dims:
-        mine = [(int(p or 1), int(s or size), k) for k, (n, p, s) in enumerate(refs) if n == name]
-        where, prod = {}, 1
-        for pre, sub, k in sorted(mine):
-            if pre != prod:  # an ungrouped stretch of this axis before the sub-axis
-                reshape.append(pre // prod)
-                prod = pre
-            where[k] = len(reshape)
-            reshape.append(sub)
-            prod *= sub
-        if prod != size:
-            reshape.append(size // prod)
-        grouped += [where[k] for _, _, k in mine]
-    if not ids:
-        flat = np.arange(int(np.prod([s for _, s in dims])))
-    else:
-        flat = _iota(ids).ravel() if "<=" in ids else np.array(re.findall(r"\d+", ids), int)
-    rest = [a for a in range(len(reshape)) if a not in grouped]
-    size = int(np.prod([reshape[a] for a in grouped]))
-    return flat.reshape(reshape).transpose(rest + grouped).reshape(-1, size)
-
-
-def parse_groups(attrs: str) -> tuple[tuple[int, ...], ...]:
-    """Device groups of an op from ``replica_groups`` (explicit ``{{0,1},{2,3}}``, iota
-    ``[2,4]<=[8]`` / ``[4,2]<=[2,4]T(1,0)``, or Shardy's ``mesh[...] {...}``) or, for a
-    collective-permute, ``source_target_pairs`` (each pair a group). ``()`` if empty."""
-    if m := _MESH_GROUPS.search(attrs):
-        rows = _mesh_groups(m.group(1), m.group(2))
-    elif m := re.search(r"replica_groups=(\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?)", attrs):
-        rows = _iota(m.group(1))
-        rows = rows.reshape(rows.shape[0], -1)
-    elif m := _LIST_GROUPS.search(attrs):
-        rows = [re.findall(r"\d+", g) for g in re.findall(r"\{([\d,\s]*)\}", m.group(1))]
-    else:
-        return ()
-    return tuple(tuple(int(i) for i in row) for row in rows)
+    @property
+    def op_bytes(self) -> int:
+        """Bytes of one execution of the op (``bytes / trips``)."""
+        return self.bytes // self.trips
 
 
 def _axes(
@@ -194,6 +98,7 @@ def parse_hlo(
     m = re.search(r"num_partitions=(\d+)", text)
     n_devices = len(assignment) if assignment else int(m.group(1)) if m else None
     records, computation = [], ""
+    trips = computation_trips(text)
     for line in text.splitlines():
         if c := _COMPUTATION.match(line):
             computation = c.group(1)
@@ -204,26 +109,27 @@ def parse_hlo(
         # array type has no spaces; the opcode must come right after it.
         start = head.end()
         tuple_type = line.startswith("(", start)
-        end = _close(line, start) + 1 if tuple_type else line.find(" ", start)
+        end = close_paren(line, start) + 1 if tuple_type else line.find(" ", start)
         op = _OP.match(line, end + 1) if end > start else None
         if not op:
             continue
-        typ, attrs = line[start:end], line[_close(line, op.end() - 1) + 1 :]
-        kind, tree = op.group(1), _parse_type(typ)
+        typ, attrs = line[start:end], line[close_paren(line, op.end() - 1) + 1 :]
+        kind, tree = op.group(1), parse_type(typ)
         if op.group(2) and kind != "all-reduce":
             tree = tree[1]  # async start returns (operands, results[, contexts])
-        buffers = _leaves(tree)
-        n_bytes = sum(_dtype_bytes(dt) * int(np.prod(dims)) for dt, dims in buffers)
+        buffers = type_leaves(tree)
+        n_bytes = sum(dtype_bytes(dt) * int(np.prod(dims)) for dt, dims in buffers)
         groups = parse_groups(attrs)
         if not groups and n_devices and kind != "collective-permute":
             groups = (tuple(range(n_devices)),)  # `replica_groups={}`: everyone
         if kind == "reduce-scatter":  # the result is 1/group of the operand, typed or not
             n_bytes *= len(groups[0]) if groups else 1
         name = re.search(r'op_name="((?:[^"\\]|\\.)*)"', attrs)
+        runs = trips.get(computation, 1)
         records.append(
             Collective(
                 kind=kind,
-                bytes=n_bytes,
+                bytes=n_bytes * runs,
                 dtype=",".join(dict.fromkeys(dt for dt, _ in buffers)),
                 groups=groups,
                 axes=_axes(groups, mesh, assignment) if mesh is not None else None,
@@ -231,6 +137,7 @@ def parse_hlo(
                 shapes=tuple(dims for _, dims in buffers),
                 computation=computation,
                 instruction=head.group(1),
+                trips=runs,
             )
         )
     return records
@@ -257,7 +164,8 @@ def collectives(compiled: Any, mesh: Mesh | None = None) -> list[Collective]:
 
     With ``mesh`` each record names the mesh axes it runs over (``("tensor",)``,
     ``("data",)``, ...), mapping HLO device positions through the program's own device
-    assignment to places in ``mesh``. Counts are static (a loop body's op appears once). On
+    assignment to places in ``mesh``. Bytes are per execution of the program: an op in a
+    loop body counts once per trip (``trips``). On
     CPU, XLA may emit all-reduce + dynamic-slice where a GPU emits reduce-scatter: compare
     kinds with that in mind, and bytes always.
     """
@@ -266,8 +174,11 @@ def collectives(compiled: Any, mesh: Mesh | None = None) -> list[Collective]:
 
 
 def format_collectives(records: Sequence[Collective]) -> str:
-    """A compact table: kind, axes, bytes per op, count (identical ops folded)."""
-    counts = Counter((r.kind, r.axes, r.bytes) for r in records)
+    """A compact table: kind, axes, bytes per op execution, executions per program run
+    (identical ops folded; an op in a loop counts once per trip)."""
+    counts: Counter = Counter()
+    for r in records:
+        counts[(r.kind, r.axes, r.op_bytes)] += r.trips
     lines = [f"{'kind':<20}{'axes':<16}{'bytes':>14}{'count':>7}"]
     for (kind, axes, n), c in sorted(counts.items(), key=lambda kv: (kv[0][0], -kv[0][2])):
         lines.append(f"{kind:<20}{','.join(axes or ()) or '-':<16}{n:>14,}{c:>7}")
@@ -291,12 +202,15 @@ def total_bytes(
     )
 
 
+def axes_key(record: Collective) -> str:
+    """``"tensor"``, ``"data"``, ``"data+tensor"`` (``"-"`` without axes): the one name of
+    the axes a collective runs over, used by bench, planner and docs."""
+    return "+".join(record.axes or ()) or "-"
+
+
 def bytes_by_axes(records: Sequence[Collective]) -> dict[str, int]:
-    """Bytes summed by the mesh axes they run over: ``{"tensor": ..., "data": ...,
-    "data+tensor": ...}`` (``"-"`` for records without axes). The one grouping that bench,
-    planner and docs use."""
+    """Bytes summed by :func:`axes_key`."""
     out: dict[str, int] = {}
     for r in records:
-        key = "+".join(r.axes or ()) or "-"
-        out[key] = out.get(key, 0) + r.bytes
+        out[axes_key(r)] = out.get(axes_key(r), 0) + r.bytes
     return out

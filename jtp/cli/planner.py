@@ -18,15 +18,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
 import sys
 import time
 from typing import Any
 
+import numpy as np
+
+from jtp.cli.output import write_json
 from jtp.training.steps import PRECISIONS
 
 GB = 1e9
+# axes_key -> the planner's names; a collective over no axis (1-device groups) is free.
+AXES_KEYS = {"tensor": "tensor", "data": "data", "data+tensor": "both", "-": "tensor"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +91,7 @@ def measure(
     devices: list,
 ) -> dict[str, Any]:
     """Compile one configuration with ``n_layers`` blocks; compiler figures per device."""
-    from jtp.analysis.collectives import collectives
+    from jtp.analysis.collectives import axes_key, bytes_by_axes, collectives
     from jtp.analysis.memory import peak_memory_per_device
     from jtp.cli.recipes import LlamaTaskConfig, abstract_llama_step
 
@@ -100,21 +103,17 @@ def measure(
     compiled, mesh = abstract_llama_step(
         task_config, (config.data, config.tensor), devices, precision=precision, n_layers=n_layers
     )
-    by_axis = {"tensor": 0.0, "data": 0.0, "both": 0.0}
-    wire = {"tensor": 0.0, "data": 0.0, "both": 0.0}
-    for c in collectives(compiled, mesh):
-        axes = c.axes or ()
-        key = "both" if len(axes) > 1 else (axes[0] if axes else "tensor")
-        n = 1
-        for a in axes:
-            n *= int(mesh.shape[a])
-        by_axis[key] += c.bytes
-        wire[key] += c.bytes * _ring_factor(c.kind, n)
+    records = collectives(compiled, mesh)
+    by_axis = {AXES_KEYS[k]: float(v) for k, v in bytes_by_axes(records).items()}
+    wire = dict.fromkeys(AXES_KEYS.values(), 0.0)
+    for c in records:
+        n = int(np.prod([mesh.shape[a] for a in c.axes or ()]))
+        wire[AXES_KEYS[axes_key(c)]] += c.bytes * _ring_factor(c.kind, n)
     flops = float((compiled.cost_analysis() or {}).get("flops", 0.0))
     return {
         "memory": float(peak_memory_per_device(compiled)),
         "flops": flops,
-        **{f"bytes_{k}": v for k, v in by_axis.items()},
+        **{f"bytes_{k}": by_axis.get(k, 0.0) for k in AXES_KEYS.values()},
         **{f"wire_{k}": v for k, v in wire.items()},
     }
 
@@ -151,18 +150,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--model", default="llama3-8b", help="a jtp.models.llama preset")
     p.add_argument("--devices", type=int, default=64, help="devices in the cluster")
     p.add_argument("--devices-per-host", type=int, default=8, help="tensor groups stay in a host")
-    p.add_argument("--device-memory-gb", type=float, default=80.0, help="memory per device")
+    hw = Hardware()
+    p.add_argument("--device-memory-gb", type=float, default=hw.memory_gb, help="per device")
     p.add_argument("--global-batch", type=int, default=256, help="sequences per optimizer step")
     p.add_argument(
         "--micro-batch", type=int, default=1, help="sequences per data rank per micro-step"
     )
     p.add_argument("--seq-len", type=int, default=8192, help="tokens per sequence")
     p.add_argument("--precision", default="bf16-mixed", choices=PRECISIONS)
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak (H100: 989)")
-    p.add_argument("--compute-efficiency", type=float, default=0.5, help="fraction of peak reached")
-    p.add_argument("--intra-host-gbps", type=float, default=450.0, help="GB/s per device in a host")
+    p.add_argument("--peak-tflops", type=float, default=hw.peak_tflops, help="bf16 dense peak")
     p.add_argument(
-        "--inter-host-gbps", type=float, default=50.0, help="GB/s per device across hosts"
+        "--compute-efficiency", type=float, default=hw.compute_efficiency,
+        help="fraction of peak reached",
+    )  # fmt: skip
+    p.add_argument(
+        "--intra-host-gbps", type=float, default=hw.intra_host_gbps, help="GB/s/device in a host"
+    )
+    p.add_argument(
+        "--inter-host-gbps", type=float, default=hw.inter_host_gbps, help="GB/s/device across"
     )
     p.add_argument("--tensor", default=None, help="only these tensor sizes, e.g. 4,8")
     p.add_argument("--json", default="bench_results/plan.json", help="JSON output path")
@@ -171,9 +176,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from jtp.cli.devices import select_devices
 
     devices = select_devices(args.devices)
-    from jtp.models.llama import PRESETS
+    from jtp.cli.recipes import preset_config
 
-    model = PRESETS[args.model]
+    model = preset_config(args.model)
     hw = Hardware(args.peak_tflops, args.compute_efficiency, args.intra_host_gbps,
                   args.inter_host_gbps, args.device_memory_gb)  # fmt: skip
     configs = configurations(args.devices, args.devices_per_host, model.n_heads,
@@ -212,10 +217,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(format_plan(rows, args, best))
     payload = {"args": vars(args), "hardware": dataclasses.asdict(hw), "rows": rows,
                "recommended": best, "seconds": time.perf_counter() - t0}  # fmt: skip
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(payload, f, indent=1)
+    write_json(args.json, payload)
     return payload
 
 
@@ -236,7 +238,7 @@ def format_plan(rows: list[dict[str, Any]], args: argparse.Namespace, best: dict
         "|---|" + "|".join("-" * (w + 2) for w in (22, 5, 9, 8, 4, 14, 12, 12, 15)) + "|",
     ]
     for r in rows:
-        mark = "*" if r is best else " "
+        mark = "*" if best is not None and r["label"] == best["label"] else " "
         lines.append(
             f"| {mark} | {r['label']:<22} | {r['accumulate']:>5} | "
             f"{r['memory_bytes'] / GB:>9.2f} | "

@@ -15,7 +15,7 @@ from jax.sharding import Mesh, PartitionSpec
 from jtp.analysis.abstract import abstract_train_step
 from jtp.mesh import ModelParallelStrategy
 from jtp.models import FeedForward
-from jtp.models.llama import PRESETS, Llama, cross_entropy
+from jtp.models.llama import PRESETS, Llama, LlamaConfig, cross_entropy
 from jtp.models.plans import check_llama, feedforward, llama
 from jtp.parallel.parallelize import sharded_init
 from jtp.training.data import DataLoader
@@ -72,6 +72,13 @@ class FeedForwardTask(TrainModule):
     val_dataloader = train_dataloader
 
 
+def preset_config(name: str) -> LlamaConfig:
+    """The :class:`LlamaConfig` of a preset name; an unknown name lists the presets."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown Llama preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaTaskConfig:
     preset: str = "tiny"  # key of jtp.models.llama.PRESETS
@@ -91,21 +98,22 @@ class LlamaTask(TrainModule):
 
     def __init__(self, config: LlamaTaskConfig = LlamaTaskConfig()):
         self.config = config
-        self.model_config = dataclasses.replace(PRESETS[config.preset], remat=config.remat)
+        self.model_config = dataclasses.replace(preset_config(config.preset), remat=config.remat)
         self.plan = llama(
             sequence_parallel=config.sequence_parallel, loss_parallel=config.loss_parallel
         )
 
-    def model_factory(self) -> Callable[[], Llama]:
-        mc, seed = self.model_config, self.config.seed
-        return lambda: Llama(mc, rngs=nnx.Rngs(seed))
+    def model_factory(self, mesh: Mesh | None = None) -> Callable[[], Llama]:
+        """The model's factory; given ``mesh``, first check that the plan applies there
+        (heads, and the sequence under sequence parallelism, divisible by the tensor size)."""
+        mc, c = self.model_config, self.config
+        if mesh is not None:
+            check_llama(mc, mesh, seq_len=c.seq_len, sequence_parallel=c.sequence_parallel)
+        return lambda: Llama(mc, rngs=nnx.Rngs(c.seed))
 
     def configure_model(self, mesh: Mesh) -> nnx.Module:
-        c = self.config
-        check_llama(
-            self.model_config, mesh, seq_len=c.seq_len, sequence_parallel=c.sequence_parallel
-        )
-        return sharded_init(self.model_factory(), mesh, self.plan, fsdp=c.fsdp)
+        factory = self.model_factory(mesh)
+        return sharded_init(factory, mesh, self.plan, fsdp=self.config.fsdp)
 
     def activation_rules(self) -> Mapping[str, PartitionSpec]:
         return self.plan.activations
@@ -142,24 +150,22 @@ def abstract_llama_step(
     *,
     precision: str = "32-true",
     n_layers: int | None = None,
-) -> tuple[jax.stages.Compiled, Any]:
+    accumulate: int = 1,
+) -> tuple[jax.stages.Compiled, Mesh]:
     """The compiled Llama train step for ``LlamaTaskConfig`` ``config`` on a (data, tensor)
     mesh over the first devices, optionally with ``n_layers`` blocks; and that mesh.
 
-    One global batch of ``config.batch_size`` sequences of ``config.seq_len + 1`` tokens.
-    Shared by ``python -m jtp.bench llama`` and the planner.
+    One optimizer step over ``accumulate`` global batches of ``config.batch_size``
+    sequences of ``config.seq_len + 1`` tokens. Shared by ``python -m jtp.bench llama`` and
+    the planner.
     """
     task = LlamaTask(config)
     if n_layers is not None:
         task.model_config = dataclasses.replace(task.model_config, n_layers=n_layers)
     strategy = ModelParallelStrategy(*shape, devices=devices[: shape[0] * shape[1]])
-    check_llama(
-        task.model_config, strategy.mesh, seq_len=config.seq_len,
-        sequence_parallel=config.sequence_parallel,
-    )  # fmt: skip
     batch = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1), jnp.int32)
     compiled = abstract_train_step(
-        task, strategy, batch, factory=task.model_factory(), plan=task.plan,
-        fsdp=config.fsdp, precision=precision,
+        task, strategy, batch, factory=task.model_factory(strategy.mesh), plan=task.plan,
+        fsdp=config.fsdp, precision=precision, accumulate_grad_batches=accumulate,
     )  # fmt: skip
     return compiled, strategy.mesh

@@ -17,11 +17,11 @@ prints the peak memory per device at the end.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Any
 
+from jtp.cli.output import write_json
 from jtp.training.steps import PRECISIONS
 
 
@@ -38,11 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="devices to use; on CPU, force this many host devices (before jax starts)",
     )
     p.add_argument(
-        "--data-parallel", default="auto", help="size of the 'data' mesh axis, or 'auto'"
+        "--data-parallel",
+        type=_size,
+        default="auto",
+        help="size of the 'data' mesh axis, or 'auto'",
     )
     p.add_argument(
-        "--tensor-parallel", default="auto", help="size of the 'tensor' mesh axis, or 'auto'"
-    )
+        "--tensor-parallel", type=_size, default="auto",
+        help="size of the 'tensor' mesh axis, or 'auto'",
+    )  # fmt: skip
     p.add_argument("--fsdp", action="store_true", help="2D: also shard params over 'data'")
     p.add_argument(
         "--model", choices=("feedforward", "llama"), default="feedforward", help="what to train"
@@ -104,7 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _size(value: str) -> int | str:
-    return value if value == "auto" else int(value)
+    """An argparse type for mesh axis sizes: 'auto' or a positive int."""
+    if value == "auto":
+        return value
+    try:
+        size = int(value)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not 'auto' or a positive integer")
+    return size
 
 
 def _init_distributed(args: argparse.Namespace) -> bool:
@@ -143,12 +156,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import jax
 
-    import jtp
     from jtp.cli.recipes import FeedForwardConfig, FeedForwardTask, LlamaTask, LlamaTaskConfig
-    from jtp.mesh import mesh_shape
+    from jtp.mesh import ModelParallelStrategy, mesh_shape
+    from jtp.training.trainer import Trainer
 
-    strategy = jtp.ModelParallelStrategy(
-        _size(args.data_parallel), _size(args.tensor_parallel), fsdp=args.fsdp, devices=devices
+    strategy = ModelParallelStrategy(
+        args.data_parallel, args.tensor_parallel, fsdp=args.fsdp, devices=devices
     )
     common = dict(
         samples=args.samples, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
@@ -169,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         task = FeedForwardTask(
             FeedForwardConfig(dim=args.dim, hidden_dim=args.hidden_dim, **common)
         )
-    trainer = jtp.Trainer(
+    trainer = Trainer(
         strategy,
         max_epochs=args.max_epochs,
         max_steps=args.max_steps,
@@ -213,10 +226,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "process_index": jax.process_index(),
         "process_count": jax.process_count(),
     }
-    if args.metrics_json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.metrics_json)), exist_ok=True)
-        with open(args.metrics_json, "w") as f:
-            json.dump(metrics, f, indent=1)
+    write_json(args.metrics_json, metrics, announce=False)
     return metrics
 
 

@@ -23,8 +23,13 @@ import orbax.checkpoint as ocp
 
 from jtp.parallel.abstract import abstract_array, abstract_tree
 from jtp.parallel.names import leaf_names
+from jtp.training.agree import agree_min
 
 log = logging.getLogger("jtp.training.checkpoint")
+
+# What an unreadable checkpoint raises (missing or truncated files, bad JSON, a tensorstore
+# read error): only these mean "damaged, try an older step". Anything else propagates.
+DAMAGED = (OSError, ValueError, KeyError)
 
 _KEY_SUFFIX = "#key_data"  # typed PRNG keys are stored as their raw uint32 data
 
@@ -145,20 +150,44 @@ class Checkpointer:
                     "model configuration"
                 )
 
+    def _readable(self, step: int) -> bool:
+        """This process can read ``step``'s metadata (a damaged or missing file: False)."""
+        try:
+            self._manager.item_metadata(step)
+            return True
+        except DAMAGED as err:
+            log.warning("checkpoint step %s is unreadable here (%s)", step, err)
+            return False
+
+    def _agreed_step(self, candidates: list[int]) -> int | None:
+        """The newest of ``candidates`` that every process can read (None: none is).
+
+        Processes may see different damage (a transient read error on one host): each
+        proposes its newest readable step at or below a bound, all take the smallest
+        proposal, and keep it only if every process can read it; else the bound drops
+        below it. Every process runs the same rounds, so all return the same step.
+        """
+        local, bound = {s for s in candidates if self._readable(s)}, max(candidates, default=-1)
+        while bound >= 0:
+            step = agree_min(max((s for s in local if s <= bound), default=-1))
+            if step < 0 or agree_min(int(step in local)) == 1:
+                return step if step >= 0 else None
+            bound = step - 1
+        return None
+
     def restore(self, like: Any, step: int | None = None) -> tuple[Any, dict[str, Any], int]:
         """Restore onto the layout of ``like`` (arrays or ShapeDtypeStructs with shardings).
 
-        Without ``step``: the newest complete checkpoint; if it cannot be read (corrupted
-        files), the next older one, with a warning naming both. Shapes that do not fit
-        ``like`` are a ``ValueError`` naming the parameter (no fallback: that is a wrong
-        model, not a damaged file).
+        Without ``step``: the newest checkpoint that every process can read; a damaged one
+        (unreadable metadata or array files) is skipped, with a warning, for the next older
+        one, and all processes skip it together. Shapes that do not fit ``like`` are a
+        ``CheckpointMismatchError`` naming the parameter (no fallback: that is a wrong
+        model, not a damaged file). Every process must call it.
         """
         target = abstract_tree(flatten_state(like))
-        steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
-        if not steps:
-            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
-        errors = []
-        for s in steps:
+        candidates = [step] if step is not None else sorted(self.all_steps(), reverse=True)
+        skipped: list[int] = []
+        while (s := self._agreed_step(candidates)) is not None:
             try:
                 names = self._saved_names(s, target)
                 saved_target = {names[n]: a for n, a in target.items()}
@@ -168,21 +197,24 @@ class Checkpointer:
                         state=ocp.args.StandardRestore(saved_target), meta=ocp.args.JsonRestore()
                     ),
                 )
+                ok = 1
             except CheckpointMismatchError:
                 raise  # the wrong model, not a damaged file: no fallback
-            except Exception as err:  # unreadable metadata or array files: damaged
-                errors.append((s, err))
-                log.warning("checkpoint step %s is unreadable (%s); trying an older one", s, err)
-                continue
-            if errors:
-                log.warning(
-                    "restored step %s instead of damaged step(s) %s", s, [e[0] for e in errors]
-                )
-            flat = {n: out["state"][names[n]] for n in target}
-            return unflatten_state(flat, like), dict(out["meta"]), s
-        raise RuntimeError(
-            f"no readable checkpoint in {self.directory}: "
-            + "; ".join(f"step {s}: {e}" for s, e in errors)
+            except DAMAGED as err:
+                log.warning("checkpoint step %s is damaged (%s); trying an older one", s, err)
+                ok = 0
+            if agree_min(ok) == 1:
+                if skipped or s != max(candidates):
+                    log.warning("restored step %s; newer step(s) were unreadable", s)
+                flat = {n: out["state"][names[n]] for n in target}
+                return unflatten_state(flat, like), dict(out["meta"]), s
+            skipped.append(s)
+            candidates = [c for c in candidates if c < s]
+        tried = sorted(set(self.all_steps()) | set(skipped), reverse=True)
+        raise FileNotFoundError(
+            f"no checkpoint in {self.directory} that every process can read (tried steps "
+            f"{tried or 'none: the directory holds no complete checkpoint'}); check that every "
+            "host sees the same directory, or start without resume"
         )
 
     def close(self) -> None:

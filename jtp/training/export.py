@@ -52,7 +52,10 @@ def load_consolidated(
     if mesh is None:
         model = model_or_factory
         if not isinstance(model, nnx.Module):
-            raise ValueError("load_consolidated without a mesh takes a built model")
+            raise ValueError(
+                "load_consolidated without a mesh takes a built model; pass the model, or "
+                "a factory together with mesh and plan"
+            )
     else:
         model = sharded_init(model_or_factory, mesh, plan or {}, fsdp=fsdp)
     with safe_open(path, framework="numpy") as f:
@@ -61,7 +64,14 @@ def load_consolidated(
         for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
             name, current = path_str(p), var.get_value()
             if name not in keys:
-                raise ValueError(f"{path} has no parameter {name!r}")
+                held = sorted(keys)
+                shown = ", ".join(held[:20]) + (
+                    f", ... ({len(held)} in all)" if len(held) > 20 else ""
+                )
+                raise ValueError(
+                    f"{path} has no parameter {name!r}; it holds: {shown}. It was saved from "
+                    "another model (or an older one): load it into the model it came from"
+                )
             shape = tuple(f.get_slice(name).get_shape())
             if shape != tuple(current.shape):
                 raise ValueError(

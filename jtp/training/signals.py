@@ -18,7 +18,8 @@ import threading
 from collections.abc import Iterator
 
 import jax
-import numpy as np
+
+from jtp.training.agree import agree_max
 
 
 class StopRequest:
@@ -63,15 +64,6 @@ def _runtime_preemption(step: int) -> bool:
         return bool(multihost_utils.reached_preemption_sync_point(step))
     except RuntimeError:  # the service is not enabled in this runtime
         return False
-
-
-def agree_max(value: int) -> int:
-    """The largest ``value`` over all processes: one all-gather of one int32 each."""
-    if jax.process_count() == 1:
-        return value
-    from jax.experimental import multihost_utils
-
-    return int(np.max(multihost_utils.process_allgather(np.int32(value))))
 
 
 class StopAgreement:

@@ -243,7 +243,14 @@ def test_explicit_collectives_and_loop_bodies():
         P(DATA, None),
     )
     (coll,) = collectives(_compile(loop, x), mesh)
-    assert (coll.kind, coll.axes, coll.bytes) == ("all-reduce", (TENSOR,), 4 * K * 4)
+    # The op sits in the loop body once and runs 3 times per program run: counted 3 times.
+    assert (coll.kind, coll.axes, coll.op_bytes, coll.trips) == (
+        "all-reduce",
+        (TENSOR,),
+        4 * K * 4,
+        3,
+    )
+    assert coll.bytes == 3 * 4 * K * 4
     assert "main" not in coll.computation and "while" in coll.op_name
 
 
@@ -285,3 +292,50 @@ def test_peak_memory_is_arguments_outputs_temps_minus_aliases():
 def test_device_peak_bytes_is_none_on_cpu():
     assert jax.devices()[0].memory_stats() is None
     assert device_peak_bytes() is None
+
+
+NESTED_LOOPS = """\
+HloModule m, num_partitions=8
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  ROOT %s = f32[] add(%x, %y)
+}
+
+%inner_body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %ar = f32[8]{0} all-reduce(%v), channel_id=1, replica_groups=[4,2]<=[8], to_apply=%add
+}
+
+%inner_cond (p: (s32[], f32[8])) -> pred[] {
+  ROOT %c = pred[] compare(%i, %n), direction=LT
+}
+
+%outer_body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %w = (s32[], f32[8]) while(%t), condition=%inner_cond, body=%inner_body, backend_config={"known_trip_count":{"n":"2"}}
+  %ag = f32[16]{0} all-gather(%v), channel_id=2, replica_groups=[4,2]<=[8], dimensions={0}
+}
+
+%outer_cond (p: (s32[], f32[8])) -> pred[] {
+  ROOT %c = pred[] compare(%i, %n), direction=LT
+}
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %loop = (s32[], f32[8]) while(%t), condition=%outer_cond, body=%outer_body, backend_config={"known_trip_count":{"n":"3"}}
+  %top = f32[8]{0} all-reduce(%a), channel_id=3, replica_groups=[4,2]<=[8], to_apply=%add
+}
+"""
+
+
+def test_collectives_in_loops_count_once_per_trip():
+    from jtp.analysis.hlo import computation_trips
+
+    trips = computation_trips(NESTED_LOOPS)
+    assert trips["main"] == 1 and trips["outer_body"] == 3 and trips["inner_body"] == 6
+    assert trips["outer_cond"] == 4 and trips["inner_cond"] == 9  # a condition runs n + 1 times
+    by_name = {r.instruction: r for r in parse_hlo(NESTED_LOOPS)}
+    assert (by_name["ar"].trips, by_name["ar"].bytes, by_name["ar"].op_bytes) == (6, 6 * 32, 32)
+    assert (by_name["ag"].trips, by_name["ag"].bytes) == (3, 3 * 64)
+    assert (by_name["top"].trips, by_name["top"].bytes) == (1, 32)
+    assert by_name["ar"].computation == "inner_body"
+    rows = [line.split() for line in format_collectives(list(by_name.values())).splitlines()]
+    assert ["all-reduce", "-", "32", "7"] in rows  # 6 loop trips + 1 at top level
+    assert ["all-gather", "-", "64", "3"] in rows

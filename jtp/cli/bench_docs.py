@@ -1,0 +1,92 @@
+"""``python -m jtp.bench docs [--check]``: the docs' figures, rendered from the JSON.
+
+Every figure table in ``docs/*.md`` sits between two markers naming its JSON::
+
+    <!-- bench:memory bench_results/memory.json -->
+    ```
+    ...table...
+    ```
+    <!-- /bench -->
+
+and is rewritten here by the same formatter the benchmark printed it with, so a table can
+never drift from its JSON (``--check`` fails instead of writing; the test suite runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from argparse import Namespace
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+BLOCK = re.compile(
+    r"(<!-- bench:(?P<kind>[\w-]+) (?P<json>\S+) -->\n)(?P<body>.*?)(<!-- /bench -->)", re.S
+)
+
+
+def _memory(p: dict[str, Any]) -> str:
+    from jtp.cli.bench_memory import format_memory
+
+    return format_memory(p["rows"], p["dim"])
+
+
+def _overhead(p: dict[str, Any]) -> str:
+    from jtp.cli.bench_overhead import format_overhead
+
+    return format_overhead(p)
+
+
+def _llama(p: dict[str, Any]) -> str:
+    from jtp.cli.bench_llama import format_llama
+
+    return format_llama(p["rows"])
+
+
+def _plan(p: dict[str, Any]) -> str:
+    from jtp.cli.planner import format_plan
+
+    return format_plan(p["rows"], Namespace(**p["args"]), p["recommended"])
+
+
+RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "memory": _memory,
+    "overhead": _overhead,
+    "llama": _llama,
+    "plan": _plan,
+}
+
+
+def render(text: str, root: Path) -> str:
+    """``text`` with every bench block re-rendered from its JSON (paths from ``root``)."""
+
+    def block(m: re.Match) -> str:
+        kind = m.group("kind")
+        if kind not in RENDERERS:
+            raise ValueError(f"unknown bench block {kind!r}; known: {sorted(RENDERERS)}")
+        payload = json.loads((root / m.group("json")).read_text())
+        machine = payload.get("machine")
+        note = f"Measured on: {machine}.\n" if machine else ""
+        return f"{m.group(1)}{note}```\n{RENDERERS[kind](payload)}\n```\n{m.group(5)}"
+
+    return BLOCK.sub(block, text)
+
+
+def docs(args: argparse.Namespace) -> dict[str, Any]:
+    root = Path(args.root)
+    stale = []
+    for path in sorted((root / "docs").glob("*.md")) + [root / "README.md"]:
+        text = path.read_text()
+        new = render(text, root)
+        if new != text:
+            stale.append(str(path.relative_to(root)))
+            if not args.check:
+                path.write_text(new)
+    verb = "out of date" if args.check else "rewritten"
+    print(f"{verb}: {', '.join(stale)}" if stale else "docs figures match their JSON")
+    if args.check and stale:
+        sys.exit(1)
+    return {"stale": stale}

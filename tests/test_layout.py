@@ -1,0 +1,115 @@
+"""The package layout holds: library code never imports the programs, no module imports a
+package it lives in, there is no import cycle (function-level imports count,
+``TYPE_CHECKING`` ones don't), modules stay small, and the tests mirror the packages."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "jtp"
+ENTRY_POINTS = {"jtp.train", "jtp.bench", "jtp.plan", "jtp.prepare"}  # `python -m` shims
+MAX_LINES = 300
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(PKG.rglob("*.py"))}
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _imports(path: Path) -> set[str]:
+    """jtp modules imported anywhere in the file (``from a import b`` counts ``a.b`` when
+    that is a module, else ``a``), skipping ``if TYPE_CHECKING:`` blocks."""
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if sub in MODULES else node.module)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
+    return {m for m in found if m == "jtp" or m.startswith("jtp.")}
+
+
+GRAPH = {name: _imports(path) for name, path in MODULES.items()}
+
+
+def _is_library(name: str) -> bool:
+    return not (name.startswith("jtp.cli") or name in ENTRY_POINTS)
+
+
+def test_library_never_imports_the_programs():
+    bad = {m: sorted(i for i in deps if i.startswith("jtp.cli")) for m, deps in GRAPH.items()}
+    assert not {m: d for m, d in bad.items() if d and _is_library(m)}
+
+
+def test_no_module_imports_a_package_it_lives_in():
+    bad = {}
+    for name, deps in GRAPH.items():
+        parts = name.split(".")
+        if name == "jtp":
+            continue  # the root re-exports its subpackages: that is its whole job
+        ancestors = {".".join(parts[:i]) for i in range(1, len(parts))}
+        if hits := sorted(deps & ancestors):
+            bad[name] = hits
+    assert not bad, bad
+
+
+def test_no_import_cycle():
+    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+    stack: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for d in sorted(GRAPH.get(m, ())):
+            if d not in GRAPH:
+                continue
+            if state.get(d) == 1:
+                pytest.fail("import cycle: " + " -> ".join(stack[stack.index(d) :] + [d]))
+            if d not in state:
+                visit(d)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(GRAPH):
+        if m not in state:
+            visit(m)
+
+
+def test_modules_are_small():
+    big = {n: len(p.read_text().splitlines()) for n, p in MODULES.items()}
+    assert not {n: lines for n, lines in big.items() if lines > MAX_LINES}
+
+
+def test_tests_mirror_the_packages():
+    packages = {p.parent.name for p in PKG.glob("*/__init__.py")}
+    assert packages == {"analysis", "cli", "models", "parallel", "training"}
+    assert all((ROOT / "tests" / name).is_dir() for name in packages)
+
+
+def test_the_checker_sees_function_level_imports():
+    """A guard on the guard: the CLI's lazy imports inside main() are in the graph."""
+    assert "jtp.cli.recipes" in GRAPH["jtp.cli.train"]
