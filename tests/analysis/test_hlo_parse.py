@@ -310,7 +310,7 @@ HloModule m, num_partitions=8
 }
 
 %outer_body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
-  %w = (s32[], f32[8]) while(%t), condition=%inner_cond, body=%inner_body, backend_config={"known_trip_count":{"n":"2"}}
+  %w = (s32[], f32[8]) while(%t), condition=%inner_cond, body=%inner_body, TRIPS2
   %ag = f32[16]{0} all-gather(%v), channel_id=2, replica_groups=[4,2]<=[8], dimensions={0}
 }
 
@@ -319,10 +319,14 @@ HloModule m, num_partitions=8
 }
 
 ENTRY %main (a: f32[8]) -> f32[8] {
-  %loop = (s32[], f32[8]) while(%t), condition=%outer_cond, body=%outer_body, backend_config={"known_trip_count":{"n":"3"}}
+  %loop = (s32[], f32[8]) while(%t), condition=%outer_cond, body=%outer_body, TRIPS3
   %top = f32[8]{0} all-reduce(%a), channel_id=3, replica_groups=[4,2]<=[8], to_apply=%add
 }
 """
+for _n in (2, 3):  # XLA's annotation of a loop with static bounds
+    NESTED_LOOPS = NESTED_LOOPS.replace(
+        f"TRIPS{_n}", f'backend_config={{"known_trip_count":{{"n":"{_n}"}}}}'
+    )
 
 
 def test_collectives_in_loops_count_once_per_trip():
