@@ -30,7 +30,6 @@ def abstract_train_step(
     *,
     factory: Callable[[], nnx.Module],
     plan: Plan,
-    fsdp: bool = False,
     **trainer_options: Any,
 ) -> jax.stages.Compiled:
     """The compiled train step ``Trainer(strategy, **trainer_options).fit(module)`` would run.
@@ -42,13 +41,13 @@ def abstract_train_step(
       batch: pytree of ``jax.ShapeDtypeStruct`` for one global loader batch (sharded or
         not; it is given the loader's ``P("data", ...)`` layout if it has no sharding). The
         step takes ``accumulate_grad_batches`` of them, as ``fit`` does.
-      factory, plan, fsdp: what ``jtp.sharded_init`` would get.
+      factory, plan: what ``jtp.sharded_init`` would get, with ``strategy.fsdp``.
     """
     trainer = Trainer(
         strategy, logger=None, enable_progress_bar=False, report_memory=False, **trainer_options
     )
     mesh = strategy.mesh
-    model = abstract_sharded(nnx.eval_shape(factory), mesh, plan, fsdp=fsdp)
+    model = abstract_sharded(nnx.eval_shape(factory), mesh, plan, fsdp=strategy.fsdp)
     rules = module.activation_rules()
     trainer.setup(
         module, model=model, rules=rules if rules is not None else activation_rules_of(plan)

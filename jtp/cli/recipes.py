@@ -162,10 +162,12 @@ def abstract_llama_step(
     task = LlamaTask(config)
     if n_layers is not None:
         task.model_config = dataclasses.replace(task.model_config, n_layers=n_layers)
-    strategy = ModelParallelStrategy(*shape, devices=devices[: shape[0] * shape[1]])
+    strategy = ModelParallelStrategy(
+        *shape, fsdp=config.fsdp, devices=devices[: shape[0] * shape[1]]
+    )
     batch = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1), jnp.int32)
     compiled = abstract_train_step(
         task, strategy, batch, factory=task.model_factory(strategy.mesh), plan=task.plan,
-        fsdp=config.fsdp, precision=precision, accumulate_grad_batches=accumulate,
+        precision=precision, accumulate_grad_batches=accumulate,
     )  # fmt: skip
     return compiled, strategy.mesh

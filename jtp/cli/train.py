@@ -74,7 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
     p.add_argument("--seed", type=int, default=0, help="init and data-order seed")
-    p.add_argument("--log-every", type=int, default=10, help="metric fetch/log interval")
+    p.add_argument("--log-every", type=int, default=10, help="metric fetch/log interval (steps)")
+    p.add_argument(
+        "--accumulate-grad-batches", type=int, default=1,
+        help="loader batches per optimizer step (looped inside the compiled step)",
+    )  # fmt: skip
     p.add_argument("--root-dir", default="runs", help="run directory root (metrics.csv)")
     p.add_argument("--no-progress", action="store_true", help="turn the progress bar off")
     p.add_argument(
@@ -100,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
     d.add_argument("--num-processes", type=int, default=None, help="processes in the job")
     d.add_argument("--process-id", type=int, default=None, help="this process's index")
+    d.add_argument(
+        "--stop-check-every", type=int, default=None,
+        help="agree on SIGTERM/SIGINT across processes every N steps (default: --log-every)",
+    )  # fmt: skip
     d.add_argument(
         "--heartbeat-timeout", type=int, default=20,
         help="seconds without a heartbeat before a peer counts as dead (then all exit)",
@@ -187,6 +195,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         max_epochs=args.max_epochs,
         max_steps=args.max_steps,
         log_every_n_steps=args.log_every,
+        accumulate_grad_batches=args.accumulate_grad_batches,
+        stop_check_every_n_steps=args.stop_check_every,
         enable_progress_bar=not args.no_progress,
         default_root_dir=args.root_dir,
         seed=args.seed,

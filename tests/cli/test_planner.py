@@ -34,22 +34,30 @@ def test_per_layer_linearity(config):
             assert predicted[key] == value, key
 
 
-def test_planner_equals_the_trainers_compiled_step():
-    config = Config(2, 4, fsdp=True, sequence_parallel=True, remat=False)
-    planned = measure(config, "tiny", 2, SEQ, 4, "32-true", jax.devices())
+@pytest.mark.parametrize(
+    "fsdp,k", [(True, 1), (True, 4), (False, 4)], ids=["fsdp-k1", "fsdp-k4", "tp-k4"]
+)
+def test_planner_equals_the_trainers_compiled_step(fsdp, k):
+    """The planner compiles what fit runs, accumulation included: same memory (the
+    accumulation buffer counted), same bytes per optimizer step, k times the FLOPs XLA
+    counts for the program (whose loop body, one micro-batch, it counts once)."""
+    config = Config(2, 4, fsdp=fsdp, sequence_parallel=True, remat=False)
+    planned = measure(config, "tiny", 2, SEQ, 4, "32-true", jax.devices(), k)
     task = LlamaTask(
-        LlamaTaskConfig(seq_len=SEQ, batch_size=8, samples=16, fsdp=True,
+        LlamaTaskConfig(seq_len=SEQ, batch_size=8, samples=8 * k, fsdp=fsdp,
                         sequence_parallel=True, loss_parallel=True)
     )  # fmt: skip
     trainer = jtp.Trainer(
-        jtp.ModelParallelStrategy(2, 4), max_steps=1, logger=None, enable_progress_bar=False,
-        report_memory=False,
+        jtp.ModelParallelStrategy(2, 4, fsdp=fsdp), max_steps=1, logger=None,
+        enable_progress_bar=False, report_memory=False, accumulate_grad_batches=k,
     )  # fmt: skip
     trainer.fit(task)
+    assert trainer.global_step == 1
     assert planned["memory"] == trainer.peak_memory_bytes_per_device
     colls = jtp.collectives(trainer.compiled_step, trainer.mesh)
     assert planned["bytes_tensor"] == sum(c.bytes for c in colls if c.axes == ("tensor",))
     assert planned["bytes_data"] == sum(c.bytes for c in colls if c.axes == ("data",))
+    assert planned["flops"] == k * trainer.compiled_step.cost_analysis()["flops"]
 
 
 def test_configurations_respect_heads_hosts_and_batch():

@@ -234,8 +234,8 @@ def test_abstract_step_is_the_trainers_step():
     trainer.fit(LlamaTask(config))
     task = LlamaTask(config)
     compiled = abstract_train_step(
-        task, jtp.ModelParallelStrategy(2, 4), jax.ShapeDtypeStruct((8, 33), np.int32),
-        factory=task.model_factory(), plan=task.plan, fsdp=True,
+        task, jtp.ModelParallelStrategy(2, 4, fsdp=True), jax.ShapeDtypeStruct((8, 33), np.int32),
+        factory=task.model_factory(), plan=task.plan,
     )  # fmt: skip
     assert jtp.memory_breakdown(compiled) == jtp.memory_breakdown(trainer.compiled_step)
     mesh = trainer.mesh

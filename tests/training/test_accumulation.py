@@ -114,3 +114,20 @@ def test_fsdp_default_reduces_per_micro_batch_as_documented():
     assert [r.op_bytes for r in after_loop] == [grad_shard_bytes]
     temps = {n: jtp.memory_breakdown(c)["temps"] for n, c in [("m", per_micro), ("s", per_step)]}
     assert temps["s"] > temps["m"]
+
+
+def test_resume_mid_epoch_when_k_does_not_divide_the_epoch(tmp_path):
+    """5 batches per epoch, k = 2: step 3 takes epoch 0's last batch and epoch 1's first.
+    Stopping after it and resuming continues bitwise (same mesh) with the next group."""
+    from jtp.cli.train import main
+
+    common = ["--dim", "16", "--hidden-dim", "64", "--samples", "40", "--batch-size", "8",
+              "--max-epochs", "2", "--accumulate-grad-batches", "2", "--no-progress",
+              "--root-dir", str(tmp_path / "runs"), "--data-parallel", "2"]  # fmt: skip
+    ck = ["--checkpoint-dir", str(tmp_path / "ck")]
+    a = main([*common, *ck, "--max-steps", "3"])
+    assert jtp.Checkpointer(str(tmp_path / "ck")).all_steps() == [3]
+    b = main([*common, *ck, "--resume"])
+    full = main(common)
+    assert full["steps"] == 5 and a["steps"] == 3 and b["first_step"] == 3 and b["steps"] == 2
+    assert a["losses"] + b["losses"] == full["losses"]  # bitwise

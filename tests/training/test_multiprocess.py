@@ -52,7 +52,9 @@ def _stop(procs: list[subprocess.Popen]) -> None:
         p.wait(timeout=30)
 
 
-def _launch(tmp: Path, n: int, args: list[str], tag: str) -> list[subprocess.Popen]:
+def _launch(
+    tmp: Path, n: int, args: list[str], tag: str, program: list[str] | None = None
+) -> list[subprocess.Popen]:
     port = _port()
     return [
         _start(
@@ -72,6 +74,7 @@ def _launch(tmp: Path, n: int, args: list[str], tag: str) -> list[subprocess.Pop
                 *args,
             ],
             tmp / f"{tag}{i}.log",
+            program=program,
         )  # fmt: skip
         for i in range(n)
     ]
@@ -190,3 +193,59 @@ def test_check_replicas_across_processes(tmp_path, mode):
         for log in logs:
             assert "step 1: devices that must hold the same rows" in log
             assert "(process 0)" in log and "(process 1)" in log
+
+
+MP_ARGS = ["--dim", "64", "--hidden-dim", "256", "--data-parallel", "2", "--tensor-parallel", "4",
+           "--no-progress", "--log-every", "1"]  # fmt: skip
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
+    """A preemption notice that reaches one process only: both agree, save the same step
+    once, exit 143 within 60 s; a resume of both continues to an uninterrupted run's losses."""
+    ck = str(tmp_path / "ck")
+    args = [*MP_ARGS, "--samples", "8192", "--checkpoint-dir", ck]
+    procs = _launch(tmp_path, 2, args, "a")
+    try:
+        deadline = time.time() + 120
+        while "step" not in _metrics_rows(tmp_path):
+            assert all(p.poll() is None for p in procs), _log(tmp_path, "a0.log")
+            assert time.time() < deadline, _log(tmp_path, "a0.log")
+            time.sleep(0.05)
+        t0 = time.time()
+        procs[1].send_signal(signal.SIGTERM)  # process 0 never gets a signal
+        codes = _wait(procs, timeout=60)
+        assert codes == [143, 143], _log(tmp_path, "a0.log") + _log(tmp_path, "a1.log")
+        assert time.time() - t0 < 60
+    finally:
+        _stop(procs)
+    steps = jtp.Checkpointer(ck).all_steps()
+    assert len(steps) == 1 and 0 < steps[0] < 1024, steps  # one step, saved once, together
+    resumed = _launch(tmp_path, 2, [*args, "--resume", "--max-steps", str(steps[0] + 6)], "b")
+    assert _wait(resumed) == [0, 0], _log(tmp_path, "b0.log") + _log(tmp_path, "b1.log")
+    b = [json.loads((tmp_path / f"b{i}.json").read_text()) for i in range(2)]
+    assert b[0]["first_step"] == b[1]["first_step"] == steps[0]
+    full = _launch(
+        tmp_path, 2, [*MP_ARGS, "--samples", "8192", "--max-steps", str(steps[0] + 6)], "c"
+    )
+    assert _wait(full) == [0, 0], _log(tmp_path, "c0.log")
+    c = json.loads((tmp_path / "c0.json").read_text())
+    assert b[0]["losses"] == b[1]["losses"] == c["losses"][steps[0] :]  # bitwise
+
+
+def _metrics_rows(tmp: Path) -> str:
+    found = sorted((tmp / "runs").glob("version_*/metrics.csv"))
+    return found[0].read_text() if found else ""
+
+
+def test_restore_agrees_when_one_process_cannot_read_the_newest_step(tmp_path):
+    ck = str(tmp_path / "ck")
+    args = [*MP_ARGS, "--samples", "64", "--max-epochs", "2", "--checkpoint-dir", ck]
+    first = _launch(tmp_path, 2, [*args, "--max-steps", "7", "--checkpoint-every", "3"], "a")
+    assert _wait(first) == [0, 0], _log(tmp_path, "a0.log")
+    assert jtp.Checkpointer(ck).all_steps() == [3, 6, 7]
+    faulty = [str(Path(__file__).with_name("fault_unreadable_newest.py"))]
+    resumed = _launch(tmp_path, 2, [*args, "--max-steps", "9", "--resume"], "b", program=faulty)
+    assert _wait(resumed) == [0, 0], _log(tmp_path, "b0.log") + _log(tmp_path, "b1.log")
+    b = [json.loads((tmp_path / f"b{i}.json").read_text()) for i in range(2)]
+    assert b[0]["first_step"] == b[1]["first_step"] == 6  # step 7 skipped by both
+    assert b[0]["losses"] == b[1]["losses"] and len(b[0]["losses"]) == 3
