@@ -18,7 +18,6 @@ import os
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from jtp.parallel.abstract import abstract_array, abstract_tree
@@ -220,12 +219,3 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
-
-
-def host_copy(tree: Any) -> Any:
-    """Whole arrays on the host, gathered from every process (for consolidated export)."""
-    from jax.experimental import multihost_utils
-
-    if jax.process_count() > 1:
-        return multihost_utils.process_allgather(tree, tiled=True)
-    return jax.tree.map(np.asarray, tree)

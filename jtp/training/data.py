@@ -123,9 +123,27 @@ class DataLoader:
         idx = np.arange(batch * self.batch_size, (batch + 1) * self.batch_size)
         return order[idx % len(order)]  # wraps only for the last batch with drop_last=False
 
+    def unique_rows(self, batch: int) -> int:
+        """Rows of global batch ``batch`` that are not wrap-around repeats: ``batch_size``
+        except for the last batch of an epoch with ``drop_last=False``."""
+        return max(0, min(self.batch_size, len(self.dataset) - batch * self.batch_size))
+
+    def padded_batches(self, epoch: int, batch: int) -> tuple[Any, Any]:
+        """Two global batches that let a mean over the unique rows be recovered from batch
+        means, for any loss that is a mean of per-row terms: ``(U + [u] * (B - r), [u] * B)``
+        where U are the r unique rows of ``batch`` and u its first row. Then
+        ``mean(U) = (B * mean(first) - (B - r) * mean(second)) / r``."""
+        r, b = self.unique_rows(batch), self.batch_size
+        unique = self.batch_indices(epoch, batch)[:r]
+        first = np.concatenate([unique, np.repeat(unique[:1], b - r)])
+        return self._load_indices(first), self._load_indices(np.repeat(unique[:1], b))
+
     def _load(self, epoch: int, batch: int) -> Any:
-        """Read this process's rows of one batch and assemble the global jax.Array(s)."""
-        indices = self.batch_indices(epoch, batch)
+        return self._load_indices(self.batch_indices(epoch, batch))
+
+    def _load_indices(self, indices: np.ndarray) -> Any:
+        """Read this process's rows of one global batch (``batch_size`` sample indices)
+        and assemble the global jax.Array(s)."""
         r = self.rows_per_rank
         local = {
             rank: self.collate([self.dataset[int(i)] for i in indices[rank * r : (rank + 1) * r]])

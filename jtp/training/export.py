@@ -7,31 +7,56 @@ loads it, and so does a sharded one: each device reads only its slice.
 
 from __future__ import annotations
 
-import os
+import contextlib
 from collections.abc import Callable
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from jtp.parallel.names import path_str
 from jtp.parallel.parallelize import sharded_init
 from jtp.parallel.plan import Plan
-from jtp.training.checkpoint import host_copy
+from jtp.training.tensor_file import TensorFileWriter
+
+
+def gathered_on_process_0(x: jax.Array) -> np.ndarray | None:
+    """The whole of a sharded array, on process 0's host; ``None`` elsewhere.
+
+    Every process takes part (the gather is one collective over the array's mesh); only
+    process 0 copies the result to host memory. Device memory holds the whole array
+    transiently, one array at a time.
+    """
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, NamedSharding) and not sharding.is_fully_replicated:
+        x = jax.jit(lambda a: a, out_shardings=NamedSharding(sharding.mesh, P()))(x)
+    if jax.process_index() != 0:
+        return None
+    return np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x)
 
 
 def save_consolidated(model: nnx.Module, path: str) -> None:
-    """Write the model's parameters, unsharded, to ``path`` (process 0 writes; atomic)."""
-    flat = {path_str(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    arrays = host_copy(flat)  # every process takes part in the gather
-    if jax.process_index() != 0:
-        return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp)
-    os.replace(tmp, path)  # readers see the old file or the whole new one
+    """Write the model's parameters, unsharded, to ``path``.
+
+    Every process must call it. Parameters are gathered one at a time; process 0 streams
+    each into the file and drops it, so no process ever holds more than one whole parameter
+    on the host (the model never exists whole anywhere). The file appears complete or not
+    at all.
+    """
+    params = [
+        (path_str(p), v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    ]
+    specs = [(name, tuple(a.shape), a.dtype) for name, a in params]
+    writer = TensorFileWriter(path, specs) if jax.process_index() == 0 else None
+    with writer or contextlib.nullcontext():
+        for name, array in params:
+            whole = gathered_on_process_0(array)
+            if writer is not None:
+                writer.write(name, whole)
+            del whole
 
 
 def load_consolidated(

@@ -16,7 +16,6 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -29,6 +28,7 @@ from jtp.parallel.activations import activation_rules
 from jtp.parallel.batch import shard_batch
 from jtp.parallel.replicas import check_replicas
 from jtp.training.checkpoint import Checkpointer
+from jtp.training.evaluate import evaluate
 from jtp.training.fit_run import FitRun
 from jtp.training.module import TrainModule
 from jtp.training.options import TrainerOptions
@@ -239,19 +239,13 @@ class Trainer:
     def _evaluate(self, module: TrainModule, hook: str, loader_hook: str, prefix: str) -> dict:
         state = self.setup(module)
         step = make_eval_step(state.graphdef, getattr(module, hook), precision=self.precision)
-        jitted = jax.jit(step, out_shardings=NamedSharding(self.mesh, P()))
-        totals: dict[str, jax.Array] = {}
-        n = 0
-        for i, batch in enumerate(getattr(module, loader_hook)()):
-            if self.options.limit_val_batches is not None and i >= self.options.limit_val_batches:
-                break
-            with self._tracing():
-                out = jitted(state.params, state.rest, self._global_batch(batch))
-            totals = out if not totals else jax.tree.map(jnp.add, totals, out)
-            n += 1
-        if n == 0:
-            raise ValueError(f"{loader_hook}() yielded no batches; give it at least one batch")
-        means = {f"{prefix}_{k}": float(v) / n for k, v in jax.device_get(totals).items()}
+        with self._tracing():
+            means = evaluate(
+                jax.jit(step, out_shardings=NamedSharding(self.mesh, P())),
+                state, getattr(module, loader_hook)(), self._global_batch,
+                limit=self.options.limit_val_batches, what=f"{loader_hook}()",
+            )  # fmt: skip
+        means = {f"{prefix}_{k}": v for k, v in means.items()}
         if self.is_global_zero and self.options.enable_progress_bar:
             print(" ".join(f"{k} {v:.4g}" for k, v in means.items()))
         return means

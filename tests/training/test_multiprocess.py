@@ -14,8 +14,10 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 import jtp
 
@@ -249,3 +251,41 @@ def test_restore_agrees_when_one_process_cannot_read_the_newest_step(tmp_path):
     b = [json.loads((tmp_path / f"b{i}.json").read_text()) for i in range(2)]
     assert b[0]["first_step"] == b[1]["first_step"] == 6  # step 7 skipped by both
     assert b[0]["losses"] == b[1]["losses"] and len(b[0]["losses"]) == 3
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_export_in_two_processes_holds_one_parameter_on_process_0_only(tmp_path, dtype):
+    """The model is never whole on any host: process 0 holds one gathered parameter at a
+    time (peak < 2x the largest, the file is streamed), process 1 none; the file equals the
+    unsharded model bitwise."""
+    port, out = _port(), str(tmp_path / f"model_{dtype}.safetensors")
+    worker = Path(__file__).with_name("mp_export_worker.py")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(worker), f"127.0.0.1:{port}", str(i), out],
+            stdout=open(tmp_path / f"e{i}.log", "w"),
+            stderr=subprocess.STDOUT,
+            env=_env(),
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    assert _wait(procs, timeout=120) == [0, 0], _log(tmp_path, "e0.log") + _log(tmp_path, "e1.log")
+    reports = [
+        json.loads(next(ln for ln in _log(tmp_path, f"e{i}.log").splitlines() if ln[:1] == "{"))
+        for i in range(2)
+    ]
+    largest = reports[0]["largest_param_bytes"]
+    assert reports[0]["peak_host_bytes"] < 2 * largest  # the model is 3 such parameters
+    assert reports[1]["peak_host_bytes"] < largest / 4  # process 1 never holds a whole one
+    param_dtype = jax.numpy.bfloat16 if dtype == "bf16" else jax.numpy.float32
+    ref = jtp.models.FeedForward(256, 1024, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+    loaded = jtp.load_consolidated(
+        out, jtp.models.FeedForward(256, 1024, param_dtype=param_dtype, rngs=nnx.Rngs(1))
+    )
+    for (_, a), (_, b) in zip(
+        nnx.to_flat_state(nnx.state(ref, nnx.Param)),
+        nnx.to_flat_state(nnx.state(loaded, nnx.Param)),
+        strict=True,
+    ):
+        assert a.get_value().dtype == b.get_value().dtype == param_dtype
+        np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()))
