@@ -13,7 +13,7 @@ import argparse
 import sys
 from typing import Any
 
-from jtp.cli import bench_docs, bench_llama, bench_memory, bench_overhead
+from jtp.cli import bench_docs, bench_llama, bench_memory, bench_multihost, bench_overhead
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lm = sub.add_parser("llama", help="Llama memory and communication per step, abstractly")
     lm.add_argument("--json", default="bench_results/llama.json", help="JSON output path")
     lm.add_argument("--no-8b", action="store_true", help="skip the llama3-8b rows")
+    mh = sub.add_parser("multihost", help="stop-agreement cost; accumulation memory vs bytes")
+    mh.add_argument("--calls", type=int, default=200, help="agreements timed per process")
+    mh.add_argument("--json", default="bench_results/multihost.json", help="JSON output path")
     dc = sub.add_parser("docs", help="re-render the docs' figure tables from bench_results JSON")
     dc.add_argument("--root", default=".", help="repository root (holds docs/, bench_results/)")
     dc.add_argument("--check", action="store_true", help="fail if a table differs; write nothing")
@@ -40,6 +43,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "memory": bench_memory.memory,
         "overhead": bench_overhead.overhead,
         "llama": bench_llama.llama,
+        "multihost": bench_multihost.multihost,
         "docs": bench_docs.docs,
     }
     return run_one[args.which](args)

@@ -52,7 +52,14 @@ def _plan(p: dict[str, Any]) -> str:
     return format_plan(p["rows"], Namespace(**p["args"]), p["recommended"])
 
 
+def _multihost(p: dict[str, Any]) -> str:
+    from jtp.cli.bench_multihost import format_multihost
+
+    return format_multihost(p)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "multihost": _multihost,
     "memory": _memory,
     "overhead": _overhead,
     "llama": _llama,

@@ -151,15 +151,19 @@ def abstract_llama_step(
     precision: str = "32-true",
     n_layers: int | None = None,
     accumulate: int = 1,
+    grad_reduce: str | None = None,
+    model_config: LlamaConfig | None = None,
 ) -> tuple[jax.stages.Compiled, Mesh]:
     """The compiled Llama train step for ``LlamaTaskConfig`` ``config`` on a (data, tensor)
     mesh over the first devices, optionally with ``n_layers`` blocks; and that mesh.
 
     One optimizer step over ``accumulate`` global batches of ``config.batch_size``
     sequences of ``config.seq_len + 1`` tokens. Shared by ``python -m jtp.bench llama`` and
-    the planner.
+    the planner. ``model_config`` replaces the preset's (a model that has no preset).
     """
     task = LlamaTask(config)
+    if model_config is not None:
+        task.model_config = model_config
     if n_layers is not None:
         task.model_config = dataclasses.replace(task.model_config, n_layers=n_layers)
     strategy = ModelParallelStrategy(
@@ -168,6 +172,6 @@ def abstract_llama_step(
     batch = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1), jnp.int32)
     compiled = abstract_train_step(
         task, strategy, batch, factory=task.model_factory(strategy.mesh), plan=task.plan,
-        precision=precision, accumulate_grad_batches=accumulate,
+        precision=precision, accumulate_grad_batches=accumulate, grad_reduce=grad_reduce,
     )  # fmt: skip
     return compiled, strategy.mesh
