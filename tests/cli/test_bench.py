@@ -21,3 +21,31 @@ def test_memory_benchmark_small(tmp_path, capsys):
             assert 1.0 <= r["ratio_to_floor"] <= 1.05, r
     printed = capsys.readouterr().out
     assert "| TP=8" in printed and "jtp/floor" in printed
+
+
+def test_docs_figures_are_rendered_from_their_json():
+    """Every figure table in docs/ and README is what the bench formatters make of the JSON
+    in bench_results/ (python -m jtp.bench docs rewrites them; --check only compares)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    assert bench_main(["docs", "--check", "--root", str(root)]) == {"stale": []}
+
+
+def test_docs_check_fails_on_a_hand_edited_table(tmp_path):
+    import pytest
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "bench_results").mkdir()
+    payload = {"benchmark": "overhead", "machine": "m", "platform": "cpu", "dim": 8, "steps": 2,
+               "repeats": 1, "best_steps_per_second": {"bare": 10.0, "trainer": 9.9},
+               "ratio": 0.99, "check_replicas_ms_per_batch": 0.1}  # fmt: skip
+    (tmp_path / "bench_results" / "o.json").write_text(json.dumps(payload))
+    (tmp_path / "README.md").write_text("")
+    doc = tmp_path / "docs" / "b.md"
+    doc.write_text("<!-- bench:overhead bench_results/o.json -->\n```\nold\n```\n<!-- /bench -->\n")
+    with pytest.raises(SystemExit):
+        bench_main(["docs", "--check", "--root", str(tmp_path)])
+    bench_main(["docs", "--root", str(tmp_path)])
+    assert "| ratio (target>=0.97) |     0.990 |" in doc.read_text()
+    bench_main(["docs", "--check", "--root", str(tmp_path)])

@@ -14,3 +14,17 @@ def test_select_devices():
         select_devices(16)
     with pytest.raises(ValueError, match="JAX_NUM_CPU_DEVICES=16"):
         select_devices(16)
+
+
+def test_cli_rejects_bad_sizes_and_presets(capsys):
+    from jtp.cli.recipes import preset_config
+    from jtp.cli.train import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--tensor-parallel", "four"])
+    assert "'four' is not 'auto' or a positive integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--data-parallel", "0"])
+    assert build_parser().parse_args(["--tensor-parallel", "4"]).tensor_parallel == 4
+    with pytest.raises(ValueError, match=r"unknown Llama preset 'llama9'; choose one of \["):
+        preset_config("llama9")
