@@ -83,6 +83,12 @@ class TPPlan:
     def __getitem__(self, key: str) -> ParallelStyle:
         return self.styles[key]
 
+    def __iter__(self):  # noqa: ANN204 - refuses, see the class docstring
+        raise TypeError(
+            "a TPPlan is not a dict: {**plan} or dict(plan) would drop its activation rules; "
+            "merge with plan | {key: style}, or iterate plan.styles"
+        )
+
     def __contains__(self, key: object) -> bool:
         return key in self.styles
 

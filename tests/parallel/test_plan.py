@@ -136,3 +136,38 @@ def test_indivisible_fsdp_dimension():
 def test_plan_not_a_dict():
     with pytest.raises(ValueError, match="plan must be a dict"):
         jtp.resolve(nnx.eval_shape(ff_factory()), jtp.make_mesh(1, 8), [("w1", FF_PLAN["w1"])])
+
+
+def test_merging_a_tpplan_keeps_its_activation_rules():
+    """The trap: `{**plan, ...}` on a dict subclass silently dropped the rules (sequence and
+    loss parallelism off). A TPPlan is not a dict: `|` keeps the rules, `**` refuses."""
+    import pytest
+
+    plan = jtp.plans.llama(sequence_parallel=True, loss_parallel=True)
+    extra = {"norm": jtp.RowwiseParallel()}
+    for merged in (plan | extra, extra | plan):
+        assert isinstance(merged, jtp.TPPlan)
+        assert merged.activations == plan.activations and "norm" in merged
+        assert merged["layers.*.attention.wq"] == plan["layers.*.attention.wq"]
+    both = plan | jtp.TPPlan({"norm": jtp.RowwiseParallel()}, {"extra": P()})
+    assert set(both.activations) == set(plan.activations) | {"extra"}
+    with pytest.raises(TypeError):
+        {**plan, **extra}  # noqa: B018
+    with pytest.raises(TypeError):
+        dict(plan)
+
+
+def test_an_activation_rule_no_mark_uses_is_an_error():
+    """A misspelt rule ("logit") must not silently switch loss parallelism off."""
+    import jax.numpy as jnp
+    import pytest
+
+    mesh = jtp.make_mesh(2, 4)
+    x = jnp.ones((8, 4))
+    with pytest.raises(ValueError, match=r"activation rules \['logit'\] matched no shard_act"):
+        with jtp.activation_rules(mesh, {"logits": P("data", None), "logit": P("data", None)}):
+            jtp.shard_activation(x, "logits")
+    with jtp.activation_rules(mesh, {"logits": P("data", None)}):  # all used: fine
+        jtp.shard_activation(x, "logits")
+    with jtp.activation_rules(mesh, {"logit": P("data", None)}):  # nothing traced: unchecked
+        pass
