@@ -90,9 +90,10 @@ def conv(m: nnx.Conv, column: bool) -> Layout:
     # kernel (*window, in // groups, out), bias (out,)
     if m.feature_group_count != 1:
         raise ValueError(
-            f"a grouped convolution (feature_group_count={m.feature_group_count}) mixes only "
-            "the channels of its own group, so neither a column nor a row split keeps the "
-            "one-all-reduce contract; lay it out with jtp.ParamSharding({'kernel': P(...)})"
+            f"no column/row layout for a grouped convolution (feature_group_count="
+            f"{m.feature_group_count}): its kernel holds in_features // groups input channels "
+            "per group, so a channel split would not line up with the input's; lay it out "
+            "with jtp.ParamSharding({'kernel': P(...)})"
         )
     ndim = _ndim(m.kernel)
     if column:

@@ -144,8 +144,8 @@ class ParamSharding(ParallelStyle):
             if name not in params:
                 have = ", ".join(f"{n} {s}" for n, s in params.items()) or "(none)"
                 raise ValueError(
-                    f"ParamSharding names parameter {name!r} (spec {spec}), which this "
-                    f"module does not have; its parameters are: {have}"
+                    f"no parameter {name!r} (spec {spec}) in this module; its parameters "
+                    f"are: {have}"
                 )
         return {name: Rule(spec, LARGEST) for name, spec in self.specs.items()}
 
