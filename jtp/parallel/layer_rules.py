@@ -15,7 +15,8 @@ layer (kernel layout)         column: "tensor" on         row: "tensor" on
 ``(*batch, *in, *out)``       its first output axis       replicated
 ``Einsum``                    first kernel dim reaching   first contracted kernel dim;
                               the output; bias follows    bias replicated
-``Conv`` ``(*window, in, out)``  out channels; bias too   in channels; bias replicated
+``Conv``                      out channels; bias too      in channels; bias replicated
+``(*window, in, out)``
 ``Embed`` ``(vocab, feat)``   features                    vocabulary rows
 ``LoRA`` ``a (in, r)``,       ``lora_b`` on out,          ``lora_a`` on in,
 ``b (r, out)``                ``lora_a`` replicated       ``lora_b`` replicated
@@ -65,19 +66,22 @@ def _ndim(param: Any) -> int:
 
 
 def linear(m: nnx.Linear, column: bool) -> Layout:
-    # kernel (in, out), bias (out,)
+    """Kernel ``(in, out)``, bias ``(out,)``: the Megatron layouts everything else mirrors."""
     if column:
         return {"kernel": split(2, 1, 0), "bias": split(1, 0, None)}
     return {"kernel": split(2, 0, 1), "bias": None}
 
 
 def embed(m: nnx.Embed, column: bool) -> Layout:
-    # embedding (vocab, features): column splits features, row the vocabulary (as torch)
+    """Table ``(vocab, features)``: column splits the features, row the vocabulary (as torch:
+    a lookup in a vocabulary shard is a partial sum, zero for ids another device holds)."""
     return {"embedding": split(2, 1, 0) if column else split(2, 0, 1)}
 
 
 def linear_general(m: nnx.LinearGeneral, column: bool) -> Layout:
-    # kernel (*batch, *in, *out), bias (*batch, *out)
+    """Kernel ``(*batch, *in, *out)``, bias ``(*batch, *out)``. The *first* output (input) axis,
+    because in ``nnx.MultiHeadAttention`` that is the heads axis of the q/k/v (out) projections,
+    and attention is independent per head: the split needs no communication in between."""
     n_batch, n_in, n_out = len(m.batch_axis), len(m.in_features), len(m.out_features)
     first_in, first_out, ndim = n_batch, n_batch + n_in, n_batch + n_in + n_out
     if column:
@@ -87,7 +91,8 @@ def linear_general(m: nnx.LinearGeneral, column: bool) -> Layout:
 
 
 def conv(m: nnx.Conv, column: bool) -> Layout:
-    # kernel (*window, in // groups, out), bias (out,)
+    """Kernel ``(*window, in // groups, out)``, bias ``(out,)``: channels are the features, for
+    any number of window dims (a convolution is a matmul over channels at each offset)."""
     if m.feature_group_count != 1:
         raise ValueError(
             f"no column/row layout for a grouped convolution (feature_group_count="
@@ -102,9 +107,11 @@ def conv(m: nnx.Conv, column: bool) -> Layout:
 
 
 def lora(m: nnx.LoRA, column: bool) -> Layout:
-    # lora_a (in, rank), lora_b (rank, out). Column: x @ a runs whole on every device (rank
-    # is small) and b splits the output like the base kernel; row: a consumes the split input
-    # and its (.., rank) partial sums join the base layer's one all-reduce.
+    """``lora_a (in, rank)``, ``lora_b (rank, out)``, laid out so the low-rank path adds no
+    collective. Column: ``x @ a`` runs whole on every device (the rank is small) and ``b``
+    splits the output like the base kernel; row: ``a`` consumes the split input and its
+    ``(..., rank)`` partial sums are reduced in the base layer's all-reduce op. A supported
+    ``base_module`` gets the same style."""
     out: Layout = {"lora_a": None, "lora_b": split(2, 1, LARGEST)}
     if not column:
         out = {"lora_a": split(2, 0, LARGEST), "lora_b": None}
@@ -115,6 +122,7 @@ def lora(m: nnx.LoRA, column: bool) -> Layout:
 
 
 def lora_linear(m: nnx.LoRALinear, column: bool) -> Layout:
+    """An ``nnx.Linear`` whose ``lora`` child follows the same style, so one key covers both."""
     return linear(m, column) | {f"lora.{k}": v for k, v in lora(m.lora, column).items()}
 
 
@@ -137,6 +145,9 @@ def _spec_str(ndim: int, dim: int) -> str:
 
 
 def einsum(m: nnx.Einsum, column: bool) -> Layout:
+    """From the einsum string: column splits the first kernel dim reaching the output (an
+    output feature), row the first one contracted with the input (a partial sum). A first
+    output dim that is also an input (batch) dim is ambiguous and raises, naming both choices."""
     lhs, rhs, out = _einsum_parts(m)
     ndim = len(rhs)
     reaching = [d for d, c in enumerate(rhs) if c in out]  # column candidates

@@ -34,7 +34,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jtp.mesh import DATA, TENSOR
-from jtp.parallel.layer_rules import LARGEST, Rule
+from jtp.parallel.layer_rules import LARGEST, Layout, Rule
 from jtp.parallel.names import path_str
 from jtp.parallel.styles import ParallelStyle
 
@@ -160,7 +160,7 @@ def match_plan(model: nnx.Module, plan: Plan) -> dict[str, tuple[str, ParallelSt
     return matched
 
 
-def _layouts(model: nnx.Module, matched: dict[str, tuple[str, ParallelStyle]]) -> dict[str, Any]:
+def _layouts(model: nnx.Module, matched: dict[str, tuple[str, ParallelStyle]]) -> dict[str, Layout]:
     """``{module_path: layout}`` of every matched module; a style's complaint gets the key."""
     modules, out = _module_table(model), {}
     for path, (key, style) in matched.items():
@@ -225,7 +225,9 @@ def _place(label: str, name: str, shape: tuple[int, ...], rule: Rule, mesh: Mesh
     return P(*(DATA if d == dim else e for d, e in enumerate(spec)))
 
 
-def _owner(path: tuple[Any, ...], matched: dict, layouts: dict) -> tuple[str, str] | None:
+def _owner(
+    path: tuple[Any, ...], matched: Mapping[str, Any], layouts: Mapping[str, Layout]
+) -> tuple[str, str] | None:
     """(module path, relative name) of the nearest matched module above variable ``path``
     whose layout names it; ``None`` if no such module (the variable is unplanned)."""
     for k in range(len(path) - 1, 0, -1):
