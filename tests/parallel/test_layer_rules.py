@@ -119,6 +119,14 @@ def test_param_sharding_fsdp_and_multi_axis():
     assert placed.spec == P(N, (D, T), N) and shard_shape(placed, mesh) == (6, 2, 8)
 
 
+def test_param_sharding_is_a_frozen_value():
+    """Equal specs, equal styles (and hashes); the specs cannot change after validation."""
+    a, b = jtp.ParamSharding({"w": P(T)}), jtp.ParamSharding({"w": P(T)})
+    assert a == b and hash(a) == hash(b) and a != jtp.ParamSharding({"w": P(N)})
+    with pytest.raises(TypeError):
+        a.specs["w"] = P(N)
+
+
 # --- bad input ------------------------------------------------------------------------------
 
 
