@@ -24,7 +24,7 @@ from jtp.parallel.optimizer import init_opt_state, opt_state_shardings
 from jtp.parallel.parallelize import parallelize, sharded_init
 from jtp.parallel.plan import Placement, TPPlan, plan_shardings, resolve
 from jtp.parallel.replicas import check_replicas
-from jtp.parallel.styles import ColwiseParallel, ParallelStyle, RowwiseParallel
+from jtp.parallel.styles import ColwiseParallel, ParallelStyle, ParamSharding, RowwiseParallel
 from jtp.training.checkpoint import Checkpointer
 from jtp.training.data import DataLoader, local_data_ranks
 from jtp.training.datasets import RandomDataset, RandomTokenDataset
@@ -47,6 +47,7 @@ __all__ = [
     "Explanation",
     "ModelParallelStrategy",
     "ParallelStyle",
+    "ParamSharding",
     "Placement",
     "RandomDataset",
     "RandomTokenDataset",

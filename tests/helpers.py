@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 import jtp
 
@@ -115,3 +116,82 @@ def make_fns(graphdef, loss_fn, tx):
         return params, opt_state
 
     return fwd_grad, train2
+
+
+class Mixer(nnx.Module):
+    """A user's own layer from raw ``nnx.Param``s: no built-in style knows it."""
+
+    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs):
+        init = nnx.initializers.lecun_normal()
+        self.w_in = nnx.Param(init(rngs.params(), (dim, hidden)))  # (D, H)
+        self.b_in = nnx.Param(nnx.initializers.normal(0.1)(rngs.params(), (hidden,)))  # (H,)
+        self.w_out = nnx.Param(init(rngs.params(), (hidden, dim)))  # (H, D)
+
+    def __call__(self, x_btd):
+        h_bth = nnx.gelu(x_btd @ self.w_in[...] + self.b_in[...])
+        return h_bth @ self.w_out[...]  # (B, T, D)
+
+
+class MixedBlock(nnx.Module):
+    """Every parameterised stock Flax layer in column -> row pairs, each pair a residual
+    branch: attention (LinearGeneral), an Einsum pair, a LoRALinear feeding a Linear, a Conv
+    pair and a raw-Param ``Mixer``. Five pairs, so five all-reduces in the forward."""
+
+    def __init__(self, dim=16, heads=8, hidden=32, rank=4, *, rngs: nnx.Rngs):
+        head_dim = hidden // heads
+        self.norm = nnx.LayerNorm(dim, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(heads, dim, decode=False, rngs=rngs)
+        self.e_up = nnx.Einsum(
+            "btd,dnh->btnh", (dim, heads, head_dim), (heads, head_dim), rngs=rngs
+        )
+        self.e_down = nnx.Einsum("btnh,nhd->btd", (heads, head_dim, dim), (dim,), rngs=rngs)
+        # lora_b is zero at init by default, which would zero lora_a's gradient: not a test.
+        b_init = nnx.initializers.normal(0.1)
+        self.lora_up = nnx.LoRALinear(dim, hidden, lora_rank=rank, b_initializer=b_init, rngs=rngs)
+        self.down = nnx.Linear(hidden, dim, rngs=rngs)
+        self.conv_up = nnx.Conv(dim, hidden, kernel_size=3, rngs=rngs)
+        self.conv_down = nnx.Conv(hidden, dim, kernel_size=3, rngs=rngs)
+        self.mixer = Mixer(dim, hidden, rngs=rngs)
+
+    def __call__(self, x_btd):
+        x_btd = x_btd + self.attn(self.norm(x_btd))
+        x_btd = x_btd + self.e_down(nnx.gelu(self.e_up(x_btd)))  # via (B, T, heads, head_dim)
+        x_btd = x_btd + self.down(nnx.gelu(self.lora_up(x_btd)))
+        x_btd = x_btd + self.conv_down(nnx.gelu(self.conv_up(x_btd)))  # 1-D conv over T
+        return x_btd + self.mixer(x_btd)
+
+
+_C, _R = jtp.ColwiseParallel(), jtp.RowwiseParallel()
+MIXED_PLAN = {
+    "attn.query": _C,
+    "attn.key": _C,
+    "attn.value": _C,
+    "attn.out": _R,
+    "e_up": _C,
+    "e_down": _R,
+    "lora_up": _C,
+    "down": _R,
+    "conv_up": _C,
+    "conv_down": _R,
+    "mixer": jtp.ParamSharding(
+        {"w_in": P(None, jtp.TENSOR), "b_in": P(jtp.TENSOR), "w_out": P(jtp.TENSOR, None)}
+    ),
+}
+
+
+def mixed_factory():
+    return lambda: MixedBlock(rngs=nnx.Rngs(0))
+
+
+def mixed_loss(model, batch):
+    x, y = batch
+    out = model(x)
+    return jnp.mean((out - y) ** 2), out
+
+
+def mixed_batch(batch: int = 4, seq: int = 8, dim: int = 16, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    return (
+        rng.standard_normal((batch, seq, dim), dtype=np.float32),
+        rng.standard_normal((batch, seq, dim), dtype=np.float32),
+    )

@@ -9,19 +9,11 @@ Resolution is pure shape work on an (abstract) model: it never compiles or alloc
 mistake in a plan is a ``ValueError`` before any compile, naming the key, the parameter, the
 shape and the mesh axis.
 
-The layout rules (Flax kernels are ``(in_features, out_features)``):
-
-============  =====================  ==========================  ==========================
-style         module                 tensor-parallel             + ``fsdp=True``
-============  =====================  ==========================  ==========================
-Colwise       ``nnx.Linear`` kernel  ``P(None, "tensor")``       ``P("data", "tensor")``
-Colwise       ``nnx.Linear`` bias    ``P("tensor")``             ``P("tensor")``
-Rowwise       ``nnx.Linear`` kernel  ``P("tensor", None)``       ``P("tensor", "data")``
-Rowwise       ``nnx.Linear`` bias    replicated                  unplanned rule
-Colwise       ``nnx.Embed`` table    ``P(None, "tensor")``       ``P("data", "tensor")``
-Rowwise       ``nnx.Embed`` table    ``P("tensor", None)``       ``P("tensor", "data")``
-(no key)      any parameter          replicated                  unplanned rule
-============  =====================  ==========================  ==========================
+Each style turns its module into one rule per parameter: the column and row layouts of every
+Flax layer are tabled in :mod:`jtp.parallel.layer_rules` (and ``docs/layers.md``);
+:class:`~jtp.parallel.styles.ParamSharding` spells them out for any other module. A parameter
+belongs to the nearest matched module above it whose layout names it (so a ``LoRALinear``'s
+``lora.lora_a`` follows the ``LoRALinear``'s key); every other variable is unplanned.
 
 The *unplanned rule* under ``fsdp=True``: an ``nnx.Param`` no style shards is split on
 ``"data"`` along its largest dimension divisible by the data size (the first such on ties),
@@ -32,7 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -41,6 +34,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jtp.mesh import DATA, TENSOR
+from jtp.parallel.layer_rules import LARGEST, Layout, Rule
 from jtp.parallel.names import path_str
 from jtp.parallel.styles import ParallelStyle
 
@@ -144,8 +138,8 @@ def match_plan(model: nnx.Module, plan: Plan) -> dict[str, tuple[str, ParallelSt
     for key, style in styles.items():
         if not isinstance(style, ParallelStyle):
             raise ValueError(
-                f"plan[{key!r}] = {style!r} is not a parallel style; use jtp.ColwiseParallel() "
-                "or jtp.RowwiseParallel()"
+                f"plan[{key!r}] = {style!r} is not a parallel style; use "
+                "jtp.ColwiseParallel(), jtp.RowwiseParallel() or jtp.ParamSharding({...})"
             )
         hits = [p for p in modules if fnmatch.fnmatchcase(p, key)]
         if not hits:
@@ -165,13 +159,29 @@ def match_plan(model: nnx.Module, plan: Plan) -> dict[str, tuple[str, ParallelSt
                 raise ValueError(
                     f"plan[{key!r}]: {type(style).__name__} cannot shard module {p!r} of type "
                     f"{type(module).__module__}.{type(module).__name__}; it supports "
-                    f"{style.supported_types()}"
+                    f"{style.supported_types()}; lay out any other module with "
+                    "jtp.ParamSharding({parameter: PartitionSpec})"
                 )
             matched[p] = (key, style)
     return matched
 
 
-def _check_divisible(key: str, name: str, shape: tuple[int, ...], dim: int, axis: str, n: int):
+def _layouts(model: nnx.Module, matched: dict[str, tuple[str, ParallelStyle]]) -> dict[str, Layout]:
+    """``{module_path: layout}`` of every matched module; a style's complaint gets the key."""
+    modules, out = _module_table(model), {}
+    for path, (key, style) in matched.items():
+        module = modules[path]
+        try:
+            out[path] = style.layout(module)
+        except ValueError as e:
+            raise ValueError(
+                f"plan[{key!r}]: {type(style).__name__} on module {path!r} of type "
+                f"{type(module).__module__}.{type(module).__name__}: {e}"
+            ) from None
+    return out
+
+
+def _check_divisible(key: str, name: str, shape: tuple[int, ...], dim: int, axis: Any, n: int):
     if shape[dim] % n:
         raise ValueError(
             f"{key}: parameter {name!r} of shape {shape} has dimension {dim} of size "
@@ -179,13 +189,59 @@ def _check_divisible(key: str, name: str, shape: tuple[int, ...], dim: int, axis
         )
 
 
-def _largest_divisible_dim(shape: tuple[int, ...], n: int) -> int | None:
-    dims = [d for d in range(len(shape)) if shape[d] % n == 0 and shape[d] >= n]
+def _largest_divisible_dim(
+    shape: tuple[int, ...], n: int, dims: Iterable[int] | None = None
+) -> int | None:
+    dims = [d for d in (range(len(shape)) if dims is None else dims) if shape[d] % n == 0]
+    dims = [d for d in dims if shape[d] >= n]
     return max(dims, key=lambda d: (shape[d], -d)) if dims else None
 
 
-def _spec(ndim: int, axes: dict[int, str]) -> P:
-    return P(*(axes.get(d) for d in range(ndim)))
+def _place(label: str, name: str, shape: tuple[int, ...], rule: Rule, mesh: Mesh, fsdp: bool) -> P:
+    """The spec ``rule`` gives parameter ``name`` on ``mesh``, every entry checked."""
+    spec = rule.spec
+    if len(spec) != len(shape):
+        raise ValueError(
+            f"{label}: spec {spec} for parameter {name!r} of shape {shape} has {len(spec)} "
+            f"entries, but the parameter has {len(shape)} dimensions; give one per dimension"
+        )
+    used: list[str] = []
+    for dim, entry in enumerate(spec):
+        axes = () if entry is None else tuple(entry) if isinstance(entry, tuple) else (entry,)
+        for axis in axes:
+            if axis not in mesh.shape or axis in used:
+                why = "used twice" if axis in used else f"not a mesh axis of {tuple(mesh.shape)}"
+                raise ValueError(
+                    f"{label}: spec {spec} for parameter {name!r} of shape {shape} puts "
+                    f"dimension {dim} on mesh axis {axis!r}, {why}"
+                )
+            used.append(axis)
+        n = math.prod(int(mesh.shape[a]) for a in axes)
+        _check_divisible(label, name, shape, dim, axes[0] if len(axes) == 1 else axes, n)
+    if not fsdp or DATA in used or rule.fsdp_dim is None:
+        return spec
+    n_data = int(mesh.shape[DATA])
+    dim = rule.fsdp_dim
+    if dim == LARGEST:
+        dim = _largest_divisible_dim(shape, n_data, [d for d in range(len(shape)) if not spec[d]])
+        if dim is None:
+            return spec
+    else:
+        _check_divisible(label + " with fsdp=True", name, shape, dim, DATA, n_data)
+    return P(*(DATA if d == dim else e for d, e in enumerate(spec)))
+
+
+def _owner(
+    path: tuple[Any, ...], matched: Mapping[str, Any], layouts: Mapping[str, Layout]
+) -> tuple[str, str] | None:
+    """(module path, relative name) of the nearest matched module above variable ``path``
+    whose layout names it; ``None`` if no such module (the variable is unplanned)."""
+    for k in range(len(path) - 1, 0, -1):
+        module_path = path_str(path[:k])
+        if module_path in matched:
+            rel = path_str(path[k:])
+            return (module_path, rel) if rel in layouts[module_path] else None
+    return None
 
 
 def resolve(model: nnx.Module, mesh: Mesh, plan: Plan, *, fsdp: bool = False) -> list[Placement]:
@@ -193,33 +249,23 @@ def resolve(model: nnx.Module, mesh: Mesh, plan: Plan, *, fsdp: bool = False) ->
     for axis in (DATA, TENSOR):
         if axis not in mesh.shape:
             raise ValueError(f"mesh axes are {tuple(mesh.shape)}; jtp needs {(DATA, TENSOR)}")
-    n_tensor, n_data = int(mesh.shape[TENSOR]), int(mesh.shape[DATA])
     matched = match_plan(model, plan)
-    modules = _module_table(model)
+    layouts = _layouts(model, matched)
     placements = []
     for path, var in nnx.to_flat_state(nnx.state(model)):
         name = path_str(path)
         shape = tuple(var.get_value().shape)
-        module_path, param = path_str(path[:-1]), path[-1]
-        key, style = matched.get(module_path, (None, None))
-        rule = style.rule_for(modules[module_path], param) if style else None
-        axes: dict[int, str] = {}
+        owner = _owner(path, matched, layouts)
+        key, style = matched[owner[0]] if owner else (None, None)
+        rule = layouts[owner[0]][owner[1]] if owner else None
         if rule is not None:
-            label = f"plan[{key!r}]"
-            _check_divisible(label, name, shape, rule.tensor_dim, TENSOR, n_tensor)
-            axes[rule.tensor_dim] = TENSOR
-            if fsdp and rule.fsdp_dim is not None:
-                _check_divisible(
-                    label + " with fsdp=True", name, shape, rule.fsdp_dim, DATA, n_data
-                )
-                axes[rule.fsdp_dim] = DATA
+            spec = _place(f"plan[{key!r}]", name, shape, rule, mesh, fsdp)
         elif fsdp and isinstance(var, nnx.Param):
-            dim = _largest_divisible_dim(shape, n_data)
-            if dim is not None:
-                axes[dim] = DATA
-        placements.append(
-            Placement(name, shape, var.get_value().dtype, key, style, _spec(len(shape), axes))
-        )
+            dim = _largest_divisible_dim(shape, int(mesh.shape[DATA]))
+            spec = P(*(DATA if d == dim else None for d in range(len(shape))))
+        else:
+            spec = P(*(None,) * len(shape))
+        placements.append(Placement(name, shape, var.get_value().dtype, key, style, spec))
     return placements
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import FF_PLAN, LM_PLAN, ff_factory, lm_factory
+from helpers import FF_PLAN, LM_PLAN, MIXED_PLAN, ff_factory, lm_factory, mixed_factory
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -37,6 +37,39 @@ def test_explain_marks_unplanned_and_strict_rejects_them():
         ValueError, match=r"parameter 'head.kernel' \(16, 32\) \(2,048 bytes\) is replicated"
     ):
         jtp.explain(lm_factory(), mesh, plan, strict=True, strict_min_bytes=1024)
+
+
+def test_explain_flax_layers_rows_and_strict():
+    """Rows of the new styles, and strict mode: a parameter a style replicates on purpose (a
+    column LoRA's lora_a, 256 bytes) is planned; a forgotten layer or a parameter a
+    ParamSharding does not name is not."""
+    mesh = jtp.make_mesh(1, 8)
+    e = jtp.explain(mixed_factory(), mesh, MIXED_PLAN, strict=True, strict_min_bytes=256)
+    rows = {r.placement.path: r for r in e.rows}
+    assert rows["attn.query.kernel"].shard == (16, 1, 2)  # (in, heads, head_dim): a head each
+    assert rows["e_down.kernel"].shard == (1, 4, 16)
+    assert rows["conv_up.kernel"].shard == (3, 16, 4)
+    assert rows["lora_up.lora.lora_a"].shard == (16, 4)
+    assert rows["mixer.w_out"].shard == (4, 16)
+    text = str(e)
+    for row in (
+        "attn.query -> ColwiseParallel",
+        "attn.out -> RowwiseParallel",
+        "e_up -> ColwiseParallel",
+        "lora_up -> ColwiseParallel",
+        "conv_down -> RowwiseParallel",
+        "mixer -> ParamSharding",
+    ):
+        assert row in text, row
+    assert text.count("lora_up -> ColwiseParallel") == 4  # kernel, bias and both factors
+
+    no_conv = {k: v for k, v in MIXED_PLAN.items() if not k.startswith("conv")}
+    msg = r"parameter 'conv_down.kernel' \(3, 32, 16\) \(6,144 bytes\) is replicated"
+    with pytest.raises(ValueError, match=msg):
+        jtp.explain(mixed_factory(), mesh, no_conv, strict=True, strict_min_bytes=256)
+    half = MIXED_PLAN | {"mixer": jtp.ParamSharding({"w_in": P(None, jtp.TENSOR)})}
+    with pytest.raises(ValueError, match=r"parameter 'mixer.w_out' \(32, 16\)"):
+        jtp.explain(mixed_factory(), mesh, half, strict=True, strict_min_bytes=256)
 
 
 def test_explain_llama3_8b_abstractly():
