@@ -123,6 +123,8 @@ class Checkpointer:
         """``{target name: name in the checkpoint}``; older checkpoints spelled a variable
         ``params.w1.kernel.value``, and still restore."""
         saved = self._manager.item_metadata(step)["state"]
+        if saved is None:  # orbax reads an emptied item as "no metadata": damaged
+            raise FileNotFoundError(f"checkpoint step {step} has no readable state metadata")
         legacy = not any(n in saved for n in target) and any(
             _legacy_name(n) in saved for n in target
         )
@@ -152,7 +154,8 @@ class Checkpointer:
     def _readable(self, step: int) -> bool:
         """This process can read ``step``'s metadata (a damaged or missing file: False)."""
         try:
-            self._manager.item_metadata(step)
+            if self._manager.item_metadata(step)["state"] is None:
+                raise FileNotFoundError("no readable state metadata")
             return True
         except DAMAGED as err:
             log.warning("checkpoint step %s is unreadable here (%s)", step, err)
