@@ -86,14 +86,16 @@ def measure(
     micro_batch: int,
     precision: str,
     devices: list,
+    hf: str | None = None,
 ) -> dict[str, Any]:
-    """Compile one configuration with ``n_layers`` blocks; compiler figures per device."""
+    """Compile one configuration with ``n_layers`` blocks; compiler figures per device
+    (``hf``: the shapes of that Hugging Face checkpoint instead of ``preset``'s)."""
     from jtp.analysis.collectives import collectives
     from jtp.analysis.memory import peak_memory_per_device
     from jtp.cli.recipes import LlamaTaskConfig, abstract_llama_step
 
     task_config = LlamaTaskConfig(
-        preset=preset, seq_len=seq, batch_size=micro_batch * config.data, fsdp=config.fsdp,
+        preset=preset, hf=hf, seq_len=seq, batch_size=micro_batch * config.data, fsdp=config.fsdp,
         sequence_parallel=config.sequence_parallel, loss_parallel=config.tensor > 1,
         remat=config.remat,
     )  # fmt: skip
@@ -149,6 +151,9 @@ def analytic_floor(n_params: int, n_devices: int, config: Config, precision: str
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m jtp.plan", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="llama3-8b", help="a jtp.models.llama preset")
+    p.add_argument(
+        "--hf", default=None, help="plan for this Hugging Face directory's config.json instead"
+    )
     p.add_argument("--devices", type=int, default=64, help="devices in the cluster")
     p.add_argument("--devices-per-host", type=int, default=8, help="tensor groups stay in a host")
     p.add_argument("--device-memory-gb", type=float, default=80.0, help="memory per device")
@@ -173,7 +178,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     devices = select_devices(args.devices)
     from jtp.models.llama import PRESETS
 
-    model = PRESETS[args.model]
+    if args.hf:  # shapes only: config.json suffices, no weights are read
+        from jtp.models.hf import config_of
+
+        model = config_of(args.hf, max_seq_len=args.seq_len)
+        args.model = f"{args.hf} ({args.model} ignored)"
+    else:
+        model = PRESETS[args.model]
     hw = Hardware(args.peak_tflops, args.compute_efficiency, args.intra_host_gbps,
                   args.inter_host_gbps, args.device_memory_gb)  # fmt: skip
     configs = configurations(args.devices, args.devices_per_host, model.n_heads,
@@ -187,10 +198,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.global_batch % (config.data * args.micro_batch):
             continue
         accumulate = args.global_batch // (config.data * args.micro_batch)
-        one, two = (
-            measure(config, args.model, n, args.seq_len, args.micro_batch, args.precision, devices)
-            for n in (1, 2)
-        )
+        shape = (args.seq_len, args.micro_batch, args.precision, devices)
+        one, two = (measure(config, args.model, n, *shape, hf=args.hf) for n in (1, 2))
         m = extrapolate(one, two, model.n_layers)
         est = estimate(m, config, hw, args.devices_per_host, accumulate)
         tokens = args.global_batch * args.seq_len / est["step_s"] / args.devices

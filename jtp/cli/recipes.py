@@ -15,6 +15,7 @@ from jax.sharding import Mesh, PartitionSpec
 from jtp.analysis.abstract import abstract_train_step
 from jtp.mesh import ModelParallelStrategy
 from jtp.models import FeedForward
+from jtp.models.hf import config_of, load_pretrained
 from jtp.models.llama import PRESETS, Llama, cross_entropy
 from jtp.models.plans import check_llama, feedforward, llama
 from jtp.parallel.parallelize import sharded_init
@@ -84,6 +85,7 @@ class LlamaTaskConfig:
     sequence_parallel: bool = False  # residual stream split on the sequence over "tensor"
     loss_parallel: bool = False  # cross-entropy on vocabulary-sharded logits
     remat: bool = False  # activation checkpointing per block
+    hf: str | None = None  # start from this Hugging Face checkpoint directory (not `preset`)
 
 
 class LlamaTask(TrainModule):
@@ -91,9 +93,14 @@ class LlamaTask(TrainModule):
 
     def __init__(self, config: LlamaTaskConfig = LlamaTaskConfig()):
         self.config = config
-        self.model_config = dataclasses.replace(PRESETS[config.preset], remat=config.remat)
+        if config.hf:  # the checkpoint's shapes; positions used: seq_len (sliding windows)
+            self.model_config = config_of(config.hf, max_seq_len=config.seq_len, remat=config.remat)
+        else:
+            self.model_config = dataclasses.replace(PRESETS[config.preset], remat=config.remat)
         self.plan = llama(
-            sequence_parallel=config.sequence_parallel, loss_parallel=config.loss_parallel
+            self.model_config,
+            sequence_parallel=config.sequence_parallel,
+            loss_parallel=config.loss_parallel,
         )
 
     def model_factory(self) -> Callable[[], Llama]:
@@ -105,6 +112,11 @@ class LlamaTask(TrainModule):
         check_llama(
             self.model_config, mesh, seq_len=c.seq_len, sequence_parallel=c.sequence_parallel
         )
+        if c.hf:  # each device reads its slice of the checkpoint
+            return load_pretrained(
+                c.hf, mesh, fsdp=c.fsdp, sequence_parallel=c.sequence_parallel,
+                loss_parallel=c.loss_parallel, remat=c.remat, max_seq_len=c.seq_len,
+            )  # fmt: skip
         return sharded_init(self.model_factory(), mesh, self.plan, fsdp=c.fsdp)
 
     def activation_rules(self) -> Mapping[str, PartitionSpec]:

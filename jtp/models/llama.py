@@ -71,6 +71,7 @@ class LlamaConfig:
     qk_norm: bool = False  # RMSNorm over E of each query and key head, before RoPE (Qwen3)
     tie_embeddings: bool = False  # the output projection is the embedding table, transposed
     rope_scaling: Llama3RopeScaling | None = None  # Llama 3.1's long-context RoPE scaling
+    param_dtype: str = "float32"  # parameters, and so the compute (a jnp dtype name)
 
     @property
     def head_dim(self) -> int:  # E
@@ -137,9 +138,14 @@ def apply_rope(x_bthe: jax.Array, cos_tf: jax.Array, sin_tf: jax.Array) -> jax.A
     return rotated.reshape(b, t, h, e).astype(x_bthe.dtype)  # (B, T, H, E)
 
 
-def _linear(n_in: int, n_out: int, rngs: nnx.Rngs, *, bias: bool = False) -> nnx.Linear:
+def _linear(n_in: int, n_out: int, c: LlamaConfig, rngs: nnx.Rngs, *, bias: bool = False):
     # Zero biases (flax's default) so a fresh model computes what a bias-free one would.
-    return nnx.Linear(n_in, n_out, use_bias=bias, rngs=rngs)
+    dtype = jnp.dtype(c.param_dtype)
+    return nnx.Linear(n_in, n_out, use_bias=bias, param_dtype=dtype, rngs=rngs)
+
+
+def _norm(n: int, c: LlamaConfig, rngs: nnx.Rngs) -> nnx.RMSNorm:
+    return nnx.RMSNorm(n, epsilon=c.norm_eps, param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
 
 
 class Attention(nnx.Module):
@@ -147,13 +153,12 @@ class Attention(nnx.Module):
 
     def __init__(self, c: LlamaConfig, *, rngs: nnx.Rngs):
         self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
-        self.wq = _linear(c.dim, c.n_heads * c.head_dim, rngs, bias=c.qkv_bias)
-        self.wk = _linear(c.dim, c.n_kv_heads * c.head_dim, rngs, bias=c.qkv_bias)
-        self.wv = _linear(c.dim, c.n_kv_heads * c.head_dim, rngs, bias=c.qkv_bias)
-        self.wo = _linear(c.n_heads * c.head_dim, c.dim, rngs)
+        self.wq = _linear(c.dim, c.n_heads * c.head_dim, c, rngs, bias=c.qkv_bias)
+        self.wk = _linear(c.dim, c.n_kv_heads * c.head_dim, c, rngs, bias=c.qkv_bias)
+        self.wv = _linear(c.dim, c.n_kv_heads * c.head_dim, c, rngs, bias=c.qkv_bias)
+        self.wo = _linear(c.n_heads * c.head_dim, c.dim, c, rngs)
         if c.qk_norm:  # one (E,) scale shared by all heads, as Qwen3's q_norm / k_norm
-            self.q_norm = nnx.RMSNorm(c.head_dim, epsilon=c.norm_eps, rngs=rngs)
-            self.k_norm = nnx.RMSNorm(c.head_dim, epsilon=c.norm_eps, rngs=rngs)
+            self.q_norm, self.k_norm = _norm(c.head_dim, c, rngs), _norm(c.head_dim, c, rngs)
         else:
             self.q_norm = self.k_norm = None
 
@@ -179,10 +184,11 @@ class Attention(nnx.Module):
 
 class TransformerBlock(nnx.Module):
     def __init__(self, c: LlamaConfig, *, rngs: nnx.Rngs):
-        self.attention_norm = nnx.RMSNorm(c.dim, epsilon=c.norm_eps, rngs=rngs)
+        self.attention_norm = _norm(c.dim, c, rngs)
         self.attention = Attention(c, rngs=rngs)
-        self.ffn_norm = nnx.RMSNorm(c.dim, epsilon=c.norm_eps, rngs=rngs)
-        self.feed_forward = FeedForward(c.dim, c.ffn_hidden, rngs=rngs)
+        self.ffn_norm = _norm(c.dim, c, rngs)
+        dtype = jnp.dtype(c.param_dtype)
+        self.feed_forward = FeedForward(c.dim, c.ffn_hidden, param_dtype=dtype, rngs=rngs)
 
     def __call__(self, x_btd: jax.Array, cos_tf: jax.Array, sin_tf: jax.Array) -> jax.Array:
         # "residual" is where sequence parallelism splits T: the norms run on a T shard.
@@ -208,14 +214,15 @@ class Llama(nnx.Module):
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         self.config = config
-        self.tok_embeddings = nnx.Embed(config.vocab_size, config.dim, rngs=rngs)
+        dtype = jnp.dtype(config.param_dtype)
+        self.tok_embeddings = nnx.Embed(config.vocab_size, config.dim, param_dtype=dtype, rngs=rngs)
         self.layers = nnx.List(
             [TransformerBlock(config, rngs=rngs) for _ in range(config.n_layers)]
         )
-        self.norm = nnx.RMSNorm(config.dim, epsilon=config.norm_eps, rngs=rngs)
+        self.norm = _norm(config.dim, config, rngs)
         # Tied: no output layer; the logits use the embedding table (one array, one gradient).
         self.output = (
-            None if config.tie_embeddings else _linear(config.dim, config.vocab_size, rngs)
+            None if config.tie_embeddings else _linear(config.dim, config.vocab_size, config, rngs)
         )
 
     def __call__(self, tokens_bt: jax.Array) -> jax.Array:
