@@ -5,7 +5,7 @@ next to jax here: jax needs Python >= 3.12, the local torch wheel is for 3.11):
 
     python3.11 -m venv /tmp/hf && /tmp/hf/bin/pip install torch==2.13.0 transformers
     /tmp/hf/bin/python scripts/make_hf_fixtures.py            # rewrites tests/fixtures/hf/
-    /tmp/hf/bin/python scripts/make_hf_fixtures.py --check DIR  # transformers vs DIR's logits
+    /tmp/hf/bin/python scripts/make_hf_fixtures.py --check DIR --reference NPZ
 
 Each fixture is one architecture with random weights made to matter: norm scales around 1
 (not exactly 1), biases of size 0.5, projections scaled so attention is peaked and the
@@ -15,9 +15,10 @@ saved directory itself (so it reads the very config.json and tensors jtp will). 
 fixture has heads divisible by 8 and a vocabulary of 128, so the (1,8), (2,4) and (4,2)
 meshes apply; 4 sequences of 16 tokens, so data=4 and sequence parallelism over 2 apply.
 
-``--check DIR`` loads DIR (e.g. what ``python -m jtp.train --hf ... --export-hf DIR`` wrote)
-with ``AutoModelForCausalLM`` and compares its logits on the fixture tokens with those in
-``DIR/reference.npz`` if present, else prints them to compare by hand.
+``--check DIR --reference NPZ`` loads DIR (e.g. what ``python -m jtp.train --hf ...
+--export-hf DIR`` wrote) with ``AutoModelForCausalLM`` and compares its float32 logits on
+NPZ's tokens with NPZ's logits (``scripts/hf_logits.py`` writes jtp's): the round trip
+transformers -> jtp -> transformers, described in docs/hf.md.
 """
 
 from __future__ import annotations
@@ -105,12 +106,12 @@ def to_hub_spelling(config_path: str) -> None:
         json.dump(c, f, indent=2)
 
 
-def reference_logits(path: str) -> np.ndarray:
+def reference_logits(path: str, tokens: np.ndarray = TOKENS) -> np.ndarray:
     model = transformers.AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, attn_implementation="eager"
     )
     with torch.no_grad():
-        return model(torch.from_numpy(TOKENS).long()).logits.float().numpy()
+        return model(torch.from_numpy(tokens).long()).logits.float().numpy()
 
 
 def make(name: str, spec: dict, seed: int) -> None:
@@ -133,23 +134,23 @@ def make(name: str, spec: dict, seed: int) -> None:
     print(f"{name}: {size / 1024:.0f} KB, |logits| max {np.abs(logits).max():.2f}")
 
 
-def check(path: str) -> None:
-    logits = reference_logits(path)
-    ref = os.path.join(path, "reference.npz")
-    if os.path.exists(ref):
-        want = np.load(ref)["logits"]
-        err = np.abs(logits - want).max() / np.abs(want).max()
-        print(f"{path}: transformers vs reference.npz: max |diff| / max |logit| = {err:.2e}")
-    else:
-        print(f"{path}: logits[0, :2, :6] =\n{logits[0, :2, :6]}")
+def check(path: str, reference: str) -> float:
+    """max |transformers - reference| / max |reference| on the reference's tokens."""
+    ref = np.load(reference)
+    want = ref["logits"]
+    logits = reference_logits(path, ref["tokens"])
+    err = float(np.abs(logits - want).max() / np.abs(want).max())
+    print(f"{path}: transformers vs {reference}: max |diff| / max |logit| = {err:.2e}")
+    return err
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--check", default=None, help="compare this directory's logits instead")
+    p.add_argument("--reference", default=None, help="with --check: tokens and logits (.npz)")
     args = p.parse_args()
     if args.check:
-        check(args.check)
+        check(args.check, args.reference or os.path.join(args.check, "reference.npz"))
         return
     torch.use_deterministic_algorithms(True)
     for seed, (name, spec) in enumerate(FIXTURES.items()):

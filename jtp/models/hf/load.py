@@ -68,7 +68,9 @@ def _load_param(t: TensorMap, files: CheckpointFiles, abstract: Any) -> jax.Arra
     def block(index: tuple[slice, ...]) -> np.ndarray:
         key = tuple(s.indices(n) for s, n in zip(index, shape, strict=True))
         if key not in blocks:
-            blocks[key] = read_jtp_slice(t, index, shape, read).astype(abstract.dtype)
+            # No copy here: a transposed view is made contiguous by the transfer itself.
+            value = read_jtp_slice(t, index, shape, read)
+            blocks[key] = value.astype(abstract.dtype, copy=False)
         return blocks[key]
 
     return jax.make_array_from_callback(shape, abstract.sharding, block)
