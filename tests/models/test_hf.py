@@ -356,3 +356,38 @@ def test_cli_fine_tunes_and_exports(tmp_path):
         want = to_hf(t, trained[t.jtp]).astype(exported[t.hf].dtype)
         assert np.array_equal(exported[t.hf], want), t.hf
     assert exported["model.norm.weight"].dtype == jnp.bfloat16  # the source's dtype
+
+
+def test_num_params_counts_what_the_model_holds():
+    for name in NAMES:
+        config = jtp.hf.config_of(fixture(name), max_seq_len=T)
+        abstract = nnx.eval_shape(lambda c=config: jtp.models.llama.Llama(c, rngs=nnx.Rngs(0)))
+        sizes = [int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param))]
+        assert sum(sizes) == config.num_params(), name
+
+
+def test_planner_plans_for_the_checkpoint_shapes(tmp_path, monkeypatch):
+    """``python -m jtp.plan --hf DIR``: the checkpoint's shapes (here tied, with biases),
+    from config.json alone. One configuration, to keep it quick. (The preset name is not
+    one of PRESETS then, so a measure() that ignored the checkpoint would fail.)"""
+    from jtp.cli import planner
+
+    src = tmp_path / "config_only"
+    os.makedirs(src)
+    shutil.copy(os.path.join(fixture("qwen2"), "config.json"), src)
+    asked = []
+
+    def one_configuration(*args):
+        asked.append(args)
+        return [planner.Config(1, 8, fsdp=False, sequence_parallel=True, remat=False)]
+
+    monkeypatch.setattr(planner, "configurations", one_configuration)
+    out = planner.main(
+        ["--hf", str(src), "--devices", "8", "--devices-per-host", "8", "--global-batch", "8",
+         "--seq-len", str(T), "--precision", "32-true", "--json", str(tmp_path / "plan.json")]
+    )  # fmt: skip
+    assert asked == [(8, 8, 16, 8, 8, T)]  # devices, per host, heads, kv heads, batch, seq
+    config = jtp.hf.config_of(str(src))
+    (row,) = out["rows"]
+    assert row["floor_bytes"] == config.num_params() * 16 / 8 and config.tie_embeddings
+    assert 0 < row["memory_bytes"] < 10e6  # compiled for the checkpoint's (tiny) shapes
