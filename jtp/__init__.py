@@ -7,13 +7,14 @@ tensor-parallel group on the same batch. This file only re-exports the public AP
 - ``jtp.mesh``: axis names, :func:`make_mesh`, :class:`ModelParallelStrategy`
 - ``jtp.parallel``: styles, plans, ``sharded_init`` / ``parallelize``, batches, replicas
 - ``jtp.models``: single-device NNX models and their plans (``jtp.plans``)
+- ``jtp.hf``: Hugging Face Llama / Mistral / Qwen checkpoints in and out
 - ``jtp.training``: :class:`TrainModule`, :class:`Trainer`, data, checkpoints, export
 - ``jtp.analysis``: collectives and memory of a compiled step, :func:`explain`
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
-from jtp import models, plans
+from jtp import hf, models, plans
 from jtp.analysis.collectives import Collective, collectives, format_collectives
 from jtp.analysis.explain import Explanation, explain
 from jtp.analysis.memory import memory_breakdown, peak_memory_per_device
@@ -61,6 +62,7 @@ __all__ = [
     "collectives",
     "explain",
     "format_collectives",
+    "hf",
     "init_opt_state",
     "load_consolidated",
     "local_data_ranks",

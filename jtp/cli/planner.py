@@ -90,6 +90,7 @@ def measure(
     precision: str,
     devices: list,
     accumulate: int = 1,
+    hf: str | None = None,
 ) -> dict[str, Any]:
     """Compile one configuration with ``n_layers`` blocks and ``accumulate`` micro-batches
     per optimizer step (as the trainer runs it); compiler figures per device and per
@@ -98,14 +99,15 @@ def measure(
 
     XLA's cost analysis counts a loop body once; the body is one micro-batch, so the step's
     FLOPs are ``accumulate`` times the program's (the optimizer update, O(params), is then
-    counted k times instead of once: under 0.1% next to 6 x params x tokens).
+    counted k times instead of once: under 0.1% next to 6 x params x tokens). ``hf``: the
+    shapes of that Hugging Face checkpoint instead of ``preset``'s.
     """
     from jtp.analysis.collectives import axes_key, bytes_by_axes, collectives
     from jtp.analysis.memory import peak_memory_per_device
     from jtp.cli.recipes import LlamaTaskConfig, abstract_llama_step
 
     task_config = LlamaTaskConfig(
-        preset=preset, seq_len=seq, batch_size=micro_batch * config.data, fsdp=config.fsdp,
+        preset=preset, hf=hf, seq_len=seq, batch_size=micro_batch * config.data, fsdp=config.fsdp,
         sequence_parallel=config.sequence_parallel, loss_parallel=config.tensor > 1,
         remat=config.remat,
     )  # fmt: skip
@@ -153,6 +155,9 @@ def analytic_floor(n_params: int, n_devices: int, config: Config, precision: str
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m jtp.plan", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="llama3-8b", help="a jtp.models.llama preset")
+    p.add_argument(
+        "--hf", default=None, help="plan for this Hugging Face directory's config.json instead"
+    )
     p.add_argument("--devices", type=int, default=64, help="devices in the cluster")
     p.add_argument("--devices-per-host", type=int, default=8, help="tensor groups stay in a host")
     hw = Hardware()
@@ -183,7 +188,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     devices = select_devices(args.devices)
     from jtp.cli.recipes import preset_config
 
-    model = preset_config(args.model)
+    if args.hf:  # shapes only: config.json suffices, no weights are read
+        from jtp.models.hf import config_of
+
+        model = config_of(args.hf, max_seq_len=args.seq_len)
+        args.model = f"{args.hf} ({args.model} ignored)"
+    else:
+        model = preset_config(args.model)
     hw = Hardware(args.peak_tflops, args.compute_efficiency, args.intra_host_gbps,
                   args.inter_host_gbps, args.device_memory_gb)  # fmt: skip
     configs = configurations(args.devices, args.devices_per_host, model.n_heads,
@@ -199,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         accumulate = args.global_batch // (config.data * args.micro_batch)
         one, two = (
             measure(config, args.model, n, args.seq_len, args.micro_batch, args.precision,
-                    devices, accumulate)
+                    devices, accumulate, hf=args.hf)
             for n in (1, 2)
         )  # fmt: skip
         m = extrapolate(one, two, model.n_layers)

@@ -15,6 +15,7 @@ from jax.sharding import Mesh, PartitionSpec
 from jtp.analysis.abstract import abstract_train_step
 from jtp.mesh import ModelParallelStrategy
 from jtp.models import FeedForward
+from jtp.models.hf import config_of, load_pretrained
 from jtp.models.llama import PRESETS, Llama, LlamaConfig, cross_entropy
 from jtp.models.plans import check_llama, feedforward, llama
 from jtp.parallel.parallelize import sharded_init
@@ -91,6 +92,7 @@ class LlamaTaskConfig:
     sequence_parallel: bool = False  # residual stream split on the sequence over "tensor"
     loss_parallel: bool = False  # cross-entropy on vocabulary-sharded logits
     remat: bool = False  # activation checkpointing per block
+    hf: str | None = None  # start from this Hugging Face checkpoint directory (not `preset`)
 
 
 class LlamaTask(TrainModule):
@@ -98,9 +100,16 @@ class LlamaTask(TrainModule):
 
     def __init__(self, config: LlamaTaskConfig = LlamaTaskConfig()):
         self.config = config
-        self.model_config = dataclasses.replace(preset_config(config.preset), remat=config.remat)
+        if config.hf:  # the checkpoint's shapes; positions used: seq_len (sliding windows)
+            self.model_config = config_of(config.hf, max_seq_len=config.seq_len, remat=config.remat)
+        else:
+            self.model_config = dataclasses.replace(
+                preset_config(config.preset), remat=config.remat
+            )
         self.plan = llama(
-            sequence_parallel=config.sequence_parallel, loss_parallel=config.loss_parallel
+            self.model_config,
+            sequence_parallel=config.sequence_parallel,
+            loss_parallel=config.loss_parallel,
         )
 
     def model_factory(self, mesh: Mesh | None = None) -> Callable[[], Llama]:
@@ -112,8 +121,14 @@ class LlamaTask(TrainModule):
         return lambda: Llama(mc, rngs=nnx.Rngs(c.seed))
 
     def configure_model(self, mesh: Mesh) -> nnx.Module:
-        factory = self.model_factory(mesh)
-        return sharded_init(factory, mesh, self.plan, fsdp=self.config.fsdp)
+        c = self.config
+        factory = self.model_factory(mesh)  # checks the plan applies on this mesh
+        if c.hf:  # each device reads its slice of the checkpoint
+            return load_pretrained(
+                c.hf, mesh, fsdp=c.fsdp, sequence_parallel=c.sequence_parallel,
+                loss_parallel=c.loss_parallel, remat=c.remat, max_seq_len=c.seq_len,
+            )  # fmt: skip
+        return sharded_init(factory, mesh, self.plan, fsdp=c.fsdp)
 
     def activation_rules(self) -> Mapping[str, PartitionSpec]:
         return self.plan.activations

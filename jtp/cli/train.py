@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", choices=("feedforward", "llama"), default="feedforward", help="what to train"
     )
     p.add_argument("--preset", default="tiny", help="llama: tiny | llama3-8b | llama3-70b")
+    p.add_argument(
+        "--hf", default=None, help="llama: fine-tune this Hugging Face checkpoint directory"
+    )
     p.add_argument("--seq-len", type=int, default=32, help="llama: tokens per sample")
     p.add_argument(
         "--sequence-parallel", action="store_true", help="llama: split the residual on T"
@@ -99,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     g.add_argument(
         "--export", default=None, help="after training, write consolidated params (safetensors)"
+    )
+    g.add_argument(
+        "--export-hf", default=None, help="after training, write a Hugging Face checkpoint here"
     )
     d = p.add_argument_group("multiple processes (jax.distributed)")
     d.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
@@ -156,6 +162,8 @@ def _init_distributed(args: argparse.Namespace) -> bool:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
+    if args.hf and args.model != "llama":
+        raise SystemExit("--hf loads a Llama-family checkpoint: add --model llama")
     # Each process's devices are forced inside _init_distributed; there all devices are used.
     distributed = _init_distributed(args)
     from jtp.cli.devices import select_devices
@@ -183,6 +191,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 remat=args.remat,
                 sequence_parallel=args.sequence_parallel,
                 loss_parallel=args.loss_parallel,
+                hf=args.hf,
                 **common,
             )  # fmt: skip
         )
@@ -221,6 +230,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from jtp.training.export import save_consolidated
 
         save_consolidated(trainer.model, args.export)
+    if args.export_hf:  # config.json and tokenizer files carried over from --hf
+        from jtp.models.hf import save_pretrained
+
+        save_pretrained(trainer.model, args.export_hf, source=args.hf)
     steps = len(trainer.losses)
     metrics = {
         "mesh": mesh_shape(mesh),

@@ -7,6 +7,12 @@ an output projection. No mesh, no axis names: a plan shards the weights from out
 "heads", "logits") let a plan lay out activations for sequence and loss parallelism; they do nothing
 without one.
 
+Config fields grow the same code into the Hugging Face relatives :mod:`jtp.models.hf` loads:
+q/k/v biases (Qwen2), a per-head q/k RMSNorm and a head dim that is not ``dim / n_heads``
+(Qwen3), one table for the embedding and the output (tied embeddings), and Llama 3.1's RoPE
+frequency scaling. RoPE rotates interleaved feature pairs, as Meta's reference does; the HF
+adapter permutes q/k rows on the way in and out (:mod:`jtp.models.hf.names`).
+
 Dimension letters in names and comments: B batch, T query positions, S key positions,
 D model width, H query heads, K kv heads, R = H / K queries per kv head, E head dim, V vocab.
 """
@@ -14,6 +20,7 @@ D model width, H query heads, K kv heads, R = H / K queries per kv head, E head 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +28,30 @@ from flax import nnx
 
 from jtp.models.feedforward import FeedForward
 from jtp.parallel.activations import shard_activation
+
+
+@dataclasses.dataclass(frozen=True)
+class Llama3RopeScaling:
+    """Llama 3.1's RoPE frequency scaling (HF ``rope_type: "llama3"``): long wavelengths are
+    stretched by ``factor``, short ones kept, the band between blended smoothly."""
+
+    factor: float = 8.0  # divides the low frequencies
+    low_freq_factor: float = 1.0  # wavelengths beyond original / low_freq_factor are scaled
+    high_freq_factor: float = 4.0  # wavelengths below original / high_freq_factor are kept
+    original_max_position_embeddings: int = 8192  # the pretraining context
+
+    def inv_freq(self, inv_freq_f: jax.Array) -> jax.Array:
+        """Scaled inverse frequencies, same shape; HF's ``_compute_llama3_parameters``."""
+        low_wavelen = self.original_max_position_embeddings / self.low_freq_factor
+        high_wavelen = self.original_max_position_embeddings / self.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq_f
+        scaled = jnp.where(wavelen > low_wavelen, inv_freq_f / self.factor, inv_freq_f)
+        smooth = (self.original_max_position_embeddings / wavelen - self.low_freq_factor) / (
+            self.high_freq_factor - self.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return jnp.where(medium, smoothed, scaled)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,14 +66,22 @@ class LlamaConfig:
     rope_theta: float = 500000.0  # Llama 3's RoPE base
     norm_eps: float = 1e-5  # RMSNorm epsilon
     remat: bool = False  # recompute each block in the backward pass (activation checkpointing)
+    explicit_head_dim: int | None = None  # E when it is not dim // n_heads (Qwen3: 128 at 1024/16)
+    qkv_bias: bool = False  # biases on wq, wk, wv (Qwen2)
+    qk_norm: bool = False  # RMSNorm over E of each query and key head, before RoPE (Qwen3)
+    tie_embeddings: bool = False  # the output projection is the embedding table, transposed
+    rope_scaling: Llama3RopeScaling | None = None  # Llama 3.1's long-context RoPE scaling
+    param_dtype: str = "float32"  # parameters, and so the compute (a jnp dtype name)
 
     @property
     def head_dim(self) -> int:  # E
-        return self.dim // self.n_heads
+        return self.explicit_head_dim or self.dim // self.n_heads
 
     def __post_init__(self):
-        if self.dim % self.n_heads:
+        if self.explicit_head_dim is None and self.dim % self.n_heads:
             raise ValueError(f"LlamaConfig: dim {self.dim} not divisible by n_heads {self.n_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"LlamaConfig: head_dim {self.head_dim} must be even for RoPE")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"LlamaConfig: n_heads {self.n_heads} not divisible by n_kv_heads {self.n_kv_heads}"
@@ -51,8 +90,11 @@ class LlamaConfig:
     def num_params(self) -> int:
         d, h, kv, e = self.dim, self.n_heads, self.n_kv_heads, self.head_dim
         attn = d * h * e * 2 + d * kv * e * 2
+        attn += (h + 2 * kv) * e if self.qkv_bias else 0
+        attn += 2 * e if self.qk_norm else 0
         block = attn + 3 * d * self.ffn_hidden + 2 * d
-        return 2 * self.vocab_size * d + self.n_layers * block + d
+        tables = 1 if self.tie_embeddings else 2
+        return tables * self.vocab_size * d + self.n_layers * block + d
 
 
 PRESETS = {
@@ -70,15 +112,24 @@ PRESETS = {
 }  # fmt: skip
 
 
-def rope_tables(head_dim: int, seq_len: int, theta: float) -> tuple[jax.Array, jax.Array]:
+def rope_tables(
+    head_dim: int, seq_len: int, theta: float, scaling: Llama3RopeScaling | None = None
+) -> tuple[jax.Array, jax.Array]:
     """cos and sin of the rotary angles, each (T, E/2), in float32."""
-    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angles = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq[None, :]  # (T, E/2)
+    inv_freq_f = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    if scaling is not None:
+        inv_freq_f = scaling.inv_freq(inv_freq_f)
+    angles = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq_f[None, :]  # (T, E/2)
     return jnp.cos(angles), jnp.sin(angles)
 
 
 def apply_rope(x_bthe: jax.Array, cos_tf: jax.Array, sin_tf: jax.Array) -> jax.Array:
-    """Rotate consecutive feature pairs (x[2i], x[2i+1]) by position-dependent angles."""
+    """Rotate consecutive feature pairs (x[2i], x[2i+1]) by position-dependent angles.
+
+    Meta's (and torchtitan's) interleaved layout. Hugging Face's ``rotate_half`` pairs x[i]
+    with x[i + E/2] instead; :mod:`jtp.models.hf` permutes the q/k projection rows within
+    each head when it loads or saves, so the same weights give the same logits.
+    """
     b, t, h, e = x_bthe.shape
     pairs = x_bthe.astype(jnp.float32).reshape(b, t, h, e // 2, 2)  # (B, T, H, E/2, 2)
     x0, x1 = pairs[..., 0], pairs[..., 1]  # (B, T, H, E/2) each
@@ -87,8 +138,14 @@ def apply_rope(x_bthe: jax.Array, cos_tf: jax.Array, sin_tf: jax.Array) -> jax.A
     return rotated.reshape(b, t, h, e).astype(x_bthe.dtype)  # (B, T, H, E)
 
 
-def _linear(n_in: int, n_out: int, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(n_in, n_out, use_bias=False, rngs=rngs)
+def _linear(n_in: int, n_out: int, c: LlamaConfig, rngs: nnx.Rngs, *, bias: bool = False):
+    # Zero biases (flax's default) so a fresh model computes what a bias-free one would.
+    dtype = jnp.dtype(c.param_dtype)
+    return nnx.Linear(n_in, n_out, use_bias=bias, param_dtype=dtype, rngs=rngs)
+
+
+def _norm(n: int, c: LlamaConfig, rngs: nnx.Rngs) -> nnx.RMSNorm:
+    return nnx.RMSNorm(n, epsilon=c.norm_eps, param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
 
 
 class Attention(nnx.Module):
@@ -96,10 +153,14 @@ class Attention(nnx.Module):
 
     def __init__(self, c: LlamaConfig, *, rngs: nnx.Rngs):
         self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
-        self.wq = _linear(c.dim, c.n_heads * c.head_dim, rngs)
-        self.wk = _linear(c.dim, c.n_kv_heads * c.head_dim, rngs)
-        self.wv = _linear(c.dim, c.n_kv_heads * c.head_dim, rngs)
-        self.wo = _linear(c.n_heads * c.head_dim, c.dim, rngs)
+        self.wq = _linear(c.dim, c.n_heads * c.head_dim, c, rngs, bias=c.qkv_bias)
+        self.wk = _linear(c.dim, c.n_kv_heads * c.head_dim, c, rngs, bias=c.qkv_bias)
+        self.wv = _linear(c.dim, c.n_kv_heads * c.head_dim, c, rngs, bias=c.qkv_bias)
+        self.wo = _linear(c.n_heads * c.head_dim, c.dim, c, rngs)
+        if c.qk_norm:  # one (E,) scale shared by all heads, as Qwen3's q_norm / k_norm
+            self.q_norm, self.k_norm = _norm(c.head_dim, c, rngs), _norm(c.head_dim, c, rngs)
+        else:
+            self.q_norm = self.k_norm = None
 
     def __call__(self, x_btd: jax.Array, cos_tf: jax.Array, sin_tf: jax.Array) -> jax.Array:
         b, t, _ = x_btd.shape
@@ -107,6 +168,8 @@ class Attention(nnx.Module):
         q_bthe = self.wq(x_btd).reshape(b, t, h, e)  # (B, T, H, E)
         k_bske = self.wk(x_btd).reshape(b, t, k, e)  # (B, S, K, E), S = T
         v_bske = self.wv(x_btd).reshape(b, t, k, e)  # (B, S, K, E)
+        if self.q_norm is not None:  # normalises each head's E features
+            q_bthe, k_bske = self.q_norm(q_bthe), self.k_norm(k_bske)
         # "heads": tensor parallelism splits attention by heads (q, k, v alike).
         q_bthe = shard_activation(apply_rope(q_bthe, cos_tf, sin_tf), "heads")
         k_bske = shard_activation(apply_rope(k_bske, cos_tf, sin_tf), "heads")
@@ -121,10 +184,11 @@ class Attention(nnx.Module):
 
 class TransformerBlock(nnx.Module):
     def __init__(self, c: LlamaConfig, *, rngs: nnx.Rngs):
-        self.attention_norm = nnx.RMSNorm(c.dim, epsilon=c.norm_eps, rngs=rngs)
+        self.attention_norm = _norm(c.dim, c, rngs)
         self.attention = Attention(c, rngs=rngs)
-        self.ffn_norm = nnx.RMSNorm(c.dim, epsilon=c.norm_eps, rngs=rngs)
-        self.feed_forward = FeedForward(c.dim, c.ffn_hidden, rngs=rngs)
+        self.ffn_norm = _norm(c.dim, c, rngs)
+        dtype = jnp.dtype(c.param_dtype)
+        self.feed_forward = FeedForward(c.dim, c.ffn_hidden, param_dtype=dtype, rngs=rngs)
 
     def __call__(self, x_btd: jax.Array, cos_tf: jax.Array, sin_tf: jax.Array) -> jax.Array:
         # "residual" is where sequence parallelism splits T: the norms run on a T shard.
@@ -150,23 +214,31 @@ class Llama(nnx.Module):
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         self.config = config
-        self.tok_embeddings = nnx.Embed(config.vocab_size, config.dim, rngs=rngs)
+        dtype = jnp.dtype(config.param_dtype)
+        self.tok_embeddings = nnx.Embed(config.vocab_size, config.dim, param_dtype=dtype, rngs=rngs)
         self.layers = nnx.List(
             [TransformerBlock(config, rngs=rngs) for _ in range(config.n_layers)]
         )
-        self.norm = nnx.RMSNorm(config.dim, epsilon=config.norm_eps, rngs=rngs)
-        self.output = _linear(config.dim, config.vocab_size, rngs)
+        self.norm = _norm(config.dim, config, rngs)
+        # Tied: no output layer; the logits use the embedding table (one array, one gradient).
+        self.output = (
+            None if config.tie_embeddings else _linear(config.dim, config.vocab_size, config, rngs)
+        )
 
     def __call__(self, tokens_bt: jax.Array) -> jax.Array:
         c = self.config
         if tokens_bt.shape[1] > c.max_seq_len:
             raise ValueError(f"sequence length {tokens_bt.shape[1]} > max_seq_len {c.max_seq_len}")
-        cos_tf, sin_tf = rope_tables(c.head_dim, tokens_bt.shape[1], c.rope_theta)
+        cos_tf, sin_tf = rope_tables(c.head_dim, tokens_bt.shape[1], c.rope_theta, c.rope_scaling)
         x_btd = shard_activation(self.tok_embeddings(tokens_bt), "residual")  # (B, T, D)
         block_fn = nnx.remat(_block) if c.remat else _block
         for block in self.layers:
             x_btd = block_fn(block, x_btd, cos_tf, sin_tf)
-        logits_btv = self.output(shard_activation(self.norm(x_btd), "tp_input"))  # (B, T, V)
+        h_btd = shard_activation(self.norm(x_btd), "tp_input")
+        if self.output is None:  # h @ table.T: (B, T, D) x (V, D) -> (B, T, V)
+            logits_btv = self.tok_embeddings.attend(h_btd)
+        else:
+            logits_btv = self.output(h_btd)  # (B, T, V)
         return shard_activation(logits_btv, "logits")
 
 

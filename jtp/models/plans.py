@@ -22,14 +22,24 @@ def feedforward() -> dict[str, ColwiseParallel | RowwiseParallel]:
     return {"w1": ColwiseParallel(), "w2": RowwiseParallel(), "w3": ColwiseParallel()}
 
 
-def llama(*, sequence_parallel: bool = False, loss_parallel: bool = False) -> TPPlan:
+def llama(
+    config: LlamaConfig | None = None,
+    *,
+    sequence_parallel: bool = False,
+    loss_parallel: bool = False,
+) -> TPPlan:
     """The Llama 3 plan.
 
-    ``wq``, ``wk``, ``wv``, ``w1``, ``w3`` column-wise and ``wo``, ``w2`` row-wise: one
-    all-reduce per attention and one per MLP. The token embedding is split on its vocabulary
-    rows, the output projection on its vocabulary columns; norms are replicated.
+    ``wq``, ``wk``, ``wv``, ``w1``, ``w3`` column-wise (with their biases, if any) and ``wo``,
+    ``w2`` row-wise: one all-reduce per attention and one per MLP. The token embedding is
+    split on its vocabulary rows, the output projection on its vocabulary columns; norms
+    (q/k norms included) are replicated.
 
     Args:
+      config: the model's config, needed only for tied embeddings
+        (``config.tie_embeddings``): the one table is then split on its vocabulary rows by
+        the ``tok_embeddings`` entry, which is the split an untied output projection has, so
+        the plan just has no ``output`` entry (there is no such module).
       sequence_parallel: between the tensor-parallel regions, keep the residual stream
         split on its sequence axis over "tensor" (the norms then run on a sequence shard, and
         each all-reduce becomes a reduce-scatter + all-gather pair).
@@ -45,8 +55,9 @@ def llama(*, sequence_parallel: bool = False, loss_parallel: bool = False) -> TP
         "layers.*.feed_forward.w1": ColwiseParallel(),
         "layers.*.feed_forward.w3": ColwiseParallel(),
         "layers.*.feed_forward.w2": RowwiseParallel(),
-        "output": ColwiseParallel(),
     }
+    if config is None or not config.tie_embeddings:
+        styles["output"] = ColwiseParallel()
     activations = {
         "residual": P(DATA, TENSOR, None) if sequence_parallel else P(DATA, None, None),
         "tp_input": P(DATA, None, None),  # normed input of attention / MLP / output: whole T

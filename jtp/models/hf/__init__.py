@@ -1,0 +1,15 @@
+"""Hugging Face checkpoints in and out of jtp's Llama.
+
+- :mod:`~jtp.models.hf.config`: ``config.json`` <-> :class:`~jtp.models.llama.LlamaConfig`,
+  and the refusals (what jtp would compute differently)
+- :mod:`~jtp.models.hf.names`: the tensor name map, transposes and the RoPE permutation
+- :mod:`~jtp.models.hf.files`: safetensors reading by block, streamed writing
+- :mod:`~jtp.models.hf.load`: :func:`load_pretrained`, born sharded
+- :mod:`~jtp.models.hf.save`: :func:`save_pretrained`, one tensor at a time
+"""
+
+from jtp.models.hf.config import SUPPORTED_ARCHITECTURES
+from jtp.models.hf.load import config_of, load_pretrained
+from jtp.models.hf.save import save_pretrained
+
+__all__ = ["SUPPORTED_ARCHITECTURES", "config_of", "load_pretrained", "save_pretrained"]

@@ -1,0 +1,107 @@
+"""Safetensors files of an HF checkpoint: find a tensor, read a block of it, write a shard.
+
+Reading goes through ``safetensors.safe_open(...).get_slice``: the header is parsed, the file
+is memory-mapped, and only the bytes of the requested block are copied out. Each read opens
+and closes the file, so the mapped pages of one tensor at a time count against the process.
+
+Writing is streamed: the header is computed from shapes and dtypes before any tensor exists,
+then the tensors are appended one by one, so a writer holds one whole tensor at a time (the
+``safetensors`` package's ``save_file`` needs every tensor of a file in memory at once).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Callable, Iterable
+
+import numpy as np
+from safetensors import safe_open
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+# safetensors dtype names for the float types a checkpoint holds (ml_dtypes' bfloat16 is
+# numpy's "bfloat16", which safetensors >= 0.4 reads and this writer writes).
+DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+class CheckpointFiles:
+    """The tensors of an HF checkpoint directory: one ``model.safetensors``, or shards listed
+    by ``model.safetensors.index.json``. Only headers are read here."""
+
+    def __init__(self, path: str):
+        self.path = path
+        index = os.path.join(path, INDEX)
+        if os.path.isfile(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif os.path.isfile(os.path.join(path, SINGLE)):
+            files = [SINGLE]
+        else:
+            raise ValueError(
+                f"{path}: neither {SINGLE} nor {INDEX} (jtp.hf reads safetensors checkpoints "
+                "only; convert *.bin with transformers' save_pretrained(safe_serialization=True))"
+            )
+        self.file_of: dict[str, str] = {}  # tensor name -> file path
+        self.shape: dict[str, tuple[int, ...]] = {}
+        self.dtype: dict[str, str] = {}
+        for name in files:
+            file = os.path.join(path, name)
+            if not os.path.isfile(file):
+                raise ValueError(f"{path}: {INDEX} lists {name}, which is missing")
+            with safe_open(file, framework="numpy") as f:
+                for key in f.keys():
+                    s = f.get_slice(key)
+                    self.file_of[key] = file
+                    self.shape[key] = tuple(s.get_shape())
+                    self.dtype[key] = s.get_dtype()
+
+    def reader(self, name: str) -> Callable[[tuple[slice, ...]], np.ndarray]:
+        """``read(index)``: that block of tensor ``name``, copied out of its file."""
+        file = self.file_of[name]
+
+        def read(index: tuple[slice, ...]) -> np.ndarray:
+            with safe_open(file, framework="numpy") as f:
+                return f.get_slice(name)[index]
+
+        return read
+
+
+def header(entries: Iterable[tuple[str, np.dtype, tuple[int, ...]]]) -> tuple[bytes, int]:
+    """The safetensors header for tensors ``(name, dtype, shape)`` stored in that order, and
+    the byte size of the data after it."""
+    meta: dict[str, object] = {"__metadata__": {"format": "pt"}}  # transformers checks "pt"
+    offset = 0
+    for name, dtype, shape in entries:
+        size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        meta[name] = {
+            "dtype": DTYPES[np.dtype(dtype).name],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    text = json.dumps(meta, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 8)  # the data starts 8-byte aligned, as safetensors pads
+    return struct.pack("<Q", len(text)) + text, offset
+
+
+def write_safetensors(
+    file: str,
+    entries: list[tuple[str, np.dtype, tuple[int, ...]]],
+    produce: Callable[[str], np.ndarray],
+) -> None:
+    """Write a safetensors file whose tensors are ``produce(name)``, called once each, in
+    order; only one of them is referenced here at a time."""
+    head, size = header(entries)
+    with open(file, "wb") as f:
+        f.write(head)
+        for name, dtype, shape in entries:
+            value = np.ascontiguousarray(produce(name))
+            if value.dtype != np.dtype(dtype) or value.shape != tuple(shape):
+                raise AssertionError(f"{name}: produced {value.dtype}{value.shape}")
+            f.write(value.reshape(-1).view(np.uint8).data)  # little-endian, as x86/arm hosts
+            del value
+        if f.tell() != len(head) + size:
+            raise AssertionError(f"{file}: wrote {f.tell()} bytes, header promises more")

@@ -1,0 +1,143 @@
+"""``load_pretrained``: an HF checkpoint straight into a sharded jtp Llama.
+
+No process ever holds the whole model: the model's shapes come from ``nnx.eval_shape``, the
+plan gives every parameter its sharding, and ``jax.make_array_from_callback`` asks for the
+block each local device keeps, which is read from the safetensors file (transposed and
+RoPE-permuted on the way, :mod:`jtp.models.hf.names`). Parameters are loaded one at a time,
+so the host holds at most one tensor's worth of blocks beyond what the devices keep.
+Everything that could make the result differ from transformers' is refused first, before a
+weight is read (:mod:`jtp.models.hf.config`, :func:`check_tensors`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from jtp.models.hf.config import llama_config, read_config
+from jtp.models.hf.files import CheckpointFiles
+from jtp.models.hf.names import IGNORED_SUFFIXES, TensorMap, read_jtp_slice, tensor_map
+from jtp.models.llama import Llama, LlamaConfig
+from jtp.models.plans import check_llama, llama
+from jtp.parallel.names import path_str
+from jtp.parallel.plan import plan_shardings
+
+
+def check_tensors(files: CheckpointFiles, maps: list[TensorMap], shapes: dict[str, Any]) -> None:
+    """Every expected tensor present, of the shape ``config.json`` implies, floating point;
+    and no tensor jtp's Llama would drop (a bias where it has none, say). ``ValueError``
+    naming the tensor otherwise."""
+    expected = {t.hf for t in maps}
+    for t in maps:
+        if t.hf not in files.shape:
+            raise ValueError(
+                f"{files.path}: tensor {t.hf!r} is missing (it would be jtp's {t.jtp})"
+            )
+        want = t.hf_shape(shapes[t.jtp])
+        if files.shape[t.hf] != want:
+            raise ValueError(
+                f"{files.path}: tensor {t.hf!r} has shape {files.shape[t.hf]}, config.json "
+                f"implies {want}"
+            )
+        if files.dtype[t.hf] not in ("F64", "F32", "F16", "BF16"):
+            raise ValueError(f"{files.path}: tensor {t.hf!r} is {files.dtype[t.hf]}, not float")
+    tied_head = {"lm_head.weight"} if "output.kernel" not in shapes else set()
+    extra = sorted(
+        n for n in files.shape
+        if n not in expected and n not in tied_head and not n.endswith(IGNORED_SUFFIXES)
+    )  # fmt: skip
+    if extra:
+        raise ValueError(
+            f"{files.path}: tensor {extra[0]!r} has no place in jtp's Llama for this "
+            f"config.json (a bias or layer the model does not have?); {len(extra)} such: "
+            f"{extra[:6]}"
+        )
+
+
+def _load_param(t: TensorMap, files: CheckpointFiles, abstract: Any) -> jax.Array:
+    """One parameter, created shard by shard on the devices of its sharding."""
+    read, shape = files.reader(t.hf), tuple(abstract.shape)
+    blocks: dict[tuple, np.ndarray] = {}  # replicas of a block are read once
+
+    def block(index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple(s.indices(n) for s, n in zip(index, shape, strict=True))
+        if key not in blocks:
+            # No copy here: a transposed view is made contiguous by the transfer itself.
+            value = read_jtp_slice(t, index, shape, read)
+            blocks[key] = value.astype(abstract.dtype, copy=False)
+        return blocks[key]
+
+    return jax.make_array_from_callback(shape, abstract.sharding, block)
+
+
+def load_pretrained(
+    path: str,
+    mesh: Mesh,
+    *,
+    fsdp: bool = False,
+    sequence_parallel: bool = False,
+    loss_parallel: bool = False,
+    dtype: Any = None,
+    remat: bool = False,
+    max_seq_len: int | None = None,
+) -> Llama:
+    """Load a Hugging Face Llama / Mistral / Qwen2 / Qwen3 checkpoint onto ``mesh``.
+
+    The model is jtp's :class:`~jtp.models.llama.Llama` under :func:`jtp.plans.llama`, born
+    sharded: each device reads only its slice of each tensor. Its logits match transformers'
+    (``tests/models/test_hf.py``). Whatever jtp would compute differently is a
+    ``ValueError`` before any weight is read.
+
+    Args:
+      path: a local HF model directory: ``config.json`` plus ``model.safetensors`` or
+        shards listed in ``model.safetensors.index.json``.
+      mesh: a ``("data", "tensor")`` mesh from :func:`jtp.make_mesh`.
+      fsdp: also split each parameter on ``"data"`` (2D parallelism).
+      sequence_parallel, loss_parallel: the activation layout the model will run with.
+        Parameters are laid out the same way for every choice, so here they only check the
+        mesh now rather than at the first step; run the model under
+        ``jtp.activation_rules(mesh, jtp.plans.llama(model.config, sequence_parallel=...,
+        loss_parallel=...).activations)`` (the trainer does this for ``LlamaTask``).
+      dtype: parameter dtype; ``None`` keeps jtp's float32 (exact for fp16/bf16 files; the
+        trainer's ``precision`` then decides compute). ``jnp.bfloat16`` halves the memory.
+      remat: recompute each block in the backward pass.
+      max_seq_len: the longest sequence the model will see (default the checkpoint's
+        ``max_position_embeddings``); a sliding window shorter than this is refused.
+
+    Returns:
+      The model; ``model.config`` is its :class:`~jtp.models.llama.LlamaConfig`.
+    """
+    config = llama_config(read_config(path), max_seq_len=max_seq_len, remat=remat)
+    if dtype is not None:  # the modules then compute in it too (flax derives their dtype)
+        config = dataclasses.replace(config, param_dtype=jnp.dtype(dtype).name)
+    check_llama(config, mesh, seq_len=config.max_seq_len, sequence_parallel=sequence_parallel)
+    files = CheckpointFiles(path)
+    plan = llama(config, sequence_parallel=sequence_parallel, loss_parallel=loss_parallel)
+    abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    flat = dict((path_str(p), v) for p, v in nnx.to_flat_state(state))
+    maps = tensor_map(config)
+    by_jtp = {t.jtp: t for t in maps}
+    if set(by_jtp) != set(flat):  # the name map and the model must agree exactly
+        raise AssertionError(f"name map vs model: {sorted(set(by_jtp) ^ set(flat))}")
+    check_tensors(files, maps, {n: v.get_value().shape for n, v in flat.items()})
+    shardings = plan_shardings(abstract, mesh, plan, fsdp=fsdp)
+    updates = []
+    for p, sharding in nnx.to_flat_state(shardings):
+        name = path_str(p)
+        var = flat[name]
+        x = var.get_value()
+        spec = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.get_value())
+        updates.append((p, var.replace(_load_param(by_jtp[name], files, spec))))
+    return nnx.merge(graphdef, nnx.from_flat_state(updates))
+
+
+def config_of(path: str, *, max_seq_len: int | None = None, remat: bool = False) -> LlamaConfig:
+    """The :class:`LlamaConfig` of an HF directory (or config.json): shapes for planning."""
+    return llama_config(read_config(path), max_seq_len=max_seq_len, remat=remat)

@@ -1,0 +1,126 @@
+"""The name map between Hugging Face tensors and jtp's Llama parameters, with the layout changes.
+
+One table serves Llama, Mistral, Qwen2 and Qwen3: they name their tensors alike, and a
+config field decides whether the optional rows (q/k/v biases, q/k norms, an untied
+``lm_head``) exist. Two layout changes, each done here and nowhere else:
+
+- **transpose**: ``torch.nn.Linear`` stores ``weight`` as ``(out_features, in_features)`` and
+  computes ``x @ W.T``; Flax's ``nnx.Linear`` stores ``kernel`` as ``(in, out)`` and computes
+  ``x @ K``. So ``K = W.T``. Embedding tables are ``(V, D)`` in both: no transpose.
+- **RoPE permutation** of q and k: HF rotates the feature pairs ``(x[i], x[i + E/2])`` of a
+  head (``rotate_half``), jtp the neighbours ``(x[2i], x[2i+1])`` (Meta's layout). jtp's
+  feature ``2i`` is HF's ``i`` and ``2i+1`` is HF's ``i + E/2``, so the rows of ``q_proj`` /
+  ``k_proj`` (weights and biases) and the ``E`` entries of Qwen3's ``q_norm`` / ``k_norm`` are
+  reordered within each head. q and k move together, so ``q . k`` and the logits are
+  unchanged. Getting this wrong under sharding is torchtitan#1483; the logit/KL test
+  against transformers is what catches it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+
+from jtp.models.llama import LlamaConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMap:
+    """One HF tensor and the jtp parameter it becomes."""
+
+    hf: str  # "model.layers.0.self_attn.q_proj.weight"
+    jtp: str  # "layers.0.attention.wq.kernel"
+    transpose: bool  # HF (out, in) <-> Flax (in, out)
+    rope_head_dim: int | None  # E: permute HF axis 0 within heads of E rows (q and k only)
+
+    def hf_shape(self, jtp_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(reversed(jtp_shape)) if self.transpose else tuple(jtp_shape)
+
+
+# (jtp path inside layers.{i}, HF path inside model.layers.{i}, transpose, RoPE-permuted)
+_BLOCK = (
+    ("attention_norm.scale", "input_layernorm.weight", False, False),
+    ("attention.wq.kernel", "self_attn.q_proj.weight", True, True),
+    ("attention.wk.kernel", "self_attn.k_proj.weight", True, True),
+    ("attention.wv.kernel", "self_attn.v_proj.weight", True, False),
+    ("attention.wo.kernel", "self_attn.o_proj.weight", True, False),
+    ("ffn_norm.scale", "post_attention_layernorm.weight", False, False),
+    ("feed_forward.w1.kernel", "mlp.gate_proj.weight", True, False),
+    ("feed_forward.w3.kernel", "mlp.up_proj.weight", True, False),
+    ("feed_forward.w2.kernel", "mlp.down_proj.weight", True, False),
+)
+_QKV_BIAS = (  # Qwen2
+    ("attention.wq.bias", "self_attn.q_proj.bias", False, True),
+    ("attention.wk.bias", "self_attn.k_proj.bias", False, True),
+    ("attention.wv.bias", "self_attn.v_proj.bias", False, False),
+)
+_QK_NORM = (  # Qwen3: (E,) scales, in the same within-head order as q and k
+    ("attention.q_norm.scale", "self_attn.q_norm.weight", False, True),
+    ("attention.k_norm.scale", "self_attn.k_norm.weight", False, True),
+)
+# Tensors some checkpoints carry that hold no parameter: ignored, as transformers does.
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+def tensor_map(config: LlamaConfig) -> list[TensorMap]:
+    """Every tensor of an HF checkpoint of ``config``, in HF's order."""
+    e = config.head_dim
+    out = [TensorMap("model.embed_tokens.weight", "tok_embeddings.embedding", False, None)]
+    rows = _BLOCK + (_QKV_BIAS if config.qkv_bias else ()) + (_QK_NORM if config.qk_norm else ())
+    for i in range(config.n_layers):
+        for jtp, hf, transpose, permuted in rows:
+            rope = e if permuted else None
+            out.append(TensorMap(f"model.layers.{i}.{hf}", f"layers.{i}.{jtp}", transpose, rope))
+    out.append(TensorMap("model.norm.weight", "norm.scale", False, None))
+    if not config.tie_embeddings:  # tied: lm_head is embed_tokens, stored once
+        out.append(TensorMap("lm_head.weight", "output.kernel", True, None))
+    return out
+
+
+def rope_perm(head_dim: int) -> np.ndarray:
+    """``p`` with ``jtp_head[k] = hf_head[p[k]]``: ``[0, E/2, 1, E/2 + 1, ...]``."""
+    half = head_dim // 2
+    return np.stack([np.arange(half), np.arange(half) + half], axis=-1).reshape(head_dim)
+
+
+def permute_heads(x: np.ndarray, head_dim: int, *, to_jtp: bool) -> np.ndarray:
+    """Reorder axis 0 of ``x`` (whole heads of ``head_dim`` rows) between HF's and jtp's order."""
+    p = rope_perm(head_dim)
+    p = p if to_jtp else np.argsort(p)
+    heads = x.reshape(x.shape[0] // head_dim, head_dim, *x.shape[1:])  # (heads, E, ...)
+    return heads[:, p].reshape(x.shape)
+
+
+def to_hf(t: TensorMap, value: np.ndarray) -> np.ndarray:
+    """A whole jtp parameter in HF's layout."""
+    out = value.T if t.transpose else value
+    if t.rope_head_dim is not None:
+        out = permute_heads(out, t.rope_head_dim, to_jtp=False)
+    return out
+
+
+def read_jtp_slice(
+    t: TensorMap,
+    index: tuple[slice, ...],
+    shape: tuple[int, ...],
+    read: Callable[[tuple[slice, ...]], np.ndarray],
+) -> np.ndarray:
+    """The block ``index`` of the jtp parameter, reading only what it needs of the HF tensor.
+
+    ``read(hf_index)`` returns that block of the HF tensor. A permuted axis is read in whole
+    heads (a tensor-parallel shard holds whole heads, so that is exactly its rows), put in
+    jtp's order, and trimmed to ``index``.
+    """
+    bounds = [s.indices(n)[:2] for s, n in zip(index, shape, strict=True)]  # [(start, stop)]
+    hf_bounds = list(reversed(bounds)) if t.transpose else list(bounds)
+    if t.rope_head_dim is None:
+        block = read(tuple(slice(a, b) for a, b in hf_bounds))
+    else:
+        e = t.rope_head_dim
+        start, stop = hf_bounds[0]
+        h0, h1 = start // e, -(-stop // e)  # the heads the rows [start, stop) touch
+        rows = read((slice(h0 * e, h1 * e), *(slice(a, b) for a, b in hf_bounds[1:])))
+        block = permute_heads(rows, e, to_jtp=True)[start - h0 * e : stop - h0 * e]
+    return block.T if t.transpose else block

@@ -1,0 +1,164 @@
+"""``save_pretrained``: a (sharded) jtp Llama as an HF checkpoint transformers loads.
+
+One parameter at a time is gathered to the host, put in HF's layout (transposed,
+RoPE-permuted back, :mod:`jtp.models.hf.names`), cast, and appended to its safetensors
+shard, so the writer holds one whole tensor at a time. Every process takes part in each
+gather; process 0 writes, into a temporary directory renamed onto ``path`` at the end: the
+checkpoint there is complete or absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jtp.models.hf.config import default_architecture, describes, hf_config, read_config
+from jtp.models.hf.files import INDEX, SINGLE, write_safetensors
+from jtp.models.hf.names import TensorMap, tensor_map, to_hf
+from jtp.models.llama import Llama
+from jtp.parallel.names import path_str
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size, "5GB"
+# Files of a source directory carried over: the tokenizer and the generation defaults.
+_SIDE_FILES = (
+    "generation_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "merges.txt", "chat_template.jinja", "chat_template.json",
+)  # fmt: skip
+
+
+def _whole(x: jax.Array) -> np.ndarray:
+    """The whole of a (sharded) global array on this host; every process must call it."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def _shards(sizes: list[int], limit: int) -> list[list[int]]:
+    """Consecutive groups of tensor indices, each under ``limit`` bytes (a tensor larger than
+    the limit gets a file of its own, as transformers does)."""
+    groups: list[list[int]] = [[]]
+    total = 0
+    for i, size in enumerate(sizes):
+        if groups[-1] and total + size > limit:
+            groups.append([])
+            total = 0
+        groups[-1].append(i)
+        total += size
+    return groups
+
+
+def _dtype_name(config: Mapping[str, Any]) -> str | None:
+    return config.get("dtype") or config.get("torch_dtype")
+
+
+def save_pretrained(
+    model: Llama,
+    path: str,
+    *,
+    source: str | Mapping[str, Any] | None = None,
+    dtype: Any = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> None:
+    """Write ``model`` as a Hugging Face checkpoint: ``config.json`` and safetensors.
+
+    ``transformers.AutoModelForCausalLM.from_pretrained(path)`` then computes the logits jtp
+    does. Call it on every process (each takes part in gathering the parameters).
+
+    Args:
+      model: a jtp Llama, sharded or not (e.g. :func:`load_pretrained`'s, fine-tuned).
+      path: the output directory; replaced if it exists.
+      source: the HF directory (or its parsed config.json) the model came from. Its
+        config.json is written back with only the dtype changed, after checking that it
+        describes this model; a directory's tokenizer and generation files are copied.
+        Without it, a config for ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` /
+        ``Qwen3ForCausalLM`` (by the model's features) is derived from ``model.config``.
+      dtype: dtype of the saved tensors; default the source's ``dtype`` / ``torch_dtype``,
+        else the parameters' own. A bf16 checkpoint loaded into float32 and saved back
+        without training is bitwise the original.
+      max_shard_bytes: split into ``model-0000k-of-0000n.safetensors`` files of at most this
+        many bytes, listed in ``model.safetensors.index.json``.
+    """
+    config = model.config
+    src_dir = source if isinstance(source, str) and os.path.isdir(source) else None
+    hf = dict(read_config(source) if isinstance(source, str) else source or {})
+    if hf:
+        describes(hf, config)
+    name = np.dtype(dtype).name if dtype is not None else _dtype_name(hf)
+    params = {path_str(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    name = name or str(next(iter(params.values())).dtype)
+    out_dtype = np.dtype(name)  # "bfloat16" resolves through ml_dtypes (imported by jax)
+    if not hf:
+        hf = hf_config(config, default_architecture(config), name)
+    hf["torch_dtype" if "torch_dtype" in hf else "dtype"] = name
+
+    maps = tensor_map(config)
+    shapes = [t.hf_shape(tuple(params[t.jtp].shape)) for t in maps]
+    sizes = [int(np.prod(s, dtype=np.int64)) * out_dtype.itemsize for s in shapes]
+    groups = _shards(sizes, max_shard_bytes)
+    files = (
+        [SINGLE]
+        if len(groups) == 1
+        else [f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors" for k in range(len(groups))]
+    )
+    writer = jax.process_index() == 0
+    tmp = f"{os.path.abspath(path).rstrip('/')}.tmp-{os.getpid()}"
+    if writer:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    by_hf = {t.hf: t for t in maps}
+
+    def produce(hf_name: str) -> np.ndarray:
+        t: TensorMap = by_hf[hf_name]
+        return to_hf(t, _whole(params[t.jtp])).astype(out_dtype)
+
+    try:
+        for file, group in zip(files, groups, strict=True):
+            entries = [(maps[i].hf, out_dtype, shapes[i]) for i in group]
+            if writer:
+                write_safetensors(os.path.join(tmp, file), entries, produce)
+            else:  # take part in the same gathers, in the same order
+                for hf_name, _, _ in entries:
+                    _whole(params[by_hf[hf_name].jtp])
+        if writer:
+            _finish(tmp, path, hf, src_dir, files, groups, maps, sizes)
+    except BaseException:
+        if writer:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jtp.hf.save_pretrained")
+
+
+def _finish(tmp, path, hf, src_dir, files, groups, maps, sizes) -> None:
+    """config.json, the index, the source's side files; then the directory into place."""
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+    if len(files) > 1:
+        weight_map = {maps[i].hf: file for file, g in zip(files, groups, strict=True) for i in g}
+        index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+        with open(os.path.join(tmp, INDEX), "w") as f:
+            json.dump(index, f, indent=2)
+    if src_dir is not None:
+        for entry in sorted(os.listdir(src_dir)):
+            src = os.path.join(src_dir, entry)
+            keep = entry.startswith("tokenizer") or entry in _SIDE_FILES
+            if keep and os.path.isfile(src):
+                shutil.copy2(src, os.path.join(tmp, entry))
+    old = None
+    if os.path.exists(path):  # readers see the old checkpoint or the new one, never a mix
+        old = f"{tmp}.old"
+        os.rename(path, old)
+    os.rename(tmp, path)
+    if old is not None:
+        shutil.rmtree(old)

@@ -1,0 +1,393 @@
+"""Hugging Face checkpoints in and out, checked against transformers without torch.
+
+``tests/fixtures/hf/*`` were written by ``scripts/make_hf_fixtures.py`` (transformers 5.24,
+torch 2.13 CPU): tiny random-weight Llama (llama3 RoPE scaling; hub config spelling),
+tied Llama, Mistral (sliding window, sharded files), Qwen2 (q/k/v biases, tied) and Qwen3
+(q/k norms, head_dim 8 != 32 / 16), each with transformers' float32 logits on 4 x 16 fixed
+tokens.
+
+Tolerances. float32 logits: max |jtp - transformers| / max |transformers| <= 1e-4 and mean
+KL(transformers || jtp) <= 1e-6; seen <= 2.1e-6 and <= 4e-12 (both compute in float32; the
+reduction order differs). Anything structural is O(1): without the RoPE permutation the
+error is 0.95-1.3 and the KL 0.5-6.7; without llama3's blended band, 0.5 and 0.06.
+
+bfloat16 parameters and compute: bf16 keeps 8 bits of mantissa (relative rounding
+2^-9 = 2e-3 per op) and the logits are a few dozen roundings deep; seen 1.7-2.6% of the
+largest logit and KL 1.5e-4-1.1e-3 over the five fixtures. Bounds: 5% and 1e-2.
+"""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+
+import jtp
+from jtp.models.hf import files as hf_files
+from jtp.models.hf.names import tensor_map, to_hf
+from jtp.parallel.names import path_str
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures", "hf")
+NAMES = ["llama3", "llama_tied", "mistral", "qwen2", "qwen3"]
+T = 16  # tokens per fixture sequence; mistral's sliding window (32) is longer
+MESHES = {
+    "1x1": ((1, 1), False, False, False),
+    "1x8": ((1, 8), False, False, False),
+    "2x4-fsdp": ((2, 4), True, False, False),
+    "4x2-sp-lp": ((4, 2), False, True, True),
+}
+
+
+def fixture(name):
+    return os.path.join(FIXTURES, name)
+
+
+def reference(name):
+    ref = np.load(os.path.join(fixture(name), "reference.npz"))
+    return ref["tokens"], ref["logits"]
+
+
+def mesh_of(shape):
+    return jtp.make_mesh(*shape, devices=jax.devices()[: shape[0] * shape[1]])
+
+
+def load(name, shape=(1, 1), fsdp=False, sp=False, lp=False, **kw):
+    mesh = mesh_of(shape)
+    model = jtp.hf.load_pretrained(
+        fixture(name) if os.sep not in name else name, mesh, fsdp=fsdp,
+        sequence_parallel=sp, loss_parallel=lp, max_seq_len=T, **kw,
+    )  # fmt: skip
+    return model, mesh
+
+
+def logits_of(model, mesh, tokens, sp=False, lp=False):
+    plan = jtp.plans.llama(model.config, sequence_parallel=sp, loss_parallel=lp)
+    graphdef, state = nnx.split(model)
+    with jtp.activation_rules(mesh, plan.activations):
+        out = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, jtp.shard_batch(tokens, mesh))
+    return out
+
+
+def log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def errors(logits, want):
+    """(max |diff| / max |want|, mean over positions of KL(want || logits)), in float64."""
+    got, want = np.asarray(logits, np.float64), np.asarray(want, np.float64)
+    rel = np.abs(got - want).max() / np.abs(want).max()
+    lp, lq = log_softmax(want), log_softmax(got)
+    return rel, float(np.mean(np.sum(np.exp(lp) * (lp - lq), -1)))
+
+
+def params_of(model):
+    return {path_str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))}
+
+
+@pytest.mark.parametrize("mesh_case", list(MESHES))
+@pytest.mark.parametrize("name", NAMES)
+def test_logits_match_transformers(name, mesh_case):
+    shape, fsdp, sp, lp = MESHES[mesh_case]
+    model, mesh = load(name, shape, fsdp, sp, lp)
+    tokens, want = reference(name)
+    logits = logits_of(model, mesh, tokens, sp, lp)
+    rel, kl = errors(logits, want)
+    assert rel <= 1e-4 and kl <= 1e-6, (rel, kl)
+    if lp:  # loss parallel: the logits stay split on the vocabulary
+        assert logits.sharding.spec[-1] == "tensor"
+
+
+def test_born_sharded_each_device_reads_its_slice(monkeypatch):
+    """(1, 8): every kernel is read in 8 disjoint blocks (whole heads for the permuted
+    q/k rows), every element of every tensor read exactly once (replicas share one read)."""
+    reads = {}
+    original = hf_files.CheckpointFiles.reader
+
+    def recording(self, name):
+        read = original(self, name)
+
+        def wrapped(index):
+            block = read(index)
+            reads.setdefault(name, []).append(block.size)
+            return block
+
+        return wrapped
+
+    monkeypatch.setattr(hf_files.CheckpointFiles, "reader", recording)
+    model, mesh = load("qwen3", (1, 8))
+    files = hf_files.CheckpointFiles(fixture("qwen3"))
+    for name, shape in files.shape.items():
+        assert sum(reads[name]) == np.prod(shape), name
+        if name.endswith("proj.weight") or name == "lm_head.weight":
+            assert len(reads[name]) == 8 and max(reads[name]) == np.prod(shape) // 8, name
+    wq = model.layers[0].attention.wq.kernel.get_value()
+    assert wq.sharding.shard_shape(wq.shape) == (32, 128 // 8)
+
+
+def test_tied_table_is_one_array_split_on_vocab():
+    model, mesh = load("qwen2", (2, 4), fsdp=True)
+    assert model.output is None and model.config.tie_embeddings
+    table = model.tok_embeddings.embedding.get_value()
+    assert table.shape == (128, 64)
+    assert table.sharding.spec == jax.sharding.PartitionSpec("tensor", "data")
+    names = set(params_of(model))
+    assert "tok_embeddings.embedding" in names and not [n for n in names if "output" in n]
+
+
+def _tensors(path):
+    out = {}
+    for file in sorted(os.listdir(path)):
+        if file.endswith(".safetensors"):
+            with safe_open(os.path.join(path, file), framework="numpy") as f:
+                out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+@pytest.mark.parametrize("name", ["mistral", "llama_tied"])
+def test_export_then_reimport_is_bitwise(name, tmp_path):
+    """A bf16 checkpoint loaded into float32 and saved back is the original, bit for bit
+    (and so is its config.json); re-importing the export gives the same parameters."""
+    model, _ = load(name, (2, 4), fsdp=True)
+    out = str(tmp_path / "export")
+    jtp.hf.save_pretrained(model, out, source=fixture(name), max_shard_bytes=40_000)
+    ours, theirs = _tensors(out), _tensors(fixture(name))
+    assert sorted(ours) == sorted(theirs)
+    for k, v in theirs.items():
+        assert ours[k].dtype == v.dtype and np.array_equal(
+            ours[k].view(np.uint16), v.view(np.uint16)
+        ), k
+    with open(os.path.join(out, "config.json")) as f, open(fixture(name) + "/config.json") as g:
+        assert json.load(f) == json.load(g)
+    assert os.path.exists(os.path.join(out, "generation_config.json"))
+    assert not os.path.exists(os.path.join(out, "reference.npz"))  # only HF's side files
+    with open(os.path.join(out, hf_files.INDEX)) as f:
+        index = json.load(f)
+    assert (
+        sorted(index["weight_map"]) == sorted(theirs) and len(set(index["weight_map"].values())) > 1
+    )
+    again, _ = load(out, (1, 8))
+    a, b = params_of(model), params_of(again)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_float32_export_without_source(tmp_path):
+    """A model with no source file: a derived config.json (Qwen3 by its features), float32
+    tensors in one file, and the same logits after re-import."""
+    model, mesh = load("qwen3", (1, 8))
+    out = str(tmp_path / "qwen3")
+    jtp.hf.save_pretrained(model, out)
+    with open(os.path.join(out, "config.json")) as f:
+        config = json.load(f)
+    assert config["architectures"] == ["Qwen3ForCausalLM"] and config["head_dim"] == 8
+    assert os.listdir(out) and sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert {v.dtype for v in _tensors(out).values()} == {np.dtype(np.float32)}
+    again, _ = load(out, (2, 4), fsdp=True)
+    assert again.config == model.config
+    a, b = params_of(model), params_of(again)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_save_replaces_a_directory_whole(tmp_path, monkeypatch):
+    """A failed save leaves the previous checkpoint as it was, and no temporary directory."""
+    model, _ = load("qwen2")
+    out = tmp_path / "ckpt"
+    jtp.hf.save_pretrained(model, str(out), source=fixture("qwen2"))
+    before = sorted(os.listdir(out))
+
+    def broken(hf_name):
+        raise OSError("disk full")
+
+    def failing_write(file, entries, produce):
+        return hf_files.write_safetensors(file, entries, broken)
+
+    monkeypatch.setattr("jtp.models.hf.save.write_safetensors", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        jtp.hf.save_pretrained(model, str(out), source=fixture("qwen2"))
+    assert sorted(os.listdir(out)) == before
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bf16_load(name):
+    model, mesh = load(name, (2, 4), fsdp=True, dtype=jnp.bfloat16)
+    dtypes = {v.dtype for v in jax.tree.leaves(nnx.state(model, nnx.Param))}
+    assert dtypes == {jnp.dtype(jnp.bfloat16)}
+    tokens, want = reference(name)
+    logits = logits_of(model, mesh, tokens)
+    assert logits.dtype == jnp.bfloat16  # the modules compute in the parameters' dtype
+    rel, kl = errors(logits, want)
+    assert rel <= 5e-2 and kl <= 1e-2, (rel, kl)
+
+
+# ---------------------------------------------------------------- refusals
+def edited(tmp_path, name, config=None, tensors=None):
+    """A copy of fixture ``name`` with config.json fields set (None: removed) and tensors
+    added or, with value None, removed (single-file fixtures)."""
+    path = tmp_path / name
+    shutil.copytree(fixture(name), path)
+    with open(path / "config.json") as f:
+        c = json.load(f)
+    for k, v in (config or {}).items():
+        c.pop(k) if v is None else c.__setitem__(k, v)
+    with open(path / "config.json", "w") as f:
+        json.dump(c, f)
+    if tensors:
+        t = load_file(str(path / "model.safetensors"))
+        for k, v in tensors.items():
+            t.pop(k) if v is None else t.__setitem__(k, v)
+        save_file(t, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return str(path)
+
+
+REFUSALS = {
+    "architecture": (
+        "qwen3", {"architectures": ["GemmaForCausalLM"]}, None,
+        r"GemmaForCausalLM.*not supported.*LlamaForCausalLM, MistralForCausalLM, "
+        r"Qwen2ForCausalLM, Qwen3ForCausalLM",
+    ),
+    "rope-type-hub": (
+        "llama3", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, None,
+        r"rope_scaling.rope_type='yarn' is not supported",
+    ),
+    "rope-type-v5": (
+        "qwen3", {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e6, "factor": 2.0}},
+        None, r"rope_parameters.rope_type='linear' is not supported",
+    ),
+    "attention-bias": (
+        "llama3", {"attention_bias": True}, None, r"attention_bias=True is not supported.*o_proj"
+    ),
+    "mlp-bias": ("llama3", {"mlp_bias": True}, None, r"mlp_bias=True is not supported"),
+    "activation": ("qwen2", {"hidden_act": "gelu"}, None, r"hidden_act='gelu' is not supported"),
+    "missing-field": ("qwen2", {"hidden_size": None}, None, r"field 'hidden_size' is missing"),
+    "sliding-window-qwen": (
+        "qwen2", {"use_sliding_window": True, "sliding_window": 8}, None,
+        r"sliding_window=8 is shorter than the positions used \(16\)",
+    ),
+    "unexpected-bias": (
+        "llama3", None, {"model.layers.1.self_attn.o_proj.bias": np.zeros(32, np.float32)},
+        r"tensor 'model.layers.1.self_attn.o_proj.bias' has no place",
+    ),
+    "missing-tensor": (
+        "qwen3", None, {"model.layers.1.self_attn.k_norm.weight": None},
+        r"tensor 'model.layers.1.self_attn.k_norm.weight' is missing.*layers.1.attention.k_norm",
+    ),
+    "wrong-shape": (
+        "qwen2", {"intermediate_size": 96}, None,
+        r"tensor 'model.layers.0.mlp.gate_proj.weight' has shape \(64, 64\), config.json "
+        r"implies \(96, 64\)",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_refusals_name_the_field_or_tensor(case, tmp_path, monkeypatch):
+    name, config, tensors, match = REFUSALS[case]
+    path = edited(tmp_path, name, config, tensors)
+
+    def no_reads(self, name):  # refused before a single weight is read
+        raise AssertionError(f"read {name} before refusing")
+
+    monkeypatch.setattr(hf_files.CheckpointFiles, "reader", no_reads)
+    with pytest.raises(ValueError, match=match):
+        jtp.hf.load_pretrained(path, mesh_of((1, 8)), max_seq_len=T)
+
+
+def test_refuses_sliding_window_shorter_than_positions_used():
+    """Mistral's 32-token window: fine for 16 positions; the default (max_position_embeddings,
+    512) would let jtp's full attention differ from transformers' windowed one."""
+    with pytest.raises(ValueError, match=r"sliding_window=32 is shorter than the positions used"):
+        jtp.hf.load_pretrained(fixture("mistral"), mesh_of((1, 1)))
+    with pytest.raises(ValueError, match="sequence length 64 > max_seq_len 16"):
+        load("mistral")[0](jnp.zeros((1, 64), jnp.int32))
+
+
+def test_refuses_a_directory_without_safetensors(tmp_path):
+    os.makedirs(tmp_path / "bin")
+    shutil.copy(os.path.join(fixture("qwen2"), "config.json"), tmp_path / "bin")
+    with pytest.raises(ValueError, match="neither model.safetensors nor"):
+        jtp.hf.load_pretrained(str(tmp_path / "bin"), mesh_of((1, 1)))
+
+
+def test_save_refuses_a_source_that_is_not_the_model(tmp_path):
+    model, _ = load("qwen2")
+    with pytest.raises(
+        ValueError,
+        match=r"does not describe this model: rope_theta.*qkv_bias: config.json gives False",
+    ):
+        jtp.hf.save_pretrained(model, str(tmp_path / "x"), source=fixture("llama_tied"))
+    assert not os.path.exists(tmp_path / "x")
+
+
+# ---------------------------------------------------------------- CLI
+def test_cli_fine_tunes_and_exports(tmp_path):
+    """``--hf``: the first loss is the checkpoint's own (not a random init's ~ln 128), and
+    falls on the one batch trained three times; the ``--export-hf`` checkpoint holds exactly
+    the trained parameters (``--export``'s), in HF's layout and the source's dtype."""
+    from jtp.cli.recipes import LlamaTask, LlamaTaskConfig
+    from jtp.cli.train import main
+    from jtp.models.llama import cross_entropy
+
+    src, out, flat = fixture("qwen2"), str(tmp_path / "hf"), str(tmp_path / "flat.safetensors")
+    metrics = main(
+        ["--devices", "8", "--model", "llama", "--hf", src, "--data-parallel", "2",
+         "--tensor-parallel", "4", "--fsdp", "--sequence-parallel", "--loss-parallel",
+         "--seq-len", str(T), "--samples", "8", "--max-epochs", "3", "--lr", "1e-3",
+         "--no-progress", "--root-dir", str(tmp_path), "--export", flat, "--export-hf", out]
+    )  # fmt: skip
+    losses = metrics["losses"]
+    assert len(losses) == 3 and losses[0] > losses[1] > losses[2]
+    model, mesh = load("qwen2", (2, 4), fsdp=True)
+    task = LlamaTask(LlamaTaskConfig(hf=src, seq_len=T, samples=8))
+    task.mesh = mesh
+    first = np.asarray(next(iter(task.train_dataloader())))
+    logits = logits_of(model, mesh, first[:, :-1])
+    want = float(cross_entropy(logits, jnp.asarray(first[:, 1:])))
+    assert losses[0] == pytest.approx(want, rel=1e-5) and want > 1.5 * np.log(128)
+    trained = load_file(flat)
+    exported = _tensors(out)
+    for t in tensor_map(model.config):
+        want = to_hf(t, trained[t.jtp]).astype(exported[t.hf].dtype)
+        assert np.array_equal(exported[t.hf], want), t.hf
+    assert exported["model.norm.weight"].dtype == jnp.bfloat16  # the source's dtype
+
+
+def test_num_params_counts_what_the_model_holds():
+    for name in NAMES:
+        config = jtp.hf.config_of(fixture(name), max_seq_len=T)
+        abstract = nnx.eval_shape(lambda c=config: jtp.models.llama.Llama(c, rngs=nnx.Rngs(0)))
+        sizes = [int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param))]
+        assert sum(sizes) == config.num_params(), name
+
+
+def test_planner_plans_for_the_checkpoint_shapes(tmp_path, monkeypatch):
+    """``python -m jtp.plan --hf DIR``: the checkpoint's shapes (here tied, with biases),
+    from config.json alone. One configuration, to keep it quick. (The preset name is not
+    one of PRESETS then, so a measure() that ignored the checkpoint would fail.)"""
+    from jtp.cli import planner
+
+    src = tmp_path / "config_only"
+    os.makedirs(src)
+    shutil.copy(os.path.join(fixture("qwen2"), "config.json"), src)
+    asked = []
+
+    def one_configuration(*args):
+        asked.append(args)
+        return [planner.Config(1, 8, fsdp=False, sequence_parallel=True, remat=False)]
+
+    monkeypatch.setattr(planner, "configurations", one_configuration)
+    out = planner.main(
+        ["--hf", str(src), "--devices", "8", "--devices-per-host", "8", "--global-batch", "8",
+         "--seq-len", str(T), "--precision", "32-true", "--json", str(tmp_path / "plan.json")]
+    )  # fmt: skip
+    assert asked == [(8, 8, 16, 8, 8, T)]  # devices, per host, heads, kv heads, batch, seq
+    config = jtp.hf.config_of(str(src))
+    (row,) = out["rows"]
+    assert row["floor_bytes"] == config.num_params() * 16 / 8 and config.tie_embeddings
+    assert 0 < row["memory_bytes"] < 10e6  # compiled for the checkpoint's (tiny) shapes
