@@ -85,7 +85,7 @@ def render(text: str, root: Path) -> str:
 def docs(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(args.root)
     stale = []
-    for path in sorted((root / "docs").glob("*.md")) + [root / "README.md"]:
+    for path in sorted((root / "docs").rglob("*.md")) + [root / "README.md"]:
         text = path.read_text()
         new = render(text, root)
         if new != text:
