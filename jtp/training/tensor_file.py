@@ -36,13 +36,21 @@ class TensorFileWriter:
 
     Use as a context manager; call :meth:`write` once per name, in order. Leaving the block
     without an exception renames the finished file into place; with one, removes it.
+    ``metadata`` goes to the header's ``__metadata__`` (transformers checks ``format: pt``).
     """
 
-    def __init__(self, path: str, specs: Sequence[tuple[str, tuple[int, ...], Any]]):
+    def __init__(
+        self,
+        path: str,
+        specs: Sequence[tuple[str, tuple[int, ...], Any]],
+        *,
+        metadata: dict[str, str] | None = None,
+    ):
         self.path, self.tmp = path, f"{path}.tmp-{os.getpid()}"
-        header, offset = {}, 0
+        header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+        offset = 0
         for name, shape, dtype in specs:
-            size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
             header[name] = {
                 "dtype": safetensors_dtype(dtype),
                 "shape": list(shape),

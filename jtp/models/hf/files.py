@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import json
 import os
-import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import numpy as np
 from safetensors import safe_open
 
+from jtp.training.tensor_file import TensorFileWriter
+
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-# safetensors dtype names for the float types a checkpoint holds (ml_dtypes' bfloat16 is
-# numpy's "bfloat16", which safetensors >= 0.4 reads and this writer writes).
-DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
 class CheckpointFiles:
@@ -69,39 +67,14 @@ class CheckpointFiles:
         return read
 
 
-def header(entries: Iterable[tuple[str, np.dtype, tuple[int, ...]]]) -> tuple[bytes, int]:
-    """The safetensors header for tensors ``(name, dtype, shape)`` stored in that order, and
-    the byte size of the data after it."""
-    meta: dict[str, object] = {"__metadata__": {"format": "pt"}}  # transformers checks "pt"
-    offset = 0
-    for name, dtype, shape in entries:
-        size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        meta[name] = {
-            "dtype": DTYPES[np.dtype(dtype).name],
-            "shape": list(shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    text = json.dumps(meta, separators=(",", ":")).encode()
-    text += b" " * (-(8 + len(text)) % 8)  # the data starts 8-byte aligned, as safetensors pads
-    return struct.pack("<Q", len(text)) + text, offset
-
-
 def write_safetensors(
     file: str,
     entries: list[tuple[str, np.dtype, tuple[int, ...]]],
     produce: Callable[[str], np.ndarray],
 ) -> None:
-    """Write a safetensors file whose tensors are ``produce(name)``, called once each, in
-    order; only one of them is referenced here at a time."""
-    head, size = header(entries)
-    with open(file, "wb") as f:
-        f.write(head)
-        for name, dtype, shape in entries:
-            value = np.ascontiguousarray(produce(name))
-            if value.dtype != np.dtype(dtype) or value.shape != tuple(shape):
-                raise AssertionError(f"{name}: produced {value.dtype}{value.shape}")
-            f.write(value.reshape(-1).view(np.uint8).data)  # little-endian, as x86/arm hosts
-            del value
-        if f.tell() != len(head) + size:
-            raise AssertionError(f"{file}: wrote {f.tell()} bytes, header promises more")
+    """Write a safetensors file whose tensors ``(name, dtype, shape)`` are ``produce(name)``,
+    called once each, in order; only one of them is referenced here at a time."""
+    specs = [(name, tuple(shape), dtype) for name, dtype, shape in entries]
+    with TensorFileWriter(file, specs, metadata={"format": "pt"}) as writer:
+        for name, _, _ in entries:
+            writer.write(name, produce(name))

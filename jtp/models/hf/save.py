@@ -1,6 +1,7 @@
 """``save_pretrained``: a (sharded) jtp Llama as an HF checkpoint transformers loads.
 
-One parameter at a time is gathered to the host, put in HF's layout (transposed,
+One parameter at a time is gathered to process 0's host (the others hold none), put in
+HF's layout (transposed,
 RoPE-permuted back, :mod:`jtp.models.hf.names`), cast, and appended to its safetensors
 shard, so the writer holds one whole tensor at a time. Every process takes part in each
 gather; process 0 writes, into a temporary directory renamed onto ``path`` at the end: the
@@ -24,6 +25,7 @@ from jtp.models.hf.files import INDEX, SINGLE, write_safetensors
 from jtp.models.hf.names import TensorMap, tensor_map, to_hf
 from jtp.models.llama import Llama
 from jtp.parallel.names import path_str
+from jtp.training.export import gathered_on_process_0
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size, "5GB"
 # Files of a source directory carried over: the tokenizer and the generation defaults.
@@ -31,15 +33,6 @@ _SIDE_FILES = (
     "generation_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
     "merges.txt", "chat_template.jinja", "chat_template.json",
 )  # fmt: skip
-
-
-def _whole(x: jax.Array) -> np.ndarray:
-    """The whole of a (sharded) global array on this host; every process must call it."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
 
 
 def _shards(sizes: list[int], limit: int) -> list[list[int]]:
@@ -118,7 +111,7 @@ def save_pretrained(
 
     def produce(hf_name: str) -> np.ndarray:
         t: TensorMap = by_hf[hf_name]
-        return to_hf(t, _whole(params[t.jtp])).astype(out_dtype)
+        return to_hf(t, gathered_on_process_0(params[t.jtp])).astype(out_dtype)
 
     try:
         for file, group in zip(files, groups, strict=True):
@@ -127,7 +120,7 @@ def save_pretrained(
                 write_safetensors(os.path.join(tmp, file), entries, produce)
             else:  # take part in the same gathers, in the same order
                 for hf_name, _, _ in entries:
-                    _whole(params[by_hf[hf_name].jtp])
+                    gathered_on_process_0(params[by_hf[hf_name].jtp])
         if writer:
             _finish(tmp, path, hf, src_dir, files, groups, maps, sizes)
     except BaseException:
