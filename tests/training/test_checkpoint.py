@@ -175,3 +175,38 @@ def test_checkpoint_and_export_input_errors(tmp_path):
     jtp.save_consolidated(ff_factory(32, 64)(), path)
     with pytest.raises(ValueError, match="without a mesh takes a built model"):
         jtp.load_consolidated(path, ff_factory(32, 64))
+
+
+def test_checkpoints_with_the_old_variable_names_still_restore(tmp_path):
+    """Before the one naming, a Variable's leaf was stored as ``params.w1.kernel.value``
+    (and ``...value#key_data`` for RNG keys); such a checkpoint restores unchanged."""
+    import orbax.checkpoint as ocp
+
+    from jtp.training.checkpoint import _legacy_name, flatten_state
+
+    mesh = jtp.make_mesh(2, 4)
+    model = jtp.sharded_init(ff_factory(), mesh, FF_PLAN)
+    tree = {"params": nnx.state(model, nnx.Param), "rest": {"key": jax.random.key(3)}}
+    flat = flatten_state(tree)
+    assert "params.w1.kernel" in flat and "rest.key#key_data" in flat  # today's names
+    ckpt = jtp.Checkpointer(str(tmp_path / "ck"))
+    legacy = {_legacy_name(k): v for k, v in flat.items()}
+    assert "params.w1.kernel.value" in legacy
+    ckpt._manager.save(
+        5,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(legacy), meta=ocp.args.JsonSave({"step": 5})
+        ),
+    )
+    ckpt.wait()
+    like = jax.tree.map(jnp.zeros_like, tree)
+    restored, meta, step = ckpt.restore(like)
+    ckpt.close()
+    assert step == 5 and meta["step"] == 5
+    for a, b in zip(
+        jax.tree.leaves(tree["params"]), jax.tree.leaves(restored["params"]), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert jax.random.key_data(restored["rest"]["key"]).tolist() == (
+        jax.random.key_data(tree["rest"]["key"]).tolist()
+    )
