@@ -90,14 +90,23 @@ class ProgressBar:
                 TimeElapsedColumn,
                 TimeRemainingColumn,
             )
+            from rich.text import Text
 
-            self._progress = Progress(
+            class BarAndMetrics(Progress):
+                """One bar row per epoch; the metrics on a line of their own beneath (as
+                Lightning's RichProgressBar), so a narrow terminal squeezes neither."""
+
+                def get_renderables(self) -> Any:
+                    yield self.make_tasks_table(self.tasks)
+                    if self.tasks:
+                        yield Text(self.tasks[-1].fields.get("info", ""))
+
+            self._progress = BarAndMetrics(
                 TextColumn("epoch {task.fields[epoch]}"),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TimeElapsedColumn(),
                 TimeRemainingColumn(),
-                TextColumn("{task.fields[info]}"),
                 console=Console(file=self.stream, force_terminal=True),
                 auto_refresh=False,  # redrawn at the logging interval only
                 redirect_stdout=False,
