@@ -104,7 +104,7 @@ class Trainer:
         module.mesh, module.trainer = self.mesh, self
         if model is None:
             model, rules = build_model(module, self.mesh, fsdp=self.strategy.fsdp)
-        self._module, self._rules = module, dict(rules or {})
+        self._module, self._rules, self._train_loader = module, dict(rules or {}), None
         self._state = TrainState.from_model(model, self.mesh, precision=self.options.precision)
         self.model = self._state.model()  # bf16-true: the bf16 arrays, nothing in fp32
         self._evals = EvalSteps(module, self._state, self.mesh, precision=self.options.precision)
