@@ -4,9 +4,9 @@ The train step is compiled exactly once per fit, ahead of time, with fixed input
 shardings (parameters and optimizer state keep their plan layout across steps) and donated
 state buffers (the update happens in place: the peak holds one copy of the state, not two).
 One call of it is one optimizer step over ``accumulate_grad_batches`` loader batches. The
-loop reads device values only when it logs, so the host dispatches ahead of the devices;
-when to log, save, stop and check replicas is decided in :mod:`jtp.training.policy`, the
-same way in every process.
+loop reads device values only when it logs (or validates), so the host dispatches ahead of
+the devices; when to validate, log, save, stop and check replicas is decided in
+:mod:`jtp.training.policy`, the same way in every process.
 """
 
 from __future__ import annotations
@@ -247,7 +247,8 @@ class Trainer:
         """Optimizer steps ``fit`` will take, as Lightning's: ``max_steps``, or fewer when
         ``max_epochs`` of the train loader end first (what a LR schedule decays over)."""
         o = self.options
-        loader = self._train_loader or self._module.train_dataloader()
+        loader = self._train_loader
+        loader = loader if loader is not None else self._module.train_dataloader()
         steps = o.max_epochs * len(loader) // o.accumulate_grad_batches
         return min(steps, o.max_steps) if o.max_steps > 0 else steps
 
