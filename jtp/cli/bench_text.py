@@ -48,6 +48,7 @@ def _commands(args: argparse.Namespace, tmp: str) -> tuple[list[str], list[str]]
 def text(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         prepare, train = _commands(args, tmp)
+        load = os.getloadavg()[0]  # other work on the machine slows the timing, not the losses
         t0 = time.perf_counter()
         subprocess.run(prepare, check=True, stdout=subprocess.DEVNULL, timeout=600)
         t1 = time.perf_counter()
@@ -71,6 +72,7 @@ def text(args: argparse.Namespace) -> dict[str, Any]:
         "prepare_seconds": t1 - t0,
         "train_seconds": t2 - t1,
         "fit_seconds": run["fit_seconds"],
+        "load_average": [load, os.getloadavg()[0]],
         "command": " ".join(os.path.basename(a) if a == sys.executable else a for a in train),
     }
     print(format_text(payload))
@@ -99,6 +101,9 @@ def format_text(p: dict[str, Any]) -> str:
         f"{p['train_seconds']:.0f} s wall (fit {p['fit_seconds']:.0f} s), prepare "
         f"{p['prepare_seconds']:.1f} s; {verdict} the target val <= {TARGET_NATS} nats/byte"
     )
+    if "load_average" in p:
+        start, end = p["load_average"]
+        tail += f"\n(1-minute load average {start:.1f} before, {end:.1f} after the run)"
     return head + "\n".join(lines) + tail
 
 
