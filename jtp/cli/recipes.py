@@ -59,9 +59,12 @@ def adamw(config: Any, module: TrainModule) -> optax.GradientTransformation:
     schedule = lr_schedule(
         config.lr_schedule, config.lr, warmup_steps=config.warmup_steps, total_steps=total
     )
-    return optax.inject_hyperparams(optax.adamw)(
-        learning_rate=schedule, weight_decay=config.weight_decay
-    )
+    # Only lr and weight decay live in the state: the betas and eps stay Python constants,
+    # as in optax.adamw. In the state they would take the parameters' dtype, and under
+    # bf16-true b2 = 0.999 rounds to 1.0 in bf16 (Adam's bias correction then divides by 0).
+    static = ("b1", "b2", "eps", "eps_root")
+    adamw_ = optax.inject_hyperparams(optax.adamw, static_args=static)
+    return adamw_(learning_rate=schedule, weight_decay=config.weight_decay)
 
 
 def data_vocab(directory: str, model_vocab: int | None = None) -> int:
