@@ -31,6 +31,7 @@ from jtp.training.data import DataLoader, local_data_ranks
 from jtp.training.datasets import RandomDataset, RandomTokenDataset
 from jtp.training.export import load_consolidated, save_consolidated
 from jtp.training.module import TrainModule
+from jtp.training.tokens import TokenDataset
 from jtp.training.trainer import Trainer
 
 try:
@@ -54,6 +55,7 @@ __all__ = [
     "RandomTokenDataset",
     "RowwiseParallel",
     "TPPlan",
+    "TokenDataset",
     "TrainModule",
     "Trainer",
     "activation_rules",

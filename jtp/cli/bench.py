@@ -3,6 +3,7 @@
     python -m jtp.bench memory   [--dim 8192] [--json PATH] [--plot PNG]
     python -m jtp.bench overhead [--dim 1024] [--steps 200] [--json PATH]
     python -m jtp.bench llama    [--json PATH] [--no-8b]
+    python -m jtp.bench text     [--steps 300] [--json PATH] [--plot PNG]
 
 Each benchmark lives in its own module (``bench_memory``, ``bench_overhead``, ``bench_llama``).
 """
@@ -13,7 +14,14 @@ import argparse
 import sys
 from typing import Any
 
-from jtp.cli import bench_docs, bench_llama, bench_memory, bench_multihost, bench_overhead
+from jtp.cli import (
+    bench_docs,
+    bench_llama,
+    bench_memory,
+    bench_multihost,
+    bench_overhead,
+    bench_text,
+)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -35,6 +43,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     mh = sub.add_parser("multihost", help="stop-agreement cost; accumulation memory vs bytes")
     mh.add_argument("--calls", type=int, default=200, help="agreements timed per process")
     mh.add_argument("--json", default="bench_results/multihost.json", help="JSON output path")
+    tx = sub.add_parser("text", help="a tiny Llama learning the stdlib's *.py, byte-level")
+    tx.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    tx.add_argument("--warmup", type=int, default=30, help="lr warmup steps")
+    tx.add_argument("--val-every", type=int, default=100, help="validate every N steps")
+    tx.add_argument("--val-fraction", type=float, default=0.02, help="held-out share")
+    tx.add_argument("--json", default="bench_results/text.json", help="JSON output path")
+    tx.add_argument("--plot", default="bench_results/text.png", help="PNG (needs matplotlib)")
     dc = sub.add_parser("docs", help="re-render the docs' figure tables from bench_results JSON")
     dc.add_argument("--root", default=".", help="repository root (holds docs/, bench_results/)")
     dc.add_argument("--check", action="store_true", help="fail if a table differs; write nothing")
@@ -44,6 +59,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "overhead": bench_overhead.overhead,
         "llama": bench_llama.llama,
         "multihost": bench_multihost.multihost,
+        "text": bench_text.text,
         "docs": bench_docs.docs,
     }
     return run_one[args.which](args)

@@ -58,12 +58,19 @@ def _multihost(p: dict[str, Any]) -> str:
     return format_multihost(p)
 
 
+def _text(p: dict[str, Any]) -> str:
+    from jtp.cli.bench_text import format_text
+
+    return format_text(p)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "multihost": _multihost,
     "memory": _memory,
     "overhead": _overhead,
     "llama": _llama,
     "plan": _plan,
+    "text": _text,
 }
 
 

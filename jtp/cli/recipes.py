@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -22,8 +23,64 @@ from jtp.parallel.parallelize import sharded_init
 from jtp.training.data import DataLoader
 from jtp.training.datasets import RandomDataset, RandomTokenDataset
 from jtp.training.module import TrainModule
+from jtp.training.tokens import TokenDataset, read_meta
 
 FEEDFORWARD_PLAN = feedforward()
+LR_SCHEDULES = ("constant", "cosine")
+FINAL_LR_RATIO = 0.1  # cosine decays to lr / 10 (nanoGPT's and Chinchilla's choice)
+
+
+def lr_schedule(
+    kind: str, lr: float, *, warmup_steps: int = 0, total_steps: int | None = None
+) -> optax.ScalarOrSchedule:
+    """``constant`` (after an optional linear warmup from 0) or ``cosine``: linear warmup
+    from 0 to ``lr`` over ``warmup_steps``, then cosine decay to ``lr * FINAL_LR_RATIO`` at
+    ``total_steps`` (the run's optimizer steps; the warmup counts in them)."""
+    if kind not in LR_SCHEDULES:
+        raise ValueError(f"--lr-schedule {kind!r}: choose one of {LR_SCHEDULES}")
+    if warmup_steps < 0:
+        raise ValueError(f"--warmup-steps {warmup_steps} must be >= 0")
+    if kind == "constant":
+        return optax.warmup_constant_schedule(0.0, lr, warmup_steps) if warmup_steps else lr
+    if total_steps is None or total_steps <= warmup_steps:
+        raise ValueError(
+            f"--lr-schedule cosine: --warmup-steps {warmup_steps} must be below the run's "
+            f"{total_steps} optimizer steps"
+        )
+    return optax.warmup_cosine_decay_schedule(
+        0.0, lr, warmup_steps, total_steps, end_value=lr * FINAL_LR_RATIO
+    )
+
+
+def adamw(config: Any, module: TrainModule) -> optax.GradientTransformation:
+    """AdamW with ``config``'s lr, schedule and weight decay, its hyperparameters kept in
+    the optimizer state (``optax.inject_hyperparams``) so the trainer logs the lr applied.
+    A cosine schedule decays over the trainer's ``estimated_stepping_batches``."""
+    total = module.trainer.estimated_stepping_batches if config.lr_schedule == "cosine" else None
+    schedule = lr_schedule(
+        config.lr_schedule, config.lr, warmup_steps=config.warmup_steps, total_steps=total
+    )
+    # Only lr and weight decay live in the state: the betas and eps stay Python constants,
+    # as in optax.adamw. In the state they would take the parameters' dtype, and under
+    # bf16-true b2 = 0.999 rounds to 1.0 in bf16 (Adam's bias correction then divides by 0).
+    static = ("b1", "b2", "eps", "eps_root")
+    adamw_ = optax.inject_hyperparams(optax.adamw, static_args=static)
+    return adamw_(learning_rate=schedule, weight_decay=config.weight_decay)
+
+
+def data_vocab(directory: str, model_vocab: int | None = None) -> int:
+    """The vocabulary of a prepared token directory (its ``meta.json``); given the
+    vocabulary of a model that has its own (a checkpoint), they must be equal: ids from
+    another tokenizer would mean other tokens."""
+    meta = read_meta(directory)
+    vocab = int(meta["vocab_size"])
+    if model_vocab is not None and model_vocab != vocab:
+        raise ValueError(
+            f"--data {directory}: vocabulary {vocab} (tokenizer {meta.get('tokenizer')}) but "
+            f"the model's is {model_vocab}; prepare the text with the model's tokenizer: "
+            f"python -m jtp.prepare FILES... --out DIR --tokenizer CHECKPOINT/tokenizer.json"
+        )
+    return vocab
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +90,9 @@ class FeedForwardConfig:
     samples: int = 64  # RandomDataset length
     batch_size: int = 8  # global batch
     lr: float = 3e-3  # AdamW, as in the docs
+    lr_schedule: str = "constant"  # or "cosine" (see lr_schedule)
+    warmup_steps: int = 0  # linear warmup from 0 to lr
+    weight_decay: float = 1e-4  # AdamW's decoupled weight decay (optax's default)
     seed: int = 0  # parameter init and data order
     fsdp: bool = False  # 2D: also shard over "data"
 
@@ -63,7 +123,7 @@ class FeedForwardTask(TrainModule):
         return model(batch).sum()
 
     def configure_optimizers(self) -> optax.GradientTransformation:
-        return optax.adamw(self.config.lr)
+        return adamw(self.config, self)
 
     def train_dataloader(self) -> DataLoader:
         c = self.config
@@ -85,8 +145,12 @@ class LlamaTaskConfig:
     preset: str = "tiny"  # key of jtp.models.llama.PRESETS
     seq_len: int = 32  # tokens per sample fed to the model (the dataset adds one for labels)
     samples: int = 64  # RandomTokenDataset length
+    data: str | None = None  # a python -m jtp.prepare directory instead of random tokens
     batch_size: int = 8  # global batch
     lr: float = 3e-3  # AdamW
+    lr_schedule: str = "constant"  # or "cosine" (see lr_schedule)
+    warmup_steps: int = 0  # linear warmup from 0 to lr
+    weight_decay: float = 1e-4  # AdamW's decoupled weight decay (optax's default)
     seed: int = 0  # parameter init and data order
     fsdp: bool = False  # 2D: also shard over "data"
     sequence_parallel: bool = False  # residual stream split on the sequence over "tensor"
@@ -96,15 +160,22 @@ class LlamaTaskConfig:
 
 
 class LlamaTask(TrainModule):
-    """Lightning's tensor-parallel Llama example: next-token loss on random tokens."""
+    """Lightning's tensor-parallel Llama example: next-token loss on random tokens, or on
+    the token files of ``config.data`` (the vocabulary then comes from its ``meta.json``)."""
 
     def __init__(self, config: LlamaTaskConfig = LlamaTaskConfig()):
         self.config = config
         if config.hf:  # the checkpoint's shapes; positions used: seq_len (sliding windows)
             self.model_config = config_of(config.hf, max_seq_len=config.seq_len, remat=config.remat)
+            if config.data:  # token ids must come from the checkpoint's own tokenizer
+                data_vocab(config.data, self.model_config.vocab_size)
         else:
+            preset = preset_config(config.preset)
             self.model_config = dataclasses.replace(
-                preset_config(config.preset), remat=config.remat
+                preset,
+                remat=config.remat,
+                vocab_size=data_vocab(config.data) if config.data else preset.vocab_size,
+                max_seq_len=max(preset.max_seq_len, config.seq_len),
             )
         self.plan = llama(
             self.model_config,
@@ -148,14 +219,29 @@ class LlamaTask(TrainModule):
     validation_step = training_step
 
     def configure_optimizers(self) -> optax.GradientTransformation:
-        return optax.adamw(self.config.lr)
+        return adamw(self.config, self)
+
+    def _tokens(self, split: str) -> TokenDataset:
+        c = self.config
+        path = os.path.join(c.data, f"{split}.bin")
+        return TokenDataset(path, c.seq_len, vocab_size=self.model_config.vocab_size)
 
     def train_dataloader(self) -> DataLoader:
         c = self.config
-        data = RandomTokenDataset(self.model_config.vocab_size, c.seq_len, c.samples, seed=c.seed)
+        if c.data:
+            data = self._tokens("train")
+        else:
+            vocab = self.model_config.vocab_size
+            data = RandomTokenDataset(vocab, c.seq_len, c.samples, seed=c.seed)
         return DataLoader(data, c.batch_size, mesh=self.mesh, shuffle=True, seed=c.seed)
 
-    val_dataloader = train_dataloader
+    def val_dataloader(self) -> DataLoader:
+        """``val.bin`` in order, every window once (the last batch completed by wrapping,
+        counted once); without ``data``, the training set."""
+        if not self.config.data:
+            return self.train_dataloader()
+        data = self._tokens("val")
+        return DataLoader(data, self.config.batch_size, mesh=self.mesh, drop_last=False)
 
 
 def abstract_llama_step(

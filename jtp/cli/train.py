@@ -10,6 +10,9 @@ prints the peak memory per device at the end.
     python -m jtp.train --devices 8 --dim 256 --hidden-dim 1024 --metrics-json m.json
     python -m jtp.train --devices 8 --model llama --preset tiny --data-parallel 2 \
         --tensor-parallel 4 --fsdp --sequence-parallel --loss-parallel --precision bf16-mixed
+    python -m jtp.train --devices 8 --model llama --data DIR --seq-len 128 --batch-size 32 \
+        --data-parallel 2 --tensor-parallel 4 --max-steps 300 --lr-schedule cosine \
+        --warmup-steps 30 --val-check-interval 100        # DIR from python -m jtp.prepare
 
 ``main(argv)`` is importable (tests call it) and returns the metrics dict it writes.
 """
@@ -21,6 +24,7 @@ import os
 import sys
 from typing import Any
 
+from jtp.cli import train_text
 from jtp.cli.output import write_json
 from jtp.training.steps import PRECISIONS
 
@@ -106,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--export-hf", default=None, help="after training, write a Hugging Face checkpoint here"
     )
+    train_text.add_flags(p)
     d = p.add_argument_group("multiple processes (jax.distributed)")
     d.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
     d.add_argument("--num-processes", type=int, default=None, help="processes in the job")
@@ -164,6 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.hf and args.model != "llama":
         raise SystemExit("--hf loads a Llama-family checkpoint: add --model llama")
+    train_text.check(args)
     # Each process's devices are forced inside _init_distributed; there all devices are used.
     distributed = _init_distributed(args)
     from jtp.cli.devices import select_devices
@@ -181,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     common = dict(
         samples=args.samples, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        fsdp=args.fsdp,
+        fsdp=args.fsdp, **train_text.task_options(args),
     )  # fmt: skip
     if args.model == "llama":
         task = LlamaTask(
@@ -192,6 +198,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 sequence_parallel=args.sequence_parallel,
                 loss_parallel=args.loss_parallel,
                 hf=args.hf,
+                data=args.data,
                 **common,
             )  # fmt: skip
         )
@@ -214,6 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         checkpoint_every_n_steps=args.checkpoint_every,
         keep_last=args.keep_last,
         check_replicas=args.check_replicas,
+        **train_text.trainer_options(args),
     )
     mesh = strategy.mesh
     if jax.process_index() == 0:
@@ -245,6 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "steps": steps,
         "peak_memory_bytes_per_device": trainer.peak_memory_bytes_per_device,
         "fit_seconds": trainer.fit_seconds,
+        **train_text.fit_metrics(trainer),
         "config": vars(args),
         "process_index": jax.process_index(),
         "process_count": jax.process_count(),

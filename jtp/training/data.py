@@ -14,6 +14,7 @@ sees is a pure function of (seed, epoch, batch index, its data-parallel rank):
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
@@ -47,11 +48,35 @@ def local_data_ranks(device_grid: np.ndarray, process_index: int) -> list[int]:
     return sorted(rows)
 
 
+def check_map_dataset(dataset: Any) -> int:
+    """``len(dataset)`` after checking that ``dataset`` is map-style and finite.
+
+    Random access is what lets each process read only its data ranks' rows, and a finite
+    length is what epochs and the shuffle are made of. A ``grain.MapDataset`` is map-style;
+    grain's ``IterDataset`` (after ``.to_iter_dataset()``) and ``.repeat()`` are not.
+    """
+    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        raise ValueError(
+            f"DataLoader: {type(dataset).__name__} is not a map-style dataset (len(dataset) "
+            "and dataset[i]), which each process needs to read only its data ranks' rows; "
+            "with grain, pass the grain.MapDataset itself, not .to_iter_dataset()"
+        )
+    n = len(dataset)
+    if n >= sys.maxsize:
+        raise ValueError(
+            f"DataLoader: {type(dataset).__name__} is infinite (grain's .repeat()?); the "
+            "loader makes the epochs itself: drop .repeat() and set max_epochs"
+        )
+    return n
+
+
 class DataLoader:
     """Global, sharded batches from a map-style dataset.
 
     Args:
-      dataset: ``len(dataset)`` and ``dataset[i]`` -> array or pytree of arrays.
+      dataset: ``len(dataset)`` and ``dataset[i]`` -> array or pytree of arrays; e.g. a
+        :class:`jtp.TokenDataset` or a ``grain.MapDataset`` (whose per-index randomness
+        and ``.shuffle(seed)`` are pure functions of the index: every process agrees).
       batch_size: the GLOBAL batch; each data rank gets ``batch_size / data`` rows.
       mesh: the ``("data", "tensor")`` mesh; batches are sharded ``P("data", ...)``.
       shuffle: permute each epoch with ``(seed, epoch)``; otherwise dataset order.
@@ -76,6 +101,7 @@ class DataLoader:
         collate: Callable[[Sequence[Any]], Any] | None = None,
     ):
         n_data = int(mesh.shape[DATA])
+        n = check_map_dataset(dataset)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"DataLoader: batch_size={batch_size!r} must be a positive int")
         if batch_size % n_data:
@@ -83,12 +109,12 @@ class DataLoader:
                 f"DataLoader: global batch_size={batch_size} is not divisible by mesh axis "
                 f"'data' of size {n_data}; use a multiple of {n_data}"
             )
-        if len(dataset) < batch_size and drop_last:
+        if n < batch_size and drop_last:
             raise ValueError(
-                f"DataLoader: dataset has {len(dataset)} samples, fewer than one batch of "
+                f"DataLoader: dataset has {n} samples, fewer than one batch of "
                 f"{batch_size}; lower batch_size or pass drop_last=False"
             )
-        if len(dataset) == 0:
+        if n == 0:
             raise ValueError("DataLoader: dataset is empty")
         self.dataset, self.batch_size, self.mesh = dataset, batch_size, mesh
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
@@ -146,7 +172,7 @@ class DataLoader:
         and assemble the global jax.Array(s)."""
         r = self.rows_per_rank
         local = {
-            rank: self.collate([self.dataset[int(i)] for i in indices[rank * r : (rank + 1) * r]])
+            rank: self.collate([self._sample(int(i)) for i in indices[rank * r : (rank + 1) * r]])
             for rank in self.local_ranks
         }
         template = next(iter(local.values()))
@@ -164,6 +190,16 @@ class DataLoader:
 
             leaves.append(jax.make_array_from_callback(shape, sharding, rows))
         return jax.tree.unflatten(treedef, leaves)
+
+    def _sample(self, index: int) -> Any:
+        sample = self.dataset[index]
+        if sample is None:
+            raise ValueError(
+                f"DataLoader: dataset[{index}] is None (grain's MapDataset.filter leaves such "
+                "holes); every index must hold a sample: filter the records before the "
+                "MapDataset is built"
+            )
+        return sample
 
     def __iter__(self) -> Iterator[Any]:
         epoch, start = self.epoch, self._start_batch

@@ -15,6 +15,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jtp.training.module import TrainModule
+from jtp.training.steps import make_eval_step
 
 
 def _batch_sums(step: Callable, state: Any, loader: Any, index: int, batch: Any) -> tuple:
@@ -53,3 +58,23 @@ def evaluate(
     if rows == 0:
         raise ValueError(f"{what} yielded no batches; give it at least one batch")
     return {k: float(v) / rows for k, v in jax.device_get(totals).items()}
+
+
+class EvalSteps:
+    """A module's eval hooks (``validation_step``, ``test_step``), each jitted once and
+    reused by every validation of a fit (one compile per batch shape, not per call)."""
+
+    def __init__(self, module: TrainModule, state: Any, mesh: Mesh, *, precision: str):
+        self.module, self.state, self.mesh, self.precision = module, state, mesh, precision
+        self._jitted: dict[str, Callable] = {}
+
+    def means(
+        self, hook: str, loader: Iterable[Any], to_global: Callable[[Any], Any], **kwargs: Any
+    ) -> dict[str, float]:
+        """:func:`evaluate` of ``hook`` over ``loader`` on the state's current parameters."""
+        if hook not in self._jitted:
+            step = make_eval_step(
+                self.state.graphdef, getattr(self.module, hook), precision=self.precision
+            )
+            self._jitted[hook] = jax.jit(step, out_shardings=NamedSharding(self.mesh, P()))
+        return evaluate(self._jitted[hook], self.state, loader, to_global, **kwargs)

@@ -1,4 +1,5 @@
-"""One ``Trainer.fit`` in progress: its compiled step, metrics, logger, progress bar, clock.
+"""One ``Trainer.fit`` in progress: its compiled step, metrics, logger, progress bar, clock,
+and the validation loader.
 
 The pieces of a fit that hold state across steps but take no decisions (those are in
 :mod:`jtp.training.policy`): the loop hands them batches and decisions.
@@ -7,16 +8,28 @@ The pieces of a fit that hold state across steps but take no decisions (those ar
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
+import numpy as np
 
 from jtp.training.checkpoint import Checkpointer
+from jtp.training.loggers import make_logger, next_run_dir
 from jtp.training.metrics import MetricsBuffer
-from jtp.training.progress import MetricsLogger, ProgressBar, next_run_dir
+from jtp.training.progress import ProgressBar
 
 if TYPE_CHECKING:
     from jtp.training.trainer import Trainer
+
+
+class StepBatches(NamedTuple):
+    """One optimizer step's loader batches and where they sit in the epochs."""
+
+    epoch: int  # of the last batch
+    index: int  # the last batch's index in its epoch
+    total: int  # batches in that epoch (-1: the loader has no len)
+    batches: list[Any]  # the k global batches
+    epoch_ended: int | None  # the epoch whose last batch is among them, if any
 
 
 class FitRun:
@@ -28,9 +41,11 @@ class FitRun:
         self.trainer, self.ckpt = trainer, ckpt
         if trainer.is_global_zero and o.logger:
             trainer.log_dir = next_run_dir(o.default_root_dir)
-        logger = MetricsLogger(trainer.log_dir, o.logger) if trainer.log_dir else None
-        self.metrics = MetricsBuffer(logger, o.checkpoint_dir)
+        self.logger = make_logger(trainer.log_dir, o.logger) if trainer.log_dir else None
+        self.metrics = MetricsBuffer(self.logger, o.checkpoint_dir)
         self.bar = ProgressBar(o.enable_progress_bar and trainer.is_global_zero)
+        # One loader for the whole fit, made before the first step (a bad one fails early).
+        self.val_loader = trainer._module.val_dataloader() if o.validates_in_fit else None
         self.compiled: jax.stages.Compiled | None = None
         self._t_start = self._t_compiled = time.perf_counter()
         self._epoch = None
@@ -44,6 +59,8 @@ class FitRun:
                 self.metrics.flush()
         finally:
             self.bar.close()
+            if self.logger is not None:
+                self.logger.close()
             if self.ckpt is not None:
                 self.ckpt.close()
         self._t_end = time.perf_counter()
@@ -66,11 +83,18 @@ class FitRun:
         state.update(*new_state)
         self.metrics.add(self.trainer.global_step + 1, epoch, metrics)
 
+    def validate(self, step: int, epoch: int) -> None:
+        """Mean ``validation_step`` outputs over the val loader, on the parameters after
+        ``step``; they join that step's logged row (the parameters are only read)."""
+        means = self.trainer._eval_means("validation_step", self.val_loader, "val")
+        self.metrics.attach(step, epoch, means)
+
     def log(self, epoch: int, done: int, total: int, batches: list[Any]) -> None:
         """Fetch the pending metrics (raises on a non-finite loss) and refresh the bar."""
         latest = self.metrics.flush()
         rows = sum(int(jax.tree.leaves(b)[0].shape[0]) for b in batches)
-        self.bar.update(epoch, done, total if total > 0 else None, latest, rows)
+        tokens = sum(_tokens(b) for b in batches)
+        self.bar.update(epoch, done, total if total > 0 else None, latest, rows, tokens)
 
     def stop(self, exit_code: int) -> None:
         """Leave ``fit`` after an agreed stop (the step is saved): exit with ``exit_code``."""
@@ -81,3 +105,14 @@ class FitRun:
         end = getattr(self, "_t_end", time.perf_counter())
         steady = end - self._t_compiled if self.compiled is not None else None
         return end - self._t_start, steady
+
+
+def _tokens(batch: Any) -> int:
+    """Tokens the model is trained on in one batch of windows, ``(B, T + 1)`` integer ids
+    (inputs ``[:-1]``, labels ``[1:]``, as jtp's token datasets yield): B * T. 0 for any
+    other batch (no tokens/s on the bar)."""
+    leaves = jax.tree.leaves(batch)
+    if len(leaves) != 1 or leaves[0].ndim != 2 or not np.issubdtype(leaves[0].dtype, np.integer):
+        return 0
+    rows, width = leaves[0].shape
+    return rows * (width - 1)

@@ -11,23 +11,36 @@ from typing import Any
 import jax
 import numpy as np
 
-from jtp.training.progress import MetricsLogger
+from jtp.training.loggers import MetricsLogger, TensorBoardLogger
 
 
 class MetricsBuffer:
-    """Pending ``(step, epoch, {name: device scalar})`` rows; :meth:`flush` fetches them."""
+    """Pending ``(step, epoch, {name: device scalar})`` rows; :meth:`flush` fetches them.
 
-    def __init__(self, logger: MetricsLogger | None, checkpoint_dir: str | None):
+    Validation means (host floats, ``val_*``) are attached to the step they follow and join
+    that step's row; they are also kept in ``validations`` (``{"step", "epoch", ...}``).
+    """
+
+    def __init__(
+        self, logger: MetricsLogger | TensorBoardLogger | None, checkpoint_dir: str | None
+    ):
         self.logger, self.checkpoint_dir = logger, checkpoint_dir
         self.pending: list[tuple[int, int, dict[str, Any]]] = []
         self.losses: list[float] = []  # one per optimizer step, in order
         self.history: list[dict[str, float]] = []
+        self.validations: list[dict[str, float]] = []
+        self._attached: dict[int, dict[str, float]] = {}
 
     def __len__(self) -> int:
         return len(self.pending)
 
     def add(self, step: int, epoch: int, metrics: dict[str, Any]) -> None:
         self.pending.append((step, epoch, metrics))
+
+    def attach(self, step: int, epoch: int, means: dict[str, float]) -> None:
+        """Validation ``means`` measured after optimizer step ``step``."""
+        self.validations.append({"step": step, "epoch": epoch, **means})
+        self._attached[step] = means
 
     def flush(self) -> dict[str, float]:
         """Fetch, record and log the pending rows; the newest row's metrics.
@@ -41,6 +54,7 @@ class MetricsBuffer:
         rows = []
         for (step, epoch, _), values in zip(self.pending, fetched, strict=True):
             row = {k: float(v) for k, v in values.items()}
+            row.update(self._attached.pop(step, {}))
             self.losses.append(row["loss"])
             self.history.append(row)
             rows.append({"step": step, "epoch": epoch, **row})

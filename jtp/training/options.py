@@ -6,7 +6,7 @@ import dataclasses
 
 from jtp.training.steps import GRAD_REDUCE, PRECISIONS
 
-LOGGERS = ("csv", "jsonl", None)
+LOGGERS = ("csv", "jsonl", "tensorboard", None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,8 +31,10 @@ class TrainerOptions:
       stop_check_every_n_steps: in a multi-process run, agree on stop requests (SIGTERM,
         SIGINT, preemption) every this many optimizer steps; ``None``: every
         ``log_every_n_steps`` (the loop syncs there anyway). One process: every step.
-      enable_progress_bar: show the progress line (process 0 only).
-      logger: ``"csv"``, ``"jsonl"`` or ``None``: per-step metrics under ``log_dir``.
+      enable_progress_bar: show the progress bar (process 0 only; rich on a terminal, one
+        line per update elsewhere): loss, val loss, lr, it/s, samples/s and tokens/s.
+      logger: ``"csv"``, ``"jsonl"``, ``"tensorboard"`` (event files; needs ``tensorboardX``:
+        ``pip install 'jtp[tensorboard]'``) or ``None``: per-step metrics under ``log_dir``.
       default_root_dir: runs go to ``<default_root_dir>/version_N``.
       seed: seeds Python's and NumPy's global RNGs for user code; jax randomness is explicit
         (``nnx.Rngs``) and the loaders' order is a function of their own ``seed``.
@@ -47,7 +49,15 @@ class TrainerOptions:
       check_replicas: verify with :func:`jtp.check_replicas` that every device of a tensor
         group holds the same rows, for this many first batches of each fit. ``None``: 2 in
         a multi-process run (where a process-dependent loader would go wrong), else 0.
-      limit_val_batches: evaluate at most this many batches in ``validate``/``test``.
+      val_check_interval: validate during ``fit`` after every this many optimizer steps
+        (counted across epochs, as Lightning does with ``check_val_every_n_epoch=None``).
+      check_val_every_n_epoch: validate during ``fit`` at the end of every this many epochs.
+        Validation in ``fit`` runs only when one of the two is set (Lightning defaults to
+        every epoch; here it is asked for); it uses ``val_dataloader``/``validation_step``,
+        reads the parameters without changing them, and runs at the same steps in every
+        process. Its means (``val_*``) are logged with the step they follow.
+      limit_val_batches: evaluate at most this many batches in ``validate``/``test`` and in
+        validation during ``fit``.
       report_memory: print the per-device peak memory at the end of ``fit``.
     """
 
@@ -68,6 +78,8 @@ class TrainerOptions:
     checkpoint_every_n_steps: int | None = None
     keep_last: int = 3
     check_replicas: int | None = None
+    val_check_interval: int | None = None
+    check_val_every_n_epoch: int | None = None
     limit_val_batches: int | None = None
     report_memory: bool = True
 
@@ -76,7 +88,16 @@ class TrainerOptions:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        for name in ("stop_check_every_n_steps", "checkpoint_every_n_steps"):
+        optional = (
+            "stop_check_every_n_steps", "checkpoint_every_n_steps", "val_check_interval",
+            "check_val_every_n_epoch", "limit_val_batches",
+        )  # fmt: skip
+        if not isinstance(self.val_check_interval, int | None):
+            raise ValueError(
+                f"val_check_interval={self.val_check_interval!r} must be an int number of "
+                "optimizer steps (for once per epoch: check_val_every_n_epoch=1)"
+            )
+        for name in optional:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value} must be >= 1 or None")
@@ -87,7 +108,13 @@ class TrainerOptions:
         if self.grad_reduce not in (*GRAD_REDUCE, None):
             raise ValueError(f"grad_reduce={self.grad_reduce!r} must be one of {GRAD_REDUCE}")
         if self.logger not in LOGGERS:
-            raise ValueError(f"logger={self.logger!r}: logger must be 'csv', 'jsonl' or None")
+            raise ValueError(
+                f"logger={self.logger!r}: logger must be 'csv', 'jsonl', 'tensorboard' or None"
+            )
+
+    @property
+    def validates_in_fit(self) -> bool:
+        return self.val_check_interval is not None or self.check_val_every_n_epoch is not None
 
     def grad_reduce_for(self, *, fsdp: bool) -> str:
         """The gradient reduction in force (see ``grad_reduce``)."""

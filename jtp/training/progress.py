@@ -1,82 +1,121 @@
-"""Progress bar and metric files: the trainer's only host-side output.
+"""The progress bar: the trainer's host-side view of a fit.
 
-Both are fed at the logging interval only, with metrics already fetched in one batch, so
-they never force a device sync of their own.
+Fed at the logging interval only, with metrics already fetched in one batch, so it never
+forces a device sync of its own. On a terminal it is a rich progress bar, one per epoch;
+elsewhere (a log file, a pipe) one plain line per update, which is what log readers and
+``grep`` want:
+
+    epoch 0 [12/64] loss 1.234 val_loss 1.31 lr 0.003 | 5.1 it/s 164 samples/s 20992 tokens/s
 """
 
 from __future__ import annotations
 
-import csv
-import json
-import os
 import sys
 import time
 from typing import Any, TextIO
 
 
-class ProgressBar:
-    """One self-rewriting line: ``epoch 0 [12/64] loss 1.234 | 5.1 it/s 41 samples/s``."""
+def _fmt(value: float) -> str:
+    return f"{value:.4g}"
 
-    def __init__(self, enabled: bool = True, stream: TextIO | None = None):
+
+class ProgressBar:
+    """Loss, the last validation's ``val_*``, lr, it/s, samples/s and tokens/s.
+
+    Args:
+      enabled: draw anything at all (the trainer passes False off process 0).
+      stream: where to draw (default stderr).
+      terminal: draw a live rich bar (True) or plain lines (False); default: whether
+        ``stream`` is a terminal.
+    """
+
+    def __init__(
+        self, enabled: bool = True, stream: TextIO | None = None, *, terminal: bool | None = None
+    ):
         self.enabled = enabled
         self.stream = stream or sys.stderr
-        self._t0 = time.perf_counter()
-        self._steps0 = 0
-        self._isatty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        if terminal is None:
+            terminal = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.terminal = terminal
+        self._t0, self._steps0 = time.perf_counter(), 0
+        self._val: dict[str, float] = {}  # shown until the next validation replaces them
+        self._progress: Any = None
+        self._task: Any = None
 
     def start_epoch(self) -> None:
         self._t0, self._steps0 = time.perf_counter(), 0
+        self._task = None  # the next update opens this epoch's bar
 
     def update(
-        self, epoch: int, done: int, total: int | None, metrics: dict[str, float], samples: int
+        self,
+        epoch: int,
+        done: int,
+        total: int | None,
+        metrics: dict[str, float],
+        samples: int,
+        tokens: int | None = None,
     ) -> None:
+        """``done`` of ``total`` optimizer steps of ``epoch``; ``samples`` (and ``tokens``)
+        per optimizer step give the throughput."""
         if not self.enabled:
             return
-        dt = max(time.perf_counter() - self._t0, 1e-9)
-        rate = (done - self._steps0) / dt
-        total_s = f"/{total}" if total else ""
-        shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        self._val.update({k: v for k, v in metrics.items() if k.startswith("val_")})
+        train = {k: v for k, v in metrics.items() if not k.startswith("val_")}
+        shown = {"loss": train.pop("loss")} if "loss" in train else {}
+        shown.update(self._val)
+        shown.update(train)
+        rate = (done - self._steps0) / max(time.perf_counter() - self._t0, 1e-9)
         speed = f"{rate:.2f} it/s {rate * samples:.1f} samples/s"
-        line = f"epoch {epoch} [{done}{total_s}] {shown} | {speed}"
-        end = "\r" if self._isatty else "\n"
-        self.stream.write(line + end)
-        self.stream.flush()
+        if tokens:
+            speed += f" {rate * tokens:.0f} tokens/s"
+        info = " ".join(f"{k} {_fmt(v)}" for k, v in shown.items()) + f" | {speed}"
+        if not self.terminal:
+            self.stream.write(f"epoch {epoch} [{done}{f'/{total}' if total else ''}] {info}\n")
+            self.stream.flush()
+            return
+        progress = self._rich()
+        if self._task is None:
+            self._task = progress.add_task("", total=total, epoch=epoch, info=info)
+        progress.update(self._task, completed=done, total=total, info=info)
+        progress.refresh()
+
+    def _rich(self) -> Any:
+        if self._progress is None:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+            from rich.text import Text
+
+            class BarAndMetrics(Progress):
+                """One bar row per epoch; the metrics on a line of their own beneath (as
+                Lightning's RichProgressBar), so a narrow terminal squeezes neither."""
+
+                def get_renderables(self) -> Any:
+                    yield self.make_tasks_table(self.tasks)
+                    if self.tasks:
+                        yield Text(self.tasks[-1].fields.get("info", ""))
+
+            self._progress = BarAndMetrics(
+                TextColumn("epoch {task.fields[epoch]}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=Console(file=self.stream, force_terminal=True),
+                auto_refresh=False,  # redrawn at the logging interval only
+                redirect_stdout=False,
+                redirect_stderr=False,
+            )
+            self._progress.start()
+        return self._progress
 
     def close(self) -> None:
-        if self.enabled and self._isatty:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-class MetricsLogger:
-    """Appends one row per training step to ``<run_dir>/metrics.csv`` or ``metrics.jsonl``."""
-
-    def __init__(self, run_dir: str, fmt: str = "csv"):
-        if fmt not in ("csv", "jsonl"):
-            raise ValueError(f"logger must be 'csv', 'jsonl' or None, got {fmt!r}")
-        os.makedirs(run_dir, exist_ok=True)
-        self.fmt = fmt
-        self.path = os.path.join(run_dir, f"metrics.{fmt}")
-        self._fields: list[str] | None = None
-
-    def log(self, rows: list[dict[str, Any]]) -> None:
-        if not rows:
-            return
-        with open(self.path, "a", newline="") as f:
-            if self.fmt == "jsonl":
-                for row in rows:
-                    f.write(json.dumps(row) + "\n")
-                return
-            if self._fields is None:
-                self._fields = list(rows[0])
-                csv.DictWriter(f, self._fields).writeheader()
-            writer = csv.DictWriter(f, self._fields, extrasaction="ignore")
-            writer.writerows(rows)
-
-
-def next_run_dir(root: str) -> str:
-    """``root/version_N`` with the first unused N, as Lightning's loggers do."""
-    n = 0
-    while os.path.exists(os.path.join(root, f"version_{n}")):
-        n += 1
-    return os.path.join(root, f"version_{n}")
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = self._task = None

@@ -163,11 +163,27 @@ def make_train_step(
         metrics, grads = jax.lax.optimization_barrier((metrics, grads))
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
+        metrics.update(learning_rates(opt_state))
         if track_grad_norm:
             metrics["grad_norm"] = global_norm(grads)
         return params, opt_state, new_rest, metrics
 
     return train_step
+
+
+def learning_rates(opt_state: Any) -> dict[str, jax.Array]:
+    """The learning rate this update applied, read from the optimizer state: ``{"lr": ...}``
+    for an optimizer built with ``optax.inject_hyperparams`` (``lr_0``, ``lr_1``, ... when
+    several are); ``{}`` for one that keeps its rate out of the state (nothing to read, so
+    nothing is logged rather than a guess)."""
+    found = [
+        s.hyperparams["learning_rate"]
+        for s in jax.tree.leaves(opt_state, is_leaf=lambda x: hasattr(x, "hyperparams"))
+        if isinstance(getattr(s, "hyperparams", None), dict) and "learning_rate" in s.hyperparams
+    ]
+    if len(found) == 1:
+        return {"lr": found[0]}
+    return {f"lr_{i}": lr for i, lr in enumerate(found)}
 
 
 def _scaled(tree: Any, factor: float) -> Any:

@@ -4,9 +4,9 @@ The train step is compiled exactly once per fit, ahead of time, with fixed input
 shardings (parameters and optimizer state keep their plan layout across steps) and donated
 state buffers (the update happens in place: the peak holds one copy of the state, not two).
 One call of it is one optimizer step over ``accumulate_grad_batches`` loader batches. The
-loop reads device values only when it logs, so the host dispatches ahead of the devices;
-when to log, save, stop and check replicas is decided in :mod:`jtp.training.policy`, the
-same way in every process.
+loop reads device values only when it logs (or validates), so the host dispatches ahead of
+the devices; when to validate, log, save, stop and check replicas is decided in
+:mod:`jtp.training.policy`, the same way in every process.
 """
 
 from __future__ import annotations
@@ -28,15 +28,15 @@ from jtp.parallel.activations import activation_rules
 from jtp.parallel.batch import shard_batch
 from jtp.parallel.replicas import check_replicas
 from jtp.training.checkpoint import Checkpointer
-from jtp.training.evaluate import evaluate
-from jtp.training.fit_run import FitRun
+from jtp.training.evaluate import EvalSteps
+from jtp.training.fit_run import FitRun, StepBatches
 from jtp.training.module import TrainModule
 from jtp.training.options import TrainerOptions
 from jtp.training.policy import Policy
 from jtp.training.resume import restore_train_state, save_train_state
 from jtp.training.signals import StopAgreement, stop_on_signals
 from jtp.training.state import TrainState, build_model, shardings
-from jtp.training.steps import Step, make_eval_step, make_train_step
+from jtp.training.steps import Step, make_train_step
 
 
 def _is_global(batch: Any) -> bool:
@@ -59,6 +59,7 @@ class Trainer:
         self.first_step = 0  # global step the last fit started from (> 0 after resuming)
         self.losses: list[float] = []  # one per optimizer step of the last fit
         self.metrics_history: list[dict[str, float]] = []
+        self.val_history: list[dict[str, float]] = []  # {"step", "epoch", "val_*"} per check
         self.num_compiles = 0  # train-step compiles in this trainer's lifetime
         self.compiled_step: jax.stages.Compiled | None = None
         self.peak_memory_bytes_per_device: int | None = None
@@ -67,6 +68,8 @@ class Trainer:
         self.model: nnx.Module | None = None
         self._module: TrainModule | None = None
         self._state: TrainState | None = None
+        self._train_loader: Any = None
+        self._evals: EvalSteps | None = None  # the current module's jitted eval steps
 
     def __getattr__(self, name: str) -> Any:  # trainer.max_epochs etc. read the options
         options = self.__dict__.get("options")
@@ -101,9 +104,10 @@ class Trainer:
         module.mesh, module.trainer = self.mesh, self
         if model is None:
             model, rules = build_model(module, self.mesh, fsdp=self.strategy.fsdp)
-        self._module, self._rules = module, dict(rules or {})
+        self._module, self._rules, self._train_loader = module, dict(rules or {}), None
         self._state = TrainState.from_model(model, self.mesh, precision=self.options.precision)
         self.model = self._state.model()  # bf16-true: the bf16 arrays, nothing in fp32
+        self._evals = EvalSteps(module, self._state, self.mesh, precision=self.options.precision)
         return self._state
 
     def _optimizer(self, module: TrainModule) -> optax.GradientTransformation:
@@ -158,8 +162,9 @@ class Trainer:
         o = self.options
         if resume and not o.checkpoint_dir:
             raise ValueError("fit(resume=True) needs Trainer(checkpoint_dir=...) to resume from")
-        step = self.train_step_fn(module)
-        loader = module.train_dataloader()
+        self.setup(module)
+        loader = self._train_loader = module.train_dataloader()
+        step = self.train_step_fn(module)  # after the loader: a schedule may need its length
         ckpt = Checkpointer(o.checkpoint_dir, keep_last=o.keep_last) if o.checkpoint_dir else None
         self.first_step = 0
         if resume and ckpt.all_steps():
@@ -168,16 +173,19 @@ class Trainer:
         policy = Policy(o, multi_process=jax.process_count() > 1, first_step=self.global_step)
         with stop_on_signals() as signals, run:
             stopper = StopAgreement(signals, policy.stop_check_every)
-            for epoch, index, total, batches in self._step_batches(loader, policy):
+            for s in self._step_batches(loader, policy):
                 if run.compiled is None:
-                    run.compiled = self.compile_train_step(step, batches)
-                run.train_step(batches, epoch, index)
+                    run.compiled = self.compile_train_step(step, s.batches)
+                run.train_step(s.batches, s.epoch, s.index)
                 self.global_step += 1
                 decision = policy.after_step(
-                    self.global_step, stopper, len(run.metrics), epoch_end=index + 1 == total
-                )
+                    self.global_step, stopper, len(run.metrics),
+                    epoch_end=s.index + 1 == s.total, epoch_ended=s.epoch_ended,
+                )  # fmt: skip
+                if decision.validate:
+                    run.validate(self.global_step, s.epoch)
                 if decision.log:
-                    run.log(epoch, index + 1, total, batches)
+                    run.log(s.epoch, s.index + 1, s.total, s.batches)
                 if decision.save and ckpt is not None:
                     save_train_state(ckpt, self, loader)
                 if decision.exit_code is not None:
@@ -189,14 +197,14 @@ class Trainer:
         self._finish_fit(run)
         return self
 
-    def _step_batches(self, loader: Any, policy: Policy) -> Iterator[tuple[int, int, int, list]]:
-        """``(epoch, index in epoch, epoch length, [k global batches])`` per optimizer step.
+    def _step_batches(self, loader: Any, policy: Policy) -> Iterator[StepBatches]:
+        """The k global batches of each optimizer step, with where they sit in the epochs.
 
         Epochs are chained: when an epoch's length is not a multiple of k, its last batches
         and the next epoch's first ones make one step (as ``optax.MultiSteps`` counted them);
         an incomplete group at the very end is not stepped on.
         """
-        k, group = self.options.accumulate_grad_batches, []
+        k, group, ended = self.options.accumulate_grad_batches, [], None
         for epoch in range(self.current_epoch, self.options.max_epochs):
             if policy.done(self.global_step):
                 return
@@ -209,9 +217,11 @@ class Trainer:
                 if policy.check_replicas(self.global_step, len(group)):
                     check_replicas(batch, step=self.global_step + 1)
                 group.append(batch)
+                if index + 1 == total:
+                    ended = epoch
                 if len(group) == k:
-                    yield epoch, index, total, group
-                    group = []
+                    yield StepBatches(epoch, index, total, group, ended)
+                    group, ended = [], None
         self.current_epoch = self.options.max_epochs
 
     def _resume(self, ckpt: Checkpointer, loader: Any) -> None:
@@ -222,6 +232,7 @@ class Trainer:
     def _finish_fit(self, run: FitRun) -> None:
         self.model = self._state.model()
         self.losses, self.metrics_history = run.metrics.losses, run.metrics.history
+        self.val_history = run.metrics.validations
         self.fit_seconds, self.train_seconds = run.seconds()
         if run.compiled is not None:
             if self.train_seconds:
@@ -231,24 +242,37 @@ class Trainer:
             if self.options.report_memory and self.is_global_zero:
                 print(self.memory_report())
 
+    @property
+    def estimated_stepping_batches(self) -> int:
+        """Optimizer steps ``fit`` will take, as Lightning's: ``max_steps``, or fewer when
+        ``max_epochs`` of the train loader end first (what a LR schedule decays over)."""
+        o = self.options
+        loader = self._train_loader
+        loader = loader if loader is not None else self._module.train_dataloader()
+        steps = o.max_epochs * len(loader) // o.accumulate_grad_batches
+        return min(steps, o.max_steps) if o.max_steps > 0 else steps
+
     def memory_report(self) -> str:
         """``Peak memory usage: X GB`` per device, as Lightning's example prints it."""
         return memory_report(self.peak_memory_bytes_per_device or 0)
 
     # ------------------------------------------------------------------ eval
     def _evaluate(self, module: TrainModule, hook: str, loader_hook: str, prefix: str) -> dict:
-        state = self.setup(module)
-        step = make_eval_step(state.graphdef, getattr(module, hook), precision=self.precision)
-        with self._tracing():
-            means = evaluate(
-                jax.jit(step, out_shardings=NamedSharding(self.mesh, P())),
-                state, getattr(module, loader_hook)(), self._global_batch,
-                limit=self.options.limit_val_batches, what=f"{loader_hook}()",
-            )  # fmt: skip
-        means = {f"{prefix}_{k}": v for k, v in means.items()}
+        self.setup(module)
+        loader = getattr(module, loader_hook)()
+        means = self._eval_means(hook, loader, prefix, what=f"{loader_hook}()")
         if self.is_global_zero and self.options.enable_progress_bar:
             print(" ".join(f"{k} {v:.4g}" for k, v in means.items()))
         return means
+
+    def _eval_means(self, hook: str, loader: Any, prefix: str, what: str = "val_dataloader()"):
+        """``{prefix_name: mean}`` of the module's ``hook`` over ``loader`` on the current
+        parameters (read, never changed)."""
+        with self._tracing():
+            means = self._evals.means(
+                hook, loader, self._global_batch, limit=self.options.limit_val_batches, what=what
+            )
+        return {f"{prefix}_{k}": v for k, v in means.items()}
 
     def _global_batch(self, batch: Any) -> Any:
         return batch if _is_global(batch) else shard_batch(batch, self.mesh)

@@ -45,3 +45,18 @@ def test_03_flax_layers_tp(tmp_path):
     losses = re.search(r"first loss (\S+), final loss (\S+)", out)
     first, final = float(losses.group(1)), float(losses.group(2))
     assert final < first - 0.3, (first, final)
+
+
+def test_04_llama_text(tmp_path):
+    """Prepare a few stdlib modules byte-level, train 16 short steps on 2x4 validating every
+    8: the validation loss is reported at both checks and falls well below the first loss
+    (ln 256 = 5.5 nats/byte: every byte equally likely)."""
+    import sysconfig
+
+    files = os.path.join(sysconfig.get_paths()["stdlib"], "[a-b]*.py")
+    out = _run("04_llama_text.py", "--files", files, "--steps", "16", "--val-every", "8",
+               "--seq-len", "32", "--batch-size", "16", cwd=tmp_path)  # fmt: skip
+    first = float(re.search(r"first loss (\S+),", out).group(1))
+    val = [float(v) for v in re.findall(r"step (?:8|16): (\S+?)(?:,|$)", out, re.M)]
+    assert len(val) == 2, out
+    assert val[1] < val[0] < first - 1.5, (first, val)

@@ -289,3 +289,33 @@ def test_export_in_two_processes_holds_one_parameter_on_process_0_only(tmp_path,
     ):
         assert a.get_value().dtype == b.get_value().dtype == param_dtype
         np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()))
+
+
+def test_two_processes_on_text_validate_at_the_same_steps(tmp_path):
+    """A Llama on prepared bytes: token rows by data rank, validation in every process at
+    the same steps (each one a collective): both processes report the one-process losses
+    and validation losses."""
+    from jtp.cli.prepare import main as prepare_main
+    from jtp.cli.train import main as train_main
+
+    (tmp_path / "a.txt").write_text("the cat sat on the mat. " * 200)
+    prepare_main([str(tmp_path / "a.txt"), "--out", str(tmp_path / "d"), "--bytes"])
+    args = ["--model", "llama", "--data", str(tmp_path / "d"), "--seq-len", "16",
+            "--batch-size", "8", "--data-parallel", "2", "--tensor-parallel", "4",
+            "--max-steps", "6", "--no-progress", "--val-check-interval", "2"]  # fmt: skip
+    two = _launch(tmp_path, 2, args, "two")
+    try:  # the one-process reference, in this process while the two start
+        ref = train_main(["--devices", "8", *args, "--root-dir", str(tmp_path / "one")])
+    finally:
+        codes = _wait(two)
+    assert codes == [0, 0], _log(tmp_path, "two0.log") + _log(tmp_path, "two1.log")
+    got = [json.loads((tmp_path / f"two{i}.json").read_text()) for i in range(2)]
+    assert got[0]["process_count"] == 2
+    assert got[0]["val_history"] == got[1]["val_history"]
+    assert [v["step"] for v in got[0]["val_history"]] == [2, 4, 6]
+    np.testing.assert_allclose(got[0]["losses"], ref["losses"], rtol=1e-5)
+    np.testing.assert_allclose(
+        [v["val_loss"] for v in got[0]["val_history"]],
+        [v["val_loss"] for v in ref["val_history"]],
+        rtol=1e-5,
+    )

@@ -1,0 +1,113 @@
+"""python -m jtp.train on prepared text: vocabulary from meta.json, validation on schedule in
+the metrics JSON, the cosine schedule's values, and the refusals (two processes on text:
+tests/training/test_multiprocess.py)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from jtp.cli.prepare import main as prepare_main
+from jtp.cli.recipes import LlamaTask, LlamaTaskConfig, data_vocab, lr_schedule
+from jtp.cli.train import main as train_main
+
+LR, WARMUP, STEPS = 3e-3, 2, 6
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("text")
+    (root / "a.txt").write_text("the cat sat on the mat. " * 200)
+    (root / "b.txt").write_text("def f(x):\n    return x * 2\n" * 150)
+    prepare_main([str(root / "a.txt"), str(root / "b.txt"), "--out", str(root / "d"), "--bytes"])
+    return str(root / "d")
+
+
+def _args(data, tmp, *extra):
+    return [
+        "--devices", "8", "--model", "llama", "--data", data, "--seq-len", "16",
+        "--batch-size", "8", "--data-parallel", "2", "--tensor-parallel", "4",
+        "--max-steps", str(STEPS), "--no-progress", "--root-dir", str(tmp), *extra,
+    ]  # fmt: skip
+
+
+def cosine(step: int, total: int) -> float:
+    """The schedule written out: linear warmup from 0, cosine to LR / 10 at ``total``."""
+    if step < WARMUP:
+        return LR * step / WARMUP
+    t = min(step - WARMUP, total - WARMUP) / (total - WARMUP)
+    end = LR * 0.1
+    return end + (LR - end) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def test_validation_in_the_metrics_json_and_the_cosine_lrs(data, tmp_path):
+    sched = ["--lr-schedule", "cosine", "--warmup-steps", str(WARMUP), "--lr", str(LR)]
+    path = tmp_path / "m.json"
+    m = train_main(_args(data, tmp_path, *sched, "--val-check-interval", "3",
+                         "--metrics-json", str(path)))  # fmt: skip
+    assert json.loads(path.read_text()) == json.loads(json.dumps(m))
+    assert [v["step"] for v in m["val_history"]] == [3, 6]
+    assert m["val_loss"] == m["val_history"][-1]["val_loss"]
+    assert m["losses"][-1] < m["losses"][0] - 0.5  # it learns the bytes
+    assert m["val_history"][1]["val_loss"] < m["val_history"][0]["val_loss"]
+    np.testing.assert_allclose(m["lrs"], [cosine(s, STEPS) for s in range(STEPS)], rtol=1e-5)
+    plain = train_main(_args(data, tmp_path, *sched))
+    assert plain["losses"] == m["losses"] and plain["val_history"] == []  # unchanged by it
+    assert plain["val_loss"] is None
+
+
+def test_schedule_values_and_refusals():
+    s = lr_schedule("cosine", LR, warmup_steps=10, total_steps=100)
+    for step in (0, 5, 10, 40, 99, 100, 150):
+        assert float(s(step)) == pytest.approx(cosine_at(step, 10, 100), rel=1e-5, abs=1e-12)
+    constant = lr_schedule("constant", LR, warmup_steps=4)
+    assert [float(constant(i)) for i in (0, 2, 4, 50)] == pytest.approx([0, LR / 2, LR, LR])
+    assert lr_schedule("constant", LR) == LR
+    with pytest.raises(ValueError, match="--warmup-steps 100 must be below the run's 100"):
+        lr_schedule("cosine", LR, warmup_steps=100, total_steps=100)
+    with pytest.raises(ValueError, match="--lr-schedule 'linear': choose one of"):
+        lr_schedule("linear", LR)
+
+
+def cosine_at(step, warmup, total):
+    if step < warmup:
+        return LR * step / warmup
+    t = min(step - warmup, total - warmup) / (total - warmup)
+    return LR * 0.1 + LR * 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def test_vocabulary_from_meta_and_mismatch_refused(data):
+    task = LlamaTask(LlamaTaskConfig(data=data, seq_len=128))
+    assert task.model_config.vocab_size == 256 and task.model_config.max_seq_len == 128
+    assert data_vocab(data) == 256
+    with pytest.raises(ValueError, match=r"vocabulary 256 \(tokenizer bytes\) but the model's is"):
+        data_vocab(data, 32000)  # e.g. a checkpoint's own vocabulary
+
+
+@pytest.mark.parametrize(
+    "extra,msg",
+    [
+        (["--model", "feedforward"], "--data DIR trains a language model: add --model llama"),
+        (["--data", "/nonexistent"], "meta.json not found: /nonexistent is not a prepared"),
+        (["--seq-len", "9000"], r"train.bin holds \d+ tokens, fewer than one window"),
+    ],
+)
+def test_cli_refusals(data, tmp_path, extra, msg):
+    with pytest.raises(ValueError, match=msg):
+        train_main(_args(data, tmp_path, *extra))
+
+
+def test_hf_checkpoint_with_data_of_another_vocabulary_is_refused(data):
+    """--hf plus --data: the token ids must come from the checkpoint's own tokenizer; a
+    byte-level directory (vocabulary 256) against a checkpoint's vocabulary is an error
+    that says how to prepare the text instead."""
+    from pathlib import Path
+
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "hf" / "llama3"
+    vocab = json.loads((fixture / "config.json").read_text())["vocab_size"]
+    assert vocab != 256
+    with pytest.raises(ValueError, match=rf"vocabulary 256 .* the model's is {vocab}; prepare"):
+        LlamaTask(LlamaTaskConfig(hf=str(fixture), data=data, seq_len=16))
+    with pytest.raises(ValueError, match="--tokenizer CHECKPOINT/tokenizer.json"):
+        train_main(["--model", "llama", "--hf", str(fixture), "--data", data, "--seq-len", "16"])
