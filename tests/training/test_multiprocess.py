@@ -82,6 +82,21 @@ def _launch(
     ]
 
 
+def _workers(script: str, tmp: Path, tag: str, *args: str) -> list[subprocess.Popen]:
+    """Two processes of a worker script beside this file: ``script COORD PROCESS_ID *args``,
+    logging to ``tmp/<tag><i>.log``."""
+    port, worker = _port(), Path(__file__).with_name(script)
+    return [
+        subprocess.Popen(
+            [sys.executable, str(worker), f"127.0.0.1:{port}", str(i), *args],
+            stdout=open(tmp / f"{tag}{i}.log", "w"),
+            stderr=subprocess.STDOUT,
+            env=_env(),
+        )  # fmt: skip
+        for i in range(2)
+    ]
+
+
 def _wait(procs, timeout=240):
     try:
         for p in procs:
@@ -175,17 +190,7 @@ def test_dead_peer_ends_the_survivor(tmp_path):
 
 @pytest.mark.parametrize("mode", ["good", "bad"])
 def test_check_replicas_across_processes(tmp_path, mode):
-    port = _port()
-    worker = Path(__file__).with_name("mp_replicas_worker.py")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(worker), f"127.0.0.1:{port}", str(i), mode],
-            stdout=open(tmp_path / f"w{i}.log", "w"),
-            stderr=subprocess.STDOUT,
-            env=_env(),
-        )  # fmt: skip
-        for i in range(2)
-    ]
+    procs = _workers("mp_replicas_worker.py", tmp_path, "w", mode)
     codes = _wait(procs, timeout=120)
     logs = [_log(tmp_path, f"w{i}.log") for i in range(2)]
     if mode == "good":
@@ -258,17 +263,8 @@ def test_export_in_two_processes_holds_one_parameter_on_process_0_only(tmp_path,
     """The model is never whole on any host: process 0 holds one gathered parameter at a
     time (peak < 2x the largest, the file is streamed), process 1 none; the file equals the
     unsharded model bitwise."""
-    port, out = _port(), str(tmp_path / f"model_{dtype}.safetensors")
-    worker = Path(__file__).with_name("mp_export_worker.py")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(worker), f"127.0.0.1:{port}", str(i), out],
-            stdout=open(tmp_path / f"e{i}.log", "w"),
-            stderr=subprocess.STDOUT,
-            env=_env(),
-        )  # fmt: skip
-        for i in range(2)
-    ]
+    out = str(tmp_path / f"model_{dtype}.safetensors")
+    procs = _workers("mp_export_worker.py", tmp_path, "e", out)
     assert _wait(procs, timeout=120) == [0, 0], _log(tmp_path, "e0.log") + _log(tmp_path, "e1.log")
     reports = [
         json.loads(next(ln for ln in _log(tmp_path, f"e{i}.log").splitlines() if ln[:1] == "{"))
