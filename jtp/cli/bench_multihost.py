@@ -67,8 +67,6 @@ ACCUM_MODEL = dict(vocab_size=8192, dim=512, n_layers=2, n_heads=8, n_kv_heads=8
 
 def accumulation_rows() -> list[dict[str, Any]]:
     """Memory and data-axis bytes per optimizer step for each accumulation choice."""
-    import dataclasses
-
     import jax
 
     from jtp.analysis.collectives import bytes_by_axes, collectives
@@ -76,14 +74,13 @@ def accumulation_rows() -> list[dict[str, Any]]:
     from jtp.cli.recipes import LlamaTaskConfig, abstract_llama_step
     from jtp.models.llama import LlamaConfig
 
-    rows = []
+    rows, model = [], LlamaConfig(**ACCUM_MODEL)
     for fsdp in (False, True):
+        config = LlamaTaskConfig(seq_len=256, batch_size=8, fsdp=fsdp, loss_parallel=True)
         for k, reduce in ((1, None), (4, "per_step"), (4, "per_micro_batch")):
-            config = LlamaTaskConfig(seq_len=256, batch_size=8, fsdp=fsdp, loss_parallel=True)
-            model = LlamaConfig(**ACCUM_MODEL)
             compiled, mesh = abstract_llama_step(
                 config, (2, 4), jax.devices(), accumulate=k, grad_reduce=reduce,
-                model_config=dataclasses.replace(model),
+                model_config=model,
             )  # fmt: skip
             by_axes = bytes_by_axes(collectives(compiled, mesh))
             rows.append({

@@ -119,12 +119,17 @@ class Checkpointer:
         """Block until every started save is committed."""
         self._manager.wait_until_finished()
 
-    def _saved_names(self, step: int, target: dict[str, Any]) -> dict[str, str]:
-        """``{target name: name in the checkpoint}``; older checkpoints spelled a variable
-        ``params.w1.kernel.value``, and still restore."""
+    def _state_metadata(self, step: int) -> Any:
+        """The saved arrays' metadata of ``step``; a ``DAMAGED`` error if unreadable."""
         saved = self._manager.item_metadata(step)["state"]
         if saved is None:  # orbax reads an emptied item as "no metadata": damaged
             raise FileNotFoundError(f"checkpoint step {step} has no readable state metadata")
+        return saved
+
+    def _saved_names(self, step: int, target: dict[str, Any]) -> dict[str, str]:
+        """``{target name: name in the checkpoint}``; older checkpoints spelled a variable
+        ``params.w1.kernel.value``, and still restore."""
+        saved = self._state_metadata(step)
         legacy = not any(n in saved for n in target) and any(
             _legacy_name(n) in saved for n in target
         )
@@ -154,8 +159,7 @@ class Checkpointer:
     def _readable(self, step: int) -> bool:
         """This process can read ``step``'s metadata (a damaged or missing file: False)."""
         try:
-            if self._manager.item_metadata(step)["state"] is None:
-                raise FileNotFoundError("no readable state metadata")
+            self._state_metadata(step)
             return True
         except DAMAGED as err:
             log.warning("checkpoint step %s is unreadable here (%s)", step, err)

@@ -213,7 +213,7 @@ class Trainer:
                 loader.set_epoch(epoch)
             total = len(loader) if hasattr(loader, "__len__") else -1
             for index, batch in enumerate(loader, start=_resume_index(loader, epoch)):
-                batch = batch if _is_global(batch) else shard_batch(batch, self.mesh)
+                batch = self._global_batch(batch)
                 if policy.check_replicas(self.global_step, len(group)):
                     check_replicas(batch, step=self.global_step + 1)
                 group.append(batch)
