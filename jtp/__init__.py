@@ -8,7 +8,9 @@ tensor-parallel group on the same batch. This file only re-exports the public AP
 - ``jtp.parallel``: styles, plans, ``sharded_init`` / ``parallelize``, batches, replicas
 - ``jtp.models``: single-device NNX models and their plans (``jtp.plans``)
 - ``jtp.hf``: Hugging Face Llama / Mistral / Qwen checkpoints in and out
-- ``jtp.training``: :class:`TrainModule`, :class:`Trainer`, data, checkpoints, export
+- ``jtp.data``: :class:`DataLoader` (global batches, the same rows per tensor group), datasets
+- ``jtp.checkpoint``: sharded orbax checkpoints, consolidated safetensors export
+- ``jtp.training``: :class:`TrainModule`, :class:`Trainer`
 - ``jtp.analysis``: collectives and memory of a compiled step, :func:`explain`
 """
 
@@ -18,6 +20,11 @@ from jtp import hf, models, plans
 from jtp.analysis.collectives import Collective, collectives, format_collectives
 from jtp.analysis.explain import Explanation, explain
 from jtp.analysis.memory import memory_breakdown, peak_memory_per_device
+from jtp.checkpoint.consolidated import load_consolidated, save_consolidated
+from jtp.checkpoint.sharded import Checkpointer
+from jtp.data.datasets import RandomDataset, RandomTokenDataset
+from jtp.data.loader import DataLoader, local_data_ranks
+from jtp.data.tokens import TokenDataset
 from jtp.mesh import DATA, TENSOR, ModelParallelStrategy, make_mesh, mesh_shape
 from jtp.parallel.activations import activation_rules, shard_activation
 from jtp.parallel.batch import batch_sharding, shard_batch
@@ -26,12 +33,7 @@ from jtp.parallel.parallelize import parallelize, sharded_init
 from jtp.parallel.plan import Placement, TPPlan, plan_shardings, resolve
 from jtp.parallel.replicas import check_replicas
 from jtp.parallel.styles import ColwiseParallel, ParallelStyle, ParamSharding, RowwiseParallel
-from jtp.training.checkpoint import Checkpointer
-from jtp.training.data import DataLoader, local_data_ranks
-from jtp.training.datasets import RandomDataset, RandomTokenDataset
-from jtp.training.export import load_consolidated, save_consolidated
 from jtp.training.module import TrainModule
-from jtp.training.tokens import TokenDataset
 from jtp.training.trainer import Trainer
 
 try:

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from jtp.training.tokens import META, token_dtype
+from jtp.data.tokens import META, token_dtype
 
 CHUNK_BYTES = 8 << 20  # documents encoded per tokenizer call (it batches on its own threads)
 

@@ -14,16 +14,16 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
 from jtp.analysis.abstract import abstract_train_step
+from jtp.data.datasets import RandomDataset, RandomTokenDataset
+from jtp.data.loader import DataLoader
+from jtp.data.tokens import TokenDataset, read_meta
 from jtp.mesh import ModelParallelStrategy
 from jtp.models import FeedForward
 from jtp.models.hf import config_of, load_pretrained
 from jtp.models.llama import PRESETS, Llama, LlamaConfig, cross_entropy
 from jtp.models.plans import check_llama, feedforward, llama
 from jtp.parallel.parallelize import sharded_init
-from jtp.training.data import DataLoader
-from jtp.training.datasets import RandomDataset, RandomTokenDataset
 from jtp.training.module import TrainModule
-from jtp.training.tokens import TokenDataset, read_meta
 
 FEEDFORWARD_PLAN = feedforward()
 LR_SCHEDULES = ("constant", "cosine")

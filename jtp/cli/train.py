@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(explain(task.model_factory(), mesh, task.plan, fsdp=args.fsdp))
     trainer.fit(task, resume=args.resume)
     if args.export:
-        from jtp.training.export import save_consolidated
+        from jtp.checkpoint.consolidated import save_consolidated
 
         save_consolidated(trainer.model, args.export)
     if args.export_hf:  # config.json and tokenizer files carried over from --hf

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import jax
 import numpy as np
 
-from jtp.training.checkpoint import Checkpointer
+from jtp.checkpoint.sharded import Checkpointer
 from jtp.training.loggers import make_logger, next_run_dir
 from jtp.training.metrics import MetricsBuffer
 from jtp.training.progress import ProgressBar

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 
+from jtp.checkpoint.sharded import Checkpointer
 from jtp.mesh import mesh_shape
-from jtp.training.checkpoint import Checkpointer
 
 if TYPE_CHECKING:
     from jtp.training.trainer import Trainer

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import jax
 
-from jtp.training.agree import agree_max
+from jtp.distributed import agree_max
 
 
 class StopRequest:

@@ -23,11 +23,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jtp.analysis.memory import memory_report, peak_memory_per_device
+from jtp.checkpoint.sharded import Checkpointer
 from jtp.mesh import ModelParallelStrategy
 from jtp.parallel.activations import activation_rules
 from jtp.parallel.batch import shard_batch
 from jtp.parallel.replicas import check_replicas
-from jtp.training.checkpoint import Checkpointer
 from jtp.training.evaluate import EvalSteps
 from jtp.training.fit_run import FitRun, StepBatches
 from jtp.training.module import TrainModule

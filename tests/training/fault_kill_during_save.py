@@ -8,8 +8,8 @@ import os
 import signal
 import sys
 
+from jtp.checkpoint.sharded import Checkpointer
 from jtp.cli.train import run
-from jtp.training.checkpoint import Checkpointer
 
 KILL_AT = int(sys.argv.pop(1))
 _save = Checkpointer.save

@@ -6,8 +6,8 @@ transient read error on one host): fault injection from outside the library.
 
 import jax
 
+from jtp.checkpoint.sharded import Checkpointer
 from jtp.cli.train import run
-from jtp.training.checkpoint import Checkpointer
 
 _readable = Checkpointer._readable
 

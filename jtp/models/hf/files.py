@@ -18,7 +18,7 @@ from collections.abc import Callable
 import numpy as np
 from safetensors import safe_open
 
-from jtp.training.tensor_file import TensorFileWriter
+from jtp.checkpoint.tensor_file import TensorFileWriter
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"

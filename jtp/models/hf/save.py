@@ -20,12 +20,12 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jtp.checkpoint.consolidated import gathered_on_process_0
 from jtp.models.hf.config import default_architecture, describes, hf_config, read_config
 from jtp.models.hf.files import INDEX, SINGLE, write_safetensors
 from jtp.models.hf.names import TensorMap, tensor_map, to_hf
 from jtp.models.llama import Llama
 from jtp.parallel.names import path_str
-from jtp.training.export import gathered_on_process_0
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size, "5GB"
 # Files of a source directory carried over: the tokenizer and the generation defaults.

@@ -5,23 +5,16 @@
     python -m jtp.bench llama    [--json PATH] [--no-8b]
     python -m jtp.bench text     [--steps 300] [--json PATH] [--plot PNG]
 
-Each benchmark lives in its own module (``bench_memory``, ``bench_overhead``, ``bench_llama``).
+Each benchmark is a module of this package named like its sub-command, whose function of
+that name takes the parsed arguments (``memory.memory(args)``); it is imported only when run.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from typing import Any
-
-from jtp.cli import (
-    bench_docs,
-    bench_llama,
-    bench_memory,
-    bench_multihost,
-    bench_overhead,
-    bench_text,
-)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -54,15 +47,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dc.add_argument("--root", default=".", help="repository root (holds docs/, bench_results/)")
     dc.add_argument("--check", action="store_true", help="fail if a table differs; write nothing")
     args = p.parse_args(argv)
-    run_one = {
-        "memory": bench_memory.memory,
-        "overhead": bench_overhead.overhead,
-        "llama": bench_llama.llama,
-        "multihost": bench_multihost.multihost,
-        "text": bench_text.text,
-        "docs": bench_docs.docs,
-    }
-    return run_one[args.which](args)
+    benchmark = importlib.import_module(f"{__name__}.{args.which}")
+    return getattr(benchmark, args.which)(args)
 
 
 def run() -> None:

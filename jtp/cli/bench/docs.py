@@ -29,19 +29,19 @@ BLOCK = re.compile(
 
 
 def _memory(p: dict[str, Any]) -> str:
-    from jtp.cli.bench_memory import format_memory
+    from jtp.cli.bench.memory import format_memory
 
     return format_memory(p["rows"], p["dim"])
 
 
 def _overhead(p: dict[str, Any]) -> str:
-    from jtp.cli.bench_overhead import format_overhead
+    from jtp.cli.bench.overhead import format_overhead
 
     return format_overhead(p)
 
 
 def _llama(p: dict[str, Any]) -> str:
-    from jtp.cli.bench_llama import format_llama
+    from jtp.cli.bench.llama import format_llama
 
     return format_llama(p["rows"])
 
@@ -53,13 +53,13 @@ def _plan(p: dict[str, Any]) -> str:
 
 
 def _multihost(p: dict[str, Any]) -> str:
-    from jtp.cli.bench_multihost import format_multihost
+    from jtp.cli.bench.multihost import format_multihost
 
     return format_multihost(p)
 
 
 def _text(p: dict[str, Any]) -> str:
-    from jtp.cli.bench_text import format_text
+    from jtp.cli.bench.text import format_text
 
     return format_text(p)
 

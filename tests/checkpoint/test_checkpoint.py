@@ -86,7 +86,7 @@ def test_corrupted_latest_falls_back_to_previous(tmp_path, caplog):
             shutil.rmtree(entry)
         else:
             entry.unlink()
-    with caplog.at_level("WARNING", logger="jtp.training.checkpoint"):
+    with caplog.at_level("WARNING", logger="jtp.checkpoint.sharded"):
         resumed = run(tmp_path, "--checkpoint-dir", str(ck), "--resume")
     assert resumed["first_step"] == 4
     assert "step 8 is unreadable" in caplog.text
@@ -182,7 +182,7 @@ def test_checkpoints_with_the_old_variable_names_still_restore(tmp_path):
     (and ``...value#key_data`` for RNG keys); such a checkpoint restores unchanged."""
     import orbax.checkpoint as ocp
 
-    from jtp.training.checkpoint import _legacy_name, flatten_state
+    from jtp.checkpoint.sharded import _legacy_name, flatten_state
 
     mesh = jtp.make_mesh(2, 4)
     model = jtp.sharded_init(ff_factory(), mesh, FF_PLAN)

@@ -31,7 +31,7 @@ def _agree_worker(coord: str, pid: int, calls: int) -> None:
 
     jax.config.update("jax_num_cpu_devices", 4)
     jax.distributed.initialize(coord, 2, pid, heartbeat_timeout_seconds=10)
-    from jtp.training.agree import agree_max
+    from jtp.distributed import agree_max
 
     for _ in range(10):  # warm up: compile the gather
         agree_max(pid)
@@ -51,7 +51,7 @@ def agreement_ms(calls: int) -> list[float]:
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
     env["JAX_PLATFORMS"] = "cpu"
-    cmd = [sys.executable, "-m", "jtp.cli.bench_multihost", "agree-worker", f"127.0.0.1:{port}"]
+    cmd = [sys.executable, "-m", "jtp.cli.bench.multihost", "agree-worker", f"127.0.0.1:{port}"]
     procs = [
         subprocess.Popen([*cmd, str(i), str(calls)], stdout=subprocess.PIPE, text=True, env=env)
         for i in range(2)

@@ -17,10 +17,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from safetensors import safe_open
 
+from jtp.checkpoint.tensor_file import TensorFileWriter
 from jtp.parallel.names import path_str
 from jtp.parallel.parallelize import sharded_init
 from jtp.parallel.plan import Plan
-from jtp.training.tensor_file import TensorFileWriter
 
 
 def gathered_on_process_0(x: jax.Array) -> np.ndarray | None:

@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import jtp
-from jtp.training.data import local_data_ranks
+from jtp.data.loader import local_data_ranks
 
 
 class Indexed:

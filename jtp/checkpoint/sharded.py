@@ -20,11 +20,11 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from jtp.distributed import agree_min
 from jtp.parallel.abstract import abstract_array, abstract_tree
 from jtp.parallel.names import leaf_names
-from jtp.training.agree import agree_min
 
-log = logging.getLogger("jtp.training.checkpoint")
+log = logging.getLogger("jtp.checkpoint.sharded")
 
 # What an unreadable checkpoint raises (missing or truncated files, bad JSON, a tensorstore
 # read error): only these mean "damaged, try an older step". Anything else propagates.

@@ -1,0 +1,1 @@
+"""Checkpoint files: sharded orbax checkpoints, consolidated exports, the safetensors writer."""

@@ -1,0 +1,1 @@
+"""Data: the loader that feeds every tensor-parallel group the same rows, and datasets."""
