@@ -1,6 +1,8 @@
 """The package layout holds: library code never imports the programs, no module imports a
-package it lives in, there is no import cycle (function-level imports count,
-``TYPE_CHECKING`` ones don't), modules stay small, and the tests mirror the packages."""
+package it lives in, there is no import cycle (function-level and ``TYPE_CHECKING`` imports
+count: a type-only cycle is still two modules that must be read together), what reads
+compiled programs (``jtp.analysis``) knows nothing of training, modules stay small, and the
+tests mirror the packages."""
 
 from __future__ import annotations
 
@@ -23,33 +25,17 @@ def _module_name(path: Path) -> str:
 MODULES = {_module_name(p): p for p in sorted(PKG.rglob("*.py"))}
 
 
-def _is_type_checking(node: ast.If) -> bool:
-    test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
-
-
 def _imports(path: Path) -> set[str]:
-    """jtp modules imported anywhere in the file (``from a import b`` counts ``a.b`` when
-    that is a module, else ``a``), skipping ``if TYPE_CHECKING:`` blocks."""
+    """jtp modules imported anywhere in the file, type-only and function-level imports
+    included (``from a import b`` counts ``a.b`` when that is a module, else ``a``)."""
     found: set[str] = set()
-
-    def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and _is_type_checking(node):
-            for child in node.orelse:
-                visit(child)
-            return
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             for alias in node.names:
                 sub = f"{node.module}.{alias.name}"
                 found.add(sub if sub in MODULES else node.module)
-        for child in ast.iter_child_nodes(node):
-            visit(child)
-
-    visit(ast.parse(path.read_text()))
     return {m for m in found if m == "jtp" or m.startswith("jtp.")}
 
 
@@ -63,6 +49,29 @@ def _is_library(name: str) -> bool:
 def test_library_never_imports_the_programs():
     bad = {m: sorted(i for i in deps if i.startswith("jtp.cli")) for m, deps in GRAPH.items()}
     assert not {m: d for m, d in bad.items() if d and _is_library(m)}
+
+
+def test_analysis_knows_nothing_of_training():
+    """``jtp.analysis`` reads compiled programs; the planner compiles through
+    ``jtp.training.compile`` and hands the result over, never the other way round."""
+    bad = {
+        m: sorted(d for d in deps if d.startswith(("jtp.training", "jtp.data", "jtp.checkpoint")))
+        for m, deps in GRAPH.items()
+        if m.startswith("jtp.analysis")
+    }
+    assert not {m: d for m, d in bad.items() if d}
+
+
+def test_checkpoint_files_and_data_stand_below_training():
+    """Models (``jtp.models.hf`` writes files), data and checkpoint files never import the
+    training loop."""
+    low = ("jtp.models", "jtp.data", "jtp.checkpoint", "jtp.parallel", "jtp.mesh")
+    bad = {
+        m: sorted(d for d in deps if d.startswith("jtp.training"))
+        for m, deps in GRAPH.items()
+        if m.startswith(low)
+    }
+    assert not {m: d for m, d in bad.items() if d}
 
 
 def test_no_module_imports_a_package_it_lives_in():
@@ -110,9 +119,13 @@ def test_tests_mirror_the_packages():
     assert all((ROOT / "tests" / name).is_dir() for name in packages)
 
 
-def test_the_checker_sees_function_level_imports():
-    """A guard on the guard: the CLI's lazy imports inside main() are in the graph."""
+def test_the_checker_sees_function_level_and_type_only_imports(tmp_path):
+    """A guard on the guard: the CLI's lazy imports inside main() are in the graph, and so
+    is an import under ``if TYPE_CHECKING:``."""
     assert "jtp.cli.recipes" in GRAPH["jtp.cli.train"]
+    probe = tmp_path / "probe.py"
+    probe.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import jtp.mesh\n")
+    assert _imports(probe) == {"jtp.mesh"}
 
 
 def test_the_fit_loop_reads_on_one_screen():
@@ -126,6 +139,24 @@ def test_the_fit_loop_reads_on_one_screen():
         if isinstance(node, ast.FunctionDef) and node.name == "fit"
     )
     assert fit.end_lineno - fit.lineno + 1 <= 50
+
+
+def test_only_the_trainer_touches_its_private_fields():
+    """``trainer._anything`` (or ``self.trainer._anything``) appears nowhere but in the
+    Trainer itself: the fit run, checkpoint save/restore and the benchmarks are handed
+    values and return results."""
+    files = {n: p for n, p in MODULES.items() if n != "jtp.training.trainer"}
+    files.update({str(p): p for p in (ROOT / "tests").rglob("*.py")})
+    hits = []
+    for name, path in files.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Attribute) and node.attr.startswith("_")):
+                continue
+            owner = node.value
+            owner_name = getattr(owner, "id", None) or getattr(owner, "attr", None)
+            if owner_name == "trainer" and not node.attr.startswith("__"):
+                hits.append(f"{name}:{node.lineno} {owner_name}.{node.attr}")
+    assert not hits
 
 
 def test_no_fault_injection_in_library_code():

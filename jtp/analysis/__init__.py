@@ -1,2 +1,2 @@
-"""What a step costs, read off the compiled program: collectives, memory, explain, and
-the abstract compile that gives them for devices that need not exist."""
+"""What a step costs, read off the compiled program: collectives, memory, explain. It
+compiles nothing of its own: :mod:`jtp.training.compile` gives it the program."""

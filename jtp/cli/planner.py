@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from jtp.cli.output import write_json
-from jtp.training.steps import PRECISIONS
+from jtp.training.precision import PRECISIONS
 
 GB = 1e9
 # axes_key -> the planner's names; a collective over no axis (1-device groups) is free.

@@ -13,7 +13,6 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
-from jtp.analysis.abstract import abstract_train_step
 from jtp.data.datasets import RandomDataset, RandomTokenDataset
 from jtp.data.loader import DataLoader
 from jtp.data.tokens import TokenDataset, read_meta
@@ -23,6 +22,7 @@ from jtp.models.hf import config_of, load_pretrained
 from jtp.models.llama import PRESETS, Llama, LlamaConfig, cross_entropy
 from jtp.models.plans import check_llama, feedforward, llama
 from jtp.parallel.parallelize import sharded_init
+from jtp.training.compile import abstract_train_step
 from jtp.training.module import TrainModule
 
 FEEDFORWARD_PLAN = feedforward()

@@ -26,7 +26,7 @@ from typing import Any
 
 from jtp.cli import train_text
 from jtp.cli.output import write_json
-from jtp.training.steps import PRECISIONS
+from jtp.training.precision import PRECISIONS
 
 
 def build_parser() -> argparse.ArgumentParser:

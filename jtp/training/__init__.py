@@ -1,1 +1,2 @@
-"""Training: TrainModule hooks, the Trainer loop, its compiled steps, data, checkpoints, export."""
+"""Training: TrainModule hooks, the precision policy, the pure steps and their compile
+(no Trainer needed), evaluation, and the Trainer loop with its policy, logs and signals."""

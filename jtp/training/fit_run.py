@@ -2,24 +2,23 @@
 and the validation loader.
 
 The pieces of a fit that hold state across steps but take no decisions (those are in
-:mod:`jtp.training.policy`): the loop hands them batches and decisions.
+:mod:`jtp.training.policy`) and own no training state (the Trainer does): the loop hands them
+arrays, batches, step numbers and decisions, and takes back the new arrays.
 """
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
 from jtp.checkpoint.sharded import Checkpointer
-from jtp.training.loggers import make_logger, next_run_dir
+from jtp.training.loggers import make_logger
 from jtp.training.metrics import MetricsBuffer
+from jtp.training.options import TrainerOptions
 from jtp.training.progress import ProgressBar
-
-if TYPE_CHECKING:
-    from jtp.training.trainer import Trainer
 
 
 class StepBatches(NamedTuple):
@@ -36,16 +35,22 @@ class FitRun:
     """Use as a context manager: leaving it flushes metrics, closes the bar and waits for
     checkpoint writes, also when the loop raises (a non-finite loss, an agreed stop)."""
 
-    def __init__(self, trainer: Trainer, ckpt: Checkpointer | None):
-        o = trainer.options
-        self.trainer, self.ckpt = trainer, ckpt
-        if trainer.is_global_zero and o.logger:
-            trainer.log_dir = next_run_dir(o.default_root_dir)
-        self.logger = make_logger(trainer.log_dir, o.logger) if trainer.log_dir else None
-        self.metrics = MetricsBuffer(self.logger, o.checkpoint_dir)
-        self.bar = ProgressBar(o.enable_progress_bar and trainer.is_global_zero)
-        # One loader for the whole fit, made before the first step (a bad one fails early).
-        self.val_loader = trainer._module.val_dataloader() if o.validates_in_fit else None
+    def __init__(
+        self,
+        options: TrainerOptions,
+        ckpt: Checkpointer | None,
+        *,
+        log_dir: str | None,
+        val_loader: Any = None,
+        show_progress: bool = True,
+    ):
+        """``log_dir``: where this process logs (``None``: it does not); ``val_loader``: the
+        one validation loader of the fit (made before the first step, so a bad one fails
+        early); ``show_progress``: draw the bar (process 0 only)."""
+        self.ckpt, self.val_loader = ckpt, val_loader
+        self.logger = make_logger(log_dir, options.logger) if log_dir else None
+        self.metrics = MetricsBuffer(self.logger, options.checkpoint_dir)
+        self.bar = ProgressBar(options.enable_progress_bar and show_progress)
         self.compiled: jax.stages.Compiled | None = None
         self._t_start = self._t_compiled = time.perf_counter()
         self._epoch = None
@@ -65,28 +70,28 @@ class FitRun:
                 self.ckpt.close()
         self._t_end = time.perf_counter()
 
-    def train_step(self, batches: list[Any], epoch: int, index: int) -> None:
-        """Run the compiled step on ``batches``; keep its metrics on the device."""
+    def train_step(self, arrays: tuple[Any, Any, Any], s: StepBatches, step: int) -> tuple:
+        """Run the compiled step on the state ``arrays`` (params, opt_state, rest; donated)
+        and the batches of ``s``; keep its metrics on the device as those of optimizer
+        ``step``; return the new arrays."""
+        batches, epoch, index = s.batches, s.epoch, s.index
         if self._t_compiled == self._t_start:
             self._t_compiled = time.perf_counter()
         if epoch != self._epoch:
             self.bar.start_epoch()
             self._epoch = epoch
-        state = self.trainer._state
         try:
-            *new_state, metrics = self.compiled(*state.arrays(), batches)
+            *new_state, metrics = self.compiled(*arrays, batches)
         except (TypeError, ValueError) as err:
             raise ValueError(
                 f"batch {index} of epoch {epoch} does not match the compiled train step "
                 f"(shapes/shardings must stay fixed; use drop_last=True): {err}"
             ) from err
-        state.update(*new_state)
-        self.metrics.add(self.trainer.global_step + 1, epoch, metrics)
+        self.metrics.add(step, epoch, metrics)
+        return tuple(new_state)
 
-    def validate(self, step: int, epoch: int) -> None:
-        """Mean ``validation_step`` outputs over the val loader, on the parameters after
-        ``step``; they join that step's logged row (the parameters are only read)."""
-        means = self.trainer._eval_means("validation_step", self.val_loader, "val")
+    def validated(self, step: int, epoch: int, means: dict[str, float]) -> None:
+        """Validation ``means`` on the parameters after ``step`` join that step's row."""
         self.metrics.attach(step, epoch, means)
 
     def log(self, epoch: int, done: int, total: int, batches: list[Any]) -> None:

@@ -9,7 +9,7 @@ the :class:`~jtp.Trainer`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import jax
 import optax
@@ -18,18 +18,33 @@ from jax.sharding import Mesh, PartitionSpec
 
 from jtp.parallel.plan import Plan
 
-if TYPE_CHECKING:
-    from jtp.training.trainer import Trainer
-
 StepOutput = jax.Array | tuple[jax.Array, dict[str, jax.Array]]
+
+
+class TrainerView(Protocol):
+    """What a module's hooks may read of the trainer running them (:class:`jtp.Trainer` is
+    one): read-only facts, so a hook can size a schedule or log on one process only."""
+
+    global_step: int  # optimizer steps taken so far
+    current_epoch: int
+
+    @property
+    def mesh(self) -> Mesh: ...
+
+    @property
+    def is_global_zero(self) -> bool: ...  # process 0
+
+    @property
+    def estimated_stepping_batches(self) -> int: ...  # optimizer steps fit will take
 
 
 class TrainModule:
     """Subclass and override the hooks you need (``configure_model``, ``training_step`` and
     ``configure_optimizers`` are required).
 
-    Attributes set by the trainer before ``configure_model``: ``mesh`` (the strategy's
-    mesh, also what dataloaders need) and ``trainer``.
+    Attributes set before ``configure_model``: ``mesh`` (the strategy's mesh, also what
+    dataloaders need) and, when a :class:`jtp.Trainer` runs the module, ``trainer`` (a
+    :class:`TrainerView`; a step compiled without a trainer, as the planner does, has none).
 
     Example::
 
@@ -51,7 +66,7 @@ class TrainModule:
     """
 
     mesh: Mesh
-    trainer: Trainer
+    trainer: TrainerView
 
     def configure_model(
         self, mesh: Mesh

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from jtp.training.steps import GRAD_REDUCE, PRECISIONS
+from jtp.training.precision import PRECISIONS
+from jtp.training.steps import GRAD_REDUCE
 
 LOGGERS = ("csv", "jsonl", "tensorboard", None)
 

@@ -9,11 +9,9 @@ with a fixed sharding, so the compiled step's inputs and outputs never change la
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
@@ -24,7 +22,7 @@ from jtp.parallel.optimizer import abstract_opt_state, init_opt_state
 from jtp.parallel.parallelize import parallelize, sharded_init
 from jtp.parallel.plan import activation_rules_of
 from jtp.training.module import TrainModule
-from jtp.training.steps import cast_floats
+from jtp.training.precision import stored_params
 
 
 def shardings(tree: Any) -> Any:
@@ -86,9 +84,7 @@ class TrainState:
             return jax.device_put(x, replicated)
 
         params, rest = jax.tree.map(place, params), jax.tree.map(place, rest)
-        if precision == "bf16-true":
-            params = _to_bf16(params)
-        return cls(graphdef, params, rest, mesh)
+        return cls(graphdef, stored_params(params, precision), rest, mesh)
 
     @property
     def abstract(self) -> bool:
@@ -121,8 +117,3 @@ class TrainState:
     def model(self) -> nnx.Module:
         """The user-visible model, pointing at the current arrays (no copy)."""
         return nnx.merge(self.graphdef, self.params, self.rest)
-
-
-def _to_bf16(params: Any) -> Any:
-    cast = jax.jit(partial(cast_floats, dtype=jnp.bfloat16), out_shardings=shardings(params))
-    return jax.eval_shape(cast, params) if is_abstract(params) else cast(params)

@@ -32,26 +32,11 @@ from jax.sharding import PartitionSpec as P
 from jtp.mesh import DATA
 from jtp.parallel.activations import per_data_rank
 from jtp.training.module import StepOutput
+from jtp.training.precision import cast_floats, compute_params
 
-PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
 GRAD_REDUCE = ("per_step", "per_micro_batch")
 
 Step = Callable[[Any, Any, Any, Sequence[Any]], tuple[Any, Any, Any, dict[str, jax.Array]]]
-
-
-def cast_floats(tree: Any, dtype: Any) -> Any:
-    """Cast the floating leaves of ``tree`` to ``dtype`` (integers, keys untouched)."""
-
-    def cast(x: Any) -> Any:
-        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
-
-    return jax.tree.map(cast, tree)
-
-
-def compute_params(params: Any, precision: str) -> Any:
-    """The parameters a step computes with: bf16 copies under "bf16-mixed" (the cast's
-    transpose sends fp32 gradients back to the fp32 parameters)."""
-    return cast_floats(params, jnp.bfloat16) if precision == "bf16-mixed" else params
 
 
 def split_output(out: StepOutput) -> tuple[jax.Array, dict[str, jax.Array]]:

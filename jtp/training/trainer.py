@@ -1,42 +1,41 @@
 """Trainer: fit / validate / test a TrainModule on a ModelParallelStrategy's mesh.
 
-The train step is compiled exactly once per fit, ahead of time, with fixed input and output
-shardings (parameters and optimizer state keep their plan layout across steps) and donated
-state buffers (the update happens in place: the peak holds one copy of the state, not two).
-One call of it is one optimizer step over ``accumulate_grad_batches`` loader batches. The
-loop reads device values only when it logs (or validates), so the host dispatches ahead of
-the devices; when to validate, log, save, stop and check replicas is decided in
-:mod:`jtp.training.policy`, the same way in every process.
+The train step is compiled exactly once per fit (:mod:`jtp.training.compile`). One call of it
+is one optimizer step over ``accumulate_grad_batches`` loader batches. The loop reads device
+values only when it logs (or validates), so the host dispatches ahead of the devices; when to
+validate, log, save, stop and check replicas is decided in :mod:`jtp.training.policy`, the
+same way in every process. The Trainer is the only reader and writer of its fields: the fit
+run, checkpoint save/restore and evaluation get what they need as arguments and return
+results.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import numpy as np
-import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
 from jtp.analysis.memory import memory_report, peak_memory_per_device
 from jtp.checkpoint.sharded import Checkpointer
-from jtp.mesh import ModelParallelStrategy
+from jtp.mesh import ModelParallelStrategy, mesh_shape
 from jtp.parallel.activations import activation_rules
 from jtp.parallel.batch import shard_batch
 from jtp.parallel.replicas import check_replicas
+from jtp.training.compile import build_state, compile_train_step, train_step
 from jtp.training.evaluate import EvalSteps
 from jtp.training.fit_run import FitRun, StepBatches
+from jtp.training.loggers import next_run_dir
 from jtp.training.module import TrainModule
 from jtp.training.options import TrainerOptions
 from jtp.training.policy import Policy
 from jtp.training.resume import restore_train_state, save_train_state
 from jtp.training.signals import StopAgreement, stop_on_signals
-from jtp.training.state import TrainState, build_model, shardings
-from jtp.training.steps import Step, make_train_step
+from jtp.training.state import TrainState
 
 
 def _is_global(batch: Any) -> bool:
@@ -68,6 +67,7 @@ class Trainer:
         self.model: nnx.Module | None = None
         self._module: TrainModule | None = None
         self._state: TrainState | None = None
+        self._rules: dict = {}  # activation rules while steps are traced
         self._train_loader: Any = None
         self._evals: EvalSteps | None = None  # the current module's jitted eval steps
 
@@ -91,63 +91,22 @@ class Trainer:
         return jax.process_index() == 0
 
     # ------------------------------------------------------------------ setup
-    def setup(
-        self, module: TrainModule, *, model: nnx.Module | None = None, rules: Mapping | None = None
-    ) -> TrainState:
-        """Build (once per module) the sharded model and its state. ``model`` and ``rules``
-        replace ``configure_model`` (the planner passes an abstract model here)."""
-        if self._module is module and self._state is not None and model is None:
-            return self._state
+    def setup(self, module: TrainModule) -> None:
+        """Build (once per module) the sharded model and its state on the strategy's mesh."""
+        if self._module is module and self._state is not None:
+            return
         if self.options.seed is not None:
             random.seed(self.options.seed)
             np.random.seed(self.options.seed)
-        module.mesh, module.trainer = self.mesh, self
-        if model is None:
-            model, rules = build_model(module, self.mesh, fsdp=self.strategy.fsdp)
-        self._module, self._rules, self._train_loader = module, dict(rules or {}), None
-        self._state = TrainState.from_model(model, self.mesh, precision=self.options.precision)
+        module.trainer = self
+        self._state, self._rules = build_state(module, self.strategy, self.options)
+        self._module, self._train_loader = module, None
         self.model = self._state.model()  # bf16-true: the bf16 arrays, nothing in fp32
         self._evals = EvalSteps(module, self._state, self.mesh, precision=self.options.precision)
-        return self._state
 
-    def _optimizer(self, module: TrainModule) -> optax.GradientTransformation:
-        tx = module.configure_optimizers()
-        if self.options.gradient_clip_val is not None:
-            tx = optax.chain(optax.clip_by_global_norm(self.options.gradient_clip_val), tx)
-        return tx
-
-    def _tracing(self) -> Any:
-        """Context for tracing steps: the module's activation rules on this mesh."""
-        return activation_rules(self.mesh, self._rules)
-
-    def train_step_fn(self, module: TrainModule) -> Step:
-        """Create the optimizer state (sharded like the parameters) and return the pure
-        train step for ``module`` (see :func:`jtp.training.steps.make_train_step`)."""
-        state, o = self.setup(module), self.options
-        tx = self._optimizer(module)
-        state.init_optimizer(tx)
-        return make_train_step(
-            state.graphdef, shardings(state.params), module.training_step, tx,
-            precision=o.precision, track_grad_norm=o.track_grad_norm,
-            accumulate=o.accumulate_grad_batches,
-            grad_reduce=o.grad_reduce_for(fsdp=self.strategy.fsdp),
-        )  # fmt: skip
-
-    def compile_train_step(self, step: Step, batches: list[Any]) -> jax.stages.Compiled:
-        """Compile ``step`` for the current state and ``batches`` (the k global batches of
-        one optimizer step: arrays, or sharded ``ShapeDtypeStruct``s to size a step)."""
-        state = self._state
-        state_sh = state.shardings()
-        jitted = jax.jit(
-            step,
-            in_shardings=(*state_sh, shardings(batches)),
-            out_shardings=(*state_sh, NamedSharding(self.mesh, P())),
-            donate_argnums=(0, 1, 2),
-        )
-        with self._tracing():
-            lowered = jitted.lower(*state.arrays(), batches)
+    def _compile(self, step: Any, batches: list[Any]) -> jax.stages.Compiled:
         self.num_compiles += 1
-        return lowered.compile()
+        return compile_train_step(step, self._state, batches, self._rules)
 
     # ------------------------------------------------------------------ fit
     def fit(self, module: TrainModule, *, resume: bool = False) -> Trainer:
@@ -164,38 +123,53 @@ class Trainer:
             raise ValueError("fit(resume=True) needs Trainer(checkpoint_dir=...) to resume from")
         self.setup(module)
         loader = self._train_loader = module.train_dataloader()
-        step = self.train_step_fn(module)  # after the loader: a schedule may need its length
+        # After the loader: a schedule may need its length (estimated_stepping_batches).
+        step = train_step(module, self._state, o, fsdp=self.strategy.fsdp)
         ckpt = Checkpointer(o.checkpoint_dir, keep_last=o.keep_last) if o.checkpoint_dir else None
         self.first_step = 0
         if resume and ckpt.all_steps():
             self._resume(ckpt, loader)
-        run = FitRun(self, ckpt)
+        run = self._start_run(ckpt)
         policy = Policy(o, multi_process=jax.process_count() > 1, first_step=self.global_step)
         with stop_on_signals() as signals, run:
             stopper = StopAgreement(signals, policy.stop_check_every)
             for s in self._step_batches(loader, policy):
                 if run.compiled is None:
-                    run.compiled = self.compile_train_step(step, s.batches)
-                run.train_step(s.batches, s.epoch, s.index)
+                    run.compiled = self._compile(step, s.batches)
+                self._state.update(*run.train_step(self._state.arrays(), s, self.global_step + 1))
                 self.global_step += 1
                 decision = policy.after_step(
                     self.global_step, stopper, len(run.metrics),
                     epoch_end=s.index + 1 == s.total, epoch_ended=s.epoch_ended,
                 )  # fmt: skip
                 if decision.validate:
-                    run.validate(self.global_step, s.epoch)
+                    means = self._eval_means("validation_step", run.val_loader, "val")
+                    run.validated(self.global_step, s.epoch, means)
                 if decision.log:
                     run.log(s.epoch, s.index + 1, s.total, s.batches)
                 if decision.save and ckpt is not None:
-                    save_train_state(ckpt, self, loader)
+                    self._save(ckpt, loader)
                 if decision.exit_code is not None:
                     run.stop(decision.exit_code)
                 if policy.done(self.global_step):
                     break
             if ckpt is not None and self.global_step > self.first_step:
-                save_train_state(ckpt, self, loader, only_if_new=True)
+                self._save(ckpt, loader, only_if_new=True)
         self._finish_fit(run)
         return self
+
+    def _start_run(self, ckpt: Checkpointer | None) -> FitRun:
+        """This fit's run: a new ``<default_root_dir>/version_N`` on process 0 when logging,
+        and the validation loader made before the first step (a bad one fails early)."""
+        o = self.options
+        logs = self.is_global_zero and o.logger is not None
+        if logs:
+            self.log_dir = next_run_dir(o.default_root_dir)
+        val_loader = self._module.val_dataloader() if o.validates_in_fit else None
+        return FitRun(
+            o, ckpt, log_dir=self.log_dir if logs else None,
+            val_loader=val_loader, show_progress=self.is_global_zero,
+        )  # fmt: skip
 
     def _step_batches(self, loader: Any, policy: Policy) -> Iterator[StepBatches]:
         """The k global batches of each optimizer step, with where they sit in the epochs.
@@ -225,9 +199,27 @@ class Trainer:
         self.current_epoch = self.options.max_epochs
 
     def _resume(self, ckpt: Checkpointer, loader: Any) -> None:
-        meta = restore_train_state(ckpt, self, loader)
+        tree, meta = restore_train_state(
+            ckpt, self._state.tree(), loader, mesh=self.mesh, fsdp=self.strategy.fsdp
+        )
+        self._state.update(tree["params"], tree["opt_state"], tree["rest"])
         self.global_step = self.first_step = int(meta["step"])
         self.current_epoch = int(meta["epoch"])
+
+    def _save(self, ckpt: Checkpointer, loader: Any, *, only_if_new: bool = False) -> None:
+        """An async save of the state after ``global_step``, with what the run was."""
+        o = self.options
+        facts = {
+            "mesh": mesh_shape(self.mesh),
+            "fsdp": self.strategy.fsdp,
+            "precision": o.precision,
+            "accumulate_grad_batches": o.accumulate_grad_batches,
+            "module": self._module.checkpoint_metadata(),
+        }
+        save_train_state(
+            ckpt, self._state.tree(), loader, step=self.global_step, epoch=self.current_epoch,
+            facts=facts, only_if_new=only_if_new,
+        )  # fmt: skip
 
     def _finish_fit(self, run: FitRun) -> None:
         self.model = self._state.model()
@@ -268,7 +260,7 @@ class Trainer:
     def _eval_means(self, hook: str, loader: Any, prefix: str, what: str = "val_dataloader()"):
         """``{prefix_name: mean}`` of the module's ``hook`` over ``loader`` on the current
         parameters (read, never changed)."""
-        with self._tracing():
+        with activation_rules(self.mesh, self._rules):
             means = self._evals.means(
                 hook, loader, self._global_batch, limit=self.options.limit_val_batches, what=what
             )

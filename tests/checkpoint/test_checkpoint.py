@@ -4,6 +4,7 @@ consolidated export, and a non-finite loss that keeps the last good checkpoint."
 import json
 import os
 import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -210,3 +211,50 @@ def test_checkpoints_with_the_old_variable_names_still_restore(tmp_path):
     assert jax.random.key_data(restored["rest"]["key"]).tolist() == (
         jax.random.key_data(tree["rest"]["key"]).tolist()
     )
+
+
+R2 = Path(__file__).parents[1] / "fixtures" / "checkpoint_r2"
+
+
+def test_a_checkpoint_written_before_the_round_3_layout_restores_and_continues(tmp_path):
+    """``fixtures/checkpoint_r2`` was written by jtp before its checkpoint code moved to
+    ``jtp/checkpoint`` (commit 43cf048, the command in ``expected.json``): 2 steps on a
+    (2, 4) mesh, a checkpoint at step 2, that run's consolidated export, and the losses
+    that code then got resuming for steps 3 and 4.
+
+    The restored parameters equal the export bitwise (nothing is computed in between). The
+    resumed losses match the old code's within rtol 1e-5: the same restored state (moments
+    included, so no first-step ``lr * sign(g)`` update that rounding noise could flip) runs
+    the same program; only the CPU's instruction set may reorder the fp32 sums (a loss is
+    the sum of 8 x 16 outputs of two 16/32-term dot products: rounding ~1e-6 relative).
+    """
+    from jtp.cli.recipes import FeedForwardConfig, FeedForwardTask
+    from jtp.models import FeedForward
+
+    expected = json.loads((R2 / "expected.json").read_text())
+    ck = tmp_path / "ck"
+    shutil.copytree(R2 / "ckpt", ck)
+    config = FeedForwardConfig(dim=16, hidden_dim=32, samples=32, batch_size=8)
+    trainer = jtp.Trainer(
+        jtp.ModelParallelStrategy(2, 4), max_steps=2, checkpoint_dir=str(ck), logger=None,
+        enable_progress_bar=False, report_memory=False,
+    )  # fmt: skip
+    trainer.fit(FeedForwardTask(config), resume=True)
+    assert trainer.first_step == trainer.global_step == 2 and trainer.losses == []
+    exported = jtp.load_consolidated(
+        str(R2 / "params.safetensors"), FeedForward(16, 32, rngs=nnx.Rngs(1))
+    )
+    restored = nnx.state(trainer.model, nnx.Param)
+    for a, b in zip(
+        jax.tree.leaves(restored), jax.tree.leaves(nnx.state(exported, nnx.Param)), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    flags = ["--data-parallel", "2", "--tensor-parallel", "4", "--dim", "16", "--hidden-dim",
+             "32", "--samples", "32", "--batch-size", "8"]  # fmt: skip
+    out = main(
+        ["--devices", "8", *flags, "--max-steps", "4", "--checkpoint-dir", str(ck), "--resume",
+         "--no-progress", "--root-dir", str(tmp_path / "runs")]
+    )  # fmt: skip
+    assert out["first_step"] == 2 and out["steps"] == 2
+    np.testing.assert_allclose(out["losses"], expected["resumed_losses_steps_3_4"], rtol=1e-5)

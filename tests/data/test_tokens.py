@@ -3,13 +3,11 @@ every process layout, each window once per epoch, resumable; bad files named cle
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_multiprocess import _env, _port, _wait
+from processes import two_workers, wait_all
 
 import jtp
 
@@ -94,18 +92,10 @@ def test_two_processes_hold_the_one_process_rows_and_read_only_their_own(countin
     """Each process's devices hold exactly the rows one process puts there, on (2, 4) and
     on (1, 8) (a tensor group across both processes); on (2, 4) a process reads only the
     windows of its data rank."""
-    port, worker = _port(), Path(__file__).with_name("mp_tokens_worker.py")
+    worker = Path(__file__).with_name("mp_tokens_worker.py")
+    procs = two_workers(worker, counting.parent, "w", str(counting), str(SEQ))
     logs = [counting.parent / f"w{i}.log" for i in range(2)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(worker), f"127.0.0.1:{port}", str(i), str(counting), str(SEQ)],
-            stdout=open(logs[i], "w"),
-            stderr=subprocess.STDOUT,
-            env=_env(),
-        )  # fmt: skip
-        for i in range(2)
-    ]
-    codes = _wait(procs, timeout=120)
+    codes = wait_all(procs, timeout=120)
     text = [log.read_text() for log in logs]
     assert codes == [0, 0], [t[-3000:] for t in text]
     reports = [json.loads(next(ln for ln in t.splitlines() if ln[:1] == "{")) for t in text]

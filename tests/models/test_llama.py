@@ -224,7 +224,7 @@ def test_cli_llama_2d(tmp_path):
 def test_abstract_step_is_the_trainers_step():
     """jtp.analysis.abstract compiles, from shapes alone, the very program Trainer.fit runs: same
     per-device memory, same collectives."""
-    from jtp.analysis.abstract import abstract_train_step
+    from jtp.training.compile import abstract_train_step
 
     config = LlamaTaskConfig(samples=16, fsdp=True, sequence_parallel=True, loss_parallel=True)
     trainer = jtp.Trainer(

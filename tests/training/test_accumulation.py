@@ -16,6 +16,8 @@ from helpers import FF_PLAN, delta, ff_factory, rel_err
 
 import jtp
 from jtp.analysis.collectives import total_bytes
+from jtp.training.compile import build_state, compile_train_step, train_step
+from jtp.training.options import TrainerOptions
 
 DIM, HIDDEN, B, K = 16, 64, 8, 4
 
@@ -41,19 +43,17 @@ def _rows(n, seed):
 def _one_step(fsdp, k, grad_reduce=None, rows=None):
     """Params after one optimizer step over ``rows`` split into k micro-batches; the
     compiled step and the mesh."""
-    trainer = jtp.Trainer(
-        jtp.ModelParallelStrategy(2, 4, fsdp=fsdp), accumulate_grad_batches=k,
-        grad_reduce=grad_reduce, logger=None, enable_progress_bar=False, report_memory=False,
-    )  # fmt: skip
+    strategy = jtp.ModelParallelStrategy(2, 4, fsdp=fsdp)
+    options = TrainerOptions(accumulate_grad_batches=k, grad_reduce=grad_reduce)
     module = Lit(fsdp)
-    step = trainer.train_step_fn(module)
+    state, rules = build_state(module, strategy, options)
+    step = train_step(module, state, options, fsdp=fsdp)
     rows = _rows(K * B, 0) if rows is None else rows
     per = len(rows) // k
-    batches = [jtp.shard_batch(rows[i * per : (i + 1) * per], trainer.mesh) for i in range(k)]
-    compiled = trainer.compile_train_step(step, batches)
-    state = trainer._state
+    batches = [jtp.shard_batch(rows[i * per : (i + 1) * per], strategy.mesh) for i in range(k)]
+    compiled = compile_train_step(step, state, batches, rules)
     params, *_ = compiled(*state.arrays(), batches)
-    return params, compiled, trainer.mesh
+    return params, compiled, strategy.mesh
 
 
 def _reference():

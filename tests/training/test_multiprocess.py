@@ -6,11 +6,8 @@ sum in another order than one process's in-memory ones.
 """
 
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,48 +15,20 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from processes import free_port, start_process, stop_all, two_workers, wait_all
 
 import jtp
 
+HERE = Path(__file__).parent
 SMALL = ["--dim", "32", "--hidden-dim", "64", "--samples", "64", "--max-epochs", "2"]
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(
-    args: list[str], log: Path, env: dict | None = None, program: list[str] | None = None
-) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, *(program or ["-m", "jtp.train"]), *args],
-        stdout=open(log, "w"),
-        stderr=subprocess.STDOUT,
-        env=env or _env(),
-    )
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-        p.wait(timeout=30)
 
 
 def _launch(
     tmp: Path, n: int, args: list[str], tag: str, program: list[str] | None = None
 ) -> list[subprocess.Popen]:
-    port = _port()
+    port = free_port()
     return [
-        _start(
+        start_process(
             [
                 "--coordinator",
                 f"127.0.0.1:{port}",
@@ -82,30 +51,6 @@ def _launch(
     ]
 
 
-def _workers(script: str, tmp: Path, tag: str, *args: str) -> list[subprocess.Popen]:
-    """Two processes of a worker script beside this file: ``script COORD PROCESS_ID *args``,
-    logging to ``tmp/<tag><i>.log``."""
-    port, worker = _port(), Path(__file__).with_name(script)
-    return [
-        subprocess.Popen(
-            [sys.executable, str(worker), f"127.0.0.1:{port}", str(i), *args],
-            stdout=open(tmp / f"{tag}{i}.log", "w"),
-            stderr=subprocess.STDOUT,
-            env=_env(),
-        )  # fmt: skip
-        for i in range(2)
-    ]
-
-
-def _wait(procs, timeout=240):
-    try:
-        for p in procs:
-            p.wait(timeout=timeout)
-    finally:
-        _stop(procs)
-    return [p.returncode for p in procs]
-
-
 def _log(tmp: Path, name: str) -> str:
     return (tmp / name).read_text()[-3000:]
 
@@ -115,8 +60,8 @@ def test_two_processes_equal_one(tmp_path, mesh):
     layout = ["--data-parallel", str(mesh[0]), "--tensor-parallel", str(mesh[1]), "--no-progress"]
     one = _launch(tmp_path, 1, [*SMALL, *layout], "one")
     two = _launch(tmp_path, 2, [*SMALL, *layout], "two")
-    assert _wait(one) == [0], _log(tmp_path, "one0.log")
-    assert _wait(two) == [0, 0], _log(tmp_path, "two0.log") + _log(tmp_path, "two1.log")
+    assert wait_all(one) == [0], _log(tmp_path, "one0.log")
+    assert wait_all(two) == [0, 0], _log(tmp_path, "two0.log") + _log(tmp_path, "two1.log")
     ref = json.loads((tmp_path / "one0.json").read_text())
     got = [json.loads((tmp_path / f"two{i}.json").read_text()) for i in range(2)]
     assert got[0]["process_count"] == 2 and got[0]["mesh"] == {"data": mesh[0], "tensor": mesh[1]}
@@ -130,7 +75,7 @@ def test_sigterm_saves_and_resume_continues(tmp_path):
     args = ["--devices", "8", "--dim", "256", "--hidden-dim", "1024", "--samples", "2048",
             "--tensor-parallel", "8", "--log-every", "1", "--root-dir", str(tmp_path / "runs"),
             "--checkpoint-dir", str(ck), "--metrics-json", str(tmp_path / "a.json")]  # fmt: skip
-    proc = _start(args, tmp_path / "a.log")
+    proc = start_process(args, tmp_path / "a.log")
     try:
         deadline = time.time() + 120
         while "epoch 0 [" not in (tmp_path / "a.log").read_text():
@@ -139,15 +84,16 @@ def test_sigterm_saves_and_resume_continues(tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 128 + signal.SIGTERM, _log(tmp_path, "a.log")
     finally:
-        _stop([proc])
+        stop_all([proc])
     steps = jtp.Checkpointer(str(ck)).all_steps()
     assert len(steps) == 1 and 0 < steps[0] < 256, steps
-    resumed = _start([*args[:-1], str(tmp_path / "b.json"), "--resume"], tmp_path / "b.log")
-    assert _wait([resumed]) == [0], _log(tmp_path, "b.log")
+    resumed = start_process([*args[:-1], str(tmp_path / "b.json"), "--resume"], tmp_path / "b.log")
+    assert wait_all([resumed]) == [0], _log(tmp_path, "b.log")
     b = json.loads((tmp_path / "b.json").read_text())
     assert b["first_step"] == steps[0] and b["first_step"] + b["steps"] == 256
-    full = _start([*args[:-4], "--metrics-json", str(tmp_path / "c.json")], tmp_path / "c.log")
-    assert _wait([full]) == [0], _log(tmp_path, "c.log")
+    full_args = [*args[:-4], "--metrics-json", str(tmp_path / "c.json")]
+    full = start_process(full_args, tmp_path / "c.log")
+    assert wait_all([full]) == [0], _log(tmp_path, "c.log")
     c = json.loads((tmp_path / "c.json").read_text())
     assert b["losses"] == c["losses"][steps[0] :]  # bitwise: nothing was lost or repeated
 
@@ -157,13 +103,13 @@ def test_kill_9_during_async_save_resumes_from_previous(tmp_path):
     args = ["--devices", "8", *SMALL, "--no-progress", "--root-dir", str(tmp_path / "runs"),
             "--checkpoint-dir", str(ck), "--checkpoint-every", "3"]  # fmt: skip
     killer = [str(Path(__file__).with_name("fault_kill_during_save.py")), "6"]
-    proc = _start(args, tmp_path / "a.log", program=killer)
-    assert _wait([proc]) == [-signal.SIGKILL], _log(tmp_path, "a.log")
+    proc = start_process(args, tmp_path / "a.log", program=killer)
+    assert wait_all([proc]) == [-signal.SIGKILL], _log(tmp_path, "a.log")
     assert jtp.Checkpointer(str(ck)).all_steps() == [3]  # step 6 never became visible
-    resumed = _start(
+    resumed = start_process(
         [*args, "--resume", "--metrics-json", str(tmp_path / "b.json")], tmp_path / "b.log"
     )
-    assert _wait([resumed]) == [0], _log(tmp_path, "b.log")
+    assert wait_all([resumed]) == [0], _log(tmp_path, "b.log")
     b = json.loads((tmp_path / "b.json").read_text())
     assert b["first_step"] == 3 and b["steps"] == 13
 
@@ -185,13 +131,13 @@ def test_dead_peer_ends_the_survivor(tmp_path):
         assert code != 0, _log(tmp_path, "p0.log")
         assert time.time() - t0 < 60
     finally:
-        _stop(procs)
+        stop_all(procs)
 
 
 @pytest.mark.parametrize("mode", ["good", "bad"])
 def test_check_replicas_across_processes(tmp_path, mode):
-    procs = _workers("mp_replicas_worker.py", tmp_path, "w", mode)
-    codes = _wait(procs, timeout=120)
+    procs = two_workers(HERE / "mp_replicas_worker.py", tmp_path, "w", mode)
+    codes = wait_all(procs, timeout=120)
     logs = [_log(tmp_path, f"w{i}.log") for i in range(2)]
     if mode == "good":
         assert codes == [0, 0], logs
@@ -220,21 +166,21 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
             time.sleep(0.05)
         t0 = time.time()
         procs[1].send_signal(signal.SIGTERM)  # process 0 never gets a signal
-        codes = _wait(procs, timeout=60)
+        codes = wait_all(procs, timeout=60)
         assert codes == [143, 143], _log(tmp_path, "a0.log") + _log(tmp_path, "a1.log")
         assert time.time() - t0 < 60
     finally:
-        _stop(procs)
+        stop_all(procs)
     steps = jtp.Checkpointer(ck).all_steps()
     assert len(steps) == 1 and 0 < steps[0] < 1024, steps  # one step, saved once, together
     resumed = _launch(tmp_path, 2, [*args, "--resume", "--max-steps", str(steps[0] + 6)], "b")
-    assert _wait(resumed) == [0, 0], _log(tmp_path, "b0.log") + _log(tmp_path, "b1.log")
+    assert wait_all(resumed) == [0, 0], _log(tmp_path, "b0.log") + _log(tmp_path, "b1.log")
     b = [json.loads((tmp_path / f"b{i}.json").read_text()) for i in range(2)]
     assert b[0]["first_step"] == b[1]["first_step"] == steps[0]
     full = _launch(
         tmp_path, 2, [*MP_ARGS, "--samples", "8192", "--max-steps", str(steps[0] + 6)], "c"
     )
-    assert _wait(full) == [0, 0], _log(tmp_path, "c0.log")
+    assert wait_all(full) == [0, 0], _log(tmp_path, "c0.log")
     c = json.loads((tmp_path / "c0.json").read_text())
     assert b[0]["losses"] == b[1]["losses"] == c["losses"][steps[0] :]  # bitwise
 
@@ -248,11 +194,11 @@ def test_restore_agrees_when_one_process_cannot_read_the_newest_step(tmp_path):
     ck = str(tmp_path / "ck")
     args = [*MP_ARGS, "--samples", "64", "--max-epochs", "2", "--checkpoint-dir", ck]
     first = _launch(tmp_path, 2, [*args, "--max-steps", "7", "--checkpoint-every", "3"], "a")
-    assert _wait(first) == [0, 0], _log(tmp_path, "a0.log")
+    assert wait_all(first) == [0, 0], _log(tmp_path, "a0.log")
     assert jtp.Checkpointer(ck).all_steps() == [3, 6, 7]
     faulty = [str(Path(__file__).with_name("fault_unreadable_newest.py"))]
     resumed = _launch(tmp_path, 2, [*args, "--max-steps", "9", "--resume"], "b", program=faulty)
-    assert _wait(resumed) == [0, 0], _log(tmp_path, "b0.log") + _log(tmp_path, "b1.log")
+    assert wait_all(resumed) == [0, 0], _log(tmp_path, "b0.log") + _log(tmp_path, "b1.log")
     b = [json.loads((tmp_path / f"b{i}.json").read_text()) for i in range(2)]
     assert b[0]["first_step"] == b[1]["first_step"] == 6  # step 7 skipped by both
     assert b[0]["losses"] == b[1]["losses"] and len(b[0]["losses"]) == 3
@@ -264,8 +210,9 @@ def test_export_in_two_processes_holds_one_parameter_on_process_0_only(tmp_path,
     time (peak < 2x the largest, the file is streamed), process 1 none; the file equals the
     unsharded model bitwise."""
     out = str(tmp_path / f"model_{dtype}.safetensors")
-    procs = _workers("mp_export_worker.py", tmp_path, "e", out)
-    assert _wait(procs, timeout=120) == [0, 0], _log(tmp_path, "e0.log") + _log(tmp_path, "e1.log")
+    procs = two_workers(HERE / "mp_export_worker.py", tmp_path, "e", out)
+    codes = wait_all(procs, timeout=120)
+    assert codes == [0, 0], _log(tmp_path, "e0.log") + _log(tmp_path, "e1.log")
     reports = [
         json.loads(next(ln for ln in _log(tmp_path, f"e{i}.log").splitlines() if ln[:1] == "{"))
         for i in range(2)
@@ -303,7 +250,7 @@ def test_two_processes_on_text_validate_at_the_same_steps(tmp_path):
     try:  # the one-process reference, in this process while the two start
         ref = train_main(["--devices", "8", *args, "--root-dir", str(tmp_path / "one")])
     finally:
-        codes = _wait(two)
+        codes = wait_all(two)
     assert codes == [0, 0], _log(tmp_path, "two0.log") + _log(tmp_path, "two1.log")
     got = [json.loads((tmp_path / f"two{i}.json").read_text()) for i in range(2)]
     assert got[0]["process_count"] == 2

@@ -32,16 +32,16 @@ class Scheduled(LitFF):
 def test_validation_on_schedule_never_changes_training(tmp_path):
     """32 samples in batches of 8: 4 steps an epoch, 8 in 2 epochs. Every 3 steps and at
     each epoch's end: steps 3, 4, 6, 8. The losses are bitwise those of a fit without."""
-    plain = _fit(Scheduled())
+    plain, module = _fit(Scheduled()), Scheduled()
     checked = _fit(
-        Scheduled(), val_check_interval=3, check_val_every_n_epoch=1, logger="csv",
+        module, val_check_interval=3, check_val_every_n_epoch=1, logger="csv",
         default_root_dir=str(tmp_path),
     )  # fmt: skip
     assert checked.losses == plain.losses and len(plain.losses) == 8
     assert [v["step"] for v in checked.val_history] == [3, 4, 6, 8]
     assert [v["epoch"] for v in checked.val_history] == [0, 0, 1, 1]
     assert plain.val_history == []
-    after = checked.validate(checked._module)  # the same parameters, validated again
+    after = checked.validate(module)  # the same parameters, validated again
     assert checked.val_history[-1]["val_loss"] == pytest.approx(after["val_loss"], rel=1e-6)
     assert len({v["val_loss"] for v in checked.val_history}) == 4  # each saw other params
     rows = list(csv.DictReader(open(f"{checked.log_dir}/metrics.csv")))

@@ -24,6 +24,8 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
     from jtp.cli.recipes import FeedForwardConfig, FeedForwardTask
     from jtp.mesh import ModelParallelStrategy
     from jtp.parallel.replicas import check_replicas
+    from jtp.training.compile import build_state, compile_train_step, train_step
+    from jtp.training.options import TrainerOptions
     from jtp.training.trainer import Trainer
 
     config = FeedForwardConfig(
@@ -40,17 +42,18 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
         return trainer.steps_per_second
 
     def bare_run() -> float:
-        """The same step, shardings and loader, driven by a plain Python loop."""
+        """The same step, shardings and loader, driven by a plain Python loop (no Trainer:
+        the step is compiled by jtp.training.compile, as the Trainer's is)."""
         task = FeedForwardTask(config)
-        trainer = Trainer(strategy, report_memory=False, logger=None)
-        step = trainer.train_step_fn(task)
-        state = trainer._state
+        options = TrainerOptions()
+        state, rules = build_state(task, strategy, options)
+        step = train_step(task, state, options, fsdp=strategy.fsdp)
         params, opt, rest = state.arrays()
         compiled = None
         n = 0
         for batch in task.train_dataloader():
             if compiled is None:
-                compiled = trainer.compile_train_step(step, [batch])
+                compiled = compile_train_step(step, state, [batch], rules)
                 t0 = time.perf_counter()
             params, opt, rest, metrics = compiled(params, opt, rest, [batch])
             n += 1

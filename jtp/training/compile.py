@@ -1,0 +1,119 @@
+"""A compiled train step from a module, a mesh and the options: no Trainer needed.
+
+``Trainer.fit`` and the capacity planner (``python -m jtp.plan``, ``python -m jtp.bench
+llama``) both build their step here, so the planner sizes exactly the program ``fit`` runs.
+The step is jitted with fixed input and output shardings (parameters and optimizer state keep
+their plan layout across steps) and donated state buffers (the update happens in place: the
+peak holds one copy of the state, not two). On abstract arrays (``jax.ShapeDtypeStruct`` with
+the plan's shardings) nothing is allocated: with forced CPU devices this compiles a 64-GPU
+Llama-3-8B step on a laptop, and XLA reports its per-device memory and collectives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jtp.mesh import ModelParallelStrategy
+from jtp.parallel.abstract import abstract_array, abstract_sharded
+from jtp.parallel.activations import activation_rules
+from jtp.parallel.batch import batch_sharding
+from jtp.parallel.plan import Plan, activation_rules_of
+from jtp.training.module import TrainModule
+from jtp.training.options import TrainerOptions
+from jtp.training.state import TrainState, build_model, shardings
+from jtp.training.steps import Step, make_train_step
+
+
+def build_state(
+    module: TrainModule, strategy: ModelParallelStrategy, options: TrainerOptions
+) -> tuple[TrainState, dict]:
+    """``module.configure_model`` on the strategy's mesh, split into a :class:`TrainState`
+    (parameters stored as ``options.precision`` says); and the activation rules in force."""
+    module.mesh = strategy.mesh
+    model, rules = build_model(module, strategy.mesh, fsdp=strategy.fsdp)
+    return TrainState.from_model(model, strategy.mesh, precision=options.precision), rules
+
+
+def optimizer(module: TrainModule, options: TrainerOptions) -> optax.GradientTransformation:
+    """The module's optimizer, after global-norm clipping when ``gradient_clip_val`` is set."""
+    tx = module.configure_optimizers()
+    if options.gradient_clip_val is not None:
+        tx = optax.chain(optax.clip_by_global_norm(options.gradient_clip_val), tx)
+    return tx
+
+
+def train_step(
+    module: TrainModule, state: TrainState, options: TrainerOptions, *, fsdp: bool
+) -> Step:
+    """Create the optimizer state on ``state`` (sharded like the parameters) and return the
+    pure train step of ``module`` (see :func:`jtp.training.steps.make_train_step`)."""
+    tx = optimizer(module, options)
+    state.init_optimizer(tx)
+    return make_train_step(
+        state.graphdef, shardings(state.params), module.training_step, tx,
+        precision=options.precision, track_grad_norm=options.track_grad_norm,
+        accumulate=options.accumulate_grad_batches, grad_reduce=options.grad_reduce_for(fsdp=fsdp),
+    )  # fmt: skip
+
+
+def compile_train_step(
+    step: Step, state: TrainState, batches: list[Any], rules: Mapping | None = None
+) -> jax.stages.Compiled:
+    """Compile ``step`` for ``state`` and ``batches`` (the k global batches of one optimizer
+    step: arrays, or sharded ``ShapeDtypeStruct``s), tracing under the activation ``rules``.
+
+    The result is called as ``compiled(*state.arrays(), batches)`` and returns
+    ``(params, opt_state, rest, metrics)``; the state it was given is donated.
+    """
+    state_sh = state.shardings()
+    jitted = jax.jit(
+        step,
+        in_shardings=(*state_sh, shardings(batches)),
+        out_shardings=(*state_sh, NamedSharding(state.mesh, P())),
+        donate_argnums=(0, 1, 2),
+    )
+    with activation_rules(state.mesh, dict(rules or {})):
+        lowered = jitted.lower(*state.arrays(), batches)
+    return lowered.compile()
+
+
+def abstract_train_step(
+    module: TrainModule,
+    strategy: ModelParallelStrategy,
+    batch: Any,
+    *,
+    factory: Callable[[], nnx.Module],
+    plan: Plan,
+    **trainer_options: Any,
+) -> jax.stages.Compiled:
+    """The compiled train step ``Trainer(strategy, **trainer_options).fit(module)`` would
+    run, compiled on abstract arrays (nothing is allocated).
+
+    Args:
+      module: supplies ``training_step``, ``configure_optimizers`` and activation rules
+        (its ``configure_model`` is not called: ``factory`` and ``plan`` replace it).
+      strategy: the mesh (e.g. 64 forced CPU devices).
+      batch: pytree of ``jax.ShapeDtypeStruct`` for one global loader batch (sharded or
+        not; it is given the loader's ``P("data", ...)`` layout if it has no sharding). The
+        step takes ``accumulate_grad_batches`` of them, as ``fit`` does.
+      factory, plan: what ``jtp.sharded_init`` would get, with ``strategy.fsdp``.
+    """
+    options = TrainerOptions(**trainer_options)
+    mesh = module.mesh = strategy.mesh
+    model = abstract_sharded(nnx.eval_shape(factory), mesh, plan, fsdp=strategy.fsdp)
+    rules = module.activation_rules()
+    state = TrainState.from_model(model, mesh, precision=options.precision)
+    step = train_step(module, state, options, fsdp=strategy.fsdp)
+    batch = jax.tree.map(
+        lambda b: b if b.sharding is not None else abstract_array(b, batch_sharding(mesh, b.ndim)),
+        batch,
+    )
+    rules = rules if rules is not None else activation_rules_of(plan)
+    return compile_train_step(step, state, [batch] * options.accumulate_grad_batches, rules)

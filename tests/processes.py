@@ -1,0 +1,62 @@
+"""Real processes on 127.0.0.1 for the multi-process tests: a clean environment, a free
+port, start and always stop (every wait has a timeout; a process still alive is killed)."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+
+def clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_process(
+    args: list[str], log: Path, env: dict | None = None, program: list[str] | None = None
+) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, *(program or ["-m", "jtp.train"]), *args],
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        env=env or clean_env(),
+    )
+
+
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait(timeout=30)
+
+
+def two_workers(worker: Path, tmp: Path, tag: str, *args: str) -> list[subprocess.Popen]:
+    """Two processes of a worker script: ``worker COORD PROCESS_ID *args``, logging to
+    ``tmp/<tag><i>.log``."""
+    port = free_port()
+    return [
+        subprocess.Popen(
+            [sys.executable, str(worker), f"127.0.0.1:{port}", str(i), *args],
+            stdout=open(tmp / f"{tag}{i}.log", "w"),
+            stderr=subprocess.STDOUT,
+            env=clean_env(),
+        )  # fmt: skip
+        for i in range(2)
+    ]
+
+
+def wait_all(procs, timeout=240):
+    try:
+        for p in procs:
+            p.wait(timeout=timeout)
+    finally:
+        stop_all(procs)
+    return [p.returncode for p in procs]
