@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from jtp.training.precision import PRECISIONS
+from jtp.training.precision import policy
 from jtp.training.steps import GRAD_REDUCE
 
 LOGGERS = ("csv", "jsonl", "tensorboard", None)
@@ -104,8 +104,7 @@ class TrainerOptions:
                 raise ValueError(f"{name}={value} must be >= 1 or None")
         if self.gradient_clip_val is not None and self.gradient_clip_val <= 0:
             raise ValueError(f"gradient_clip_val={self.gradient_clip_val} must be > 0 or None")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision={self.precision!r} must be one of {PRECISIONS}")
+        policy(self.precision)  # an unknown name raises, listing the choices
         if self.grad_reduce not in (*GRAD_REDUCE, None):
             raise ValueError(f"grad_reduce={self.grad_reduce!r} must be one of {GRAD_REDUCE}")
         if self.logger not in LOGGERS:
