@@ -1,7 +1,7 @@
 """Capacity planner: which (data, tensor) split, fsdp, sequence parallel and remat to use.
 
 For each valid configuration the planner compiles jtp's real Llama train step *abstractly*
-(:mod:`jtp.analysis.abstract`: shapes and shardings only, nothing allocated) for as many forced CPU
+(:mod:`jtp.training.compile`: shapes and shardings only, nothing allocated) for as many forced CPU
 devices as the cluster has, and reads per-device memory (``memory_analysis``), FLOPs
 (``cost_analysis``) and collective bytes by mesh axis (the HLO). Compiling all layers of an
 8B model 28 times would take too long on a small machine, so it compiles 1- and 2-layer

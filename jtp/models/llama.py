@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jtp.models.attention import ATTENTION, attention
 from jtp.models.feedforward import FeedForward
 from jtp.parallel.activations import shard_activation
 
@@ -71,7 +72,11 @@ class LlamaConfig:
     qk_norm: bool = False  # RMSNorm over E of each query and key head, before RoPE (Qwen3)
     tie_embeddings: bool = False  # the output projection is the embedding table, transposed
     rope_scaling: Llama3RopeScaling | None = None  # Llama 3.1's long-context RoPE scaling
-    param_dtype: str = "float32"  # parameters, and so the compute (a jnp dtype name)
+    param_dtype: str = "float32"  # parameters (a jnp dtype name)
+    # Compute dtype of every layer (MaxText's `dtype` beside `weight_dtype`); None: as the
+    # inputs and parameters promote. The Trainer's precision policy sets it per step.
+    dtype: str | None = None
+    attention: str = "auto"  # "auto" (cuDNN fused on a GPU with bf16/fp16), "xla", "cudnn"
 
     @property
     def head_dim(self) -> int:  # E
@@ -82,6 +87,10 @@ class LlamaConfig:
             raise ValueError(f"LlamaConfig: dim {self.dim} not divisible by n_heads {self.n_heads}")
         if self.head_dim % 2:
             raise ValueError(f"LlamaConfig: head_dim {self.head_dim} must be even for RoPE")
+        if self.attention not in ATTENTION:
+            raise ValueError(
+                f"LlamaConfig: attention={self.attention!r} must be one of {ATTENTION}"
+            )
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"LlamaConfig: n_heads {self.n_heads} not divisible by n_kv_heads {self.n_kv_heads}"
@@ -138,14 +147,19 @@ def apply_rope(x_bthe: jax.Array, cos_tf: jax.Array, sin_tf: jax.Array) -> jax.A
     return rotated.reshape(b, t, h, e).astype(x_bthe.dtype)  # (B, T, H, E)
 
 
+def _dtypes(c: LlamaConfig) -> dict:
+    """``dtype`` (compute) and ``param_dtype`` keyword arguments for Flax layers."""
+    return {"dtype": c.dtype and jnp.dtype(c.dtype), "param_dtype": jnp.dtype(c.param_dtype)}
+
+
 def _linear(n_in: int, n_out: int, c: LlamaConfig, rngs: nnx.Rngs, *, bias: bool = False):
     # Zero biases (flax's default) so a fresh model computes what a bias-free one would.
-    dtype = jnp.dtype(c.param_dtype)
-    return nnx.Linear(n_in, n_out, use_bias=bias, param_dtype=dtype, rngs=rngs)
+    return nnx.Linear(n_in, n_out, use_bias=bias, rngs=rngs, **_dtypes(c))
 
 
 def _norm(n: int, c: LlamaConfig, rngs: nnx.Rngs) -> nnx.RMSNorm:
-    return nnx.RMSNorm(n, epsilon=c.norm_eps, param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
+    # Flax's RMSNorm takes its statistics in float32 whatever the compute dtype.
+    return nnx.RMSNorm(n, epsilon=c.norm_eps, rngs=rngs, **_dtypes(c))
 
 
 class Attention(nnx.Module):
@@ -153,6 +167,7 @@ class Attention(nnx.Module):
 
     def __init__(self, c: LlamaConfig, *, rngs: nnx.Rngs):
         self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        self.implementation = c.attention
         self.wq = _linear(c.dim, c.n_heads * c.head_dim, c, rngs, bias=c.qkv_bias)
         self.wk = _linear(c.dim, c.n_kv_heads * c.head_dim, c, rngs, bias=c.qkv_bias)
         self.wv = _linear(c.dim, c.n_kv_heads * c.head_dim, c, rngs, bias=c.qkv_bias)
@@ -175,9 +190,9 @@ class Attention(nnx.Module):
         k_bske = shard_activation(apply_rope(k_bske, cos_tf, sin_tf), "heads")
         v_bske = shard_activation(v_bske, "heads")
         # Grouped-query attention: query head h uses kv head h // R (Llama's repeat_kv order).
-        # jax.nn.dot_product_attention picks a fused kernel where the backend has one (cuDNN
-        # flash attention on GPU) and XLA's reference path elsewhere.
-        out_bthe = jax.nn.dot_product_attention(q_bthe, k_bske, v_bske, is_causal=True)
+        # cuDNN's fused kernel on a GPU with bf16 inputs, XLA's O(T^2) path otherwise
+        # (jtp.models.attention); both take the softmax in float32.
+        out_bthe = attention(q_bthe, k_bske, v_bske, implementation=self.implementation)
         out_bthe = shard_activation(out_bthe, "heads")  # keeps the backward split by head too
         return self.wo(out_bthe.reshape(b, t, h * e))  # (B, T, D)
 
@@ -187,8 +202,7 @@ class TransformerBlock(nnx.Module):
         self.attention_norm = _norm(c.dim, c, rngs)
         self.attention = Attention(c, rngs=rngs)
         self.ffn_norm = _norm(c.dim, c, rngs)
-        dtype = jnp.dtype(c.param_dtype)
-        self.feed_forward = FeedForward(c.dim, c.ffn_hidden, param_dtype=dtype, rngs=rngs)
+        self.feed_forward = FeedForward(c.dim, c.ffn_hidden, rngs=rngs, **_dtypes(c))
 
     def __call__(self, x_btd: jax.Array, cos_tf: jax.Array, sin_tf: jax.Array) -> jax.Array:
         # "residual" is where sequence parallelism splits T: the norms run on a T shard.
@@ -214,8 +228,7 @@ class Llama(nnx.Module):
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         self.config = config
-        dtype = jnp.dtype(config.param_dtype)
-        self.tok_embeddings = nnx.Embed(config.vocab_size, config.dim, param_dtype=dtype, rngs=rngs)
+        self.tok_embeddings = nnx.Embed(config.vocab_size, config.dim, rngs=rngs, **_dtypes(config))
         self.layers = nnx.List(
             [TransformerBlock(config, rngs=rngs) for _ in range(config.n_layers)]
         )

@@ -11,6 +11,7 @@ Llama-3-8B step on a laptop, and XLA reports its per-device memory and collectiv
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -20,6 +21,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jtp.analysis.dtypes import dot_flops_by_dtype, dots
 from jtp.mesh import ModelParallelStrategy
 from jtp.parallel.abstract import abstract_array, abstract_sharded
 from jtp.parallel.activations import activation_rules
@@ -27,6 +29,7 @@ from jtp.parallel.batch import batch_sharding
 from jtp.parallel.plan import Plan, activation_rules_of
 from jtp.training.module import TrainModule
 from jtp.training.options import TrainerOptions
+from jtp.training.precision import policy
 from jtp.training.state import TrainState, build_model, shardings
 from jtp.training.steps import Step, make_train_step
 
@@ -63,14 +66,44 @@ def train_step(
     )  # fmt: skip
 
 
+FLOAT32_DOT_WARNING = 0.05  # share of matmul FLOPs in float32 that a bf16 policy flags
+
+
+def check_compute_dtype(jaxpr: Any, precision: str) -> float:
+    """The share of the program's matmul FLOPs that run in the precision's compute dtype;
+    under a bf16 policy, a warning naming the float32 matmuls when more than 5% of the
+    FLOPs are not bf16 (a module computing in float32 that the policy could not reach)."""
+    want = str(jax.numpy.dtype(policy(precision).compute_dtype))
+    totals = dot_flops_by_dtype(jaxpr)
+    total = sum(totals.values())
+    share = totals.get(want, 0.0) / total if total else 1.0
+    if want != "float32" and 1.0 - share > FLOAT32_DOT_WARNING:
+        where = sorted({d.where for d in dots(jaxpr) if d.dtype != want and d.where})[:5]
+        warnings.warn(
+            f"precision={precision!r}: {100 * (1 - share):.0f}% of the step's matmul FLOPs "
+            f"are not {want} ({ {k: f'{v:.3g}' for k, v in totals.items()} }); made at "
+            f"{'; '.join(where) or 'unknown places'}. A module pins float32 (a dtype "
+            "attribute of its own, or an astype before a matmul): jtp.explain(..., "
+            "precision=...) lists the modules the policy cannot reach.",
+            stacklevel=3,
+        )
+    return share
+
+
 def compile_train_step(
-    step: Step, state: TrainState, batches: list[Any], rules: Mapping | None = None
+    step: Step,
+    state: TrainState,
+    batches: list[Any],
+    rules: Mapping | None = None,
+    *,
+    precision: str = "32-true",
 ) -> jax.stages.Compiled:
     """Compile ``step`` for ``state`` and ``batches`` (the k global batches of one optimizer
     step: arrays, or sharded ``ShapeDtypeStruct``s), tracing under the activation ``rules``.
 
     The result is called as ``compiled(*state.arrays(), batches)`` and returns
-    ``(params, opt_state, rest, metrics)``; the state it was given is donated.
+    ``(params, opt_state, rest, metrics)``; the state it was given is donated. The traced
+    program's matmul dtypes are checked against ``precision`` (:func:`check_compute_dtype`).
     """
     state_sh = state.shardings()
     jitted = jax.jit(
@@ -80,8 +113,9 @@ def compile_train_step(
         donate_argnums=(0, 1, 2),
     )
     with activation_rules(state.mesh, dict(rules or {})):
-        lowered = jitted.lower(*state.arrays(), batches)
-    return lowered.compile()
+        traced = jitted.trace(*state.arrays(), batches)
+    check_compute_dtype(traced.jaxpr, precision)
+    return traced.lower().compile()
 
 
 def abstract_train_step(
@@ -116,4 +150,5 @@ def abstract_train_step(
         batch,
     )
     rules = rules if rules is not None else activation_rules_of(plan)
-    return compile_train_step(step, state, [batch] * options.accumulate_grad_batches, rules)
+    batches = [batch] * options.accumulate_grad_batches
+    return compile_train_step(step, state, batches, rules, precision=options.precision)

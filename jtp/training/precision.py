@@ -1,10 +1,24 @@
 """Precision: the one place that decides which dtypes parameters are stored and computed in.
 
-Lightning's names. ``"32-true"``: float32 everywhere. ``"bf16-mixed"``: float32 parameters
-and optimizer state; each step computes with bf16 copies of the parameters (the cast's
-transpose brings the gradients back to float32 for the optimizer) and takes the loss in
-float32. ``"bf16-true"``: parameters and optimizer state are stored in bf16 and the step
-computes with them as they are.
+Lightning's names, with Lightning's meaning:
+
+- ``"32-true"``: float32 everywhere.
+- ``"bf16-mixed"``: float32 parameters and optimizer state. Inside each step the model
+  computes in bf16: the parameters are cast to bf16 copies (the cast's transpose brings the
+  gradients back to float32 for the optimizer), float inputs of the batch are cast too, and
+  every stock Flax layer (``nnx.Linear``, ``LinearGeneral``/``MultiHeadAttention``,
+  ``Einsum``, ``Embed``, ``Conv``, the norms, LoRA) is told to compute in bf16, also those
+  that fixed a float32 compute dtype when they were built (``nnx.Embed`` does:
+  ``dtype = dtype or embedding.dtype``). Matmuls accumulate in float32 as XLA does; norm
+  statistics and jtp's attention softmax are taken in float32; the loss is cast to float32.
+- ``"bf16-true"``: parameters and optimizer state stored in bf16, the same bf16 compute.
+
+Casting parameters alone is not a policy: ``nnx.Linear(dtype=None)`` promotes from its
+inputs, so a float32 batch or a module pinned to float32 turns bf16 kernels back into
+float32 matmuls. A module this policy cannot reach (a class of your own with a float32
+``dtype`` attribute, or an explicit ``astype(float32)`` before a matmul) is reported:
+:func:`pinned_modules` names the first kind, and the compiled step warns when more than
+5% of its matmul FLOPs still run in float32 (:mod:`jtp.analysis.dtypes` reads the program).
 """
 
 from __future__ import annotations
@@ -15,6 +29,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from jtp.parallel.abstract import is_abstract
 
@@ -69,3 +84,54 @@ def stored_params(params: Any, precision: str) -> Any:
     out = jax.tree.map(lambda a: a.sharding, params)
     cast = jax.jit(partial(cast_floats, dtype=dtype), out_shardings=out)
     return jax.eval_shape(cast, params) if is_abstract(params) else cast(params)
+
+
+# Flax's stock layers whose ``dtype`` attribute is their compute dtype: the policy sets it.
+POLICY_LAYERS = tuple(
+    getattr(nnx, name)
+    for name in (
+        "Linear", "LinearGeneral", "Einsum", "Embed", "Conv", "ConvTranspose",
+        "MultiHeadAttention", "LayerNorm", "RMSNorm", "GroupNorm", "BatchNorm",
+        "InstanceNorm", "LoRA",
+    )
+    if hasattr(nnx, name)
+)  # fmt: skip
+
+
+def apply_compute_dtype(model: nnx.Module, precision: str) -> nnx.Module:
+    """Tell every stock Flax layer of ``model`` to compute in the precision's dtype.
+
+    Called on the model a step merges from its parameters (a fresh object inside the
+    trace), so nothing outside the step changes. Under "32-true" the model is untouched.
+    """
+    dtype = policy(precision).compute_dtype
+    if dtype == jnp.float32:
+        return model
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, POLICY_LAYERS):
+            module.dtype = dtype
+    return model
+
+
+def pinned_modules(model: nnx.Module, precision: str) -> list[tuple[str, Any]]:
+    """``(path, dtype)`` of each module the policy cannot reach: not a stock Flax layer,
+    yet with a float ``dtype`` attribute other than the precision's compute dtype (its own
+    code decides what it computes in). Empty under "32-true"."""
+    want = policy(precision).compute_dtype
+    if want == jnp.float32:
+        return []
+    found = []
+    for path, module in nnx.iter_graph(model):
+        dtype = getattr(module, "dtype", None)
+        if not isinstance(module, nnx.Module) or isinstance(module, POLICY_LAYERS):
+            continue
+        if dtype is not None and jnp.issubdtype(dtype, jnp.floating) and dtype != want:
+            found.append((".".join(str(p) for p in path), jnp.dtype(dtype)))
+    return found
+
+
+def cast_batch(batch: Any, precision: str) -> Any:
+    """Float leaves of a batch in the compute dtype (token ids and masks untouched), so a
+    float32 input does not promote bf16 matmuls back to float32."""
+    dtype = policy(precision).compute_dtype
+    return batch if dtype == jnp.float32 else cast_floats(batch, dtype)

@@ -32,11 +32,18 @@ from jax.sharding import PartitionSpec as P
 from jtp.mesh import DATA
 from jtp.parallel.activations import per_data_rank
 from jtp.training.module import StepOutput
-from jtp.training.precision import cast_floats, compute_params
+from jtp.training.precision import apply_compute_dtype, cast_batch, cast_floats, compute_params
 
 GRAD_REDUCE = ("per_step", "per_micro_batch")
 
 Step = Callable[[Any, Any, Any, Sequence[Any]], tuple[Any, Any, Any, dict[str, jax.Array]]]
+
+
+def _compute_model(graphdef: nnx.GraphDef, params: Any, rest: Any, precision: str) -> nnx.Module:
+    """The model a step runs: its parameters in the compute dtype, and every stock Flax
+    layer told to compute in it (:mod:`jtp.training.precision`)."""
+    model = nnx.merge(graphdef, compute_params(params, precision), rest)
+    return apply_compute_dtype(model, precision)
 
 
 def split_output(out: StepOutput) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -83,8 +90,8 @@ def make_train_step(
 
     def grads_of(params, rest, batch):
         def loss_fn(p):
-            model = nnx.merge(graphdef, compute_params(p, precision), rest)
-            loss, metrics = split_output(training_step(model, batch))
+            model = _compute_model(graphdef, p, rest, precision)
+            loss, metrics = split_output(training_step(model, cast_batch(batch, precision)))
             _, _, new_rest = nnx.split(model, nnx.Param, ...)
             return loss.astype(jnp.float32), (metrics, new_rest)
 
@@ -189,8 +196,8 @@ def make_eval_step(
     """``(params, rest, batch) -> {"loss": ..., **metrics}`` without gradients."""
 
     def eval_step(params, rest, batch):
-        model = nnx.merge(graphdef, compute_params(params, precision), rest)
-        loss, metrics = split_output(step(model, batch))
+        model = _compute_model(graphdef, params, rest, precision)
+        loss, metrics = split_output(step(model, cast_batch(batch, precision)))
         return {"loss": loss.astype(jnp.float32), **metrics}
 
     return eval_step

@@ -106,7 +106,8 @@ class Trainer:
 
     def _compile(self, step: Any, batches: list[Any]) -> jax.stages.Compiled:
         self.num_compiles += 1
-        return compile_train_step(step, self._state, batches, self._rules)
+        precision = self.options.precision
+        return compile_train_step(step, self._state, batches, self._rules, precision=precision)
 
     # ------------------------------------------------------------------ fit
     def fit(self, module: TrainModule, *, resume: bool = False) -> Trainer:

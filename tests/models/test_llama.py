@@ -222,7 +222,7 @@ def test_cli_llama_2d(tmp_path):
 
 
 def test_abstract_step_is_the_trainers_step():
-    """jtp.analysis.abstract compiles, from shapes alone, the very program Trainer.fit runs: same
+    """jtp.training.compile.abstract_train_step compiles, from shapes alone, the very program Trainer.fit runs: same
     per-device memory, same collectives."""
     from jtp.training.compile import abstract_train_step
 

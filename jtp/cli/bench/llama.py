@@ -1,6 +1,6 @@
 """``python -m jtp.bench llama``: Llama memory and communication per step, abstractly.
 
-Compiles the trainer's real Llama train step abstractly (:mod:`jtp.analysis.abstract`:
+Compiles the trainer's real Llama train step abstractly (:mod:`jtp.training.compile`:
 nothing allocated) on 64 forced CPU devices and reads per-device memory and collective bytes
 per step: the tiny preset at (1,8), (2,4), (8,1) with and without fsdp / sequence parallel /
 remat, and llama3-8b at data 8 x tensor 8.

@@ -208,12 +208,14 @@ def hf_config(config: LlamaConfig, arch: str, dtype: str) -> dict[str, Any]:
 
 def describes(hf: Mapping[str, Any], config: LlamaConfig) -> None:
     """Raise a ``ValueError`` unless ``hf`` describes a model shaped and computed as ``config``
-    (``max_seq_len``, ``remat`` and ``param_dtype`` aside: they are how jtp runs it, not what
-    it is)."""
+    (``max_seq_len``, ``remat``, dtypes and the attention kernel aside: they are how jtp runs
+    it, not what it is)."""
     theirs = dataclasses.replace(
         llama_config(hf, max_seq_len=config.max_seq_len),
         remat=config.remat,
         param_dtype=config.param_dtype,
+        dtype=config.dtype,
+        attention=config.attention,
     )
     diff = [
         f"{f.name}: config.json gives {getattr(theirs, f.name)!r}, the model has "

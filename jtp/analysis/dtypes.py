@@ -1,0 +1,130 @@
+"""What dtype a step's matmuls and collectives carry, read off the program.
+
+The CPU backend rewrites bf16 dots and collectives to float32 *during* optimisation, so
+``compiled.as_text()`` cannot tell what a GPU would run. Matmuls are read from the jaxpr
+(what the step traced to, before XLA); collectives from the HLO right after SPMD
+partitioning (when XLA has inserted them and not yet normalised their types), which a
+compile with a dump option writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import math
+import os
+import re
+import tempfile
+from collections import Counter
+from typing import Any
+
+import jax
+
+try:  # a readable "file:line (function)" for a warning; optional
+    from jax._src import source_info_util
+except ImportError:  # pragma: no cover
+    source_info_util = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Dot:
+    """One ``dot_general`` of a program."""
+
+    dtypes: tuple[str, str]  # operand dtypes, e.g. ("bfloat16", "bfloat16")
+    flops: float  # 2 * output elements * contracted size, times the loop trips around it
+    where: str  # source line that made it
+
+    @property
+    def dtype(self) -> str:
+        """The operands' dtype, or "a x b" when they differ."""
+        a, b = self.dtypes
+        return a if a == b else f"{a} x {b}"
+
+
+def _sub_jaxprs(value: Any):
+    if hasattr(value, "jaxpr") and hasattr(value, "consts"):  # ClosedJaxpr
+        yield value.jaxpr
+    elif hasattr(value, "eqns"):  # Jaxpr
+        yield value
+    elif isinstance(value, tuple | list):
+        for item in value:
+            yield from _sub_jaxprs(item)
+
+
+def _where(eqn: Any) -> str:
+    if source_info_util is None:
+        return ""
+    try:
+        return source_info_util.summarize(eqn.source_info)
+    except Exception:  # noqa: BLE001 - a label only
+        return ""
+
+
+def dots(jaxpr: Any, trips: float = 1.0) -> list[Dot]:
+    """Every ``dot_general`` of ``jaxpr`` (a ``ClosedJaxpr`` or ``Jaxpr``, e.g.
+    ``jax.make_jaxpr(step)(...)`` or ``jitted.trace(...).jaxpr``), nested ones included; a
+    dot inside a ``scan`` counts once per trip."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    found: list[Dot] = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            lhs, rhs = (v.aval for v in eqn.invars[:2])
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            size = math.prod(lhs.shape[d] for d in contract)
+            out = eqn.outvars[0].aval
+            flops = 2.0 * math.prod(out.shape) * size * trips
+            found.append(Dot((str(lhs.dtype), str(rhs.dtype)), flops, _where(eqn)))
+            continue
+        inner = trips * eqn.params.get("length", 1) if eqn.primitive.name == "scan" else trips
+        for value in eqn.params.values():
+            for sub in _sub_jaxprs(value):
+                found += dots(sub, inner)
+    return found
+
+
+def dot_flops_by_dtype(jaxpr: Any) -> dict[str, float]:
+    """Matmul FLOPs of ``jaxpr`` by operand dtype (``"bfloat16"``, ``"float32"``, or
+    ``"float32 x bfloat16"`` for a mixed pair)."""
+    totals: Counter[str] = Counter()
+    for d in dots(jaxpr):
+        totals[d.dtype] += d.flops
+    return dict(totals)
+
+
+def flops_fraction(jaxpr: Any, dtype: str) -> float:
+    """The share of ``jaxpr``'s matmul FLOPs whose operands are both ``dtype``."""
+    totals = dot_flops_by_dtype(jaxpr)
+    total = sum(totals.values())
+    return totals.get(dtype, 0.0) / total if total else 0.0
+
+
+_COLLECTIVE = re.compile(
+    r"=\s*(?P<type>\(?[a-z0-9]+\[[^=]*?)\s+(?P<kind>all-reduce|all-gather|reduce-scatter|"
+    r"all-to-all|collective-permute)(?:-start)?\("
+)
+_ELEMENT = re.compile(r"\b(bf16|f16|f32|f64|s32|u32|s8|u8|pred|s64|u64)\[")
+
+
+def partitioned_hlo(lowered: jax.stages.Lowered) -> str:
+    """The HLO text of ``lowered`` right after SPMD partitioning: the collectives XLA
+    inserted, with the element types the program asked for (the CPU backend promotes bf16
+    ones to float32 only later). Compiles ``lowered`` once more, with a dump option."""
+    with tempfile.TemporaryDirectory() as tmp:
+        lowered.compile(
+            compiler_options={"xla_dump_to": tmp, "xla_dump_hlo_pass_re": "spmd-partitioning"}
+        )
+        found = glob.glob(os.path.join(tmp, "*after_spmd-partitioning*.txt"))
+        if not found:
+            raise RuntimeError("XLA wrote no after_spmd-partitioning dump for this program")
+        with open(found[0]) as f:
+            return f.read()
+
+
+def collective_dtypes(hlo_text: str) -> Counter[tuple[str, str]]:
+    """``{(kind, element type): count}`` of the collectives in an HLO text (e.g.
+    :func:`partitioned_hlo`), e.g. ``{("all-reduce", "bf16"): 4}``."""
+    counts: Counter[tuple[str, str]] = Counter()
+    for m in _COLLECTIVE.finditer(hlo_text):
+        for element in set(_ELEMENT.findall(m.group("type"))):
+            counts[(m.group("kind"), element)] += 1
+    return counts
