@@ -222,8 +222,8 @@ def test_cli_llama_2d(tmp_path):
 
 
 def test_abstract_step_is_the_trainers_step():
-    """jtp.training.compile.abstract_train_step compiles, from shapes alone, the very program Trainer.fit runs: same
-    per-device memory, same collectives."""
+    """jtp.training.compile.abstract_train_step compiles, from shapes alone, the very program
+    Trainer.fit runs: same per-device memory, same collectives."""
     from jtp.training.compile import abstract_train_step
 
     config = LlamaTaskConfig(samples=16, fsdp=True, sequence_parallel=True, loss_parallel=True)
