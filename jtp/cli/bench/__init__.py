@@ -4,6 +4,7 @@
     python -m jtp.bench overhead [--dim 1024] [--steps 200] [--json PATH]
     python -m jtp.bench llama    [--json PATH] [--no-8b]
     python -m jtp.bench text     [--steps 300] [--json PATH] [--plot PNG]
+    python -m jtp.bench gpu      [--steps 20] [--json PATH] [--smoke]
 
 Each benchmark is a module of this package named like its sub-command, whose function of
 that name takes the parsed arguments (``memory.memory(args)``); it is imported only when run.
@@ -15,6 +16,8 @@ import argparse
 import importlib
 import sys
 from typing import Any
+
+from jtp.xla_flags import apply_gpu_flags
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -43,10 +46,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tx.add_argument("--val-fraction", type=float, default=0.02, help="held-out share")
     tx.add_argument("--json", default="bench_results/text.json", help="JSON output path")
     tx.add_argument("--plot", default="bench_results/text.png", help="PNG (needs matplotlib)")
+    gp = sub.add_parser("gpu", help="Llama-3-8B tokens/s/device and MFU on the local GPUs")
+    gp.add_argument("--preset", default="llama3-8b", help="a jtp.models.llama preset")
+    gp.add_argument("--seq-len", type=int, default=8192, help="tokens per sequence")
+    gp.add_argument("--micro-batch", type=int, default=1, help="sequences per data rank")
+    gp.add_argument("--steps", type=int, default=20, help="timed steps")
+    gp.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    gp.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak (default: table)")
+    gp.add_argument("--smoke", action="store_true", help="tiny shape on 8 CPU devices (CI)")
+    gp.add_argument("--json", default="bench_results/gpu.json", help="JSON output path")
     dc = sub.add_parser("docs", help="re-render the docs' figure tables from bench_results JSON")
     dc.add_argument("--root", default=".", help="repository root (holds docs/, bench_results/)")
     dc.add_argument("--check", action="store_true", help="fail if a table differs; write nothing")
     args = p.parse_args(argv)
+    apply_gpu_flags()  # before jax initialises; only where jax can run on NVIDIA GPUs
     benchmark = importlib.import_module(f"{__name__}.{args.which}")
     return getattr(benchmark, args.which)(args)
 

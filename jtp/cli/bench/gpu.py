@@ -1,0 +1,267 @@
+"""``python -m jtp.bench gpu``: Llama-3-8B training throughput and MFU on the local GPUs.
+
+The question a GPU user asks first: tokens/s per device and model FLOPs utilisation, next to
+two published anchors on 8 x H100 (bf16): torchtitan's Llama-3-8B, 5,762 tok/s/GPU at
+33-39% MFU, and MaxText's Llama-2-7B, about 11k tok/s/GPU at about 50%.
+
+It runs the trainer's own compiled step (:mod:`jtp.training.compile`) on real arrays with
+``bf16-mixed`` and ``attention="auto"`` (cuDNN's fused kernel on a GPU), on the layout the
+capacity planner recommends for these GPUs: every single-node layout is compiled abstractly
+*for the GPUs themselves* at 1 and 2 layers (:func:`jtp.cli.planner.measure`), extrapolated
+to the model's depth, ranked by the planner's roofline estimate (this device's bf16 peak),
+and the best whose compiled memory fits the usable memory (``bytes_limit`` of
+``memory_stats()``: what jax's preallocation leaves) wins. If none fits, the layer count is
+halved until one does, and the table and JSON say so.
+
+MFU = (6 N + attention) FLOPs per token x tokens/s / (devices x peak), torchtitan's
+formula: N parameters without the embedding table, attention 12 x layers x heads x head dim
+x sequence per token (causal masking not discounted, as torchtitan). The peak is the dense
+bf16 TFLOP/s of the device kind (a table; ``--peak-tflops`` overrides) and is named in the
+output. Without a GPU it says so and exits 2; ``--smoke`` runs a tiny shape on 8 CPU
+devices so the code path is tested everywhere (its figures mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+from typing import Any
+
+from jtp.cli.output import machine, write_json
+
+TORCHTITAN = {"tokens_per_s_per_device": 5762, "mfu": "33-39%", "model": "Llama-3-8B",
+              "hardware": "8 x H100, bf16"}  # fmt: skip
+MAXTEXT = {"tokens_per_s_per_device": 11000, "mfu": "~50%", "model": "Llama-2-7B",
+           "hardware": "8 x H100, bf16"}  # fmt: skip
+# Dense bf16 peak TFLOP/s by device_kind substring (first match wins).
+PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("H800", 989.0), ("GH200", 989.0),
+               ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("A10", 125.0))  # fmt: skip
+
+
+def peak_tflops(device_kind: str) -> float | None:
+    """The dense bf16 peak of a GPU kind (``jax.Device.device_kind``), or None if unknown."""
+    return next((tf for name, tf in PEAK_TFLOPS if name.lower() in device_kind.lower()), None)
+
+
+def flops_per_token(config: Any, seq_len: int) -> float:
+    """torchtitan's training FLOPs per token: 6 x non-embedding parameters + 12 x layers x
+    heads x head dim x sequence length (attention scores and values, forward + backward)."""
+    embedding = config.vocab_size * config.dim
+    n = config.num_params() - embedding
+    attention = 12 * config.n_layers * config.n_heads * config.head_dim * seq_len
+    return 6.0 * n + attention
+
+
+def _candidates(n: int, smoke: bool) -> list[Any]:
+    """Single-node layouts: tensor 1, 2, 4, 8 (fsdp over the rest), with and without remat."""
+    from jtp.cli.planner import Config
+
+    if smoke:
+        return [Config(2, n // 2, True, False, False)]
+    return [
+        Config(n // t, t, n // t > 1, False, remat)
+        for t in (1, 2, 4, 8)
+        if n % t == 0
+        for remat in (False, True)
+    ]
+
+
+def choose_layout(
+    preset: str,
+    devices: list,
+    seq: int,
+    micro_batch: int,
+    peak: float,
+    usable: int | None,
+    *,
+    smoke: bool = False,
+) -> tuple[Any, int | None, list[dict[str, Any]]]:
+    """The planner's best layout that fits ``usable`` bytes (None: anything fits), the
+    layer count it needs (None: the preset's), and every candidate's figures."""
+    from jtp.cli.planner import Hardware, estimate, extrapolate, measure
+
+    hw = Hardware(peak_tflops=peak)
+    depth = _n_layers(preset)
+    measured = []
+    for config in _candidates(len(devices), smoke):
+        one, two = (
+            measure(config, preset, k, seq, micro_batch, "bf16-mixed", devices) for k in (1, 2)
+        )
+        measured.append((config, one, two))
+    layers = depth
+    while True:
+        rows = []
+        for config, one, two in measured:
+            m = extrapolate(one, two, layers)
+            est = estimate(m, config, hw, len(devices))
+            fits = usable is None or m["memory"] <= usable
+            rows.append(
+                {"layout": config.label(), "layers": layers, "memory_bytes": m["memory"],
+                 "fits": fits, "estimated_step_s": est["step_s"], "config": config}
+            )  # fmt: skip
+        fitting = [r for r in rows if r["fits"]]
+        if fitting or layers == 1:
+            break
+        layers = max(1, layers // 2)
+    if not fitting:
+        raise SystemExit("python -m jtp.bench gpu: not even one layer fits these GPUs")
+    best = min(fitting, key=lambda r: r["estimated_step_s"])
+    table = [{k: v for k, v in r.items() if k != "config"} for r in rows]
+    return best["config"], (None if layers == depth else layers), table
+
+
+def _step(config: str, layout: Any, devices: list, batch: int, seq: int, layers: int | None):
+    """A compiled bf16-mixed train step on real arrays, its state and a batch."""
+    import jax
+    import numpy as np
+
+    from jtp.cli.recipes import LlamaTask, LlamaTaskConfig
+    from jtp.mesh import ModelParallelStrategy
+    from jtp.parallel.batch import shard_batch
+    from jtp.training.compile import build_state, compile_train_step, train_step
+    from jtp.training.options import TrainerOptions
+
+    d, t, fsdp, remat = layout.data, layout.tensor, layout.fsdp, layout.remat
+    task_config = LlamaTaskConfig(
+        preset=config, seq_len=seq, batch_size=batch, fsdp=fsdp, remat=remat,
+        sequence_parallel=False, loss_parallel=t > 1,
+    )  # fmt: skip
+    task = LlamaTask(task_config)
+    if layers is not None:
+        task.model_config = dataclasses.replace(task.model_config, n_layers=layers)
+    strategy = ModelParallelStrategy(d, t, fsdp=fsdp, devices=devices[: d * t])
+    options = TrainerOptions(precision="bf16-mixed")
+    state, rules = build_state(task, strategy, options)
+    step = train_step(task, state, options, fsdp=fsdp)
+    tokens = np.random.default_rng(0).integers(0, task.model_config.vocab_size, (batch, seq + 1))
+    batches = [shard_batch(tokens.astype(np.int32), strategy.mesh)]
+    t0 = time.perf_counter()
+    compiled = compile_train_step(step, state, batches, rules, precision="bf16-mixed")
+    compile_s = time.perf_counter() - t0
+    jax.block_until_ready(state.params)
+    return compiled, state, batches, compile_s, task.model_config
+
+
+def gpu(args: argparse.Namespace) -> dict[str, Any]:
+    import jax
+
+    from jtp.analysis.memory import peak_memory_per_device
+    from jtp.cli.devices import select_devices
+
+    devices = select_devices(8) if args.smoke else jax.devices()
+    platform = devices[0].platform
+    if platform != "gpu" and not args.smoke:
+        print(f"python -m jtp.bench gpu: no GPU here (jax platform {platform!r}); run it on a "
+              "machine with NVIDIA GPUs and jax[cuda12], or pass --smoke for the CPU code path",
+              file=sys.stderr)  # fmt: skip
+        raise SystemExit(2)
+    preset = "tiny" if args.smoke else args.preset
+    seq = 32 if args.smoke else args.seq_len
+    n = len(devices)
+    usable = _usable_bytes(devices[0])
+    kind = devices[0].device_kind
+    known = peak_tflops(kind)
+    peak = args.peak_tflops or known or 989.0
+    source = "--peak-tflops" if args.peak_tflops else f"table ({kind})" if known else (
+        f"ASSUMED: {kind} is not in the table; H100's 989 taken (pass --peak-tflops)"
+    )  # fmt: skip
+    chosen, layers, tried = choose_layout(
+        preset, devices, seq, args.micro_batch, peak, usable, smoke=args.smoke
+    )
+    batch = args.micro_batch * chosen.data
+    compiled, state, batches, compile_s, model_config = _step(
+        preset, chosen, devices, batch, seq, layers
+    )
+    arrays = state.arrays()
+    times = []
+    for i in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        *arrays, metrics = compiled(*arrays, batches)
+        jax.block_until_ready(metrics)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    tokens_per_s_per_device = batch * seq / step_s / n
+    fpt = flops_per_token(model_config, seq)
+    mfu = None if args.smoke else tokens_per_s_per_device * fpt / (peak * 1e12)
+    stats = devices[0].memory_stats() or {}
+    hlo = compiled.as_text()
+    payload = {
+        "benchmark": "gpu",
+        "machine": machine(),
+        "platform": platform,
+        "device_kind": kind,
+        "devices": n,
+        "smoke": args.smoke,
+        "model": preset,
+        "n_layers": model_config.n_layers,
+        "layers_reduced": layers is not None,
+        "layout": {
+            "data": chosen.data,
+            "tensor": chosen.tensor,
+            "fsdp": chosen.fsdp,
+            "remat": chosen.remat,
+        },  # fmt: skip
+        "layouts_tried": tried,
+        "global_batch": batch,
+        "seq_len": seq,
+        "precision": "bf16-mixed",
+        "cudnn_attention_in_program": "__cudnn$fmha" in hlo,
+        "compile_seconds": compile_s,
+        "step_seconds": {"median": step_s, "min": min(times), "max": max(times)},
+        "tokens_per_s_per_device": tokens_per_s_per_device,
+        "flops_per_token": fpt,
+        "peak_tflops": peak,
+        "peak_source": source,
+        "mfu": mfu,
+        "compiled_peak_bytes_per_device": peak_memory_per_device(compiled),
+        "hbm_peak_bytes_in_use": stats.get("peak_bytes_in_use"),
+        "usable_bytes_per_device": usable,
+        "anchors": {"torchtitan": TORCHTITAN, "maxtext": MAXTEXT},
+    }
+    print(format_gpu(payload))
+    write_json(args.json, payload)
+    return payload
+
+
+def _n_layers(preset: str) -> int:
+    from jtp.cli.recipes import preset_config
+
+    return preset_config(preset).n_layers
+
+
+def _usable_bytes(device: Any) -> int | None:
+    """What jax may allocate on ``device`` (after its preallocation fraction); None on CPU."""
+    stats = device.memory_stats() if device.platform == "gpu" else None
+    return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
+
+
+def format_gpu(r: dict[str, Any]) -> str:
+    lay = r["layout"]
+    options = ",".join(k for k in ("fsdp", "remat") if lay[k]) or "-"
+    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+    hbm = r["hbm_peak_bytes_in_use"]
+    rows = [
+        "| run | hardware | layout | tok/s/device | MFU |",
+        "|---|---|---|---:|---:|",
+        f"| jtp, {r['model']}, {r['n_layers']} layers{' (reduced)' if r['layers_reduced'] else ''}"
+        f", T={r['seq_len']}{' (SMOKE: CPU, meaningless)' if r['smoke'] else ''} | "
+        f"{r['devices']} x {r['device_kind']} | {lay['data']}x{lay['tensor']} {options} | "
+        f"{r['tokens_per_s_per_device']:,.0f} | {mfu} |",
+    ]
+    for name, a in r["anchors"].items():
+        rows.append(
+            f"| {name}, {a['model']} (published) | {a['hardware']} | - | "
+            f"{a['tokens_per_s_per_device']:,} | {a['mfu']} |"
+        )
+    tail = (
+        f"\ncompile {r['compile_seconds']:.1f} s; step {r['step_seconds']['median']:.3f} s "
+        f"(min {r['step_seconds']['min']:.3f}, max {r['step_seconds']['max']:.3f}); "
+        f"cuDNN attention in the program: {r['cudnn_attention_in_program']}; peak "
+        f"{r['peak_tflops']} TFLOP/s bf16; HBM peak "
+        f"{'n/a' if hbm is None else f'{hbm / 2**30:.1f} GiB'}"
+    )
+    return "\n".join(rows) + tail
