@@ -14,7 +14,10 @@ prints the peak memory per device at the end.
         --data-parallel 2 --tensor-parallel 4 --max-steps 300 --lr-schedule cosine \
         --warmup-steps 30 --val-check-interval 100        # DIR from python -m jtp.prepare
 
-``main(argv)`` is importable (tests call it) and returns the metrics dict it writes.
+Every field of the task configs and of TrainerOptions is a flag named after it
+(``--log-every-n-steps``, ``--default-root-dir``, ...: jtp.cli.flags); :data:`ALIASES` keeps
+the earlier spellings working. ``main(argv)`` is importable (tests call it) and returns the
+metrics dict it writes.
 """
 
 from __future__ import annotations
