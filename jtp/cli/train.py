@@ -49,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="python -m jtp.train",
         description="Train the Lightning docs' FeedForward example (or a Llama) with tensor "
-        "parallelism. Old spellings of renamed flags (--log-every, --root-dir, --no-progress, "
-        "--checkpoint-every, --stop-check-every) still work.",
+        "parallelism. Flags are named after the option they set; the earlier spellings ("
+        + ", ".join(s for spellings in ALIASES.values() for s in spellings)
+        + ") still work.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
