@@ -13,6 +13,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
+from jtp.cli.task_config import LR_SCHEDULES, FeedForwardConfig, LlamaTaskConfig
 from jtp.data.datasets import RandomDataset, RandomTokenDataset
 from jtp.data.loader import DataLoader
 from jtp.data.tokens import TokenDataset, read_meta
@@ -26,7 +27,6 @@ from jtp.training.compile import abstract_train_step
 from jtp.training.module import TrainModule
 
 FEEDFORWARD_PLAN = feedforward()
-LR_SCHEDULES = ("constant", "cosine")
 FINAL_LR_RATIO = 0.1  # cosine decays to lr / 10 (nanoGPT's and Chinchilla's choice)
 
 
@@ -83,25 +83,11 @@ def data_vocab(directory: str, model_vocab: int | None = None) -> int:
     return vocab
 
 
-@dataclasses.dataclass(frozen=True)
-class FeedForwardConfig:
-    dim: int = 8192  # the Lightning docs' example size
-    hidden_dim: int = 8192
-    samples: int = 64  # RandomDataset length
-    batch_size: int = 8  # global batch
-    lr: float = 3e-3  # AdamW, as in the docs
-    lr_schedule: str = "constant"  # or "cosine" (see lr_schedule)
-    warmup_steps: int = 0  # linear warmup from 0 to lr
-    weight_decay: float = 1e-4  # AdamW's decoupled weight decay (optax's default)
-    seed: int = 0  # parameter init and data order
-    fsdp: bool = False  # 2D: also shard over "data"
-
-
 class FeedForwardTask(TrainModule):
     """Lightning's tensor-parallel docs example: FeedForward, ``output.sum()``, AdamW."""
 
-    def __init__(self, config: FeedForwardConfig = FeedForwardConfig()):
-        self.config = config
+    def __init__(self, config: FeedForwardConfig | None = None):
+        self.config = config or FeedForwardConfig()
 
     plan = FEEDFORWARD_PLAN
 
@@ -140,31 +126,12 @@ def preset_config(name: str) -> LlamaConfig:
     return PRESETS[name]
 
 
-@dataclasses.dataclass(frozen=True)
-class LlamaTaskConfig:
-    preset: str = "tiny"  # key of jtp.models.llama.PRESETS
-    seq_len: int = 32  # tokens per sample fed to the model (the dataset adds one for labels)
-    samples: int = 64  # RandomTokenDataset length
-    data: str | None = None  # a python -m jtp.prepare directory instead of random tokens
-    batch_size: int = 8  # global batch
-    lr: float = 3e-3  # AdamW
-    lr_schedule: str = "constant"  # or "cosine" (see lr_schedule)
-    warmup_steps: int = 0  # linear warmup from 0 to lr
-    weight_decay: float = 1e-4  # AdamW's decoupled weight decay (optax's default)
-    seed: int = 0  # parameter init and data order
-    fsdp: bool = False  # 2D: also shard over "data"
-    sequence_parallel: bool = False  # residual stream split on the sequence over "tensor"
-    loss_parallel: bool = False  # cross-entropy on vocabulary-sharded logits
-    remat: bool = False  # activation checkpointing per block
-    hf: str | None = None  # start from this Hugging Face checkpoint directory (not `preset`)
-
-
 class LlamaTask(TrainModule):
     """Lightning's tensor-parallel Llama example: next-token loss on random tokens, or on
     the token files of ``config.data`` (the vocabulary then comes from its ``meta.json``)."""
 
-    def __init__(self, config: LlamaTaskConfig = LlamaTaskConfig()):
-        self.config = config
+    def __init__(self, config: LlamaTaskConfig | None = None):
+        config = self.config = config or LlamaTaskConfig()
         if config.hf:  # the checkpoint's shapes; positions used: seq_len (sliding windows)
             self.model_config = config_of(config.hf, max_seq_len=config.seq_len, remat=config.remat)
             if config.data:  # token ids must come from the checkpoint's own tokenizer

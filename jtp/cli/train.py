@@ -14,7 +14,10 @@ prints the peak memory per device at the end.
         --data-parallel 2 --tensor-parallel 4 --max-steps 300 --lr-schedule cosine \
         --warmup-steps 30 --val-check-interval 100        # DIR from python -m jtp.prepare
 
-``main(argv)`` is importable (tests call it) and returns the metrics dict it writes.
+Every field of the task configs and of TrainerOptions is a flag named after it
+(``--log-every-n-steps``, ``--default-root-dir``, ...: jtp.cli.flags); :data:`ALIASES` keeps
+the earlier spellings working. ``main(argv)`` is importable (tests call it) and returns the
+metrics dict it writes.
 """
 
 from __future__ import annotations
@@ -24,105 +27,81 @@ import os
 import sys
 from typing import Any
 
-from jtp.cli import train_text
+from jtp.cli.flags import ArgumentParser, FieldFlags, field_values, options_from_args
 from jtp.cli.output import write_json
-from jtp.training.precision import PRECISIONS
+from jtp.cli.task_config import FeedForwardConfig, LlamaTaskConfig, TaskConfig
+from jtp.training.options import TrainerOptions
+
+# The fields of the task configs and of TrainerOptions are flags (jtp.cli.flags); these are
+# the CLI's earlier spellings of some, which keep working with the same meaning.
+ALIASES = {
+    "log_every_n_steps": ("--log-every",),
+    "default_root_dir": ("--root-dir",),
+    "enable_progress_bar": ("--no-progress",),
+    "checkpoint_every_n_steps": ("--checkpoint-every",),
+    "stop_check_every_n_steps": ("--stop-check-every",),
+}
+METAVARS = dict.fromkeys(("data", "hf", "default_root_dir", "checkpoint_dir"), "DIR")
+METAVARS["preset"] = "NAME"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m jtp.train",
-        description="Train the Lightning docs' FeedForward example with tensor parallelism.",
+        description="Train the Lightning docs' FeedForward example (or a Llama) with tensor "
+        "parallelism. Flags are named after the option they set; the earlier spellings ("
+        + ", ".join(s for spellings in ALIASES.values() for s in spellings)
+        + ") still work.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
-        "--devices",
-        type=int,
-        default=None,
+        "--devices", type=int, default=None, metavar="N",
         help="devices to use; on CPU, force this many host devices (before jax starts)",
-    )
+    )  # fmt: skip
     p.add_argument(
-        "--data-parallel",
-        type=_size,
-        default="auto",
+        "--data-parallel", type=_size, default="auto", metavar="N",
         help="size of the 'data' mesh axis, or 'auto'",
-    )
+    )  # fmt: skip
     p.add_argument(
-        "--tensor-parallel", type=_size, default="auto",
+        "--tensor-parallel", type=_size, default="auto", metavar="N",
         help="size of the 'tensor' mesh axis, or 'auto'",
     )  # fmt: skip
-    p.add_argument("--fsdp", action="store_true", help="2D: also shard params over 'data'")
     p.add_argument(
         "--model", choices=("feedforward", "llama"), default="feedforward", help="what to train"
     )
-    p.add_argument("--preset", default="tiny", help="llama: tiny | llama3-8b | llama3-70b")
-    p.add_argument(
-        "--hf", default=None, help="llama: fine-tune this Hugging Face checkpoint directory"
-    )
-    p.add_argument("--seq-len", type=int, default=32, help="llama: tokens per sample")
-    p.add_argument(
-        "--sequence-parallel", action="store_true", help="llama: split the residual on T"
-    )
-    p.add_argument(
-        "--loss-parallel", action="store_true", help="llama: cross-entropy on vocab shards"
-    )
-    p.add_argument("--remat", action="store_true", help="llama: recompute blocks in backward")
-    p.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default="32-true",
-        help="parameter/compute dtypes",
-    )
-    p.add_argument("--dim", type=int, default=8192, help="FeedForward input/output features")
-    p.add_argument("--hidden-dim", type=int, default=8192, help="FeedForward hidden features")
-    p.add_argument("--batch-size", type=int, default=8, help="global batch size")
-    p.add_argument("--samples", type=int, default=64, help="RandomDataset length")
-    p.add_argument("--max-epochs", type=int, default=1, help="epochs to train")
-    p.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps")
-    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
-    p.add_argument("--seed", type=int, default=0, help="init and data-order seed")
-    p.add_argument("--log-every", type=int, default=10, help="metric fetch/log interval (steps)")
-    p.add_argument(
-        "--accumulate-grad-batches", type=int, default=1,
-        help="loader batches per optimizer step (looped inside the compiled step)",
-    )  # fmt: skip
-    p.add_argument("--root-dir", default="runs", help="run directory root (metrics.csv)")
-    p.add_argument("--no-progress", action="store_true", help="turn the progress bar off")
     p.add_argument(
         "--explain", action="store_true", help="print every parameter's layout before training"
     )
     p.add_argument(
-        "--check-replicas", type=int, default=None,
-        help="verify tensor groups hold identical rows for N first batches "
-        "(default: 2 with several processes, else 0)",
+        "--metrics-json", default=None, metavar="PATH",
+        help="write mesh, losses, memory, ... as JSON here",
     )  # fmt: skip
-    p.add_argument(
-        "--metrics-json", default=None, help="write mesh, losses, memory, ... as JSON here"
-    )
+    flags = FieldFlags(aliases=ALIASES, metavars=METAVARS)
+    flags.add(p.add_argument_group("both models"), TaskConfig)
+    flags.add(p.add_argument_group("--model feedforward"), FeedForwardConfig)
+    flags.add(p.add_argument_group("--model llama"), LlamaTaskConfig)
+    trainer = p.add_argument_group("Trainer options (Lightning's names)")
     g = p.add_argument_group("checkpoints")
-    g.add_argument("--checkpoint-dir", default=None, help="save sharded checkpoints here")
-    g.add_argument("--checkpoint-every", type=int, default=None, help="save every N steps")
-    g.add_argument("--keep-last", type=int, default=3, help="complete checkpoints to keep")
+    flags.add(g, TrainerOptions, ("checkpoint_dir", "checkpoint_every_n_steps", "keep_last"))
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     g.add_argument(
-        "--export", default=None, help="after training, write consolidated params (safetensors)"
-    )
-    g.add_argument(
-        "--export-hf", default=None, help="after training, write a Hugging Face checkpoint here"
-    )
-    train_text.add_flags(p)
-    d = p.add_argument_group("multiple processes (jax.distributed)")
-    d.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
-    d.add_argument("--num-processes", type=int, default=None, help="processes in the job")
-    d.add_argument("--process-id", type=int, default=None, help="this process's index")
-    d.add_argument(
-        "--stop-check-every", type=int, default=None,
-        help="agree on SIGTERM/SIGINT across processes every N steps (default: --log-every)",
+        "--export", default=None, metavar="PATH",
+        help="after training, write consolidated params (safetensors)",
     )  # fmt: skip
+    g.add_argument(
+        "--export-hf", default=None, metavar="DIR",
+        help="after training, write a Hugging Face checkpoint here",
+    )  # fmt: skip
+    d = p.add_argument_group("multiple processes (jax.distributed)")
+    d.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
+    d.add_argument("--num-processes", type=int, metavar="N", help="processes in the job")
+    d.add_argument("--process-id", type=int, metavar="I", help="this process's index")
     d.add_argument(
-        "--heartbeat-timeout", type=int, default=20,
+        "--heartbeat-timeout", type=int, default=20, metavar="SECONDS",
         help="seconds without a heartbeat before a peer counts as dead (then all exit)",
     )  # fmt: skip
+    flags.add(d, TrainerOptions, ("stop_check_every_n_steps",))
+    flags.add(trainer, TrainerOptions)  # the others
     return p
 
 
@@ -169,7 +148,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.hf and args.model != "llama":
         raise SystemExit("--hf loads a Llama-family checkpoint: add --model llama")
-    train_text.check(args)
+    if args.data and args.model != "llama":
+        raise ValueError("--data DIR trains a language model: add --model llama")
     # Each process's devices are forced inside _init_distributed; there all devices are used.
     distributed = _init_distributed(args)
     from jtp.cli.devices import select_devices
@@ -178,51 +158,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import jax
 
-    from jtp.cli.recipes import FeedForwardConfig, FeedForwardTask, LlamaTask, LlamaTaskConfig
+    from jtp.cli.recipes import FeedForwardTask, LlamaTask
     from jtp.mesh import ModelParallelStrategy, mesh_shape
     from jtp.training.trainer import Trainer
 
     strategy = ModelParallelStrategy(
         args.data_parallel, args.tensor_parallel, fsdp=args.fsdp, devices=devices
     )
-    common = dict(
-        samples=args.samples, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        fsdp=args.fsdp, **train_text.task_options(args),
-    )  # fmt: skip
     if args.model == "llama":
-        task = LlamaTask(
-            LlamaTaskConfig(
-                preset=args.preset,
-                seq_len=args.seq_len,
-                remat=args.remat,
-                sequence_parallel=args.sequence_parallel,
-                loss_parallel=args.loss_parallel,
-                hf=args.hf,
-                data=args.data,
-                **common,
-            )  # fmt: skip
-        )
+        task = LlamaTask(options_from_args(LlamaTaskConfig, args))
     else:
-        task = FeedForwardTask(
-            FeedForwardConfig(dim=args.dim, hidden_dim=args.hidden_dim, **common)
-        )
-    trainer = Trainer(
-        strategy,
-        max_epochs=args.max_epochs,
-        max_steps=args.max_steps,
-        log_every_n_steps=args.log_every,
-        accumulate_grad_batches=args.accumulate_grad_batches,
-        stop_check_every_n_steps=args.stop_check_every,
-        enable_progress_bar=not args.no_progress,
-        default_root_dir=args.root_dir,
-        seed=args.seed,
-        precision=args.precision,
-        checkpoint_dir=args.checkpoint_dir,
-        checkpoint_every_n_steps=args.checkpoint_every,
-        keep_last=args.keep_last,
-        check_replicas=args.check_replicas,
-        **train_text.trainer_options(args),
-    )
+        task = FeedForwardTask(options_from_args(FeedForwardConfig, args))
+    trainer = Trainer(strategy, **field_values(TrainerOptions, args))
     mesh = strategy.mesh
     if jax.process_index() == 0:
         print(
@@ -253,13 +200,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "steps": steps,
         "peak_memory_bytes_per_device": trainer.peak_memory_bytes_per_device,
         "fit_seconds": trainer.fit_seconds,
-        **train_text.fit_metrics(trainer),
+        **_fit_metrics(trainer),
         "config": vars(args),
         "process_index": jax.process_index(),
         "process_count": jax.process_count(),
     }
     write_json(args.metrics_json, metrics, announce=False)
     return metrics
+
+
+def _fit_metrics(trainer: Any) -> dict[str, Any]:
+    """``val_history`` (``[{"step", "val_loss"}]``), ``val_loss`` (the last, or None) and
+    ``lrs`` (the lr each step applied, when the optimizer keeps it in its state)."""
+    val = [{"step": v["step"], "val_loss": v["val_loss"]} for v in trainer.val_history]
+    lrs = [row["lr"] for row in trainer.metrics_history if "lr" in row]
+    return {"val_history": val, "val_loss": val[-1]["val_loss"] if val else None, "lrs": lrs}
 
 
 def _run_and_exit(argv: list[str]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from jtp.training.precision import policy
+from jtp.training.precision import PRECISIONS, policy
 from jtp.training.steps import GRAD_REDUCE
 
 LOGGERS = ("csv", "jsonl", "tensorboard", None)
@@ -13,6 +13,9 @@ LOGGERS = ("csv", "jsonl", "tensorboard", None)
 @dataclasses.dataclass(frozen=True)
 class TrainerOptions:
     """Everything ``jtp.Trainer(strategy, **options)`` takes besides the strategy.
+
+    Each field is also a flag of ``python -m jtp.train`` (``--log-every-n-steps``), its help
+    the entry below and its values the field's ``choices`` metadata (jtp.cli.flags).
 
     Attributes:
       max_epochs: epochs to run (stops earlier at ``max_steps``).
@@ -47,6 +50,9 @@ class TrainerOptions:
       checkpoint_dir: save sharded, asynchronous, atomic checkpoints here (orbax): every
         ``checkpoint_every_n_steps`` optimizer steps, at the end of ``fit`` and on an agreed
         stop (then exit with 128 + signal); ``keep_last`` complete ones are kept.
+      checkpoint_every_n_steps: with ``checkpoint_dir``, save every this many optimizer
+        steps; ``None``: only at the end of ``fit`` and on an agreed stop.
+      keep_last: with ``checkpoint_dir``, the complete checkpoints kept (older ones deleted).
       check_replicas: verify with :func:`jtp.check_replicas` that every device of a tensor
         group holds the same rows, for this many first batches of each fit. ``None``: 2 in
         a multi-process run (where a process-dependent loader would go wrong), else 0.
@@ -66,15 +72,15 @@ class TrainerOptions:
     max_steps: int = -1
     gradient_clip_val: float | None = None
     accumulate_grad_batches: int = 1
-    grad_reduce: str | None = None
+    grad_reduce: str | None = dataclasses.field(default=None, metadata={"choices": GRAD_REDUCE})
     log_every_n_steps: int = 10
     stop_check_every_n_steps: int | None = None
     enable_progress_bar: bool = True
-    logger: str | None = "csv"
+    logger: str | None = dataclasses.field(default="csv", metadata={"choices": LOGGERS})
     default_root_dir: str = "runs"
     seed: int | None = 0
     track_grad_norm: bool = False
-    precision: str = "32-true"
+    precision: str = dataclasses.field(default="32-true", metadata={"choices": PRECISIONS})
     checkpoint_dir: str | None = None
     checkpoint_every_n_steps: int | None = None
     keep_last: int = 3

@@ -1,6 +1,7 @@
-"""python -m jtp.train on prepared text: vocabulary from meta.json, validation on schedule in
-the metrics JSON, the cosine schedule's values, and the refusals (two processes on text:
-tests/training/test_multiprocess.py)."""
+"""python -m jtp.train: the same Trainer and task from the old flags and from Lightning's
+spellings, the metrics JSON's ``config``; on prepared text: vocabulary from meta.json,
+validation on schedule in the metrics JSON, the cosine schedule's values, and the refusals
+(two processes on text: tests/training/test_multiprocess.py)."""
 
 import json
 import math
@@ -11,8 +12,69 @@ import pytest
 from jtp.cli.prepare import main as prepare_main
 from jtp.cli.recipes import LlamaTask, LlamaTaskConfig, data_vocab, lr_schedule
 from jtp.cli.train import main as train_main
+from jtp.training.options import TrainerOptions
+from jtp.training.trainer import Trainer
 
 LR, WARMUP, STEPS = 3e-3, 2, 6
+
+
+TRAINER_FLAGS = [  # (old spelling, Lightning's) with the values they set
+    ("--log-every", "--log-every-n-steps", "5"), ("--no-progress", "--no-enable-progress-bar"),
+    ("--root-dir", "--default-root-dir", "out"), ("--checkpoint-dir", "--checkpoint-dir", "ck"),
+    ("--checkpoint-every", "--checkpoint-every-n-steps", "3"), ("--keep-last", "--keep-last", "2"),
+    ("--stop-check-every", "--stop-check-every-n-steps", "2"), ("--logger", "--logger", "none"),
+    ("--check-replicas", "--check-replicas", "1"), ("--max-steps", "--max-steps", "4"),
+    ("--max-epochs", "--max-epochs", "2"), ("--precision", "--precision", "bf16-mixed"),
+    ("--accumulate-grad-batches", "--accumulate-grad-batches", "2"), ("--seed", "--seed", "3"),
+    ("--val-check-interval", "--val-check-interval", "2"), ("--fsdp", "--fsdp"),
+    ("--limit-val-batches", "--limit-val-batches", "1"), ("--lr", "--lr", "0.01"),
+]  # fmt: skip
+MODELS = {
+    "feedforward": ["--dim", "64", "--hidden-dim", "64"],
+    "llama": ["--model", "llama", "--seq-len", "16", "--sequence-parallel", "--remat"],
+}
+
+
+@pytest.fixture
+def fits(monkeypatch):
+    """``Trainer.fit`` replaced: main() runs through, recording (options, task config)."""
+    runs = []
+    monkeypatch.setattr(Trainer, "fit", lambda self, task, resume: runs.append((self, task)))
+    return runs
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_old_and_lightning_flags_give_the_same_trainer_and_task(fits, tmp_path, model):
+    mesh = ["--devices", "8", "--data-parallel", "2", "--tensor-parallel", "4", *MODELS[model]]
+    old = [x for flag, _, *value in TRAINER_FLAGS for x in (flag, *value)]
+    new = [x for _, flag, *value in TRAINER_FLAGS for x in (flag, *value)]
+    paths = [tmp_path / "old.json", tmp_path / "new.json"]
+    for argv, path in zip((old, new), paths, strict=True):
+        train_main([*mesh, *argv, "--metrics-json", str(path)])
+    (old_trainer, old_task), (new_trainer, new_task) = fits
+    assert old_trainer.options == new_trainer.options and old_task.config == new_task.config
+    assert old_trainer.options == TrainerOptions(
+        log_every_n_steps=5, enable_progress_bar=False, default_root_dir="out",
+        checkpoint_dir="ck", checkpoint_every_n_steps=3, keep_last=2,
+        stop_check_every_n_steps=2, logger=None, check_replicas=1, max_steps=4, max_epochs=2,
+        precision="bf16-mixed", accumulate_grad_batches=2, seed=3, val_check_interval=2,
+        limit_val_batches=1,
+    )  # fmt: skip
+    assert (new_task.config.lr, new_task.config.seed, new_task.config.fsdp) == (0.01, 3, True)
+    assert new_trainer.strategy.fsdp
+    old_config, new_config = (json.loads(p.read_text())["config"] for p in paths)
+    assert old_config.pop("metrics_json") != new_config.pop("metrics_json")
+    assert old_config == new_config
+    assert new_config["log_every_n_steps"] == 5 and new_config["logger"] is None
+
+
+def test_cli_defaults_are_the_trainers(fits, tmp_path):
+    path = tmp_path / "m.json"
+    train_main(["--devices", "8", *MODELS["feedforward"], "--metrics-json", str(path)])
+    ((trainer, task),) = fits
+    assert trainer.options == TrainerOptions() and task.config.dim == 64
+    config = json.loads(path.read_text())["config"]
+    assert config["enable_progress_bar"] is True and config["default_root_dir"] == "runs"
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +109,7 @@ def test_validation_in_the_metrics_json_and_the_cosine_lrs(data, tmp_path):
     m = train_main(_args(data, tmp_path, *sched, "--val-check-interval", "3",
                          "--metrics-json", str(path)))  # fmt: skip
     assert json.loads(path.read_text()) == json.loads(json.dumps(m))
+    assert m["config"]["val_check_interval"] == 3 and m["config"]["data"] == data
     assert [v["step"] for v in m["val_history"]] == [3, 6]
     assert m["val_loss"] == m["val_history"][-1]["val_loss"]
     assert m["losses"][-1] < m["losses"][0] - 0.5  # it learns the bytes

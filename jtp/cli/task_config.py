@@ -1,0 +1,72 @@
+"""The configs of the ready-made tasks (jtp.cli.recipes): what ``python -m jtp.train``
+sets, one flag per field (jtp.cli.flags), each field's entry under Attributes its help."""
+
+from __future__ import annotations
+
+import dataclasses
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """What both tasks take.
+
+    Attributes:
+      samples: length of the random dataset (without --data).
+      batch_size: global batch size (all data-parallel ranks together).
+      lr: AdamW peak learning rate (3e-3, as in the Lightning docs).
+      lr_schedule: ``constant`` (after the warmup) or ``cosine`` decay to lr / 10 over the
+        run's optimizer steps.
+      warmup_steps: linear learning-rate warmup from 0 over this many optimizer steps.
+      weight_decay: AdamW's decoupled weight decay (optax's default).
+      seed: parameter init and data order (and the Trainer's global RNGs).
+      fsdp: 2D: also shard the parameters over the "data" axis.
+    """
+
+    samples: int = 64
+    batch_size: int = 8
+    lr: float = 3e-3
+    lr_schedule: str = dataclasses.field(default="constant", metadata={"choices": LR_SCHEDULES})
+    warmup_steps: int = 0
+    weight_decay: float = 1e-4
+    seed: int = 0
+    fsdp: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class FeedForwardConfig(TaskConfig):
+    """The Lightning docs' FeedForward example (``--model feedforward``).
+
+    Attributes:
+      dim: FeedForward input/output features (8192: the Lightning docs' example size).
+      hidden_dim: FeedForward hidden features.
+    """
+
+    dim: int = 8192
+    hidden_dim: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaTaskConfig(TaskConfig):
+    """Next-token prediction with a Llama (``--model llama``).
+
+    Attributes:
+      preset: the model's shape: a key of jtp.models.llama.PRESETS (tiny, llama3-8b,
+        llama3-70b).
+      seq_len: tokens per sample fed to the model (the dataset adds one for the labels).
+      data: DIR written by python -m jtp.prepare: train on DIR/train.bin, validate on
+        DIR/val.bin, the vocabulary from DIR/meta.json (instead of random tokens).
+      sequence_parallel: split the residual stream on the sequence over "tensor".
+      loss_parallel: cross-entropy on vocabulary-sharded logits.
+      remat: activation checkpointing: recompute each block in the backward pass.
+      hf: fine-tune this Hugging Face checkpoint directory (instead of ``preset``).
+    """
+
+    preset: str = "tiny"
+    seq_len: int = 32
+    data: str | None = None
+    sequence_parallel: bool = False
+    loss_parallel: bool = False
+    remat: bool = False
+    hf: str | None = None
