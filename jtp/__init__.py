@@ -11,7 +11,8 @@ tensor-parallel group on the same batch. This file only re-exports the public AP
 - ``jtp.data``: :class:`DataLoader` (global batches, the same rows per tensor group), datasets
 - ``jtp.checkpoint``: sharded orbax checkpoints, consolidated safetensors export
 - ``jtp.training``: :class:`TrainModule`, :class:`Trainer`
-- ``jtp.analysis``: collectives and memory of a compiled step, :func:`explain`
+- ``jtp.analysis``: collectives, memory and dtypes of a compiled step, :func:`explain`
+- ``jtp.xla_flags``: the XLA flags jtp sets on GPUs (:func:`apply_gpu_flags`)
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -35,6 +36,7 @@ from jtp.parallel.replicas import check_replicas
 from jtp.parallel.styles import ColwiseParallel, ParallelStyle, ParamSharding, RowwiseParallel
 from jtp.training.module import TrainModule
 from jtp.training.trainer import Trainer
+from jtp.xla_flags import apply_gpu_flags, gpu_flags
 
 try:
     __version__ = version("jtp")
@@ -61,11 +63,13 @@ __all__ = [
     "TrainModule",
     "Trainer",
     "activation_rules",
+    "apply_gpu_flags",
     "batch_sharding",
     "check_replicas",
     "collectives",
     "explain",
     "format_collectives",
+    "gpu_flags",
     "hf",
     "init_opt_state",
     "load_consolidated",

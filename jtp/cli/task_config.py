@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from jtp.models.attention import ATTENTION
+
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -61,6 +63,9 @@ class LlamaTaskConfig(TaskConfig):
       loss_parallel: cross-entropy on vocabulary-sharded logits.
       remat: activation checkpointing: recompute each block in the backward pass.
       hf: fine-tune this Hugging Face checkpoint directory (instead of ``preset``).
+      attention: the attention kernel: ``auto`` (cuDNN's fused attention on a GPU with
+        bf16/fp16 inputs, XLA's elsewhere), ``xla``, or ``cudnn`` (an error where it cannot
+        run).
     """
 
     preset: str = "tiny"
@@ -70,3 +75,4 @@ class LlamaTaskConfig(TaskConfig):
     loss_parallel: bool = False
     remat: bool = False
     hf: str | None = None
+    attention: str = dataclasses.field(default="auto", metadata={"choices": ATTENTION})

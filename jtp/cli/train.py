@@ -31,6 +31,7 @@ from jtp.cli.flags import ArgumentParser, FieldFlags, field_values, options_from
 from jtp.cli.output import write_json
 from jtp.cli.task_config import FeedForwardConfig, LlamaTaskConfig, TaskConfig
 from jtp.training.options import TrainerOptions
+from jtp.xla_flags import apply_gpu_flags
 
 # The fields of the task configs and of TrainerOptions are flags (jtp.cli.flags); these are
 # the CLI's earlier spellings of some, which keep working with the same meaning.
@@ -150,6 +151,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("--hf loads a Llama-family checkpoint: add --model llama")
     if args.data and args.model != "llama":
         raise ValueError("--data DIR trains a language model: add --model llama")
+    # XLA reads its flags when jax initialises (next): on GPUs, jtp's set (jtp.xla_flags).
+    apply_gpu_flags(sequence_parallel=getattr(args, "sequence_parallel", False))
     # Each process's devices are forced inside _init_distributed; there all devices are used.
     distributed = _init_distributed(args)
     from jtp.cli.devices import select_devices

@@ -38,7 +38,7 @@ def _train_run(data: int, tensor: int, fsdp: bool, dim: int, steps: int) -> dict
             sys.executable, "-m", "jtp.train", "--devices", str(data * tensor),
             "--data-parallel", str(data), "--tensor-parallel", str(tensor),
             "--dim", str(dim), "--hidden-dim", str(dim), "--max-steps", str(steps),
-            "--no-progress", "--root-dir", tmp, "--metrics-json", out,
+            "--no-enable-progress-bar", "--default-root-dir", tmp, "--metrics-json", out,
         ]  # fmt: skip
         if fsdp:
             cmd.append("--fsdp")

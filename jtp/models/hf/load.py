@@ -86,6 +86,7 @@ def load_pretrained(
     dtype: Any = None,
     remat: bool = False,
     max_seq_len: int | None = None,
+    attention: str = "auto",
 ) -> Llama:
     """Load a Hugging Face Llama / Mistral / Qwen2 / Qwen3 checkpoint onto ``mesh``.
 
@@ -109,11 +110,13 @@ def load_pretrained(
       remat: recompute each block in the backward pass.
       max_seq_len: the longest sequence the model will see (default the checkpoint's
         ``max_position_embeddings``); a sliding window shorter than this is refused.
+      attention: the attention kernel (:mod:`jtp.models.attention`): ``"auto"`` takes
+        cuDNN's fused attention on a GPU with bf16/fp16 inputs, XLA's path otherwise.
 
     Returns:
       The model; ``model.config`` is its :class:`~jtp.models.llama.LlamaConfig`.
     """
-    config = llama_config(read_config(path), max_seq_len=max_seq_len, remat=remat)
+    config = config_of(path, max_seq_len=max_seq_len, remat=remat, attention=attention)
     if dtype is not None:  # the modules then compute in it too (flax derives their dtype)
         config = dataclasses.replace(config, param_dtype=jnp.dtype(dtype).name)
     check_llama(config, mesh, seq_len=config.max_seq_len, sequence_parallel=sequence_parallel)
@@ -138,6 +141,10 @@ def load_pretrained(
     return nnx.merge(graphdef, nnx.from_flat_state(updates))
 
 
-def config_of(path: str, *, max_seq_len: int | None = None, remat: bool = False) -> LlamaConfig:
-    """The :class:`LlamaConfig` of an HF directory (or config.json): shapes for planning."""
-    return llama_config(read_config(path), max_seq_len=max_seq_len, remat=remat)
+def config_of(
+    path: str, *, max_seq_len: int | None = None, remat: bool = False, attention: str = "auto"
+) -> LlamaConfig:
+    """The :class:`LlamaConfig` of an HF directory (or config.json), run with ``remat`` and
+    the ``attention`` kernel: shapes for planning, the config :func:`load_pretrained` builds."""
+    config = llama_config(read_config(path), max_seq_len=max_seq_len, remat=remat)
+    return dataclasses.replace(config, attention=attention)
