@@ -39,7 +39,8 @@ def _commands(args: argparse.Namespace, tmp: str) -> tuple[list[str], list[str]]
         "--data-parallel", "2", "--tensor-parallel", "4", "--max-steps", str(args.steps),
         "--lr", "3e-3", "--lr-schedule", "cosine", "--warmup-steps", str(args.warmup),
         "--weight-decay", "0.1", "--val-check-interval", str(args.val_every),
-        "--log-every-n-steps", "10", "--no-enable-progress-bar", "--default-root-dir", os.path.join(tmp, "runs"),
+        "--log-every-n-steps", "10", "--no-enable-progress-bar",
+        "--default-root-dir", os.path.join(tmp, "runs"),
         "--metrics-json", os.path.join(tmp, "m.json"),
     ]  # fmt: skip
     return prepare, train
