@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover
 
 @dataclasses.dataclass(frozen=True)
 class Dot:
-    """One ``dot_general`` of a program."""
+    """One ``dot_general`` (or convolution) of a program."""
 
     dtypes: tuple[str, str]  # operand dtypes, e.g. ("bfloat16", "bfloat16")
     flops: float  # 2 * output elements * contracted size, times the loop trips around it
@@ -61,17 +61,21 @@ def _where(eqn: Any) -> str:
 
 
 def dots(jaxpr: Any, trips: float = 1.0) -> list[Dot]:
-    """Every ``dot_general`` of ``jaxpr`` (a ``ClosedJaxpr`` or ``Jaxpr``, e.g.
+    """Every ``dot_general`` and convolution of ``jaxpr`` (a ``ClosedJaxpr`` or ``Jaxpr``, e.g.
     ``jax.make_jaxpr(step)(...)`` or ``jitted.trace(...).jaxpr``), nested ones included; a
     dot inside a ``scan`` counts once per trip."""
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
     found: list[Dot] = []
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
+        if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
             lhs, rhs = (v.aval for v in eqn.invars[:2])
-            (contract, _), _ = eqn.params["dimension_numbers"]
-            size = math.prod(lhs.shape[d] for d in contract)
             out = eqn.outvars[0].aval
+            if eqn.primitive.name == "dot_general":
+                (contract, _), _ = eqn.params["dimension_numbers"]
+                size = math.prod(lhs.shape[d] for d in contract)
+            else:  # each output element sums kernel-window x input-features products
+                out_features = rhs.shape[eqn.params["dimension_numbers"].rhs_spec[0]]
+                size = math.prod(rhs.shape) // out_features
             flops = 2.0 * math.prod(out.shape) * size * trips
             found.append(Dot((str(lhs.dtype), str(rhs.dtype)), flops, _where(eqn)))
             continue
@@ -102,7 +106,9 @@ _COLLECTIVE = re.compile(
     r"=\s*(?P<type>\(?[a-z0-9]+\[[^=]*?)\s+(?P<kind>all-reduce|all-gather|reduce-scatter|"
     r"all-to-all|collective-permute)(?:-start)?\("
 )
-_ELEMENT = re.compile(r"\b(bf16|f16|f32|f64|s32|u32|s8|u8|pred|s64|u64)\[")
+_ELEMENT = re.compile(r"\b(bf16|f16|f32|f64|s32|u32|s8|u8|pred|s64|u64)\[([0-9,]*)\]")
+ELEMENT_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "f64": 8, "s32": 4, "u32": 4, "s8": 1, "u8": 1,
+                 "pred": 1, "s64": 8, "u64": 8}  # fmt: skip
 
 
 def partitioned_hlo(lowered: jax.stages.Lowered) -> str:
@@ -125,6 +131,17 @@ def collective_dtypes(hlo_text: str) -> Counter[tuple[str, str]]:
     :func:`partitioned_hlo`), e.g. ``{("all-reduce", "bf16"): 4}``."""
     counts: Counter[tuple[str, str]] = Counter()
     for m in _COLLECTIVE.finditer(hlo_text):
-        for element in set(_ELEMENT.findall(m.group("type"))):
+        for element in {e for e, _ in _ELEMENT.findall(m.group("type"))}:
             counts[(m.group("kind"), element)] += 1
     return counts
+
+
+def collective_bytes(hlo_text: str) -> Counter[tuple[str, str]]:
+    """``{(kind, element type): bytes}`` of the collectives' results in an HLO text (each
+    op counted once, loops not unrolled: a dtype census, not a traffic count)."""
+    found: Counter[tuple[str, str]] = Counter()
+    for m in _COLLECTIVE.finditer(hlo_text):
+        for element, dims in _ELEMENT.findall(m.group("type")):
+            size = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
+            found[(m.group("kind"), element)] += size * ELEMENT_BYTES[element]
+    return found

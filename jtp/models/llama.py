@@ -197,6 +197,16 @@ class Attention(nnx.Module):
         return self.wo(out_bthe.reshape(b, t, h * e))  # (B, T, D)
 
 
+def _gathered(normed_btd: jax.Array) -> jax.Array:
+    """A norm's output entering a tensor-parallel region ("tp_input": whole in T).
+
+    Marked "residual" first, so that under sequence parallelism the all-gather over T
+    moves the norm's output in its compute dtype: without it XLA gathers the float32
+    product inside the norm (statistics are float32) and converts after, twice the bytes.
+    """
+    return shard_activation(shard_activation(normed_btd, "residual"), "tp_input")
+
+
 class TransformerBlock(nnx.Module):
     def __init__(self, c: LlamaConfig, *, rngs: nnx.Rngs):
         self.attention_norm = _norm(c.dim, c, rngs)
@@ -207,9 +217,9 @@ class TransformerBlock(nnx.Module):
     def __call__(self, x_btd: jax.Array, cos_tf: jax.Array, sin_tf: jax.Array) -> jax.Array:
         # "residual" is where sequence parallelism splits T: the norms run on a T shard.
         # "tp_input" is the input of a tensor-parallel region: whole in T on every device.
-        a_btd = shard_activation(self.attention_norm(x_btd), "tp_input")
+        a_btd = _gathered(self.attention_norm(x_btd))
         h_btd = shard_activation(x_btd + self.attention(a_btd, cos_tf, sin_tf), "residual")
-        f_btd = shard_activation(self.ffn_norm(h_btd), "tp_input")
+        f_btd = _gathered(self.ffn_norm(h_btd))
         return shard_activation(h_btd + self.feed_forward(f_btd), "residual")
 
 
@@ -247,7 +257,7 @@ class Llama(nnx.Module):
         block_fn = nnx.remat(_block) if c.remat else _block
         for block in self.layers:
             x_btd = block_fn(block, x_btd, cos_tf, sin_tf)
-        h_btd = shard_activation(self.norm(x_btd), "tp_input")
+        h_btd = _gathered(self.norm(x_btd))
         if self.output is None:  # h @ table.T: (B, T, D) x (V, D) -> (B, T, V)
             logits_btv = self.tok_embeddings.attend(h_btd)
         else:
