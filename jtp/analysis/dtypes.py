@@ -19,6 +19,8 @@ from collections import Counter
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+from flax import nnx
 
 try:  # a readable "file:line (function)" for a warning; optional
     from jax._src import source_info_util
@@ -145,3 +147,43 @@ def collective_bytes(hlo_text: str) -> Counter[tuple[str, str]]:
             size = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
             found[(m.group("kind"), element)] += size * ELEMENT_BYTES[element]
     return found
+
+
+# Flax's stock layers whose ``dtype`` attribute is their compute dtype (a precision policy
+# sets it; see jtp.training.precision).
+POLICY_LAYERS = tuple(
+    getattr(nnx, name)
+    for name in (
+        "Linear", "LinearGeneral", "Einsum", "Embed", "Conv", "ConvTranspose",
+        "MultiHeadAttention", "LayerNorm", "RMSNorm", "GroupNorm", "BatchNorm",
+        "InstanceNorm", "LoRA",
+    )
+    if hasattr(nnx, name)
+)  # fmt: skip
+
+
+def module_dtypes(model: nnx.Module, compute_dtype: Any) -> dict[str, str]:
+    """What each module with a compute dtype computes in under a policy of
+    ``compute_dtype``: ``{module path: dtype}`` for the stock layers (the policy sets them),
+    ``{path: "float32 (pinned)"}`` for a module of another class whose own float ``dtype``
+    attribute differs (its code decides; the policy cannot reach it). Modules without a
+    ``dtype`` attribute compute in what their inputs and parameters are: not listed."""
+    want = jnp.dtype(compute_dtype)
+    found = {}
+    for path, module in nnx.iter_graph(model):
+        if not isinstance(module, nnx.Module):
+            continue
+        name = ".".join(str(p) for p in path)
+        dtype = getattr(module, "dtype", None)
+        if isinstance(module, POLICY_LAYERS):
+            found[name] = want.name
+        elif dtype is not None and _is_float(dtype) and jnp.dtype(dtype) != want:
+            found[name] = f"{jnp.dtype(dtype).name} (pinned)"
+    return found
+
+
+def _is_float(dtype: Any) -> bool:
+    try:
+        return jnp.issubdtype(dtype, jnp.floating)
+    except TypeError:
+        return False

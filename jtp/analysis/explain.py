@@ -1,9 +1,11 @@
 """``jtp.explain``: what a plan does to every parameter, before anything is allocated.
 
 One row per variable: path, shape, dtype, the plan key and style that matched it (or
-"replicated: no key"), its PartitionSpec, its shard shape and its bytes per device; then the
-per-device totals for parameters, gradients and optimizer state. Works on abstract models
-(``nnx.eval_shape``), so a 70B model is explained on a laptop.
+"replicated: no key"), its PartitionSpec, its shard shape and its bytes per device; given a
+compute dtype (a precision policy's), also what the layer holding it computes in, with
+"float32 (pinned)" where the policy cannot reach it. Then the per-device totals for
+parameters, gradients and optimizer state. Works on abstract models (``nnx.eval_shape``),
+so a 70B model is explained on a laptop.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from jtp.analysis.dtypes import module_dtypes
 from jtp.analysis.memory import nbytes
 from jtp.parallel.abstract import abstract_sharded
 from jtp.parallel.names import path_str
@@ -31,6 +34,7 @@ class Row:
     shard: tuple[int, ...]
     bytes_per_device: int
     is_param: bool
+    computes: str | None = None  # the holding layer's compute dtype, given one to explain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +45,7 @@ class Explanation:
     grad_bytes: int  # per device (gradients are laid out like their parameters)
     optimizer_bytes: int  # per device
     optimizer_note: str
+    pinned: tuple[str, ...] = ()  # modules computing in float32 that a policy cannot reach
 
     @property
     def total_bytes(self) -> int:
@@ -48,6 +53,8 @@ class Explanation:
 
     def __str__(self) -> str:
         head = ("path", "shape", "dtype", "plan key -> style", "spec", "shard", "bytes/dev")
+        computes = any(r.computes is not None for r in self.rows)
+        head += ("computes in",) if computes else ()
         body = []
         for r in self.rows:
             p = r.placement
@@ -55,7 +62,7 @@ class Explanation:
             spec = "P(" + ", ".join(repr(a) if a else "None" for a in p.spec) + ")"
             body.append(
                 (p.path, str(p.shape), str(np.dtype(p.dtype)), style, spec, str(r.shard),
-                 f"{r.bytes_per_device:,}")
+                 f"{r.bytes_per_device:,}", *((r.computes or "inputs' dtype",) if computes else ()))
             )  # fmt: skip
         widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
 
@@ -71,6 +78,11 @@ class Explanation:
             f"{_gb(self.grad_bytes)}, optimizer {_gb(self.optimizer_bytes)} "
             f"({self.optimizer_note}); total {_gb(self.total_bytes)}",
         ]
+        if self.pinned:
+            lines.append(
+                "WARNING: these modules compute in float32 whatever the precision (a dtype of "
+                f"their own): {', '.join(self.pinned)}"
+            )
         return "\n".join(lines)
 
 
@@ -87,6 +99,7 @@ def explain(
     tx: optax.GradientTransformation | None = None,
     strict: bool = False,
     strict_min_bytes: int = 1 << 20,
+    compute_dtype: Any = None,
 ) -> Explanation:
     """Explain the layout ``plan`` gives ``model`` (a model, or a factory: used abstractly).
 
@@ -95,14 +108,19 @@ def explain(
         abstractly and sharded like the parameters); default: AdamW's two fp32 moments.
       strict: raise a ``ValueError`` for any parameter the plan leaves unsharded whose whole
         size is at least ``strict_min_bytes`` (a forgotten key costs that on every device).
+      compute_dtype: the dtype a precision policy computes in (``jnp.bfloat16`` for
+        "bf16-mixed"): adds a "computes in" column and names the modules it cannot reach.
     """
     abstract = model if isinstance(model, nnx.Module) else nnx.eval_shape(model)
     placements = resolve(abstract, mesh, plan, fsdp=fsdp)
     params = {path_str(p) for p, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
+    dtypes = module_dtypes(abstract, compute_dtype) if compute_dtype is not None else {}
     rows = []
     for p in placements:
         shard = shard_shape(p, mesh)
-        rows.append(Row(p, shard, nbytes(shard, p.dtype), p.path in params))
+        owner = p.path.rsplit(".", 1)[0] if "." in p.path else ""
+        computes = dtypes.get(owner) if compute_dtype is not None else None
+        rows.append(Row(p, shard, nbytes(shard, p.dtype), p.path in params, computes))
         if strict and p.path in params and p.key is None and not any(p.spec):
             whole = nbytes(p.shape, p.dtype)
             if whole >= strict_min_bytes:
@@ -117,7 +135,8 @@ def explain(
         note = "AdamW: 2 fp32 moments"
     else:
         opt_bytes, note = _optimizer_bytes(tx, abstract, mesh, plan, fsdp), "from tx"
-    return Explanation(rows, dict(mesh.shape), param_bytes, param_bytes, opt_bytes, note)
+    pinned = tuple(path or "<model>" for path, d in dtypes.items() if d.endswith("(pinned)"))
+    return Explanation(rows, dict(mesh.shape), param_bytes, param_bytes, opt_bytes, note, pinned)
 
 
 def _optimizer_bytes(tx: Any, abstract: nnx.Module, mesh: Mesh, plan: Plan, fsdp: bool) -> int:

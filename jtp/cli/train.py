@@ -181,8 +181,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     if args.explain and jax.process_index() == 0:
         from jtp.analysis.explain import explain
+        from jtp.training.precision import policy
 
-        print(explain(task.model_factory(), mesh, task.plan, fsdp=args.fsdp))
+        compute = policy(args.precision).compute_dtype
+        print(explain(task.model_factory(), mesh, task.plan, fsdp=args.fsdp, compute_dtype=compute))
     trainer.fit(task, resume=args.resume)
     if args.export:
         from jtp.checkpoint.consolidated import save_consolidated

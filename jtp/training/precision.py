@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jtp.analysis.dtypes import POLICY_LAYERS, module_dtypes
 from jtp.parallel.abstract import is_abstract
 
 
@@ -86,18 +87,6 @@ def stored_params(params: Any, precision: str) -> Any:
     return jax.eval_shape(cast, params) if is_abstract(params) else cast(params)
 
 
-# Flax's stock layers whose ``dtype`` attribute is their compute dtype: the policy sets it.
-POLICY_LAYERS = tuple(
-    getattr(nnx, name)
-    for name in (
-        "Linear", "LinearGeneral", "Einsum", "Embed", "Conv", "ConvTranspose",
-        "MultiHeadAttention", "LayerNorm", "RMSNorm", "GroupNorm", "BatchNorm",
-        "InstanceNorm", "LoRA",
-    )
-    if hasattr(nnx, name)
-)  # fmt: skip
-
-
 def apply_compute_dtype(model: nnx.Module, precision: str) -> nnx.Module:
     """Tell every stock Flax layer of ``model`` to compute in the precision's dtype.
 
@@ -113,21 +102,18 @@ def apply_compute_dtype(model: nnx.Module, precision: str) -> nnx.Module:
     return model
 
 
-def pinned_modules(model: nnx.Module, precision: str) -> list[tuple[str, Any]]:
+def pinned_modules(model: nnx.Module, precision: str) -> list[tuple[str, str]]:
     """``(path, dtype)`` of each module the policy cannot reach: not a stock Flax layer,
     yet with a float ``dtype`` attribute other than the precision's compute dtype (its own
     code decides what it computes in). Empty under "32-true"."""
     want = policy(precision).compute_dtype
     if want == jnp.float32:
         return []
-    found = []
-    for path, module in nnx.iter_graph(model):
-        dtype = getattr(module, "dtype", None)
-        if not isinstance(module, nnx.Module) or isinstance(module, POLICY_LAYERS):
-            continue
-        if dtype is not None and jnp.issubdtype(dtype, jnp.floating) and dtype != want:
-            found.append((".".join(str(p) for p in path), jnp.dtype(dtype)))
-    return found
+    return [
+        (path, dtype.removesuffix(" (pinned)"))
+        for path, dtype in module_dtypes(model, want).items()
+        if dtype.endswith("(pinned)")
+    ]
 
 
 def cast_batch(batch: Any, precision: str) -> Any:

@@ -130,3 +130,25 @@ def test_cli_explain_prints_the_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| w2.kernel | (64, 32)" in out and "w2 -> RowwiseParallel" in out
     assert out.index("plan key -> style") < out.index("Peak memory usage")  # before training
+
+
+def test_explain_says_what_each_layer_computes_in_and_names_pinned_modules():
+    """With a policy's compute dtype: a "computes in" column (stock layers follow the
+    policy, raw parameters compute in their inputs' dtype) and a warning naming a module
+    that keeps its own float32."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    class Pinned(nnx.Module):
+        def __init__(self, *, rngs):
+            self.dtype = jnp.float32
+            self.inner = nnx.Linear(4, 4, rngs=rngs)
+
+    text = str(jtp.explain(lm_factory(), jtp.make_mesh(2, 4), LM_PLAN, compute_dtype=jnp.bfloat16))
+    assert "computes in" in text.splitlines()[0]
+    assert all(line.rstrip(" |").endswith("bfloat16") for line in text.splitlines()[2:17])
+    assert "computes in" not in str(jtp.explain(lm_factory(), jtp.make_mesh(2, 4), LM_PLAN))
+    pinned = jtp.explain(
+        lambda: Pinned(rngs=nnx.Rngs(0)), jtp.make_mesh(2, 4), {}, compute_dtype=jnp.bfloat16
+    )
+    assert pinned.pinned == ("<model>",) and "WARNING" in str(pinned)

@@ -163,7 +163,7 @@ def test_a_module_pinned_to_float32_is_reported():
             return self.out(x.astype(self.dtype) @ self.w[...].astype(self.dtype))
 
     model = Pinned(rngs=nnx.Rngs(0))
-    assert precision_module.pinned_modules(model, "bf16-mixed") == [("", jnp.dtype("float32"))]
+    assert precision_module.pinned_modules(model, "bf16-mixed") == [("", "float32")]
     assert precision_module.pinned_modules(model, "32-true") == []
     x = np.ones((8, 16), np.float32)
     module = StockLM(lambda: Pinned(rngs=nnx.Rngs(0)), {}, ff_loss, None)
