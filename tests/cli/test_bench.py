@@ -49,3 +49,24 @@ def test_docs_check_fails_on_a_hand_edited_table(tmp_path):
     bench_main(["docs", "--root", str(tmp_path)])
     assert "| ratio (target>=0.97) |     0.990 |" in doc.read_text()
     bench_main(["docs", "--check", "--root", str(tmp_path)])
+
+
+def test_gpu_benchmark_says_so_without_a_gpu_and_runs_its_code_path_with_smoke(tmp_path, capsys):
+    """No GPU here: ``bench gpu`` exits 2 saying so. ``--smoke`` runs the whole path (the
+    planner's layout choice, the bf16-mixed compiled step, timing, MFU fields, the table)
+    on a tiny shape on CPU devices; its figures are labelled meaningless."""
+    import pytest
+
+    with pytest.raises(SystemExit) as stop:
+        bench_main(["gpu", "--json", str(tmp_path / "none.json")])
+    assert stop.value.code == 2 and "no GPU here" in capsys.readouterr().err
+    assert not (tmp_path / "none.json").exists()
+    out = tmp_path / "gpu.json"
+    payload = bench_main(["gpu", "--smoke", "--steps", "2", "--warmup", "1", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
+    assert payload["smoke"] and payload["platform"] == "cpu" and payload["mfu"] is None
+    assert payload["layout"] == {"data": 2, "tensor": 4, "fsdp": True, "remat": False}
+    assert payload["tokens_per_s_per_device"] > 0 and payload["precision"] == "bf16-mixed"
+    assert payload["cudnn_attention_in_program"] is False  # XLA's path on CPU
+    assert payload["bf16_matmul_flops_share"] >= 0.95
+    assert "SMOKE" in capsys.readouterr().out

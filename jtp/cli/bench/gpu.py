@@ -118,8 +118,10 @@ def _step(config: str, layout: Any, devices: list, batch: int, seq: int, layers:
     import jax
     import numpy as np
 
+    from jtp.analysis.dtypes import flops_fraction
     from jtp.cli.recipes import LlamaTask, LlamaTaskConfig
     from jtp.mesh import ModelParallelStrategy
+    from jtp.parallel.activations import activation_rules
     from jtp.parallel.batch import shard_batch
     from jtp.training.compile import build_state, compile_train_step, train_step
     from jtp.training.options import TrainerOptions
@@ -141,8 +143,10 @@ def _step(config: str, layout: Any, devices: list, batch: int, seq: int, layers:
     t0 = time.perf_counter()
     compiled = compile_train_step(step, state, batches, rules, precision="bf16-mixed")
     compile_s = time.perf_counter() - t0
+    with activation_rules(strategy.mesh, rules):
+        share = flops_fraction(jax.jit(step).trace(*state.arrays(), batches).jaxpr, "bfloat16")
     jax.block_until_ready(state.params)
-    return compiled, state, batches, compile_s, task.model_config
+    return compiled, state, batches, compile_s, task.model_config, share
 
 
 def gpu(args: argparse.Namespace) -> dict[str, Any]:
@@ -172,7 +176,7 @@ def gpu(args: argparse.Namespace) -> dict[str, Any]:
         preset, devices, seq, args.micro_batch, peak, usable, smoke=args.smoke
     )
     batch = args.micro_batch * chosen.data
-    compiled, state, batches, compile_s, model_config = _step(
+    compiled, state, batches, compile_s, model_config, share = _step(
         preset, chosen, devices, batch, seq, layers
     )
     arrays = state.arrays()
@@ -210,6 +214,7 @@ def gpu(args: argparse.Namespace) -> dict[str, Any]:
         "seq_len": seq,
         "precision": "bf16-mixed",
         "cudnn_attention_in_program": "__cudnn$fmha" in hlo,
+        "bf16_matmul_flops_share": share,
         "compile_seconds": compile_s,
         "step_seconds": {"median": step_s, "min": min(times), "max": max(times)},
         "tokens_per_s_per_device": tokens_per_s_per_device,
