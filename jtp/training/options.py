@@ -44,9 +44,11 @@ class TrainerOptions:
         (``nnx.Rngs``) and the loaders' order is a function of their own ``seed``.
       track_grad_norm: log the global gradient norm each step. Off by default: on XLA's CPU
         backend the norm's reduction materialises one parameter-sized temporary.
-      precision: ``"32-true"``; ``"bf16-mixed"`` (fp32 parameters and optimizer state, bf16
-        compute: parameters are cast inside the step, the loss is taken in fp32);
-        ``"bf16-true"`` (parameters and optimizer state stored in bf16).
+      precision: ``"32-true"``; ``"bf16-mixed"`` (fp32 parameters and optimizer state;
+        matmuls and activations in bf16: parameters, float batch inputs and every stock Flax
+        layer are cast inside the step; the loss in fp32); ``"bf16-true"`` (parameters and
+        optimizer state stored in bf16, the same bf16 compute). See
+        ``jtp.training.precision``.
       checkpoint_dir: save sharded, asynchronous, atomic checkpoints here (orbax): every
         ``checkpoint_every_n_steps`` optimizer steps, at the end of ``fit`` and on an agreed
         stop (then exit with 128 + signal); ``keep_last`` complete ones are kept.
