@@ -147,6 +147,8 @@ def test_loss_parallel_never_gathers_logits():
 
 
 def test_bf16_mixed_close_to_fp32_and_keeps_fp32_state():
+    """The stored dtypes and the losses' closeness. That the matmuls really run in bf16 is
+    asserted from the program, not from losses: tests/training/test_bf16_program.py."""
     losses = {}
     for precision in ("32-true", "bf16-mixed", "bf16-true"):
         trainer = jtp.Trainer(
@@ -161,7 +163,6 @@ def test_bf16_mixed_close_to_fp32_and_keeps_fp32_state():
     # bf16 has an 8-bit mantissa: ~0.4% per op; the loss (a mean in fp32) stays within 1%.
     np.testing.assert_allclose(losses["bf16-mixed"], losses["32-true"], rtol=1e-2)
     np.testing.assert_allclose(losses["bf16-true"], losses["32-true"], rtol=3e-2)
-    assert losses["bf16-mixed"] != losses["32-true"]  # bf16 compute really happened
 
 
 def test_remat_same_numbers():
