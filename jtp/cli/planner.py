@@ -30,6 +30,7 @@ import sys
 import time
 from typing import Any
 
+from jtp.cli import compilation_cache
 from jtp.cli.output import write_json
 from jtp.cli.roofline import GB, Hardware, default_mem_fraction, estimate
 from jtp.cli.sizing import analytic_floor, compiled_attention, extrapolate, measure
@@ -111,7 +112,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     p.add_argument("--tensor", default=None, help="only these tensor sizes, e.g. 4,8")
     p.add_argument("--json", default="bench_results/plan.json", help="JSON output path")
+    compilation_cache.add_flags(p)
     args = p.parse_args(argv)
+    compilation_cache.enable(args.compilation_cache)
 
     from jtp.cli.devices import select_devices
 
@@ -172,7 +175,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows.sort(key=lambda r: (not r["fits"], -r["tokens_per_s_per_device"]))
     best = next((r for r in rows if r["fits"]), None)
     print(format_plan(rows, args, best))
-    payload = {"args": vars(args), "hardware": dataclasses.asdict(hw),
+    shown = {k: v for k, v in vars(args).items() if k != "compilation_cache"}  # a local path
+    payload = {"args": shown, "hardware": dataclasses.asdict(hw),
                "usable_bytes_per_device": hw.usable_bytes, "rows": rows,
                "recommended": best, "seconds": time.perf_counter() - t0}  # fmt: skip
     write_json(args.json, payload)

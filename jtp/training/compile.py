@@ -116,20 +116,14 @@ def trace_train_step(
     return traced
 
 
-def compile_train_step(
-    step: Step,
-    state: TrainState,
-    batches: list[Any],
-    rules: Mapping | None = None,
-    *,
-    precision: str = "32-true",
-) -> jax.stages.Compiled:
-    """Compile ``step`` for ``state`` and ``batches`` (see :func:`trace_train_step`).
+def compile_train_step(*args: Any, **kwargs: Any) -> jax.stages.Compiled:
+    """Compile the step :func:`trace_train_step` traces (same arguments: ``step, state,
+    batches, rules, *, precision``).
 
     The result is called as ``compiled(*state.arrays(), batches)`` and returns
     ``(params, opt_state, rest, metrics)``; the state it was given is donated.
     """
-    return trace_train_step(step, state, batches, rules, precision=precision).lower().compile()
+    return trace_train_step(*args, **kwargs).lower().compile()
 
 
 def trace_abstract_step(
@@ -168,18 +162,8 @@ def trace_abstract_step(
     return trace_train_step(step, state, batches, rules, precision=options.precision)
 
 
-def abstract_train_step(
-    module: TrainModule,
-    strategy: ModelParallelStrategy,
-    batch: Any,
-    *,
-    factory: Callable[[], nnx.Module],
-    plan: Plan,
-    **trainer_options: Any,
-) -> jax.stages.Compiled:
+def abstract_train_step(*args: Any, **kwargs: Any) -> jax.stages.Compiled:
     """The compiled train step ``Trainer(strategy, **trainer_options).fit(module)`` would
-    run, compiled on abstract arrays (see :func:`trace_abstract_step`)."""
-    traced = trace_abstract_step(
-        module, strategy, batch, factory=factory, plan=plan, **trainer_options
-    )
-    return traced.lower().compile()
+    run, compiled on abstract arrays: :func:`trace_abstract_step` (same arguments:
+    ``module, strategy, batch, *, factory, plan, **trainer_options``), compiled."""
+    return trace_abstract_step(*args, **kwargs).lower().compile()
