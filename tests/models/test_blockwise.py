@@ -58,6 +58,8 @@ def test_float32_outputs_and_gradients_equal_xla(mask, t, blocks):
     def reference(q, k, v):
         return _xla(q, k, v, **mask)
 
+    # fp32, the same terms summed per key block with an online rescaling: a few ulps of the
+    # O(1) outputs and O(1-10) gradients; seen <= 4.8e-7 and 2.4e-6 (AVX-512, AVX2, SSE4.2).
     np.testing.assert_allclose(blockwise(q, k, v), reference(q, k, v), atol=1e-5, rtol=0)
     got = jax.jit(jax.grad(loss(blockwise), argnums=(0, 1, 2)))(q, k, v)
     want = jax.grad(loss(reference), argnums=(0, 1, 2))(q, k, v)
@@ -72,6 +74,8 @@ def test_bf16_within_bf16_rounding_of_xla():
     assert out.dtype == jnp.bfloat16
     scale = float(jnp.abs(ref.astype(jnp.float32)).max())
     diff = jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))
+    # each output within one bf16 rounding of the fp32 value, so within two of each other
+    # (seen 0.67 eps x the largest output)
     assert float(diff.max()) <= 2 * BF16_EPS * scale
 
     def grads(fn):
@@ -83,6 +87,7 @@ def test_bf16_within_bf16_rounding_of_xla():
         assert g.dtype == jnp.bfloat16
         g32, r32 = g.astype(jnp.float32), r.astype(jnp.float32)
         # gradients sum T products of bf16-rounded terms: a few roundings of the largest one
+        # (seen 0.57 eps x the largest gradient)
         assert float(jnp.abs(g32 - r32).max()) <= 4 * BF16_EPS * float(jnp.abs(r32).max())
 
 
@@ -104,6 +109,7 @@ def test_memory_is_linear_in_the_sequence():
 
     reference = _temp_bytes(xla, 2048), _temp_bytes(xla, 4096)
     scores_4096 = 8 * 4096 * 4096 * 4
+    # compiler buffer sizes: deterministic for these shapes (seen 4.0x and 1.18x)
     assert reference[1] >= scores_4096 and reference[1] / reference[0] > 3.5
     assert blockwise[1] < scores_4096 / 5 and blockwise[1] / blockwise[0] < 2.0
 
@@ -126,6 +132,7 @@ def test_choice_and_llama():
         return nnx.value_and_grad(loss)(model)
 
     (l_blk, g_blk), (l_xla, g_xla) = loss_and_grads("blockwise"), loss_and_grads("xla")
+    # fp32 reordered sums, as above: cross-entropy near ln 512 = 6.2 (an ulp is 5e-7)
     assert abs(float(l_blk) - float(l_xla)) < 1e-5
     for a, b in zip(jax.tree.leaves(g_blk), jax.tree.leaves(g_xla), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
