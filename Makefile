@@ -30,7 +30,7 @@ test: $(STAMP)
 ## transformers' logits, bf16 vs fp32), run again computing as an AVX2 machine does: XLA's
 ## CPU code generator limited to AVX2 (tests/conftest.py appends its device count to
 ## XLA_FLAGS, so the two combine). A bound that holds on one instruction set only fails here.
-## Why each bound holds: docs/testing.md, "How tolerances are chosen". ~1.5 min on 2 cores.
+## Why each bound holds: docs/testing.md, "How tolerances are chosen". ~145 s of CPU time.
 AVX2_TESTS := \
 	'tests/models/test_llama.py::test_matches_unsharded[tp-1x8]' \
 	'tests/models/test_llama.py::test_matches_unsharded[tp-sp-1x8]' \

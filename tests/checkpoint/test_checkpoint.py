@@ -61,8 +61,8 @@ def test_resume_onto_another_layout(tmp_path, flags):
     # the run), so its fp32 rounding scales with the sum of their magnitudes, ~ the run's
     # largest |loss|, not with the loss itself: 1e-5 of that (seen <= 3.4e-7 of it). Training
     # goes on on another layout, where AdamW may flip a step whose gradient is rounding noise
-    # (test_parallelize): a change of 2 lr in a weight the loss is flat along, so the loss
-    # moves only to second order in it.
+    # (helpers.assert_adamw_step_matches): 2 lr in a weight the loss is flat along, so the
+    # loss moves only to second order in it.
     atol = 1e-5 * max(abs(x) for x in full)
     np.testing.assert_allclose(second["losses"], full[6:], rtol=0, atol=atol)
 

@@ -86,6 +86,7 @@ def test_k_micro_batches_equal_one_step_on_the_whole_batch(fsdp, grad_reduce):
     ref = _reference()
     adam = opt_state[0]
     grads = jax.tree.map(lambda mu: np.asarray(mu, np.float64) / 0.1, adam.mu)  # 1 - b1
+    # The step consumed (donated) its initial parameters: the unsharded init, exactly.
     got = dict(params=ref["params"], grads=grads, new=params, adam=adam)
     assert_adamw_step_matches(got, ref)
 
