@@ -65,7 +65,7 @@ def test_gpu_benchmark_says_so_without_a_gpu_and_runs_its_code_path_with_smoke(t
     payload = bench_main(["gpu", "--smoke", "--steps", "2", "--warmup", "1", "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
     assert payload["smoke"] and payload["platform"] == "cpu" and payload["mfu"] is None
-    assert payload["layout"] == {"data": 2, "tensor": 4, "fsdp": True, "remat": False}
+    assert payload["layout"] == {"data": 2, "tensor": 4, "fsdp": True, "remat": "none"}
     assert payload["tokens_per_s_per_device"] > 0 and payload["precision"] == "bf16-mixed"
     assert payload["cudnn_attention_in_program"] is False  # XLA's path on CPU
     assert payload["bf16_matmul_flops_share"] >= 0.95
