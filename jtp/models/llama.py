@@ -5,7 +5,8 @@ SwiGLU feed-forward (``w1``, ``w2``, ``w3``: jtp's :class:`FeedForward`), a fina
 an output projection. No mesh, no axis names: a plan shards the weights from outside
 (:func:`jtp.plans.llama`), and four ``shard_activation`` marks ("residual", "tp_input",
 "heads", "logits") let a plan lay out activations for sequence and loss parallelism; they do nothing
-without one.
+without one. The blocks are stacked on a layer axis and run by one scan (``scan_layers``, the
+default) or unrolled, each under a remat policy (:mod:`jtp.models.stack`).
 
 Config fields grow the same code into the Hugging Face relatives :mod:`jtp.models.hf` loads:
 q/k/v biases (Qwen2), a per-head q/k RMSNorm and a head dim that is not ``dim / n_heads``
