@@ -44,6 +44,40 @@ def _compile(model: Any, devices: list, seq: int, batch: int) -> tuple[Any, floa
     return compiled, time.perf_counter() - t0
 
 
+def format_compile(p: dict[str, Any]) -> str:
+    """Two tables: compile seconds by depth; memory and FLOPs by remat policy."""
+    lines = [
+        f"Llama train step, width {p['model']['dim']}, {p['model']['n_heads']} heads, batch "
+        f"{p['global_batch']} x {p['seq_len']} tokens, mesh {p['mesh']['data']} x "
+        f"{p['mesh']['tensor']}, fsdp, {p['precision']}; seconds from shapes to the compiled "
+        "program.",
+        "| layers | scanned s | unrolled s | unrolled / scanned |",
+        "|-------:|----------:|-----------:|-------------------:|",
+    ]
+    for r in p["rows"]:
+        ratio = r["unrolled_s"] / r["scanned_s"]
+        lines.append(
+            f"| {r['layers']:>6} | {r['scanned_s']:>9.1f} | {r['unrolled_s']:>10.1f} | "
+            f"{ratio:>17.1f}x |"
+        )
+    base = next((r for r in p["policies"] if r["remat"] == "none"), p["policies"][0])
+    lines += [
+        "",
+        f"Per remat policy at {p['policy_layers']} layers: peak memory per device (compiled) "
+        "and FLOPs per device per step (XLA's count, unrolled program).",
+        f"| remat   | peak scanned | peak unrolled | FLOPs    | FLOPs vs {base['remat']:<4} |",
+        "|---------|-------------:|--------------:|---------:|--------------:|",
+    ]
+    for r in p["policies"]:
+        lines.append(
+            f"| {r['remat']:<7} | {_mb(r['scanned_peak_bytes_per_device']):>12} | "
+            f"{_mb(r['unrolled_peak_bytes_per_device']):>13} | "
+            f"{r['flops_per_device'] / 1e9:>6.2f} G | "
+            f"{r['flops_per_device'] / base['flops_per_device']:>12.2f}x |"
+        )
+    return "\n".join(lines)
+
+
 def compile(args: argparse.Namespace) -> dict[str, Any]:  # the sub-command's name
     from jtp.cli.devices import select_devices
 
@@ -80,45 +114,9 @@ def compile(args: argparse.Namespace) -> dict[str, Any]:  # the sub-command's na
         "seq_len": args.seq, "global_batch": 8, "policy_layers": args.policy_layers,
         "rows": rows, "policies": policies,
     }  # fmt: skip
-    print(format_compile(payload))
     write_json(args.json, payload)
+    print(format_compile(payload))
     return payload
-
-
-def format_compile(p: dict[str, Any]) -> str:
-    """Two tables: compile seconds by depth; memory and FLOPs by remat policy."""
-    m = p["model"]
-    head = (
-        f"Llama train step, width {m['dim']}, {m['n_heads']} heads, batch {p['global_batch']} x "
-        f"{p['seq_len']} tokens, mesh {p['mesh']['data']} x {p['mesh']['tensor']}, fsdp, "
-        f"{p['precision']}; seconds from shapes to the compiled program.\n"
-    )
-    lines = [
-        "| layers | scanned s | unrolled s | unrolled / scanned |",
-        "|-------:|----------:|-----------:|-------------------:|",
-    ]
-    for r in p["rows"]:
-        ratio = r["unrolled_s"] / r["scanned_s"]
-        lines.append(
-            f"| {r['layers']:>6} | {r['scanned_s']:>9.1f} | {r['unrolled_s']:>10.1f} | "
-            f"{ratio:>17.1f}x |"
-        )
-    base = next((r for r in p["policies"] if r["remat"] == "none"), p["policies"][0])
-    lines += [
-        "",
-        f"Per remat policy at {p['policy_layers']} layers: peak memory per device (compiled) "
-        "and FLOPs per device per step (XLA's count, unrolled program).",
-        f"| remat   | peak scanned | peak unrolled | FLOPs    | FLOPs vs {base['remat']:<4} |",
-        "|---------|-------------:|--------------:|---------:|--------------:|",
-    ]
-    for r in p["policies"]:
-        lines.append(
-            f"| {r['remat']:<7} | {_mb(r['scanned_peak_bytes_per_device']):>12} | "
-            f"{_mb(r['unrolled_peak_bytes_per_device']):>13} | "
-            f"{r['flops_per_device'] / 1e9:>6.2f} G | "
-            f"{r['flops_per_device'] / base['flops_per_device']:>12.2f}x |"
-        )
-    return head + "\n".join(lines)
 
 
 def _mb(n: float) -> str:
