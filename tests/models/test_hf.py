@@ -403,7 +403,8 @@ def test_planner_plans_for_the_checkpoint_shapes(tmp_path, monkeypatch):
         ["--hf", str(src), "--devices", "8", "--devices-per-host", "8", "--global-batch", "8",
          "--seq-len", str(T), "--precision", "32-true", "--json", str(tmp_path / "plan.json")]
     )  # fmt: skip
-    assert asked == [(8, 8, 16, 8, 8, T)]  # devices, per host, heads, kv heads, batch, seq
+    # devices, per host, heads, kv heads, batch, seq, remat policies
+    assert asked == [(8, 8, 16, 8, 8, T, ("none", "full", "dots", "minimal"))]
     config = jtp.hf.config_of(str(src))
     (row,) = out["rows"]
     assert row["floor_bytes"] == config.num_params() * 16 / 8 and config.tie_embeddings
