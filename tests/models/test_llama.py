@@ -98,10 +98,12 @@ def test_matches_unsharded(case):
         assert logits.sharding.spec[-1] == "tensor"
 
 
-def _forward_collectives(shape, sp, lp, with_loss=False):
+def _forward_collectives(shape, sp, lp, with_loss=False, config=CFG):
+    """The forward's collectives, one record per execution (a scanned layer's op once per
+    trip of the loop: ``trips`` records of its per-trip bytes)."""
     mesh = jtp.make_mesh(*shape)
     plan = jtp.plans.llama(sequence_parallel=sp, loss_parallel=lp)
-    graphdef, state = nnx.split(jtp.sharded_init(factory(), mesh, plan))
+    graphdef, state = nnx.split(jtp.sharded_init(factory(config), mesh, plan))
 
     def f(state, tokens):
         loss, logits = loss_fn(nnx.merge(graphdef, state), tokens)
@@ -109,20 +111,25 @@ def _forward_collectives(shape, sp, lp, with_loss=False):
 
     with jtp.activation_rules(mesh, plan.activations):
         compiled = jax.jit(f).lower(state, jtp.shard_batch(TOKENS, mesh)).compile()
-    return jtp.collectives(compiled, mesh)
+    colls = jtp.collectives(compiled, mesh)
+    return [
+        dataclasses.replace(c, bytes=c.op_bytes, trips=1) for c in colls for _ in range(c.trips)
+    ]
 
 
 BTD = B * T * CFG.dim * 4
 BTV = B * T * CFG.vocab_size * 4
 
 
-def test_tp_forward_two_all_reduces_per_layer():
-    colls = _forward_collectives((1, 8), sp=False, lp=True)
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
+def test_tp_forward_two_all_reduces_per_layer(scan):
+    config = dataclasses.replace(CFG, scan_layers=scan)
+    colls = _forward_collectives((1, 8), sp=False, lp=True, config=config)
     # 2 per block (attention, MLP) + 1 for the vocab-sharded embedding lookup.
     assert [(c.kind, c.axes, c.bytes) for c in colls] == [("all-reduce", ("tensor",), BTD)] * (
         2 * CFG.n_layers + 1
     ), colls
-    plain = _forward_collectives((1, 8), sp=False, lp=False)
+    plain = _forward_collectives((1, 8), sp=False, lp=False, config=config)
     assert not [c for c in plain if c.kind == "all-gather" and "layers" in c.op_name], plain
 
 

@@ -58,6 +58,12 @@ def _multihost(p: dict[str, Any]) -> str:
     return format_multihost(p)
 
 
+def _compile(p: dict[str, Any]) -> str:
+    from jtp.cli.bench.compile import format_compile
+
+    return format_compile(p)
+
+
 def _text(p: dict[str, Any]) -> str:
     from jtp.cli.bench.text import format_text
 
@@ -71,6 +77,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "llama": _llama,
     "plan": _plan,
     "text": _text,
+    "compile": _compile,
 }
 
 
