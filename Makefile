@@ -49,7 +49,7 @@ AVX2_TESTS := \
 	tests/training/test_trainer.py::test_fit_2x4_matches_one_device_loop \
 	tests/training/test_trainer.py::test_clipping_equals_unsharded_clipping \
 	tests/training/test_trainer.py::test_accumulation_equals_the_larger_batch \
-	'tests/training/test_checkpoint.py::test_resume_onto_another_layout[2x4-fsdp-to-1x8]'
+	'tests/checkpoint/test_checkpoint.py::test_resume_onto_another_layout[2x4-fsdp-to-1x8]'
 test-avx2: $(STAMP)
 	@if [ "$$(uname -m)" != x86_64 ]; then echo "test-avx2: x86-64 only"; exit 0; fi; \
 	echo "XLA_FLAGS=$$XLA_FLAGS --xla_cpu_max_isa=AVX2"; \
