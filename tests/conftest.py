@@ -3,6 +3,9 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The programs' persistent compilation cache stays off under tests (no writes to ~/.cache,
+# no state shared between tests); tests/cli/test_compilation_cache.py turns it on in its own.
+os.environ["JTP_COMPILATION_CACHE"] = "off"
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()

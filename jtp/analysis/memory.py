@@ -17,6 +17,16 @@ from jtp.parallel.plan import Placement, shard_shape
 
 RNG_KEY_BYTES = 8  # a typed threefry key is two uint32 words
 
+# Compiler options for sizing a bf16 program on CPU as an accelerator runs it. XLA's CPU
+# backend implements few operations in bf16: its "float-normalization-bf16" pass rewrites
+# every other bf16 operation to convert to float32, compute, and convert back, and later
+# simplification drops the convert pairs, so bf16 buffers of the program become float32
+# buffers and memory_analysis() counts them at 4 bytes. GPUs and TPUs run those operations
+# in bf16. Without that one pass the CPU compiles the operations in the program's
+# own types, and its buffer assignment counts bf16 values at 2 bytes; a float32 program is
+# unchanged (tests/analysis/test_memory.py checks both).
+KEEP_BF16 = {"xla_disable_hlo_passes": "float-normalization-bf16"}
+
 
 def nbytes(shape: tuple[int, ...], dtype: Any) -> int:
     """Bytes of an array of ``shape`` and ``dtype`` (typed RNG keys included): the one rule

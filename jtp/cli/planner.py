@@ -2,22 +2,29 @@
 
 For each valid configuration the planner compiles jtp's real Llama train step *abstractly*
 (:mod:`jtp.training.compile`: shapes and shardings only, nothing allocated) for as many forced CPU
-devices as the cluster has, and reads per-device memory (``memory_analysis``), FLOPs
-(``cost_analysis``) and collective bytes by mesh axis (the HLO). Compiling all layers of an
-8B model 28 times would take too long on a small machine, so it compiles 1- and 2-layer
-versions and extrapolates linearly in the layer count (blocks are identical, so every
-per-block quantity is exactly additive; ``tests/test_planner.py`` checks the linearity).
-It compiles the model's unrolled twin (``scan_layers=False``): a scanned step's loop body
-counts once in XLA's FLOPs whatever its trips, and a one-trip loop is simplified away, so
-only unrolled blocks add up layer by layer. The scanned step ``fit`` runs keeps the same
-per-layer state and sends the same tensor-axis bytes; it needs at most the memory planned
-(less under remat) and, with fsdp, all-gathers each layer's weights again in the backward
-(``tests/cli/test_planner.py`` measures both).
+devices as the cluster has, and reads per-device memory (``memory_analysis``), matmul FLOPs
+by dtype (the traced step) and collective bytes by mesh axis (the HLO): :mod:`jtp.cli.sizing`.
+Compiling all layers of an 8B model 28 times would take too long on a small machine, so it
+compiles 1- and 2-layer versions and extrapolates linearly in the layer count (blocks are
+identical, so every per-block quantity is exactly additive; ``tests/cli/test_planner.py``
+checks the linearity). It compiles the model's unrolled twin (``scan_layers=False``): a
+scanned step's loop body counts once in XLA's cost analysis whatever its trips, and a
+one-trip loop is simplified away, so only unrolled blocks add up layer by layer. The scanned
+step ``fit`` runs keeps the same per-layer state and sends the same tensor-axis bytes; it
+needs at most the memory planned (less under remat) and, with fsdp, all-gathers each layer's
+weights again in the backward (``tests/cli/test_planner.py`` measures both).
 
-Times are ESTIMATES from a roofline: compute at a fraction of the device's peak plus
-communication at the link bandwidths (tensor axis inside a host; data axis across hosts
-when it spans them), without overlap. Memory and bytes are compiler figures for XLA's CPU
-backend; a GPU program fuses and schedules differently.
+It sizes the GPU program, not the CPU stand-in: bf16 buffers are counted at 2 bytes (the
+compile keeps the CPU backend from upcasting them: :data:`jtp.analysis.memory.KEEP_BF16`),
+attention is compiled as jtp's O(T) blockwise kernel where a GPU would run cuDNN's fused one
+(bf16, supported head dim), and "fits" compares with the memory jax may use, not all of it
+(:mod:`jtp.cli.roofline`).
+
+Times are ESTIMATES from a roofline: matmul FLOPs (read off the traced step, by operand
+dtype) at a fraction of the device's peak, plus communication at the link bandwidths (tensor
+axis inside a host; data axis across hosts when it spans them), without overlap. Memory and
+bytes are compiler figures for XLA's CPU backend; a GPU program fuses and schedules
+differently.
 """
 
 from __future__ import annotations
@@ -28,24 +35,13 @@ import sys
 import time
 from typing import Any
 
-import numpy as np
-
+from jtp.cli import compilation_cache
 from jtp.cli.output import write_json
+from jtp.cli.roofline import GB, Hardware, default_mem_fraction, estimate
+from jtp.cli.sizing import analytic_floor, compiled_attention, extrapolate, measure
+from jtp.models.attention import ATTENTION
 from jtp.models.stack import REMAT_POLICIES, remat_name
 from jtp.training.precision import PRECISIONS
-
-GB = 1e9
-# axes_key -> the planner's names; a collective over no axis (1-device groups) is free.
-AXES_KEYS = {"tensor": "tensor", "data": "data", "data+tensor": "both", "-": "tensor"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Hardware:
-    peak_tflops: float = 989.0  # H100 SXM dense bf16
-    compute_efficiency: float = 0.5  # fraction of peak a real step reaches
-    intra_host_gbps: float = 450.0  # NVLink, per direction per GPU (tensor axis)
-    inter_host_gbps: float = 50.0  # per GPU across hosts (400 Gb/s NICs)
-    memory_gb: float = 80.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,84 +88,6 @@ def configurations(
     return out
 
 
-def _ring_factor(kind: str, n: int) -> float:
-    """Bytes a device sends per byte of (full) buffer in a ring implementation."""
-    if n <= 1:
-        return 0.0
-    return 2 * (n - 1) / n if kind == "all-reduce" else (n - 1) / n
-
-
-def measure(
-    config: Config,
-    preset: str,
-    n_layers: int,
-    seq: int,
-    micro_batch: int,
-    precision: str,
-    devices: list,
-    accumulate: int = 1,
-    hf: str | None = None,
-) -> dict[str, Any]:
-    """Compile one configuration with ``n_layers`` blocks and ``accumulate`` micro-batches
-    per optimizer step (as the trainer runs it); compiler figures per device and per
-    optimizer step: memory (accumulation buffer included), collective bytes (loop bodies
-    counted once per trip) and FLOPs.
-
-    XLA's cost analysis counts a loop body once; the body is one micro-batch, so the step's
-    FLOPs are ``accumulate`` times the program's (the optimizer update, O(params), is then
-    counted k times instead of once: under 0.1% next to 6 x params x tokens). ``hf``: the
-    shapes of that Hugging Face checkpoint instead of ``preset``'s.
-    """
-    from jtp.analysis.collectives import axes_key, bytes_by_axes, collectives
-    from jtp.analysis.memory import peak_memory_per_device
-    from jtp.cli.recipes import LlamaTaskConfig, abstract_llama_step
-
-    task_config = LlamaTaskConfig(
-        preset=preset, hf=hf, seq_len=seq, batch_size=micro_batch * config.data, fsdp=config.fsdp,
-        sequence_parallel=config.sequence_parallel, loss_parallel=config.tensor > 1,
-        remat=config.remat, scan_layers=False,  # unrolled blocks add up (module docstring)
-    )  # fmt: skip
-    compiled, mesh = abstract_llama_step(
-        task_config, (config.data, config.tensor), devices, precision=precision,
-        n_layers=n_layers, accumulate=accumulate,
-    )  # fmt: skip
-    records = collectives(compiled, mesh)
-    by_axis = {AXES_KEYS[k]: float(v) for k, v in bytes_by_axes(records).items()}
-    wire = dict.fromkeys(AXES_KEYS.values(), 0.0)
-    for c in records:
-        n = int(np.prod([mesh.shape[a] for a in c.axes or ()]))
-        wire[AXES_KEYS[axes_key(c)]] += c.bytes * _ring_factor(c.kind, n)
-    flops = accumulate * float((compiled.cost_analysis() or {}).get("flops", 0.0))
-    return {
-        "memory": float(peak_memory_per_device(compiled)),
-        "flops": flops,
-        **{f"bytes_{k}": by_axis.get(k, 0.0) for k in AXES_KEYS.values()},
-        **{f"wire_{k}": v for k, v in wire.items()},
-    }
-
-
-def extrapolate(one: dict[str, float], two: dict[str, float], n_layers: int) -> dict[str, float]:
-    """f(L) = f(1) + (L - 1) * (f(2) - f(1)) for every per-step quantity."""
-    return {k: one[k] + (n_layers - 1) * (two[k] - one[k]) for k in one}
-
-
-def estimate(m: dict[str, float], config: Config, hw: Hardware, per_host: int) -> dict[str, float]:
-    """Roofline seconds per optimizer step (``m`` is per optimizer step already)."""
-    compute = m["flops"] / (hw.peak_tflops * 1e12 * hw.compute_efficiency)
-    data_bw = hw.inter_host_gbps if config.data * config.tensor > per_host else hw.intra_host_gbps
-    comm = m["wire_tensor"] / (hw.intra_host_gbps * 1e9) + (m["wire_data"] + m["wire_both"]) / (
-        data_bw * 1e9
-    )
-    return {"compute_s": compute, "comm_s": comm, "step_s": compute + comm}
-
-
-def analytic_floor(n_params: int, n_devices: int, config: Config, precision: str) -> float:
-    """(params + grads + 2 AdamW moments) bytes per device, fp32 state."""
-    per_param = 16 if precision != "bf16-true" else 8
-    shards = n_devices if config.fsdp else config.tensor
-    return n_params * per_param / shards
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m jtp.plan", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="llama3-8b", help="a jtp.models.llama preset")
@@ -180,6 +98,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--devices-per-host", type=int, default=8, help="tensor groups stay in a host")
     hw = Hardware()
     p.add_argument("--device-memory-gb", type=float, default=hw.memory_gb, help="per device")
+    p.add_argument(
+        "--mem-fraction", type=float, default=None,
+        help="share of it jax may use (default: $XLA_PYTHON_CLIENT_MEM_FRACTION, else 0.75)",
+    )  # fmt: skip
     p.add_argument("--global-batch", type=int, default=256, help="sequences per optimizer step")
     p.add_argument(
         "--micro-batch", type=int, default=1, help="sequences per data rank per micro-step"
@@ -187,6 +109,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seq-len", type=int, default=8192, help="tokens per sequence")
     p.add_argument("--precision", default="bf16-mixed", choices=PRECISIONS)
     p.add_argument("--peak-tflops", type=float, default=hw.peak_tflops, help="bf16 dense peak")
+    p.add_argument(
+        "--fp32-ratio", type=float, default=hw.fp32_ratio,
+        help="float32 matmul peak / bf16 peak (0.5: TF32 tensor cores, jax's GPU default)",
+    )  # fmt: skip
+    p.add_argument(
+        "--attention", default="auto", choices=ATTENTION,
+        help="kernel to size; auto: what the GPU runs (blockwise stands for cuDNN on CPU)",
+    )  # fmt: skip
     p.add_argument(
         "--compute-efficiency", type=float, default=hw.compute_efficiency,
         help="fraction of peak reached",
@@ -202,7 +132,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--remat", default=",".join(REMAT_POLICIES), help="remat policies to try, e.g. none,full"
     )
     p.add_argument("--json", default="bench_results/plan.json", help="JSON output path")
+    compilation_cache.add_flags(p)
     args = p.parse_args(argv)
+    compilation_cache.enable(args.compilation_cache)
 
     from jtp.cli.devices import select_devices
 
@@ -216,8 +148,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.model = f"{args.hf} ({args.model} ignored)"
     else:
         model = preset_config(args.model)
-    hw = Hardware(args.peak_tflops, args.compute_efficiency, args.intra_host_gbps,
-                  args.inter_host_gbps, args.device_memory_gb)  # fmt: skip
+    if args.mem_fraction is None:
+        args.mem_fraction = default_mem_fraction()
+    hw = Hardware(
+        peak_tflops=args.peak_tflops, compute_efficiency=args.compute_efficiency,
+        intra_host_gbps=args.intra_host_gbps, inter_host_gbps=args.inter_host_gbps,
+        memory_gb=args.device_memory_gb, mem_fraction=args.mem_fraction,
+        fp32_ratio=args.fp32_ratio,
+    )  # fmt: skip
+    args.attention_compiled = compiled_attention(
+        args.attention, args.precision, model.head_dim, devices[0].platform
+    )
     policies = tuple(remat_name(r) for r in args.remat.split(","))
     configs = configurations(args.devices, args.devices_per_host, model.n_heads,
                              model.n_kv_heads, args.global_batch, args.seq_len,
@@ -233,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         accumulate = args.global_batch // (config.data * args.micro_batch)
         one, two = (
             measure(config, args.model, n, args.seq_len, args.micro_batch, args.precision,
-                    devices, accumulate, hf=args.hf)
+                    devices, accumulate, hf=args.hf, attention=args.attention)
             for n in (1, 2)
         )  # fmt: skip
         m = extrapolate(one, two, model.n_layers)
@@ -243,7 +184,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows.append({
             "config": dataclasses.asdict(config), "label": config.label(), "accumulate": accumulate,
             "memory_bytes": m["memory"], "floor_bytes": floor,
-            "fits": m["memory"] <= hw.memory_gb * GB, "flops_per_step": m["flops"],
+            "fits": m["memory"] <= hw.usable_bytes, "flops_per_step": m["flops"],
+            "bf16_flops_per_step": m["flops_bf16"],
             "tensor_bytes_per_step": m["bytes_tensor"],
             "data_bytes_per_step": m["bytes_data"] + m["bytes_both"],
             **est, "tokens_per_s_per_device": tokens,
@@ -255,19 +197,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows.sort(key=lambda r: (not r["fits"], -r["tokens_per_s_per_device"]))
     best = next((r for r in rows if r["fits"]), None)
     print(format_plan(rows, args, best))
-    payload = {"args": vars(args), "hardware": dataclasses.asdict(hw), "rows": rows,
+    shown = {k: v for k, v in vars(args).items() if k != "compilation_cache"}  # a local path
+    payload = {"args": shown, "hardware": dataclasses.asdict(hw),
+               "usable_bytes_per_device": hw.usable_bytes, "rows": rows,
                "recommended": best, "seconds": time.perf_counter() - t0}  # fmt: skip
     write_json(args.json, payload)
     return payload
 
 
 def format_plan(rows: list[dict[str, Any]], args: argparse.Namespace, best: dict | None) -> str:
+    usable = args.device_memory_gb * args.mem_fraction
+    kernel = {"blockwise": "blockwise, standing for cuDNN's fused kernel", "xla": "XLA's, T^2"}
     head = (
         f"{args.model} on {args.devices} devices ({args.devices_per_host}/host, "
         f"{args.device_memory_gb:g} GB), global batch {args.global_batch} x {args.seq_len} tokens, "
         f"{args.precision}, micro-batch {args.micro_batch}/data rank.\n"
-        "Memory and bytes: compiled (XLA CPU backend, per device). Step time and tokens/s: "
-        f"ESTIMATES (roofline: {args.compute_efficiency:.0%} of {args.peak_tflops:g} TFLOP/s, "
+        f"Fits: memory <= {usable:g} GB usable ({args.mem_fraction:.0%} of "
+        f"{args.device_memory_gb:g} GB: jax's preallocation). Memory and bytes: compiled (XLA "
+        "CPU backend, bf16 kept "
+        f"bf16, attention {kernel.get(args.attention_compiled, args.attention_compiled)}; "
+        "per device).\n"
+        f"Step time and tokens/s: ESTIMATES (roofline: {args.compute_efficiency:.0%} of "
+        f"{args.peak_tflops:g} TFLOP/s bf16, fp32 matmuls at {args.fp32_ratio:g}x that, "
         f"{args.intra_host_gbps:g} GB/s in host, {args.inter_host_gbps:g} GB/s across, "
         "no overlap).\n"
     )

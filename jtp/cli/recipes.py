@@ -23,7 +23,7 @@ from jtp.models.hf import config_of, load_pretrained
 from jtp.models.llama import PRESETS, Llama, LlamaConfig, cross_entropy
 from jtp.models.plans import check_llama, feedforward, llama
 from jtp.parallel.parallelize import sharded_init
-from jtp.training.compile import abstract_train_step
+from jtp.training.compile import trace_abstract_step
 from jtp.training.module import TrainModule
 
 FEEDFORWARD_PLAN = feedforward()
@@ -217,7 +217,7 @@ class LlamaTask(TrainModule):
         return DataLoader(data, self.config.batch_size, mesh=self.mesh, drop_last=False)
 
 
-def abstract_llama_step(
+def trace_llama_step(
     config: Any,
     shape: tuple[int, int],
     devices: list[jax.Device],
@@ -227,13 +227,13 @@ def abstract_llama_step(
     accumulate: int = 1,
     grad_reduce: str | None = None,
     model_config: LlamaConfig | None = None,
-) -> tuple[jax.stages.Compiled, Mesh]:
-    """The compiled Llama train step for ``LlamaTaskConfig`` ``config`` on a (data, tensor)
+) -> tuple[jax.stages.Traced, Mesh]:
+    """The traced Llama train step for ``LlamaTaskConfig`` ``config`` on a (data, tensor)
     mesh over the first devices, optionally with ``n_layers`` blocks; and that mesh.
 
     One optimizer step over ``accumulate`` global batches of ``config.batch_size``
-    sequences of ``config.seq_len + 1`` tokens. Shared by ``python -m jtp.bench llama`` and
-    the planner. ``model_config`` replaces the preset's (a model that has no preset).
+    sequences of ``config.seq_len + 1`` tokens. ``model_config`` replaces the preset's (a
+    model that has no preset). :func:`abstract_llama_step` compiles it.
     """
     task = LlamaTask(config)
     if model_config is not None:
@@ -244,8 +244,17 @@ def abstract_llama_step(
         *shape, fsdp=config.fsdp, devices=devices[: shape[0] * shape[1]]
     )
     batch = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1), jnp.int32)
-    compiled = abstract_train_step(
+    traced = trace_abstract_step(
         task, strategy, batch, factory=task.model_factory(strategy.mesh), plan=task.plan,
         precision=precision, accumulate_grad_batches=accumulate, grad_reduce=grad_reduce,
     )  # fmt: skip
-    return compiled, strategy.mesh
+    return traced, strategy.mesh
+
+
+def abstract_llama_step(
+    config: Any, shape: tuple[int, int], devices: list[jax.Device], **options: Any
+) -> tuple[jax.stages.Compiled, Mesh]:
+    """The compiled :func:`trace_llama_step` (same arguments) and its mesh. Shared by
+    ``python -m jtp.bench llama`` and ``multihost``."""
+    traced, mesh = trace_llama_step(config, shape, devices, **options)
+    return traced.lower().compile(), mesh

@@ -71,8 +71,8 @@ class LlamaTaskConfig(TaskConfig):
         ``jax.lax.scan`` (compiled once whatever the depth); ``--no-scan-layers``: unrolled.
       hf: fine-tune this Hugging Face checkpoint directory (instead of ``preset``).
       attention: the attention kernel: ``auto`` (cuDNN's fused attention on a GPU with
-        bf16/fp16 inputs, XLA's elsewhere), ``xla``, or ``cudnn`` (an error where it cannot
-        run).
+        bf16/fp16 inputs, XLA's elsewhere), ``xla``, ``cudnn`` (an error where it cannot
+        run), or ``blockwise`` (jtp's flash-style attention in JAX: O(T) memory anywhere).
     """
 
     preset: str = "tiny"

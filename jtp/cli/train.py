@@ -27,6 +27,7 @@ import os
 import sys
 from typing import Any
 
+from jtp.cli import compilation_cache
 from jtp.cli.flags import ArgumentParser, FieldFlags, field_values, options_from_args
 from jtp.cli.output import write_json
 from jtp.cli.task_config import FeedForwardConfig, LlamaTaskConfig, TaskConfig
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds without a heartbeat before a peer counts as dead (then all exit)",
     )  # fmt: skip
     flags.add(d, TrainerOptions, ("stop_check_every_n_steps",))
+    compilation_cache.add_flags(p.add_argument_group("compilation (process setup)"))
     flags.add(trainer, TrainerOptions)  # the others
     return p
 
@@ -151,6 +153,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("--hf loads a Llama-family checkpoint: add --model llama")
     if args.data and args.model != "llama":
         raise ValueError("--data DIR trains a language model: add --model llama")
+    # Before the first compile: a repeated or resumed run loads its steps from this cache.
+    compilation_cache.enable(args.compilation_cache)
     # XLA reads its flags when jax initialises (next): on GPUs, jtp's set (jtp.xla_flags).
     apply_gpu_flags(sequence_parallel=getattr(args, "sequence_parallel", False))
     # Each process's devices are forced inside _init_distributed; there all devices are used.
@@ -205,6 +209,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "steps": steps,
         "peak_memory_bytes_per_device": trainer.peak_memory_bytes_per_device,
         "fit_seconds": trainer.fit_seconds,
+        "compile_seconds": trainer.compile_seconds,
+        "compilation_cache": args.compilation_cache,
         **_fit_metrics(trainer),
         "config": vars(args),
         "process_index": jax.process_index(),

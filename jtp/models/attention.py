@@ -6,7 +6,10 @@ backward, O(T^2) memory per layer. ``implementation="cudnn"`` runs cuDNN's fused
 O(T) memory, but only on an NVIDIA GPU, for bf16/fp16 inputs and head dims it supports, and
 jax's partitioning rule for it accepts heads sharded on "tensor" and batch on "data" (jtp's
 "heads" rule) but refuses a sharded sequence. ``"auto"`` takes cuDNN exactly when all of
-that holds and says once, in the log, which it chose and why.
+that holds and says once, in the log, which it chose and why. ``"blockwise"`` is jtp's
+flash-style attention in pure JAX (:mod:`jtp.models.blockwise`): O(T) memory on every
+backend, for long sequences on CPUs, and what the capacity planner compiles on CPU to stand
+for cuDNN's kernel.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-ATTENTION = ("auto", "xla", "cudnn")
+from jtp.models.blockwise import blockwise_attention
+
+ATTENTION = ("auto", "xla", "cudnn", "blockwise")
 CUDNN_DTYPES = ("bfloat16", "float16")
 
 log = logging.getLogger(__name__)
@@ -45,8 +50,8 @@ def choose_attention(
     run is a ``ValueError`` saying why (before anything compiles)."""
     if requested not in ATTENTION:
         raise ValueError(f"attention={requested!r} must be one of {ATTENTION}")
-    if requested == "xla":
-        return "xla", "attention='xla' asked for"
+    if requested in ("xla", "blockwise"):
+        return requested, f"attention={requested!r} asked for"
     limit = cudnn_head_dim_limit(compute_capability)
     if platform != "gpu":
         why = f"no GPU (platform {platform!r}): cuDNN runs on NVIDIA GPUs only"
@@ -86,6 +91,10 @@ def attention(
     if (impl, why) not in _announced:
         _announced.add((impl, why))
         log.info("attention: %s (%s)", impl, why)
+    if impl == "blockwise":
+        return blockwise_attention(
+            q_bthe, k_bske, v_bske, is_causal=is_causal, local_window_size=local_window_size
+        )
     return jax.nn.dot_product_attention(
         q_bthe, k_bske, v_bske, is_causal=is_causal, local_window_size=local_window_size,
         implementation=impl,

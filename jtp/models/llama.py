@@ -86,7 +86,7 @@ class LlamaConfig:
     # Compute dtype of every layer (MaxText's `dtype` beside `weight_dtype`); None: as the
     # inputs and parameters promote. The Trainer's precision policy sets it per step.
     dtype: str | None = None
-    attention: str = "auto"  # "auto" (cuDNN fused on a GPU with bf16/fp16), "xla", "cudnn"
+    attention: str = "auto"  # auto (cuDNN on GPU, bf16/fp16), xla, cudnn, blockwise (O(T))
 
     @property
     def head_dim(self) -> int:  # E

@@ -90,21 +90,19 @@ def check_compute_dtype(jaxpr: Any, precision: str) -> float:
     return share
 
 
-def compile_train_step(
+def trace_train_step(
     step: Step,
     state: TrainState,
     batches: list[Any],
     rules: Mapping | None = None,
     *,
     precision: str = "32-true",
-) -> jax.stages.Compiled:
-    """Compile ``step`` for ``state`` and ``batches`` (the k global batches of one optimizer
-    step: arrays, or sharded ``ShapeDtypeStruct``s), tracing under the activation ``rules``.
-
-    The result is called as ``compiled(*state.arrays(), batches)`` and returns
-    ``(params, opt_state, rest, metrics)``; the state it was given is donated. The traced
-    program's matmul dtypes are checked against ``precision`` (:func:`check_compute_dtype`).
-    """
+) -> jax.stages.Traced:
+    """Trace ``step`` for ``state`` and ``batches`` (the k global batches of one optimizer
+    step: arrays, or sharded ``ShapeDtypeStruct``s) under the activation ``rules``, jitted
+    with the state's shardings and the state donated; the traced program's matmul dtypes
+    are checked against ``precision`` (:func:`check_compute_dtype`). Its ``.jaxpr`` is what
+    the step computes, before XLA; ``.lower().compile()`` is :func:`compile_train_step`."""
     state_sh = state.shardings()
     jitted = jax.jit(
         step,
@@ -115,10 +113,20 @@ def compile_train_step(
     with activation_rules(state.mesh, dict(rules or {})):
         traced = jitted.trace(*state.arrays(), batches)
     check_compute_dtype(traced.jaxpr, precision)
-    return traced.lower().compile()
+    return traced
 
 
-def abstract_train_step(
+def compile_train_step(*args: Any, **kwargs: Any) -> jax.stages.Compiled:
+    """Compile the step :func:`trace_train_step` traces (same arguments: ``step, state,
+    batches, rules, *, precision``).
+
+    The result is called as ``compiled(*state.arrays(), batches)`` and returns
+    ``(params, opt_state, rest, metrics)``; the state it was given is donated.
+    """
+    return trace_train_step(*args, **kwargs).lower().compile()
+
+
+def trace_abstract_step(
     module: TrainModule,
     strategy: ModelParallelStrategy,
     batch: Any,
@@ -126,9 +134,9 @@ def abstract_train_step(
     factory: Callable[[], nnx.Module],
     plan: Plan,
     **trainer_options: Any,
-) -> jax.stages.Compiled:
-    """The compiled train step ``Trainer(strategy, **trainer_options).fit(module)`` would
-    run, compiled on abstract arrays (nothing is allocated).
+) -> jax.stages.Traced:
+    """The traced train step ``Trainer(strategy, **trainer_options).fit(module)`` would
+    run, on abstract arrays (nothing is allocated); :func:`abstract_train_step` compiles it.
 
     Args:
       module: supplies ``training_step``, ``configure_optimizers`` and activation rules
@@ -151,4 +159,11 @@ def abstract_train_step(
     )
     rules = rules if rules is not None else activation_rules_of(plan)
     batches = [batch] * options.accumulate_grad_batches
-    return compile_train_step(step, state, batches, rules, precision=options.precision)
+    return trace_train_step(step, state, batches, rules, precision=options.precision)
+
+
+def abstract_train_step(*args: Any, **kwargs: Any) -> jax.stages.Compiled:
+    """The compiled train step ``Trainer(strategy, **trainer_options).fit(module)`` would
+    run, compiled on abstract arrays: :func:`trace_abstract_step` (same arguments:
+    ``module, strategy, batch, *, factory, plan, **trainer_options``), compiled."""
+    return trace_abstract_step(*args, **kwargs).lower().compile()

@@ -12,6 +12,7 @@ results.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -60,6 +61,7 @@ class Trainer:
         self.metrics_history: list[dict[str, float]] = []
         self.val_history: list[dict[str, float]] = []  # {"step", "epoch", "val_*"} per check
         self.num_compiles = 0  # train-step compiles in this trainer's lifetime
+        self.compile_seconds = 0.0  # their wall time (a persistent-cache hit: a load)
         self.compiled_step: jax.stages.Compiled | None = None
         self.peak_memory_bytes_per_device: int | None = None
         self.log_dir: str | None = None
@@ -107,7 +109,10 @@ class Trainer:
     def _compile(self, step: Any, batches: list[Any]) -> jax.stages.Compiled:
         self.num_compiles += 1
         precision = self.options.precision
-        return compile_train_step(step, self._state, batches, self._rules, precision=precision)
+        t0 = time.perf_counter()
+        compiled = compile_train_step(step, self._state, batches, self._rules, precision=precision)
+        self.compile_seconds += time.perf_counter() - t0
+        return compiled
 
     # ------------------------------------------------------------------ fit
     def fit(self, module: TrainModule, *, resume: bool = False) -> Trainer:

@@ -6,6 +6,10 @@
     python -m jtp.bench text     [--steps 300] [--json PATH] [--plot PNG]
     python -m jtp.bench gpu      [--steps 20] [--json PATH] [--smoke]
     python -m jtp.bench compile  [--depths 2,8,32,80] [--dim 256] [--json PATH]
+    python -m jtp.bench cache    [--json PATH]
+
+Every sub-command takes ``--compilation-cache DIR`` / ``--no-compilation-cache``
+(:mod:`jtp.cli.compilation_cache`; on by default).
 
 Each benchmark is a module of this package named like its sub-command, whose function of
 that name takes the parsed arguments (``memory.memory(args)``); it is imported only when run.
@@ -18,6 +22,7 @@ import importlib
 import sys
 from typing import Any
 
+from jtp.cli import compilation_cache
 from jtp.xla_flags import apply_gpu_flags
 
 
@@ -63,10 +68,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cp.add_argument("--policy-layers", type=int, default=8, help="depth of the remat rows")
     cp.add_argument("--remat", default="none,full,dots,minimal", help="policies to compare")
     cp.add_argument("--json", default="bench_results/compile.json", help="JSON output path")
+    ca = sub.add_parser("cache", help="a repeated run's compile with the persistent cache")
+    ca.add_argument("--json", default="bench_results/cache.json", help="JSON output path")
     dc = sub.add_parser("docs", help="re-render the docs' figure tables from bench_results JSON")
     dc.add_argument("--root", default=".", help="repository root (holds docs/, bench_results/)")
     dc.add_argument("--check", action="store_true", help="fail if a table differs; write nothing")
+    for sub_parser in sub.choices.values():
+        compilation_cache.add_flags(sub_parser)
     args = p.parse_args(argv)
+    compilation_cache.enable(getattr(args, "compilation_cache", None))
     apply_gpu_flags()  # before jax initialises; only where jax can run on NVIDIA GPUs
     benchmark = importlib.import_module(f"{__name__}.{args.which}")
     return getattr(benchmark, args.which)(args)

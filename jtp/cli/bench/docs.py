@@ -64,6 +64,12 @@ def _compile(p: dict[str, Any]) -> str:
     return format_compile(p)
 
 
+def _cache(p: dict[str, Any]) -> str:
+    from jtp.cli.bench.cache import format_cache
+
+    return format_cache(p)
+
+
 def _text(p: dict[str, Any]) -> str:
     from jtp.cli.bench.text import format_text
 
@@ -78,6 +84,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "plan": _plan,
     "text": _text,
     "compile": _compile,
+    "cache": _cache,
 }
 
 

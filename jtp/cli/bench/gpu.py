@@ -81,7 +81,8 @@ def choose_layout(
 ) -> tuple[Any, int | None, list[dict[str, Any]]]:
     """The planner's best layout that fits ``usable`` bytes (None: anything fits), the
     layer count it needs (None: the preset's), and every candidate's figures."""
-    from jtp.cli.planner import Hardware, estimate, extrapolate, measure
+    from jtp.cli.roofline import Hardware, estimate
+    from jtp.cli.sizing import extrapolate, measure
 
     hw = Hardware(peak_tflops=peak)
     depth = _n_layers(preset)

@@ -1,0 +1,109 @@
+"""What one planner configuration costs: compile jtp's Llama train step abstractly for it
+and read per-device memory, matmul FLOPs by dtype and collective bytes per mesh axis off the
+program; extrapolate from 1 and 2 layers to the model's depth.
+
+Used by the capacity planner (:mod:`jtp.cli.planner`) and ``python -m jtp.bench gpu``.
+On CPU devices the compile sizes what a GPU runs: bf16 buffers at 2 bytes
+(:data:`jtp.analysis.memory.KEEP_BF16`) and, where a GPU takes cuDNN's fused attention, jtp's
+blockwise kernel with the same O(T) memory (:func:`compiled_attention`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from jtp.cli.roofline import ring_factor
+
+# axes_key -> the planner's names; a collective over no axis (1-device groups) is free.
+AXES_KEYS = {"tensor": "tensor", "data": "data", "data+tensor": "both", "-": "tensor"}
+
+
+def compiled_attention(requested: str, precision: str, head_dim: int, platform: str) -> str:
+    """The attention the planner compiles for ``requested``: on a CPU, ``"auto"`` means what
+    a Hopper GPU would run: cuDNN's fused kernel (O(T) memory) where it takes these inputs,
+    for which jtp's ``"blockwise"`` kernel stands in, XLA's O(T^2) path otherwise (fp32)."""
+    if requested != "auto" or platform != "cpu":
+        return requested
+    from jtp.models.attention import choose_attention
+    from jtp.training.precision import policy
+
+    gpu, _ = choose_attention(
+        "auto", platform="gpu", dtype=policy(precision).compute_dtype, head_dim=head_dim,
+        compute_capability="9.0",
+    )  # fmt: skip
+    return "blockwise" if gpu == "cudnn" else "xla"
+
+
+def measure(
+    config: Any,
+    preset: str,
+    n_layers: int,
+    seq: int,
+    micro_batch: int,
+    precision: str,
+    devices: list,
+    accumulate: int = 1,
+    hf: str | None = None,
+    attention: str = "auto",
+) -> dict[str, Any]:
+    """Compile one configuration with ``n_layers`` blocks and ``accumulate`` micro-batches
+    per optimizer step (as the trainer runs it); figures per device and per optimizer step:
+    memory (accumulation buffer included), collective bytes (loop bodies counted once per
+    trip), and the matmul FLOPs of the traced step (scan bodies once per trip; the backward
+    and remat's recomputation included), all and those with 16-bit operands
+    (``flops_bf16``). Elementwise FLOPs are left out: they are memory-bound, and XLA's cost
+    analysis, which counts them, counts a loop body once.
+
+    On CPU devices the compile keeps bf16 buffers bf16 (:data:`KEEP_BF16`) and attention is
+    :func:`compiled_attention`'s. ``hf``: the shapes of that Hugging Face checkpoint
+    instead of ``preset``'s.
+    """
+    from jtp.analysis.collectives import axes_key, bytes_by_axes, collectives
+    from jtp.analysis.dtypes import dot_flops_by_dtype
+    from jtp.analysis.memory import KEEP_BF16, peak_memory_per_device
+    from jtp.cli.recipes import LlamaTaskConfig, preset_config, trace_llama_step
+    from jtp.models.hf import config_of
+
+    platform = devices[0].platform
+    head_dim = (config_of(hf) if hf else preset_config(preset)).head_dim
+    task_config = LlamaTaskConfig(
+        preset=preset, hf=hf, seq_len=seq, batch_size=micro_batch * config.data, fsdp=config.fsdp,
+        sequence_parallel=config.sequence_parallel, loss_parallel=config.tensor > 1,
+        remat=config.remat, scan_layers=False,  # unrolled blocks add up (planner docstring)
+        attention=compiled_attention(attention, precision, head_dim, platform),
+    )  # fmt: skip
+    traced, mesh = trace_llama_step(
+        task_config, (config.data, config.tensor), devices, precision=precision,
+        n_layers=n_layers, accumulate=accumulate,
+    )  # fmt: skip
+    compiled = traced.lower().compile(KEEP_BF16 if platform == "cpu" else None)
+    records = collectives(compiled, mesh)
+    by_axis = {AXES_KEYS[k]: float(v) for k, v in bytes_by_axes(records).items()}
+    wire = dict.fromkeys(AXES_KEYS.values(), 0.0)
+    for c in records:
+        n = int(np.prod([mesh.shape[a] for a in c.axes or ()]))
+        wire[AXES_KEYS[axes_key(c)]] += c.bytes * ring_factor(c.kind, n)
+    # The jaxpr is the global program: every Llama matmul is split over all devices (batch
+    # over "data"; heads, features or vocabulary over "tensor"), so a device does 1 / n.
+    flops = {k: v / mesh.size for k, v in dot_flops_by_dtype(traced.jaxpr).items()}
+    return {
+        "memory": float(peak_memory_per_device(compiled)),
+        "flops": float(sum(flops.values())),
+        "flops_bf16": float(sum(v for k, v in flops.items() if k in ("bfloat16", "float16"))),
+        **{f"bytes_{k}": by_axis.get(k, 0.0) for k in AXES_KEYS.values()},
+        **{f"wire_{k}": v for k, v in wire.items()},
+    }
+
+
+def extrapolate(one: dict[str, float], two: dict[str, float], n_layers: int) -> dict[str, float]:
+    """f(L) = f(1) + (L - 1) * (f(2) - f(1)) for every per-step quantity."""
+    return {k: one[k] + (n_layers - 1) * (two[k] - one[k]) for k in one}
+
+
+def analytic_floor(n_params: int, n_devices: int, config: Any, precision: str) -> float:
+    """(params + grads + 2 AdamW moments) bytes per device, fp32 state."""
+    per_param = 16 if precision != "bf16-true" else 8
+    shards = n_devices if config.fsdp else config.tensor
+    return n_params * per_param / shards

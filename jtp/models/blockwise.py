@@ -1,0 +1,206 @@
+"""Blockwise (flash-style) attention in pure JAX: O(T) memory, forward and backward.
+
+XLA's attention materialises the (B, H, T, S) scores and saves them for the backward: at
+T = 8192 that is 256 MiB per head and sequence in float32. Here the keys are visited in
+blocks with an online softmax (Milakov & Gimelshein 2018; FlashAttention, Dao et al. 2022):
+each query block keeps a running maximum, a running sum and an unnormalised output, so at any
+time only one (block_q, block_k) tile of scores per head exists. A ``jax.custom_vjp`` saves
+what FlashAttention-2 saves (q, k, v, the output and the per-row log-sum-exp, all O(T)) and
+recomputes each tile's probabilities in the backward, so the backward never holds T^2 either.
+
+The arithmetic is that of ``jax.nn.dot_product_attention``'s XLA path: scores and softmax in
+float32 (bf16 x bf16 products accumulated in float32), probabilities cast to the values'
+dtype for the second matmul. Tiles above the causal diagonal (or outside a local window) are
+skipped with ``lax.cond``, which halves causal attention's work on backends that run one
+branch (CPU, GPU). It is what cuDNN's fused kernel does in memory, written for any backend:
+the capacity planner compiles it on CPU to size what a GPU runs with cuDNN.
+
+Dimension letters: B batch, T queries, S keys, K kv heads, R = H / K queries per kv head,
+E head dim, N query blocks, M key blocks, Q / C a query / key block's length.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+BLOCK = 512  # tile length: (B, H, 512, 512) float32 scores are 1 MiB per head and sequence
+_MASKED = float(jnp.finfo(jnp.float32).min)  # a finite -inf: exp(masked - max) is 0, not nan
+
+
+def _window(local_window_size: int | tuple[int, int] | None) -> tuple[int, int] | None:
+    if isinstance(local_window_size, int):
+        return (local_window_size, local_window_size)
+    return None if local_window_size is None else tuple(local_window_size)
+
+
+def blockwise_attention(
+    q_bthe: jax.Array,
+    k_bske: jax.Array,
+    v_bske: jax.Array,
+    *,
+    is_causal: bool = True,
+    local_window_size: int | tuple[int, int] | None = None,
+    block_q: int = BLOCK,
+    block_k: int = BLOCK,
+) -> jax.Array:
+    """Grouped-query attention of (B, T, H, E) queries over (B, S, K, E) keys and values
+    (query head h uses kv head h // (H / K)) -> (B, T, H, E), with the masks of
+    ``jax.nn.dot_product_attention`` (``is_causal``: key s <= query t; ``local_window_size``
+    (left, right): t - left <= s <= t + right). Sequences are padded to whole blocks.
+
+    Example::
+
+      out = blockwise_attention(q, k, v, block_q=128, block_k=128)
+    """
+    b, t, h, e = q_bthe.shape
+    s, kv = k_bske.shape[1], k_bske.shape[2]
+    if h % kv:
+        raise ValueError(f"blockwise_attention: {h} query heads not divisible by {kv} kv heads")
+    bq, bk = min(block_q, t), min(block_k, s)
+    static = (is_causal, _window(local_window_size), bq, bk, s, 1.0 / math.sqrt(e))
+    q_nbqkre = _blocks(q_bthe.reshape(b, t, kv, h // kv, e), bq)  # (N, B, Q, K, R, E)
+    k_mbcke, v_mbcke = _blocks(k_bske, bk), _blocks(v_bske, bk)  # (M, B, C, K, E)
+    out_nbqkre = _attend(static, q_nbqkre, k_mbcke, v_mbcke)
+    return _unblocks(out_nbqkre, t).reshape(b, t, h, e)
+
+
+def _blocks(x, block):
+    """(B, T, ...) -> (N, B, block, ...): T zero-padded to N whole blocks, blocks first."""
+    t = x.shape[1]
+    n = -(-t // block)
+    x = jnp.pad(x, [(0, 0), (0, n * block - t)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape(x.shape[0], n, block, *x.shape[2:]), 1, 0)
+
+
+def _unblocks(x, t):
+    """(N, B, block, ...) -> (B, T, ...), the padding dropped."""
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :t]
+
+
+def _tile_mask(static, i, j):
+    """(Q, C) bool: which (query, key) pairs of query block i and key block j attend, and
+    whether any does (a scalar: the tile can be skipped when not)."""
+    is_causal, window, bq, bk, s, _ = static
+    q_pos = i * bq + jnp.arange(bq)[:, None]  # (Q, 1)
+    k_pos = j * bk + jnp.arange(bk)[None, :]  # (1, C)
+    mask = k_pos < s  # padded keys never attend
+    if is_causal:
+        mask &= k_pos <= q_pos
+    if window is not None:
+        mask &= (q_pos <= k_pos + window[0]) & (q_pos >= k_pos - window[1])
+    return mask, jnp.any(mask)
+
+
+def _scores(static, q_bqkre, k_bcke, mask_qc):
+    """(B, K, R, Q, C) float32 scaled scores, masked entries at a finite minimum."""
+    s_bkrqc = jnp.einsum(
+        "bqkre,bcke->bkrqc", q_bqkre, k_bcke, preferred_element_type=jnp.float32
+    ) * jnp.float32(static[-1])
+    return jnp.where(mask_qc, s_bkrqc, _MASKED)
+
+
+def _forward(static, q_nbqkre, k_mbcke, v_mbcke):
+    """Output (N, B, Q, K, R, E) and log-sum-exp (N, B, K, R, Q) float32, by query block."""
+    m_blocks = k_mbcke.shape[0]
+
+    def query_block(_, xs):
+        i, q_bqkre = xs
+        b, bq, kv, r, e = q_bqkre.shape
+        init = (
+            jnp.full((b, kv, r, bq), _MASKED, jnp.float32),  # running max
+            jnp.zeros((b, kv, r, bq), jnp.float32),  # running sum of exp
+            jnp.zeros((b, kv, r, bq, e), jnp.float32),  # unnormalised output
+        )
+
+        def key_block(carry, ys):
+            j, k_bcke, v_bcke = ys
+            mask_qc, any_ = _tile_mask(static, i, j)
+
+            def update(carry):
+                m, total, acc = carry
+                s_bkrqc = _scores(static, q_bqkre, k_bcke, mask_qc)
+                m_new = jnp.maximum(m, s_bkrqc.max(-1))
+                p_bkrqc = jnp.where(mask_qc, jnp.exp(s_bkrqc - m_new[..., None]), 0.0)
+                scale = jnp.exp(m - m_new)
+                pv = jnp.einsum("bkrqc,bcke->bkrqe", p_bkrqc.astype(v_bcke.dtype), v_bcke,
+                                preferred_element_type=jnp.float32)  # fmt: skip
+                return m_new, total * scale + p_bkrqc.sum(-1), acc * scale[..., None] + pv
+
+            return jax.lax.cond(any_, update, lambda c: c, carry), None
+
+        (m, total, acc), _ = jax.lax.scan(key_block, init, (jnp.arange(m_blocks), k_mbcke, v_mbcke))
+        total = jnp.where(total == 0.0, 1.0, total)  # a row with no key to attend: output 0
+        out_bkrqe = (acc / total[..., None]).astype(q_bqkre.dtype)
+        return None, (jnp.einsum("bkrqe->bqkre", out_bkrqe), m + jnp.log(total))
+
+    n = q_nbqkre.shape[0]
+    _, (out, lse) = jax.lax.scan(query_block, None, (jnp.arange(n), q_nbqkre))
+    return out, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attend(static, q_nbqkre, k_mbcke, v_mbcke):
+    return _forward(static, q_nbqkre, k_mbcke, v_mbcke)[0]
+
+
+def _attend_fwd(static, q_nbqkre, k_mbcke, v_mbcke):
+    out, lse = _forward(static, q_nbqkre, k_mbcke, v_mbcke)
+    return out, (q_nbqkre, k_mbcke, v_mbcke, out, lse)  # O(T): no (T, S) tile is kept
+
+
+def _attend_bwd(static, residuals, dout_nbqkre):
+    """FlashAttention-2's backward: for each key block, visit the query blocks, recompute
+    the tile's probabilities from the saved log-sum-exp, accumulate dK and dV for the key
+    block and add each tile's dQ into a float32 (N, B, Q, K, R, E) accumulator."""
+    q_nbqkre, k_mbcke, v_mbcke, out_nbqkre, lse_nbkrq = residuals
+    scale = jnp.float32(static[-1])
+    # D = rowsum(dO * O): the softmax backward's correction, (N, B, K, R, Q) float32.
+    d_nbkrq = jnp.einsum("nbqkre,nbqkre->nbkrq", dout_nbqkre.astype(jnp.float32),
+                         out_nbqkre.astype(jnp.float32))  # fmt: skip
+    n = q_nbqkre.shape[0]
+
+    def key_block(dq_acc, xs):
+        j, k_bcke, v_bcke = xs
+
+        def query_block(carry, ys):
+            i, q_bqkre, do_bqkre, lse_bkrq, d_bkrq = ys
+            mask_qc, any_ = _tile_mask(static, i, j)
+
+            def grads(carry):
+                dk, dv = carry
+                s_bkrqc = _scores(static, q_bqkre, k_bcke, mask_qc)
+                p_bkrqc = jnp.where(mask_qc, jnp.exp(s_bkrqc - lse_bkrq[..., None]), 0.0)
+                dv = dv + jnp.einsum("bkrqc,bqkre->bcke", p_bkrqc.astype(do_bqkre.dtype),
+                                     do_bqkre, preferred_element_type=jnp.float32)  # fmt: skip
+                dp_bkrqc = jnp.einsum("bqkre,bcke->bkrqc", do_bqkre, v_bcke,
+                                      preferred_element_type=jnp.float32)  # fmt: skip
+                ds_bkrqc = (p_bkrqc * (dp_bkrqc - d_bkrq[..., None]) * scale).astype(q_bqkre.dtype)
+                dk = dk + jnp.einsum("bkrqc,bqkre->bcke", ds_bkrqc, q_bqkre,
+                                     preferred_element_type=jnp.float32)  # fmt: skip
+                dq = jnp.einsum("bkrqc,bcke->bqkre", ds_bkrqc, k_bcke,
+                                preferred_element_type=jnp.float32)  # fmt: skip
+                return (dk, dv), dq
+
+            def skip(carry):
+                return carry, jnp.zeros(q_bqkre.shape, jnp.float32)
+
+            return jax.lax.cond(any_, grads, skip, carry)
+
+        zeros = jnp.zeros(k_bcke.shape, jnp.float32)
+        ys = (jnp.arange(n), q_nbqkre, dout_nbqkre, lse_nbkrq, d_nbkrq)
+        (dk, dv), dq_nbqkre = jax.lax.scan(query_block, (zeros, zeros), ys)
+        return dq_acc + dq_nbqkre, (dk.astype(k_bcke.dtype), dv.astype(v_bcke.dtype))
+
+    m_blocks = k_mbcke.shape[0]
+    dq0 = jnp.zeros(q_nbqkre.shape, jnp.float32)
+    xs = (jnp.arange(m_blocks), k_mbcke, v_mbcke)
+    dq, (dk, dv) = jax.lax.scan(key_block, dq0, xs)
+    return dq.astype(q_nbqkre.dtype), dk, dv
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)

@@ -1,0 +1,52 @@
+"""The programs' persistent compilation cache: where it lives, how it is turned off, and that
+a second process loads what the first compiled (conftest turns it off for the other tests)."""
+
+import json
+import os
+
+from jtp.cli import compilation_cache
+from jtp.cli.train import build_parser
+from tests.processes import clean_env, start_process, stop_all
+
+RUN = ["--devices", "8", "--model", "llama", "--preset", "tiny", "--data-parallel", "2",
+       "--tensor-parallel", "4", "--fsdp", "--sequence-parallel", "--loss-parallel",
+       "--max-steps", "2", "--no-progress"]  # fmt: skip
+
+
+def test_directory_from_the_environment_and_flags(monkeypatch, tmp_path):
+    monkeypatch.delenv(compilation_cache.ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert compilation_cache.default_dir() == str(tmp_path / "jtp" / "xla")  # on by default
+    monkeypatch.setenv(compilation_cache.ENV, "/somewhere")
+    assert compilation_cache.default_dir() == "/somewhere"
+    assert build_parser().parse_args([]).compilation_cache == "/somewhere"
+    assert build_parser().parse_args(["--no-compilation-cache"]).compilation_cache is None
+    assert build_parser().parse_args(["--compilation-cache", "D"]).compilation_cache == "D"
+    monkeypatch.setenv(compilation_cache.ENV, "off")
+    assert compilation_cache.default_dir() is None
+    assert compilation_cache.enable(None) is None  # off: jax's config untouched
+
+
+def _run(tmp_path, tag, cache):
+    metrics = tmp_path / f"{tag}.json"
+    proc = start_process([*RUN, "--compilation-cache", str(cache), "--metrics-json",
+                          str(metrics)], tmp_path / f"{tag}.log", env=clean_env())  # fmt: skip
+    try:
+        assert proc.wait(timeout=300) == 0, (tmp_path / f"{tag}.log").read_text()[-3000:]
+    finally:
+        stop_all([proc])
+    return json.loads(metrics.read_text())
+
+
+def test_a_second_process_loads_the_first_ones_programs(tmp_path):
+    """The first run writes the entries (every program, small CPU ones too); an identical
+    second run in a new process compiles nothing: it adds no entry (each program is a hit)
+    and its train-step 'compile' is a load, faster than the first run's compile."""
+    cache = tmp_path / "cache"
+    first = _run(tmp_path, "first", cache)
+    entries = sorted(os.listdir(cache))
+    assert len(entries) >= 2  # the sharded init and the train step at least
+    second = _run(tmp_path, "second", cache)
+    assert sorted(os.listdir(cache)) == entries
+    assert second["compile_seconds"] < first["compile_seconds"]
+    assert second["losses"] == first["losses"]  # the loaded program computes the same
