@@ -90,7 +90,7 @@ def rel_err(a, b) -> float:
     lb = [np.asarray(x, np.float64) for x in jax.tree.leaves(b)]
     num = sum(float(np.sum((x - y) ** 2)) for x, y in zip(la, lb, strict=True))
     den = sum(float(np.sum(y**2)) for y in lb)
-    return float(np.sqrt(num / max(den, 1e-30)))
+    return float(np.sqrt(num / max(den, 1e-30)))  # 1e-30: only guards an all-zero reference
 
 
 def delta(after, before):
@@ -98,8 +98,34 @@ def delta(after, before):
     return jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), after, before)
 
 
-def make_fns(graphdef, loss_fn, tx):
-    """(forward+grad, two-step train) functions over the pure params State."""
+def flat(tree) -> np.ndarray:
+    """Every element of a pytree, in leaf order, as one float64 vector."""
+    return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
+
+
+# The parity tests' optimizers and tolerances (docs/testing.md, "How tolerances are chosen").
+LR = 1e-2
+ADAM_EPS = 1e-8  # optax.adamw's default
+# Sharded vs unsharded gradients, norm-relative. fp32 (eps 1.2e-7) sums of up to a few
+# thousand terms in another order (per-shard partial sums all-reduced over "tensor", the batch
+# reduced over "data") move each result by a few ulps: seen <= 1.4e-6 on every model here, on
+# AVX-512, AVX2 and SSE4.2 code alike.
+GRAD_TOL = 1e-5
+F32_EPS = float(np.finfo(np.float32).eps)  # 2**-23
+
+
+def adamw() -> optax.GradientTransformation:
+    return optax.adamw(LR, eps=ADAM_EPS)
+
+
+def momentum_sgd() -> optax.GradientTransformation:
+    """Two steps move p by -lr (1.9 g1 + g2): linear in the gradients, so the update after
+    several steps inherits their tolerance (AdamW's does not: assert_adamw_step_matches)."""
+    return optax.sgd(LR, momentum=0.9)
+
+
+def grad_fn(graphdef, loss_fn):
+    """(params, batch) -> (loss, output, gradients) over the pure params State."""
 
     def fwd_grad(params, batch):
         def f(p):
@@ -108,14 +134,84 @@ def make_fns(graphdef, loss_fn, tx):
         (loss, out), grads = jax.value_and_grad(f, has_aux=True)(params)
         return loss, out, grads
 
-    def train2(params, opt_state, batch):
+    return fwd_grad
+
+
+def make_fns(graphdef, loss_fn):
+    """(adamw_step, sgd_steps) over the pure params State.
+
+    ``adamw_step(params, opt_state, batch)`` -> loss, output, gradients, params and opt_state
+    after one AdamW step taken from those very gradients (one program, so the gradients
+    compared are the ones applied). ``sgd_steps(params, opt_state, batch)`` -> params and
+    opt_state after two momentum-SGD steps (the state carried from one step to the next)."""
+    fwd_grad, adam, sgd = grad_fn(graphdef, loss_fn), adamw(), momentum_sgd()
+
+    def adamw_step(params, opt_state, batch):
+        loss, out, grads = fwd_grad(params, batch)
+        updates, opt_state = adam.update(grads, opt_state, params)
+        return loss, out, grads, optax.apply_updates(params, updates), opt_state
+
+    def sgd_steps(params, opt_state, batch):
         for _ in range(2):
             _, _, grads = fwd_grad(params, batch)
-            updates, opt_state = tx.update(grads, opt_state, params)
+            updates, opt_state = sgd.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
         return params, opt_state
 
-    return fwd_grad, train2
+    return adamw_step, sgd_steps
+
+
+def assert_adamw_step_matches(got, ref, *, lr: float = LR, grad_tol: float = GRAD_TOL):
+    """One AdamW step from zero moments, sharded (``got``) vs unsharded (``ref``): dicts of
+    ``params`` (before the step), ``grads``, ``new`` (params after) and ``adam`` (the
+    ``ScaleByAdamState`` after). Compares what the gradients determine, and only that:
+
+    - the gradients, norm-relative within ``grad_tol``;
+    - mu = (1 - b1) g and sqrt(nu) = sqrt(1 - b2) |g|: one or two roundings away from the
+      gradients, and ||g| - |g'|| <= |g - g'|, so both within ``grad_tol`` too;
+    - the update -lr (g / (|g| + eps) + wd p), which is ~ -lr sign(g): where a gradient is
+      within rounding noise of zero its sign is not determined (another summation order,
+      another instruction set) and the two updates may differ by 2 lr. Every element obeys
+      |g_i - g'_i| <= ||g - g'||_2 < grad_tol ||g||_2 = tau / 2, so where |g_i| > tau both
+      have the same sign and |g'_i| > tau / 2: there g / (|g| + eps) differs by at most
+      eps / tau, and the updates by lr eps / tau plus the fp32 rounding of the update and of
+      p + u, F32_EPS (|p| + 16 lr). Exact-zero gradients on both sides (embedding rows no
+      token uses) give exactly -lr wd p and are compared too. At least 95% of the elements
+      must be so determined, so the check never passes by checking nothing.
+    """
+    assert rel_err(got["grads"], ref["grads"]) < grad_tol
+    assert rel_err(got["adam"].mu, ref["adam"].mu) < grad_tol
+    root = lambda t: jax.tree.map(lambda v: np.sqrt(np.asarray(v, np.float64)), t)  # noqa: E731
+    assert rel_err(root(got["adam"].nu), root(ref["adam"].nu)) < grad_tol
+    g, g_got = flat(ref["grads"]), flat(got["grads"])
+    tau = 2 * grad_tol * float(np.linalg.norm(g))
+    sure = (np.abs(g) > tau) | ((g == 0) & (g_got == 0))
+    assert sure.mean() > 0.95, f"only {sure.mean():.1%} of the elements are determined"
+    diff = np.abs(flat(delta(got["new"], got["params"])) - flat(delta(ref["new"], ref["params"])))
+    bound = lr * ADAM_EPS / tau + F32_EPS * (np.abs(flat(ref["params"])) + 16 * lr)
+    bad = np.flatnonzero(sure & (diff > bound))
+    assert not bad.size, (
+        f"{bad.size} determined update elements differ: first at flat index {bad[0]}, "
+        f"|g| {abs(g[bad[0]]):.3e} > tau {tau:.3e}, diff {diff[bad[0]]:.3e} > {bound[bad[0]]:.3e}"
+    )
+
+
+def assert_sgd_steps_match(got, ref, *, steps: int = 2, grad_tol: float = GRAD_TOL):
+    """``steps`` momentum-SGD steps, sharded (``got``) vs unsharded (``ref``): dicts of
+    ``params`` (before), ``new`` (after) and ``trace`` (the momentum after). Both are sums of
+    gradients, so they inherit the gradients' tolerance:
+
+    - the momentum, sum_t 0.9**(steps - t) g_t with each g_t taken at the parameters the
+      previous steps made (a state carried wrongly or a step not applied moves it by
+      percents), within ``grad_tol``;
+    - the update p_steps - p_0 within ``grad_tol`` of its norm, plus the fp32 rounding of
+      p + u at every step on each side (<= 2**-24 |p| per element and step: steps * F32_EPS
+      * ||p|| in all), which dominates when lr |g| is far below |p|.
+    """
+    assert rel_err(got["trace"], ref["trace"]) < grad_tol
+    u, u_ref = flat(delta(got["new"], got["params"])), flat(delta(ref["new"], ref["params"]))
+    rounding = steps * F32_EPS * float(np.linalg.norm(flat(ref["params"])))
+    assert np.linalg.norm(u - u_ref) < grad_tol * np.linalg.norm(u_ref) + rounding
 
 
 class Mixer(nnx.Module):

@@ -9,7 +9,13 @@ from pathlib import Path
 
 
 def clean_env() -> dict[str, str]:
+    """This process's environment less its forced device count (a worker sets its own); other
+    XLA flags carry over, so under ``make test-avx2`` every process computes as AVX2."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    kept = [f for f in flags if not f.startswith("--xla_force_host_platform_device_count")]
+    if kept:
+        env["XLA_FLAGS"] = " ".join(kept)
     env["JAX_PLATFORMS"] = "cpu"
     return env
 

@@ -163,3 +163,17 @@ def test_no_fault_injection_in_library_code():
     """Faults are injected by tests from outside (wrapper scripts), never by env switches."""
     hits = [n for n, p in MODULES.items() if "JTP_FAULT" in p.read_text()]
     assert not hits
+
+
+def test_the_avx2_run_names_tests_that_exist():
+    """``make test-avx2`` (CI) lists tests by id: a moved or renamed test must not silently
+    drop out of it (pytest would stop on a missing file, but not on a renamed parameter)."""
+    import re
+
+    text = (ROOT / "Makefile").read_text()
+    block = text[text.index("AVX2_TESTS :=") :].split("\n\n")[0]
+    for entry in re.findall(r"(tests/[\w/]+\.py)(?:::(\w+))?", block):
+        path, name = entry
+        assert (ROOT / path).exists(), path
+        if name:
+            assert f"def {name}(" in (ROOT / path).read_text(), (path, name)

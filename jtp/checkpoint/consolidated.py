@@ -23,16 +23,29 @@ from jtp.parallel.parallelize import sharded_init
 from jtp.parallel.plan import Plan
 
 
-def gathered_on_process_0(x: jax.Array) -> np.ndarray | None:
-    """The whole of a sharded array, on process 0's host; ``None`` elsewhere.
+def _take(a: jax.Array, layer: jax.Array) -> jax.Array:
+    return a[layer]
+
+
+def gathered_on_process_0(x: jax.Array, layer: int | None = None) -> np.ndarray | None:
+    """The whole of a sharded array (or of ``x[layer]``, one layer of a stacked parameter),
+    on process 0's host; ``None`` elsewhere.
 
     Every process takes part (the gather is one collective over the array's mesh); only
-    process 0 copies the result to host memory. Device memory holds the whole array
-    transiently, one array at a time.
+    process 0 copies the result to host memory. Device memory holds the whole array (or
+    layer) transiently, one at a time.
     """
     sharding = getattr(x, "sharding", None)
-    if isinstance(sharding, NamedSharding) and not sharding.is_fully_replicated:
-        x = jax.jit(lambda a: a, out_shardings=NamedSharding(sharding.mesh, P()))(x)
+    if isinstance(sharding, NamedSharding) and (
+        layer is not None or not sharding.is_fully_replicated
+    ):
+        whole = NamedSharding(sharding.mesh, P())
+        if layer is None:
+            x = jax.jit(lambda a: a, out_shardings=whole)(x)
+        else:  # the layer index is traced: one program for every layer of this shape
+            x = jax.jit(_take, out_shardings=whole)(x, np.int32(layer))
+    elif layer is not None:
+        x = x[layer]
     if jax.process_index() != 0:
         return None
     return np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x)

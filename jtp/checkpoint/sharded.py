@@ -8,7 +8,8 @@ leaves only a temporary directory, which is ignored). Restoring takes *abstract*
 
 The training state is stored as a flat ``{"params.w1.kernel": array, ...}`` dict, so
 it is independent of pytree node types; a small JSON record beside it holds the step, the
-epoch, the loader position, the mesh, the plan and the jtp version.
+epoch, the loader position, the mesh, the plan and the jtp version. A model's layers restore
+across their two layouts, unrolled and stacked for a scan (:mod:`jtp.checkpoint.conversion`).
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from jtp.checkpoint.conversion import Read, assemble, plan_read, source_targets
 from jtp.distributed import agree_min
 from jtp.parallel.abstract import abstract_array, abstract_tree
 from jtp.parallel.names import leaf_names
+from jtp.parallel.stacked import layer_names
 
 log = logging.getLogger("jtp.checkpoint.sharded")
 
@@ -72,6 +75,16 @@ def _legacy_name(name: str) -> str:
     if name.endswith(_KEY_SUFFIX):
         return name.removesuffix(_KEY_SUFFIX) + _LEGACY + _KEY_SUFFIX
     return name + _LEGACY
+
+
+def _layers_hint(name: str, shape: tuple[int, ...], saved: Any) -> str:
+    """Why a stacked entry was not found when the checkpoint holds some of its layers."""
+    if shape and layer_names(name, 1, saved):
+        return (
+            f" (it holds unrolled layers of it, but not all {shape[0]} the model stacks: "
+            "written with another n_layers?)"
+        )
+    return ""
 
 
 class CheckpointMismatchError(ValueError):
@@ -126,35 +139,44 @@ class Checkpointer:
             raise FileNotFoundError(f"checkpoint step {step} has no readable state metadata")
         return saved
 
-    def _saved_names(self, step: int, target: dict[str, Any]) -> dict[str, str]:
-        """``{target name: name in the checkpoint}``; older checkpoints spelled a variable
-        ``params.w1.kernel.value``, and still restore."""
+    def _reads(self, step: int, target: dict[str, Any]) -> dict[str, Read]:
+        """Where each target entry is in the checkpoint (:mod:`jtp.checkpoint.conversion`:
+        under its name, or across unrolled and stacked layers); older checkpoints spelled
+        a variable ``params.w1.kernel.value``, and still restore."""
         saved = self._state_metadata(step)
         legacy = not any(n in saved for n in target) and any(
             _legacy_name(n) in saved for n in target
         )
-        names = {n: _legacy_name(n) if legacy else n for n in target}
-        self._check_shapes(step, target, names, saved)
-        return names
+        reads = {
+            n: plan_read(_legacy_name(n) if legacy else n, tuple(a.shape), saved)
+            for n, a in target.items()
+        }
+        self._check_shapes(step, target, reads, saved)
+        return reads
 
     def _check_shapes(
-        self, step: int, target: dict[str, Any], names: dict[str, str], saved: Any
+        self, step: int, target: dict[str, Any], reads: dict[str, Read], saved: Any
     ) -> None:
         # Parameters first: the error should name a parameter, not its Adam moment.
         for name in sorted(target, key=lambda n: (not n.startswith("params."), n)):
-            want, name = target[name], names[name]
-            if name not in saved:
-                raise CheckpointMismatchError(
-                    f"checkpoint step {step} in {self.directory} has no entry for {name!r}; "
-                    "it was written by a different model or optimizer"
-                )
-            shape = tuple(saved[name].shape)
-            if shape != tuple(want.shape):
-                raise CheckpointMismatchError(
-                    f"checkpoint step {step}: parameter {name!r} has shape {shape} but the "
-                    f"model expects {tuple(want.shape)}; the checkpoint is for another "
-                    "model configuration"
-                )
+            want, read = tuple(target[name].shape), reads[name]
+            for source in read.sources:
+                if source not in saved:
+                    raise CheckpointMismatchError(
+                        f"checkpoint step {step} in {self.directory} has no entry for "
+                        f"{source!r}{_layers_hint(source, want, saved)}; it was written by a "
+                        "different model or optimizer"
+                    )
+                shape = tuple(saved[source].shape)
+                expect = want[1:] if read.stacks else want
+                got = shape[1:] if read.layer is not None else shape
+                if got != expect or (read.layer is not None and read.layer >= shape[0]):
+                    raise CheckpointMismatchError(
+                        f"checkpoint step {step}: parameter {source!r} has shape {shape} but "
+                        f"the model expects {expect if read.stacks else want}"
+                        f"{' (one layer of ' + repr(name) + ')' if read.stacks else ''}; the "
+                        "checkpoint is for another model configuration"
+                    )
 
     def _readable(self, step: int) -> bool:
         """This process can read ``step``'s metadata (a damaged or missing file: False)."""
@@ -195,8 +217,8 @@ class Checkpointer:
         skipped: list[int] = []
         while (s := self._agreed_step(candidates)) is not None:
             try:
-                names = self._saved_names(s, target)
-                saved_target = {names[n]: a for n, a in target.items()}
+                reads = self._reads(s, target)
+                saved_target = source_targets(reads, target, self._state_metadata(s))
                 out = self._manager.restore(
                     s,
                     args=ocp.args.Composite(
@@ -212,7 +234,7 @@ class Checkpointer:
             if agree_min(ok) == 1:
                 if skipped or s != max(candidates):
                     log.warning("restored step %s; newer step(s) were unreadable", s)
-                flat = {n: out["state"][names[n]] for n in target}
+                flat = assemble(reads, dict(out["state"]), target)
                 return unflatten_state(flat, like), dict(out["meta"]), s
             skipped.append(s)
             candidates = [c for c in candidates if c < s]

@@ -4,7 +4,9 @@ A field ``log_every_n_steps: int = 10`` of a dataclass whose docstring documents
 ``Attributes:`` becomes ``--log-every-n-steps N`` (type int, default 10, help = that entry);
 a bool field becomes ``--name`` / ``--no-name``; a field of type ``X | None`` takes an X and
 defaults to None; ``dataclasses.field(metadata={"choices": (...)})`` restricts the values
-(``None`` among them is spelt ``none``). Parsed arguments map back by field name
+(``None`` among them is spelt ``none``); ``metadata={"bare": value}`` lets the flag stand
+alone, meaning ``value`` (``--remat`` = ``--remat full``), and ``{"negated": value}`` adds
+``--no-name`` meaning ``value``. Parsed arguments map back by field name
 (:func:`options_from_args`), so an option is added in one place: its dataclass.
 """
 
@@ -132,7 +134,15 @@ class FieldFlags:
             kwargs.update(type=scalar, choices=choices)
         else:
             kwargs.update(type=scalar, metavar=self.metavars.get(f.name, METAVARS[scalar]))
+        if "bare" in f.metadata:  # "--remat" alone means "--remat full"
+            kwargs.update(nargs="?", const=f.metadata["bare"])
         group.add_argument(*spellings, **kwargs)
+        if "negated" in f.metadata:  # "--no-remat" means "--remat none"
+            group.add_argument(
+                "--no-" + flag(f.name)[2:], dest=f.name, action="store_const",
+                const=f.metadata["negated"], default=argparse.SUPPRESS,
+                help=f"the same as {flag(f.name)} {f.metadata['negated']}",
+            )  # fmt: skip
 
 
 def field_values(cls: type, args: argparse.Namespace) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Capacity planner: which (data, tensor) split, fsdp, sequence parallel and remat to use.
+"""Capacity planner: which (data, tensor) split, fsdp, sequence parallel and remat policy to use.
 
 For each valid configuration the planner compiles jtp's real Llama train step *abstractly*
 (:mod:`jtp.training.compile`: shapes and shardings only, nothing allocated) for as many forced CPU
@@ -7,7 +7,12 @@ by dtype (the traced step) and collective bytes by mesh axis (the HLO): :mod:`jt
 Compiling all layers of an 8B model 28 times would take too long on a small machine, so it
 compiles 1- and 2-layer versions and extrapolates linearly in the layer count (blocks are
 identical, so every per-block quantity is exactly additive; ``tests/cli/test_planner.py``
-checks the linearity).
+checks the linearity). It compiles the model's unrolled twin (``scan_layers=False``): a
+scanned step's loop body counts once in XLA's cost analysis whatever its trips, and a
+one-trip loop is simplified away, so only unrolled blocks add up layer by layer. The scanned
+step ``fit`` runs keeps the same per-layer state and sends the same tensor-axis bytes; it
+needs at most the memory planned (less under remat) and, with fsdp, all-gathers each layer's
+weights again in the backward (``tests/cli/test_planner.py`` measures both).
 
 It sizes the GPU program, not the CPU stand-in: bf16 buffers are counted at 2 bytes (the
 compile keeps the CPU backend from upcasting them: :data:`jtp.analysis.memory.KEEP_BF16`),
@@ -35,6 +40,7 @@ from jtp.cli.output import write_json
 from jtp.cli.roofline import GB, Hardware, default_mem_fraction, estimate
 from jtp.cli.sizing import analytic_floor, compiled_attention, extrapolate, measure
 from jtp.models.attention import ATTENTION
+from jtp.models.stack import REMAT_POLICIES, remat_name
 from jtp.training.precision import PRECISIONS
 
 
@@ -44,19 +50,30 @@ class Config:
     tensor: int
     fsdp: bool
     sequence_parallel: bool
-    remat: bool
+    remat: str  # a policy of jtp.models.stack ("none", "full", ...); True / False: full / none
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "remat", remat_name(self.remat))
 
     def label(self) -> str:
-        flags = [f for f in ("fsdp", "sequence_parallel", "remat") if getattr(self, f)]
+        flags = [f for f in ("fsdp", "sequence_parallel") if getattr(self, f)]
+        flags += [] if self.remat == "none" else [f"remat={self.remat}".replace("=full", "")]
         return f"{self.data}x{self.tensor} " + (
             ",".join(f.replace("sequence_parallel", "sp") for f in flags) or "-"
         )
 
 
 def configurations(
-    n_devices: int, per_host: int, n_heads: int, n_kv: int, batch: int, seq: int
+    n_devices: int,
+    per_host: int,
+    n_heads: int,
+    n_kv: int,
+    batch: int,
+    seq: int,
+    remat: tuple[str, ...] = REMAT_POLICIES,
 ) -> list[Config]:
-    """Valid splits: tensor divides the heads, fits in one host; data divides the batch."""
+    """Valid splits: tensor divides the heads, fits in one host; data divides the batch;
+    each with every remat policy in ``remat``."""
     out = []
     for t in range(1, min(per_host, n_devices) + 1):
         if n_devices % t or n_heads % t or n_kv % t:
@@ -66,8 +83,8 @@ def configurations(
             continue
         for fsdp in (False, True) if d > 1 else (False,):  # fsdp over 1 device is a no-op
             for sp in (False, True) if t > 1 and seq % t == 0 else (False,):
-                for remat in (False, True):
-                    out.append(Config(d, t, fsdp, sp, remat))
+                for policy in remat:
+                    out.append(Config(d, t, fsdp, sp, policy))
     return out
 
 
@@ -111,6 +128,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--inter-host-gbps", type=float, default=hw.inter_host_gbps, help="GB/s/device across"
     )
     p.add_argument("--tensor", default=None, help="only these tensor sizes, e.g. 4,8")
+    p.add_argument(
+        "--remat", default=",".join(REMAT_POLICIES), help="remat policies to try, e.g. none,full"
+    )
     p.add_argument("--json", default="bench_results/plan.json", help="JSON output path")
     compilation_cache.add_flags(p)
     args = p.parse_args(argv)
@@ -139,8 +159,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.attention_compiled = compiled_attention(
         args.attention, args.precision, model.head_dim, devices[0].platform
     )
+    policies = tuple(remat_name(r) for r in args.remat.split(","))
     configs = configurations(args.devices, args.devices_per_host, model.n_heads,
-                             model.n_kv_heads, args.global_batch, args.seq_len)  # fmt: skip
+                             model.n_kv_heads, args.global_batch, args.seq_len,
+                             policies)  # fmt: skip
     if args.tensor:
         keep = {int(t) for t in args.tensor.split(",")}
         configs = [c for c in configs if c.tensor in keep]

@@ -135,7 +135,7 @@ class LlamaTask(TrainModule):
         if config.hf:  # the checkpoint's shapes; positions used: seq_len (sliding windows)
             self.model_config = config_of(
                 config.hf, max_seq_len=config.seq_len, remat=config.remat,
-                attention=config.attention,
+                attention=config.attention, scan_layers=config.scan_layers,
             )  # fmt: skip
             if config.data:  # token ids must come from the checkpoint's own tokenizer
                 data_vocab(config.data, self.model_config.vocab_size)
@@ -144,6 +144,7 @@ class LlamaTask(TrainModule):
             self.model_config = dataclasses.replace(
                 preset,
                 remat=config.remat,
+                scan_layers=config.scan_layers,
                 attention=config.attention,
                 vocab_size=data_vocab(config.data) if config.data else preset.vocab_size,
                 max_seq_len=max(preset.max_seq_len, config.seq_len),
@@ -169,7 +170,7 @@ class LlamaTask(TrainModule):
             return load_pretrained(
                 c.hf, mesh, fsdp=c.fsdp, sequence_parallel=c.sequence_parallel,
                 loss_parallel=c.loss_parallel, remat=c.remat, max_seq_len=c.seq_len,
-                attention=c.attention,
+                attention=c.attention, scan_layers=c.scan_layers,
             )  # fmt: skip
         return sharded_init(factory, mesh, self.plan, fsdp=c.fsdp)
 

@@ -71,7 +71,8 @@ def measure(
     task_config = LlamaTaskConfig(
         preset=preset, hf=hf, seq_len=seq, batch_size=micro_batch * config.data, fsdp=config.fsdp,
         sequence_parallel=config.sequence_parallel, loss_parallel=config.tensor > 1,
-        remat=config.remat, attention=compiled_attention(attention, precision, head_dim, platform),
+        remat=config.remat, scan_layers=False,  # unrolled blocks add up (planner docstring)
+        attention=compiled_attention(attention, precision, head_dim, platform),
     )  # fmt: skip
     traced, mesh = trace_llama_step(
         task_config, (config.data, config.tensor), devices, precision=precision,

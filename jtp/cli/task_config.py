@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from jtp.models.attention import ATTENTION
+from jtp.models.stack import REMAT_POLICIES, remat_name
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -61,7 +62,13 @@ class LlamaTaskConfig(TaskConfig):
         DIR/val.bin, the vocabulary from DIR/meta.json (instead of random tokens).
       sequence_parallel: split the residual stream on the sequence over "tensor".
       loss_parallel: cross-entropy on vocabulary-sharded logits.
-      remat: activation checkpointing: recompute each block in the backward pass.
+      remat: activation checkpointing, what each block keeps for the backward pass:
+        ``none``; ``full`` (only its input: the block is recomputed; the flag alone means
+        this); ``dots`` (also the projections' outputs: norms, RoPE, SwiGLU and attention
+        scores are recomputed); ``minimal`` (also the attention output). True / False, from
+        older configs, mean full / none.
+      scan_layers: stack the blocks' parameters on a layer axis and run them with one
+        ``jax.lax.scan`` (compiled once whatever the depth); ``--no-scan-layers``: unrolled.
       hf: fine-tune this Hugging Face checkpoint directory (instead of ``preset``).
       attention: the attention kernel: ``auto`` (cuDNN's fused attention on a GPU with
         bf16/fp16 inputs, XLA's elsewhere), ``xla``, ``cudnn`` (an error where it cannot
@@ -73,6 +80,12 @@ class LlamaTaskConfig(TaskConfig):
     data: str | None = None
     sequence_parallel: bool = False
     loss_parallel: bool = False
-    remat: bool = False
+    remat: str = dataclasses.field(
+        default="none", metadata={"choices": REMAT_POLICIES, "bare": "full", "negated": "none"}
+    )
+    scan_layers: bool = True
     hf: str | None = None
     attention: str = dataclasses.field(default="auto", metadata={"choices": ATTENTION})
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "remat", remat_name(self.remat))  # True -> "full", ...

@@ -5,7 +5,8 @@ SwiGLU feed-forward (``w1``, ``w2``, ``w3``: jtp's :class:`FeedForward`), a fina
 an output projection. No mesh, no axis names: a plan shards the weights from outside
 (:func:`jtp.plans.llama`), and four ``shard_activation`` marks ("residual", "tp_input",
 "heads", "logits") let a plan lay out activations for sequence and loss parallelism; they do nothing
-without one.
+without one. The blocks are stacked on a layer axis and run by one scan (``scan_layers``, the
+default) or unrolled, each under a remat policy (:mod:`jtp.models.stack`).
 
 Config fields grow the same code into the Hugging Face relatives :mod:`jtp.models.hf` loads:
 q/k/v biases (Qwen2), a per-head q/k RMSNorm and a head dim that is not ``dim / n_heads``
@@ -25,10 +26,13 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jtp.models.attention import ATTENTION, attention
 from jtp.models.feedforward import FeedForward
+from jtp.models.stack import ATTENTION_OUT, remat_name, run_blocks
 from jtp.parallel.activations import shard_activation
+from jtp.parallel.stacked import stack
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +70,13 @@ class LlamaConfig:
     max_seq_len: int = 64  # longest sequence the RoPE table covers
     rope_theta: float = 500000.0  # Llama 3's RoPE base
     norm_eps: float = 1e-5  # RMSNorm epsilon
-    remat: bool = False  # recompute each block in the backward pass (activation checkpointing)
+    # What each block keeps for the backward pass: "none", "full" (only its input: the
+    # backward recomputes the block), "dots" (also the projections' outputs) or "minimal"
+    # (also the attention output); jtp.models.stack says exactly. True/False: "full"/"none".
+    remat: str = "none"
+    # The blocks' parameters stacked on a leading layer axis and run by one jax.lax.scan
+    # (one compiled block whatever n_layers); False: an nnx.List, unrolled (layers.0, ...).
+    scan_layers: bool = True
     explicit_head_dim: int | None = None  # E when it is not dim // n_heads (Qwen3: 128 at 1024/16)
     qkv_bias: bool = False  # biases on wq, wk, wv (Qwen2)
     qk_norm: bool = False  # RMSNorm over E of each query and key head, before RoPE (Qwen3)
@@ -83,6 +93,7 @@ class LlamaConfig:
         return self.explicit_head_dim or self.dim // self.n_heads
 
     def __post_init__(self):
+        object.__setattr__(self, "remat", remat_name(self.remat))  # True -> "full", ...
         if self.explicit_head_dim is None and self.dim % self.n_heads:
             raise ValueError(f"LlamaConfig: dim {self.dim} not divisible by n_heads {self.n_heads}")
         if self.head_dim % 2:
@@ -194,6 +205,7 @@ class Attention(nnx.Module):
         # (jtp.models.attention); both take the softmax in float32.
         out_bthe = attention(q_bthe, k_bske, v_bske, implementation=self.implementation)
         out_bthe = shard_activation(out_bthe, "heads")  # keeps the backward split by head too
+        out_bthe = checkpoint_name(out_bthe, ATTENTION_OUT)  # what remat="minimal" keeps
         return self.wo(out_bthe.reshape(b, t, h * e))  # (B, T, D)
 
 
@@ -223,10 +235,6 @@ class TransformerBlock(nnx.Module):
         return shard_activation(h_btd + self.feed_forward(f_btd), "residual")
 
 
-def _block(block: TransformerBlock, x_btd, cos_tf, sin_tf):
-    return block(x_btd, cos_tf, sin_tf)
-
-
 class Llama(nnx.Module):
     """Llama 3 decoder: ``tokens (B, T) int -> logits (B, T, V)``.
 
@@ -239,9 +247,14 @@ class Llama(nnx.Module):
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.tok_embeddings = nnx.Embed(config.vocab_size, config.dim, rngs=rngs, **_dtypes(config))
-        self.layers = nnx.List(
-            [TransformerBlock(config, rngs=rngs) for _ in range(config.n_layers)]
-        )
+
+        def block(layer_rngs: nnx.Rngs) -> TransformerBlock:
+            return TransformerBlock(config, rngs=layer_rngs)
+
+        if config.scan_layers:  # layers.attention.wq.kernel: (n_layers, D, H * E)
+            self.layers = stack(block, config.n_layers, rngs)
+        else:  # layers.0.attention.wq.kernel: (D, H * E), ...
+            self.layers = nnx.List([block(rngs) for _ in range(config.n_layers)])
         self.norm = _norm(config.dim, config, rngs)
         # Tied: no output layer; the logits use the embedding table (one array, one gradient).
         self.output = (
@@ -254,9 +267,7 @@ class Llama(nnx.Module):
             raise ValueError(f"sequence length {tokens_bt.shape[1]} > max_seq_len {c.max_seq_len}")
         cos_tf, sin_tf = rope_tables(c.head_dim, tokens_bt.shape[1], c.rope_theta, c.rope_scaling)
         x_btd = shard_activation(self.tok_embeddings(tokens_bt), "residual")  # (B, T, D)
-        block_fn = nnx.remat(_block) if c.remat else _block
-        for block in self.layers:
-            x_btd = block_fn(block, x_btd, cos_tf, sin_tf)
+        x_btd = run_blocks(self.layers, x_btd, cos_tf, sin_tf, remat=c.remat)  # (B, T, D)
         h_btd = _gathered(self.norm(x_btd))
         if self.output is None:  # h @ table.T: (B, T, D) x (V, D) -> (B, T, V)
             logits_btv = self.tok_embeddings.attend(h_btd)

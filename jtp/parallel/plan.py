@@ -3,7 +3,9 @@
 A plan is a plain dict ``{module_path_pattern: style}`` kept outside the model, as torch's
 ``parallelize_module`` takes it. Paths are the model's attribute paths joined by ``.`` (list
 items by their index: ``"blocks.0.mlp.up_proj"``); patterns match with :func:`fnmatch.fnmatchcase`,
-so ``*`` may cross dots (``"blocks.*.up_proj"`` matches every block's ``up_proj``).
+so ``*`` may cross dots (``"blocks.*.up_proj"`` matches every block's ``up_proj``). Layers
+stacked for a scan (:mod:`jtp.parallel.stacked`) match the same keys: each style lays out one
+layer, and the leading layer axis stays replicated.
 
 Resolution is pure shape work on an (abstract) model: it never compiles or allocates, so every
 mistake in a plan is a ``ValueError`` before any compile, naming the key, the parameter, the
@@ -36,6 +38,7 @@ from jax.sharding import PartitionSpec as P
 from jtp.mesh import DATA, TENSOR
 from jtp.parallel.layer_rules import LARGEST, Layout, Rule
 from jtp.parallel.names import path_str
+from jtp.parallel.stacked import layer_axes, match_name, one_layer, stack_roots, with_layer_axes
 from jtp.parallel.styles import ParallelStyle
 
 StyleMap = Mapping[str, ParallelStyle]
@@ -133,7 +136,8 @@ def match_plan(model: nnx.Module, plan: Plan) -> dict[str, tuple[str, ParallelSt
     value that is not a style, or a style on a module type it cannot shard.
     """
     styles = plan_styles(plan)
-    modules = _module_table(model)
+    modules, roots = _module_table(model), stack_roots(model)
+    names = {p: match_name(p, roots) for p in modules}  # stacked layers: "layers.*.wq"
     matched: dict[str, tuple[str, ParallelStyle]] = {}
     for key, style in styles.items():
         if not isinstance(style, ParallelStyle):
@@ -141,9 +145,11 @@ def match_plan(model: nnx.Module, plan: Plan) -> dict[str, tuple[str, ParallelSt
                 f"plan[{key!r}] = {style!r} is not a parallel style; use "
                 "jtp.ColwiseParallel(), jtp.RowwiseParallel() or jtp.ParamSharding({...})"
             )
-        hits = [p for p in modules if fnmatch.fnmatchcase(p, key)]
+        hits = [
+            p for p in modules if fnmatch.fnmatchcase(names[p], key) or fnmatch.fnmatchcase(p, key)
+        ]
         if not hits:
-            sample = ", ".join(list(modules)[:12]) or "(none)"
+            sample = ", ".join(list(names.values())[:12]) or "(none)"
             raise ValueError(
                 f"plan key {key!r} matches no module of {type(model).__name__}; "
                 f"module paths are: {sample}"
@@ -168,11 +174,11 @@ def match_plan(model: nnx.Module, plan: Plan) -> dict[str, tuple[str, ParallelSt
 
 def _layouts(model: nnx.Module, matched: dict[str, tuple[str, ParallelStyle]]) -> dict[str, Layout]:
     """``{module_path: layout}`` of every matched module; a style's complaint gets the key."""
-    modules, out = _module_table(model), {}
+    modules, roots, out = _module_table(model), stack_roots(model), {}
     for path, (key, style) in matched.items():
         module = modules[path]
-        try:
-            out[path] = style.layout(module)
+        try:  # a stack of layers is laid out as one layer (its layer axes replicated)
+            out[path] = style.layout(one_layer(module, layer_axes(path, roots)))
         except ValueError as e:
             raise ValueError(
                 f"plan[{key!r}]: {type(style).__name__} on module {path!r} of type "
@@ -250,21 +256,23 @@ def resolve(model: nnx.Module, mesh: Mesh, plan: Plan, *, fsdp: bool = False) ->
         if axis not in mesh.shape:
             raise ValueError(f"mesh axes are {tuple(mesh.shape)}; jtp needs {(DATA, TENSOR)}")
     matched = match_plan(model, plan)
-    layouts = _layouts(model, matched)
+    layouts, roots = _layouts(model, matched), stack_roots(model)
     placements = []
     for path, var in nnx.to_flat_state(nnx.state(model)):
         name = path_str(path)
         shape = tuple(var.get_value().shape)
+        axes = layer_axes(name, roots)  # stacked layers: rules apply to one layer's shape
         owner = _owner(path, matched, layouts)
         key, style = matched[owner[0]] if owner else (None, None)
         rule = layouts[owner[0]][owner[1]] if owner else None
         if rule is not None:
-            spec = _place(f"plan[{key!r}]", name, shape, rule, mesh, fsdp)
+            spec = _place(f"plan[{key!r}]", name, shape[axes:], rule, mesh, fsdp)
         elif fsdp and isinstance(var, nnx.Param):
-            dim = _largest_divisible_dim(shape, int(mesh.shape[DATA]))
-            spec = P(*(DATA if d == dim else None for d in range(len(shape))))
+            dim = _largest_divisible_dim(shape[axes:], int(mesh.shape[DATA]))
+            spec = P(*(DATA if d == dim else None for d in range(len(shape) - axes)))
         else:
-            spec = P(*(None,) * len(shape))
+            spec = P(*(None,) * (len(shape) - axes))
+        spec = with_layer_axes(spec, axes)
         placements.append(Placement(name, shape, var.get_value().dtype, key, style, spec))
     return placements
 

@@ -65,8 +65,30 @@ def test_gpu_benchmark_says_so_without_a_gpu_and_runs_its_code_path_with_smoke(t
     payload = bench_main(["gpu", "--smoke", "--steps", "2", "--warmup", "1", "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
     assert payload["smoke"] and payload["platform"] == "cpu" and payload["mfu"] is None
-    assert payload["layout"] == {"data": 2, "tensor": 4, "fsdp": True, "remat": False}
+    assert payload["layout"] == {"data": 2, "tensor": 4, "fsdp": True, "remat": "none"}
     assert payload["tokens_per_s_per_device"] > 0 and payload["precision"] == "bf16-mixed"
     assert payload["cudnn_attention_in_program"] is False  # XLA's path on CPU
     assert payload["bf16_matmul_flops_share"] >= 0.95
     assert "SMOKE" in capsys.readouterr().out
+
+
+def test_compile_benchmark_code_path_at_tiny_sizes(tmp_path, capsys):
+    """``bench compile`` end to end at 2 layers of width 128, two remat policies (not timed:
+    the real run's figures are bench_results/compile.json); its JSON renders in the docs'
+    format."""
+    from jtp.cli.bench.docs import RENDERERS
+
+    out = tmp_path / "compile.json"
+    payload = bench_main(["compile", "--depths", "2", "--dim", "128", "--seq", "16",
+                          "--policy-layers", "2", "--remat", "none,full",
+                          "--json", str(out)])  # fmt: skip
+    assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
+    assert [r["layers"] for r in payload["rows"]] == [2]
+    assert all(r["scanned_s"] > 0 and r["unrolled_s"] > 0 for r in payload["rows"])
+    by = {r["remat"]: r for r in payload["policies"]}
+    assert list(by) == ["none", "full"]
+    assert by["full"]["flops_per_device"] > by["none"]["flops_per_device"]
+    assert by["full"]["scanned_peak_bytes_per_device"] < by["none"]["scanned_peak_bytes_per_device"]
+    table = RENDERERS["compile"](payload)
+    assert "| layers | scanned s |" in table and "| full    |" in table
+    assert table in capsys.readouterr().out

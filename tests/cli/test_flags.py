@@ -28,7 +28,7 @@ OLD_FLAGS = [
     (["--seq-len", "16"], "seq_len", 16),
     (["--sequence-parallel"], "sequence_parallel", True),
     (["--loss-parallel"], "loss_parallel", True),
-    (["--remat"], "remat", True),
+    (["--remat"], "remat", "full"),  # was True: "full" is what True meant
     (["--precision", "bf16-mixed"], "precision", "bf16-mixed"),
     (["--dim", "64"], "dim", 64),
     (["--hidden-dim", "128"], "hidden_dim", 128),
@@ -171,6 +171,23 @@ def test_field_docs_types_choices_and_aliases():
     assert parser.parse_args(["--no-on"]).on is False and parser.parse_args(["--on"]).on
     with pytest.raises(SystemExit):
         parser.parse_args(["--mode", "c"])
+
+
+def test_a_choice_flag_alone_and_negated():
+    """``--remat`` alone is ``--remat full`` (what the boolean flag meant), ``--no-remat`` is
+    ``--remat none``, and every policy is spelt out; older configs' booleans still work."""
+    parser = build_parser()
+    remat = lambda argv: options_from_args(LlamaTaskConfig, parser.parse_args(argv)).remat  # noqa: E731
+    assert remat([]) == "none" and remat(["--remat"]) == "full" and remat(["--no-remat"]) == "none"
+    for policy in ("none", "full", "dots", "minimal"):
+        assert remat(["--remat", policy]) == policy
+    assert remat(["--remat", "--precision", "bf16-mixed"]) == "full"  # takes no flag as value
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--remat", "everything"])
+    assert (
+        LlamaTaskConfig(remat=True).remat == "full" and LlamaTaskConfig(remat=False).remat == "none"
+    )
+    assert "--remat [{none,full,dots,minimal}]" in parser.format_help()
 
 
 def test_one_flag_per_field_name_and_documentation_required():

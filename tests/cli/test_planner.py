@@ -2,24 +2,26 @@
 compiled step, its FLOP count, a Llama-3-8B row against a hand count, usable memory, and an
 end-to-end run on the tiny preset."""
 
+import dataclasses
 import json
 
 import jax
 import pytest
+from flax import nnx
 
 import jtp
 from jtp.cli.planner import Config, configurations, extrapolate, main, measure
-from jtp.cli.recipes import LlamaTask, LlamaTaskConfig
+from jtp.cli.recipes import LlamaTask, LlamaTaskConfig, abstract_llama_step, preset_config
 from jtp.cli.roofline import Hardware, default_mem_fraction, estimate
-from jtp.models.llama import PRESETS
+from jtp.models.llama import PRESETS, Llama
 
 SEQ = 32
 
 
 CONFIGS = [
-    Config(2, 4, True, True, True),
-    Config(2, 4, False, False, False),
-    Config(8, 1, True, False, False),
+    Config(2, 4, True, True, "full"),
+    Config(2, 4, False, False, "none"),
+    Config(8, 1, True, False, "dots"),
 ]
 
 
@@ -40,15 +42,15 @@ def test_per_layer_linearity(config):
     "fsdp,k", [(True, 1), (True, 4), (False, 4)], ids=["fsdp-k1", "fsdp-k4", "tp-k4"]
 )
 def test_planner_equals_the_trainers_compiled_step(fsdp, k):
-    """The planner compiles what fit runs, accumulation included: same memory (the
-    accumulation buffer counted), same bytes per optimizer step; its matmul FLOPs are k
+    """The planner compiles what fit runs with unrolled layers, accumulation included: same
+    memory (the accumulation buffer counted), same bytes per optimizer step; its matmul FLOPs are k
     times one micro-batch's, a little under XLA's count of all FLOPs (elementwise ones
     too), which counts the accumulation loop's body once."""
-    config = Config(2, 4, fsdp=fsdp, sequence_parallel=True, remat=False)
+    config = Config(2, 4, fsdp=fsdp, sequence_parallel=True, remat="none")
     planned = measure(config, "tiny", 2, SEQ, 4, "32-true", jax.devices(), k)
     task = LlamaTask(
         LlamaTaskConfig(seq_len=SEQ, batch_size=8, samples=8 * k, fsdp=fsdp,
-                        sequence_parallel=True, loss_parallel=True)
+                        sequence_parallel=True, loss_parallel=True, scan_layers=False)
     )  # fmt: skip
     trainer = jtp.Trainer(
         jtp.ModelParallelStrategy(2, 4, fsdp=fsdp), max_steps=1, logger=None,
@@ -146,7 +148,7 @@ def test_llama3_8b_one_host_tp8_remat_against_a_hand_count():
     t, d, v = 8192, 4096, 128256
     hand = 4 * n + 8 * n + 4 * n + 2 * n + 32 * t * d * 2 + t * (v // 8) * 10 + 5 * t * d * 4
     assert hand / 1e9 == pytest.approx(22.20, abs=0.01)
-    config = Config(1, 8, fsdp=False, sequence_parallel=False, remat=True)
+    config = Config(1, 8, fsdp=False, sequence_parallel=False, remat="full")
     one, two = (
         measure(config, "llama3-8b", n_layers, t, 1, "bf16-mixed", jax.devices(), accumulate=2)
         for n_layers in (1, 2)
@@ -162,15 +164,52 @@ def test_configurations_respect_heads_hosts_and_batch():
     assert {c.tensor for c in configs} == {1, 2, 4, 8}
     assert all(c.data * c.tensor == 64 for c in configs)
     assert not [c for c in configs if c.tensor == 1 and c.sequence_parallel]
-    assert len(configs) == 28
+    assert len(configs) == 56  # 14 layouts x 4 remat policies
+    assert {c.remat for c in configs} == {"none", "full", "dots", "minimal"}
+    assert [c.label() for c in configs[:4]] == ["64x1 -", "64x1 remat", "64x1 remat=dots",
+                                                 "64x1 remat=minimal"]  # fmt: skip
+    assert Config(8, 8, True, True, True) == Config(8, 8, True, True, "full")  # old booleans
     assert {c.tensor for c in configurations(8, 8, n_heads=12, n_kv=6, batch=8, seq=64)} == {1, 2}
+
+
+@pytest.mark.parametrize(
+    "config", [Config(2, 4, False, False, "none"), Config(8, 1, True, False, "none"),
+               Config(2, 4, True, True, "full")], ids=lambda c: c.label(),
+)  # fmt: skip
+def test_the_scanned_step_against_the_plan(config):
+    """The planner sizes the unrolled twin (its blocks add up); the scanned step fit runs
+    (here 6 layers) sends the same tensor-axis bytes and at least the data-axis bytes (with
+    fsdp it gathers each layer's weights again in the backward, where the unrolled step
+    keeps the forward's gathered copies). Its memory is at most the planned plus the stacked
+    gradients (one buffer for all layers, live beside all saved activations in the backward
+    loop; unrolled, layer by layer): more than planned without remat (here +9% at 2x4),
+    less with remat or fsdp (the gathered copies not kept)."""
+    devices = jax.devices()
+    one, two = (measure(config, "tiny", n, SEQ, 1, "32-true", devices) for n in (1, 2))
+    planned = extrapolate(one, two, 6)
+    model = dataclasses.replace(preset_config("tiny"), n_layers=6, remat=config.remat)
+    task = LlamaTaskConfig(seq_len=SEQ, batch_size=config.data, fsdp=config.fsdp,
+                           sequence_parallel=config.sequence_parallel,
+                           loss_parallel=config.tensor > 1)  # fmt: skip
+    shape = (config.data, config.tensor)
+    compiled, mesh = abstract_llama_step(task, shape, devices, model_config=model)
+    colls = jtp.collectives(compiled, mesh)
+    assert sum(c.bytes for c in colls if c.axes == ("tensor",)) == planned["bytes_tensor"]
+    assert sum(c.bytes for c in colls if c.axes == ("data",)) >= planned["bytes_data"]
+    explained = jtp.explain(lambda: Llama(model, rngs=nnx.Rngs(0)), mesh,
+                            jtp.plans.llama(model), fsdp=config.fsdp)  # fmt: skip
+    stacked = sum(r.bytes_per_device for r in explained.rows if r.placement.path[:7] == "layers.")
+    memory = jtp.peak_memory_per_device(compiled)
+    assert memory <= planned["memory"] + stacked
+    if config.remat != "none" or config.fsdp:
+        assert memory < planned["memory"]
 
 
 def test_planner_end_to_end_tiny(tmp_path, capsys):
     out = tmp_path / "plan.json"
     payload = main(["--model", "tiny", "--devices", "8", "--global-batch", "16", "--seq-len",
-                    str(SEQ), "--precision", "32-true", "--tensor", "4,8",
-                    "--json", str(out)])  # fmt: skip
+                    str(SEQ), "--precision", "32-true", "--tensor", "4,8", "--remat",
+                    "none,dots", "--json", str(out)])  # fmt: skip
     saved = json.loads(out.read_text())
     assert saved["rows"] and saved["recommended"] == payload["recommended"]
     best = payload["recommended"]

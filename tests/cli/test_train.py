@@ -114,6 +114,7 @@ def test_validation_in_the_metrics_json_and_the_cosine_lrs(data, tmp_path):
     assert m["val_loss"] == m["val_history"][-1]["val_loss"]
     assert m["losses"][-1] < m["losses"][0] - 0.5  # it learns the bytes
     assert m["val_history"][1]["val_loss"] < m["val_history"][0]["val_loss"]
+    # optax evaluates the schedule in fp32 (cos included): a few ulps from the float64 one.
     np.testing.assert_allclose(m["lrs"], [cosine(s, STEPS) for s in range(STEPS)], rtol=1e-5)
     plain = train_main(_args(data, tmp_path, *sched))
     assert plain["losses"] == m["losses"] and plain["val_history"] == []  # unchanged by it
@@ -123,8 +124,10 @@ def test_validation_in_the_metrics_json_and_the_cosine_lrs(data, tmp_path):
 def test_schedule_values_and_refusals():
     s = lr_schedule("cosine", LR, warmup_steps=10, total_steps=100)
     for step in (0, 5, 10, 40, 99, 100, 150):
+        # fp32 schedule vs float64 formula, as above; abs for the warmup's exact 0 at step 0.
         assert float(s(step)) == pytest.approx(cosine_at(step, 10, 100), rel=1e-5, abs=1e-12)
     constant = lr_schedule("constant", LR, warmup_steps=4)
+    # fp32 values of exact fractions of LR: within approx's default 1e-6.
     assert [float(constant(i)) for i in (0, 2, 4, 50)] == pytest.approx([0, LR / 2, LR, LR])
     assert lr_schedule("constant", LR) == LR
     with pytest.raises(ValueError, match="--warmup-steps 100 must be below the run's 100"):

@@ -1,26 +1,29 @@
-"""Sharded vs unsharded: same init, same outputs, gradients and AdamW updates.
+"""Sharded vs unsharded: same init, same outputs, gradients and optimizer steps.
 
-Tolerances are norm-relative (||sharded - ref|| / ||ref||) over a whole pytree:
+Tolerances (why each holds: docs/testing.md, "How tolerances are chosen"):
 - Parameters right after init must be *equal*: jax's threefry is partitionable, so a shard
   computes exactly the bits an unsharded init gives it.
-- Outputs and gradients: 1e-5. fp32 has eps ~1.2e-7; tensor-parallel partial sums and
-  data-parallel gradient reductions add the same terms in another order, which moves results
-  by a few ulps per reduction, far below 1e-5 at these sizes.
-- Parameter *updates* after two AdamW steps: 1e-4. Adam normalises element-wise, so its first
-  step is ~lr*sign(g); a reordered sum that nudges a near-zero gradient element moves that
-  element's update by O(lr). We compare the update (p2 - p0), not p2 itself, so the check is
-  not diluted by the large unchanged parameter values.
+- Outputs, loss and gradients: 1e-5 norm-relative. fp32 has eps ~1.2e-7; tensor-parallel
+  partial sums and data-parallel gradient reductions add the same terms in another order,
+  which moves results by a few ulps per reduction (seen <= 3.3e-7 here).
+- One AdamW step: only what the gradients determine is compared (Adam's first step is
+  ~lr*sign(g), and the sign of a gradient within rounding noise of zero is not determined):
+  mu, sqrt(nu) and the update where |g| is far above the gradients' error bound
+  (``helpers.assert_adamw_step_matches``).
+- Two momentum-SGD steps: the update is linear in the gradients and inherits their 1e-5
+  (``helpers.assert_sgd_steps_match``).
 """
 
 import jax
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 from helpers import (
     FF_PLAN,
     LM_PLAN,
-    delta,
+    adamw,
+    assert_adamw_step_matches,
+    assert_sgd_steps_match,
     ff_batch,
     ff_factory,
     ff_loss,
@@ -28,6 +31,7 @@ from helpers import (
     lm_factory,
     lm_loss,
     make_fns,
+    momentum_sgd,
     rel_err,
 )
 from jax.sharding import NamedSharding
@@ -48,14 +52,14 @@ def _reference(name):
     """Unsharded results on one device (computed once per model)."""
     if name not in _REF:
         factory, _, loss_fn, batch_fn = CASES[name]
-        model = factory()()
-        graphdef, params = nnx.split(model, nnx.Param)
-        tx = optax.adamw(1e-2)
-        fwd_grad, train2 = make_fns(graphdef, loss_fn, tx)
+        graphdef, params = nnx.split(factory()(), nnx.Param)
+        adamw_step, sgd_steps = make_fns(graphdef, loss_fn)
         batch = batch_fn()
-        loss, out, grads = jax.jit(fwd_grad)(params, batch)
-        new_params, _ = jax.jit(train2)(params, tx.init(params), batch)
-        _REF[name] = (params, loss, out, grads, new_params)
+        loss, out, grads, new, opt = jax.jit(adamw_step)(params, adamw().init(params), batch)
+        sgd_new, sgd_opt = jax.jit(sgd_steps)(params, momentum_sgd().init(params), batch)
+        sgd = dict(params=params, new=sgd_new, trace=sgd_opt[0].trace)
+        _REF[name] = dict(params=params, loss=loss, out=out, grads=grads, new=new, adam=opt[0])
+        _REF[name]["sgd"] = sgd
     return _REF[name]
 
 
@@ -67,12 +71,12 @@ _REF: dict = {}
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_unsharded(name, shape, fsdp):
     factory, plan, loss_fn, batch_fn = CASES[name]
-    ref_params, ref_loss, ref_out, ref_grads, ref_new = _reference(name)
+    ref = _reference(name)
     mesh = jtp.make_mesh(*shape, devices=jax.devices()[: shape[0] * shape[1]])
 
     model = jtp.sharded_init(factory(), mesh, plan, fsdp=fsdp)
     graphdef, params = nnx.split(model, nnx.Param)
-    assert rel_err(params, ref_params) == 0.0, "sharded init must equal the unsharded init"
+    assert rel_err(params, ref["params"]) == 0.0, "sharded init must equal the unsharded init"
 
     # Every parameter sits exactly where the plan says, with the expected shard shape.
     placements = {p.path: p for p in jtp.resolve(model, mesh, plan, fsdp=fsdp)}
@@ -82,27 +86,31 @@ def test_matches_unsharded(name, shape, fsdp):
         assert arr.sharding.spec == placements[key].spec, key
         assert arr.sharding.shard_shape(arr.shape) == shard_shape(placements[key], mesh), key
 
-    tx = optax.adamw(1e-2)
-    opt_state = jtp.init_opt_state(tx, params)
-    # Adam's moments are sharded exactly like their parameters; the step count is replicated.
+    opt_state = jtp.init_opt_state(adamw(), params)
+    sgd_state = jtp.init_opt_state(momentum_sgd(), params)
+    # Adam's moments and the momentum are sharded exactly like their parameters; the step
+    # count is replicated.
     adam = opt_state[0]
-    for moments in (adam.mu, adam.nu):
+    for moments in (adam.mu, adam.nu, sgd_state[0].trace):
         jax.tree.map(lambda m, p: _assert_same_layout(m, p), moments, params)
     assert adam.count.sharding.is_fully_replicated
 
-    fwd_grad, train2 = make_fns(graphdef, loss_fn, tx)
+    adamw_step, sgd_steps = make_fns(graphdef, loss_fn)
     batch = jtp.shard_batch(batch_fn(), mesh)
-    loss, out, grads = jax.jit(fwd_grad)(params, batch)
-    assert rel_err(out, ref_out) < 1e-5
-    assert abs(float(loss) - float(ref_loss)) <= 1e-5 * abs(float(ref_loss))
-    assert rel_err(grads, ref_grads) < 1e-5
-
     param_sh = jax.tree.map(lambda p: p.sharding, params)
-    opt_sh = jtp.opt_state_shardings(tx, params)
-    step = jax.jit(train2, out_shardings=(param_sh, opt_sh))
-    new_params, _ = step(params, opt_state, batch)
-    update, ref_update = delta(new_params, params), delta(ref_new, ref_params)
-    assert rel_err(update, ref_update) < 1e-4
+    adam_sh = (None, None, None, param_sh, jtp.opt_state_shardings(adamw(), params))
+    loss, out, grads, new, opt = jax.jit(adamw_step, out_shardings=adam_sh)(
+        params, opt_state, batch
+    )
+    assert rel_err(out, ref["out"]) < 1e-5  # seen <= 2.7e-7: contractions reordered
+    # A mean of positive terms (squares, cross-entropies): no cancellation, so relative
+    # (seen <= 1.9e-7).
+    assert abs(float(loss) - float(ref["loss"])) <= 1e-5 * abs(float(ref["loss"]))
+    assert_adamw_step_matches(dict(params=params, grads=grads, new=new, adam=opt[0]), ref)
+
+    sgd_sh = (param_sh, jtp.opt_state_shardings(momentum_sgd(), params))
+    sgd_new, sgd_opt = jax.jit(sgd_steps, out_shardings=sgd_sh)(params, sgd_state, batch)
+    assert_sgd_steps_match(dict(params=params, new=sgd_new, trace=sgd_opt[0].trace), ref["sgd"])
 
 
 def _assert_same_layout(a, b):

@@ -1,5 +1,7 @@
 """Golden PartitionSpecs per parameter (a silent sharding change fails here) and plan errors."""
 
+import jax
+import numpy as np
 import pytest
 from flax import nnx
 from helpers import FF_PLAN, LM_PLAN, ff_factory, lm_factory
@@ -171,3 +173,63 @@ def test_an_activation_rule_no_mark_uses_is_an_error():
         jtp.shard_activation(x, "logits")
     with jtp.activation_rules(mesh, {"logit": P("data", None)}):  # nothing traced: unchecked
         pass
+
+
+class StackedLM(nnx.Module):
+    """helpers.TinyLM with its blocks stacked for a scan (jtp.parallel.stacked.stack)."""
+
+    def __init__(self, vocab: int = 32, dim: int = 16, depth: int = 3, *, rngs: nnx.Rngs):
+        from helpers import Block
+
+        from jtp.parallel.stacked import stack
+
+        self.embed = nnx.Embed(vocab, dim, rngs=rngs)
+        self.blocks = stack(lambda r: Block(dim, rngs=r), depth, rngs)
+        self.head = nnx.Linear(dim, vocab, rngs=rngs)
+
+    def __call__(self, tokens_bt):
+        from jtp.models.stack import run_blocks
+
+        return self.head(run_blocks(self.blocks, self.embed(tokens_bt)))  # (B, T, vocab)
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["tp", "fsdp"])
+def test_stacked_layers_take_the_unrolled_keys_and_lay_out_each_layer(fsdp):
+    """``blocks.*.up`` matches the stacked ``blocks.up``; every stacked variable is laid out
+    as one unrolled block's (the unplanned fsdp rule included), its layer axis replicated."""
+    mesh = jtp.make_mesh(2, 4)
+    stacked = specs(lambda: StackedLM(rngs=nnx.Rngs(0)), mesh, LM_PLAN, fsdp=fsdp)
+    unrolled = specs(lm_factory(), mesh, LM_PLAN, fsdp=fsdp)
+    for name, spec in unrolled.items():
+        if name.startswith("blocks.0."):
+            assert stacked["blocks." + name[len("blocks.0.") :]] == P(None, *spec), name
+        elif not name.startswith("blocks."):
+            assert stacked[name] == spec, name
+    assert stacked["blocks.up.kernel"] == P(None, "data" if fsdp else None, "tensor")
+    assert len(stacked) == len(unrolled) - 6  # 6 variables per block, held once for 3 layers
+
+
+def test_stacked_layers_sharded_compute_what_one_device_does():
+    mesh = jtp.make_mesh(2, 4)
+    model = jtp.sharded_init(lambda: StackedLM(rngs=nnx.Rngs(0)), mesh, LM_PLAN, fsdp=True)
+    whole = StackedLM(rngs=nnx.Rngs(0))
+    kernel = model.blocks.up.kernel.get_value()
+    assert kernel.sharding.shard_shape(kernel.shape) == (3, 8, 16)  # (layers, 16/2, 64/4)
+    np.testing.assert_array_equal(
+        np.asarray(kernel), np.asarray(whole.blocks.up.kernel.get_value())
+    )
+    tokens = np.arange(32, dtype=np.int32).reshape(4, 8) % 32
+    np.testing.assert_allclose(
+        np.asarray(jax.jit(lambda m, t: m(t))(model, jtp.shard_batch(tokens, mesh))),
+        np.asarray(whole(tokens)), rtol=1e-5, atol=1e-6,
+    )  # fmt: skip
+
+
+def test_a_key_for_one_stacked_layer_is_an_error_listing_the_stacked_names():
+    mesh = jtp.make_mesh(2, 4)
+    with pytest.raises(ValueError, match=r"'blocks\.0\.up' matches no module.*blocks\.\*\.up"):
+        specs(lambda: StackedLM(rngs=nnx.Rngs(0)), mesh, {"blocks.0.up": jtp.ColwiseParallel()})
+    # the stacked module's own path works too
+    assert specs(lambda: StackedLM(rngs=nnx.Rngs(0)), mesh, {"blocks.up": jtp.ColwiseParallel()})[
+        "blocks.up.kernel"
+    ] == P(None, None, "tensor")

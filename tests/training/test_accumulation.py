@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import FF_PLAN, delta, ff_factory, rel_err
+from helpers import FF_PLAN, adamw, assert_adamw_step_matches, ff_factory
 
 import jtp
 from jtp.analysis.collectives import total_bytes
@@ -33,7 +33,7 @@ class Lit(jtp.TrainModule):
         return jnp.mean(model(batch) ** 2)
 
     def configure_optimizers(self):
-        return optax.adamw(1e-2)
+        return adamw()
 
 
 def _rows(n, seed):
@@ -41,8 +41,8 @@ def _rows(n, seed):
 
 
 def _one_step(fsdp, k, grad_reduce=None, rows=None):
-    """Params after one optimizer step over ``rows`` split into k micro-batches; the
-    compiled step and the mesh."""
+    """Params and optimizer state after one optimizer step over ``rows`` split into k
+    micro-batches; the compiled step and the mesh."""
     strategy = jtp.ModelParallelStrategy(2, 4, fsdp=fsdp)
     options = TrainerOptions(accumulate_grad_batches=k, grad_reduce=grad_reduce)
     module = Lit(fsdp)
@@ -52,18 +52,20 @@ def _one_step(fsdp, k, grad_reduce=None, rows=None):
     per = len(rows) // k
     batches = [jtp.shard_batch(rows[i * per : (i + 1) * per], strategy.mesh) for i in range(k)]
     compiled = compile_train_step(step, state, batches, rules)
-    params, *_ = compiled(*state.arrays(), batches)
-    return params, compiled, strategy.mesh
+    params, opt_state, *_ = compiled(*state.arrays(), batches)
+    return (params, opt_state), compiled, strategy.mesh
 
 
 def _reference():
-    """One AdamW step on all K*B rows, on one device."""
+    """One AdamW step on all K*B rows, on one device: params before and after, gradients,
+    Adam's state."""
     graphdef, params = nnx.split(ff_factory(DIM, HIDDEN)(), nnx.Param)
-    tx = optax.adamw(1e-2)
+    tx = adamw()
     x = _rows(K * B, 0)
     grads = jax.grad(lambda p: jnp.mean(nnx.merge(graphdef, p)(x) ** 2))(params)
-    updates, _ = tx.update(grads, tx.init(params), params)
-    return optax.apply_updates(params, updates), params
+    updates, opt_state = tx.update(grads, tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    return dict(params=params, grads=grads, new=new, adam=opt_state[0])
 
 
 def _data_bytes(compiled, mesh):
@@ -76,11 +78,17 @@ def _data_bytes(compiled, mesh):
     ids=["tp", "fsdp", "fsdp-per-step", "tp-per-micro-batch"],
 )
 def test_k_micro_batches_equal_one_step_on_the_whole_batch(fsdp, grad_reduce):
-    """fp32; the sums over rows are reordered (per rank, per micro-batch), so compare the
-    update (params - init) relatively: 1e-5 is ~100 ulps of the update's size."""
-    got, _, _ = _one_step(fsdp, K, grad_reduce)
-    want, init = _reference()
-    assert rel_err(delta(got, init), delta(want, init)) < 1e-5
+    """The accumulated gradient is Adam's mu / (1 - b1) after one step: it must be the
+    whole batch's gradient within 1e-5 (fp32 sums over the K*B rows, reordered per rank and
+    per micro-batch), and the step what that gradient determines
+    (``helpers.assert_adamw_step_matches``)."""
+    (params, opt_state), _, _ = _one_step(fsdp, K, grad_reduce)
+    ref = _reference()
+    adam = opt_state[0]
+    grads = jax.tree.map(lambda mu: np.asarray(mu, np.float64) / 0.1, adam.mu)  # 1 - b1
+    # The step consumed (donated) its initial parameters: the unsharded init, exactly.
+    got = dict(params=ref["params"], grads=grads, new=params, adam=adam)
+    assert_adamw_step_matches(got, ref)
 
 
 def test_data_axis_gradient_bytes_per_step_do_not_grow_with_k():

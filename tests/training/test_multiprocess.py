@@ -1,8 +1,9 @@
 """Real processes on 127.0.0.1: jax.distributed, signals, kill -9, dying peers.
 
 Every process is started with a timeout and killed in a ``finally`` if still alive. Losses
-across process layouts are compared within 1e-5 relative: gloo's cross-process reductions
-sum in another order than one process's in-memory ones.
+across process layouts are compared within 1e-5 of their scale: gloo's cross-process
+reductions may sum in another order than one process's in-memory ones (seen: bitwise equal
+for the FeedForward, <= 5e-7 relative for the Llama).
 """
 
 import json
@@ -66,7 +67,10 @@ def test_two_processes_equal_one(tmp_path, mesh):
     got = [json.loads((tmp_path / f"two{i}.json").read_text()) for i in range(2)]
     assert got[0]["process_count"] == 2 and got[0]["mesh"] == {"data": mesh[0], "tensor": mesh[1]}
     assert got[0]["losses"] == got[1]["losses"]  # every process reports the same losses
-    np.testing.assert_allclose(got[0]["losses"], ref["losses"], rtol=1e-5)
+    # The FeedForward's loss is a sum of outputs of both signs that crosses zero: its fp32
+    # rounding scales with the run's largest |loss|, not with each loss (test_checkpoint).
+    atol = 1e-5 * max(abs(x) for x in ref["losses"])
+    np.testing.assert_allclose(got[0]["losses"], ref["losses"], rtol=0, atol=atol)
     assert len(ref["losses"]) == 16
 
 
@@ -256,6 +260,8 @@ def test_two_processes_on_text_validate_at_the_same_steps(tmp_path):
     assert got[0]["process_count"] == 2
     assert got[0]["val_history"] == got[1]["val_history"]
     assert [v["step"] for v in got[0]["val_history"]] == [2, 4, 6]
+    # Means of positive cross-entropies (no cancellation): relative, seen <= 5e-7. AdamW may
+    # flip a step whose gradient is rounding noise; that moves the loss to second order only.
     np.testing.assert_allclose(got[0]["losses"], ref["losses"], rtol=1e-5)
     np.testing.assert_allclose(
         [v["val_loss"] for v in got[0]["val_history"]],

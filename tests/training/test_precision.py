@@ -60,3 +60,21 @@ def test_mixed_computes_in_bf16_and_hands_fp32_gradients_back():
     grads = jax.grad(loss)({"w": w})
     assert seen == [jnp.bfloat16] and grads["w"].dtype == jnp.float32
     assert compute_params({"w": w}, "32-true")["w"] is w
+
+
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
+def test_the_policy_reaches_the_layers_of_a_scanned_stack(scan):
+    """``nnx.iter_graph`` sees the blocks stacked for a scan as the Flax layers they are,
+    so the policy sets their compute dtype, and the forward's matmuls all run in bf16."""
+    from jtp.analysis.dtypes import dot_flops_by_dtype
+    from jtp.models.llama import Llama, LlamaConfig
+    from jtp.training.precision import apply_compute_dtype
+
+    model = Llama(LlamaConfig(n_layers=3, scan_layers=scan), rngs=nnx.Rngs(0))
+    apply_compute_dtype(model, "bf16-mixed")
+    layers = [m for _, m in nnx.iter_graph(model.layers) if isinstance(m, nnx.Linear | nnx.RMSNorm)]
+    assert len(layers) == (9 if scan else 27) and {m.dtype for m in layers} == {jnp.bfloat16}
+    graphdef, state = nnx.split(model)
+    tokens = jnp.zeros((2, 8), jnp.int32)
+    jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(tokens))(state)
+    assert set(dot_flops_by_dtype(jaxpr)) == {"bfloat16"}

@@ -1,4 +1,11 @@
-"""Trainer vs a hand-written one-device loop; clipping, accumulation, eval, compile count."""
+"""Trainer vs a hand-written one-device loop; clipping, accumulation, eval, compile count.
+
+The parity tests train with momentum SGD: its update is linear in the gradients, so the
+parameters after several steps inherit the gradients' tolerance (fp32 sums reordered across
+shards: 1e-5). AdamW's first steps are ~lr*sign(g) and the sign of a gradient within rounding
+noise of zero is not determined, so several AdamW steps on two layouts are not comparable
+element by element; its one-step parity is test_accumulation's. Why each tolerance holds:
+docs/testing.md, "How tolerances are chosen"."""
 
 import json
 
@@ -8,19 +15,22 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import FF_PLAN, delta, ff_factory, rel_err
+from helpers import FF_PLAN, assert_sgd_steps_match, ff_factory
 
 import jtp
 from jtp.cli.train import main as train_main
 
 DIM, HIDDEN, N, BATCH = 16, 64, 32, 8
+OPTIMIZERS = {"adamw": optax.adamw, "sgd": lambda lr: optax.sgd(lr, momentum=0.9)}
+CLIP = 0.25  # below every step's gradient norm here (0.89-1.43), so it acts at every step
 
 
 class LitFF(jtp.TrainModule):
     """A tiny FeedForward with a bounded loss (mean square of the output)."""
 
-    def __init__(self, batch_size=BATCH, lr=1e-2, fsdp=False, samples=N):
+    def __init__(self, batch_size=BATCH, lr=1e-2, fsdp=False, samples=N, optimizer="adamw"):
         self.batch_size, self.lr, self.fsdp, self.samples = batch_size, lr, fsdp, samples
+        self.optimizer = optimizer
 
     def configure_model(self, mesh):
         return jtp.sharded_init(ff_factory(DIM, HIDDEN), mesh, FF_PLAN, fsdp=self.fsdp)
@@ -32,7 +42,7 @@ class LitFF(jtp.TrainModule):
     validation_step = test_step = training_step
 
     def configure_optimizers(self):
-        return optax.adamw(self.lr)
+        return OPTIMIZERS[self.optimizer](self.lr)
 
     def train_dataloader(self):
         ds = jtp.RandomDataset(DIM, self.samples, seed=7)
@@ -41,11 +51,12 @@ class LitFF(jtp.TrainModule):
     val_dataloader = test_dataloader = train_dataloader
 
 
-def reference_loop(epochs, *, batch_size=BATCH, clip=None, accumulate=1, lr=1e-2):
-    """The same training written by hand on one device, no jtp in the loop."""
+def reference_loop(epochs, *, batch_size=BATCH, clip=None, accumulate=1, lr=1e-2, opt="sgd"):
+    """The same training written by hand on one device, no jtp in the loop: losses, params,
+    optimizer state."""
     model = ff_factory(DIM, HIDDEN)()
     graphdef, params = nnx.split(model, nnx.Param)
-    tx = optax.adamw(lr)
+    tx = OPTIMIZERS[opt](lr)
     if clip is not None:
         tx = optax.chain(optax.clip_by_global_norm(clip), tx)
     if accumulate > 1:
@@ -68,7 +79,7 @@ def reference_loop(epochs, *, batch_size=BATCH, clip=None, accumulate=1, lr=1e-2
             x = np.stack([ds[int(i)] for i in order_src.batch_indices(epoch, b)])
             params, opt_state, loss = step(params, opt_state, x)
             losses.append(float(loss))
-    return losses, params
+    return losses, params, opt_state
 
 
 def _trainer(shape, **kw):
@@ -78,59 +89,77 @@ def _trainer(shape, **kw):
     return jtp.Trainer(jtp.ModelParallelStrategy(*shape), **kw)
 
 
+def _trace(opt_state):
+    """The momentum in an optimizer state (optax.sgd's TraceState, wherever a chain puts it)."""
+    is_trace = lambda x: isinstance(x, optax.TraceState)  # noqa: E731
+    return next(s.trace for s in jax.tree.leaves(opt_state, is_leaf=is_trace) if is_trace(s))
+
+
+def _assert_sgd_matches(trainer, ref_params, ref_opt, steps):
+    """Parameters and momentum after ``steps`` momentum-SGD steps vs the reference loop's
+    (the trainer starts from the unsharded init exactly: test_parallelize)."""
+    init = nnx.state(ff_factory(DIM, HIDDEN)(), nnx.Param)
+    got = nnx.state(trainer.model, nnx.Param), _trace(trainer.opt_state)
+    assert_sgd_steps_match(
+        dict(params=init, new=got[0], trace=got[1]),
+        dict(params=init, new=ref_params, trace=_trace(ref_opt)),
+        steps=steps,
+    )
+
+
 @pytest.mark.parametrize("fsdp", [False, True], ids=["tp", "fsdp"])
 def test_fit_2x4_matches_one_device_loop(fsdp):
-    """Losses within 1e-5 relative (reduction order); params after 8 AdamW steps within
-    1e-4 of the reference update (Adam's element-wise normalisation, see test_parallelize)."""
+    """Losses within 1e-5 relative (a mean of squares: no cancellation, only the sums'
+    order differs); parameters and momentum after 8 momentum-SGD steps within the gradients'
+    1e-5 (``helpers.assert_sgd_steps_match``)."""
     trainer = _trainer((2, 4), max_epochs=2, log_every_n_steps=3)
-    trainer.fit(LitFF(fsdp=fsdp))
-    ref_losses, ref_params = reference_loop(2)
+    trainer.fit(LitFF(fsdp=fsdp, optimizer="sgd"))
+    ref_losses, ref_params, ref_opt = reference_loop(2)
     assert len(trainer.losses) == len(ref_losses) == 8
     np.testing.assert_allclose(trainer.losses, ref_losses, rtol=1e-5)
-    params = nnx.state(trainer.model, nnx.Param)
-    init = nnx.state(ff_factory(DIM, HIDDEN)(), nnx.Param)
-    assert rel_err(delta(params, init), delta(ref_params, init)) < 1e-4
+    _assert_sgd_matches(trainer, ref_params, ref_opt, steps=8)
     assert trainer.global_step == 8 and trainer.current_epoch == 2
     assert trainer.num_compiles == 1
-    # Parameters and Adam moments keep the plan's layout after training.
+    # Parameters and the momentum keep the plan's layout after training.
+    params = nnx.state(trainer.model, nnx.Param)
     placements = {
         p.path: p.spec for p in jtp.resolve(trainer.model, trainer.mesh, FF_PLAN, fsdp=fsdp)
     }
     for path, var in nnx.to_flat_state(params):
         assert var.get_value().sharding.spec == placements[".".join(path)]
-    adam = trainer.opt_state[0]
-    for m, p in zip(jax.tree.leaves(adam.mu), jax.tree.leaves(params), strict=True):
+    trace = _trace(trainer.opt_state)
+    for m, p in zip(jax.tree.leaves(trace), jax.tree.leaves(params), strict=True):
         assert m.sharding.spec == p.sharding.spec
-    assert adam.count.sharding.is_fully_replicated
 
 
 def test_clipping_equals_unsharded_clipping():
-    trainer = _trainer((2, 4), max_epochs=1, gradient_clip_val=1e-3, track_grad_norm=True)
-    trainer.fit(LitFF())
-    ref_losses, ref_params = reference_loop(1, clip=1e-3)
-    np.testing.assert_allclose(trainer.losses, ref_losses, rtol=1e-5)
-    # The clip is active: grad norms are far above 1e-3.
-    assert min(m["grad_norm"] for m in trainer.metrics_history) > 1e-2
-    assert rel_err(nnx.state(trainer.model, nnx.Param), ref_params) < 1e-5
+    """Clipping by the global norm, under SGD, sets the size of every step: a norm taken
+    over one shard instead of all would move every update (AdamW would normalise it away)."""
+    trainer = _trainer((2, 4), max_epochs=1, gradient_clip_val=CLIP, track_grad_norm=True)
+    trainer.fit(LitFF(optimizer="sgd"))
+    ref_losses, ref_params, ref_opt = reference_loop(1, clip=CLIP)
+    np.testing.assert_allclose(trainer.losses, ref_losses, rtol=1e-5)  # as in test_fit_2x4
+    # The clip is active at every step: grad norms are above it.
+    assert min(m["grad_norm"] for m in trainer.metrics_history) > 2 * CLIP
+    _assert_sgd_matches(trainer, ref_params, ref_opt, steps=4)
 
 
 def test_accumulation_equals_the_larger_batch():
     """2 accumulated batches of 4 == 1 batch of 8 (the loss is a mean over rows), when both
-    see the same rows: the reference's batch b is the concatenation of our batches 2b, 2b+1."""
+    see the same rows: the reference's batch b is the concatenation of our batches 2b, 2b+1.
+    Momentum SGD, compared as in test_fit_2x4."""
     trainer = _trainer((2, 4), max_epochs=1, accumulate_grad_batches=2)
-    trainer.fit(LitFF(batch_size=4))
+    trainer.fit(LitFF(batch_size=4, optimizer="sgd"))
     assert trainer.global_step == 4 and len(trainer.losses) == 4  # one per optimizer step
-    ref_losses, ref_params = reference_loop_pairs()
-    got = nnx.state(trainer.model, nnx.Param)
-    init = nnx.state(ff_factory(DIM, HIDDEN)(), nnx.Param)
-    assert rel_err(delta(got, init), delta(ref_params, init)) < 1e-4
+    ref_losses, ref_params, ref_opt = reference_loop_pairs()
+    _assert_sgd_matches(trainer, ref_params, ref_opt, steps=4)
 
 
 def reference_loop_pairs():
-    """One-device AdamW on batches of 8 made of the 4-row loader's consecutive pairs."""
+    """One-device momentum SGD on batches of 8 made of the 4-row loader's consecutive pairs."""
     model = ff_factory(DIM, HIDDEN)()
     graphdef, params = nnx.split(model, nnx.Param)
-    tx = optax.adamw(1e-2)
+    tx = OPTIMIZERS["sgd"](1e-2)
     opt_state = tx.init(params)
     ds = jtp.RandomDataset(DIM, N, seed=7)
     small = jtp.DataLoader(ds, 4, mesh=jtp.make_mesh(1, 8), shuffle=True, seed=1)
@@ -144,7 +173,7 @@ def reference_loop_pairs():
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         losses.append(float(loss))
-    return losses, params
+    return losses, params, opt_state
 
 
 def test_validate_and_test():
@@ -160,6 +189,7 @@ def test_validate_and_test():
         float(jnp.mean(model(np.stack([ds[i] for i in range(b, b + 8)])) ** 2))
         for b in range(0, N, 8)
     ]
+    # A mean of squares (no cancellation), summed in another order across the mesh: ulps.
     assert val["val_loss"] == pytest.approx(np.mean(losses), rel=1e-5)
 
 
@@ -280,10 +310,11 @@ def test_configure_model_may_return_factory_and_plan():
         jtp.ModelParallelStrategy(2, 4, fsdp=True), logger=None, enable_progress_bar=False,
         report_memory=False,
     )  # fmt: skip
-    trainer.fit(FactoryAndPlan())
+    trainer.fit(FactoryAndPlan(optimizer="sgd"))
     assert trainer.model.w1.kernel[...].sharding.spec == jax.sharding.PartitionSpec(
         "data", "tensor"
     )
+    # As in test_fit_2x4: a mean of squares, momentum SGD.
     np.testing.assert_allclose(trainer.losses, reference_loop(1)[0], rtol=1e-5)
 
 
@@ -335,7 +366,7 @@ def test_validation_counts_wrapped_rows_once():
     ds = jtp.RandomDataset(DIM, samples, seed=7)
     rows = np.stack([ds[i] for i in range(samples)])
     per_row = np.mean(np.asarray(model(rows)) ** 2, axis=1)
-    assert val["val_loss"] == pytest.approx(float(per_row.mean()), rel=1e-5)
+    assert val["val_loss"] == pytest.approx(float(per_row.mean()), rel=1e-5)  # as above
     loader = jtp.DataLoader(jtp.RandomDataset(DIM, samples, seed=7), 8, mesh=trainer.mesh,
                             shuffle=True, seed=1, drop_last=False)  # fmt: skip
     repeats = loader.batch_indices(0, 2)[4:]

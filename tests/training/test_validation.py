@@ -42,6 +42,8 @@ def test_validation_on_schedule_never_changes_training(tmp_path):
     assert [v["epoch"] for v in checked.val_history] == [0, 0, 1, 1]
     assert plain.val_history == []
     after = checked.validate(module)  # the same parameters, validated again
+    # The same parameters, rows and program (seen bitwise equal); 1e-6, 8 ulps, leaves
+    # validate() free to compile its own program, with its fp32 sums in another order.
     assert checked.val_history[-1]["val_loss"] == pytest.approx(after["val_loss"], rel=1e-6)
     assert len({v["val_loss"] for v in checked.val_history}) == 4  # each saw other params
     rows = list(csv.DictReader(open(f"{checked.log_dir}/metrics.csv")))
@@ -49,6 +51,7 @@ def test_validation_on_schedule_never_changes_training(tmp_path):
     assert float(rows[2]["val_loss"]) == checked.val_history[0]["val_loss"]
     assert {"val_out_abs", "lr"} <= set(rows[0])
     lrs = [row["lr"] for row in checked.metrics_history]  # step s applied schedule(s - 1)
+    # The logged lr is the optimizer state's fp32 value: one rounding (6e-8) from the float64.
     np.testing.assert_allclose(lrs, [float(Scheduled.schedule(s)) for s in range(8)], rtol=1e-6)
 
 
@@ -113,4 +116,5 @@ def test_val_metrics_reach_the_progress_bar(capsys):
     assert "val_loss" not in lines[0] and "lr 0.01 " in lines[0]
     assert all("val_loss" in line for line in lines[1:4])  # kept until the next validation
     shown = float(lines[3].split("val_loss ")[1].split()[0])
+    # The bar prints 4 significant digits: at most 5e-4 relative away.
     assert shown == pytest.approx(trainer.val_history[-1]["val_loss"], rel=1e-3)

@@ -5,6 +5,7 @@
     python -m jtp.bench llama    [--json PATH] [--no-8b]
     python -m jtp.bench text     [--steps 300] [--json PATH] [--plot PNG]
     python -m jtp.bench gpu      [--steps 20] [--json PATH] [--smoke]
+    python -m jtp.bench compile  [--depths 2,8,32,80] [--dim 256] [--json PATH]
     python -m jtp.bench cache    [--json PATH]
 
 Every sub-command takes ``--compilation-cache DIR`` / ``--no-compilation-cache``
@@ -60,6 +61,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     gp.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak (default: table)")
     gp.add_argument("--smoke", action="store_true", help="tiny shape on 8 CPU devices (CI)")
     gp.add_argument("--json", default="bench_results/gpu.json", help="JSON output path")
+    cp = sub.add_parser("compile", help="train-step compile seconds, scanned vs unrolled")
+    cp.add_argument("--depths", default="2,8,32,80", help="layer counts to compile")
+    cp.add_argument("--dim", type=int, default=256, help="model width (head dim 16)")
+    cp.add_argument("--seq", type=int, default=64, help="tokens per sequence")
+    cp.add_argument("--policy-layers", type=int, default=8, help="depth of the remat rows")
+    cp.add_argument("--remat", default="none,full,dots,minimal", help="policies to compare")
+    cp.add_argument("--json", default="bench_results/compile.json", help="JSON output path")
     ca = sub.add_parser("cache", help="a repeated run's compile with the persistent cache")
     ca.add_argument("--json", default="bench_results/cache.json", help="JSON output path")
     dc = sub.add_parser("docs", help="re-render the docs' figure tables from bench_results JSON")

@@ -58,6 +58,12 @@ def _multihost(p: dict[str, Any]) -> str:
     return format_multihost(p)
 
 
+def _compile(p: dict[str, Any]) -> str:
+    from jtp.cli.bench.compile import format_compile
+
+    return format_compile(p)
+
+
 def _cache(p: dict[str, Any]) -> str:
     from jtp.cli.bench.cache import format_cache
 
@@ -77,6 +83,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "llama": _llama,
     "plan": _plan,
     "text": _text,
+    "compile": _compile,
     "cache": _cache,
 }
 

@@ -60,12 +60,12 @@ def _candidates(n: int, smoke: bool) -> list[Any]:
     from jtp.cli.planner import Config
 
     if smoke:
-        return [Config(2, n // 2, True, False, False)]
+        return [Config(2, n // 2, True, False, "none")]
     return [
         Config(n // t, t, n // t > 1, False, remat)
         for t in (1, 2, 4, 8)
         if n % t == 0
-        for remat in (False, True)
+        for remat in ("none", "full")
     ]
 
 
@@ -247,7 +247,8 @@ def _usable_bytes(device: Any) -> int | None:
 
 def format_gpu(r: dict[str, Any]) -> str:
     lay = r["layout"]
-    options = ",".join(k for k in ("fsdp", "remat") if lay[k]) or "-"
+    remat = [] if lay["remat"] in (False, "none") else [f"remat={lay['remat']}"]
+    options = ",".join(["fsdp"] * bool(lay["fsdp"]) + remat) or "-"
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
     hbm = r["hbm_peak_bytes_in_use"]
     rows = [

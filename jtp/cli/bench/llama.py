@@ -32,7 +32,7 @@ def _llama_row(
     seconds = time.perf_counter() - t0
     colls = collectives(compiled, mesh)
     by_axis = bytes_by_axes(colls)
-    flags_on = [k for k, v in dataclasses.asdict(config).items() if v is True]
+    flags_on = [f for k, v in dataclasses.asdict(config).items() if (f := _flag(k, v))]
     return {
         "preset": preset,
         "mesh": {"data": shape[0], "tensor": shape[1]},
@@ -44,6 +44,16 @@ def _llama_row(
         "collectives": len(colls),
         "compile_seconds": seconds,
     }
+
+
+def _flag(field: str, value: Any) -> str | None:
+    """How an option shows in the table: its name when on; ``remat`` (full) or
+    ``remat=POLICY``; ``unrolled`` for layers that are not scanned (the default)."""
+    if field == "remat":
+        return None if value == "none" else "remat" if value == "full" else f"remat={value}"
+    if field == "scan_layers":
+        return None if value else "unrolled"
+    return field if value is True else None
 
 
 def format_llama(rows: list[dict[str, Any]]) -> str:

@@ -116,7 +116,7 @@ def sliding_window(hf: Mapping[str, Any], arch: Architecture) -> int | None:
 
 
 def llama_config(
-    hf: Mapping[str, Any], *, max_seq_len: int | None = None, remat: bool = False
+    hf: Mapping[str, Any], *, max_seq_len: int | None = None, remat: str | bool = "none"
 ) -> LlamaConfig:
     """jtp's :class:`LlamaConfig` for an HF config, or a ``ValueError`` naming what differs.
 
@@ -125,7 +125,7 @@ def llama_config(
       max_seq_len: the longest sequence the model will see ("positions used"; default
         ``max_position_embeddings``). A sliding window at least this long never masks
         anything, so it is accepted; a shorter one is refused.
-      remat: recompute each block in the backward pass.
+      remat: the remat policy (:mod:`jtp.models.stack`; True / False: "full" / "none").
     """
     arch = ARCHITECTURES[architecture(hf)]
     act = hf.get("hidden_act", "silu")
@@ -208,11 +208,12 @@ def hf_config(config: LlamaConfig, arch: str, dtype: str) -> dict[str, Any]:
 
 def describes(hf: Mapping[str, Any], config: LlamaConfig) -> None:
     """Raise a ``ValueError`` unless ``hf`` describes a model shaped and computed as ``config``
-    (``max_seq_len``, ``remat``, dtypes and the attention kernel aside: they are how jtp runs
-    it, not what it is)."""
+    (``max_seq_len``, ``remat``, ``scan_layers``, dtypes and the attention kernel aside: they
+    are how jtp runs it, not what it is)."""
     theirs = dataclasses.replace(
         llama_config(hf, max_seq_len=config.max_seq_len),
         remat=config.remat,
+        scan_layers=config.scan_layers,
         param_dtype=config.param_dtype,
         dtype=config.dtype,
         attention=config.attention,

@@ -4,7 +4,8 @@ No process ever holds the whole model: the model's shapes come from ``nnx.eval_s
 plan gives every parameter its sharding, and ``jax.make_array_from_callback`` asks for the
 block each local device keeps, which is read from the safetensors file (transposed and
 RoPE-permuted on the way, :mod:`jtp.models.hf.names`). Parameters are loaded one at a time,
-so the host holds at most one tensor's worth of blocks beyond what the devices keep.
+so the host holds at most one parameter's worth of blocks beyond what the devices keep (of a
+scanned model's stacked parameter, its layers' HF tensors, read one by one and stacked).
 Everything that could make the result differ from transformers' is refused first, before a
 weight is read (:mod:`jtp.models.hf.config`, :func:`check_tensors`).
 """
@@ -37,7 +38,7 @@ def check_tensors(files: CheckpointFiles, maps: list[TensorMap], shapes: dict[st
     for t in maps:
         if t.hf not in files.shape:
             raise ValueError(
-                f"{files.path}: tensor {t.hf!r} is missing (it would be jtp's {t.jtp})"
+                f"{files.path}: tensor {t.hf!r} is missing (it would be jtp's {t.label})"
             )
         want = t.hf_shape(shapes[t.jtp])
         if files.shape[t.hf] != want:
@@ -60,16 +61,19 @@ def check_tensors(files: CheckpointFiles, maps: list[TensorMap], shapes: dict[st
         )
 
 
-def _load_param(t: TensorMap, files: CheckpointFiles, abstract: Any) -> jax.Array:
-    """One parameter, created shard by shard on the devices of its sharding."""
-    read, shape = files.reader(t.hf), tuple(abstract.shape)
+def _load_param(maps: list[TensorMap], files: CheckpointFiles, abstract: Any) -> jax.Array:
+    """One parameter, created shard by shard on the devices of its sharding, from its HF
+    tensor (or, stacked, its layers' tensors in layer order)."""
+    shape = tuple(abstract.shape)
     blocks: dict[tuple, np.ndarray] = {}  # replicas of a block are read once
 
     def block(index: tuple[slice, ...]) -> np.ndarray:
         key = tuple(s.indices(n) for s, n in zip(index, shape, strict=True))
         if key not in blocks:
             # No copy here: a transposed view is made contiguous by the transfer itself.
-            value = read_jtp_slice(t, index, shape, read)
+            layers = maps[index[0]] if maps[0].layer is not None else maps
+            value = [read_jtp_slice(t, index, shape, files.reader(t.hf)) for t in layers]
+            value = np.stack(value) if maps[0].layer is not None else value[0]
             blocks[key] = value.astype(abstract.dtype, copy=False)
         return blocks[key]
 
@@ -84,9 +88,10 @@ def load_pretrained(
     sequence_parallel: bool = False,
     loss_parallel: bool = False,
     dtype: Any = None,
-    remat: bool = False,
+    remat: str | bool = "none",
     max_seq_len: int | None = None,
     attention: str = "auto",
+    scan_layers: bool = True,
 ) -> Llama:
     """Load a Hugging Face Llama / Mistral / Qwen2 / Qwen3 checkpoint onto ``mesh``.
 
@@ -107,16 +112,21 @@ def load_pretrained(
         loss_parallel=...).activations)`` (the trainer does this for ``LlamaTask``).
       dtype: parameter dtype; ``None`` keeps jtp's float32 (exact for fp16/bf16 files; the
         trainer's ``precision`` then decides compute). ``jnp.bfloat16`` halves the memory.
-      remat: recompute each block in the backward pass.
+      remat: the remat policy (:mod:`jtp.models.stack`): "none", "full", "dots",
+        "minimal"; True / False mean "full" / "none".
       max_seq_len: the longest sequence the model will see (default the checkpoint's
         ``max_position_embeddings``); a sliding window shorter than this is refused.
       attention: the attention kernel (:mod:`jtp.models.attention`): ``"auto"`` takes
         cuDNN's fused attention on a GPU with bf16/fp16 inputs, XLA's path otherwise.
+      scan_layers: the blocks stacked on a layer axis, run by one scan (HF's per-layer
+        tensors are stacked on the way in); False: unrolled, one parameter per tensor.
 
     Returns:
       The model; ``model.config`` is its :class:`~jtp.models.llama.LlamaConfig`.
     """
-    config = config_of(path, max_seq_len=max_seq_len, remat=remat, attention=attention)
+    config = config_of(
+        path, max_seq_len=max_seq_len, remat=remat, attention=attention, scan_layers=scan_layers
+    )
     if dtype is not None:  # the modules then compute in it too (flax derives their dtype)
         config = dataclasses.replace(config, param_dtype=jnp.dtype(dtype).name)
     check_llama(config, mesh, seq_len=config.max_seq_len, sequence_parallel=sequence_parallel)
@@ -126,7 +136,9 @@ def load_pretrained(
     graphdef, state = nnx.split(abstract)
     flat = dict((path_str(p), v) for p, v in nnx.to_flat_state(state))
     maps = tensor_map(config)
-    by_jtp = {t.jtp: t for t in maps}
+    by_jtp: dict[str, list[TensorMap]] = {}  # in layer order when stacked
+    for t in maps:
+        by_jtp.setdefault(t.jtp, []).append(t)
     if set(by_jtp) != set(flat):  # the name map and the model must agree exactly
         raise AssertionError(f"name map vs model: {sorted(set(by_jtp) ^ set(flat))}")
     check_tensors(files, maps, {n: v.get_value().shape for n, v in flat.items()})
@@ -142,9 +154,15 @@ def load_pretrained(
 
 
 def config_of(
-    path: str, *, max_seq_len: int | None = None, remat: bool = False, attention: str = "auto"
+    path: str,
+    *,
+    max_seq_len: int | None = None,
+    remat: str | bool = "none",
+    attention: str = "auto",
+    scan_layers: bool = True,
 ) -> LlamaConfig:
-    """The :class:`LlamaConfig` of an HF directory (or config.json), run with ``remat`` and
-    the ``attention`` kernel: shapes for planning, the config :func:`load_pretrained` builds."""
+    """The :class:`LlamaConfig` of an HF directory (or config.json), run with ``remat``, the
+    ``attention`` kernel and ``scan_layers``: shapes for planning, the config
+    :func:`load_pretrained` builds."""
     config = llama_config(read_config(path), max_seq_len=max_seq_len, remat=remat)
-    return dataclasses.replace(config, attention=attention)
+    return dataclasses.replace(config, attention=attention, scan_layers=scan_layers)

@@ -2,7 +2,10 @@
 
 One table serves Llama, Mistral, Qwen2 and Qwen3: they name their tensors alike, and a
 config field decides whether the optional rows (q/k/v biases, q/k norms, an untied
-``lm_head``) exist. Two layout changes, each done here and nowhere else:
+``lm_head``) exist. A scanned model (``scan_layers``, the default) holds each block
+parameter once for all layers, stacked on a leading layer axis (``layers.attention.wq.kernel``
+of shape ``(L, D, H * E)``): HF's ``model.layers.{i}.*`` tensor is its slice ``i``, so the
+exported names stay HF's per-layer names. Two layout changes, each done here and nowhere else:
 
 - **transpose**: ``torch.nn.Linear`` stores ``weight`` as ``(out_features, in_features)`` and
   computes ``x @ W.T``; Flax's ``nnx.Linear`` stores ``kernel`` as ``(in, out)`` and computes
@@ -31,12 +34,24 @@ class TensorMap:
     """One HF tensor and the jtp parameter it becomes."""
 
     hf: str  # "model.layers.0.self_attn.q_proj.weight"
-    jtp: str  # "layers.0.attention.wq.kernel"
+    jtp: str  # "layers.0.attention.wq.kernel"; scanned: "layers.attention.wq.kernel"
     transpose: bool  # HF (out, in) <-> Flax (in, out)
     rope_head_dim: int | None  # E: permute HF axis 0 within heads of E rows (q and k only)
+    layer: int | None = None  # scanned: the slice of the stacked jtp parameter it is
 
     def hf_shape(self, jtp_shape: tuple[int, ...]) -> tuple[int, ...]:
-        return tuple(reversed(jtp_shape)) if self.transpose else tuple(jtp_shape)
+        """The HF tensor's shape, given its jtp parameter's (stacked or not)."""
+        shape = tuple(jtp_shape[1:] if self.layer is not None else jtp_shape)
+        return tuple(reversed(shape)) if self.transpose else shape
+
+    @property
+    def label(self) -> str:
+        """The jtp parameter, with the layer when stacked: ``layers.attention.wq.kernel[3]``."""
+        return self.jtp if self.layer is None else f"{self.jtp}[{self.layer}]"
+
+    def take(self, value: np.ndarray) -> np.ndarray:
+        """This tensor's part of its jtp parameter's ``value`` (its layer, when stacked)."""
+        return value if self.layer is None else value[self.layer]
 
 
 # (jtp path inside layers.{i}, HF path inside model.layers.{i}, transpose, RoPE-permuted)
@@ -71,8 +86,11 @@ def tensor_map(config: LlamaConfig) -> list[TensorMap]:
     rows = _BLOCK + (_QKV_BIAS if config.qkv_bias else ()) + (_QK_NORM if config.qk_norm else ())
     for i in range(config.n_layers):
         for jtp, hf, transpose, permuted in rows:
-            rope = e if permuted else None
-            out.append(TensorMap(f"model.layers.{i}.{hf}", f"layers.{i}.{jtp}", transpose, rope))
+            rope, hf = e if permuted else None, f"model.layers.{i}.{hf}"
+            if config.scan_layers:  # slice i of the stacked parameter
+                out.append(TensorMap(hf, f"layers.{jtp}", transpose, rope, layer=i))
+            else:
+                out.append(TensorMap(hf, f"layers.{i}.{jtp}", transpose, rope))
     out.append(TensorMap("model.norm.weight", "norm.scale", False, None))
     if not config.tie_embeddings:  # tied: lm_head is embed_tokens, stored once
         out.append(TensorMap("lm_head.weight", "output.kernel", True, None))
@@ -94,7 +112,7 @@ def permute_heads(x: np.ndarray, head_dim: int, *, to_jtp: bool) -> np.ndarray:
 
 
 def to_hf(t: TensorMap, value: np.ndarray) -> np.ndarray:
-    """A whole jtp parameter in HF's layout."""
+    """A whole jtp parameter (its layer ``t.layer``, when stacked) in HF's layout."""
     out = value.T if t.transpose else value
     if t.rope_head_dim is not None:
         out = permute_heads(out, t.rope_head_dim, to_jtp=False)
@@ -109,10 +127,13 @@ def read_jtp_slice(
 ) -> np.ndarray:
     """The block ``index`` of the jtp parameter, reading only what it needs of the HF tensor.
 
-    ``read(hf_index)`` returns that block of the HF tensor. A permuted axis is read in whole
-    heads (a tensor-parallel shard holds whole heads, so that is exactly its rows), put in
-    jtp's order, and trimmed to ``index``.
+    ``read(hf_index)`` returns that block of the HF tensor; of a stacked parameter, the block
+    of layer ``t.layer`` (``index[0]``, the layer axis, is the caller's). A permuted axis is
+    read in whole heads (a tensor-parallel shard holds whole heads, so that is exactly its
+    rows), put in jtp's order, and trimmed to ``index``.
     """
+    if t.layer is not None:  # a stacked parameter: this tensor is one layer of it
+        index, shape = index[1:], shape[1:]
     bounds = [s.indices(n)[:2] for s, n in zip(index, shape, strict=True)]  # [(start, stop)]
     hf_bounds = list(reversed(bounds)) if t.transpose else list(bounds)
     if t.rope_head_dim is None:

@@ -1,6 +1,7 @@
 """``save_pretrained``: a (sharded) jtp Llama as an HF checkpoint transformers loads.
 
-One parameter at a time is gathered to process 0's host (the others hold none), put in
+One parameter (one layer of a stacked parameter) at a time is gathered to process 0's host
+(the others hold none), put in
 HF's layout (transposed,
 RoPE-permuted back, :mod:`jtp.models.hf.names`), cast, and appended to its safetensors
 shard, so the writer holds one whole tensor at a time. Every process takes part in each
@@ -111,7 +112,7 @@ def save_pretrained(
 
     def produce(hf_name: str) -> np.ndarray:
         t: TensorMap = by_hf[hf_name]
-        return to_hf(t, gathered_on_process_0(params[t.jtp])).astype(out_dtype)
+        return to_hf(t, gathered_on_process_0(params[t.jtp], t.layer)).astype(out_dtype)
 
     try:
         for file, group in zip(files, groups, strict=True):
@@ -120,7 +121,7 @@ def save_pretrained(
                 write_safetensors(os.path.join(tmp, file), entries, produce)
             else:  # take part in the same gathers, in the same order
                 for hf_name, _, _ in entries:
-                    gathered_on_process_0(params[by_hf[hf_name].jtp])
+                    gathered_on_process_0(params[by_hf[hf_name].jtp], by_hf[hf_name].layer)
         if writer:
             _finish(tmp, path, hf, src_dir, files, groups, maps, sizes)
     except BaseException:

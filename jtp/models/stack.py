@@ -1,0 +1,94 @@
+"""Running a model's blocks: one after the other, or scanned over stacked layers; and what
+activation checkpointing (remat) keeps of each block for the backward pass.
+
+Unrolled blocks (an ``nnx.List``) trace and compile once per block: compile time grows with
+the depth. Stacked blocks (:func:`jtp.parallel.stacked.stack`: every variable with a leading
+layer axis) run as one ``jax.lax.scan`` whose body is one block, traced and compiled once.
+Both compute the same numbers from the same weights.
+
+Remat policies, per block (``jax.checkpoint`` with a policy around each block):
+
+- ``"none"``: no checkpointing: the forward keeps every intermediate the backward needs
+  (attention scores and probabilities included). Most memory, no recomputation.
+- ``"full"``: keeps only the block's input; the backward recomputes the whole block
+  (one more forward pass: ~1/3 more FLOPs per step, and its collectives again).
+- ``"dots"``: keeps the outputs of the matmuls without batch dimensions (the projections
+  ``wq wk wv wo w1 w2 w3``: ``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``);
+  recomputes the element-wise work (norms, RoPE, SwiGLU) and attention's scores and softmax
+  (batched matmuls).
+- ``"minimal"``: keeps the block's input and its attention output ``softmax(q k^T) v``
+  (``(B, T, H, E)``, split by heads under tensor parallelism; marked
+  :data:`ATTENTION_OUT`); recomputes everything else.
+
+Memory ``full <= minimal <= dots <= none``; recomputed FLOPs the other way round
+(``tests/models/test_remat.py`` reads both from the compiled program).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from flax import nnx
+
+from jtp.parallel.stacked import n_layers
+
+REMAT_POLICIES = ("none", "full", "dots", "minimal")
+ATTENTION_OUT = "attention_out"  # the checkpoint_name "minimal" keeps
+
+
+def remat_name(value: str | bool) -> str:
+    """The policy ``value`` names; the old booleans mean ``True``: "full", ``False``: "none"."""
+    if value is True or value is False:
+        return "full" if value else "none"
+    if value not in REMAT_POLICIES:
+        raise ValueError(
+            f"remat={value!r} must be one of {REMAT_POLICIES} (or a bool: True is 'full', "
+            "False 'none')"
+        )
+    return value
+
+
+def checkpoint_policy(name: str) -> Any:
+    """The ``jax.checkpoint`` policy of a remat policy other than "none"."""
+    policies = jax.checkpoint_policies
+    return {
+        "full": None,  # nothing saveable: only the checkpointed function's inputs are kept
+        "dots": policies.dots_with_no_batch_dims_saveable,
+        "minimal": policies.save_only_these_names(ATTENTION_OUT),
+    }[remat_name(name)]
+
+
+def _call(block: nnx.Module, x: jax.Array, *args: Any) -> jax.Array:
+    return block(x, *args)
+
+
+def run_blocks(layers: Any, x: jax.Array, *args: Any, remat: str = "none") -> jax.Array:
+    """``x`` through every block of ``layers`` in order (``x = block(x, *args)``), each
+    under the ``remat`` policy.
+
+    ``layers``: an ``nnx.List`` of blocks (run one after the other) or a module built by
+    :func:`jtp.parallel.stacked.stack` (run by ``jax.lax.scan`` over its layer axis; its
+    variables must all be ``nnx.Param``: a scan does not write state back).
+    """
+    remat = remat_name(remat)
+    if n_layers(layers) is None:
+        call = _call if remat == "none" else nnx.remat(_call, policy=checkpoint_policy(remat))
+        for block in layers:
+            x = call(block, x, *args)
+        return x
+    graphdef, params, rest = nnx.split(layers, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise ValueError(
+            "stacked layers hold variables other than nnx.Param "
+            f"({sorted({type(v).__name__ for _, v in nnx.to_flat_state(rest)})}); a scan cannot "
+            "update them: build the blocks unrolled"
+        )
+
+    def body(x: jax.Array, layer_params: nnx.State) -> tuple[jax.Array, None]:
+        return nnx.merge(graphdef, layer_params, rest)(x, *args), None
+
+    if remat != "none":  # inside a scan, CSE cannot merge the recomputation away
+        body = jax.checkpoint(body, policy=checkpoint_policy(remat), prevent_cse=False)
+    x, _ = jax.lax.scan(body, x, params)
+    return x
