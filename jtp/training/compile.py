@@ -84,7 +84,7 @@ def check_compute_dtype(jaxpr: Any, precision: str) -> float:
             f"are not {want} ({ {k: f'{v:.3g}' for k, v in totals.items()} }); made at "
             f"{'; '.join(where) or 'unknown places'}. A module pins float32 (a dtype "
             "attribute of its own, or an astype before a matmul): jtp.explain(..., "
-            "precision=...) lists the modules the policy cannot reach.",
+            "compute_dtype=...) lists the modules the policy cannot reach.",
             stacklevel=3,
         )
     return share

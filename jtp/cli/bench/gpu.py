@@ -122,9 +122,8 @@ def _step(config: str, layout: Any, devices: list, batch: int, seq: int, layers:
     from jtp.analysis.dtypes import flops_fraction
     from jtp.cli.recipes import LlamaTask, LlamaTaskConfig
     from jtp.mesh import ModelParallelStrategy
-    from jtp.parallel.activations import activation_rules
     from jtp.parallel.batch import shard_batch
-    from jtp.training.compile import build_state, compile_train_step, train_step
+    from jtp.training.compile import build_state, trace_train_step, train_step
     from jtp.training.options import TrainerOptions
 
     d, t, fsdp, remat = layout.data, layout.tensor, layout.fsdp, layout.remat
@@ -142,10 +141,10 @@ def _step(config: str, layout: Any, devices: list, batch: int, seq: int, layers:
     tokens = np.random.default_rng(0).integers(0, task.model_config.vocab_size, (batch, seq + 1))
     batches = [shard_batch(tokens.astype(np.int32), strategy.mesh)]
     t0 = time.perf_counter()
-    compiled = compile_train_step(step, state, batches, rules, precision="bf16-mixed")
+    traced = trace_train_step(step, state, batches, rules, precision="bf16-mixed")
+    compiled = traced.lower().compile()
     compile_s = time.perf_counter() - t0
-    with activation_rules(strategy.mesh, rules):
-        share = flops_fraction(jax.jit(step).trace(*state.arrays(), batches).jaxpr, "bfloat16")
+    share = flops_fraction(traced.jaxpr, "bfloat16")  # the program just compiled
     jax.block_until_ready(state.params)
     return compiled, state, batches, compile_s, task.model_config, share
 
