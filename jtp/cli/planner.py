@@ -4,15 +4,10 @@ For each valid configuration the planner compiles jtp's real Llama train step *a
 (:mod:`jtp.training.compile`: shapes and shardings only, nothing allocated) for as many forced CPU
 devices as the cluster has, and reads per-device memory (``memory_analysis``), matmul FLOPs
 by dtype (the traced step) and collective bytes by mesh axis (the HLO): :mod:`jtp.cli.sizing`.
-Compiling all layers of an 8B model 28 times would take too long on a small machine, so it
-compiles 1- and 2-layer versions and extrapolates linearly in the layer count (blocks are
-identical, so every per-block quantity is exactly additive; ``tests/cli/test_planner.py``
-checks the linearity). It compiles the model's unrolled twin (``scan_layers=False``): a
-scanned step's loop body counts once in XLA's cost analysis whatever its trips, and a
-one-trip loop is simplified away, so only unrolled blocks add up layer by layer. The scanned
-step ``fit`` runs keeps the same per-layer state and sends the same tensor-axis bytes; it
-needs at most the memory planned (less under remat) and, with fsdp, all-gathers each layer's
-weights again in the backward (``tests/cli/test_planner.py`` measures both).
+It compiles the step ``fit`` runs, layers scanned, at the model's whole depth: a scanned
+step compiles in the time of one layer, and a shallower one does not predict it
+(:mod:`jtp.cli.sizing` says why; ``tests/cli/test_planner.py`` checks that the plan equals
+the trainer's compiled step).
 
 It sizes the GPU program, not the CPU stand-in: bf16 buffers are counted at 2 bytes (the
 compile keeps the CPU backend from upcasting them: :data:`jtp.analysis.memory.KEEP_BF16`),
@@ -38,7 +33,7 @@ from typing import Any
 from jtp.cli import compilation_cache
 from jtp.cli.output import write_json
 from jtp.cli.roofline import GB, Hardware, default_mem_fraction, estimate
-from jtp.cli.sizing import analytic_floor, compiled_attention, extrapolate, measure
+from jtp.cli.sizing import analytic_floor, compiled_attention, measure
 from jtp.models.attention import ATTENTION
 from jtp.models.stack import REMAT_POLICIES, remat_name
 from jtp.training.precision import PRECISIONS
@@ -172,12 +167,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.global_batch % (config.data * args.micro_batch):
             continue
         accumulate = args.global_batch // (config.data * args.micro_batch)
-        one, two = (
-            measure(config, args.model, n, args.seq_len, args.micro_batch, args.precision,
-                    devices, accumulate, hf=args.hf, attention=args.attention)
-            for n in (1, 2)
-        )  # fmt: skip
-        m = extrapolate(one, two, model.n_layers)
+        m = measure(config, args.model, model.n_layers, args.seq_len, args.micro_batch,
+                    args.precision, devices, accumulate, hf=args.hf, attention=args.attention)
         est = estimate(m, config, hw, args.devices_per_host)
         tokens = args.global_batch * args.seq_len / est["step_s"] / args.devices
         floor = analytic_floor(model.num_params(), args.devices, config, args.precision)

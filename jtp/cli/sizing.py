@@ -1,6 +1,18 @@
-"""What one planner configuration costs: compile jtp's Llama train step abstractly for it
-and read per-device memory, matmul FLOPs by dtype and collective bytes per mesh axis off the
-program; extrapolate from 1 and 2 layers to the model's depth.
+"""What one planner configuration costs: compile jtp's Llama train step abstractly for it,
+at the model's whole depth, and read per-device memory, matmul FLOPs by dtype and collective
+bytes per mesh axis off the program.
+
+It compiles the step ``fit`` runs, layers scanned, whole: one loop body whatever the depth,
+so compiling all 32 or 80 layers costs what one layer does (``python -m jtp.bench
+compile``); its FLOPs are read off the jaxpr with every trip counted and its collectives are
+counted once per trip. Earlier versions compiled 1- and 2-layer unrolled twins and
+extrapolated; that is wrong twice over, seen on an H200 (``bench_results/gpu.json``,
+docs/planning.md): a scan stacks what the backward needs where XLA frees and fuses an
+unrolled block's intermediates (the scanned Llama-3-8B step without remat needed 135 GiB
+where the twin's figures promised under 102), and the peak moves with depth, from the loss
+at 2 layers to the backward loop from a few layers on, so a line through shallow points
+misses the deep one (2 -> 3 layers added 2.6 GiB on the GPU, each layer from 16 to 32
+added 3.9).
 
 Used by the capacity planner (:mod:`jtp.cli.planner`) and ``python -m jtp.bench gpu``.
 On CPU devices the compile sizes what a GPU runs: bf16 buffers at 2 bytes
@@ -48,7 +60,7 @@ def measure(
     hf: str | None = None,
     attention: str = "auto",
 ) -> dict[str, Any]:
-    """Compile one configuration with ``n_layers`` blocks and ``accumulate`` micro-batches
+    """Compile one configuration with ``n_layers`` scanned blocks and ``accumulate`` micro-batches
     per optimizer step (as the trainer runs it); figures per device and per optimizer step:
     memory (accumulation buffer included), collective bytes (loop bodies counted once per
     trip), and the matmul FLOPs of the traced step (scan bodies once per trip; the backward
@@ -71,7 +83,7 @@ def measure(
     task_config = LlamaTaskConfig(
         preset=preset, hf=hf, seq_len=seq, batch_size=micro_batch * config.data, fsdp=config.fsdp,
         sequence_parallel=config.sequence_parallel, loss_parallel=config.tensor > 1,
-        remat=config.remat, scan_layers=False,  # unrolled blocks add up (planner docstring)
+        remat=config.remat,
         attention=compiled_attention(attention, precision, head_dim, platform),
     )  # fmt: skip
     traced, mesh = trace_llama_step(
@@ -95,11 +107,6 @@ def measure(
         **{f"bytes_{k}": by_axis.get(k, 0.0) for k in AXES_KEYS.values()},
         **{f"wire_{k}": v for k, v in wire.items()},
     }
-
-
-def extrapolate(one: dict[str, float], two: dict[str, float], n_layers: int) -> dict[str, float]:
-    """f(L) = f(1) + (L - 1) * (f(2) - f(1)) for every per-step quantity."""
-    return {k: one[k] + (n_layers - 1) * (two[k] - one[k]) for k in one}
 
 
 def analytic_floor(n_params: int, n_devices: int, config: Any, precision: str) -> float:

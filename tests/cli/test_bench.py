@@ -69,6 +69,16 @@ def test_gpu_benchmark_says_so_without_a_gpu_and_runs_its_code_path_with_smoke(t
     assert payload["tokens_per_s_per_device"] > 0 and payload["precision"] == "bf16-mixed"
     assert payload["cudnn_attention_in_program"] is False  # XLA's path on CPU
     assert payload["bf16_matmul_flops_share"] >= 0.95
+    tried = payload["layouts_tried"]  # the whole-depth compile that chose the layout
+    assert [(r["layout"], r["layers"], r["fits"]) for r in tried] == [("2x4 fsdp", 2, True)]
+    assert payload["compile_seconds"] == tried[0]["compile_seconds"] > 0
+    # the CPU planner's figure for this layout against the one the run compiled for its
+    # devices: here both are CPU compiles of the same step, so they are equal
+    assert payload["planner_check"]["ratio"] == 1.0
+    checks = {a["implementation"]: a for a in payload["attention_check"]}
+    assert list(checks) == ["xla", "blockwise"]  # no cuDNN without a GPU
+    assert all(a["within_tolerance"] and not a["fused_kernel_in_program"] for a in checks.values())
+    assert set(payload["versions"]) == {"jax", "jaxlib", "flax"}
     assert "SMOKE" in capsys.readouterr().out
 
 

@@ -1,56 +1,35 @@
-"""The capacity planner: the layer-linearity it relies on, agreement with the trainer's own
-compiled step, its FLOP count, a Llama-3-8B row against a hand count, usable memory, and an
+"""The capacity planner: agreement with the trainer's own compiled step (scanned, the whole
+depth), its FLOP count, a Llama-3-8B row against a hand count, usable memory, and an
 end-to-end run on the tiny preset."""
 
-import dataclasses
 import json
 
 import jax
 import pytest
-from flax import nnx
 
 import jtp
-from jtp.cli.planner import Config, configurations, extrapolate, main, measure
-from jtp.cli.recipes import LlamaTask, LlamaTaskConfig, abstract_llama_step, preset_config
+from jtp.cli.planner import Config, configurations, main
+from jtp.cli.recipes import LlamaTask, LlamaTaskConfig
 from jtp.cli.roofline import Hardware, default_mem_fraction, estimate
-from jtp.models.llama import PRESETS, Llama
+from jtp.cli.sizing import measure
+from jtp.models.llama import PRESETS
 
 SEQ = 32
-
-
-CONFIGS = [
-    Config(2, 4, True, True, "full"),
-    Config(2, 4, False, False, "none"),
-    Config(8, 1, True, False, "dots"),
-]
-
-
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.label())
-def test_per_layer_linearity(config):
-    """Blocks are identical, so 1- and 2-layer compiles predict the 3-layer one: memory,
-    collective bytes and matmul FLOPs exactly."""
-    devices = jax.devices()
-    one, two, three = (measure(config, "tiny", n, SEQ, 1, "32-true", devices) for n in (1, 2, 3))
-    predicted = extrapolate(one, two, 3)
-    for key, value in three.items():
-        # integer byte and FLOP counts (below 2^53) in float64: exact, up to one rounding of
-        # f(1) + 2 (f(2) - f(1))
-        assert predicted[key] == pytest.approx(value, rel=1e-12, abs=0), key
 
 
 @pytest.mark.parametrize(
     "fsdp,k", [(True, 1), (True, 4), (False, 4)], ids=["fsdp-k1", "fsdp-k4", "tp-k4"]
 )
 def test_planner_equals_the_trainers_compiled_step(fsdp, k):
-    """The planner compiles what fit runs with unrolled layers, accumulation included: same
-    memory (the accumulation buffer counted), same bytes per optimizer step; its matmul FLOPs are k
-    times one micro-batch's, a little under XLA's count of all FLOPs (elementwise ones
-    too), which counts the accumulation loop's body once."""
+    """The planner compiles what fit runs, layers scanned and accumulation included: the same
+    memory (the accumulation buffer counted) and the same bytes per optimizer step (the layer
+    loop's and the accumulation loop's collectives counted once per trip). Its FLOPs are
+    checked against a hand count below (XLA's cost analysis counts a loop body once)."""
     config = Config(2, 4, fsdp=fsdp, sequence_parallel=True, remat="none")
     planned = measure(config, "tiny", 2, SEQ, 4, "32-true", jax.devices(), k)
     task = LlamaTask(
         LlamaTaskConfig(seq_len=SEQ, batch_size=8, samples=8 * k, fsdp=fsdp,
-                        sequence_parallel=True, loss_parallel=True, scan_layers=False)
+                        sequence_parallel=True, loss_parallel=True)
     )  # fmt: skip
     trainer = jtp.Trainer(
         jtp.ModelParallelStrategy(2, 4, fsdp=fsdp), max_steps=1, logger=None,
@@ -62,9 +41,6 @@ def test_planner_equals_the_trainers_compiled_step(fsdp, k):
     colls = jtp.collectives(trainer.compiled_step, trainer.mesh)
     assert planned["bytes_tensor"] == sum(c.bytes for c in colls if c.axes == ("tensor",))
     assert planned["bytes_data"] == sum(c.bytes for c in colls if c.axes == ("data",))
-    xla_flops = k * trainer.compiled_step.cost_analysis()["flops"]
-    # XLA also counts elementwise FLOPs (norms, softmax, AdamW): 3-4% of the total here
-    assert 0.9 * xla_flops < planned["flops"] < xla_flops
 
 
 def _matmul_flops(c, batch, seq, *, remat, flash):
@@ -125,13 +101,14 @@ def test_usable_memory_is_the_preallocated_fraction(monkeypatch):
 
 def test_llama3_8b_one_host_tp8_remat_against_a_hand_count():
     """Llama-3-8B, T = 8192, bf16-mixed, tensor 8 on one host, remat, one sequence per
-    micro-step, two micro-steps (accumulation: as in the planner's tables). Counted by hand
-    per device, GB = 1e9 bytes, N = 8,030,261,248 parameters, n = N / 8 per device (the
-    norm scales, 0.003% of N, are replicated: ignored):
+    step, the whole scanned step. Counted by hand per device, GB = 1e9 bytes,
+    N = 8,030,261,248 parameters, n = N / 8 per device (the norm scales, 0.003% of N, are
+    replicated: ignored):
 
       parameters, float32                          4 n           =  4.015
       AdamW moments, 2 x float32                   8 n           =  8.030
-      gradient accumulator, float32                4 n           =  4.015
+      gradients, float32 (the scan's backward writes all layers' into one stacked
+        buffer)                                    4 n           =  4.015
       bf16 copies of the weights (the step casts)  2 n           =  2.008
       saved activations: each block's input, bf16, whole (T, D) on every device without
         sequence parallelism: L x T x D x 2 = 32 x 8192 x 4096 x 2  =  2.147
@@ -142,21 +119,22 @@ def test_llama3_8b_one_host_tp8_remat_against_a_hand_count():
                                                                    total 22.20 GB
 
     Attention adds O(T) (blockwise, as cuDNN's kernel). The planner's figure (XLA's buffer
-    assignment, with its packing) must be within 10% of it. Before the planner kept bf16
-    and fused attention, it said 35.2 GB for this row."""
+    assignment, with its packing and reuse) must be within 10% of it. With two micro-steps
+    of accumulation (the planner's tables) the step adds the float32 accumulator, 4 n, and
+    less than one more set of bf16 weights, 2 n."""
     n = PRESETS["llama3-8b"].num_params() / 8
     t, d, v = 8192, 4096, 128256
     hand = 4 * n + 8 * n + 4 * n + 2 * n + 32 * t * d * 2 + t * (v // 8) * 10 + 5 * t * d * 4
     assert hand / 1e9 == pytest.approx(22.20, abs=0.01)
     config = Config(1, 8, fsdp=False, sequence_parallel=False, remat="full")
     one, two = (
-        measure(config, "llama3-8b", n_layers, t, 1, "bf16-mixed", jax.devices(), accumulate=2)
-        for n_layers in (1, 2)
+        measure(config, "llama3-8b", 32, t, 1, "bf16-mixed", jax.devices(), accumulate=k)
+        for k in (1, 2)
     )
-    planned = extrapolate(one, two, 32)["memory"]
-    # the count leaves out XLA's heap packing and the block backward's recomputed
-    # activations (one block's, O(T D)): seen 23.49 GB, 5.8% above
-    assert planned == pytest.approx(hand, rel=0.10)
+    # XLA reuses the loss's buffers in the backward loop: seen 21.16 GB, 4.7% below
+    assert one["memory"] == pytest.approx(hand, rel=0.10)
+    # seen 5.78 GB more: the accumulator and 1.77 GB not attributed
+    assert 4 * n <= two["memory"] - one["memory"] <= 6 * n
 
 
 def test_configurations_respect_heads_hosts_and_batch():
@@ -170,39 +148,6 @@ def test_configurations_respect_heads_hosts_and_batch():
                                                  "64x1 remat=minimal"]  # fmt: skip
     assert Config(8, 8, True, True, True) == Config(8, 8, True, True, "full")  # old booleans
     assert {c.tensor for c in configurations(8, 8, n_heads=12, n_kv=6, batch=8, seq=64)} == {1, 2}
-
-
-@pytest.mark.parametrize(
-    "config", [Config(2, 4, False, False, "none"), Config(8, 1, True, False, "none"),
-               Config(2, 4, True, True, "full")], ids=lambda c: c.label(),
-)  # fmt: skip
-def test_the_scanned_step_against_the_plan(config):
-    """The planner sizes the unrolled twin (its blocks add up); the scanned step fit runs
-    (here 6 layers) sends the same tensor-axis bytes and at least the data-axis bytes (with
-    fsdp it gathers each layer's weights again in the backward, where the unrolled step
-    keeps the forward's gathered copies). Its memory is at most the planned plus the stacked
-    gradients (one buffer for all layers, live beside all saved activations in the backward
-    loop; unrolled, layer by layer): more than planned without remat (here +9% at 2x4),
-    less with remat or fsdp (the gathered copies not kept)."""
-    devices = jax.devices()
-    one, two = (measure(config, "tiny", n, SEQ, 1, "32-true", devices) for n in (1, 2))
-    planned = extrapolate(one, two, 6)
-    model = dataclasses.replace(preset_config("tiny"), n_layers=6, remat=config.remat)
-    task = LlamaTaskConfig(seq_len=SEQ, batch_size=config.data, fsdp=config.fsdp,
-                           sequence_parallel=config.sequence_parallel,
-                           loss_parallel=config.tensor > 1)  # fmt: skip
-    shape = (config.data, config.tensor)
-    compiled, mesh = abstract_llama_step(task, shape, devices, model_config=model)
-    colls = jtp.collectives(compiled, mesh)
-    assert sum(c.bytes for c in colls if c.axes == ("tensor",)) == planned["bytes_tensor"]
-    assert sum(c.bytes for c in colls if c.axes == ("data",)) >= planned["bytes_data"]
-    explained = jtp.explain(lambda: Llama(model, rngs=nnx.Rngs(0)), mesh,
-                            jtp.plans.llama(model), fsdp=config.fsdp)  # fmt: skip
-    stacked = sum(r.bytes_per_device for r in explained.rows if r.placement.path[:7] == "layers.")
-    memory = jtp.peak_memory_per_device(compiled)
-    assert memory <= planned["memory"] + stacked
-    if config.remat != "none" or config.fsdp:
-        assert memory < planned["memory"]
 
 
 def test_planner_end_to_end_tiny(tmp_path, capsys):

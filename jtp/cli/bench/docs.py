@@ -70,6 +70,12 @@ def _cache(p: dict[str, Any]) -> str:
     return format_cache(p)
 
 
+def _gpu(p: dict[str, Any]) -> str:
+    from jtp.cli.bench.gpu import format_gpu
+
+    return format_gpu(p)
+
+
 def _text(p: dict[str, Any]) -> str:
     from jtp.cli.bench.text import format_text
 
@@ -85,6 +91,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "text": _text,
     "compile": _compile,
     "cache": _cache,
+    "gpu": _gpu,
 }
 
 

@@ -6,12 +6,18 @@ two published anchors on 8 x H100 (bf16): torchtitan's Llama-3-8B, 5,762 tok/s/G
 
 It runs the trainer's own compiled step (:mod:`jtp.training.compile`) on real arrays with
 ``bf16-mixed`` and ``attention="auto"`` (cuDNN's fused kernel on a GPU), on the layout the
-capacity planner recommends for these GPUs: every single-node layout is compiled abstractly
-*for the GPUs themselves* at 1 and 2 layers (:func:`jtp.cli.planner.measure`), extrapolated
-to the model's depth, ranked by the planner's roofline estimate (this device's bf16 peak),
-and the best whose compiled memory fits the usable memory (``bytes_limit`` of
-``memory_stats()``: what jax's preallocation leaves) wins. If none fits, the layer count is
-halved until one does, and the table and JSON say so.
+capacity planner recommends for these GPUs: every single-node layout (fsdp over the data
+ranks, each remat policy) is compiled abstractly *for the GPUs themselves* at 2 and 3
+scanned layers (:mod:`jtp.cli.sizing`), extrapolated to the model's depth, ranked by the
+planner's roofline estimate (this device's bf16 peak), and the fastest whose memory fits the
+usable memory (``bytes_limit`` of ``memory_stats()``: what jax's preallocation leaves) is
+compiled whole; if XLA's figure for that whole program does not fit, the next one is taken
+(recorded). If none fits, the layer count is halved until one does, and the table and JSON
+say so.
+
+Beside the run, two checks only a GPU can make: cuDNN's fused attention against XLA's in
+float32 (outputs and gradients; time of each kernel), and the CPU planner's memory for the
+chosen layout (``python -m jtp.plan`` without a GPU) against XLA's for the GPU.
 
 MFU = (6 N + attention) FLOPs per token x tokens/s / (devices x peak), torchtitan's
 formula: N parameters without the embedding table, attention 12 x layers x heads x head dim
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import statistics
 import sys
 import time
@@ -55,17 +62,20 @@ def flops_per_token(config: Any, seq_len: int) -> float:
     return 6.0 * n + attention
 
 
-def _candidates(n: int, smoke: bool) -> list[Any]:
-    """Single-node layouts: tensor 1, 2, 4, 8 (fsdp over the rest), with and without remat."""
-    from jtp.cli.planner import Config
+def _candidates(n: int, smoke: bool, preset: str, micro_batch: int, seq: int) -> list[Any]:
+    """The planner's single-node layouts (:func:`jtp.cli.planner.configurations`) that a
+    throughput run takes: fsdp over "data" wherever there is more than one data rank, no
+    sequence parallelism (T is whole on each device), every remat policy."""
+    from jtp.cli.planner import Config, configurations
+    from jtp.cli.recipes import preset_config
 
     if smoke:
         return [Config(2, n // 2, True, False, "none")]
+    c = preset_config(preset)
     return [
-        Config(n // t, t, n // t > 1, False, remat)
-        for t in (1, 2, 4, 8)
-        if n % t == 0
-        for remat in ("none", "full")
+        config
+        for config in configurations(n, n, c.n_heads, c.n_kv_heads, micro_batch * n, seq)
+        if config.fsdp == (config.data > 1) and not config.sequence_parallel
     ]
 
 
@@ -79,39 +89,41 @@ def choose_layout(
     *,
     smoke: bool = False,
 ) -> tuple[Any, int | None, list[dict[str, Any]]]:
-    """The planner's best layout that fits ``usable`` bytes (None: anything fits), the
-    layer count it needs (None: the preset's), and every candidate's figures."""
+    """The planner's fastest layout that fits ``usable`` bytes (None: anything fits), the
+    layer count it needs (None: the preset's), and every candidate's figures.
+
+    Each candidate's whole scanned step is compiled for ``devices`` (:mod:`jtp.cli.sizing`)
+    and ranked by the roofline estimate; if none fits, the depth is halved and they are
+    compiled again."""
     from jtp.cli.roofline import Hardware, estimate
-    from jtp.cli.sizing import extrapolate, measure
+    from jtp.cli.sizing import measure
 
     hw = Hardware(peak_tflops=peak)
-    depth = _n_layers(preset)
-    measured = []
-    for config in _candidates(len(devices), smoke):
-        one, two = (
-            measure(config, preset, k, seq, micro_batch, "bf16-mixed", devices) for k in (1, 2)
-        )
-        measured.append((config, one, two))
-    layers = depth
+    depth = layers = _n_layers(preset)
+    table = []
     while True:
         rows = []
-        for config, one, two in measured:
-            m = extrapolate(one, two, layers)
-            est = estimate(m, config, hw, len(devices))
+        for config in _candidates(len(devices), smoke, preset, micro_batch, seq):
+            t0 = time.perf_counter()
+            m = measure(config, preset, layers, seq, micro_batch, "bf16-mixed", devices)
+            seconds = time.perf_counter() - t0
             fits = usable is None or m["memory"] <= usable
+            est = estimate(m, config, hw, len(devices))
             rows.append(
                 {"layout": config.label(), "layers": layers, "memory_bytes": m["memory"],
-                 "fits": fits, "estimated_step_s": est["step_s"], "config": config}
+                 "fits": fits, "estimated_step_s": est["step_s"], "compile_seconds": seconds,
+                 "config": config}
             )  # fmt: skip
+            print(f"  {config.label()}, {layers} layers: {m['memory'] / 2**30:.1f} GiB"
+                  f"{'' if fits else ' (does not fit)'}", file=sys.stderr)  # fmt: skip
+        table += [{k: v for k, v in r.items() if k != "config"} for r in rows]
         fitting = [r for r in rows if r["fits"]]
-        if fitting or layers == 1:
-            break
+        if fitting:
+            best = min(fitting, key=lambda r: r["estimated_step_s"])
+            return best["config"], (None if layers == depth else layers), table
+        if layers == 1:
+            raise SystemExit("python -m jtp.bench gpu: not even one layer fits these GPUs")
         layers = max(1, layers // 2)
-    if not fitting:
-        raise SystemExit("python -m jtp.bench gpu: not even one layer fits these GPUs")
-    best = min(fitting, key=lambda r: r["estimated_step_s"])
-    table = [{k: v for k, v in r.items() if k != "config"} for r in rows]
-    return best["config"], (None if layers == depth else layers), table
 
 
 def _step(config: str, layout: Any, devices: list, batch: int, seq: int, layers: int | None):
@@ -149,12 +161,96 @@ def _step(config: str, layout: Any, devices: list, batch: int, seq: int, layers:
     return compiled, state, batches, compile_s, task.model_config, share
 
 
+ATTENTION_SHAPE = {"batch": 1, "seq": 8192, "heads": 32, "kv_heads": 8, "head_dim": 128}
+SMOKE_ATTENTION_SHAPE = {"batch": 1, "seq": 64, "heads": 4, "kv_heads": 2, "head_dim": 16}
+# bf16 attention against a float32 reference: each bf16 kernel rounds its inputs and its
+# probabilities to 8 significant bits, so outputs and gradients differ from the reference by
+# a few bf16 ulps (2^-8 relative) of their largest element; 3e-2 leaves room for the sums.
+ATTENTION_RTOL = 3e-2
+
+
+def attention_check(shape: dict[str, int], platform: str) -> list[dict[str, Any]]:
+    """cuDNN's fused attention (on a GPU), XLA's and jtp's blockwise kernel, on the same bf16
+    (B, T, H, E) causal grouped-query inputs: output and q/k/v gradients against XLA's
+    attention in float32 (max |error| / max |reference|, within :data:`ATTENTION_RTOL`), and
+    the median forward + backward time of each. The fused kernel's numbers are what the CPU
+    tests cannot show."""
+    import jax
+    import jax.numpy as jnp
+
+    from jtp.models.attention import attention
+
+    b, t, h, k, e = (shape[n] for n in ("batch", "seq", "heads", "kv_heads", "head_dim"))
+    keys = jax.random.split(jax.random.key(0), 4)
+    q_bthe = jax.random.normal(keys[0], (b, t, h, e), jnp.float32)
+    k_btke, v_btke = (jax.random.normal(x, (b, t, k, e), jnp.float32) for x in keys[1:3])
+    cotangent = jax.random.normal(keys[3], (b, t, h, e), jnp.float32)
+
+    def forward_backward(impl: str, dtype: Any):
+        def loss(q, k, v):
+            out = attention(q, k, v, implementation=impl, is_causal=True)
+            return jnp.sum(out.astype(jnp.float32) * cotangent), out
+
+        cast = [x.astype(dtype) for x in (q_bthe, k_btke, v_btke)]
+        fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+        return fn, cast
+
+    ref_fn, ref_args = forward_backward("xla", jnp.float32)
+    (_, ref_out), ref_grads = ref_fn(*ref_args)
+    rows = []
+    for impl in ("cudnn", "xla", "blockwise") if platform == "gpu" else ("xla", "blockwise"):
+        fn, args = forward_backward(impl, jnp.bfloat16)
+        (_, out), grads = jax.block_until_ready(fn(*args))
+        errors = {
+            name: float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)) / jnp.max(jnp.abs(want)))
+            for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads),
+                                       (ref_out, *ref_grads), strict=True)
+        }  # fmt: skip
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times.append(time.perf_counter() - t0)
+        hlo = fn.lower(*args).compile().as_text()
+        rows.append({
+            "implementation": impl, "relative_error": errors,
+            "within_tolerance": max(errors.values()) <= ATTENTION_RTOL,
+            "fused_kernel_in_program": "__cudnn$fmha" in hlo,
+            "forward_backward_ms": 1e3 * statistics.median(times),
+        })  # fmt: skip
+    return rows
+
+
+def planner_check(
+    layout: Any, preset: str, layers: int, seq: int, micro_batch: int, gpu_memory: float
+) -> dict[str, Any] | None:
+    """What ``python -m jtp.plan`` would have said about this layout without a GPU: the same
+    step compiled for CPU devices (bf16 kept at 2 bytes, the blockwise kernel standing in
+    for cuDNN), against the memory XLA compiles for the GPU itself. None where jax has fewer
+    CPU devices than the layout needs."""
+    import jax
+
+    from jtp.cli.sizing import measure
+
+    cpus = jax.devices("cpu")
+    if len(cpus) < layout.data * layout.tensor:
+        return None
+    planned = measure(layout, preset, layers, seq, micro_batch, "bf16-mixed", cpus)["memory"]
+    return {"cpu_planned_bytes": planned, "gpu_compiled_bytes": gpu_memory,
+            "ratio": planned / gpu_memory}  # fmt: skip
+
+
 def gpu(args: argparse.Namespace) -> dict[str, Any]:
     import jax
 
     from jtp.analysis.memory import peak_memory_per_device
     from jtp.cli.devices import select_devices
 
+    if not args.smoke:
+        try:  # CPU devices beside the GPUs, for the planner's CPU stand-in (planner_check)
+            jax.config.update("jax_num_cpu_devices", 8)
+        except RuntimeError:
+            pass  # backends already up: planner_check uses the CPU devices there are
     devices = select_devices(8) if args.smoke else jax.devices()
     platform = devices[0].platform
     if platform != "gpu" and not args.smoke:
@@ -178,6 +274,12 @@ def gpu(args: argparse.Namespace) -> dict[str, Any]:
     batch = args.micro_batch * chosen.data
     compiled, state, batches, compile_s, model_config, share = _step(
         preset, chosen, devices, batch, seq, layers
+    )
+    depth = layers or _n_layers(preset)
+    planned = next(r for r in tried if r["layout"] == chosen.label() and r["layers"] == depth)
+    cpu_plan = planner_check(chosen, preset, depth, seq, args.micro_batch, planned["memory_bytes"])
+    attention_rows = attention_check(
+        SMOKE_ATTENTION_SHAPE if args.smoke else ATTENTION_SHAPE, platform
     )
     arrays = state.arrays()
     times = []
@@ -215,7 +317,10 @@ def gpu(args: argparse.Namespace) -> dict[str, Any]:
         "precision": "bf16-mixed",
         "cudnn_attention_in_program": "__cudnn$fmha" in hlo,
         "bf16_matmul_flops_share": share,
-        "compile_seconds": compile_s,
+        # the first compile of this program (choose_layout's); the run's own compile below
+        # reads the persistent compilation cache that one filled
+        "compile_seconds": planned["compile_seconds"],
+        "cached_compile_seconds": compile_s,
         "step_seconds": {"median": step_s, "min": min(times), "max": max(times)},
         "tokens_per_s_per_device": tokens_per_s_per_device,
         "flops_per_token": fpt,
@@ -225,11 +330,24 @@ def gpu(args: argparse.Namespace) -> dict[str, Any]:
         "compiled_peak_bytes_per_device": peak_memory_per_device(compiled),
         "hbm_peak_bytes_in_use": stats.get("peak_bytes_in_use"),
         "usable_bytes_per_device": usable,
+        "planner_check": cpu_plan,
+        "attention_shape": SMOKE_ATTENTION_SHAPE if args.smoke else ATTENTION_SHAPE,
+        "attention_check": attention_rows,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "versions": _versions(),
         "anchors": {"torchtitan": TORCHTITAN, "maxtext": MAXTEXT},
     }
     print(format_gpu(payload))
     write_json(args.json, payload)
     return payload
+
+
+def _versions() -> dict[str, str]:
+    import flax
+    import jax
+    import jaxlib
+
+    return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__}
 
 
 def _n_layers(preset: str) -> int:
@@ -242,6 +360,14 @@ def _usable_bytes(device: Any) -> int | None:
     """What jax may allocate on ``device`` (after its preallocation fraction); None on CPU."""
     stats = device.memory_stats() if device.platform == "gpu" else None
     return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
+
+
+def _compile_text(r: dict[str, Any]) -> str:
+    if "cached_compile_seconds" in r:
+        return (f"compile {r['compile_seconds']:.1f} s (again from the persistent cache: "
+                f"{r['cached_compile_seconds']:.1f} s)")  # fmt: skip
+    # JSON written before the cold compile was timed: its figure is a cache hit
+    return f"compile from the persistent cache {r['compile_seconds']:.1f} s (cold: not timed)"
 
 
 def format_gpu(r: dict[str, Any]) -> str:
@@ -264,10 +390,28 @@ def format_gpu(r: dict[str, Any]) -> str:
             f"{a['tokens_per_s_per_device']:,} | {a['mfu']} |"
         )
     tail = (
-        f"\ncompile {r['compile_seconds']:.1f} s; step {r['step_seconds']['median']:.3f} s "
+        f"\n{_compile_text(r)}; step {r['step_seconds']['median']:.3f} s "
         f"(min {r['step_seconds']['min']:.3f}, max {r['step_seconds']['max']:.3f}); "
         f"cuDNN attention in the program: {r['cudnn_attention_in_program']}; peak "
         f"{r['peak_tflops']} TFLOP/s bf16; HBM peak "
         f"{'n/a' if hbm is None else f'{hbm / 2**30:.1f} GiB'}"
     )
-    return "\n".join(rows) + tail
+    lines = [
+        "\n| attention, bf16 fwd+bwd | max rel. error vs fp32 (out, dq, dk, dv) "
+        "| within tol. | ms |",
+        "|---|---|---|---:|",
+    ]
+    for a in r["attention_check"]:
+        err = ", ".join(f"{v:.1e}" for v in a["relative_error"].values())
+        lines.append(
+            f"| {a['implementation']} | {err} | {a['within_tolerance']} | "
+            f"{a['forward_backward_ms']:.2f} |"
+        )
+    plan = r["planner_check"]
+    if plan is not None:
+        lines.append(
+            f"\nplanner on CPU (jtp.plan): {plan['cpu_planned_bytes'] / 2**30:.1f} GiB/device "
+            f"for this layout; XLA for the GPU: {plan['gpu_compiled_bytes'] / 2**30:.1f} GiB "
+            f"(ratio {plan['ratio']:.2f})"
+        )
+    return "\n".join(rows) + tail + "\n".join(lines)
