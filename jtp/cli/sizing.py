@@ -6,13 +6,12 @@ It compiles the step ``fit`` runs, layers scanned, whole: one loop body whatever
 so compiling all 32 or 80 layers costs what one layer does (``python -m jtp.bench
 compile``); its FLOPs are read off the jaxpr with every trip counted and its collectives are
 counted once per trip. Earlier versions compiled 1- and 2-layer unrolled twins and
-extrapolated; that is wrong twice over, seen on an H200 (``bench_results/gpu.json``,
-docs/planning.md): a scan stacks what the backward needs where XLA frees and fuses an
-unrolled block's intermediates (the scanned Llama-3-8B step without remat needed 135 GiB
-where the twin's figures promised under 102), and the peak moves with depth, from the loss
-at 2 layers to the backward loop from a few layers on, so a line through shallow points
-misses the deep one (2 -> 3 layers added 2.6 GiB on the GPU, each layer from 16 to 32
-added 3.9).
+extrapolated, which an H200 showed wrong twice over (``bench_results/gpu.json``,
+docs/performance.md): a scan stacks what the backward needs where XLA frees and fuses an
+unrolled block's intermediates (the layout the twin's figures fitted into 104.9 GiB
+compiled to 135 GiB scanned), and the peak moves with depth, from the loss at 2 layers to
+the backward loop a few layers on, so a line through shallow points misses the deep one
+(2 -> 3 layers added 2.6 GiB on the GPU, each layer from 16 to 32 added 3.9).
 
 Used by the capacity planner (:mod:`jtp.cli.planner`) and ``python -m jtp.bench gpu``.
 On CPU devices the compile sizes what a GPU runs: bf16 buffers at 2 bytes

@@ -7,6 +7,7 @@ for the FeedForward, <= 5e-7 relative for the Llama).
 """
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -236,6 +237,56 @@ def test_export_in_two_processes_holds_one_parameter_on_process_0_only(tmp_path,
     ):
         assert a.get_value().dtype == b.get_value().dtype == param_dtype
         np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()))
+
+
+def test_two_processes_share_one_compilation_cache(tmp_path):
+    """Both processes of a 2-process run point at one cache directory (as on a shared
+    filesystem). A second identical run adds no entry and each of its processes loads the
+    train step instead of compiling it, with the first run's losses."""
+    cache = tmp_path / "cache"
+    layout = ["--data-parallel", "2", "--tensor-parallel", "4", "--no-progress",
+              "--compilation-cache", str(cache)]  # fmt: skip
+    runs = []
+    for tag in ("a", "b"):
+        codes = wait_all(_launch(tmp_path, 2, [*SMALL, *layout], tag))
+        assert codes == [0, 0], _log(tmp_path, f"{tag}0.log") + _log(tmp_path, f"{tag}1.log")
+        runs.append([json.loads((tmp_path / f"{tag}{i}.json").read_text()) for i in range(2)])
+        if tag == "a":
+            entries = sorted(os.listdir(cache))
+            assert len(entries) >= 2  # the sharded init and the train step at least
+    assert sorted(os.listdir(cache)) == entries
+    first, second = runs
+    for i in range(2):
+        assert second[i]["compile_seconds"] < first[i]["compile_seconds"], i
+        assert second[i]["losses"] == first[i]["losses"]
+
+
+def test_stacked_hf_save_from_two_processes_is_the_source_bitwise(tmp_path):
+    """A bf16 Mistral checkpoint loaded by two processes onto 2 x 4 with fsdp, layers
+    scanned (each stacked tensor split across both processes), and saved back with several
+    files: the export is the source, every tensor bit for bit, under the per-layer names."""
+    from safetensors.numpy import load_file
+
+    source = str(HERE.parent / "fixtures" / "hf" / "mistral")
+    out = tmp_path / "export"
+    procs = two_workers(HERE / "mp_hf_save_worker.py", tmp_path, "h", source, str(out))
+    codes = wait_all(procs, timeout=150)
+    assert codes == [0, 0], _log(tmp_path, "h0.log") + _log(tmp_path, "h1.log")
+
+    def tensors(directory):
+        found = {}
+        for name in sorted(os.listdir(directory)):
+            if name.endswith(".safetensors"):
+                found.update(load_file(os.path.join(directory, name)))
+        return found
+
+    ours, theirs = tensors(out), tensors(source)
+    assert sorted(ours) == sorted(theirs) and "model.layers.1.mlp.up_proj.weight" in ours
+    for k, v in theirs.items():
+        assert ours[k].dtype == v.dtype and np.array_equal(
+            ours[k].view(np.uint16), v.view(np.uint16)
+        ), k
+    assert len([n for n in os.listdir(out) if n.endswith(".safetensors")]) > 1
 
 
 def test_two_processes_on_text_validate_at_the_same_steps(tmp_path):
