@@ -11,6 +11,7 @@ tensor-parallel group on the same batch. This file only re-exports the public AP
 - ``jtp.data``: :class:`DataLoader` (global batches, the same rows per tensor group), datasets
 - ``jtp.checkpoint``: sharded orbax checkpoints, consolidated safetensors export
 - ``jtp.training``: :class:`TrainModule`, :class:`Trainer`
+- ``jtp.generation``: :func:`generate` (a sharded KV cache)
 - ``jtp.analysis``: collectives, memory and dtypes of a compiled step, :func:`explain`
 - ``jtp.xla_flags``: the XLA flags jtp sets on GPUs (:func:`apply_gpu_flags`)
 """
@@ -26,6 +27,7 @@ from jtp.checkpoint.sharded import Checkpointer
 from jtp.data.datasets import RandomDataset, RandomTokenDataset
 from jtp.data.loader import DataLoader, local_data_ranks
 from jtp.data.tokens import TokenDataset
+from jtp.generation import generate
 from jtp.mesh import DATA, TENSOR, ModelParallelStrategy, make_mesh, mesh_shape
 from jtp.parallel.activations import activation_rules, shard_activation
 from jtp.parallel.batch import batch_sharding, shard_batch
@@ -68,6 +70,7 @@ __all__ = [
     "check_replicas",
     "collectives",
     "explain",
+    "generate",
     "format_collectives",
     "gpu_flags",
     "hf",

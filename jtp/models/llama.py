@@ -143,8 +143,11 @@ def rope_tables(
     return jnp.cos(angles), jnp.sin(angles)
 
 
-def apply_rope(x_bthe: jax.Array, cos_tf: jax.Array, sin_tf: jax.Array) -> jax.Array:
+def apply_rope(x_bthe: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotate consecutive feature pairs (x[2i], x[2i+1]) by position-dependent angles.
+
+    ``cos``/``sin``: (T', E/2) tables whose first T rows are positions 0..T-1 (training: every
+    sequence starts at 0), or (B, T, E/2), each sequence's own positions (decoding).
 
     Meta's (and torchtitan's) interleaved layout. Hugging Face's ``rotate_half`` pairs x[i]
     with x[i + E/2] instead; :mod:`jtp.models.hf` permutes the q/k projection rows within
@@ -153,7 +156,10 @@ def apply_rope(x_bthe: jax.Array, cos_tf: jax.Array, sin_tf: jax.Array) -> jax.A
     b, t, h, e = x_bthe.shape
     pairs = x_bthe.astype(jnp.float32).reshape(b, t, h, e // 2, 2)  # (B, T, H, E/2, 2)
     x0, x1 = pairs[..., 0], pairs[..., 1]  # (B, T, H, E/2) each
-    cos, sin = cos_tf[None, :t, None, :], sin_tf[None, :t, None, :]  # (1, T, 1, E/2)
+    if cos.ndim == 2:  # (T', E/2) -> (1, T, 1, E/2)
+        cos, sin = cos[None, :t, None, :], sin[None, :t, None, :]
+    else:  # (B, T, E/2) -> (B, T, 1, E/2)
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     rotated = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
     return rotated.reshape(b, t, h, e).astype(x_bthe.dtype)  # (B, T, H, E)
 
@@ -188,7 +194,11 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, x_btd: jax.Array, cos_tf: jax.Array, sin_tf: jax.Array) -> jax.Array:
+    def qkv(
+        self, x_btd: jax.Array, cos: jax.Array, sin: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries (B, T, H, E), keys and values (B, T, K, E) of ``x``, RoPE applied
+        (``cos``/``sin`` as :func:`apply_rope` takes them), split by head."""
         b, t, _ = x_btd.shape
         h, k, e = self.n_heads, self.n_kv_heads, self.head_dim
         q_bthe = self.wq(x_btd).reshape(b, t, h, e)  # (B, T, H, E)
@@ -197,16 +207,24 @@ class Attention(nnx.Module):
         if self.q_norm is not None:  # normalises each head's E features
             q_bthe, k_bske = self.q_norm(q_bthe), self.k_norm(k_bske)
         # "heads": tensor parallelism splits attention by heads (q, k, v alike).
-        q_bthe = shard_activation(apply_rope(q_bthe, cos_tf, sin_tf), "heads")
-        k_bske = shard_activation(apply_rope(k_bske, cos_tf, sin_tf), "heads")
-        v_bske = shard_activation(v_bske, "heads")
+        q_bthe = shard_activation(apply_rope(q_bthe, cos, sin), "heads")
+        k_bske = shard_activation(apply_rope(k_bske, cos, sin), "heads")
+        return q_bthe, k_bske, shard_activation(v_bske, "heads")
+
+    def out(self, out_bthe: jax.Array) -> jax.Array:
+        """The output projection of attention's (B, T, H, E) result -> (B, T, D)."""
+        b, t, h, e = out_bthe.shape
+        return self.wo(out_bthe.reshape(b, t, h * e))
+
+    def __call__(self, x_btd: jax.Array, cos_tf: jax.Array, sin_tf: jax.Array) -> jax.Array:
+        q_bthe, k_bske, v_bske = self.qkv(x_btd, cos_tf, sin_tf)
         # Grouped-query attention: query head h uses kv head h // R (Llama's repeat_kv order).
         # cuDNN's fused kernel on a GPU with bf16 inputs, XLA's O(T^2) path otherwise
         # (jtp.models.attention); both take the softmax in float32.
         out_bthe = attention(q_bthe, k_bske, v_bske, implementation=self.implementation)
         out_bthe = shard_activation(out_bthe, "heads")  # keeps the backward split by head too
         out_bthe = checkpoint_name(out_bthe, ATTENTION_OUT)  # what remat="minimal" keeps
-        return self.wo(out_bthe.reshape(b, t, h * e))  # (B, T, D)
+        return self.out(out_bthe)  # (B, T, D)
 
 
 def _gathered(normed_btd: jax.Array) -> jax.Array:

@@ -1,0 +1,196 @@
+"""``jtp.generate``: token ids in, new token ids out, with a sharded key/value cache.
+
+Prompts of any lengths and any number are left-padded to one length and the batch padded
+to a multiple of the mesh's "data" size; each prompt keeps its own positions (RoPE and the
+mask follow the sequence: :mod:`jtp.models.decode`). Prompt length, batch and the cache's
+length are rounded up to buckets (powers of two, at least 8), so prefill compiles once per
+(batch, prompt) bucket and the decode loop once per (batch, cache) bucket: never per
+token. The loop runs inside one compiled program (``jax.lax.while_loop``) and stops when
+every sequence has met ``eos_token_id`` or ``max_new_tokens`` are made.
+
+The cache is laid out like attention, by the plan's "heads" rule (kv heads over "tensor",
+batch over "data"), on the mesh the model's parameters live on: a model from
+``jtp.hf.load_pretrained`` or fresh from ``Trainer.fit`` alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jtp.generation.sampling import sample
+from jtp.mesh import DATA
+from jtp.models.decode import forward_cached, init_cache
+from jtp.models.plans import llama as llama_plan
+from jtp.parallel.activations import activation_rules
+from jtp.parallel.batch import shard_batch
+
+MIN_BUCKET = 8
+
+
+def bucket(n: int, multiple: int = 1) -> int:
+    """The smallest power of two >= max(n, 8), rounded up to a multiple of ``multiple``."""
+    b = max(MIN_BUCKET, 1 << (max(n, 1) - 1).bit_length())
+    return -(-b // multiple) * multiple
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How each next token is chosen: greedy at ``temperature`` 0."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+
+def _mesh_of(model: nnx.Module) -> Mesh | None:
+    for leaf in jax.tree.leaves(nnx.state(model)):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            return sharding.mesh
+    return None
+
+
+def _check(model: Any, prompts: list[list[int]], max_new_tokens: int, s: Sampling) -> None:
+    c = getattr(model, "config", None)
+    if c is None or not hasattr(c, "n_kv_heads"):
+        raise TypeError(
+            "jtp.generate: takes jtp's Llama (jtp.models.Llama, or jtp.hf.load_pretrained)"
+        )
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("jtp.generate: give at least one prompt, each at least one token long")
+    if max_new_tokens < 1:
+        raise ValueError(f"jtp.generate: max_new_tokens={max_new_tokens} must be >= 1")
+    bad = [t for p in prompts for t in p if not 0 <= t < c.vocab_size]
+    if bad:
+        raise ValueError(
+            f"jtp.generate: token id {bad[0]} outside the vocabulary [0, {c.vocab_size})"
+        )
+    longest = max(len(p) for p in prompts) + max_new_tokens
+    if longest > c.max_seq_len:
+        raise ValueError(
+            f"jtp.generate: the longest prompt plus max_new_tokens is {longest} positions, more "
+            f"than the model's max_seq_len {c.max_seq_len}; shorten it, or load with a larger "
+            "max_seq_len"
+        )
+    if s.temperature < 0 or (s.top_k is not None and s.top_k < 1):
+        raise ValueError(f"jtp.generate: temperature >= 0 and top_k >= 1 (got {s})")
+    if s.top_p is not None and not 0 < s.top_p <= 1:
+        raise ValueError(f"jtp.generate: top_p={s.top_p} must be in (0, 1]")
+
+
+def generate(
+    model: nnx.Module,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | None = None,
+    seed: int = 0,
+) -> list[list[int]]:
+    """Each prompt's new tokens (up to and including ``eos_token_id``, if met).
+
+    Example::
+
+      model = jtp.hf.load_pretrained("Llama-3.1-8B", mesh)
+      new = jtp.generate(model, [[128000, 791, 6864], [128000, 40]], max_new_tokens=32)
+    """
+    sampling = Sampling(temperature, top_k, top_p)
+    _check(model, prompts, max_new_tokens, sampling)
+    mesh = _mesh_of(model)
+    n_data = int(mesh.shape[DATA]) if mesh is not None else 1
+    n, longest = len(prompts), max(len(p) for p in prompts)
+    b, t = bucket(n, n_data), bucket(longest)
+    slots = bucket(t + max_new_tokens)
+    tokens = np.zeros((b, t), np.int32)
+    lengths = np.ones((b,), np.int32)  # padding rows: a one-token prompt, results dropped
+    for i, p in enumerate(prompts):
+        tokens[i, t - len(p) :] = p
+        lengths[i] = len(p)
+    if mesh is not None:
+        tokens_d, lengths_d = shard_batch(tokens, mesh), shard_batch(lengths, mesh)
+    else:
+        tokens_d, lengths_d = jnp.asarray(tokens), jnp.asarray(lengths)
+    out = _run(model, mesh, sampling, slots, eos_token_id)(
+        tokens_d, lengths_d, jnp.int32(max_new_tokens), jax.random.key(seed)
+    )
+    out = np.asarray(jax.device_get(out))[:n]
+    result = []
+    for row in out:
+        row = [int(x) for x in row[:max_new_tokens]]
+        if eos_token_id is not None and eos_token_id in row:
+            row = row[: row.index(eos_token_id) + 1]
+        result.append(row)
+    return result
+
+
+def _run(model, mesh, sampling: Sampling, slots: int, eos: int | None):
+    """prefill + decode loop as one jitted function of (tokens, lengths, n, key)."""
+    graphdef, state = nnx.split(model)
+    return functools.partial(_compiled(graphdef, mesh, sampling, slots, eos), state)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(graphdef, mesh, sampling, slots, eos):
+    """One jitted program per (model structure, mesh, sampling, cache slots, eos); jit
+    compiles it once per (batch, prompt) bucket."""
+    return jax.jit(functools.partial(_program, graphdef, mesh, sampling, slots, eos))
+
+
+def _program(graphdef, mesh, sampling, slots, eos, state, tokens_bt, lengths_b, n, key):
+    model = nnx.merge(graphdef, state)
+    if mesh is None:
+        return _generate(model, sampling, slots, eos, tokens_bt, lengths_b, n, key, None)
+    with activation_rules(mesh, llama_plan(model.config).activations, check_unused=False):
+        return _generate(model, sampling, slots, eos, tokens_bt, lengths_b, n, key, mesh)
+
+
+def _generate(model, sampling, slots, eos, tokens_bt, lengths_b, n, key, mesh):
+    b, t = tokens_bt.shape
+    cache = init_cache(model, b, slots)
+    if mesh is not None:  # the plan's "heads" layout, behind a leading layer axis
+        spec = P(None, *llama_plan(model.config).activations["heads"])
+        cache = jax.tree.map(
+            lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec)), cache
+        )
+    pad_b = t - lengths_b  # left padding of each row
+    slot_s = jnp.arange(slots)
+    valid_bs = (slot_s[None, :] >= pad_b[:, None]) & (slot_s[None, :] < t)  # the prompt
+    positions_bt = jnp.maximum(jnp.arange(t)[None, :] - pad_b[:, None], 0)
+    logits_btv, cache = forward_cached(model, tokens_bt, positions_bt, cache, 0, valid_bs)
+    key, step_key = jax.random.split(key)
+    first_b = sample(logits_btv[:, -1], sampling, step_key)
+    out_bn = jnp.zeros((b, slots - t), jnp.int32).at[:, 0].set(first_b)
+    done_b = first_b == eos if eos is not None else jnp.zeros((b,), bool)
+
+    def cond(carry):
+        i, _, _, _, done_b, _, _ = carry
+        return (i < n) & ~jnp.all(done_b)
+
+    def body(carry):
+        i, last_b, cache, valid_bs, done_b, out_bn, key = carry
+        slot = t + i - 1  # where the last token goes
+        valid_bs = valid_bs.at[:, slot].set(True)
+        positions_b1 = (lengths_b + i - 1)[:, None]
+        logits_b1v, cache = forward_cached(
+            model, last_b[:, None], positions_b1, cache, slot, valid_bs
+        )
+        key, step_key = jax.random.split(key)
+        next_b = sample(logits_b1v[:, 0], sampling, step_key)
+        next_b = jnp.where(done_b, eos if eos is not None else 0, next_b)
+        out_bn = out_bn.at[:, i].set(next_b)
+        done_b = done_b | (next_b == eos) if eos is not None else done_b
+        return i + 1, next_b, cache, valid_bs, done_b, out_bn, key
+
+    carry = (jnp.int32(1), first_b, cache, valid_bs, done_b, out_bn, key)
+    return jax.lax.while_loop(cond, body, carry)[5]
