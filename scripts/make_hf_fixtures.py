@@ -6,6 +6,7 @@ next to jax here: jax needs Python >= 3.12, the local torch wheel is for 3.11):
     python3.11 -m venv /tmp/hf && /tmp/hf/bin/pip install torch==2.13.0 transformers
     /tmp/hf/bin/python scripts/make_hf_fixtures.py            # rewrites tests/fixtures/hf/
     /tmp/hf/bin/python scripts/make_hf_fixtures.py --check DIR --reference NPZ
+    /tmp/hf/bin/python scripts/make_hf_fixtures.py --eval-only  # tests/fixtures/eval/ only
 
 Each fixture is one architecture with random weights made to matter: norm scales around 1
 (not exactly 1), biases of size 0.5, projections scaled so attention is peaked and the
@@ -19,6 +20,15 @@ meshes apply; 4 sequences of 16 tokens, so data=4 and sequence parallelism over 
 --export-hf DIR`` wrote) with ``AutoModelForCausalLM`` and compares its float32 logits on
 NPZ's tokens with NPZ's logits (``scripts/hf_logits.py`` writes jtp's): the round trip
 transformers -> jtp -> transformers, described in docs/hf.md.
+
+For ``python -m jtp.eval`` it also writes, beside them, ``tests/fixtures/eval/<name>/``
+for :data:`EVAL_FIXTURES`: a prepared token directory in ``python -m jtp.prepare``'s
+layout (``train.bin``, ``val.bin`` as uint8 ids, ``meta.json``) and ``reference.json``,
+transformers' mean next-token loss over exactly the windows jtp.eval scores (window ``i``
+of length T is ``tokens[i*T : (i+1)*T + 1]``, every full window once, the tail that fills
+no window unscored), in float32 with the sum over tokens taken in float64. ``--eval-only``
+writes just those, reading the committed checkpoints (their weights and reference.npz
+stay as they are).
 """
 
 from __future__ import annotations
@@ -114,6 +124,76 @@ def reference_logits(path: str, tokens: np.ndarray = TOKENS) -> np.ndarray:
         return model(torch.from_numpy(tokens).long()).logits.float().numpy()
 
 
+EVAL_OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "eval")
+EVAL_FIXTURES = ("llama3", "qwen2")  # RoPE scaling + hub spelling; biases + tied embeddings
+# Token counts leave a tail that fills no window and, at batch 4, a last batch of one
+# window: val holds 5 windows of 16 (+7 tokens), 10 of 8; train 3 of 16 (+4).
+EVAL_TOKENS = {"train": 3 * 16 + 1 + 4, "val": 5 * 16 + 1 + 7}
+EVAL_CASES = (("val", 16), ("val", 8), ("train", 16))  # (split, seq_len) with a reference
+
+
+def windows(tokens: np.ndarray, seq_len: int) -> np.ndarray:
+    """Every full window of ``seq_len + 1`` ids, overlapping by one (jtp.TokenDataset's)."""
+    n = (tokens.size - 1) // seq_len
+    return np.stack([tokens[i * seq_len : (i + 1) * seq_len + 1] for i in range(n)])
+
+
+def window_losses(path: str, windows_wt: np.ndarray) -> np.ndarray:
+    """Each window's summed next-token loss (float64 sums of float32 per-token losses), and
+    a check that transformers' own ``labels=`` loss agrees with the explicit one."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager"
+    )
+    ids = torch.from_numpy(windows_wt.astype(np.int64))  # (W, T + 1)
+    with torch.no_grad():
+        logits = model(ids[:, :-1]).logits.float()  # (W, T, V)
+        logp = torch.log_softmax(logits, dim=-1)
+        token_losses = -logp.gather(-1, ids[:, 1:, None])[..., 0]  # (W, T)
+        for w in range(ids.shape[0]):  # HF shifts labels itself: window w's mean loss
+            own = model(ids[w : w + 1], labels=ids[w : w + 1]).loss.item()
+            assert abs(own - token_losses[w].mean().item()) < 1e-5, (w, own)
+    return token_losses.double().sum(dim=1).numpy()
+
+
+def make_eval(name: str, seed: int) -> None:
+    """``tests/fixtures/eval/<name>``: token files and transformers' losses on them."""
+    rng = np.random.default_rng(1000 + seed)
+    path = os.path.join(EVAL_OUT, name)
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    split_tokens = {s: rng.integers(0, 128, n).astype(np.uint8) for s, n in EVAL_TOKENS.items()}
+    for split, ids in split_tokens.items():
+        ids.tofile(os.path.join(path, f"{split}.bin"))
+    meta = {
+        "format": "jtp-tokens/1", "vocab_size": 128, "dtype": "uint8",
+        "tokenizer": "random ids (scripts/make_hf_fixtures.py)", "val_fraction": 0.5,
+        "train_tokens": EVAL_TOKENS["train"], "val_tokens": EVAL_TOKENS["val"],
+        "max_token_id": int(max(ids.max() for ids in split_tokens.values())), "documents": 1,
+    }  # fmt: skip
+    with open(os.path.join(path, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    cases = []
+    for split, seq_len in EVAL_CASES:
+        wins = windows(split_tokens[split], seq_len)
+        sums = window_losses(os.path.join(OUT, name), wins)
+        tokens = wins.shape[0] * seq_len
+        loss = float(sums.sum() / tokens)
+        cases.append({
+            "split": split, "seq_len": seq_len, "windows": wins.shape[0], "tokens": tokens,
+            "loss": loss, "perplexity": float(np.exp(loss)),
+            "window_losses": [float(s / seq_len) for s in sums],
+        })  # fmt: skip
+    reference = {
+        "checkpoint": f"tests/fixtures/hf/{name}",
+        "how": "transformers AutoModelForCausalLM, float32, eager attention; mean over tokens",
+        "transformers": transformers.__version__, "torch": torch.__version__, "cases": cases,
+    }  # fmt: skip
+    with open(os.path.join(path, "reference.json"), "w") as f:
+        json.dump(reference, f, indent=1)
+    losses = ", ".join(f"{c['split']}@{c['seq_len']} {c['loss']:.4f}" for c in cases)
+    print(f"eval/{name}: {losses}")
+
+
 def make(name: str, spec: dict, seed: int) -> None:
     spec = dict(spec)
     cls = getattr(transformers, spec.pop("cls"))
@@ -148,13 +228,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--check", default=None, help="compare this directory's logits instead")
     p.add_argument("--reference", default=None, help="with --check: tokens and logits (.npz)")
+    p.add_argument(
+        "--eval-only", action="store_true",
+        help="write only tests/fixtures/eval/ (from the committed checkpoints)",
+    )  # fmt: skip
     args = p.parse_args()
     if args.check:
         check(args.check, args.reference or os.path.join(args.check, "reference.npz"))
         return
     torch.use_deterministic_algorithms(True)
     for seed, (name, spec) in enumerate(FIXTURES.items()):
-        make(name, spec, seed)
+        if not args.eval_only:
+            make(name, spec, seed)
+        if name in EVAL_FIXTURES:
+            make_eval(name, seed)
     print(f"transformers {transformers.__version__}, torch {torch.__version__}")
 
 

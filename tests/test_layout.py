@@ -13,7 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "jtp"
-ENTRY_POINTS = {"jtp.train", "jtp.bench", "jtp.plan", "jtp.prepare"}  # `python -m` shims
+# `python -m` shims
+ENTRY_POINTS = {"jtp.train", "jtp.bench", "jtp.plan", "jtp.prepare", "jtp.eval"}
 MAX_LINES = 300
 
 

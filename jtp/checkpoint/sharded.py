@@ -128,6 +128,18 @@ class Checkpointer:
         )
         self._manager.save(step, args=args, force=True)
 
+    def meta(self, step: int | None = None) -> tuple[dict[str, Any], int]:
+        """The JSON record saved with ``step`` (default: the newest) and that step, no array
+        read: what a program needs to rebuild the model before restoring it."""
+        step = self.latest_step() if step is None else step
+        if step is None or step not in self.all_steps():
+            raise FileNotFoundError(
+                f"no checkpoint step {step} in {self.directory} (steps there: "
+                f"{self.all_steps() or 'none'})"
+            )
+        out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out["meta"]), step
+
     def wait(self) -> None:
         """Block until every started save is committed."""
         self._manager.wait_until_finished()
@@ -203,8 +215,14 @@ class Checkpointer:
             bound = step - 1
         return None
 
-    def restore(self, like: Any, step: int | None = None) -> tuple[Any, dict[str, Any], int]:
+    def restore(
+        self, like: Any, step: int | None = None, *, partial: bool = False
+    ) -> tuple[Any, dict[str, Any], int]:
         """Restore onto the layout of ``like`` (arrays or ShapeDtypeStructs with shardings).
+
+        ``partial``: the checkpoint may hold entries ``like`` lacks (an optimizer state that
+        an evaluation never needs); they are not read. Otherwise it must hold exactly
+        ``like``'s.
 
         Without ``step``: the newest checkpoint that every process can read; a damaged one
         (unreadable metadata or array files) is skipped, with a warning, for the next older
@@ -219,12 +237,7 @@ class Checkpointer:
             try:
                 reads = self._reads(s, target)
                 saved_target = source_targets(reads, target, self._state_metadata(s))
-                out = self._manager.restore(
-                    s,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(saved_target), meta=ocp.args.JsonRestore()
-                    ),
-                )
+                state, meta = self._read(s, saved_target, partial=partial)
                 ok = 1
             except CheckpointMismatchError:
                 raise  # the wrong model, not a damaged file: no fallback
@@ -234,8 +247,8 @@ class Checkpointer:
             if agree_min(ok) == 1:
                 if skipped or s != max(candidates):
                     log.warning("restored step %s; newer step(s) were unreadable", s)
-                flat = assemble(reads, dict(out["state"]), target)
-                return unflatten_state(flat, like), dict(out["meta"]), s
+                flat = assemble(reads, state, target)
+                return unflatten_state(flat, like), meta, s
             skipped.append(s)
             candidates = [c for c in candidates if c < s]
         tried = sorted(set(self.all_steps()) | set(skipped), reverse=True)
@@ -244,6 +257,28 @@ class Checkpointer:
             f"{tried or 'none: the directory holds no complete checkpoint'}); check that every "
             "host sees the same directory, or start without resume"
         )
+
+    def _read(
+        self, step: int, target: dict[str, Any], *, partial: bool
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The entries ``target`` names (``{saved name: abstract array}``) of ``step``, and
+        its JSON record."""
+        if not partial:
+            args = ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+            )
+            out = self._manager.restore(step, args=args)
+            return dict(out["state"]), dict(out["meta"])
+        # The standard handler that wrote the state restores all of it or nothing; the
+        # PyTree handler under it reads a subset of the same files. Step directories are
+        # named by the bare step number (no step_prefix in the manager's options).
+        path = os.path.join(self.directory, str(step), "state")
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+        args = ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True)
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
+            state = reader.restore(path, args=args)
+        meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(state), dict(meta["meta"])
 
     def close(self) -> None:
         self._manager.wait_until_finished()

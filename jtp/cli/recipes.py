@@ -128,11 +128,18 @@ def preset_config(name: str) -> LlamaConfig:
 
 class LlamaTask(TrainModule):
     """Lightning's tensor-parallel Llama example: next-token loss on random tokens, or on
-    the token files of ``config.data`` (the vocabulary then comes from its ``meta.json``)."""
+    the token files of ``config.data`` (the vocabulary then comes from its ``meta.json``).
+    The model's shape is ``config.hf``'s, or ``config.preset``'s, or ``model_config``."""
 
-    def __init__(self, config: LlamaTaskConfig | None = None):
+    def __init__(
+        self, config: LlamaTaskConfig | None = None, *, model_config: LlamaConfig | None = None
+    ):
         config = self.config = config or LlamaTaskConfig()
-        if config.hf:  # the checkpoint's shapes; positions used: seq_len (sliding windows)
+        if model_config is not None:  # recorded elsewhere (a training checkpoint's metadata)
+            self.model_config = model_config
+            if config.data:  # token ids must come from the model's own tokenizer
+                data_vocab(config.data, model_config.vocab_size)
+        elif config.hf:  # the checkpoint's shapes; positions used: seq_len (sliding windows)
             self.model_config = config_of(
                 config.hf, max_seq_len=config.seq_len, remat=config.remat,
                 attention=config.attention, scan_layers=config.scan_layers,

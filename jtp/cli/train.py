@@ -28,6 +28,7 @@ import sys
 from typing import Any
 
 from jtp.cli import compilation_cache
+from jtp.cli.devices import axis_size, init_distributed, select_devices
 from jtp.cli.flags import ArgumentParser, FieldFlags, field_values, options_from_args
 from jtp.cli.output import write_json
 from jtp.cli.task_config import FeedForwardConfig, LlamaTaskConfig, TaskConfig
@@ -61,11 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="devices to use; on CPU, force this many host devices (before jax starts)",
     )  # fmt: skip
     p.add_argument(
-        "--data-parallel", type=_size, default="auto", metavar="N",
+        "--data-parallel", type=axis_size, default="auto", metavar="N",
         help="size of the 'data' mesh axis, or 'auto'",
     )  # fmt: skip
     p.add_argument(
-        "--tensor-parallel", type=_size, default="auto", metavar="N",
+        "--tensor-parallel", type=axis_size, default="auto", metavar="N",
         help="size of the 'tensor' mesh axis, or 'auto'",
     )  # fmt: skip
     p.add_argument(
@@ -108,45 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _size(value: str) -> int | str:
-    """An argparse type for mesh axis sizes: 'auto' or a positive int."""
-    if value == "auto":
-        return value
-    try:
-        size = int(value)
-    except ValueError:
-        size = 0
-    if size < 1:
-        raise argparse.ArgumentTypeError(f"{value!r} is not 'auto' or a positive integer")
-    return size
-
-
-def _init_distributed(args: argparse.Namespace) -> bool:
-    """Start jax's distributed runtime before any other jax call, when asked to.
-
-    Explicit flags, or the standard environment (``JAX_COORDINATOR_ADDRESS`` /
-    ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``) or a detected cluster (SLURM, ...), which
-    ``jax.distributed.initialize()`` reads itself.
-    """
-    import jax
-
-    explicit = args.coordinator is not None
-    from_env = "JAX_COORDINATOR_ADDRESS" in os.environ or "SLURM_JOB_ID" in os.environ
-    if not (explicit or from_env):
-        return False
-    if args.devices is not None:  # per-process CPU devices must be set before the backend
-        jax.config.update("jax_num_cpu_devices", args.devices)
-    kwargs: dict[str, Any] = {"heartbeat_timeout_seconds": args.heartbeat_timeout}
-    if explicit:
-        kwargs.update(
-            coordinator_address=args.coordinator,
-            num_processes=args.num_processes,
-            process_id=args.process_id,
-        )
-    jax.distributed.initialize(**kwargs)
-    return True
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.hf and args.model != "llama":
@@ -157,10 +119,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     compilation_cache.enable(args.compilation_cache)
     # XLA reads its flags when jax initialises (next): on GPUs, jtp's set (jtp.xla_flags).
     apply_gpu_flags(sequence_parallel=getattr(args, "sequence_parallel", False))
-    # Each process's devices are forced inside _init_distributed; there all devices are used.
-    distributed = _init_distributed(args)
-    from jtp.cli.devices import select_devices
-
+    # Each process's devices are forced inside init_distributed; there all devices are used.
+    distributed = init_distributed(
+        args.devices, coordinator=args.coordinator, num_processes=args.num_processes,
+        process_id=args.process_id, heartbeat_timeout=args.heartbeat_timeout,
+    )  # fmt: skip
     devices = None if distributed or args.devices is None else select_devices(args.devices)
 
     import jax

@@ -115,6 +115,13 @@ def sliding_window(hf: Mapping[str, Any], arch: Architecture) -> int | None:
     return hf.get("sliding_window", arch.sliding_window)
 
 
+def max_positions_of(hf: Mapping[str, Any]) -> int:
+    """``max_position_embeddings``, or transformers' default for the architecture: the
+    longest sequence the checkpoint was made for."""
+    arch = ARCHITECTURES[architecture(hf)]
+    return int(hf.get("max_position_embeddings") or arch.max_position_embeddings)
+
+
 def llama_config(
     hf: Mapping[str, Any], *, max_seq_len: int | None = None, remat: str | bool = "none"
 ) -> LlamaConfig:
@@ -140,7 +147,7 @@ def llama_config(
     )
     dim, n_heads = int(_require(hf, "hidden_size")), int(_require(hf, "num_attention_heads"))
     head_dim = hf.get("head_dim") or arch.head_dim or dim // n_heads
-    max_positions = int(hf.get("max_position_embeddings") or arch.max_position_embeddings)
+    max_positions = max_positions_of(hf)
     positions = max_seq_len or max_positions
     window = sliding_window(hf, arch)
     if window is not None and window < positions:
