@@ -116,7 +116,16 @@ def test_modules_are_small():
 
 def test_tests_mirror_the_packages():
     packages = {p.parent.name for p in PKG.glob("*/__init__.py")}
-    assert packages == {"analysis", "checkpoint", "cli", "data", "models", "parallel", "training"}
+    assert packages == {
+        "analysis",
+        "checkpoint",
+        "cli",
+        "data",
+        "generation",
+        "models",
+        "parallel",
+        "training",
+    }
     assert all((ROOT / "tests" / name).is_dir() for name in packages)
 
 

@@ -21,7 +21,6 @@ D model width, H query heads, K kv heads, R = H / K queries per kv head, E head 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -30,33 +29,10 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jtp.models.attention import ATTENTION, attention
 from jtp.models.feedforward import FeedForward
+from jtp.models.rope import Llama3RopeScaling, apply_rope, rope_tables
 from jtp.models.stack import ATTENTION_OUT, remat_name, run_blocks
 from jtp.parallel.activations import shard_activation
 from jtp.parallel.stacked import stack
-
-
-@dataclasses.dataclass(frozen=True)
-class Llama3RopeScaling:
-    """Llama 3.1's RoPE frequency scaling (HF ``rope_type: "llama3"``): long wavelengths are
-    stretched by ``factor``, short ones kept, the band between blended smoothly."""
-
-    factor: float = 8.0  # divides the low frequencies
-    low_freq_factor: float = 1.0  # wavelengths beyond original / low_freq_factor are scaled
-    high_freq_factor: float = 4.0  # wavelengths below original / high_freq_factor are kept
-    original_max_position_embeddings: int = 8192  # the pretraining context
-
-    def inv_freq(self, inv_freq_f: jax.Array) -> jax.Array:
-        """Scaled inverse frequencies, same shape; HF's ``_compute_llama3_parameters``."""
-        low_wavelen = self.original_max_position_embeddings / self.low_freq_factor
-        high_wavelen = self.original_max_position_embeddings / self.high_freq_factor
-        wavelen = 2 * math.pi / inv_freq_f
-        scaled = jnp.where(wavelen > low_wavelen, inv_freq_f / self.factor, inv_freq_f)
-        smooth = (self.original_max_position_embeddings / wavelen - self.low_freq_factor) / (
-            self.high_freq_factor - self.low_freq_factor
-        )
-        smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
-        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        return jnp.where(medium, smoothed, scaled)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,38 +106,6 @@ PRESETS = {
         ffn_hidden=28672, max_seq_len=8192,
     ),
 }  # fmt: skip
-
-
-def rope_tables(
-    head_dim: int, seq_len: int, theta: float, scaling: Llama3RopeScaling | None = None
-) -> tuple[jax.Array, jax.Array]:
-    """cos and sin of the rotary angles, each (T, E/2), in float32."""
-    inv_freq_f = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    if scaling is not None:
-        inv_freq_f = scaling.inv_freq(inv_freq_f)
-    angles = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq_f[None, :]  # (T, E/2)
-    return jnp.cos(angles), jnp.sin(angles)
-
-
-def apply_rope(x_bthe: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate consecutive feature pairs (x[2i], x[2i+1]) by position-dependent angles.
-
-    ``cos``/``sin``: (T', E/2) tables whose first T rows are positions 0..T-1 (training: every
-    sequence starts at 0), or (B, T, E/2), each sequence's own positions (decoding).
-
-    Meta's (and torchtitan's) interleaved layout. Hugging Face's ``rotate_half`` pairs x[i]
-    with x[i + E/2] instead; :mod:`jtp.models.hf` permutes the q/k projection rows within
-    each head when it loads or saves, so the same weights give the same logits.
-    """
-    b, t, h, e = x_bthe.shape
-    pairs = x_bthe.astype(jnp.float32).reshape(b, t, h, e // 2, 2)  # (B, T, H, E/2, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]  # (B, T, H, E/2) each
-    if cos.ndim == 2:  # (T', E/2) -> (1, T, 1, E/2)
-        cos, sin = cos[None, :t, None, :], sin[None, :t, None, :]
-    else:  # (B, T, E/2) -> (B, T, 1, E/2)
-        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    rotated = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
-    return rotated.reshape(b, t, h, e).astype(x_bthe.dtype)  # (B, T, H, E)
 
 
 def _dtypes(c: LlamaConfig) -> dict:

@@ -37,6 +37,13 @@ import sys
 import time
 from typing import Any
 
+from jtp.cli.bench.gpu_checks import (
+    ATTENTION_SHAPE,
+    SMOKE_ATTENTION_SHAPE,
+    attention_check,
+    planner_check,
+)
+from jtp.cli.bench.gpu_layout import choose_layout, n_layers
 from jtp.cli.output import machine, write_json
 
 TORCHTITAN = {"tokens_per_s_per_device": 5762, "mfu": "33-39%", "model": "Llama-3-8B",
@@ -60,70 +67,6 @@ def flops_per_token(config: Any, seq_len: int) -> float:
     n = config.num_params() - embedding
     attention = 12 * config.n_layers * config.n_heads * config.head_dim * seq_len
     return 6.0 * n + attention
-
-
-def _candidates(n: int, smoke: bool, preset: str, micro_batch: int, seq: int) -> list[Any]:
-    """The planner's single-node layouts (:func:`jtp.cli.planner.configurations`) that a
-    throughput run takes: fsdp over "data" wherever there is more than one data rank, no
-    sequence parallelism (T is whole on each device), every remat policy."""
-    from jtp.cli.planner import Config, configurations
-    from jtp.cli.recipes import preset_config
-
-    if smoke:
-        return [Config(2, n // 2, True, False, "none")]
-    c = preset_config(preset)
-    return [
-        config
-        for config in configurations(n, n, c.n_heads, c.n_kv_heads, micro_batch * n, seq)
-        if config.fsdp == (config.data > 1) and not config.sequence_parallel
-    ]
-
-
-def choose_layout(
-    preset: str,
-    devices: list,
-    seq: int,
-    micro_batch: int,
-    peak: float,
-    usable: int | None,
-    *,
-    smoke: bool = False,
-) -> tuple[Any, int | None, list[dict[str, Any]]]:
-    """The planner's fastest layout that fits ``usable`` bytes (None: anything fits), the
-    layer count it needs (None: the preset's), and every candidate's figures.
-
-    Each candidate's whole scanned step is compiled for ``devices`` (:mod:`jtp.cli.sizing`)
-    and ranked by the roofline estimate; if none fits, the depth is halved and they are
-    compiled again."""
-    from jtp.cli.roofline import Hardware, estimate
-    from jtp.cli.sizing import measure
-
-    hw = Hardware(peak_tflops=peak)
-    depth = layers = _n_layers(preset)
-    table = []
-    while True:
-        rows = []
-        for config in _candidates(len(devices), smoke, preset, micro_batch, seq):
-            t0 = time.perf_counter()
-            m = measure(config, preset, layers, seq, micro_batch, "bf16-mixed", devices)
-            seconds = time.perf_counter() - t0
-            fits = usable is None or m["memory"] <= usable
-            est = estimate(m, config, hw, len(devices))
-            rows.append(
-                {"layout": config.label(), "layers": layers, "memory_bytes": m["memory"],
-                 "fits": fits, "estimated_step_s": est["step_s"], "compile_seconds": seconds,
-                 "config": config}
-            )  # fmt: skip
-            print(f"  {config.label()}, {layers} layers: {m['memory'] / 2**30:.1f} GiB"
-                  f"{'' if fits else ' (does not fit)'}", file=sys.stderr)  # fmt: skip
-        table += [{k: v for k, v in r.items() if k != "config"} for r in rows]
-        fitting = [r for r in rows if r["fits"]]
-        if fitting:
-            best = min(fitting, key=lambda r: r["estimated_step_s"])
-            return best["config"], (None if layers == depth else layers), table
-        if layers == 1:
-            raise SystemExit("python -m jtp.bench gpu: not even one layer fits these GPUs")
-        layers = max(1, layers // 2)
 
 
 def _step(config: str, layout: Any, devices: list, batch: int, seq: int, layers: int | None):
@@ -161,85 +104,6 @@ def _step(config: str, layout: Any, devices: list, batch: int, seq: int, layers:
     return compiled, state, batches, compile_s, task.model_config, share
 
 
-ATTENTION_SHAPE = {"batch": 1, "seq": 8192, "heads": 32, "kv_heads": 8, "head_dim": 128}
-SMOKE_ATTENTION_SHAPE = {"batch": 1, "seq": 64, "heads": 4, "kv_heads": 2, "head_dim": 16}
-# bf16 attention against a float32 reference: each bf16 kernel rounds its inputs and its
-# probabilities to 8 significant bits, so outputs and gradients differ from the reference by
-# a few bf16 ulps (2^-8 relative) of their largest element; 3e-2 leaves room for the sums.
-ATTENTION_RTOL = 3e-2
-
-
-def attention_check(shape: dict[str, int], platform: str) -> list[dict[str, Any]]:
-    """cuDNN's fused attention (on a GPU), XLA's and jtp's blockwise kernel, on the same bf16
-    (B, T, H, E) causal grouped-query inputs: output and q/k/v gradients against XLA's
-    attention in float32 (max |error| / max |reference|, within :data:`ATTENTION_RTOL`), and
-    the median forward + backward time of each. The fused kernel's numbers are what the CPU
-    tests cannot show."""
-    import jax
-    import jax.numpy as jnp
-
-    from jtp.models.attention import attention
-
-    b, t, h, k, e = (shape[n] for n in ("batch", "seq", "heads", "kv_heads", "head_dim"))
-    keys = jax.random.split(jax.random.key(0), 4)
-    q_bthe = jax.random.normal(keys[0], (b, t, h, e), jnp.float32)
-    k_btke, v_btke = (jax.random.normal(x, (b, t, k, e), jnp.float32) for x in keys[1:3])
-    cotangent = jax.random.normal(keys[3], (b, t, h, e), jnp.float32)
-
-    def forward_backward(impl: str, dtype: Any):
-        def loss(q, k, v):
-            out = attention(q, k, v, implementation=impl, is_causal=True)
-            return jnp.sum(out.astype(jnp.float32) * cotangent), out
-
-        cast = [x.astype(dtype) for x in (q_bthe, k_btke, v_btke)]
-        fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
-        return fn, cast
-
-    ref_fn, ref_args = forward_backward("xla", jnp.float32)
-    (_, ref_out), ref_grads = ref_fn(*ref_args)
-    rows = []
-    for impl in ("cudnn", "xla", "blockwise") if platform == "gpu" else ("xla", "blockwise"):
-        fn, args = forward_backward(impl, jnp.bfloat16)
-        (_, out), grads = jax.block_until_ready(fn(*args))
-        errors = {
-            name: float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)) / jnp.max(jnp.abs(want)))
-            for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads),
-                                       (ref_out, *ref_grads), strict=True)
-        }  # fmt: skip
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times.append(time.perf_counter() - t0)
-        hlo = fn.lower(*args).compile().as_text()
-        rows.append({
-            "implementation": impl, "relative_error": errors,
-            "within_tolerance": max(errors.values()) <= ATTENTION_RTOL,
-            "fused_kernel_in_program": "__cudnn$fmha" in hlo,
-            "forward_backward_ms": 1e3 * statistics.median(times),
-        })  # fmt: skip
-    return rows
-
-
-def planner_check(
-    layout: Any, preset: str, layers: int, seq: int, micro_batch: int, gpu_memory: float
-) -> dict[str, Any] | None:
-    """What ``python -m jtp.plan`` would have said about this layout without a GPU: the same
-    step compiled for CPU devices (bf16 kept at 2 bytes, the blockwise kernel standing in
-    for cuDNN), against the memory XLA compiles for the GPU itself. None where jax has fewer
-    CPU devices than the layout needs."""
-    import jax
-
-    from jtp.cli.sizing import measure
-
-    cpus = jax.devices("cpu")
-    if len(cpus) < layout.data * layout.tensor:
-        return None
-    planned = measure(layout, preset, layers, seq, micro_batch, "bf16-mixed", cpus)["memory"]
-    return {"cpu_planned_bytes": planned, "gpu_compiled_bytes": gpu_memory,
-            "ratio": planned / gpu_memory}  # fmt: skip
-
-
 def gpu(args: argparse.Namespace) -> dict[str, Any]:
     import jax
 
@@ -275,7 +139,7 @@ def gpu(args: argparse.Namespace) -> dict[str, Any]:
     compiled, state, batches, compile_s, model_config, share = _step(
         preset, chosen, devices, batch, seq, layers
     )
-    depth = layers or _n_layers(preset)
+    depth = layers or n_layers(preset)
     planned = next(r for r in tried if r["layout"] == chosen.label() and r["layers"] == depth)
     cpu_plan = planner_check(chosen, preset, depth, seq, args.micro_batch, planned["memory_bytes"])
     attention_rows = attention_check(
@@ -348,12 +212,6 @@ def _versions() -> dict[str, str]:
     import jaxlib
 
     return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__}
-
-
-def _n_layers(preset: str) -> int:
-    from jtp.cli.recipes import preset_config
-
-    return preset_config(preset).n_layers
 
 
 def _usable_bytes(device: Any) -> int | None:

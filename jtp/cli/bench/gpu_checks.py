@@ -1,0 +1,87 @@
+"""The checks ``python -m jtp.bench gpu`` makes beside its run, which only a GPU can make:
+cuDNN's fused attention against XLA's and jtp's blockwise kernel (errors against float32,
+time), and the CPU planner's memory for a layout against XLA's figure for the GPU."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+ATTENTION_SHAPE = {"batch": 1, "seq": 8192, "heads": 32, "kv_heads": 8, "head_dim": 128}
+SMOKE_ATTENTION_SHAPE = {"batch": 1, "seq": 64, "heads": 4, "kv_heads": 2, "head_dim": 16}
+# bf16 attention against a float32 reference: each bf16 kernel rounds its inputs and its
+# probabilities to 8 significant bits, so outputs and gradients differ from the reference by
+# a few bf16 ulps (2^-8 relative) of their largest element; 3e-2 leaves room for the sums.
+ATTENTION_RTOL = 3e-2
+
+
+def attention_check(shape: dict[str, int], platform: str) -> list[dict[str, Any]]:
+    """cuDNN's fused attention (on a GPU), XLA's and jtp's blockwise kernel, on the same bf16
+    (B, T, H, E) causal grouped-query inputs: output and q/k/v gradients against XLA's
+    attention in float32 (max |error| / max |reference|, within :data:`ATTENTION_RTOL`), and
+    the median forward + backward time of each. The fused kernel's numbers are what the CPU
+    tests cannot show."""
+    import jax
+    import jax.numpy as jnp
+
+    from jtp.models.attention import attention
+
+    b, t, h, k, e = (shape[n] for n in ("batch", "seq", "heads", "kv_heads", "head_dim"))
+    keys = jax.random.split(jax.random.key(0), 4)
+    q_bthe = jax.random.normal(keys[0], (b, t, h, e), jnp.float32)
+    k_btke, v_btke = (jax.random.normal(x, (b, t, k, e), jnp.float32) for x in keys[1:3])
+    cotangent = jax.random.normal(keys[3], (b, t, h, e), jnp.float32)
+
+    def forward_backward(impl: str, dtype: Any):
+        def loss(q, k, v):
+            out = attention(q, k, v, implementation=impl, is_causal=True)
+            return jnp.sum(out.astype(jnp.float32) * cotangent), out
+
+        cast = [x.astype(dtype) for x in (q_bthe, k_btke, v_btke)]
+        fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+        return fn, cast
+
+    ref_fn, ref_args = forward_backward("xla", jnp.float32)
+    (_, ref_out), ref_grads = ref_fn(*ref_args)
+    rows = []
+    for impl in ("cudnn", "xla", "blockwise") if platform == "gpu" else ("xla", "blockwise"):
+        fn, args = forward_backward(impl, jnp.bfloat16)
+        (_, out), grads = jax.block_until_ready(fn(*args))
+        errors = {
+            name: float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)) / jnp.max(jnp.abs(want)))
+            for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads),
+                                       (ref_out, *ref_grads), strict=True)
+        }  # fmt: skip
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times.append(time.perf_counter() - t0)
+        hlo = fn.lower(*args).compile().as_text()
+        rows.append({
+            "implementation": impl, "relative_error": errors,
+            "within_tolerance": max(errors.values()) <= ATTENTION_RTOL,
+            "fused_kernel_in_program": "__cudnn$fmha" in hlo,
+            "forward_backward_ms": 1e3 * statistics.median(times),
+        })  # fmt: skip
+    return rows
+
+
+def planner_check(
+    layout: Any, preset: str, layers: int, seq: int, micro_batch: int, gpu_memory: float
+) -> dict[str, Any] | None:
+    """What ``python -m jtp.plan`` would have said about this layout without a GPU: the same
+    step compiled for CPU devices (bf16 kept at 2 bytes, the blockwise kernel standing in
+    for cuDNN), against the memory XLA compiles for the GPU itself. None where jax has fewer
+    CPU devices than the layout needs."""
+    import jax
+
+    from jtp.cli.sizing import measure
+
+    cpus = jax.devices("cpu")
+    if len(cpus) < layout.data * layout.tensor:
+        return None
+    planned = measure(layout, preset, layers, seq, micro_batch, "bf16-mixed", cpus)["memory"]
+    return {"cpu_planned_bytes": planned, "gpu_compiled_bytes": gpu_memory,
+            "ratio": planned / gpu_memory}  # fmt: skip
