@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Any
 
 import jax
@@ -105,7 +106,35 @@ def generate(
       model = jtp.hf.load_pretrained("Llama-3.1-8B", mesh)
       new = jtp.generate(model, [[128000, 791, 6864], [128000, 40]], max_new_tokens=32)
     """
-    sampling = Sampling(temperature, top_k, top_p)
+    tokens, _ = generate_timed(
+        model, prompts, max_new_tokens=max_new_tokens, sampling=Sampling(temperature, top_k, top_p),
+        eos_token_id=eos_token_id, seed=seed,
+    )  # fmt: skip
+    return tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Where a :func:`generate_timed` call spent its time (compiles excluded when warm)."""
+
+    prefill_s: float  # the prompts through the model, the cache written, the first token
+    decode_s: float  # the loop that makes the rest
+    decode_steps: int  # tokens made per sequence after the first (the loop's trips)
+    batch: int  # rows computed (the prompts padded to the batch bucket)
+    prompt_tokens: int  # real prompt tokens (padding excluded)
+    cache_bytes: int  # the key/value cache, all devices together
+
+
+def generate_timed(
+    model: nnx.Module,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    eos_token_id: int | None = None,
+    seed: int = 0,
+) -> tuple[list[list[int]], Timing]:
+    """:func:`generate`, also saying how long prefill and decoding took."""
     _check(model, prompts, max_new_tokens, sampling)
     mesh = _mesh_of(model)
     n_data = int(mesh.shape[DATA]) if mesh is not None else 1
@@ -121,41 +150,45 @@ def generate(
         tokens_d, lengths_d = shard_batch(tokens, mesh), shard_batch(lengths, mesh)
     else:
         tokens_d, lengths_d = jnp.asarray(tokens), jnp.asarray(lengths)
-    out = _run(model, mesh, sampling, slots, eos_token_id)(
-        tokens_d, lengths_d, jnp.int32(max_new_tokens), jax.random.key(seed)
-    )
-    out = np.asarray(jax.device_get(out))[:n]
+    graphdef, state = nnx.split(model)
+    prefill, decode = _compiled(graphdef, mesh, sampling, slots, eos_token_id)
+    t0 = time.perf_counter()
+    carry = jax.block_until_ready(prefill(state, tokens_d, lengths_d, jax.random.key(seed)))
+    t1 = time.perf_counter()
+    steps, out = jax.block_until_ready(decode(state, carry, lengths_d, jnp.int32(max_new_tokens)))
+    t2 = time.perf_counter()
+    cache = carry[2]
+    timing = Timing(t1 - t0, t2 - t1, int(steps) - 1, b, sum(len(p) for p in prompts),
+                    cache.k.nbytes + cache.v.nbytes)  # fmt: skip
     result = []
-    for row in out:
+    for row in np.asarray(jax.device_get(out))[:n]:
         row = [int(x) for x in row[:max_new_tokens]]
         if eos_token_id is not None and eos_token_id in row:
             row = row[: row.index(eos_token_id) + 1]
         result.append(row)
-    return result
-
-
-def _run(model, mesh, sampling: Sampling, slots: int, eos: int | None):
-    """prefill + decode loop as one jitted function of (tokens, lengths, n, key)."""
-    graphdef, state = nnx.split(model)
-    return functools.partial(_compiled(graphdef, mesh, sampling, slots, eos), state)
+    return result, timing
 
 
 @functools.lru_cache(maxsize=32)
 def _compiled(graphdef, mesh, sampling, slots, eos):
-    """One jitted program per (model structure, mesh, sampling, cache slots, eos); jit
-    compiles it once per (batch, prompt) bucket."""
-    return jax.jit(functools.partial(_program, graphdef, mesh, sampling, slots, eos))
+    """The jitted prefill and decode of one (model structure, mesh, sampling, cache slots,
+    eos); jit compiles each once per (batch, prompt) bucket."""
+    args = (graphdef, mesh, sampling, slots, eos)
+    return jax.jit(functools.partial(_program, _prefill, *args)), jax.jit(
+        functools.partial(_program, _decode, *args)
+    )
 
 
-def _program(graphdef, mesh, sampling, slots, eos, state, tokens_bt, lengths_b, n, key):
+def _program(fn, graphdef, mesh, sampling, slots, eos, state, *args):
     model = nnx.merge(graphdef, state)
     if mesh is None:
-        return _generate(model, sampling, slots, eos, tokens_bt, lengths_b, n, key, None)
+        return fn(model, sampling, slots, eos, None, *args)
     with activation_rules(mesh, llama_plan(model.config).activations, check_unused=False):
-        return _generate(model, sampling, slots, eos, tokens_bt, lengths_b, n, key, mesh)
+        return fn(model, sampling, slots, eos, mesh, *args)
 
 
-def _generate(model, sampling, slots, eos, tokens_bt, lengths_b, n, key, mesh):
+def _prefill(model, sampling, slots, eos, mesh, tokens_bt, lengths_b, key):
+    """The prompts through the model into an empty cache; the first new token."""
     b, t = tokens_bt.shape
     cache = init_cache(model, b, slots)
     if mesh is not None:  # the plan's "heads" layout, behind a leading layer axis
@@ -172,6 +205,12 @@ def _generate(model, sampling, slots, eos, tokens_bt, lengths_b, n, key, mesh):
     first_b = sample(logits_btv[:, -1], sampling, step_key)
     out_bn = jnp.zeros((b, slots - t), jnp.int32).at[:, 0].set(first_b)
     done_b = first_b == eos if eos is not None else jnp.zeros((b,), bool)
+    return jnp.int32(1), first_b, cache, valid_bs, done_b, out_bn, key
+
+
+def _decode(model, sampling, slots, eos, mesh, carry, lengths_b, n):
+    """One token per trip until ``n`` are made or every row has met ``eos``."""
+    t = slots - carry[5].shape[1]  # the prompt bucket
 
     def cond(carry):
         i, _, _, _, done_b, _, _ = carry
@@ -192,5 +231,5 @@ def _generate(model, sampling, slots, eos, tokens_bt, lengths_b, n, key, mesh):
         done_b = done_b | (next_b == eos) if eos is not None else done_b
         return i + 1, next_b, cache, valid_bs, done_b, out_bn, key
 
-    carry = (jnp.int32(1), first_b, cache, valid_bs, done_b, out_bn, key)
-    return jax.lax.while_loop(cond, body, carry)[5]
+    final = jax.lax.while_loop(cond, body, carry)
+    return final[0], final[5]

@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jtp.models.llama import Llama, rope_tables
+from jtp.models.llama import Llama
+from jtp.models.rope import rope_at
 from jtp.parallel.activations import shard_activation
 from jtp.parallel.stacked import n_layers
 
@@ -80,8 +81,7 @@ def forward_cached(
     c = model.config
     t = tokens_bt.shape[1]
     s = cache.k.shape[2]
-    cos_pf, sin_pf = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta, c.rope_scaling)
-    cos_btf, sin_btf = cos_pf[positions_bt], sin_pf[positions_bt]  # (B, T, E/2)
+    cos_btf, sin_btf = rope_at(positions_bt, c.head_dim, c.rope_theta, c.rope_scaling)
     slots_t = index + jnp.arange(t)  # the new tokens' slots
     causal_ts = jnp.arange(s)[None, :] <= slots_t[:, None]  # (T, S)
     mask_bts = causal_ts[None] & valid_bs[:, None, :]  # (B, T, S)

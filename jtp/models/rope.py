@@ -35,15 +35,23 @@ class Llama3RopeScaling:
         return jnp.where(medium, smoothed, scaled)
 
 
-def rope_tables(
-    head_dim: int, seq_len: int, theta: float, scaling: Llama3RopeScaling | None = None
+def rope_at(
+    positions: jax.Array, head_dim: int, theta: float, scaling: Llama3RopeScaling | None = None
 ) -> tuple[jax.Array, jax.Array]:
-    """cos and sin of the rotary angles, each (T, E/2), in float32."""
+    """cos and sin of the rotary angles at ``positions`` (any shape ...), each (..., E/2),
+    in float32: only the positions asked for (decoding needs a few, not a whole table)."""
     inv_freq_f = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
     if scaling is not None:
         inv_freq_f = scaling.inv_freq(inv_freq_f)
-    angles = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq_f[None, :]  # (T, E/2)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq_f  # (..., E/2)
     return jnp.cos(angles), jnp.sin(angles)
+
+
+def rope_tables(
+    head_dim: int, seq_len: int, theta: float, scaling: Llama3RopeScaling | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """cos and sin of the rotary angles of positions 0 .. T-1, each (T, E/2), in float32."""
+    return rope_at(jnp.arange(seq_len), head_dim, theta, scaling)
 
 
 def apply_rope(x_bthe: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:

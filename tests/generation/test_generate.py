@@ -120,8 +120,9 @@ def test_one_compile_per_bucket():
     _compiled.cache_clear()
     jtp.generate(model, [[1, 2, 3]], max_new_tokens=5)
     jtp.generate(model, [[1, 2, 3, 4, 5, 6], [7]], max_new_tokens=7)
-    program = _compiled(nnx.split(model)[0], None, Sampling(), 16, None)
-    assert _compiled.cache_info().currsize == 1 and program._cache_size() == 1
+    prefill, decode = _compiled(nnx.split(model)[0], None, Sampling(), 16, None)
+    assert _compiled.cache_info().currsize == 1
+    assert prefill._cache_size() == decode._cache_size() == 1
     jtp.generate(model, [list(range(1, 10))], max_new_tokens=5)
     assert _compiled.cache_info().currsize == 2
     assert bucket(3) == bucket(6) == 8 and bucket(9) == 16 and bucket(3, 3) == 9
