@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "jtp"
 # `python -m` shims
-ENTRY_POINTS = {"jtp.train", "jtp.bench", "jtp.plan", "jtp.prepare", "jtp.eval"}
+ENTRY_POINTS = {"jtp.train", "jtp.bench", "jtp.plan", "jtp.prepare", "jtp.eval", "jtp.generate"}
 MAX_LINES = 300
 
 

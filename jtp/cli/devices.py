@@ -70,3 +70,21 @@ def init_distributed(
         )
     jax.distributed.initialize(**kwargs)
     return True
+
+
+def add_mesh_flags(parser: Any, title: str = "mesh (as python -m jtp.train)") -> None:
+    """``--devices``, ``--data-parallel``, ``--tensor-parallel``: the mesh of a program
+    that runs a model on it (``python -m jtp.eval``, ``python -m jtp.generate``)."""
+    m = parser.add_argument_group(title)
+    m.add_argument(
+        "--devices", type=int, default=None, metavar="N",
+        help="devices to use; on CPU, force this many host devices (before jax starts)",
+    )  # fmt: skip
+    m.add_argument(
+        "--data-parallel", type=axis_size, default="auto", metavar="N",
+        help="size of the 'data' mesh axis, or 'auto'",
+    )  # fmt: skip
+    m.add_argument(
+        "--tensor-parallel", type=axis_size, default="auto", metavar="N",
+        help="size of the 'tensor' mesh axis, or 'auto'",
+    )  # fmt: skip

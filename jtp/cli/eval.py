@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 from jtp.cli import compilation_cache
-from jtp.cli.devices import axis_size, init_distributed, select_devices
+from jtp.cli.devices import add_mesh_flags, init_distributed, select_devices
 from jtp.cli.flags import ArgumentParser, FieldFlags, options_from_args
 from jtp.cli.output import machine, write_json
 from jtp.cli.perplexity import EvalConfig, build_task
@@ -45,19 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="DIR", help="a python -m jtp.prepare directory")
     flags = FieldFlags(metavars={"precision": "NAME"})
     flags.add(p.add_argument_group("what and how"), EvalConfig, _FIELDS)
-    m = p.add_argument_group("mesh (as python -m jtp.train)")
-    m.add_argument(
-        "--devices", type=int, default=None, metavar="N",
-        help="devices to use; on CPU, force this many host devices (before jax starts)",
-    )  # fmt: skip
-    m.add_argument(
-        "--data-parallel", type=axis_size, default="auto", metavar="N",
-        help="size of the 'data' mesh axis, or 'auto'",
-    )  # fmt: skip
-    m.add_argument(
-        "--tensor-parallel", type=axis_size, default="auto", metavar="N",
-        help="size of the 'tensor' mesh axis, or 'auto'",
-    )  # fmt: skip
+    add_mesh_flags(p)
     p.add_argument("--json", default=None, metavar="PATH", help="write the results here")
     compilation_cache.add_flags(p.add_argument_group("compilation (process setup)"))
     return p
