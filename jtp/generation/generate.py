@@ -3,7 +3,7 @@
 Prompts of any lengths and any number are left-padded to one length and the batch padded
 to a multiple of the mesh's "data" size; each prompt keeps its own positions (RoPE and the
 mask follow the sequence: :mod:`jtp.models.decode`). Prompt length, batch and the cache's
-length are rounded up to buckets (powers of two, at least 8), so prefill compiles once per
+length are rounded up to buckets (powers of two; at least 8 tokens), so prefill compiles once per
 (batch, prompt) bucket and the decode loop once per (batch, cache) bucket: never per
 token. The loop runs inside one compiled program (``jax.lax.while_loop``) and stops when
 every sequence has met ``eos_token_id`` or ``max_new_tokens`` are made.
@@ -37,9 +37,9 @@ from jtp.parallel.batch import shard_batch
 MIN_BUCKET = 8
 
 
-def bucket(n: int, multiple: int = 1) -> int:
-    """The smallest power of two >= max(n, 8), rounded up to a multiple of ``multiple``."""
-    b = max(MIN_BUCKET, 1 << (max(n, 1) - 1).bit_length())
+def bucket(n: int, multiple: int = 1, minimum: int = MIN_BUCKET) -> int:
+    """The smallest power of two >= max(n, minimum), rounded up to a multiple of ``multiple``."""
+    b = max(minimum, 1 << (max(n, 1) - 1).bit_length())
     return -(-b // multiple) * multiple
 
 
@@ -123,6 +123,7 @@ class Timing:
     batch: int  # rows computed (the prompts padded to the batch bucket)
     prompt_tokens: int  # real prompt tokens (padding excluded)
     cache_bytes: int  # the key/value cache, all devices together
+    cache_bytes_per_device: int  # what one device holds of it
 
 
 def generate_timed(
@@ -139,7 +140,7 @@ def generate_timed(
     mesh = _mesh_of(model)
     n_data = int(mesh.shape[DATA]) if mesh is not None else 1
     n, longest = len(prompts), max(len(p) for p in prompts)
-    b, t = bucket(n, n_data), bucket(longest)
+    b, t = bucket(n, n_data, minimum=1), bucket(longest)  # rows: no more than needed
     slots = bucket(t + max_new_tokens)
     tokens = np.zeros((b, t), np.int32)
     lengths = np.ones((b,), np.int32)  # padding rows: a one-token prompt, results dropped
@@ -158,8 +159,9 @@ def generate_timed(
     steps, out = jax.block_until_ready(decode(state, carry, lengths_d, jnp.int32(max_new_tokens)))
     t2 = time.perf_counter()
     cache = carry[2]
+    per_device = sum(x.addressable_shards[0].data.nbytes for x in (cache.k, cache.v))
     timing = Timing(t1 - t0, t2 - t1, int(steps) - 1, b, sum(len(p) for p in prompts),
-                    cache.k.nbytes + cache.v.nbytes)  # fmt: skip
+                    cache.k.nbytes + cache.v.nbytes, per_device)  # fmt: skip
     result = []
     for row in np.asarray(jax.device_get(out))[:n]:
         row = [int(x) for x in row[:max_new_tokens]]

@@ -102,3 +102,20 @@ def test_compile_benchmark_code_path_at_tiny_sizes(tmp_path, capsys):
     table = RENDERERS["compile"](payload)
     assert "| layers | scanned s |" in table and "| full    |" in table
     assert table in capsys.readouterr().out
+
+
+def test_generate_benchmark_code_path_at_tiny_sizes(tmp_path):
+    """``bench generate`` end to end on a tiny model (its figures: bench_results/generate.json):
+    the cache is split over the 8 devices (8 kv heads over tensor 8), and its size is
+    layers x 2 (k, v) x rows x slots x kv heads x head dim x 4 bytes."""
+    from jtp.cli.bench.docs import RENDERERS
+
+    out = tmp_path / "generate.json"
+    payload = bench_main(["generate", "--dim", "64", "--layers", "2", "--prompt", "8",
+                          "--new", "8", "--batches", "1,8", "--json", str(out)])  # fmt: skip
+    assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
+    for r in payload["rows"]:
+        assert r["rows_computed"] == r["batch"] and r["decode_tokens_per_s"] > 0
+        assert r["cache_bytes"] == 2 * 2 * r["batch"] * 16 * 8 * 4 * 4  # 16 slots, E = 4
+        assert r["cache_bytes_per_device"] * 8 == r["cache_bytes"]
+    assert "| 8 |" in RENDERERS["generate"](payload)

@@ -114,18 +114,19 @@ def test_a_model_fresh_from_fit_generates_as_its_forward_does(scan):
 
 def test_one_compile_per_bucket():
     """Prompts of 3 and 6 tokens share the 8-token bucket, 5 and 7 new tokens the 16-slot
-    cache, 1 and 2 prompts the 8-row batch: one program, compiled once. A 9-token prompt
-    is the next bucket (16 tokens, 32 slots): a second program."""
+    cache, 3 and 4 prompts the 4-row batch: one program each for prefill and decode,
+    compiled once. A 9-token prompt is the next bucket (16 tokens, 32 slots)."""
     model = Llama(SMALL, rngs=nnx.Rngs(0))
     _compiled.cache_clear()
-    jtp.generate(model, [[1, 2, 3]], max_new_tokens=5)
-    jtp.generate(model, [[1, 2, 3, 4, 5, 6], [7]], max_new_tokens=7)
+    jtp.generate(model, [[1, 2, 3]] * 3, max_new_tokens=5)
+    jtp.generate(model, [[1, 2, 3, 4, 5, 6], [7], [8], [9]], max_new_tokens=7)
     prefill, decode = _compiled(nnx.split(model)[0], None, Sampling(), 16, None)
     assert _compiled.cache_info().currsize == 1
     assert prefill._cache_size() == decode._cache_size() == 1
     jtp.generate(model, [list(range(1, 10))], max_new_tokens=5)
     assert _compiled.cache_info().currsize == 2
     assert bucket(3) == bucket(6) == 8 and bucket(9) == 16 and bucket(3, 3) == 9
+    assert bucket(3, minimum=1) == 4 and bucket(1, 2, minimum=1) == 2
 
 
 def test_sampling():

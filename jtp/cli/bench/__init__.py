@@ -7,6 +7,7 @@
     python -m jtp.bench gpu      [--steps 20] [--json PATH] [--smoke]
     python -m jtp.bench compile  [--depths 2,8,32,80] [--dim 256] [--json PATH]
     python -m jtp.bench cache    [--json PATH]
+    python -m jtp.bench generate [--batches 1,8,32] [--json PATH]
 
 Every sub-command takes ``--compilation-cache DIR`` / ``--no-compilation-cache``
 (:mod:`jtp.cli.compilation_cache`; on by default).
@@ -68,6 +69,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cp.add_argument("--policy-layers", type=int, default=8, help="depth of the remat rows")
     cp.add_argument("--remat", default="none,full,dots,minimal", help="policies to compare")
     cp.add_argument("--json", default="bench_results/compile.json", help="JSON output path")
+    ge = sub.add_parser("generate", help="decode tokens/s/device and KV-cache memory by batch")
+    ge.add_argument("--dim", type=int, default=512, help="model width")
+    ge.add_argument("--layers", type=int, default=4, help="blocks")
+    ge.add_argument("--prompt", type=int, default=64, help="tokens per prompt")
+    ge.add_argument("--new", type=int, default=64, help="new tokens per prompt")
+    ge.add_argument("--batches", default="1,8,32", help="prompts per batch")
+    ge.add_argument("--json", default="bench_results/generate.json", help="JSON output path")
     ca = sub.add_parser("cache", help="a repeated run's compile with the persistent cache")
     ca.add_argument("--json", default="bench_results/cache.json", help="JSON output path")
     dc = sub.add_parser("docs", help="re-render the docs' figure tables from bench_results JSON")

@@ -70,6 +70,12 @@ def _cache(p: dict[str, Any]) -> str:
     return format_cache(p)
 
 
+def _generate(p: dict[str, Any]) -> str:
+    from jtp.cli.bench.generate import format_generate
+
+    return format_generate(p)
+
+
 def _gpu(p: dict[str, Any]) -> str:
     from jtp.cli.bench.gpu import format_gpu
 
@@ -92,6 +98,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "compile": _compile,
     "cache": _cache,
     "gpu": _gpu,
+    "generate": _generate,
 }
 
 
