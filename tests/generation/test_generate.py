@@ -166,3 +166,33 @@ def test_bad_input_is_a_clear_error(kwargs, message):
     args = dict(prompts=[[1, 2]], max_new_tokens=8) | kwargs
     with pytest.raises(ValueError, match=message):
         jtp.generate(model, args.pop("prompts"), **args)
+
+
+def test_a_decode_step_costs_one_all_reduce_per_column_row_pair():
+    """Read off the compiled decode loop on 1 x 8 (3 layers): inside the layer loop, two
+    all-reduces of the (B, 1, D) activation over "tensor" per trip (attention's wq/wk/wv ->
+    wo and the MLP's w1/w3 -> w2), as in training; per token outside it, the embedding
+    lookup's all-reduce (its table is split on the vocabulary) and the argmax across the
+    vocabulary shards (value and index, B x 8 each). No weight, logits or cache crosses."""
+    import numpy as np
+
+    from jtp.generation.generate import generate_timed
+
+    config = LlamaConfig(vocab_size=128, dim=64, n_layers=3, n_heads=8, n_kv_heads=8,
+                         ffn_hidden=128, max_seq_len=64)  # fmt: skip
+    mesh = jtp.make_mesh(1, 8)
+    model = jtp.sharded_init(lambda: Llama(config, rngs=nnx.Rngs(0)), mesh,
+                             jtp.plans.llama(config))  # fmt: skip
+    generate_timed(model, [[1, 2, 3]], max_new_tokens=4)
+    graphdef, state = nnx.split(model)
+    prefill, decode = _compiled(graphdef, mesh, Sampling(), 16, None)
+    lengths = jtp.shard_batch(np.ones((1,), np.int32), mesh)
+    carry = prefill(state, jtp.shard_batch(np.zeros((1, 8), np.int32), mesh), lengths,
+                    jax.random.key(0))  # fmt: skip
+    compiled = decode.lower(state, carry, lengths, jnp.int32(4)).compile()
+    colls = jtp.collectives(compiled, mesh)
+    assert all(c.axes == ("tensor",) for c in colls)
+    in_layers = [c for c in colls if c.trips == 3]
+    assert [(c.kind, c.shapes) for c in in_layers] == [("all-reduce", ((1, 1, 64),))] * 2
+    per_token = sorted((c.kind, c.shapes) for c in colls if c.trips == 1)
+    assert per_token == [("all-gather", ((1, 8),))] * 2 + [("all-reduce", ((1, 1, 64),))]
