@@ -35,7 +35,7 @@ class LitLlama(jtp.TrainModule):
     def __init__(self):
         self.config = PRESETS["tiny"]
         self.plan = jtp.plans.llama(
-            sequence_parallel=args.sequence_parallel, loss_parallel=args.loss_parallel
+            sequence_parallel=args.sequence_parallel, loss_parallel=args.loss_parallel, fsdp=True
         )
 
     def configure_model(self, mesh):

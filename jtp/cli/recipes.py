@@ -160,6 +160,7 @@ class LlamaTask(TrainModule):
             self.model_config,
             sequence_parallel=config.sequence_parallel,
             loss_parallel=config.loss_parallel,
+            fsdp=config.fsdp,
         )
 
     def model_factory(self, mesh: Mesh | None = None) -> Callable[[], Llama]:

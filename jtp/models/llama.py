@@ -3,10 +3,11 @@
 Token embedding, pre-norm blocks of grouped-query attention with RoPE (theta 500000) and a
 SwiGLU feed-forward (``w1``, ``w2``, ``w3``: jtp's :class:`FeedForward`), a final RMSNorm and
 an output projection. No mesh, no axis names: a plan shards the weights from outside
-(:func:`jtp.plans.llama`), and four ``shard_activation`` marks ("residual", "tp_input",
-"heads", "logits") let a plan lay out activations for sequence and loss parallelism; they do nothing
-without one. The blocks are stacked on a layer axis and run by one scan (``scan_layers``, the
-default) or unrolled, each under a remat policy (:mod:`jtp.models.stack`).
+(:func:`jtp.plans.llama`), and ``shard_activation`` marks ("residual", "tp_input", "heads",
+"logits"; "tokens" and "embedding" for fsdp's embedding lookup) let a plan lay out activations
+for sequence and loss parallelism; they do nothing without one. The blocks are stacked on a
+layer axis and run by one scan (``scan_layers``, the default) or unrolled, each under a remat
+policy (:mod:`jtp.models.stack`).
 
 Config fields grow the same code into the Hugging Face relatives :mod:`jtp.models.hf` loads:
 q/k/v biases (Qwen2), a per-head q/k RMSNorm and a head dim that is not ``dim / n_heads``
@@ -228,7 +229,12 @@ class Llama(nnx.Module):
         if tokens_bt.shape[1] > c.max_seq_len:
             raise ValueError(f"sequence length {tokens_bt.shape[1]} > max_seq_len {c.max_seq_len}")
         cos_tf, sin_tf = rope_tables(c.head_dim, tokens_bt.shape[1], c.rope_theta, c.rope_scaling)
-        x_btd = shard_activation(self.tok_embeddings(tokens_bt), "residual")  # (B, T, D)
+        # "tokens", "embedding": under fsdp the table is split (V on "tensor", D on "data"), so
+        # the lookup reads every sequence and yields D split on "data". Marked, the move to
+        # the residual's layout is one all-to-all each way; unmarked, XLA's partitioner of
+        # the backward scatter-add may all-gather the whole (B, T, D) cotangent instead.
+        x_btd = self.tok_embeddings(shard_activation(tokens_bt, "tokens"))
+        x_btd = shard_activation(shard_activation(x_btd, "embedding"), "residual")  # (B, T, D)
         x_btd = run_blocks(self.layers, x_btd, cos_tf, sin_tf, remat=c.remat)  # (B, T, D)
         h_btd = _gathered(self.norm(x_btd))
         if self.output is None:  # h @ table.T: (B, T, D) x (V, D) -> (B, T, V)

@@ -27,6 +27,7 @@ def llama(
     *,
     sequence_parallel: bool = False,
     loss_parallel: bool = False,
+    fsdp: bool = False,
 ) -> TPPlan:
     """The Llama 3 plan.
 
@@ -45,6 +46,11 @@ def llama(
         each all-reduce becomes a reduce-scatter + all-gather pair).
       loss_parallel: keep the logits split on the vocabulary and compute the cross-entropy
         there (:func:`jtp.models.llama.cross_entropy`), never gathering (B, T, V) logits.
+      fsdp: the parameters are laid out with ``fsdp=True`` (the embedding table then has D on
+        "data"): the lookup takes every token id and gives D split on "data", and the move
+        to the batch split is spelled out (one all-to-all each way; without it XLA's
+        partitioner of the backward scatter-add can fall back to all-gathering the whole
+        (B, T, D) gradient over "data": "Involuntary full rematerialization").
     """
     styles = {
         "tok_embeddings": RowwiseParallel(),
@@ -65,6 +71,8 @@ def llama(
         "ffn_hidden": P(DATA, None, TENSOR),  # SwiGLU hidden (B, T, F) split like w1/w3
         "logits": P(DATA, None, TENSOR) if loss_parallel else P(DATA, None, None),
     }
+    if fsdp:  # the lookup's layout under the table's (V on "tensor", D on "data") split
+        activations |= {"tokens": P(None, None), "embedding": P(None, None, DATA)}
     return TPPlan(styles, activations)
 
 
