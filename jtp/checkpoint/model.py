@@ -46,3 +46,24 @@ def restore_model[M: nnx.Module](
     finally:
         ckpt.close()
     return nnx.merge(graphdef, tree["params"], tree["rest"]), meta, step
+
+
+def llama_record(
+    directory: str, step: int | None, program: str
+) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """The training module's record (``{"model": "Llama", "config": ..., "model_config":
+    ...}``), the whole metadata and the step number of checkpoint ``step`` (default the
+    newest), read from its JSON alone; a ``ValueError`` when it holds no Llama-family model
+    (``program`` names what refuses it, e.g. "jtp.eval scores")."""
+    ckpt = open_checkpoints(directory)
+    try:
+        meta, step = ckpt.meta(step)
+    finally:
+        ckpt.close()
+    module = meta.get("module") or {}
+    if module.get("model") != "Llama":
+        raise ValueError(
+            f"--checkpoint {directory}: step {step} holds a {module.get('model')}, not a "
+            f"language model; {program} Llama-family checkpoints (--model llama)"
+        )
+    return module, meta, step

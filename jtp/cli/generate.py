@@ -120,20 +120,10 @@ def load_model(args: argparse.Namespace, mesh: Any, positions: int) -> Any:
         import jtp
 
         return jtp.hf.load_pretrained(args.hf, mesh, fsdp=args.fsdp, max_seq_len=positions)
-    from jtp.checkpoint.model import open_checkpoints, restore_model
+    from jtp.checkpoint.model import llama_record, restore_model
     from jtp.cli.perplexity import model_config_of
 
-    ckpt = open_checkpoints(args.checkpoint)
-    try:
-        meta, step = ckpt.meta(args.step)
-    finally:
-        ckpt.close()
-    module = meta.get("module") or {}
-    if module.get("model") != "Llama":
-        raise ValueError(
-            f"--checkpoint {args.checkpoint}: step {step} holds a {module.get('model')}, not a "
-            "language model; jtp.generate runs Llama-family checkpoints (--model llama)"
-        )
+    module, _, step = llama_record(args.checkpoint, args.step, "jtp.generate runs")
     config = model_config_of(module["model_config"])
     factory = lambda: Llama(config, rngs=nnx.Rngs(0))  # noqa: E731
     abstract = abstract_sharded(nnx.eval_shape(factory), mesh, llama_plan(config), fsdp=args.fsdp)

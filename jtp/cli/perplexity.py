@@ -22,7 +22,7 @@ from typing import Any
 from flax import nnx
 from jax.sharding import Mesh
 
-from jtp.checkpoint.model import open_checkpoints, restore_model
+from jtp.checkpoint.model import llama_record, restore_model
 from jtp.cli.recipes import LlamaTask
 from jtp.cli.task_config import LlamaTaskConfig
 from jtp.data.loader import DataLoader
@@ -151,17 +151,7 @@ def model_config_of(record: dict[str, Any]) -> LlamaConfig:
 def checkpoint_task(e: EvalConfig) -> tuple[PerplexityTask, dict[str, Any]]:
     """The task of ``--checkpoint DIR`` and the metadata of the step it restores (read
     from the checkpoint's JSON record; no array read yet)."""
-    ckpt = open_checkpoints(e.checkpoint)
-    try:
-        meta, step = ckpt.meta(e.step)
-    finally:
-        ckpt.close()
-    module = meta.get("module") or {}
-    if module.get("model") != "Llama":
-        raise ValueError(
-            f"--checkpoint {e.checkpoint}: step {step} holds a {module.get('model')}, not a "
-            "language model; jtp.eval scores Llama-family checkpoints (--model llama)"
-        )
+    module, meta, step = llama_record(e.checkpoint, e.step, "jtp.eval scores")
     trained = _known(LlamaTaskConfig, module["config"])
     seq_len = e.seq_len or trained.seq_len
     model_config = dataclasses.replace(

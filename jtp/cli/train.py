@@ -28,7 +28,7 @@ import sys
 from typing import Any
 
 from jtp.cli import compilation_cache
-from jtp.cli.devices import axis_size, init_distributed, select_devices
+from jtp.cli.devices import add_mesh_flags, init_distributed, select_devices
 from jtp.cli.flags import ArgumentParser, FieldFlags, field_values, options_from_args
 from jtp.cli.output import write_json
 from jtp.cli.task_config import FeedForwardConfig, LlamaTaskConfig, TaskConfig
@@ -57,18 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         + ") still work.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument(
-        "--devices", type=int, default=None, metavar="N",
-        help="devices to use; on CPU, force this many host devices (before jax starts)",
-    )  # fmt: skip
-    p.add_argument(
-        "--data-parallel", type=axis_size, default="auto", metavar="N",
-        help="size of the 'data' mesh axis, or 'auto'",
-    )  # fmt: skip
-    p.add_argument(
-        "--tensor-parallel", type=axis_size, default="auto", metavar="N",
-        help="size of the 'tensor' mesh axis, or 'auto'",
-    )  # fmt: skip
+    add_mesh_flags(p, "mesh")
     p.add_argument(
         "--model", choices=("feedforward", "llama"), default="feedforward", help="what to train"
     )
