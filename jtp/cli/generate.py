@@ -117,9 +117,9 @@ def load_model(args: argparse.Namespace, mesh: Any, positions: int) -> Any:
     from jtp.parallel.abstract import abstract_sharded
 
     if args.hf is not None:
-        import jtp
+        from jtp.models.hf.load import load_pretrained
 
-        return jtp.hf.load_pretrained(args.hf, mesh, fsdp=args.fsdp, max_seq_len=positions)
+        return load_pretrained(args.hf, mesh, fsdp=args.fsdp, max_seq_len=positions)
     from jtp.checkpoint.model import llama_record, restore_model
     from jtp.cli.perplexity import model_config_of
 
