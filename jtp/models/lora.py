@@ -31,6 +31,7 @@ TARGETS = {
     "q": "attention.wq", "k": "attention.wk", "v": "attention.wv", "o": "attention.wo",
     "gate": "feed_forward.w1", "up": "feed_forward.w3", "down": "feed_forward.w2",
 }  # fmt: skip
+LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_targets")  # of LlamaConfig
 
 
 def parse_targets(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -103,11 +104,12 @@ def merge_lora[M: nnx.Module](model: M) -> M:
     """``model`` without adapters: each adapted kernel replaced by ``W + (alpha / r) A B``,
     computed where its shards lie (one kernel at a time: the peak is one kernel more).
 
-    The result is the model ``dataclasses.replace(config, lora_rank=0)`` builds, sharing
+    The result is the model ``config`` without LoRA (default :data:`LORA_FIELDS`) builds, sharing
     every other array with ``model``: what ``jtp.hf.save_pretrained`` writes as the merged
     checkpoint and what generation can run without the low-rank path.
     """
-    config = dataclasses.replace(model.config, lora_rank=0)
+    plain = {f.name: f.default for f in dataclasses.fields(model.config) if f.name in LORA_FIELDS}
+    config = dataclasses.replace(model.config, **plain)  # lora_rank 0, alpha/targets defaults
     abstract = nnx.eval_shape(lambda: type(model)(config, rngs=nnx.Rngs(0)))
     graphdef, target = nnx.split(abstract)
     values = {path_str(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}

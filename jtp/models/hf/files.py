@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 
 import numpy as np
@@ -78,3 +79,15 @@ def write_safetensors(
     with TensorFileWriter(file, specs, metadata={"format": "pt"}) as writer:
         for name, _, _ in entries:
             writer.write(name, produce(name))
+
+
+def move_into_place(tmp: str, path: str) -> None:
+    """Rename the finished directory ``tmp`` onto ``path``, replacing what is there: readers
+    see the old directory or the new one, never a mix."""
+    old = None
+    if os.path.exists(path):
+        old = f"{tmp}.old"
+        os.rename(path, old)
+    os.rename(tmp, path)
+    if old is not None:
+        shutil.rmtree(old)

@@ -25,6 +25,7 @@ from jtp.models.hf.config import llama_config, read_config
 from jtp.models.hf.files import CheckpointFiles
 from jtp.models.hf.names import IGNORED_SUFFIXES, TensorMap, read_jtp_slice, tensor_map
 from jtp.models.llama import Llama, LlamaConfig
+from jtp.models.lora import TARGETS, parse_targets
 from jtp.models.plans import check_llama, llama
 from jtp.parallel.names import path_str
 from jtp.parallel.plan import plan_shardings
@@ -92,6 +93,10 @@ def load_pretrained(
     max_seq_len: int | None = None,
     attention: str = "auto",
     scan_layers: bool = True,
+    lora_rank: int = 0,
+    lora_alpha: float = 16.0,
+    lora_targets: str | tuple[str, ...] = tuple(TARGETS),
+    seed: int = 0,
 ) -> Llama:
     """Load a Hugging Face Llama / Mistral / Qwen2 / Qwen3 checkpoint onto ``mesh``.
 
@@ -120,37 +125,61 @@ def load_pretrained(
         cuDNN's fused attention on a GPU with bf16/fp16 inputs, XLA's path otherwise.
       scan_layers: the blocks stacked on a layer axis, run by one scan (HF's per-layer
         tensors are stacked on the way in); False: unrolled, one parameter per tensor.
+      lora_rank: > 0 adds LoRA adapters of this rank (:mod:`jtp.models.lora`) to the
+        ``lora_targets`` linears (PEFT's names: "q", "k", "v", "o", "gate", "up", "down",
+        or "q,v"), scaled by ``lora_alpha / lora_rank``; ``A`` is drawn from ``seed``, ``B``
+        is zero, so the model computes the checkpoint's logits until it is trained. The
+        trainer then trains only the adapters (:meth:`jtp.TrainModule.trainable`).
 
     Returns:
       The model; ``model.config`` is its :class:`~jtp.models.llama.LlamaConfig`.
     """
     config = config_of(
-        path, max_seq_len=max_seq_len, remat=remat, attention=attention, scan_layers=scan_layers
-    )
+        path, max_seq_len=max_seq_len, remat=remat, attention=attention, scan_layers=scan_layers,
+        lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
+    )  # fmt: skip
     if dtype is not None:  # the modules then compute in it too (flax derives their dtype)
         config = dataclasses.replace(config, param_dtype=jnp.dtype(dtype).name)
     check_llama(config, mesh, seq_len=config.max_seq_len, sequence_parallel=sequence_parallel)
     files = CheckpointFiles(path)
     plan = llama(config, sequence_parallel=sequence_parallel, loss_parallel=loss_parallel)
-    abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(seed)))
     graphdef, state = nnx.split(abstract)
     flat = dict((path_str(p), v) for p, v in nnx.to_flat_state(state))
+    adapters = {n for n, v in flat.items() if isinstance(v, nnx.LoRAParam)}  # not in the file
     maps = tensor_map(config)
     by_jtp: dict[str, list[TensorMap]] = {}  # in layer order when stacked
     for t in maps:
         by_jtp.setdefault(t.jtp, []).append(t)
-    if set(by_jtp) != set(flat):  # the name map and the model must agree exactly
-        raise AssertionError(f"name map vs model: {sorted(set(by_jtp) ^ set(flat))}")
+    if set(by_jtp) != set(flat) - adapters:  # the name map and the model must agree exactly
+        raise AssertionError(f"name map vs model: {sorted(set(by_jtp) ^ (set(flat) - adapters))}")
     check_tensors(files, maps, {n: v.get_value().shape for n, v in flat.items()})
     shardings = plan_shardings(abstract, mesh, plan, fsdp=fsdp)
+    fresh = _fresh_adapters(config, seed, shardings) if adapters else {}
     updates = []
     for p, sharding in nnx.to_flat_state(shardings):
         name = path_str(p)
         var = flat[name]
         x = var.get_value()
         spec = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.get_value())
-        updates.append((p, var.replace(_load_param(by_jtp[name], files, spec))))
+        value = fresh[name] if name in adapters else _load_param(by_jtp[name], files, spec)
+        updates.append((p, var.replace(value)))
     return nnx.merge(graphdef, nnx.from_flat_state(updates))
+
+
+def _fresh_adapters(config: LlamaConfig, seed: int, shardings: Any) -> dict[str, jax.Array]:
+    """The LoRA factors of ``Llama(config, rngs=nnx.Rngs(seed))``, born in their shardings.
+
+    One jitted init of the whole model whose only outputs are the adapters: XLA drops the
+    base weights' initialisers as dead code, so nothing base-sized is ever allocated.
+    """
+    out = nnx.split_state(shardings, nnx.LoRAParam, ...)[0]
+
+    def init() -> nnx.State:
+        return nnx.state(Llama(config, rngs=nnx.Rngs(seed)), nnx.LoRAParam)
+
+    state = jax.jit(init, out_shardings=out)()
+    return {path_str(p): v.get_value() for p, v in nnx.to_flat_state(state)}
 
 
 def config_of(
@@ -160,9 +189,15 @@ def config_of(
     remat: str | bool = "none",
     attention: str = "auto",
     scan_layers: bool = True,
+    lora_rank: int = 0,
+    lora_alpha: float = 16.0,
+    lora_targets: str | tuple[str, ...] = tuple(TARGETS),
 ) -> LlamaConfig:
     """The :class:`LlamaConfig` of an HF directory (or config.json), run with ``remat``, the
-    ``attention`` kernel and ``scan_layers``: shapes for planning, the config
-    :func:`load_pretrained` builds."""
+    ``attention`` kernel, ``scan_layers`` and LoRA adapters of ``lora_rank`` (0: none):
+    shapes for planning, the config :func:`load_pretrained` builds."""
     config = llama_config(read_config(path), max_seq_len=max_seq_len, remat=remat)
-    return dataclasses.replace(config, attention=attention, scan_layers=scan_layers)
+    return dataclasses.replace(
+        config, attention=attention, scan_layers=scan_layers, lora_rank=lora_rank,
+        lora_alpha=lora_alpha, lora_targets=parse_targets(lora_targets),
+    )  # fmt: skip
