@@ -29,18 +29,19 @@ class CheckpointFiles:
     """The tensors of an HF checkpoint directory: one ``model.safetensors``, or shards listed
     by ``model.safetensors.index.json``. Only headers are read here."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, single: str = SINGLE):
+        """``single``: the one-file name (a PEFT adapter's is ``adapter_model.safetensors``)."""
         self.path = path
         index = os.path.join(path, INDEX)
-        if os.path.isfile(index):
+        if os.path.isfile(index) and single == SINGLE:
             with open(index) as f:
                 weight_map = json.load(f)["weight_map"]
             files = sorted(set(weight_map.values()))
-        elif os.path.isfile(os.path.join(path, SINGLE)):
-            files = [SINGLE]
+        elif os.path.isfile(os.path.join(path, single)):
+            files = [single]
         else:
             raise ValueError(
-                f"{path}: neither {SINGLE} nor {INDEX} (jtp.hf reads safetensors checkpoints "
+                f"{path}: neither {single} nor {INDEX} (jtp.hf reads safetensors checkpoints "
                 "only; convert *.bin with transformers' save_pretrained(safe_serialization=True))"
             )
         self.file_of: dict[str, str] = {}  # tensor name -> file path

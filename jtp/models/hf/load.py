@@ -13,6 +13,8 @@ weight is read (:mod:`jtp.models.hf.config`, :func:`check_tensors`).
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import Any
 
 import jax
@@ -23,7 +25,14 @@ from jax.sharding import Mesh
 
 from jtp.models.hf.config import llama_config, read_config
 from jtp.models.hf.files import CheckpointFiles
-from jtp.models.hf.names import IGNORED_SUFFIXES, TensorMap, read_jtp_slice, tensor_map
+from jtp.models.hf.names import (
+    IGNORED_SUFFIXES,
+    TensorMap,
+    lora_tensor_map,
+    read_jtp_slice,
+    tensor_map,
+)  # fmt: skip
+from jtp.models.hf.peft import ADAPTER_CONFIG, ADAPTER_FILE
 from jtp.models.llama import Llama, LlamaConfig
 from jtp.models.lora import TARGETS, parse_targets
 from jtp.models.plans import check_llama, llama
@@ -97,6 +106,7 @@ def load_pretrained(
     lora_alpha: float = 16.0,
     lora_targets: str | tuple[str, ...] = tuple(TARGETS),
     seed: int = 0,
+    adapter: str | None = None,
 ) -> Llama:
     """Load a Hugging Face Llama / Mistral / Qwen2 / Qwen3 checkpoint onto ``mesh``.
 
@@ -130,10 +140,16 @@ def load_pretrained(
         or "q,v"), scaled by ``lora_alpha / lora_rank``; ``A`` is drawn from ``seed``, ``B``
         is zero, so the model computes the checkpoint's logits until it is trained. The
         trainer then trains only the adapters (:meth:`jtp.TrainModule.trainable`).
+      adapter: a PEFT LoRA adapter directory (``adapter_model.safetensors`` +
+        ``adapter_config.json``, e.g. :func:`jtp.hf.save_peft`'s) to load onto the
+        checkpoint; its ``r``, ``lora_alpha`` and ``target_modules`` replace the three
+        ``lora_*`` arguments.
 
     Returns:
       The model; ``model.config`` is its :class:`~jtp.models.llama.LlamaConfig`.
     """
+    if adapter is not None:
+        lora_rank, lora_alpha, lora_targets = read_adapter_config(adapter)
     config = config_of(
         path, max_seq_len=max_seq_len, remat=remat, attention=attention, scan_layers=scan_layers,
         lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
@@ -155,16 +171,42 @@ def load_pretrained(
         raise AssertionError(f"name map vs model: {sorted(set(by_jtp) ^ (set(flat) - adapters))}")
     check_tensors(files, maps, {n: v.get_value().shape for n, v in flat.items()})
     shardings = plan_shardings(abstract, mesh, plan, fsdp=fsdp)
-    fresh = _fresh_adapters(config, seed, shardings) if adapters else {}
+    fresh = _fresh_adapters(config, seed, shardings) if adapters and not adapter else {}
+    if adapter is not None:  # read by block like the base, from PEFT's names
+        adapter_files = CheckpointFiles(adapter, ADAPTER_FILE)
+        lora_maps = lora_tensor_map(config)
+        check_tensors(adapter_files, lora_maps, {n: v.get_value().shape for n, v in flat.items()})
+        for t in lora_maps:
+            by_jtp.setdefault(t.jtp, []).append(t)
     updates = []
     for p, sharding in nnx.to_flat_state(shardings):
         name = path_str(p)
         var = flat[name]
         x = var.get_value()
         spec = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.get_value())
-        value = fresh[name] if name in adapters else _load_param(by_jtp[name], files, spec)
+        if name in fresh:
+            value = fresh[name]
+        else:
+            value = _load_param(by_jtp[name], adapter_files if name in adapters else files, spec)
         updates.append((p, var.replace(value)))
     return nnx.merge(graphdef, nnx.from_flat_state(updates))
+
+
+def read_adapter_config(adapter: str) -> tuple[int, float, tuple[str, ...]]:
+    """``(r, lora_alpha, targets)`` of a PEFT adapter directory; a ``ValueError`` for what
+    jtp's :class:`~jtp.models.lora.LoRALinear` would compute differently."""
+    with open(os.path.join(adapter, ADAPTER_CONFIG)) as f:
+        c = json.load(f)
+    unsupported = {
+        "peft_type": c.get("peft_type") != "LORA", "use_rslora": c.get("use_rslora"),
+        "use_dora": c.get("use_dora"), "fan_in_fan_out": c.get("fan_in_fan_out"),
+        "rank_pattern": c.get("rank_pattern"), "alpha_pattern": c.get("alpha_pattern"),
+        "bias": c.get("bias", "none") != "none",
+    }  # fmt: skip
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise ValueError(f"{adapter}: {ADAPTER_CONFIG} sets {bad}: jtp loads plain LoRA only")
+    return int(c["r"]), float(c["lora_alpha"]), parse_targets(c["target_modules"])
 
 
 def _fresh_adapters(config: LlamaConfig, seed: int, shardings: Any) -> dict[str, jax.Array]:
