@@ -221,3 +221,17 @@ def test_targets_are_checked():
         parse_targets("q,qkv")
     with pytest.raises(ValueError, match="no LoRA adapters"):
         jtp.hf.save_peft(load("llama3", adapter=None)[0], "/nonexistent/never-written")
+
+
+def test_generation_with_adapters_equals_the_merged_model():
+    """jtp.generate runs an adapted model (2x4 fsdp) as it runs its merge: greedy tokens
+    equal token for token, and differ from the base's (the adapter is not a no-op)."""
+    mesh = mesh_of((2, 4))
+    path = os.path.join(HF, "llama3")
+    model = jtp.hf.load_pretrained(path, mesh, fsdp=True, max_seq_len=32,
+                                   adapter=os.path.join(LORA, "llama3"))  # fmt: skip
+    prompts = [[1, 17, 99, 5], [1, 64]]
+    adapted_tokens = jtp.generate(model, prompts, max_new_tokens=6)
+    assert adapted_tokens == jtp.generate(jtp.hf.merge_lora(model), prompts, max_new_tokens=6)
+    base = jtp.hf.load_pretrained(path, mesh, fsdp=True, max_seq_len=32)
+    assert adapted_tokens != jtp.generate(base, prompts, max_new_tokens=6)
