@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from jtp.models.attention import ATTENTION
-from jtp.models.lora import TARGETS, parse_targets
+from jtp.models.lora import TARGETS
 from jtp.models.stack import REMAT_POLICIES, remat_name
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -98,4 +98,3 @@ class LlamaTaskConfig(TaskConfig):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "remat", remat_name(self.remat))  # True -> "full", ...
-        parse_targets(self.lora_targets)  # a misspelt target fails here, not after loading

@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="after training, write consolidated params (safetensors)",
     )  # fmt: skip
     g.add_argument(
-        "--export-hf", default=None, metavar="DIR",
+        # "--export-" spelt out: before --export-peft it was an unambiguous prefix of this.
+        "--export-hf", "--export-", default=None, metavar="DIR",
         help="after training, write a Hugging Face checkpoint here",
     )  # fmt: skip
     g.add_argument(
