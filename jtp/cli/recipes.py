@@ -21,6 +21,7 @@ from jtp.mesh import ModelParallelStrategy
 from jtp.models import FeedForward
 from jtp.models.hf import config_of, load_pretrained
 from jtp.models.llama import PRESETS, Llama, LlamaConfig, cross_entropy
+from jtp.models.lora import parse_targets
 from jtp.models.plans import check_llama, feedforward, llama
 from jtp.parallel.parallelize import sharded_init
 from jtp.training.compile import trace_abstract_step
@@ -126,6 +127,15 @@ def preset_config(name: str) -> LlamaConfig:
     return PRESETS[name]
 
 
+def _lora(config: LlamaTaskConfig) -> dict[str, Any]:
+    """The LoRA fields of a task config as LlamaConfig / load_pretrained take them."""
+    return {
+        "lora_rank": config.lora_rank,
+        "lora_alpha": config.lora_alpha,
+        "lora_targets": parse_targets(config.lora_targets),
+    }
+
+
 class LlamaTask(TrainModule):
     """Lightning's tensor-parallel Llama example: next-token loss on random tokens, or on
     the token files of ``config.data`` (the vocabulary then comes from its ``meta.json``).
@@ -142,7 +152,7 @@ class LlamaTask(TrainModule):
         elif config.hf:  # the checkpoint's shapes; positions used: seq_len (sliding windows)
             self.model_config = config_of(
                 config.hf, max_seq_len=config.seq_len, remat=config.remat,
-                attention=config.attention, scan_layers=config.scan_layers,
+                attention=config.attention, scan_layers=config.scan_layers, **_lora(config),
             )  # fmt: skip
             if config.data:  # token ids must come from the checkpoint's own tokenizer
                 data_vocab(config.data, self.model_config.vocab_size)
@@ -155,6 +165,7 @@ class LlamaTask(TrainModule):
                 attention=config.attention,
                 vocab_size=data_vocab(config.data) if config.data else preset.vocab_size,
                 max_seq_len=max(preset.max_seq_len, config.seq_len),
+                **_lora(config),
             )
         self.plan = llama(
             self.model_config,
@@ -178,7 +189,7 @@ class LlamaTask(TrainModule):
             return load_pretrained(
                 c.hf, mesh, fsdp=c.fsdp, sequence_parallel=c.sequence_parallel,
                 loss_parallel=c.loss_parallel, remat=c.remat, max_seq_len=c.seq_len,
-                attention=c.attention, scan_layers=c.scan_layers,
+                attention=c.attention, scan_layers=c.scan_layers, seed=c.seed, **_lora(c),
             )  # fmt: skip
         return sharded_init(factory, mesh, self.plan, fsdp=c.fsdp)
 

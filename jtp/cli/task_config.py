@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from jtp.models.attention import ATTENTION
+from jtp.models.lora import TARGETS
 from jtp.models.stack import REMAT_POLICIES, remat_name
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -73,6 +74,11 @@ class LlamaTaskConfig(TaskConfig):
       attention: the attention kernel: ``auto`` (cuDNN's fused attention on a GPU with
         bf16/fp16 inputs, XLA's elsewhere), ``xla``, ``cudnn`` (an error where it cannot
         run), or ``blockwise`` (jtp's flash-style attention in JAX: O(T) memory anywhere).
+      lora_rank: > 0: LoRA fine-tuning: adapters of this rank on the ``lora_targets``
+        linears, the base frozen (no gradients, no optimizer state); 0: train everything.
+      lora_alpha: LoRA's alpha: the adapters add ``(lora_alpha / lora_rank) B A x``, as PEFT.
+      lora_targets: the adapted linears, PEFT's names comma-separated: q,k,v,o (attention),
+        gate,up,down (MLP).
     """
 
     preset: str = "tiny"
@@ -86,6 +92,9 @@ class LlamaTaskConfig(TaskConfig):
     scan_layers: bool = True
     hf: str | None = None
     attention: str = dataclasses.field(default="auto", metadata={"choices": ATTENTION})
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: str = ",".join(TARGETS)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "remat", remat_name(self.remat))  # True -> "full", ...

@@ -10,6 +10,8 @@ prints the peak memory per device at the end.
     python -m jtp.train --devices 8 --dim 256 --hidden-dim 1024 --metrics-json m.json
     python -m jtp.train --devices 8 --model llama --preset tiny --data-parallel 2 \
         --tensor-parallel 4 --fsdp --sequence-parallel --loss-parallel --precision bf16-mixed
+    python -m jtp.train --devices 8 --model llama --hf DIR --lora-rank 8 --lora-alpha 16 \
+        --export-peft ADAPTER --export-hf MERGED          # LoRA: only the adapters train
     python -m jtp.train --devices 8 --model llama --data DIR --seq-len 128 --batch-size 32 \
         --data-parallel 2 --tensor-parallel 4 --max-steps 300 --lr-schedule cosine \
         --warmup-steps 30 --val-check-interval 100        # DIR from python -m jtp.prepare
@@ -81,8 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="after training, write consolidated params (safetensors)",
     )  # fmt: skip
     g.add_argument(
-        "--export-hf", default=None, metavar="DIR",
+        # "--export-" spelt out: before --export-peft it was an unambiguous prefix of this.
+        "--export-hf", "--export-", default=None, metavar="DIR",
         help="after training, write a Hugging Face checkpoint here",
+    )  # fmt: skip
+    g.add_argument(
+        "--export-peft", default=None, metavar="DIR",
+        help="after LoRA training (--lora-rank), write the adapters as a PEFT adapter here",
     )  # fmt: skip
     d = p.add_argument_group("multiple processes (jax.distributed)")
     d.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
@@ -102,6 +109,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.hf and args.model != "llama":
         raise SystemExit("--hf loads a Llama-family checkpoint: add --model llama")
+    if args.export_peft and getattr(args, "lora_rank", 0) <= 0:
+        raise SystemExit("--export-peft writes LoRA adapters: add --lora-rank R (R > 0)")
     if args.data and args.model != "llama":
         raise ValueError("--data DIR trains a language model: add --model llama")
     # Before the first compile: a repeated or resumed run loads its steps from this cache.
@@ -146,10 +155,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from jtp.checkpoint.consolidated import save_consolidated
 
         save_consolidated(trainer.model, args.export)
-    if args.export_hf:  # config.json and tokenizer files carried over from --hf
+    if args.export_hf:  # config.json and tokenizer files carried over from --hf; LoRA merged
         from jtp.models.hf import save_pretrained
 
         save_pretrained(trainer.model, args.export_hf, source=args.hf)
+    if args.export_peft:
+        from jtp.models.hf import save_peft
+
+        base = os.path.abspath(args.hf) if args.hf else None
+        save_peft(trainer.model, args.export_peft, base_model_name_or_path=base)
     steps = len(trainer.losses)
     metrics = {
         "mesh": mesh_shape(mesh),

@@ -7,6 +7,8 @@ unless a plan names it). ``jtp`` shards it from outside with a plan such as
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax.numpy as jnp
 from flax import nnx
 
@@ -22,6 +24,9 @@ class FeedForward(nnx.Module):
       rngs: random streams for the kernel initialisers (keyword-only, as in ``nnx.Linear``).
       dtype: computation dtype (``None``: promote from inputs and params).
       param_dtype: parameter dtype.
+      linear: builds each linear instead, as ``linear(name, n_in, n_out)`` with name
+        ``"w1"``, ``"w2"`` or ``"w3"`` (how jtp's Llama puts LoRA adapters on some of them);
+        ``dtype`` and ``param_dtype`` are then its business.
 
     Example::
 
@@ -37,15 +42,17 @@ class FeedForward(nnx.Module):
         rngs: nnx.Rngs,
         dtype: jnp.dtype | None = None,
         param_dtype: jnp.dtype = jnp.float32,
+        linear: Callable[[str, int, int], nnx.Module] | None = None,
     ):
-        def linear(n_in: int, n_out: int) -> nnx.Linear:
+        def plain(name: str, n_in: int, n_out: int) -> nnx.Linear:
             return nnx.Linear(
                 n_in, n_out, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
             )
 
-        self.w1 = linear(dim, hidden_dim)
-        self.w2 = linear(hidden_dim, dim)
-        self.w3 = linear(dim, hidden_dim)
+        make = linear or plain
+        self.w1 = make("w1", dim, hidden_dim)
+        self.w2 = make("w2", hidden_dim, dim)
+        self.w3 = make("w3", dim, hidden_dim)
 
     def __call__(self, x_bd: jnp.ndarray) -> jnp.ndarray:
         h_bh = nnx.silu(self.w1(x_bd)) * self.w3(x_bd)  # (..., hidden_dim)

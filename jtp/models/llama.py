@@ -30,6 +30,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jtp.models.attention import ATTENTION, attention
 from jtp.models.feedforward import FeedForward
+from jtp.models.lora import LoRALinear, parse_targets
 from jtp.models.rope import Llama3RopeScaling, apply_rope, rope_tables
 from jtp.models.stack import ATTENTION_OUT, remat_name, run_blocks
 from jtp.parallel.activations import shard_activation
@@ -64,6 +65,12 @@ class LlamaConfig:
     # inputs and parameters promote. The Trainer's precision policy sets it per step.
     dtype: str | None = None
     attention: str = "auto"  # auto (cuDNN on GPU, bf16/fp16), xla, cudnn, blockwise (O(T))
+    # LoRA (jtp.models.lora): rank r of the adapters; 0 builds plain linears. The adapted
+    # linears compute W x + (lora_alpha / r) B A x, as PEFT does; lora_targets names them as
+    # PEFT does (q_proj -> "q", ..., down_proj -> "down").
+    lora_rank: int = 0
+    lora_alpha: float = 16.0  # PEFT's default
+    lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
 
     @property
     def head_dim(self) -> int:  # E
@@ -79,6 +86,9 @@ class LlamaConfig:
             raise ValueError(
                 f"LlamaConfig: attention={self.attention!r} must be one of {ATTENTION}"
             )
+        object.__setattr__(self, "lora_targets", parse_targets(self.lora_targets))
+        if self.lora_rank < 0:
+            raise ValueError(f"LlamaConfig: lora_rank {self.lora_rank} must be >= 0")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"LlamaConfig: n_heads {self.n_heads} not divisible by n_kv_heads {self.n_kv_heads}"
@@ -114,8 +124,17 @@ def _dtypes(c: LlamaConfig) -> dict:
     return {"dtype": c.dtype and jnp.dtype(c.dtype), "param_dtype": jnp.dtype(c.param_dtype)}
 
 
-def _linear(n_in: int, n_out: int, c: LlamaConfig, rngs: nnx.Rngs, *, bias: bool = False):
+def _linear(
+    n_in: int, n_out: int, c: LlamaConfig, rngs: nnx.Rngs, *, bias: bool = False,
+    target: str | None = None,
+) -> nnx.Linear:  # fmt: skip
+    """A linear; a :class:`LoRALinear` when ``target`` (PEFT's name: "q", ...) is adapted."""
     # Zero biases (flax's default) so a fresh model computes what a bias-free one would.
+    if c.lora_rank and target in c.lora_targets:
+        return LoRALinear(
+            n_in, n_out, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha, use_bias=bias,
+            rngs=rngs, **_dtypes(c),
+        )  # fmt: skip
     return nnx.Linear(n_in, n_out, use_bias=bias, rngs=rngs, **_dtypes(c))
 
 
@@ -130,10 +149,10 @@ class Attention(nnx.Module):
     def __init__(self, c: LlamaConfig, *, rngs: nnx.Rngs):
         self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
         self.implementation = c.attention
-        self.wq = _linear(c.dim, c.n_heads * c.head_dim, c, rngs, bias=c.qkv_bias)
-        self.wk = _linear(c.dim, c.n_kv_heads * c.head_dim, c, rngs, bias=c.qkv_bias)
-        self.wv = _linear(c.dim, c.n_kv_heads * c.head_dim, c, rngs, bias=c.qkv_bias)
-        self.wo = _linear(c.n_heads * c.head_dim, c.dim, c, rngs)
+        self.wq = _linear(c.dim, c.n_heads * c.head_dim, c, rngs, bias=c.qkv_bias, target="q")
+        self.wk = _linear(c.dim, c.n_kv_heads * c.head_dim, c, rngs, bias=c.qkv_bias, target="k")
+        self.wv = _linear(c.dim, c.n_kv_heads * c.head_dim, c, rngs, bias=c.qkv_bias, target="v")
+        self.wo = _linear(c.n_heads * c.head_dim, c.dim, c, rngs, target="o")
         if c.qk_norm:  # one (E,) scale shared by all heads, as Qwen3's q_norm / k_norm
             self.q_norm, self.k_norm = _norm(c.head_dim, c, rngs), _norm(c.head_dim, c, rngs)
         else:
@@ -187,7 +206,12 @@ class TransformerBlock(nnx.Module):
         self.attention_norm = _norm(c.dim, c, rngs)
         self.attention = Attention(c, rngs=rngs)
         self.ffn_norm = _norm(c.dim, c, rngs)
-        self.feed_forward = FeedForward(c.dim, c.ffn_hidden, rngs=rngs, **_dtypes(c))
+        names = {"w1": "gate", "w3": "up", "w2": "down"}  # FeedForward's names -> PEFT's
+
+        def linear(name: str, n_in: int, n_out: int) -> nnx.Linear:
+            return _linear(n_in, n_out, c, rngs, target=names[name])
+
+        self.feed_forward = FeedForward(c.dim, c.ffn_hidden, rngs=rngs, linear=linear)
 
     def __call__(self, x_btd: jax.Array, cos_tf: jax.Array, sin_tf: jax.Array) -> jax.Array:
         # "residual" is where sequence parallelism splits T: the norms run on a T shard.

@@ -41,7 +41,10 @@ def build_state(
     (parameters stored as ``options.precision`` says); and the activation rules in force."""
     module.mesh = strategy.mesh
     model, rules = build_model(module, strategy.mesh, fsdp=strategy.fsdp)
-    return TrainState.from_model(model, strategy.mesh, precision=options.precision), rules
+    state = TrainState.from_model(
+        model, strategy.mesh, precision=options.precision, trainable=module.trainable(model)
+    )
+    return state, rules
 
 
 def optimizer(module: TrainModule, options: TrainerOptions) -> optax.GradientTransformation:
@@ -63,6 +66,7 @@ def train_step(
         state.graphdef, shardings(state.params), module.training_step, tx,
         precision=options.precision, track_grad_norm=options.track_grad_norm,
         accumulate=options.accumulate_grad_batches, grad_reduce=options.grad_reduce_for(fsdp=fsdp),
+        trainable=state.trainable,
     )  # fmt: skip
 
 
@@ -151,7 +155,9 @@ def trace_abstract_step(
     mesh = module.mesh = strategy.mesh
     model = abstract_sharded(nnx.eval_shape(factory), mesh, plan, fsdp=strategy.fsdp)
     rules = module.activation_rules()
-    state = TrainState.from_model(model, mesh, precision=options.precision)
+    state = TrainState.from_model(
+        model, mesh, precision=options.precision, trainable=module.trainable(model)
+    )
     step = train_step(module, state, options, fsdp=strategy.fsdp)
     batch = jax.tree.map(
         lambda b: b if b.sharding is not None else abstract_array(b, batch_sharding(mesh, b.ndim)),

@@ -21,6 +21,12 @@ from jtp.parallel.plan import Plan
 StepOutput = jax.Array | tuple[jax.Array, dict[str, jax.Array]]
 
 
+def default_trainable(model: nnx.Module) -> nnx.filterlib.Filter:
+    """``nnx.LoRAParam`` if ``model`` holds any (LoRA fine-tuning), else ``nnx.Param``."""
+    lora = nnx.state(model, nnx.LoRAParam)
+    return nnx.LoRAParam if jax.tree.leaves(lora) else nnx.Param
+
+
 class TrainerView(Protocol):
     """What a module's hooks may read of the trainer running them (:class:`jtp.Trainer` is
     one): read-only facts, so a hook can size a schedule or log on one process only."""
@@ -94,6 +100,13 @@ class TrainModule:
     def configure_optimizers(self) -> optax.GradientTransformation:
         """An optax transformation; its state is created sharded like the parameters."""
         raise NotImplementedError("TrainModule.configure_optimizers must return an optax optimizer")
+
+    def trainable(self, model: nnx.Module) -> nnx.filterlib.Filter:
+        """Which of ``model``'s parameters the optimizer trains (a Flax filter); the others
+        are frozen: no gradient, no optimizer state. Default: only the LoRA adapters
+        (``nnx.LoRAParam``) when the model has any, as PEFT trains them; else every
+        ``nnx.Param``."""
+        return default_trainable(model)
 
     def activation_rules(self) -> Mapping[str, PartitionSpec] | None:
         """Layouts for the model's ``shard_activation`` marks while steps are traced, e.g.

@@ -68,9 +68,20 @@ class TrainState:
     rest: Any
     mesh: Mesh
     opt_state: Any = None
+    # The parameters the optimizer trains (a Flax filter): every nnx.Param, or only the
+    # adapters (nnx.LoRAParam) with the base frozen. The others get no gradient and no
+    # optimizer state; they stay in ``params`` (checkpoints and exports see the whole model).
+    trainable: nnx.filterlib.Filter = nnx.Param
 
     @classmethod
-    def from_model(cls, model: nnx.Module, mesh: Mesh, *, precision: str) -> TrainState:
+    def from_model(
+        cls,
+        model: nnx.Module,
+        mesh: Mesh,
+        *,
+        precision: str,
+        trainable: nnx.filterlib.Filter = nnx.Param,
+    ) -> TrainState:
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         replicated = NamedSharding(mesh, P())
 
@@ -84,7 +95,7 @@ class TrainState:
             return jax.device_put(x, replicated)
 
         params, rest = jax.tree.map(place, params), jax.tree.map(place, rest)
-        return cls(graphdef, stored_params(params, precision), rest, mesh)
+        return cls(graphdef, stored_params(params, precision), rest, mesh, trainable=trainable)
 
     @property
     def abstract(self) -> bool:
@@ -92,9 +103,13 @@ class TrainState:
         return is_abstract(self.params)
 
     def init_optimizer(self, tx: optax.GradientTransformation) -> None:
-        """Create ``tx``'s state inside jit, sharded like the parameters."""
+        """Create ``tx``'s state of the trained parameters inside jit, sharded like them."""
         make = abstract_opt_state if self.abstract else init_opt_state
-        self.opt_state = make(tx, self.params)
+        self.opt_state = make(tx, self.trained_params())
+
+    def trained_params(self) -> Any:
+        """The parameters ``trainable`` selects (all of them unless the base is frozen)."""
+        return nnx.split_state(self.params, self.trainable, ...)[0]
 
     def shardings(self) -> tuple[Any, Any, Any]:
         """(params, opt_state, rest) shardings: the step's fixed in/out layouts."""

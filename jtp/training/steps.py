@@ -79,18 +79,23 @@ def make_train_step(
     track_grad_norm: bool = False,
     accumulate: int = 1,
     grad_reduce: str = "per_step",
+    trainable: nnx.filterlib.Filter = nnx.Param,
 ) -> Step:
     """``(params, opt_state, rest, batches) -> (params, opt_state, rest, metrics)``.
 
     ``batches`` holds the ``accumulate`` global batches of one optimizer step; the update
-    equals one step on their concatenation (mean loss, mean gradient).
+    equals one step on their concatenation (mean loss, mean gradient). Only the parameters
+    ``trainable`` selects (all by default; ``nnx.LoRAParam`` for LoRA) are differentiated
+    and updated, and ``opt_state`` is ``tx``'s state of those alone; the others pass through
+    the step unchanged (donated and returned, so XLA aliases them: no copy).
     """
     if grad_reduce not in GRAD_REDUCE:
         raise ValueError(f"grad_reduce={grad_reduce!r} must be one of {GRAD_REDUCE}")
+    param_shardings = nnx.split_state(param_shardings, trainable, ...)[0]  # of trained ones
 
-    def grads_of(params, rest, batch):
+    def grads_of(params, frozen, rest, batch):
         def loss_fn(p):
-            model = _compute_model(graphdef, p, rest, precision)
+            model = _compute_model(graphdef, nnx.merge_state(p, frozen), rest, precision)
             loss, metrics = split_output(training_step(model, cast_batch(batch, precision)))
             _, _, new_rest = nnx.split(model, nnx.Param, ...)
             return loss.astype(jnp.float32), (metrics, new_rest)
@@ -98,31 +103,31 @@ def make_train_step(
         (loss, (metrics, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return grads, {"loss": loss, **metrics}, new_rest
 
-    def accumulated(params, rest, micro):
+    def accumulated(params, frozen, rest, micro):
         """Sum of gradients and metrics over the leading (micro-batch) axis of ``micro``."""
 
         def body(carry, batch):
             acc, metric_sum, rest = carry
-            grads, metrics, rest = grads_of(params, rest, batch)
+            grads, metrics, rest = grads_of(params, frozen, rest, batch)
             if grad_reduce == "per_micro_batch":  # reduce into the params' layout now
                 grads = jax.lax.with_sharding_constraint(grads, param_shardings)
             acc = jax.tree.map(jnp.add, acc, grads)
             return (acc, jax.tree.map(jnp.add, metric_sum, metrics), rest), None
 
         first = jax.tree.map(lambda x: x[0], micro)
-        shapes = jax.eval_shape(grads_of, params, rest, first)[1]
+        shapes = jax.eval_shape(grads_of, params, frozen, rest, first)[1]
         metric_zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         zero = jax.tree.map(jnp.zeros_like, params)
         (acc, metric_sum, rest), _ = jax.lax.scan(body, (zero, metric_zero, rest), micro)
         return acc, metric_sum, rest
 
-    def gradients(params, rest, batches):
+    def gradients(params, frozen, rest, batches):
         if accumulate == 1:
-            return grads_of(params, rest, batches[0])
+            return grads_of(params, frozen, rest, batches[0])
         micro = jax.tree.map(lambda *xs: jnp.stack(xs), *batches)  # (k, B, ...)
         k = accumulate
         if grad_reduce == "per_micro_batch":
-            acc, metric_sum, rest = accumulated(params, rest, micro)
+            acc, metric_sum, rest = accumulated(params, frozen, rest, micro)
             return jax.tree.map(lambda g: g / k, acc), _scaled(metric_sum, 1 / k), rest
         n_data = _data_size(param_shardings)
         # (k, B, ...) -> (d, k, B/d, ...): data rank r holds rows r*B/d:(r+1)*B/d of every
@@ -133,7 +138,7 @@ def make_train_step(
 
         def rank_step(rank_micro):
             with per_data_rank():
-                return accumulated(params, rest, rank_micro)
+                return accumulated(params, frozen, rest, rank_micro)
 
         acc_d, metric_d, rest_d = jax.vmap(rank_step, spmd_axis_name=DATA)(by_rank)
         acc_d = jax.lax.with_sharding_constraint(
@@ -143,8 +148,9 @@ def make_train_step(
         rest = jax.tree.map(lambda x: x[0], rest_d)  # every rank advanced it alike
         return grads, _scaled(_mean0(metric_d), 1 / k), rest
 
-    def train_step(params, opt_state, rest, batches):
-        grads, metrics, new_rest = gradients(params, rest, batches)
+    def train_step(all_params, opt_state, rest, batches):
+        params, frozen = nnx.split_state(all_params, trainable, ...)
+        grads, metrics, new_rest = gradients(params, frozen, rest, batches)
         # Keep gradients in the parameters' layout: with fsdp this makes XLA reduce-scatter
         # them over "data" instead of all-reducing full copies.
         grads = jax.lax.with_sharding_constraint(grads, param_shardings)
@@ -158,7 +164,7 @@ def make_train_step(
         metrics.update(learning_rates(opt_state))
         if track_grad_norm:
             metrics["grad_norm"] = global_norm(grads)
-        return params, opt_state, new_rest, metrics
+        return nnx.merge_state(params, frozen), opt_state, new_rest, metrics
 
     return train_step
 

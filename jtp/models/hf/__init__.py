@@ -6,10 +6,14 @@
 - :mod:`~jtp.models.hf.files`: safetensors reading by block, streamed writing
 - :mod:`~jtp.models.hf.load`: :func:`load_pretrained`, born sharded
 - :mod:`~jtp.models.hf.save`: :func:`save_pretrained`, one tensor at a time
+- :mod:`~jtp.models.hf.peft`: :func:`save_peft`, LoRA adapters as PEFT loads them
 """
 
 from jtp.models.hf.config import SUPPORTED_ARCHITECTURES
 from jtp.models.hf.load import config_of, load_pretrained
+from jtp.models.hf.peft import save_peft
 from jtp.models.hf.save import save_pretrained
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "config_of", "load_pretrained", "save_pretrained"]
+__all__ = [
+    "SUPPORTED_ARCHITECTURES", "config_of", "load_pretrained", "save_peft", "save_pretrained",
+]  # fmt: skip

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 
 import numpy as np
@@ -28,18 +29,19 @@ class CheckpointFiles:
     """The tensors of an HF checkpoint directory: one ``model.safetensors``, or shards listed
     by ``model.safetensors.index.json``. Only headers are read here."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, single: str = SINGLE):
+        """``single``: the one-file name (a PEFT adapter's is ``adapter_model.safetensors``)."""
         self.path = path
         index = os.path.join(path, INDEX)
-        if os.path.isfile(index):
+        if os.path.isfile(index) and single == SINGLE:
             with open(index) as f:
                 weight_map = json.load(f)["weight_map"]
             files = sorted(set(weight_map.values()))
-        elif os.path.isfile(os.path.join(path, SINGLE)):
-            files = [SINGLE]
+        elif os.path.isfile(os.path.join(path, single)):
+            files = [single]
         else:
             raise ValueError(
-                f"{path}: neither {SINGLE} nor {INDEX} (jtp.hf reads safetensors checkpoints "
+                f"{path}: neither {single} nor {INDEX} (jtp.hf reads safetensors checkpoints "
                 "only; convert *.bin with transformers' save_pretrained(safe_serialization=True))"
             )
         self.file_of: dict[str, str] = {}  # tensor name -> file path
@@ -78,3 +80,15 @@ def write_safetensors(
     with TensorFileWriter(file, specs, metadata={"format": "pt"}) as writer:
         for name, _, _ in entries:
             writer.write(name, produce(name))
+
+
+def move_into_place(tmp: str, path: str) -> None:
+    """Rename the finished directory ``tmp`` onto ``path``, replacing what is there: readers
+    see the old directory or the new one, never a mix."""
+    old = None
+    if os.path.exists(path):
+        old = f"{tmp}.old"
+        os.rename(path, old)
+    os.rename(tmp, path)
+    if old is not None:
+        shutil.rmtree(old)

@@ -13,6 +13,8 @@ weight is read (:mod:`jtp.models.hf.config`, :func:`check_tensors`).
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import Any
 
 import jax
@@ -23,8 +25,16 @@ from jax.sharding import Mesh
 
 from jtp.models.hf.config import llama_config, read_config
 from jtp.models.hf.files import CheckpointFiles
-from jtp.models.hf.names import IGNORED_SUFFIXES, TensorMap, read_jtp_slice, tensor_map
+from jtp.models.hf.names import (
+    IGNORED_SUFFIXES,
+    TensorMap,
+    lora_tensor_map,
+    read_jtp_slice,
+    tensor_map,
+)  # fmt: skip
+from jtp.models.hf.peft import ADAPTER_CONFIG, ADAPTER_FILE
 from jtp.models.llama import Llama, LlamaConfig
+from jtp.models.lora import TARGETS, parse_targets
 from jtp.models.plans import check_llama, llama
 from jtp.parallel.names import path_str
 from jtp.parallel.plan import plan_shardings
@@ -92,6 +102,11 @@ def load_pretrained(
     max_seq_len: int | None = None,
     attention: str = "auto",
     scan_layers: bool = True,
+    lora_rank: int = 0,
+    lora_alpha: float = 16.0,
+    lora_targets: str | tuple[str, ...] = tuple(TARGETS),
+    seed: int = 0,
+    adapter: str | None = None,
 ) -> Llama:
     """Load a Hugging Face Llama / Mistral / Qwen2 / Qwen3 checkpoint onto ``mesh``.
 
@@ -120,37 +135,93 @@ def load_pretrained(
         cuDNN's fused attention on a GPU with bf16/fp16 inputs, XLA's path otherwise.
       scan_layers: the blocks stacked on a layer axis, run by one scan (HF's per-layer
         tensors are stacked on the way in); False: unrolled, one parameter per tensor.
+      lora_rank: > 0 adds LoRA adapters of this rank (:mod:`jtp.models.lora`) to the
+        ``lora_targets`` linears (PEFT's names: "q", "k", "v", "o", "gate", "up", "down",
+        or "q,v"), scaled by ``lora_alpha / lora_rank``; ``A`` is drawn from ``seed``, ``B``
+        is zero, so the model computes the checkpoint's logits until it is trained. The
+        trainer then trains only the adapters (:meth:`jtp.TrainModule.trainable`).
+      adapter: a PEFT LoRA adapter directory (``adapter_model.safetensors`` +
+        ``adapter_config.json``, e.g. :func:`jtp.hf.save_peft`'s) to load onto the
+        checkpoint; its ``r``, ``lora_alpha`` and ``target_modules`` replace the three
+        ``lora_*`` arguments.
 
     Returns:
       The model; ``model.config`` is its :class:`~jtp.models.llama.LlamaConfig`.
     """
+    if adapter is not None:
+        lora_rank, lora_alpha, lora_targets = read_adapter_config(adapter)
     config = config_of(
-        path, max_seq_len=max_seq_len, remat=remat, attention=attention, scan_layers=scan_layers
-    )
+        path, max_seq_len=max_seq_len, remat=remat, attention=attention, scan_layers=scan_layers,
+        lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
+    )  # fmt: skip
     if dtype is not None:  # the modules then compute in it too (flax derives their dtype)
         config = dataclasses.replace(config, param_dtype=jnp.dtype(dtype).name)
     check_llama(config, mesh, seq_len=config.max_seq_len, sequence_parallel=sequence_parallel)
     files = CheckpointFiles(path)
     plan = llama(config, sequence_parallel=sequence_parallel, loss_parallel=loss_parallel)
-    abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(seed)))
     graphdef, state = nnx.split(abstract)
     flat = dict((path_str(p), v) for p, v in nnx.to_flat_state(state))
+    adapters = {n for n, v in flat.items() if isinstance(v, nnx.LoRAParam)}  # not in the file
     maps = tensor_map(config)
     by_jtp: dict[str, list[TensorMap]] = {}  # in layer order when stacked
     for t in maps:
         by_jtp.setdefault(t.jtp, []).append(t)
-    if set(by_jtp) != set(flat):  # the name map and the model must agree exactly
-        raise AssertionError(f"name map vs model: {sorted(set(by_jtp) ^ set(flat))}")
+    if set(by_jtp) != set(flat) - adapters:  # the name map and the model must agree exactly
+        raise AssertionError(f"name map vs model: {sorted(set(by_jtp) ^ (set(flat) - adapters))}")
     check_tensors(files, maps, {n: v.get_value().shape for n, v in flat.items()})
     shardings = plan_shardings(abstract, mesh, plan, fsdp=fsdp)
+    fresh = _fresh_adapters(config, seed, shardings) if adapters and not adapter else {}
+    if adapter is not None:  # read by block like the base, from PEFT's names
+        adapter_files = CheckpointFiles(adapter, ADAPTER_FILE)
+        lora_maps = lora_tensor_map(config)
+        check_tensors(adapter_files, lora_maps, {n: v.get_value().shape for n, v in flat.items()})
+        for t in lora_maps:
+            by_jtp.setdefault(t.jtp, []).append(t)
     updates = []
     for p, sharding in nnx.to_flat_state(shardings):
         name = path_str(p)
         var = flat[name]
         x = var.get_value()
         spec = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.get_value())
-        updates.append((p, var.replace(_load_param(by_jtp[name], files, spec))))
+        if name in fresh:
+            value = fresh[name]
+        else:
+            value = _load_param(by_jtp[name], adapter_files if name in adapters else files, spec)
+        updates.append((p, var.replace(value)))
     return nnx.merge(graphdef, nnx.from_flat_state(updates))
+
+
+def read_adapter_config(adapter: str) -> tuple[int, float, tuple[str, ...]]:
+    """``(r, lora_alpha, targets)`` of a PEFT adapter directory; a ``ValueError`` for what
+    jtp's :class:`~jtp.models.lora.LoRALinear` would compute differently."""
+    with open(os.path.join(adapter, ADAPTER_CONFIG)) as f:
+        c = json.load(f)
+    unsupported = {
+        "peft_type": c.get("peft_type") != "LORA", "use_rslora": c.get("use_rslora"),
+        "use_dora": c.get("use_dora"), "fan_in_fan_out": c.get("fan_in_fan_out"),
+        "rank_pattern": c.get("rank_pattern"), "alpha_pattern": c.get("alpha_pattern"),
+        "bias": c.get("bias", "none") != "none",
+    }  # fmt: skip
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise ValueError(f"{adapter}: {ADAPTER_CONFIG} sets {bad}: jtp loads plain LoRA only")
+    return int(c["r"]), float(c["lora_alpha"]), parse_targets(c["target_modules"])
+
+
+def _fresh_adapters(config: LlamaConfig, seed: int, shardings: Any) -> dict[str, jax.Array]:
+    """The LoRA factors of ``Llama(config, rngs=nnx.Rngs(seed))``, born in their shardings.
+
+    One jitted init of the whole model whose only outputs are the adapters: XLA drops the
+    base weights' initialisers as dead code, so nothing base-sized is ever allocated.
+    """
+    out = nnx.split_state(shardings, nnx.LoRAParam, ...)[0]
+
+    def init() -> nnx.State:
+        return nnx.state(Llama(config, rngs=nnx.Rngs(seed)), nnx.LoRAParam)
+
+    state = jax.jit(init, out_shardings=out)()
+    return {path_str(p): v.get_value() for p, v in nnx.to_flat_state(state)}
 
 
 def config_of(
@@ -160,9 +231,15 @@ def config_of(
     remat: str | bool = "none",
     attention: str = "auto",
     scan_layers: bool = True,
+    lora_rank: int = 0,
+    lora_alpha: float = 16.0,
+    lora_targets: str | tuple[str, ...] = tuple(TARGETS),
 ) -> LlamaConfig:
     """The :class:`LlamaConfig` of an HF directory (or config.json), run with ``remat``, the
-    ``attention`` kernel and ``scan_layers``: shapes for planning, the config
-    :func:`load_pretrained` builds."""
+    ``attention`` kernel, ``scan_layers`` and LoRA adapters of ``lora_rank`` (0: none):
+    shapes for planning, the config :func:`load_pretrained` builds."""
     config = llama_config(read_config(path), max_seq_len=max_seq_len, remat=remat)
-    return dataclasses.replace(config, attention=attention, scan_layers=scan_layers)
+    return dataclasses.replace(
+        config, attention=attention, scan_layers=scan_layers, lora_rank=lora_rank,
+        lora_alpha=lora_alpha, lora_targets=parse_targets(lora_targets),
+    )  # fmt: skip

@@ -27,6 +27,7 @@ from collections.abc import Callable
 import numpy as np
 
 from jtp.models.llama import LlamaConfig
+from jtp.models.lora import TARGETS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +95,38 @@ def tensor_map(config: LlamaConfig) -> list[TensorMap]:
     out.append(TensorMap("model.norm.weight", "norm.scale", False, None))
     if not config.tie_embeddings:  # tied: lm_head is embed_tokens, stored once
         out.append(TensorMap("lm_head.weight", "output.kernel", True, None))
+    return out
+
+
+# PEFT's short target name -> the HF module inside model.layers.{i} (jtp's: jtp.models.lora).
+HF_MODULES = {
+    "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}  # fmt: skip
+PEFT_PREFIX = "base_model.model."  # PEFT's wrapper around the HF model's own names
+
+
+def lora_tensor_map(config: LlamaConfig) -> list[TensorMap]:
+    """The adapter tensors of a LoRA ``config`` under PEFT's names, layer by layer.
+
+    jtp's ``lora_a (in, r)`` is PEFT's ``lora_A.weight (r, in)`` and ``lora_b (r, out)`` is
+    ``lora_B.weight (out, r)``: both transposed, as kernels are. ``B`` produces q/k output
+    features, so its rows take q/k's RoPE permutation (``B A`` must be a delta of HF's
+    ``q_proj`` rows); ``A`` reads the input, which no permutation touches.
+    """
+    out = []
+    for i in range(config.n_layers):
+        for target in config.lora_targets:
+            rope = config.head_dim if target in ("q", "k") else None
+            module = TARGETS[target]
+            for factor, hf_factor, perm in (("lora_a", "lora_A", None), ("lora_b", "lora_B", rope)):
+                hf = f"{PEFT_PREFIX}model.layers.{i}.{HF_MODULES[target]}.{hf_factor}.weight"
+                if config.scan_layers:
+                    jtp = f"layers.{module}.lora.{factor}"
+                    out.append(TensorMap(hf, jtp, True, perm, layer=i))
+                else:
+                    out.append(TensorMap(hf, f"layers.{i}.{module}.lora.{factor}", True, perm))
     return out
 
 

@@ -23,9 +23,10 @@ from flax import nnx
 
 from jtp.checkpoint.consolidated import gathered_on_process_0
 from jtp.models.hf.config import default_architecture, describes, hf_config, read_config
-from jtp.models.hf.files import INDEX, SINGLE, write_safetensors
+from jtp.models.hf.files import INDEX, SINGLE, move_into_place, write_safetensors
 from jtp.models.hf.names import TensorMap, tensor_map, to_hf
 from jtp.models.llama import Llama
+from jtp.models.lora import merge_lora
 from jtp.parallel.names import path_str
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size, "5GB"
@@ -68,7 +69,8 @@ def save_pretrained(
     does. Call it on every process (each takes part in gathering the parameters).
 
     Args:
-      model: a jtp Llama, sharded or not (e.g. :func:`load_pretrained`'s, fine-tuned).
+      model: a jtp Llama, sharded or not (e.g. :func:`load_pretrained`'s, fine-tuned). With
+        LoRA adapters, the merged model (:func:`jtp.models.lora.merge_lora`) is written.
       path: the output directory; replaced if it exists.
       source: the HF directory (or its parsed config.json) the model came from. Its
         config.json is written back with only the dtype changed, after checking that it
@@ -81,6 +83,8 @@ def save_pretrained(
       max_shard_bytes: split into ``model-0000k-of-0000n.safetensors`` files of at most this
         many bytes, listed in ``model.safetensors.index.json``.
     """
+    if model.config.lora_rank:  # the merged model: W + (alpha / r) A B in each kernel
+        model = merge_lora(model)
     config = model.config
     src_dir = source if isinstance(source, str) and os.path.isdir(source) else None
     hf = dict(read_config(source) if isinstance(source, str) else source or {})
@@ -149,10 +153,4 @@ def _finish(tmp, path, hf, src_dir, files, groups, maps, sizes) -> None:
             keep = entry.startswith("tokenizer") or entry in _SIDE_FILES
             if keep and os.path.isfile(src):
                 shutil.copy2(src, os.path.join(tmp, entry))
-    old = None
-    if os.path.exists(path):  # readers see the old checkpoint or the new one, never a mix
-        old = f"{tmp}.old"
-        os.rename(path, old)
-    os.rename(tmp, path)
-    if old is not None:
-        shutil.rmtree(old)
+    move_into_place(tmp, path)

@@ -1,0 +1,90 @@
+"""``save_peft``: a LoRA-adapted jtp Llama's adapters as a PEFT adapter directory.
+
+PEFT loads ``adapter_model.safetensors`` + ``adapter_config.json`` onto the original HF
+checkpoint (``PeftModel.from_pretrained(base, path)``) and computes ``W x + (alpha / r) B A
+x`` on each target, as :class:`jtp.models.lora.LoRALinear` does. The tensor names, the
+transposes and the RoPE permutation of ``B`` on q/k are :func:`~jtp.models.hf.names.
+lora_tensor_map`'s. As :func:`~jtp.models.hf.save.save_pretrained`, one tensor at a time is
+gathered to process 0, which writes into a temporary directory renamed onto ``path``: the
+adapter there is complete or absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jtp.checkpoint.consolidated import gathered_on_process_0
+from jtp.models.hf.files import move_into_place, write_safetensors
+from jtp.models.hf.names import HF_MODULES, lora_tensor_map, to_hf
+from jtp.models.llama import Llama
+from jtp.parallel.names import path_str
+
+ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def adapter_config(model: Llama, base_model_name_or_path: str | None) -> dict[str, Any]:
+    """PEFT's ``LoraConfig`` of ``model``'s adapters, as ``adapter_config.json`` holds it."""
+    c = model.config
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": c.lora_rank,
+        "lora_alpha": c.lora_alpha,
+        "target_modules": sorted(HF_MODULES[t].split(".")[-1] for t in c.lora_targets),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,  # the scale is alpha / r, not alpha / sqrt(r)
+        "use_dora": False,
+        "inference_mode": True,
+    }
+
+
+def save_peft(model: Llama, path: str, *, base_model_name_or_path: str | None = None) -> None:
+    """Write ``model``'s LoRA adapters as a PEFT adapter directory at ``path`` (replaced).
+
+    Call it on every process (each takes part in gathering). ``base_model_name_or_path``
+    goes into ``adapter_config.json`` (PEFT loads the base from it when none is given).
+    """
+    if not model.config.lora_rank:
+        raise ValueError("save_peft: the model has no LoRA adapters (lora_rank is 0)")
+    params = {path_str(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    maps = lora_tensor_map(model.config)
+    by_hf = {t.hf: t for t in maps}
+    dtype = np.dtype(str(next(iter(params.values())).dtype))  # the adapters' own dtype
+
+    def produce(hf_name: str) -> np.ndarray:
+        t = by_hf[hf_name]
+        return to_hf(t, gathered_on_process_0(params[t.jtp], t.layer)).astype(dtype)
+
+    entries = [(t.hf, dtype, t.hf_shape(tuple(params[t.jtp].shape))) for t in maps]
+    writer = jax.process_index() == 0
+    tmp = f"{os.path.abspath(path).rstrip('/')}.tmp-{os.getpid()}"
+    try:
+        if writer:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            write_safetensors(os.path.join(tmp, ADAPTER_FILE), entries, produce)
+            with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
+                json.dump(adapter_config(model, base_model_name_or_path), f, indent=2)
+            move_into_place(tmp, path)
+        else:  # take part in the same gathers, in the same order
+            for t in maps:
+                gathered_on_process_0(params[t.jtp], t.layer)
+    except BaseException:
+        if writer:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jtp.hf.save_peft")
