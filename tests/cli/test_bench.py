@@ -119,3 +119,17 @@ def test_generate_benchmark_code_path_at_tiny_sizes(tmp_path):
         assert r["cache_bytes"] == 2 * 2 * r["batch"] * 16 * 8 * 4 * 4  # 16 slots, E = 4
         assert r["cache_bytes_per_device"] * 8 == r["cache_bytes"]
     assert "| 8 |" in RENDERERS["generate"](payload)
+
+
+def test_lora_benchmark_code_path_on_the_tiny_preset(tmp_path):
+    """``bench lora`` end to end on the tiny preset (its figures: bench_results/lora_memory.json):
+    the LoRA step's arguments are smaller (no optimizer state for the base)."""
+    from jtp.cli.bench.docs import RENDERERS
+
+    out = tmp_path / "lora.json"
+    payload = bench_main(["lora", "--preset", "tiny", "--rank", "4", "--seq-len", "16",
+                          "--json", str(out)])  # fmt: skip
+    full, adapted = payload["rows"]
+    assert (full["lora_rank"], adapted["lora_rank"]) == (0, 4)
+    assert adapted["arguments_gib"] < full["arguments_gib"]
+    assert "LoRA r = 4" in RENDERERS["lora"](payload)

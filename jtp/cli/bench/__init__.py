@@ -8,6 +8,7 @@
     python -m jtp.bench compile  [--depths 2,8,32,80] [--dim 256] [--json PATH]
     python -m jtp.bench cache    [--json PATH]
     python -m jtp.bench generate [--batches 1,8,32] [--json PATH]
+    python -m jtp.bench lora     [--preset llama3-8b] [--rank 16] [--json PATH]
 
 Every sub-command takes ``--compilation-cache DIR`` / ``--no-compilation-cache``
 (:mod:`jtp.cli.compilation_cache`; on by default).
@@ -76,6 +77,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ge.add_argument("--new", type=int, default=64, help="new tokens per prompt")
     ge.add_argument("--batches", default="1,8,32", help="prompts per batch")
     ge.add_argument("--json", default="bench_results/generate.json", help="JSON output path")
+    lo = sub.add_parser("lora", help="LoRA train-step memory against full fine-tuning")
+    lo.add_argument("--preset", default="llama3-8b", help="a jtp.models.llama preset")
+    lo.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    lo.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence")
+    lo.add_argument("--batch-size", type=int, default=8, help="global batch")
+    lo.add_argument("--precision", default="bf16-mixed", help="a jtp precision")
+    lo.add_argument("--json", default="bench_results/lora_memory.json", help="JSON output path")
     ca = sub.add_parser("cache", help="a repeated run's compile with the persistent cache")
     ca.add_argument("--json", default="bench_results/cache.json", help="JSON output path")
     dc = sub.add_parser("docs", help="re-render the docs' figure tables from bench_results JSON")

@@ -76,6 +76,12 @@ def _generate(p: dict[str, Any]) -> str:
     return format_generate(p)
 
 
+def _lora(p: dict[str, Any]) -> str:
+    from jtp.cli.bench.lora import format_lora
+
+    return format_lora(p)
+
+
 def _gpu(p: dict[str, Any]) -> str:
     from jtp.cli.bench.gpu import format_gpu
 
@@ -99,6 +105,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "cache": _cache,
     "gpu": _gpu,
     "generate": _generate,
+    "lora": _lora,
 }
 
 
