@@ -20,10 +20,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from jtp.models.llama import Llama
 from jtp.models.rope import rope_at
+from jtp.models.stack import scan_blocks
 from jtp.parallel.activations import shard_activation
 from jtp.parallel.stacked import n_layers
 
@@ -94,16 +94,13 @@ def forward_cached(
             ks.append(k)
             vs.append(v)
         new = KVCache(jnp.stack(ks), jnp.stack(vs))
-    else:  # stacked: scan over (layer parameters, that layer's cache)
-        graphdef, params, rest = nnx.split(model.layers, nnx.Param, ...)
+    else:  # stacked: scan over the layers, each with its slice of the cache
 
-        def body(x, xs):
-            layer_params, k, v = xs
-            block = nnx.merge(graphdef, layer_params, rest)
-            x, k, v = _block(block, x, *args, k, v, index, mask_bts)
+        def body(block, x, kv):
+            x, k, v = _block(block, x, *args, *kv, index, mask_bts)
             return x, (k, v)
 
-        x_btd, (k, v) = jax.lax.scan(body, x_btd, (params, cache.k, cache.v))
+        x_btd, (k, v) = scan_blocks(model.layers, body, x_btd, (cache.k, cache.v))
         new = KVCache(k, v)
     h_btd = model.norm(x_btd)
     if model.output is None:  # tied: h @ table.T

@@ -26,6 +26,7 @@ Memory ``full <= minimal <= dots <= none``; recomputed FLOPs the other way round
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -68,8 +69,7 @@ def run_blocks(layers: Any, x: jax.Array, *args: Any, remat: str = "none") -> ja
     under the ``remat`` policy.
 
     ``layers``: an ``nnx.List`` of blocks (run one after the other) or a module built by
-    :func:`jtp.parallel.stacked.stack` (run by ``jax.lax.scan`` over its layer axis; its
-    variables must all be ``nnx.Param``: a scan does not write state back).
+    :func:`jtp.parallel.stacked.stack` (run by :func:`scan_blocks`).
     """
     remat = remat_name(remat)
     if n_layers(layers) is None:
@@ -77,6 +77,27 @@ def run_blocks(layers: Any, x: jax.Array, *args: Any, remat: str = "none") -> ja
         for block in layers:
             x = call(block, x, *args)
         return x
+    x, _ = scan_blocks(layers, lambda block, x, _: (block(x, *args), None), x, remat=remat)
+    return x
+
+
+def scan_blocks(
+    layers: Any,
+    body: Callable[[nnx.Module, Any, Any], tuple[Any, Any]],
+    carry: Any,
+    xs: Any = None,
+    *,
+    remat: str = "none",
+) -> tuple[Any, Any]:
+    """``jax.lax.scan`` over stacked blocks: ``body(block, carry, x) -> (carry, y)`` once per
+    layer, with that layer's block and its slice of ``xs`` (leading axis: the layers; None:
+    nothing per layer); returns the last carry and the stacked ``y``s. The training forward
+    and decoding (:mod:`jtp.models.decode`, with each layer's cache as ``xs``) both scan
+    this way.
+
+    ``layers``: a module built by :func:`jtp.parallel.stacked.stack`; its variables must all
+    be ``nnx.Param``: a scan does not write state back. ``remat``: a policy for each trip.
+    """
     graphdef, params, rest = nnx.split(layers, nnx.Param, ...)
     if jax.tree.leaves(rest):
         raise ValueError(
@@ -85,10 +106,10 @@ def run_blocks(layers: Any, x: jax.Array, *args: Any, remat: str = "none") -> ja
             "update them: build the blocks unrolled"
         )
 
-    def body(x: jax.Array, layer_params: nnx.State) -> tuple[jax.Array, None]:
-        return nnx.merge(graphdef, layer_params, rest)(x, *args), None
+    def step(carry: Any, inputs: tuple[nnx.State, Any]) -> tuple[Any, Any]:
+        layer_params, x = inputs
+        return body(nnx.merge(graphdef, layer_params, rest), carry, x)
 
-    if remat != "none":  # inside a scan, CSE cannot merge the recomputation away
-        body = jax.checkpoint(body, policy=checkpoint_policy(remat), prevent_cse=False)
-    x, _ = jax.lax.scan(body, x, params)
-    return x
+    if remat_name(remat) != "none":  # inside a scan, CSE cannot merge the recomputation away
+        step = jax.checkpoint(step, policy=checkpoint_policy(remat), prevent_cse=False)
+    return jax.lax.scan(step, carry, (params, xs))
