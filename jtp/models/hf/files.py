@@ -11,11 +11,13 @@ then the tensors are appended one by one, so a writer holds one whole tensor at 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
+import jax
 import numpy as np
 from safetensors import safe_open
 
@@ -92,3 +94,32 @@ def move_into_place(tmp: str, path: str) -> None:
     os.rename(tmp, path)
     if old is not None:
         shutil.rmtree(old)
+
+
+@contextlib.contextmanager
+def staged_directory(path: str, name: str) -> Iterator[str | None]:
+    """A directory written whole or not at all, by process 0, while every process takes part.
+
+    Process 0 gets a fresh temporary directory beside ``path`` to write into (the others
+    get None and only take part in the gathers); on success it replaces ``path``
+    (:func:`move_into_place`), on an error it is removed and ``path`` is left as it was.
+    Then every process waits for the others (``name`` labels the barrier), so none reads
+    ``path`` before it is complete.
+    """
+    writer = jax.process_index() == 0
+    tmp = f"{os.path.abspath(path).rstrip('/')}.tmp-{os.getpid()}"
+    try:
+        if writer:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        yield tmp if writer else None
+        if writer:
+            move_into_place(tmp, path)
+    except BaseException:
+        if writer:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

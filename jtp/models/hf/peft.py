@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any
 
-import jax
 import numpy as np
 from flax import nnx
 
 from jtp.checkpoint.consolidated import gathered_on_process_0
-from jtp.models.hf.files import move_into_place, write_safetensors
+from jtp.models.hf.files import staged_directory, write_safetensors
 from jtp.models.hf.names import HF_MODULES, lora_tensor_map, to_hf
 from jtp.models.llama import Llama
 from jtp.parallel.names import path_str
@@ -67,24 +65,11 @@ def save_peft(model: Llama, path: str, *, base_model_name_or_path: str | None = 
         return to_hf(t, gathered_on_process_0(params[t.jtp], t.layer)).astype(dtype)
 
     entries = [(t.hf, dtype, t.hf_shape(tuple(params[t.jtp].shape))) for t in maps]
-    writer = jax.process_index() == 0
-    tmp = f"{os.path.abspath(path).rstrip('/')}.tmp-{os.getpid()}"
-    try:
-        if writer:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
+    with staged_directory(path, "jtp.hf.save_peft") as tmp:
+        if tmp is not None:
             write_safetensors(os.path.join(tmp, ADAPTER_FILE), entries, produce)
             with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
                 json.dump(adapter_config(model, base_model_name_or_path), f, indent=2)
-            move_into_place(tmp, path)
         else:  # take part in the same gathers, in the same order
             for t in maps:
                 gathered_on_process_0(params[t.jtp], t.layer)
-    except BaseException:
-        if writer:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("jtp.hf.save_peft")

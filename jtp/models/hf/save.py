@@ -17,13 +17,12 @@ import shutil
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import numpy as np
 from flax import nnx
 
 from jtp.checkpoint.consolidated import gathered_on_process_0
 from jtp.models.hf.config import default_architecture, describes, hf_config, read_config
-from jtp.models.hf.files import INDEX, SINGLE, move_into_place, write_safetensors
+from jtp.models.hf.files import INDEX, SINGLE, staged_directory, write_safetensors
 from jtp.models.hf.names import TensorMap, tensor_map, to_hf
 from jtp.models.llama import Llama
 from jtp.models.lora import merge_lora
@@ -107,39 +106,26 @@ def save_pretrained(
         if len(groups) == 1
         else [f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors" for k in range(len(groups))]
     )
-    writer = jax.process_index() == 0
-    tmp = f"{os.path.abspath(path).rstrip('/')}.tmp-{os.getpid()}"
-    if writer:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
     by_hf = {t.hf: t for t in maps}
 
     def produce(hf_name: str) -> np.ndarray:
         t: TensorMap = by_hf[hf_name]
         return to_hf(t, gathered_on_process_0(params[t.jtp], t.layer)).astype(out_dtype)
 
-    try:
+    with staged_directory(path, "jtp.hf.save_pretrained") as tmp:
         for file, group in zip(files, groups, strict=True):
             entries = [(maps[i].hf, out_dtype, shapes[i]) for i in group]
-            if writer:
+            if tmp is not None:
                 write_safetensors(os.path.join(tmp, file), entries, produce)
             else:  # take part in the same gathers, in the same order
                 for hf_name, _, _ in entries:
                     gathered_on_process_0(params[by_hf[hf_name].jtp], by_hf[hf_name].layer)
-        if writer:
-            _finish(tmp, path, hf, src_dir, files, groups, maps, sizes)
-    except BaseException:
-        if writer:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("jtp.hf.save_pretrained")
+        if tmp is not None:
+            _finish(tmp, hf, src_dir, files, groups, maps, sizes)
 
 
-def _finish(tmp, path, hf, src_dir, files, groups, maps, sizes) -> None:
-    """config.json, the index, the source's side files; then the directory into place."""
+def _finish(tmp, hf, src_dir, files, groups, maps, sizes) -> None:
+    """config.json, the index, the source's side files."""
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
     if len(files) > 1:
@@ -153,4 +139,3 @@ def _finish(tmp, path, hf, src_dir, files, groups, maps, sizes) -> None:
             keep = entry.startswith("tokenizer") or entry in _SIDE_FILES
             if keep and os.path.isfile(src):
                 shutil.copy2(src, os.path.join(tmp, entry))
-    move_into_place(tmp, path)
