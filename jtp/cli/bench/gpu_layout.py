@@ -53,9 +53,10 @@ def choose_layout(
     hw = Hardware(peak_tflops=peak)
     depth = layers = n_layers(preset)
     table = []
+    candidates = _candidates(len(devices), smoke, preset, micro_batch, seq)
     while True:
         rows = []
-        for config in _candidates(len(devices), smoke, preset, micro_batch, seq):
+        for config in candidates:
             t0 = time.perf_counter()
             m = measure(config, preset, layers, seq, micro_batch, "bf16-mixed", devices)
             seconds = time.perf_counter() - t0
