@@ -123,9 +123,10 @@ def _explain(m: str, style: str, group: Group, layers: Mapping[str, Layer], g: G
     partners = f" (with {', '.join(others)})" if others else ""
     if not rows:
         out, inner = group.head
+        through = f" ({through.strip()})" if through else ""
         return Why(
-            f"column: a projection to a larger output ({inner} -> {out} features) whose "
-            f"split result{through} {group.end}: a vocabulary head{partners}{heads}",
+            f"column: a projection to a larger output ({inner} -> {out} features), a "
+            f"vocabulary head whose split result {group.end}{through}{partners}{heads}",
             refs,
         )
     return Why(
