@@ -85,6 +85,11 @@ FIXTURES = {
         cls="Qwen3Config", dtype="bfloat16", hidden_size=32, head_dim=8,
         rope_parameters=dict(rope_type="default", rope_theta=1e6),
     ),
+    # Fewer kv heads (2) than the tensor axis is wide (8, 4): kv heads replicated.
+    "llama_kv2": dict(
+        cls="LlamaConfig", dtype="bfloat16", hidden_size=64, num_key_value_heads=2,
+        rope_parameters=dict(rope_type="default", rope_theta=500000.0),
+    ),
 }  # fmt: skip
 
 
@@ -199,7 +204,7 @@ def make(name: str, spec: dict, seed: int) -> None:
     cls = getattr(transformers, spec.pop("cls"))
     dtype, hub = spec.pop("dtype"), spec.pop("hub_spelling", False)
     shard = spec.pop("max_shard_size", "5GB")
-    config = cls(**COMMON, **spec)
+    config = cls(**(COMMON | spec))  # a spec may override COMMON (kv heads)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     randomize(model, seed)
@@ -232,12 +237,16 @@ def main() -> None:
         "--eval-only", action="store_true",
         help="write only tests/fixtures/eval/ (from the committed checkpoints)",
     )  # fmt: skip
+    p.add_argument("--only", default=None, help="comma-separated fixture names to (re)write")
     args = p.parse_args()
+    only = set(args.only.split(",")) if args.only else set(FIXTURES)
     if args.check:
         check(args.check, args.reference or os.path.join(args.check, "reference.npz"))
         return
     torch.use_deterministic_algorithms(True)
-    for seed, (name, spec) in enumerate(FIXTURES.items()):
+    for seed, (name, spec) in enumerate(FIXTURES.items()):  # the seed stays with the name
+        if name not in only:
+            continue
         if not args.eval_only:
             make(name, spec, seed)
         if name in EVAL_FIXTURES:

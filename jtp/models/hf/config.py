@@ -215,8 +215,8 @@ def hf_config(config: LlamaConfig, arch: str, dtype: str) -> dict[str, Any]:
 
 def describes(hf: Mapping[str, Any], config: LlamaConfig) -> None:
     """Raise a ``ValueError`` unless ``hf`` describes a model shaped and computed as ``config``
-    (``max_seq_len``, ``remat``, ``scan_layers``, dtypes and the attention kernel aside: they
-    are how jtp runs it, not what it is)."""
+    (``max_seq_len``, ``remat``, ``scan_layers``, dtypes, the attention kernel and
+    ``kv_replicas`` aside: they are how jtp runs it, not what it is)."""
     theirs = dataclasses.replace(
         llama_config(hf, max_seq_len=config.max_seq_len),
         remat=config.remat,
@@ -224,6 +224,7 @@ def describes(hf: Mapping[str, Any], config: LlamaConfig) -> None:
         param_dtype=config.param_dtype,
         dtype=config.dtype,
         attention=config.attention,
+        kv_replicas=config.kv_replicas,
     )
     diff = [
         f"{f.name}: config.json gives {getattr(theirs, f.name)!r}, the model has "

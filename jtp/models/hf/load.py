@@ -35,7 +35,7 @@ from jtp.models.hf.names import (
 from jtp.models.hf.peft import ADAPTER_CONFIG, ADAPTER_FILE
 from jtp.models.llama import Llama, LlamaConfig
 from jtp.models.lora import TARGETS, parse_targets
-from jtp.models.plans import check_llama, llama
+from jtp.models.plans import check_llama, llama, replicate_kv
 from jtp.parallel.names import path_str
 from jtp.parallel.plan import plan_shardings
 
@@ -156,6 +156,7 @@ def load_pretrained(
     )  # fmt: skip
     if dtype is not None:  # the modules then compute in it too (flax derives their dtype)
         config = dataclasses.replace(config, param_dtype=jnp.dtype(dtype).name)
+    config = replicate_kv(config, mesh)  # a tensor axis wider than the kv heads
     check_llama(config, mesh, seq_len=config.max_seq_len, sequence_parallel=sequence_parallel)
     files = CheckpointFiles(path)
     plan = llama(config, sequence_parallel=sequence_parallel, loss_parallel=loss_parallel)
