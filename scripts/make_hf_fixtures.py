@@ -7,6 +7,7 @@ next to jax here: jax needs Python >= 3.12, the local torch wheel is for 3.11):
     /tmp/hf/bin/python scripts/make_hf_fixtures.py            # rewrites tests/fixtures/hf/
     /tmp/hf/bin/python scripts/make_hf_fixtures.py --check DIR --reference NPZ
     /tmp/hf/bin/python scripts/make_hf_fixtures.py --eval-only  # tests/fixtures/eval/ only
+    /tmp/hf/bin/python scripts/make_hf_fixtures.py --only phi3  # that fixture alone
 
 Each fixture is one architecture with random weights made to matter: norm scales around 1
 (not exactly 1), biases of size 0.5, projections scaled so attention is peaked and the
@@ -84,6 +85,13 @@ FIXTURES = {
     "qwen3": dict(
         cls="Qwen3Config", dtype="bfloat16", hidden_size=32, head_dim=8,
         rope_parameters=dict(rope_type="default", rope_theta=1e6),
+    ),
+    # Phi-3 (mini-4k style): fused qkv_proj and gate_up_proj, rms_norm_eps 1e-5, no head_dim
+    # field, a 32-token sliding window on every layer (longer than the 16 tokens used).
+    # pad_token_id: Phi3Config's default (32000) is outside this vocabulary.
+    "phi3": dict(
+        cls="Phi3Config", dtype="bfloat16", hidden_size=64, sliding_window=32,
+        pad_token_id=None, rope_parameters=dict(rope_type="default", rope_theta=10000.0),
     ),
     # Fewer kv heads (2) than the tensor axis is wide (8, 4): kv heads replicated.
     "llama_kv2": dict(
@@ -244,7 +252,7 @@ def main() -> None:
         check(args.check, args.reference or os.path.join(args.check, "reference.npz"))
         return
     torch.use_deterministic_algorithms(True)
-    for seed, (name, spec) in enumerate(FIXTURES.items()):  # the seed stays with the name
+    for seed, (name, spec) in enumerate(FIXTURES.items()):  # seeds fixed by position: append
         if name not in only:
             continue
         if not args.eval_only:

@@ -78,7 +78,7 @@ def measure(
     from jtp.models.hf import config_of
 
     platform = devices[0].platform
-    head_dim = (config_of(hf) if hf else preset_config(preset)).head_dim
+    head_dim = (config_of(hf, max_seq_len=seq) if hf else preset_config(preset)).head_dim
     task_config = LlamaTaskConfig(
         preset=preset, hf=hf, seq_len=seq, batch_size=micro_batch * config.data, fsdp=config.fsdp,
         sequence_parallel=config.sequence_parallel, loss_parallel=config.tensor > 1,
