@@ -22,7 +22,7 @@ from jtp.models import FeedForward
 from jtp.models.hf import config_of, load_pretrained
 from jtp.models.llama import PRESETS, Llama, LlamaConfig, cross_entropy
 from jtp.models.lora import parse_targets
-from jtp.models.plans import check_llama, feedforward, llama
+from jtp.models.plans import check_llama, feedforward, llama, replicate_kv
 from jtp.parallel.infer import infer_plan
 from jtp.parallel.parallelize import parallelize, sharded_init
 from jtp.parallel.plan import Plan
@@ -141,18 +141,6 @@ def _lora(config: LlamaTaskConfig) -> dict[str, Any]:
     }
 
 
-def auto_llama_plan(config: LlamaTaskConfig, model_config: LlamaConfig) -> Plan:
-    """``--plan auto``: :func:`jtp.infer_plan` on one global batch, abstractly. It places
-    parameters only (sequence / loss parallelism's activation rules are the ready plan's)."""
-    if config.sequence_parallel or config.loss_parallel:
-        raise ValueError(
-            "--plan auto infers where parameters go, not the activation rules "
-            "--sequence-parallel and --loss-parallel need: drop them, or use --plan ready"
-        )
-    tokens = jax.ShapeDtypeStruct((config.batch_size, config.seq_len), jnp.int32)
-    return infer_plan(lambda: Llama(model_config, rngs=nnx.Rngs(0)), tokens)
-
-
 class LlamaTask(TrainModule):
     """Lightning's tensor-parallel Llama example: next-token loss on random tokens, or on
     the token files of ``config.data`` (the vocabulary then comes from its ``meta.json``).
@@ -184,19 +172,26 @@ class LlamaTask(TrainModule):
                 max_seq_len=max(preset.max_seq_len, config.seq_len),
                 **_lora(config),
             )
-        if config.plan == "auto":
-            self.plan = auto_llama_plan(config, self.model_config)
-        else:
-            self.plan = llama(
-                self.model_config,
-                sequence_parallel=config.sequence_parallel,
-                loss_parallel=config.loss_parallel,
-                fsdp=config.fsdp,
-            )
+        self.plan = self._plan()
+
+    def _plan(self) -> Plan:
+        c = self.config
+        if c.plan == "auto":  # one global batch, abstractly; parameters only (no activations)
+            tokens = jax.ShapeDtypeStruct((c.batch_size, c.seq_len), jnp.int32)
+            return infer_plan(lambda: Llama(self.model_config, rngs=nnx.Rngs(0)), tokens)
+        return llama(
+            self.model_config, sequence_parallel=c.sequence_parallel,
+            loss_parallel=c.loss_parallel, fsdp=c.fsdp,
+        )  # fmt: skip
 
     def model_factory(self, mesh: Mesh | None = None) -> Callable[[], Llama]:
-        """The model's factory; given ``mesh``, first check that the plan applies there
-        (heads, and the sequence under sequence parallelism, divisible by the tensor size)."""
+        """The model's factory; given ``mesh``, first fit the model to it (kv heads
+        replicated where the tensor axis is wider: :func:`jtp.plans.replicate_kv`, the plan
+        following) and check that the plan applies there (heads, and the sequence under
+        sequence parallelism, divisible by the tensor size)."""
+        if mesh is not None and replicate_kv(self.model_config, mesh) != self.model_config:
+            self.model_config = replicate_kv(self.model_config, mesh)
+            self.plan = self._plan()
         mc, c = self.model_config, self.config
         if mesh is not None:
             check_llama(mc, mesh, seq_len=c.seq_len, sequence_parallel=c.sequence_parallel)

@@ -104,3 +104,8 @@ class LlamaTaskConfig(TaskConfig):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "remat", remat_name(self.remat))  # True -> "full", ...
+        if self.plan == "auto" and (self.sequence_parallel or self.loss_parallel):
+            raise ValueError(
+                "--plan auto infers where parameters go, not the activation rules "
+                "--sequence-parallel and --loss-parallel need: drop them, or use --plan ready"
+            )

@@ -5,7 +5,8 @@ level) and transformers 5.x's (``rope_parameters``, with ``rope_theta`` inside).
 jtp's Llama would compute differently from transformers is a ``ValueError`` naming the field,
 raised before a single weight is read: an architecture outside :data:`SUPPORTED_ARCHITECTURES`,
 another RoPE scaling type, a sliding window shorter than the positions used, biases where
-jtp's Llama has none, another activation, dropout.
+jtp's Llama has none, another activation, dropout. Phi-3's own refusals (LongRoPE, residual
+dropout) are :func:`jtp.models.hf.phi3.check_config`'s.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from jtp.models.hf import phi3
 from jtp.models.llama import Llama3RopeScaling, LlamaConfig
 
 
@@ -31,6 +33,7 @@ class Architecture:
     head_dim: int | None = None  # default when absent (Qwen3: 128); None: hidden / heads
     sliding_window: int | None = None  # default when absent (Mistral: 4096)
     sliding_needs_flag: bool = False  # the window applies only with use_sliding_window (Qwen)
+    rms_norm_eps: float = 1e-6  # default when absent (Phi-3: 1e-5)
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -38,11 +41,13 @@ ARCHITECTURES: dict[str, Architecture] = {
     "MistralForCausalLM": Architecture("mistral", False, False, 4096 * 32, sliding_window=4096),
     "Qwen2ForCausalLM": Architecture("qwen2", True, False, 32768, sliding_needs_flag=True),
     "Qwen3ForCausalLM": Architecture("qwen3", False, True, 32768, 128, sliding_needs_flag=True),
+    # Phi-3: fused qkv_proj / gate_up_proj (split on load: jtp.models.hf.phi3); its window,
+    # when config.json sets one, applies to every layer.
+    phi3.ARCHITECTURE: Architecture("phi3", False, False, 4096, rms_norm_eps=1e-5),
 }
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 ROPE_TYPES = ("default", "llama3")  # HF rope types jtp computes
 _DEFAULT_THETA = 10000.0  # transformers' default_theta
-_DEFAULT_EPS = 1e-6  # rms_norm_eps default of all four configs
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -135,6 +140,8 @@ def llama_config(
       remat: the remat policy (:mod:`jtp.models.stack`; True / False: "full" / "none").
     """
     arch = ARCHITECTURES[architecture(hf)]
+    if arch.model_type == "phi3":
+        phi3.check_config(hf)
     act = hf.get("hidden_act", "silu")
     _refuse_if(hf, "hidden_act", act != "silu", "jtp's feed-forward is SwiGLU (silu)")
     _refuse_if(
@@ -166,7 +173,7 @@ def llama_config(
         ffn_hidden=int(_require(hf, "intermediate_size")),
         max_seq_len=positions,
         rope_theta=theta,
-        norm_eps=float(hf.get("rms_norm_eps", _DEFAULT_EPS)),
+        norm_eps=float(hf.get("rms_norm_eps", arch.rms_norm_eps)),
         remat=remat,
         explicit_head_dim=None if head_dim * n_heads == dim else int(head_dim),
         qkv_bias=arch.qkv_bias,
@@ -215,8 +222,8 @@ def hf_config(config: LlamaConfig, arch: str, dtype: str) -> dict[str, Any]:
 
 def describes(hf: Mapping[str, Any], config: LlamaConfig) -> None:
     """Raise a ``ValueError`` unless ``hf`` describes a model shaped and computed as ``config``
-    (``max_seq_len``, ``remat``, ``scan_layers``, dtypes and the attention kernel aside: they
-    are how jtp runs it, not what it is)."""
+    (``max_seq_len``, ``remat``, ``scan_layers``, dtypes, the attention kernel and
+    ``kv_replicas`` aside: they are how jtp runs it, not what it is)."""
     theirs = dataclasses.replace(
         llama_config(hf, max_seq_len=config.max_seq_len),
         remat=config.remat,
@@ -224,6 +231,7 @@ def describes(hf: Mapping[str, Any], config: LlamaConfig) -> None:
         param_dtype=config.param_dtype,
         dtype=config.dtype,
         attention=config.attention,
+        kv_replicas=config.kv_replicas,
     )
     diff = [
         f"{f.name}: config.json gives {getattr(theirs, f.name)!r}, the model has "
