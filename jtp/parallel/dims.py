@@ -9,6 +9,7 @@ parameter's matmul made a dimension of a value (:func:`column_source`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -71,13 +72,23 @@ def dot_dims(op: Op, g: Graph) -> tuple[list[tuple[int, ...]], list[list[int]]]:
     return [*contract, *batch], free
 
 
-def column_source(g: Graph, v: int, d: int) -> tuple[int, int] | None:
-    """The parameter whose matmul makes dimension ``d`` of ``v``, walking back through the
-    ops a split travels through: ``(parameter view value, its dimension)`` when ``d`` is
-    one of that parameter's free (output) dimensions; ``None`` otherwise."""
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """What makes dimension ``dim`` of a value: a parameter's matmul (``value`` is the
+    parameter view, ``dim`` its free dimension) or, with ``repeat``, copies: ``value``'s
+    ``dim`` repeated (``jnp.repeat``: broadcast to a new inner axis, merged into it)."""
+
+    value: int
+    dim: int
+    repeat: bool = False
+
+
+def column_source(g: Graph, v: int, d: int) -> Source | None:
+    """What makes dimension ``d`` of ``v`` (:class:`Source`), walking back through the ops
+    a split travels through; ``None`` if neither a parameter's free dimension nor a repeat."""
     seen: set[tuple[int, int]] = set()
 
-    def walk(v: int, d: int) -> tuple[int, int] | None:
+    def walk(v: int, d: int) -> Source | None:
         while (v, d) not in seen:
             seen.add((v, d))
             i = g.producer.get(v)
@@ -93,7 +104,7 @@ def column_source(g: Graph, v: int, d: int) -> tuple[int, int] | None:
                 side = int(d >= len(free[0]))
                 v, d = op.ins[side], free[side][d - side * len(free[0])]
                 if v in g.views:
-                    return v, d
+                    return Source(v, d)
             elif op.prim in IDENTITY:
                 v = op.ins[op.outs.index(v)]
             elif op.prim in ELEMENTWISE or op.prim in ("stack", "concatenate"):
@@ -123,6 +134,11 @@ def column_source(g: Graph, v: int, d: int) -> tuple[int, int] | None:
                 back = reshape_dim(g.shapes[v], shape_in, d)
                 if back is None:
                     return None
+                inner, k = g.shapes[v][d] // shape_in[back[0]], back[0] + 1
+                while inner > 1 and k < len(shape_in):  # a merge: (n, r) -> n * r
+                    if shape_in[k] > 1 and broadcast_along(g, op.ins[0], k):  # r copies
+                        return Source(op.ins[0], back[0], repeat=True)
+                    inner, k = inner // shape_in[k], k + 1
                 v, d = op.ins[0], back[0]
             elif op.prim == "slice" and g.shapes[v][d] == shape_in[d]:
                 v = op.ins[0]

@@ -17,7 +17,6 @@ import dataclasses
 import heapq
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
 
 from jtp.parallel.dataflow import Graph
 from jtp.parallel.dims import column_source
@@ -57,6 +56,7 @@ class Group:
     head: tuple[int, int] | None  # (out, in) of a lone column head
     end: str | None  # where a lone head's split ends: "is returned as output 0 ...", ...
     tied: bool  # an embedding whose table also makes split logits
+    copied: dict[str, int]  # layers whose heads are repeated and sliced -> op index of use
 
 
 class Search:
@@ -81,7 +81,7 @@ class Search:
                 out[v] = Split(dim, self.g.shapes[v][dim])
         return out
 
-    def run(self, seeds: dict[int, Split], allow_reduce: bool) -> tuple[Any, dict, list]:
+    def run(self, seeds: dict[int, Split], allow_reduce: bool, sliced: set[int]) -> tuple:
         """One pass, in program order, over the ops the split reaches (a heap of pending op
         indices: only the region is visited); ``(blocked, states, trail)``."""
         states, trail, g = dict(seeds), [], self.g
@@ -90,7 +90,7 @@ class Search:
         while pending:
             i = heapq.heappop(pending)
             op = g.ops[i]
-            r = propagate(op, [states.get(v) for v in op.ins], g)
+            r = propagate(op, [states.get(v) for v in op.ins], g, sliced)
             if isinstance(r, Moved) and r.event == "reduce" and not allow_reduce:
                 r = Stop("is reduced over the split axis (a norm, softmax or mean over the "
                          "split features)")  # fmt: skip
@@ -112,12 +112,12 @@ class Search:
         return esc(f"{op.prim} at {op.where}{scope}")
 
     def grow(self, start: dict[str, str]) -> Group | Why:
-        assign = dict(start)
-        for _ in range(len(self.layers) + 1):
+        assign, sliced, copied = dict(start), set(), {}
+        for _ in range(2 * len(self.g.ops)):
             rows = any(s == "row" and not self.layers[m].embed for m, s in assign.items())
-            blocked, states, trail = self.run(self.seeds(assign), allow_reduce=not rows)
+            blocked, states, trail = self.run(self.seeds(assign), not rows, sliced)
             if blocked is None:
-                return self.finish(assign, states, trail)
+                return self.finish(assign, states, trail, copied)
             i, r = blocked
             reduced = next((j for j, m in trail if m.event == "reduce"), None)
             if reduced is not None:  # allowed only at the very end of a lone head
@@ -128,11 +128,19 @@ class Search:
             joined = self.join(assign, r, i)
             if isinstance(joined, Why):
                 return joined
-            assign[joined[0]] = joined[1]
-        raise AssertionError("a group grows by one layer per pass")
+            if isinstance(joined, tuple):
+                assign[joined[0]] = joined[1]
+            else:  # copies of heads: each device slices the ones it uses
+                sliced.add(r.value)
+                copied.setdefault(joined, i)
+        raise AssertionError("a group grows by one layer or one sliced value per pass")
 
-    def join(self, assign: Mapping[str, str], need: Need, i: int) -> tuple[str, str] | Why:
-        """The layer (and style) that ``need`` asks to join the group, or why none can."""
+    def join(self, assign: Mapping[str, str], need: Need, i: int) -> tuple[str, str] | str | Why:
+        """The layer (and style) that ``need`` asks to join the group, or why none can; or,
+        when the needed value is a repeat of heads (``jnp.repeat``: jtp's Llama with
+        ``kv_replicas``), the layer making them, which stays whole: each device slices the
+        copies it uses, as :func:`jtp.plans.llama` does (a split of that layer would have to
+        cut heads on a tensor axis wider than their count)."""
         views = self.g.views
         if need.contracted and need.value in views:
             style, (param, dims), at = "row", views[need.value], need.dim
@@ -147,7 +155,14 @@ class Search:
                     f"its split output is {what} a whole activation that no column layer "
                     f"makes ({self.at(i)})"
                 )
-            style, (param, dims), at = "column", views[src[0]], src[1]
+            if src.repeat:
+                maker = column_source(self.g, src.value, src.dim)
+                layer = None if maker is None or maker.repeat else views[maker.value][0]
+                if layer not in self.owner:
+                    return Why(f"its split output meets heads repeated from no layer "
+                               f"({self.at(i)})")  # fmt: skip
+                return self.owner[layer]
+            style, (param, dims), at = "column", views[src.value], src.dim
         m, pdim = self.owner.get(param), dims[at]
         if m is None:
             return Why(f"its split output meets parameter {esc(param)}, which belongs to no "
@@ -172,7 +187,9 @@ class Search:
             )
         return m, style
 
-    def finish(self, assign: dict[str, str], states: dict, trail: list) -> Group | Why:
+    def finish(
+        self, assign: dict[str, str], states: dict, trail: list, copied: dict[str, int]
+    ) -> Group | Why:
         g, views = self.g, self.g.views
         pairs: dict[str, tuple[int, ...]] = {}  # row layer -> its largest all-reduced result
         for i, r in trail:
@@ -211,7 +228,8 @@ class Search:
         heads = math.gcd(*blocks) if any(r.event == "heads" for _, r in trail) else None
         lookup = lookups[0] if lookups else None
         end = ends[0] if ends and not pairs else None
-        return Group(assign, heads, trail, pairs, lookup, head, end, bool(lookups and head))
+        tied = bool(lookups and head)
+        return Group(assign, heads, trail, pairs, lookup, head, end, tied, copied)
 
     def search(self) -> tuple[dict[str, Group], dict[str, Why]]:
         """Every layer, in program order, in a kept group or with why it is replicated."""
@@ -232,6 +250,14 @@ class Search:
                 continue
             self.assigned |= found.assign
             groups |= dict.fromkeys(found.assign, found)
+            for layer, i in found.copied.items():
+                self.assigned[layer] = "replicated"
+                whys[layer] = Why(
+                    "replicated: its heads are repeated and each device slices the copies "
+                    f"that {{0}}'s split needs ({self.at(i)}): split, it would cut heads on a "
+                    "tensor axis wider than their count (jtp.plans.llama's kv_replicas)",
+                    (m,),
+                )
         return groups, whys
 
 

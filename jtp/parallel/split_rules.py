@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 
 from jtp.parallel.dataflow import CUMULATIVE, ELEMENTWISE, IDENTITY, REDUCTIONS, Graph, Op
 from jtp.parallel.dims import broadcast_along, dot_dims, reshape_dim
@@ -59,7 +59,9 @@ class Stop:
 State = Split | None
 
 
-def _elementwise(op: Op, states: Sequence[State], g: Graph, out_dim=None) -> Moved | Need | Stop:
+def _elementwise(
+    op: Op, states: Sequence[State], g: Graph, sliced: Set[int], out_dim=None
+) -> Moved | Need | Stop:
     split = [s for s in states if s is not None]
     dims = {s.dim for s in split}
     if len(dims) > 1:
@@ -71,7 +73,7 @@ def _elementwise(op: Op, states: Sequence[State], g: Graph, out_dim=None) -> Mov
             continue
         if len(g.shapes[v]) != rank:
             return Stop(f"meets an operand of another rank in {op.prim}")
-        if not broadcast_along(g, v, d) and not g.is_free(v):
+        if not broadcast_along(g, v, d) and not g.is_free(v) and v not in sliced:
             return Need(v, d, contracted=False)
     blocks = math.gcd(*(s.blocks for s in split))
     return Moved((Split(d if out_dim is None else out_dim(d), blocks),) * len(op.outs))
@@ -93,7 +95,7 @@ def _reshape(op: Op, s: Split, g: Graph) -> Moved | Stop:
     return Moved((Split(c, math.gcd(s.blocks, heads)),), event="heads")
 
 
-def _dot(op: Op, states: Sequence[State], g: Graph) -> Moved | Need | Stop:
+def _dot(op: Op, states: Sequence[State], g: Graph, sliced: Set[int]) -> Moved | Need | Stop:
     (lc, rc, lb, rb), free = dot_dims(op, g)
     contract, batch = (lc, rc), (lb, rb)
 
@@ -130,7 +132,8 @@ def _dot(op: Op, states: Sequence[State], g: Graph) -> Moved | Need | Stop:
         event = "column" if param is not None else None
         return Moved((Split(out_dim(side, i), states[side].blocks),), event=event, value=param)
     other_dim = (batch if k == "batch" else contract)[1 - side][i]
-    if g.is_free(other) or (k == "batch" and broadcast_along(g, other, other_dim)):
+    local = g.is_free(other) or other in sliced  # every device may take its slice
+    if local or (k == "batch" and broadcast_along(g, other, other_dim)):
         if k == "batch":
             return Moved((Split(i, states[side].blocks),), event="matmul")
         return Stop("is contracted with a constant over the split axis")
@@ -192,25 +195,29 @@ def _one(op: Op, s: Split, g: Graph) -> Moved | Stop | None:
     return None
 
 
-def propagate(op: Op, states: Sequence[State], g: Graph) -> Moved | Need | Stop:
-    """What ``op`` does with its operands' splits (at least one is split)."""
+def propagate(
+    op: Op, states: Sequence[State], g: Graph, sliced: Set[int] = frozenset()
+) -> Moved | Need | Stop:
+    """What ``op`` does with its operands' splits (at least one is split). ``sliced``:
+    whole values each device may slice (copies of heads, :func:`~jtp.parallel.dims.
+    column_source`'s repeats) as if they were split."""
     prim = op.prim
     if prim in IDENTITY:
         return Moved(tuple(states))
     if prim in ELEMENTWISE:
-        return _elementwise(op, states, g)
+        return _elementwise(op, states, g, sliced)
     if prim == "dot_general":
-        return _dot(op, states, g)
+        return _dot(op, states, g, sliced)
     if prim == "gather":
         return _gather(op, states, g)
     if prim == "stack":
         axis = op.params["axis"]
-        return _elementwise(op, states, g, out_dim=lambda d: d + (d >= axis))
+        return _elementwise(op, states, g, sliced, out_dim=lambda d: d + (d >= axis))
     if prim == "concatenate":
         first = next(s for s in states if s is not None)
         if op.params["dimension"] == first.dim:
             return Stop("is concatenated along the split axis")
-        return _elementwise(op, states, g)
+        return _elementwise(op, states, g, sliced)
     if prim == "dynamic_slice":  # operand, *start indices
         s = states[0]
         if s is None or any(x is not None for x in states[1:]):
@@ -224,7 +231,7 @@ def propagate(op: Op, states: Sequence[State], g: Graph) -> Moved | Need | Stop:
             return Stop("is used as a dynamic_update_slice index")
         if g.shapes[op.ins[1]][s.dim] != g.shapes[op.ins[0]][s.dim]:
             return Stop("is updated in part along the split axis (dynamic_update_slice)")
-        return _elementwise(op, states, g)
+        return _elementwise(op, states, g, sliced)
     if len(op.ins) == 1:
         moved = _one(op, states[0], g)
         if moved is not None:

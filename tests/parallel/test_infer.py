@@ -1,8 +1,9 @@
-"""jtp.infer_plan: jtp's Llama gets exactly the hand-written plan's layouts (scanned, unrolled,
-tied, LoRA, Qwen-style); models it has never seen (an MLP stack, a transformer of stock Flax
-layers, LoRA-wrapped linears) get a plan whose compiled forward equals the unsharded model,
-with one all-reduce per column -> row pair and no all-gather, sharding what a hand plan
-shards; the refusals carry their reasons, and jtp.explain prints them.
+"""jtp.infer_plan: jtp's Llama gets exactly the hand-written plan's layouts (scanned,
+unrolled, tied, LoRA, Qwen-style, kv heads repeated); models it has never seen (an MLP
+stack, a transformer of stock Flax layers, LoRA-wrapped linears) get a plan whose compiled
+forward equals the unsharded model, with one all-reduce per column -> row pair and no
+all-gather, sharding what a hand plan shards; the refusals carry their reasons, and
+jtp.explain prints them.
 
 Tolerance of the sharded forward: 1e-5, norm-relative (``||sharded - ref|| / ||ref||``).
 Both programs compute the same float32 products; the sharded one sums each row layer's
@@ -21,6 +22,7 @@ from helpers import rel_err
 
 import jtp
 from jtp.models.llama import Llama, LlamaConfig
+from jtp.models.plans import replicate_kv
 
 TOKENS = jax.ShapeDtypeStruct((2, 16), jnp.int32)
 
@@ -35,6 +37,8 @@ LLAMAS = {
     "tied": LlamaConfig(tie_embeddings=True),
     "lora": LlamaConfig(lora_rank=4),
     "qwen3-remat": LlamaConfig(qk_norm=True, qkv_bias=True, explicit_head_dim=16, remat="full"),
+    # 4 kv heads for tensor 8: each repeated twice (jtp.plans.replicate_kv), wk / wv whole.
+    "kv-replicas": replicate_kv(LlamaConfig(n_kv_heads=4), 8),
 }
 
 
@@ -50,8 +54,8 @@ def test_llama_gets_the_hand_written_plan(name):
     for shape, fsdp in (((1, 8), False), ((2, 4), True)):
         mesh = jtp.make_mesh(*shape)
         assert _specs(model, mesh, plan, fsdp) == _specs(model, mesh, hand, fsdp)
-    # q, k, v and wo split on whole heads: the kv heads (8) bound the tensor size.
-    assert plan["layers.*.attention.wq"].heads == config.n_kv_heads
+    # q, k, v and wo split on whole heads: the kv heads (as computed) bound the tensor size.
+    assert plan["layers.*.attention.wq"].heads == config.cached_kv_heads == 8
     assert plan["layers.*.feed_forward.w1"].heads is None
     why = plan.reasons
     assert why["layers.*.feed_forward.w1"].startswith("column: its output stays split through")
@@ -61,6 +65,8 @@ def test_llama_gets_the_hand_written_plan(name):
     assert why["layers.*.attention.wo"].startswith("row: contracts the split output of")
     assert why["tok_embeddings"].startswith("row (vocabulary rows): an embedding lookup")
     assert why["layers.*.attention_norm"].startswith("replicated: RMSNorm has no column/row")
+    if config.kv_replicas > 1:
+        assert why["layers.*.attention.wk"].startswith("replicated: its heads are repeated")
     if config.tie_embeddings:
         assert "tied output projection" in why["tok_embeddings"]
     else:
