@@ -105,6 +105,10 @@ def column_source(g: Graph, v: int, d: int) -> Source | None:
                 v, d = op.ins[side], free[side][d - side * len(free[0])]
                 if v in g.views:
                     return Source(v, d)
+            elif op.prim == "conv_general_dilated":  # output channels: the kernel's
+                _, rhs, out = p["dimension_numbers"]
+                kernel = op.ins[1]
+                return Source(kernel, rhs[0]) if d == out[1] and kernel in g.views else None
             elif op.prim in IDENTITY:
                 v = op.ins[op.outs.index(v)]
             elif op.prim in ELEMENTWISE or op.prim in ("stack", "concatenate"):

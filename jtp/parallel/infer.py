@@ -181,6 +181,9 @@ def _others(model: nnx.Module, owner: Mapping[str, str], used: set[str]) -> dict
             out.setdefault(owner.get(name, module), Why("replicated: the forward does not use it"))
             continue
         kind = type(modules[module]).__name__
+        if not module:  # plan keys name sub-modules: the model's own parameters stay whole
+            out[name] = Why(f"replicated: a parameter of {kind} itself, outside any layer")
+            continue
         out.setdefault(module, Why(
             f"replicated: {kind} has no column/row layout (norms and scales are small and "
             "needed whole; lay out any other module by hand with jtp.ParamSharding)"
@@ -196,7 +199,7 @@ def _keys(model: nnx.Module, entries: Mapping[str, tuple[Any, Why]]) -> dict[str
     an unrolled list (or a stack) agrees on style and reason, its own path otherwise."""
     roots = stack_roots(model)
     paths = [path_str(p) for p, _ in nnx.iter_modules(model) if p]
-    names = {p: match_name(p, roots) for p in paths}
+    names = {p: match_name(p, roots) for p in paths} | {m: m for m in entries if m not in paths}
     groups: dict[str, list[str]] = {}
     for m in entries:
         groups.setdefault(_INDEX.sub("*", names[m]), []).append(m)

@@ -262,9 +262,13 @@ class Search:
 
 
 def matmul_sizes(g: Graph, i: int, param: int, dim: int) -> tuple[int, int]:
-    """(split output size, contracted size) of the parameter's side of matmul ``i``."""
+    """(split output size, contracted size) of the parameter's side of matmul ``i`` (a
+    convolution contracts input channels and the window)."""
     op = g.ops[i]
-    (lc, rc), _ = op.params["dimension_numbers"]
-    contract = lc if op.ins[0] == param else rc
+    if op.prim == "conv_general_dilated":
+        contract = op.params["dimension_numbers"][1][1:]
+    else:
+        (lc, rc), _ = op.params["dimension_numbers"]
+        contract = lc if op.ins[0] == param else rc
     shape = g.shapes[param]
     return shape[dim], math.prod(shape[c] for c in contract)

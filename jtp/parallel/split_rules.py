@@ -140,6 +140,25 @@ def _dot(op: Op, states: Sequence[State], g: Graph, sliced: Set[int]) -> Moved |
     return Need(other, other_dim, contracted=k == "contract")
 
 
+def _conv(op: Op, states: Sequence[State], g: Graph) -> Moved | Need | Stop:
+    """A convolution is a matmul over channels at every offset: its channels pair like a
+    dot's features (output channels: column, input channels: row); other splits stop."""
+    p = op.params
+    lhs, rhs, out = p["dimension_numbers"]  # (batch, feature, *spatial), (out, in, *spatial)
+    if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+        return Stop("enters a grouped convolution")
+    (sl, sr), kernel = states[:2], op.ins[1]
+    if sl is not None and sl.dim == lhs[1]:  # input channels: the row contraction
+        if sr is None:
+            return Need(kernel, rhs[1], contracted=True)
+        if sr.dim == rhs[1] and kernel in g.views:
+            return Moved((None,), event="pair", value=kernel)
+    elif sl is None and sr is not None and sr.dim == rhs[0]:  # output channels: a column
+        event = "column" if kernel in g.views else None
+        return Moved((Split(out[1], sr.blocks),), event=event, value=kernel)
+    return Stop("is convolved along the split axis, or mixed with another split")
+
+
 def _gather(op: Op, states: Sequence[State], g: Graph) -> Moved | Stop:
     if any(s is not None for s in states[1:]):
         return Stop("is used as gather indices")
@@ -210,6 +229,8 @@ def propagate(
         return _dot(op, states, g, sliced)
     if prim == "gather":
         return _gather(op, states, g)
+    if prim == "conv_general_dilated":
+        return _conv(op, states, g)
     if prim == "stack":
         axis = op.params["axis"]
         return _elementwise(op, states, g, sliced, out_dim=lambda d: d + (d >= axis))

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import rel_err
+from helpers import MIXED_PLAN, mixed_batch, mixed_factory, rel_err
 
 import jtp
 from jtp.models.llama import Llama, LlamaConfig
@@ -169,6 +169,22 @@ def test_unseen_models_shard_like_a_hand_plan(name):
     records = jtp.collectives(compiled, mesh)
     assert [(r.kind, r.axes) for r in records] == [("all-reduce", ("tensor",))] * n_reduce
     assert all(r.bytes == activation for r in records), [r.bytes for r in records]
+
+
+def test_every_flax_layer_pairs_as_by_hand():
+    """The suite's block of every parameterised Flax layer in pairs (attention's
+    LinearGeneral, Einsum, LoRALinear -> Linear, Conv, a raw-Param mixer) gets its hand
+    plan's layout, except the mixer: raw parameters have no layout to infer (ParamSharding
+    is the hand-written escape hatch), so they stay whole, saying so."""
+    model = nnx.eval_shape(mixed_factory())
+    plan = jtp.infer_plan(model, mixed_batch()[0])
+    hand = {k: v for k, v in MIXED_PLAN.items() if k != "mixer"}
+    mesh = jtp.make_mesh(1, 8)
+    assert set(plan.styles) == set(hand)
+    assert _specs(model, mesh, plan) == _specs(model, mesh, hand)
+    assert plan.reasons["conv_up"].startswith("column: its output stays split through")
+    assert plan.reasons["conv_up"].endswith("into conv_down (row)")
+    assert plan.reasons["mixer"].startswith("replicated: Mixer has no column/row layout")
 
 
 class NormBetween(nnx.Module):
