@@ -9,8 +9,8 @@ Tolerance of the sharded forward: 1e-5, norm-relative (``||sharded - ref|| / ||r
 Both programs compute the same float32 products; the sharded one sums each row layer's
 contraction as per-device partial sums all-reduced over "tensor" (and the vocabulary-split
 embedding lookup as a sum of one non-zero row and zeros), an order that moves each output by
-a few ulps (fp32 eps is 1.2e-7; seen <= 3e-7 here). A wrong layout or a misplaced split
-would be off by O(1).
+a few ulps (fp32 eps is 1.2e-7; seen <= 3.2e-7, AVX-512 and AVX2 code alike). A wrong
+layout or a misplaced split would be off by O(1).
 """
 
 import jax
@@ -164,7 +164,7 @@ def test_unseen_models_shard_like_a_hand_plan(name):
     state = nnx.state(sharded)
     batch = jtp.shard_batch(x, mesh)
     compiled = forward.lower(state, batch).compile()
-    assert rel_err(compiled(state, batch), ref) < 1e-5  # seen <= 3e-7
+    assert rel_err(compiled(state, batch), ref) < 1e-5  # seen <= 3.2e-7
 
     records = jtp.collectives(compiled, mesh)
     assert [(r.kind, r.axes) for r in records] == [("all-reduce", ("tensor",))] * n_reduce
