@@ -261,7 +261,7 @@ def infer_plan(model: nnx.Module | Callable[[], nnx.Module], *example_args: Any)
 
     params = {path_str(p) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     graph = trace(forward, state, example_args, params)
-    used = set(graph.params.values())
+    used = {path for v, path in graph.params.items() if v in graph.users}
     layers, owner = _layers(model, used)
     search = Search(graph, layers, owner)
     groups, whys = search.search()

@@ -191,6 +191,7 @@ class NormBetween(nnx.Module):
     def __init__(self, *, rngs):
         self.up, self.down = nnx.Linear(16, 64, rngs=rngs), nnx.Linear(64, 16, rngs=rngs)
         self.norm = nnx.LayerNorm(64, rngs=rngs)
+        self.spare = nnx.Linear(16, 16, rngs=rngs)  # never called
 
     def __call__(self, x_bd):
         return self.down(self.norm(self.up(x_bd)))
@@ -206,8 +207,9 @@ class NoMatmul(nnx.Module):
 
 def test_refusals_say_why():
     """A norm over the split features stops the pair (both layers replicated, with the
-    reason); a model without matmuls gets an empty plan saying so; a head count the tensor
-    size does not divide is refused when the plan meets the mesh; bad calls fail early."""
+    reason), a layer the forward never calls is said to be unused; a model without matmuls
+    gets an empty plan saying so; a head count the tensor size does not divide is refused
+    when the plan meets the mesh; bad calls fail early."""
     plan = jtp.infer_plan(NormBetween(rngs=nnx.Rngs(0)), X)
     assert dict(plan.styles) == {}
     assert plan.reasons["up"].startswith(
@@ -219,6 +221,7 @@ def test_refusals_say_why():
     )
     assert "maps 64 features to 16" in plan.reasons["down"]
     assert plan.reasons["norm"].startswith("replicated: LayerNorm has no column/row layout")
+    assert plan.reasons["spare"] == "replicated: the forward does not use it"
 
     plan = jtp.infer_plan(NoMatmul(rngs=nnx.Rngs(0)), X)
     assert dict(plan.styles) == {} and "no parameterised matmul" in plan.reasons["(model)"]
