@@ -5,8 +5,8 @@ One row per variable: path, shape, dtype, the plan key and style that matched it
 compute dtype (a precision policy's), also what the layer holding it computes in, with
 "float32 (pinned)" where the policy cannot reach it. Then the per-device totals for
 parameters, gradients and optimizer state; for a plan from :func:`jtp.infer_plan`, why each
-layer got its style. Works on abstract models (``nnx.eval_shape``),
-so a 70B model is explained on a laptop.
+layer got its style. Works on abstract models (``nnx.eval_shape``), so a 70B model is
+explained on a laptop.
 """
 
 from __future__ import annotations
