@@ -5,6 +5,7 @@
     python -m jtp.bench llama    [--json PATH] [--no-8b]
     python -m jtp.bench text     [--steps 300] [--json PATH] [--plot PNG]
     python -m jtp.bench gpu      [--steps 20] [--json PATH] [--smoke]
+    python -m jtp.bench attention [--json PATH] [--smoke]
     python -m jtp.bench compile  [--depths 2,8,32,80] [--dim 256] [--json PATH]
     python -m jtp.bench cache    [--json PATH]
     python -m jtp.bench generate [--batches 1,8,32] [--json PATH]
@@ -63,6 +64,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     gp.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak (default: table)")
     gp.add_argument("--smoke", action="store_true", help="tiny shape on 8 CPU devices (CI)")
     gp.add_argument("--json", default="bench_results/gpu.json", help="JSON output path")
+    at = sub.add_parser("attention", help="attention kernels on Llama/Gemma shapes vs float32")
+    at.add_argument("--smoke", action="store_true", help="tiny shapes (the CPU code path)")
+    at.add_argument("--json", default="bench_results/attention.json", help="JSON output path")
     cp = sub.add_parser("compile", help="train-step compile seconds, scanned vs unrolled")
     cp.add_argument("--depths", default="2,8,32,80", help="layer counts to compile")
     cp.add_argument("--dim", type=int, default=256, help="model width (head dim 16)")

@@ -16,55 +16,103 @@ SMOKE_ATTENTION_SHAPE = {"batch": 1, "seq": 64, "heads": 4, "kv_heads": 2, "head
 ATTENTION_RTOL = 3e-2
 
 
+# The cases of ``python -m jtp.bench attention``: the shapes of real models' attention,
+# each with the options that select a kernel (window, soft-cap, score scale).
+ATTENTION_CASES = {
+    "llama3-8b causal": dict(ATTENTION_SHAPE),
+    # Gemma 2 9B: a sliding layer's 4096-token window over 8192 tokens, the layer's kind
+    # traced (one scanned block for both kinds: jax.lax.cond between two static windows).
+    "gemma2-9b sliding (traced kind)": {
+        "batch": 1, "seq": 8192, "heads": 16, "kv_heads": 8, "head_dim": 256, "window": 4096,
+    },
+    # Gemma 2's soft-capped scores (50): no fused kernel computes them.
+    "gemma2-9b soft-capped, sliding": {
+        "batch": 1, "seq": 8192, "heads": 16, "kv_heads": 8, "head_dim": 256, "window": 4096,
+        "softcap": 50.0,
+    },
+    # Gemma 3 4B: a 1024-token window, query_pre_attn_scalar 256 = head dim.
+    "gemma3-4b sliding (traced kind)": {
+        "batch": 1, "seq": 8192, "heads": 8, "kv_heads": 4, "head_dim": 256, "window": 1024,
+        "scale": 256**-0.5,
+    },
+}  # fmt: skip
+SMOKE_ATTENTION_CASES = {
+    name: {**case, **SMOKE_ATTENTION_SHAPE, **({"window": 16} if "window" in case else {})}
+    for name, case in ATTENTION_CASES.items()
+}
+
+
 def attention_check(shape: dict[str, int], platform: str) -> list[dict[str, Any]]:
     """cuDNN's fused attention (on a GPU), XLA's and jtp's blockwise kernel, on the same bf16
     (B, T, H, E) causal grouped-query inputs: output and q/k/v gradients against XLA's
     attention in float32 (max |error| / max |reference|, within :data:`ATTENTION_RTOL`), and
     the median forward + backward time of each. The fused kernel's numbers are what the CPU
     tests cannot show."""
+    return attention_rows(shape, platform)
+
+
+def attention_rows(case: dict[str, Any], platform: str) -> list[dict[str, Any]]:
+    """:func:`attention_check` for one case of :data:`ATTENTION_CASES`: with a ``window``,
+    through :func:`jtp.models.attention.layer_attention` with the layer's kind traced (as in
+    a scanned model of sliding and global layers), each kind timed and checked; with a
+    ``softcap``, the kernels that compute it (no cuDNN: "auto" must not take it)."""
     import jax
     import jax.numpy as jnp
 
-    from jtp.models.attention import attention
+    from jtp.models.attention import layer_attention
 
-    b, t, h, k, e = (shape[n] for n in ("batch", "seq", "heads", "kv_heads", "head_dim"))
+    b, t, h, k, e = (case[n] for n in ("batch", "seq", "heads", "kv_heads", "head_dim"))
+    window, softcap, scale = case.get("window"), case.get("softcap"), case.get("scale")
     keys = jax.random.split(jax.random.key(0), 4)
     q_bthe = jax.random.normal(keys[0], (b, t, h, e), jnp.float32)
     k_btke, v_btke = (jax.random.normal(x, (b, t, k, e), jnp.float32) for x in keys[1:3])
     cotangent = jax.random.normal(keys[3], (b, t, h, e), jnp.float32)
 
     def forward_backward(impl: str, dtype: Any):
-        def loss(q, k, v):
-            out = attention(q, k, v, implementation=impl, is_causal=True)
+        def loss(q, k, v, sliding):
+            out = layer_attention(
+                q, k, v, sliding=sliding, window=window, implementation=impl, scale=scale,
+                softcap=softcap,
+            )  # fmt: skip
             return jnp.sum(out.astype(jnp.float32) * cotangent), out
 
         cast = [x.astype(dtype) for x in (q_bthe, k_btke, v_btke)]
         fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
         return fn, cast
 
+    kinds = (True, False) if window is not None else (True,)  # sliding, global layer
     ref_fn, ref_args = forward_backward("xla", jnp.float32)
-    (_, ref_out), ref_grads = ref_fn(*ref_args)
+    refs = {s: ref_fn(*ref_args, jnp.bool_(s)) for s in kinds}
+    impls = ["xla", "blockwise"]
+    if platform == "gpu":
+        impls.insert(0, "auto" if softcap is not None else "cudnn")
     rows = []
-    for impl in ("cudnn", "xla", "blockwise") if platform == "gpu" else ("xla", "blockwise"):
+    for impl in impls:
         fn, args = forward_backward(impl, jnp.bfloat16)
-        (_, out), grads = jax.block_until_ready(fn(*args))
-        errors = {
-            name: float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)) / jnp.max(jnp.abs(want)))
-            for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads),
-                                       (ref_out, *ref_grads), strict=True)
-        }  # fmt: skip
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times.append(time.perf_counter() - t0)
-        hlo = fn.lower(*args).compile().as_text()
-        rows.append({
-            "implementation": impl, "relative_error": errors,
-            "within_tolerance": max(errors.values()) <= ATTENTION_RTOL,
-            "fused_kernel_in_program": "__cudnn$fmha" in hlo,
-            "forward_backward_ms": 1e3 * statistics.median(times),
-        })  # fmt: skip
+        hlo = fn.lower(*args, jnp.bool_(True)).compile().as_text()
+        for sliding in kinds:
+            (_, ref_out), ref_grads = refs[sliding]
+            flag = jnp.bool_(sliding)
+            (_, out), grads = jax.block_until_ready(fn(*args, flag))
+            errors = {
+                name: float(jnp.max(jnp.abs(got.astype(jnp.float32) - want))
+                            / jnp.max(jnp.abs(want)))
+                for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads),
+                                           (ref_out, *ref_grads), strict=True)
+            }  # fmt: skip
+            times = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(*args, flag))
+                times.append(time.perf_counter() - t0)
+            rows.append({
+                "implementation": impl,
+                "layer": None if window is None else "sliding" if sliding else "global",
+                "relative_error": errors,
+                "within_tolerance": max(errors.values()) <= ATTENTION_RTOL,
+                "fused_kernel_in_program": "__cudnn$fmha" in hlo,
+                "forward_backward_ms": 1e3 * statistics.median(times),
+            })  # fmt: skip
     return rows
 
 
