@@ -1,11 +1,16 @@
 """Hugging Face ``config.json`` <-> :class:`jtp.models.llama.LlamaConfig`.
 
 Reads both spellings found on disk: the hub's (``rope_theta`` and ``rope_scaling`` at top
-level) and transformers 5.x's (``rope_parameters``, with ``rope_theta`` inside). Anything
-jtp's Llama would compute differently from transformers is a ``ValueError`` naming the field,
-raised before a single weight is read: an architecture outside :data:`SUPPORTED_ARCHITECTURES`,
-another RoPE scaling type, a sliding window shorter than the positions used, biases where
-jtp's Llama has none, another activation, dropout.
+level; Gemma 3's ``rope_local_base_freq``, ``sliding_window_pattern``) and transformers 5.x's
+(``rope_parameters``, with ``rope_theta`` inside, nested by layer type for Gemma 3;
+``layer_types``). Sliding windows are computed on the layers transformers gives them:
+every layer (Mistral), those from ``max_window_layers`` on (Qwen, with
+``use_sliding_window``), Gemma's interleaved ones, or ``layer_types`` where config.json
+lists them. Anything jtp's Llama would compute differently from transformers is a
+``ValueError`` naming the field, raised before a single weight is read: an architecture
+outside :data:`SUPPORTED_ARCHITECTURES` (the multimodal Gemma 3 included), another RoPE
+scaling type, biases where jtp's Llama has none, another activation, dropout, bidirectional
+attention. Gemma's fields: :mod:`jtp.models.hf.gemma`.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from jtp.models.llama import Llama3RopeScaling, LlamaConfig
+from jtp.models.hf import gemma
+from jtp.models.llama import LlamaConfig
+from jtp.models.rope import LinearRopeScaling, Llama3RopeScaling, RopeScaling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,16 +38,45 @@ class Architecture:
     head_dim: int | None = None  # default when absent (Qwen3: 128); None: hidden / heads
     sliding_window: int | None = None  # default when absent (Mistral: 4096)
     sliding_needs_flag: bool = False  # the window applies only with use_sliding_window (Qwen)
+    # Which layers the window is on when config.json has no layer_types: "none" (no window
+    # at all: Llama), "all" (layer_types ignored: Mistral), "max_window_layers" (Qwen: from
+    # that layer on), "pattern" (Gemma: one global layer in every gemma.sliding_pattern).
+    window_layers: str = "all"
+    gemma: int = 0  # 2 or 3: Gemma's features (jtp.models.hf.gemma); 0: none
+    tied: bool = False  # tie_word_embeddings' default
 
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "LlamaForCausalLM": Architecture("llama", False, False, 2048),
+    "LlamaForCausalLM": Architecture("llama", False, False, 2048, window_layers="none"),
     "MistralForCausalLM": Architecture("mistral", False, False, 4096 * 32, sliding_window=4096),
-    "Qwen2ForCausalLM": Architecture("qwen2", True, False, 32768, sliding_needs_flag=True),
-    "Qwen3ForCausalLM": Architecture("qwen3", False, True, 32768, 128, sliding_needs_flag=True),
-}
+    "Qwen2ForCausalLM": Architecture(
+        "qwen2", True, False, 32768, sliding_window=4096, sliding_needs_flag=True,
+        window_layers="max_window_layers",
+    ),
+    "Qwen3ForCausalLM": Architecture(
+        "qwen3", False, True, 32768, 128, sliding_window=4096, sliding_needs_flag=True,
+        window_layers="max_window_layers",
+    ),
+    "Gemma2ForCausalLM": Architecture(
+        "gemma2", False, False, 8192, 256, sliding_window=4096, window_layers="pattern",
+        gemma=2, tied=True,
+    ),
+    "Gemma3ForCausalLM": Architecture(
+        "gemma3_text", False, True, 131072, 256, sliding_window=4096, window_layers="pattern",
+        gemma=3, tied=True,
+    ),
+}  # fmt: skip
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
-ROPE_TYPES = ("default", "llama3")  # HF rope types jtp computes
+# Known, and refused with the reason (they are not a text-only causal LM jtp computes).
+REFUSED_ARCHITECTURES = {
+    "Gemma3ForConditionalGeneration": (
+        "it is Gemma 3's multimodal model (a vision tower, text under text_config); jtp "
+        "loads the text model, Gemma3ForCausalLM (model_type gemma3_text)"
+    ),
+}
+LAYER_TYPES = ("sliding_attention", "full_attention")  # HF layer_types jtp computes
+MAX_WINDOW_LAYERS = 28  # Qwen's max_window_layers default
+ROPE_TYPES = ("default", "llama3", "linear")  # HF rope types jtp computes
 _DEFAULT_THETA = 10000.0  # transformers' default_theta
 _DEFAULT_EPS = 1e-6  # rms_norm_eps default of all four configs
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -58,6 +94,11 @@ def read_config(path: str) -> dict[str, Any]:
 def architecture(hf: Mapping[str, Any]) -> str:
     """The supported architecture named by ``architectures`` (refusing any other)."""
     names = hf.get("architectures") or []
+    if len(names) == 1 and names[0] in REFUSED_ARCHITECTURES:
+        raise ValueError(
+            f"config.json: architectures={names!r} is not supported: "
+            f"{REFUSED_ARCHITECTURES[names[0]]}"
+        )
     if len(names) != 1 or names[0] not in ARCHITECTURES:
         raise ValueError(
             f"config.json: architectures={names!r} is not supported; jtp.hf loads "
@@ -77,14 +118,18 @@ def _refuse_if(hf: Mapping[str, Any], field: str, bad: bool, why: str) -> None:
         raise ValueError(f"config.json: {field}={hf.get(field)!r} is not supported: {why}")
 
 
-def rope(hf: Mapping[str, Any], max_position_embeddings: int) -> tuple[float, Any]:
-    """``(rope_theta, Llama3RopeScaling | None)`` from either spelling of the RoPE fields."""
+def rope(
+    hf: Mapping[str, Any], max_position_embeddings: int, field: str | None = None
+) -> tuple[float, RopeScaling | None]:
+    """``(rope_theta, scaling or None)`` from either spelling of the RoPE fields (``field``:
+    how an error names them; default the spelling read)."""
     params = hf.get("rope_parameters")
     if params is not None and any(isinstance(v, Mapping) for v in params.values()):
         raise ValueError(
-            "config.json: rope_parameters is nested by layer type; jtp's Llama has one RoPE"
+            "config.json: rope_parameters is nested by layer type; of the architectures jtp "
+            "loads only Gemma 3 has one RoPE per layer type"
         )
-    field = "rope_parameters" if params else "rope_scaling"
+    field = field or ("rope_parameters" if params else "rope_scaling")
     params = dict(params or hf.get("rope_scaling") or {})
     theta = float(params.get("rope_theta", hf.get("rope_theta", _DEFAULT_THETA)))
     kind = params.get("rope_type", params.get("type", "default"))
@@ -101,6 +146,10 @@ def rope(hf: Mapping[str, Any], max_position_embeddings: int) -> tuple[float, An
         )
     if kind == "default":
         return theta, None
+    if kind == "linear":
+        if "factor" not in params:
+            raise ValueError(f"config.json: {field} of rope_type 'linear' lacks 'factor'")
+        return theta, LinearRopeScaling(float(params["factor"]))
     params.setdefault("original_max_position_embeddings", max_position_embeddings)
     missing = [k for k in _LLAMA3_KEYS if k not in params]
     if missing:
@@ -109,10 +158,70 @@ def rope(hf: Mapping[str, Any], max_position_embeddings: int) -> tuple[float, An
 
 
 def sliding_window(hf: Mapping[str, Any], arch: Architecture) -> int | None:
-    """The attention window transformers would use, or None for full causal attention."""
+    """The attention window of transformers' sliding layers, or None for none."""
+    if arch.window_layers == "none":
+        return None
     if arch.sliding_needs_flag and not hf.get("use_sliding_window", False):
         return None
-    return hf.get("sliding_window", arch.sliding_window)
+    window = hf.get("sliding_window", arch.sliding_window)
+    return None if window is None else int(window)
+
+
+def sliding_layers(hf: Mapping[str, Any], arch: Architecture, n_layers: int) -> tuple[bool, ...]:
+    """Whether transformers makes each layer a sliding one (``layer_types``, or the
+    architecture's default for them)."""
+    how = arch.window_layers
+    if how in ("none", "all"):  # Mistral's attention ignores layer_types
+        return (how == "all",) * n_layers
+    types = hf.get("layer_types")
+    if types is not None:
+        if len(types) != n_layers or any(t not in LAYER_TYPES for t in types):
+            raise ValueError(
+                f"config.json: layer_types={types!r} is not supported: jtp computes "
+                f"{n_layers} (num_hidden_layers) entries among {LAYER_TYPES}"
+            )
+        return tuple(t == "sliding_attention" for t in types)
+    if how == "max_window_layers":
+        first = int(hf.get("max_window_layers", MAX_WINDOW_LAYERS))
+        return tuple(i >= first for i in range(n_layers))
+    every = gemma.sliding_pattern(hf, arch.gemma)
+    return tuple((i + 1) % every != 0 for i in range(n_layers))
+
+
+def pattern_of(flags: tuple[bool, ...]) -> tuple[bool, ...] | None:
+    """``flags`` as :class:`LlamaConfig`'s ``sliding_layers``: its shortest repeating
+    pattern (Gemma 2's (True, False)), None when every layer slides."""
+    if all(flags):
+        return None
+    period = next(
+        p for p in range(1, len(flags) + 1)
+        if all(flags[i] == flags[i % p] for i in range(len(flags)))
+    )  # fmt: skip
+    return flags[:period]
+
+
+def _gemma3_rope(
+    hf: Mapping[str, Any], max_positions: int
+) -> tuple[float, RopeScaling | None, float | None]:
+    """``(theta, scaling, local theta or None)`` of Gemma 3's two RoPEs: the global layers'
+    (scaled or not) and the sliding layers' (never scaled; None when it is the same)."""
+    by_type = gemma.rope_parameters_by_type(hf)
+    theta, scaling = rope(
+        {**hf, "rope_parameters": by_type["full_attention"]}, max_positions,
+        "rope_parameters.full_attention",
+    )  # fmt: skip
+    local, local_scaling = rope(
+        {**hf, "rope_parameters": by_type["sliding_attention"]}, max_positions,
+        "rope_parameters.sliding_attention",
+    )  # fmt: skip
+    if (local, local_scaling) == (theta, scaling):
+        return theta, scaling, None
+    if local_scaling is not None:
+        raise ValueError(
+            "config.json: rope_parameters.sliding_attention has a rope_type other than "
+            "'default' and differs from full_attention; jtp scales the global layers' RoPE only"
+        )
+    return theta, scaling, local
 
 
 def max_positions_of(hf: Mapping[str, Any]) -> int:
@@ -129,14 +238,14 @@ def llama_config(
 
     Args:
       hf: the parsed ``config.json``.
-      max_seq_len: the longest sequence the model will see ("positions used"; default
-        ``max_position_embeddings``). A sliding window at least this long never masks
-        anything, so it is accepted; a shorter one is refused.
+      max_seq_len: the longest sequence the model will see (default
+        ``max_position_embeddings``).
       remat: the remat policy (:mod:`jtp.models.stack`; True / False: "full" / "none").
     """
     arch = ARCHITECTURES[architecture(hf)]
-    act = hf.get("hidden_act", "silu")
-    _refuse_if(hf, "hidden_act", act != "silu", "jtp's feed-forward is SwiGLU (silu)")
+    if not arch.gemma:  # Gemma reads hidden_activation instead (jtp.models.hf.gemma)
+        act = hf.get("hidden_act", "silu")
+        _refuse_if(hf, "hidden_act", act != "silu", "jtp's feed-forward is SwiGLU (silu)")
     _refuse_if(
         hf, "attention_bias", bool(hf.get("attention_bias")),
         "it also puts a bias on o_proj, and jtp's attention output has none",
@@ -149,18 +258,21 @@ def llama_config(
     head_dim = hf.get("head_dim") or arch.head_dim or dim // n_heads
     max_positions = max_positions_of(hf)
     positions = max_seq_len or max_positions
-    window = sliding_window(hf, arch)
-    if window is not None and window < positions:
-        raise ValueError(
-            f"config.json: sliding_window={window} is shorter than the positions used "
-            f"({positions}); jtp's attention is full causal, identical only while sequences "
-            f"fit the window: pass max_seq_len <= {window} (the CLI's --seq-len)"
-        )
-    theta, scaling = rope(hf, max_positions)
+    n_layers = int(_require(hf, "num_hidden_layers"))
+    extra = gemma.config_fields(hf, arch.gemma) if arch.gemma else {}
+    local_theta = None
+    if arch.gemma == 3:
+        theta, scaling, local_theta = _gemma3_rope(hf, max_positions)
+    else:
+        theta, scaling = rope(hf, max_positions)
+    window, flags = sliding_window(hf, arch), sliding_layers(hf, arch, n_layers)
+    if not any(flags):  # no sliding layer: the window is on none
+        window = None
+    layers = None if window is None and local_theta is None else pattern_of(flags)
     return LlamaConfig(
         vocab_size=int(_require(hf, "vocab_size")),
         dim=dim,
-        n_layers=int(_require(hf, "num_hidden_layers")),
+        n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
         ffn_hidden=int(_require(hf, "intermediate_size")),
@@ -171,29 +283,56 @@ def llama_config(
         explicit_head_dim=None if head_dim * n_heads == dim else int(head_dim),
         qkv_bias=arch.qkv_bias,
         qk_norm=arch.qk_norm,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", arch.tied)),
         rope_scaling=scaling,
+        sliding_window=window,
+        sliding_layers=layers,
+        local_rope_theta=local_theta,
+        **extra,
     )
 
 
 def default_architecture(config: LlamaConfig) -> str:
-    """The HF class that computes what ``config`` does (for a model that came from no file)."""
+    """The HF class that computes what ``config`` does (for a model that came from no file);
+    :func:`describes` then checks that it does."""
+    if config.sandwich_norms:  # Gemma's block
+        return "Gemma3ForCausalLM" if config.qk_norm else "Gemma2ForCausalLM"
     if config.qkv_bias and config.qk_norm:
         raise ValueError("no supported HF architecture has both q/k/v biases and q/k norms")
-    return (
-        "Qwen3ForCausalLM"
-        if config.qk_norm
-        else "Qwen2ForCausalLM"
-        if config.qkv_bias
-        else "LlamaForCausalLM"
-    )
+    if config.qk_norm:
+        return "Qwen3ForCausalLM"
+    if config.qkv_bias:
+        return "Qwen2ForCausalLM"
+    return "LlamaForCausalLM" if config.sliding_window is None else "MistralForCausalLM"
+
+
+def _rope_parameters(theta: float, scaling: RopeScaling | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"rope_type": "default", "rope_theta": theta}
+    if isinstance(scaling, LinearRopeScaling):
+        out.update(rope_type="linear", factor=scaling.factor)
+    elif scaling is not None:
+        out.update(rope_type="llama3", **dataclasses.asdict(scaling))
+    return out
 
 
 def hf_config(config: LlamaConfig, arch: str, dtype: str) -> dict[str, Any]:
     """A transformers-5 ``config.json`` for ``config`` as architecture ``arch``."""
-    rope_parameters: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
-    if config.rope_scaling is not None:
-        rope_parameters.update(rope_type="llama3", **dataclasses.asdict(config.rope_scaling))
+    a = ARCHITECTURES[arch]
+    rope_parameters = _rope_parameters(config.rope_theta, config.rope_scaling)
+    extra: dict[str, Any] = {}
+    if a.gemma:
+        extra.update(gemma.hf_fields(config, a.gemma))
+    if a.gemma == 3:  # one RoPE per layer type; the sliding layers' as the others' if unset
+        local = config.local_rope_theta
+        sliding = rope_parameters if local is None else _rope_parameters(local, None)
+        rope_parameters = {"full_attention": rope_parameters, "sliding_attention": sliding}
+    if a.window_layers != "none":
+        extra["sliding_window"] = config.sliding_window
+    if config.sliding_window is not None and a.sliding_needs_flag:
+        extra["use_sliding_window"] = True
+    if a.window_layers not in ("none", "all"):
+        kinds = config.layer_sliding()
+        extra["layer_types"] = [LAYER_TYPES[0] if k else LAYER_TYPES[1] for k in kinds]
     return {
         "architectures": [arch],
         "model_type": ARCHITECTURES[arch].model_type,
@@ -204,12 +343,13 @@ def hf_config(config: LlamaConfig, arch: str, dtype: str) -> dict[str, Any]:
         "num_attention_heads": config.n_heads,
         "num_key_value_heads": config.n_kv_heads,
         "head_dim": config.head_dim,
-        "hidden_act": "silu",
+        **({} if a.gemma else {"hidden_act": "silu"}),
         "max_position_embeddings": config.max_seq_len,
         "rms_norm_eps": config.norm_eps,
         "rope_parameters": rope_parameters,
         "tie_word_embeddings": config.tie_embeddings,
         "dtype": dtype,
+        **extra,
     }
 
 
@@ -225,11 +365,17 @@ def describes(hf: Mapping[str, Any], config: LlamaConfig) -> None:
         dtype=config.dtype,
         attention=config.attention,
     )
+
+    def seen(c: LlamaConfig, name: str) -> Any:
+        # Layer kinds compared layer by layer: sliding_layers (True, False) and (True, False,
+        # True, False) describe the same four layers.
+        return c.layer_sliding() if name == "sliding_layers" else getattr(c, name)
+
     diff = [
         f"{f.name}: config.json gives {getattr(theirs, f.name)!r}, the model has "
         f"{getattr(config, f.name)!r}"
         for f in dataclasses.fields(config)
-        if getattr(theirs, f.name) != getattr(config, f.name)
+        if seen(theirs, f.name) != seen(config, f.name)
     ]
     if diff:
         raise ValueError("the source config.json does not describe this model: " + "; ".join(diff))
