@@ -57,7 +57,8 @@ AVX2_TESTS := \
 	tests/generation/test_generate.py::test_cache_logits_equal_the_full_forward \
 	'tests/generation/test_generate.py::test_greedy_equals_transformers[llama3-1x8]' \
 	'tests/generation/test_generate.py::test_greedy_equals_transformers[qwen3-2x4-fsdp]' \
-	tests/cli/test_eval.py::test_loss_equals_transformers
+	tests/cli/test_eval.py::test_loss_equals_transformers \
+	'tests/models/test_kv_replicas.py::test_training_step_equals_the_unsharded_model[shape0-False-4]'
 test-avx2: $(STAMP)
 	@if [ "$$(uname -m)" != x86_64 ]; then echo "test-avx2: x86-64 only"; exit 0; fi; \
 	echo "XLA_FLAGS=$$XLA_FLAGS --xla_cpu_max_isa=AVX2"; \

@@ -2,7 +2,8 @@
 
 Run it with torch and transformers (never test dependencies; see make_hf_fixtures.py):
 
-    /tmp/hf/bin/python scripts/make_generate_fixtures.py
+    /tmp/hf/bin/python scripts/make_generate_fixtures.py            # every fixture
+    /tmp/hf/bin/python scripts/make_generate_fixtures.py phi3       # only these
 
 For each fixture directory it loads the checkpoint in float32 with
 ``AutoModelForCausalLM``, and for each prompt (different lengths, run one at a time: no
@@ -17,20 +18,21 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 import torch
 import transformers
 
 HERE = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "hf")
-NAMES = ["llama3", "llama_tied", "mistral", "qwen2", "qwen3"]
+NAMES = ["llama3", "llama_tied", "mistral", "qwen2", "qwen3", "phi3", "llama_kv2"]
 PROMPTS = [[1, 17, 99, 5], [1, 64], [1, 3, 120, 77, 45, 8, 90, 11, 2, 33], [1]]
 NEW_TOKENS = 8
 EOS = 2
 
 
-def main() -> None:
-    for name in NAMES:
+def main(names: list[str]) -> None:
+    for name in names:
         path = os.path.join(HERE, name)
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         model.eval()
@@ -60,4 +62,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:] or NAMES)

@@ -67,11 +67,13 @@ def configurations(
     seq: int,
     remat: tuple[str, ...] = REMAT_POLICIES,
 ) -> list[Config]:
-    """Valid splits: tensor divides the heads, fits in one host; data divides the batch;
-    each with every remat policy in ``remat``."""
+    """Valid splits: tensor divides the query heads and divides the kv heads or is a
+    multiple of them (each kv head then replicated, :func:`jtp.plans.replicate_kv`: the
+    compiled step the planner sizes holds the copies), fits in one host; data divides the
+    batch; each with every remat policy in ``remat``."""
     out = []
     for t in range(1, min(per_host, n_devices) + 1):
-        if n_devices % t or n_heads % t or n_kv % t:
+        if n_devices % t or n_heads % t or (n_kv % t and t % n_kv):
             continue
         d = n_devices // t
         if batch % d:
@@ -167,11 +169,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.global_batch % (config.data * args.micro_batch):
             continue
         accumulate = args.global_batch // (config.data * args.micro_batch)
-        m = measure(config, args.model, model.n_layers, args.seq_len, args.micro_batch,
-                    args.precision, devices, accumulate, hf=args.hf, attention=args.attention)
+        m = measure(
+            config,
+            args.model,
+            model.n_layers,
+            args.seq_len,
+            args.micro_batch,
+            args.precision,
+            devices,
+            accumulate,
+            hf=args.hf,
+            attention=args.attention,
+        )
         est = estimate(m, config, hw, args.devices_per_host)
         tokens = args.global_batch * args.seq_len / est["step_s"] / args.devices
-        floor = analytic_floor(model.num_params(), args.devices, config, args.precision)
+        floor = analytic_floor(model, args.devices, config, args.precision)
         rows.append({
             "config": dataclasses.asdict(config), "label": config.label(), "accumulate": accumulate,
             "memory_bytes": m["memory"], "floor_bytes": floor,

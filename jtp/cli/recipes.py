@@ -22,8 +22,9 @@ from jtp.models import FeedForward
 from jtp.models.hf import config_of, load_pretrained
 from jtp.models.llama import PRESETS, Llama, LlamaConfig, cross_entropy
 from jtp.models.lora import parse_targets
-from jtp.models.plans import check_llama, feedforward, llama
+from jtp.models.plans import check_llama, feedforward, llama, replicate_kv
 from jtp.parallel.parallelize import sharded_init
+from jtp.parallel.plan import TPPlan
 from jtp.training.compile import trace_abstract_step
 from jtp.training.module import TrainModule
 
@@ -167,16 +168,23 @@ class LlamaTask(TrainModule):
                 max_seq_len=max(preset.max_seq_len, config.seq_len),
                 **_lora(config),
             )
-        self.plan = llama(
-            self.model_config,
-            sequence_parallel=config.sequence_parallel,
-            loss_parallel=config.loss_parallel,
-            fsdp=config.fsdp,
-        )
+        self.plan = self._plan()
+
+    def _plan(self) -> TPPlan:
+        c = self.config
+        return llama(
+            self.model_config, sequence_parallel=c.sequence_parallel,
+            loss_parallel=c.loss_parallel, fsdp=c.fsdp,
+        )  # fmt: skip
 
     def model_factory(self, mesh: Mesh | None = None) -> Callable[[], Llama]:
-        """The model's factory; given ``mesh``, first check that the plan applies there
-        (heads, and the sequence under sequence parallelism, divisible by the tensor size)."""
+        """The model's factory; given ``mesh``, first fit the model to it (kv heads
+        replicated where the tensor axis is wider: :func:`jtp.plans.replicate_kv`, the plan
+        following) and check that the plan applies there (heads, and the sequence under
+        sequence parallelism, divisible by the tensor size)."""
+        if mesh is not None and replicate_kv(self.model_config, mesh) != self.model_config:
+            self.model_config = replicate_kv(self.model_config, mesh)
+            self.plan = self._plan()
         mc, c = self.model_config, self.config
         if mesh is not None:
             check_llama(mc, mesh, seq_len=c.seq_len, sequence_parallel=c.sequence_parallel)

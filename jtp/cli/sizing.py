@@ -81,7 +81,7 @@ def measure(
     from jtp.models.hf import config_of
 
     platform = devices[0].platform
-    model = config_of(hf) if hf else preset_config(preset)
+    model = config_of(hf, max_seq_len=seq) if hf else preset_config(preset)
     task_config = LlamaTaskConfig(
         preset=preset, hf=hf, seq_len=seq, batch_size=micro_batch * config.data, fsdp=config.fsdp,
         sequence_parallel=config.sequence_parallel, loss_parallel=config.tensor > 1,
@@ -113,8 +113,15 @@ def measure(
     }
 
 
-def analytic_floor(n_params: int, n_devices: int, config: Any, precision: str) -> float:
-    """(params + grads + 2 AdamW moments) bytes per device, fp32 state."""
+def analytic_floor(model: Any, n_devices: int, config: Any, precision: str) -> float:
+    """(params + grads + 2 AdamW moments) bytes per device, fp32 state, for the Llama
+    config ``model``: every parameter split ``tensor`` ways (and ``data`` ways with fsdp),
+    except ``wk`` / ``wv`` where the tensor axis is wider than the kv heads: those are
+    replicated over "tensor" (:func:`jtp.plans.replicate_kv`), a whole copy on each device."""
     per_param = 16 if precision != "bf16-true" else 8
     shards = n_devices if config.fsdp else config.tensor
-    return n_params * per_param / shards
+    kv = 0
+    if config.tensor > model.n_kv_heads:  # wk, wv (and their biases) on every tensor rank
+        kv = model.n_layers * 2 * model.n_kv_heads * model.head_dim * (model.dim + model.qkv_bias)
+    split = model.num_params() - kv
+    return (split / shards + kv * config.tensor / shards) * per_param

@@ -111,6 +111,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("--hf loads a Llama-family checkpoint: add --model llama")
     if args.export_peft and getattr(args, "lora_rank", 0) <= 0:
         raise SystemExit("--export-peft writes LoRA adapters: add --lora-rank R (R > 0)")
+    if args.export_peft and args.hf:  # refused now rather than after training (Phi-3)
+        from jtp.models.hf.config import read_config
+        from jtp.models.hf.phi3 import refuse_peft
+
+        refuse_peft(read_config(args.hf), "--export-peft")
     if args.data and args.model != "llama":
         raise ValueError("--data DIR trains a language model: add --model llama")
     # Before the first compile: a repeated or resumed run loads its steps from this cache.

@@ -36,7 +36,8 @@ from jtp.parallel.stacked import n_layers
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Keys and values of every layer, ``(L, B, S, K, E)`` each, in the compute dtype."""
+    """Keys and values of every layer, ``(L, B, S, K, E)`` each, in the compute dtype (K is
+    ``config.cached_kv_heads``: each kv head's copies too when ``kv_replicas`` > 1)."""
 
     k: jax.Array
     v: jax.Array
@@ -46,7 +47,7 @@ def init_cache(model: Llama, batch: int, slots: int, dtype: Any = None) -> KVCac
     """An empty cache of ``slots`` positions per sequence (zeros: unwritten slots are masked)."""
     c = model.config
     dtype = dtype or c.dtype or c.param_dtype
-    shape = (c.n_layers, batch, slots, c.n_kv_heads, c.head_dim)
+    shape = (c.n_layers, batch, slots, c.cached_kv_heads, c.head_dim)
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 

@@ -80,6 +80,11 @@ class LlamaConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0  # PEFT's default
     lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+    # Each kv head computed this many times (its copies adjacent: K * kv_replicas heads of
+    # keys and values), so that a tensor axis wider than K still gives every device the kv
+    # head its query heads use (jtp.plans.replicate_kv sets it to tensor / K). The parameters
+    # and the results are those of kv_replicas=1; only the layout of the work changes.
+    kv_replicas: int = 1
     # Sliding windows (Mistral, Qwen, Gemma) and what Gemma 2 / 3 add; the defaults are Llama's.
     # W: on a sliding layer a query at position i sees keys i - W < j <= i; None: no window.
     sliding_window: int | None = None
@@ -117,6 +122,12 @@ class LlamaConfig:
             raise ValueError(
                 f"LlamaConfig: n_heads {self.n_heads} not divisible by n_kv_heads {self.n_kv_heads}"
             )
+        if self.kv_replicas < 1 or self.n_heads % (self.n_kv_heads * self.kv_replicas):
+            raise ValueError(
+                f"LlamaConfig: kv_replicas {self.kv_replicas} must be >= 1 and n_kv_heads * "
+                f"kv_replicas ({self.n_kv_heads * self.kv_replicas}) must divide n_heads "
+                f"{self.n_heads}"
+            )
         if self.activation not in ACTIVATIONS:
             raise ValueError(
                 f"LlamaConfig: activation={self.activation!r} must be one of {list(ACTIVATIONS)}"
@@ -133,6 +144,11 @@ class LlamaConfig:
         for name, value in positive.items():
             if value is not None and not value > 0:
                 raise ValueError(f"LlamaConfig: {name}={value!r} must be > 0 (or None: off)")
+
+    @property
+    def cached_kv_heads(self) -> int:
+        """Heads of keys and values as computed and cached: K * kv_replicas."""
+        return self.n_kv_heads * self.kv_replicas
 
     def layer_sliding(self) -> tuple[bool, ...]:
         """Whether each of the ``n_layers`` layers is a sliding one (``sliding_layers``
@@ -219,6 +235,7 @@ class Attention(nnx.Module):
 
     def __init__(self, c: LlamaConfig, *, rngs: nnx.Rngs):
         self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        self.kv_replicas = c.kv_replicas
         self.implementation = c.attention
         self.window, self.softcap = c.sliding_window, c.attn_softcap
         # None: jax's default, head_dim ** -0.5 (passing None keeps Llama's program as it was)
@@ -235,13 +252,19 @@ class Attention(nnx.Module):
     def qkv(
         self, x_btd: jax.Array, cos: jax.Array, sin: jax.Array
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Queries (B, T, H, E), keys and values (B, T, K, E) of ``x``, RoPE applied
-        (``cos``/``sin`` as :func:`apply_rope` takes them), split by head."""
+        """Queries (B, T, H, E), keys and values (B, T, K * kv_replicas, E) of ``x``, RoPE
+        applied (``cos``/``sin`` as :func:`apply_rope` takes them), split by head."""
         b, t, _ = x_btd.shape
         h, k, e = self.n_heads, self.n_kv_heads, self.head_dim
         q_bthe = self.wq(x_btd).reshape(b, t, h, e)  # (B, T, H, E)
         k_bske = self.wk(x_btd).reshape(b, t, k, e)  # (B, S, K, E), S = T
         v_bske = self.wv(x_btd).reshape(b, t, k, e)  # (B, S, K, E)
+        if self.kv_replicas > 1:
+            # (B, S, K, E) -> (B, S, K * r, E), head j's copies at j*r .. j*r + r - 1, so query
+            # head i still meets kv head i // (H / K): with r = tensor / K and the "heads" split
+            # below, each device computes, ropes and caches just the kv head its queries use.
+            k_bske = jnp.repeat(k_bske, self.kv_replicas, axis=2)
+            v_bske = jnp.repeat(v_bske, self.kv_replicas, axis=2)
         if self.q_norm is not None:  # normalises each head's E features
             q_bthe, k_bske = self.q_norm(q_bthe), self.k_norm(k_bske)
         # "heads": tensor parallelism splits attention by heads (q, k, v alike).

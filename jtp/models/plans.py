@@ -7,6 +7,8 @@ parallelism). Only this file, :mod:`jtp.mesh` and :mod:`jtp.parallel` spell mesh
 
 from __future__ import annotations
 
+import dataclasses
+
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -37,10 +39,13 @@ def llama(
     (q/k norms included) are replicated.
 
     Args:
-      config: the model's config, needed only for tied embeddings
-        (``config.tie_embeddings``): the one table is then split on its vocabulary rows by
+      config: the model's config, needed for tied embeddings and replicated kv heads.
+        Tied (``config.tie_embeddings``): the one table is split on its vocabulary rows by
         the ``tok_embeddings`` entry, which is the split an untied output projection has, so
-        the plan just has no ``output`` entry (there is no such module).
+        the plan just has no ``output`` entry (there is no such module). ``kv_replicas`` > 1
+        (:func:`replicate_kv`: a tensor axis wider than the kv heads): ``wk`` and ``wv`` are
+        replicated, not split (a column split would cut heads in pieces); the model repeats
+        each kv head and the "heads" rule then gives each device the one its queries use.
       sequence_parallel: between the tensor-parallel regions, keep the residual stream
         split on its sequence axis over "tensor" (the norms then run on a sequence shard, and
         each all-reduce becomes a reduce-scatter + all-gather pair).
@@ -55,13 +60,16 @@ def llama(
     styles = {
         "tok_embeddings": RowwiseParallel(),
         "layers.*.attention.wq": ColwiseParallel(),
-        "layers.*.attention.wk": ColwiseParallel(),
-        "layers.*.attention.wv": ColwiseParallel(),
         "layers.*.attention.wo": RowwiseParallel(),
         "layers.*.feed_forward.w1": ColwiseParallel(),
         "layers.*.feed_forward.w3": ColwiseParallel(),
         "layers.*.feed_forward.w2": RowwiseParallel(),
     }
+    if config is None or config.kv_replicas == 1:
+        styles |= {
+            "layers.*.attention.wk": ColwiseParallel(),
+            "layers.*.attention.wv": ColwiseParallel(),
+        }
     if config is None or not config.tie_embeddings:
         styles["output"] = ColwiseParallel()
     activations = {
@@ -76,17 +84,50 @@ def llama(
     return TPPlan(styles, activations)
 
 
+def replicate_kv(config: LlamaConfig, mesh: Mesh | int) -> LlamaConfig:
+    """``config`` with the ``kv_replicas`` the tensor size of ``mesh`` (or the size itself)
+    needs: ``tensor / n_kv_heads`` when the tensor axis is wider than the kv heads and a
+    multiple of them (Qwen2.5-7B's 4 kv heads on tensor 8: 2), else 1.
+
+    Each device then holds the whole ``wk`` / ``wv`` (K heads, replicated: a column split
+    would cut heads in pieces) but computes, ropes, attends with and caches only the kv
+    head its query heads use; the backward sums the copies' gradients into the one
+    parameter (one all-reduce of its gradient over "tensor"), so the model computes and
+    learns exactly what the unsharded one does. Recomputed for every mesh (a checkpoint's
+    recorded value is not carried over): parameters and results do not depend on it.
+    """
+    t = mesh if isinstance(mesh, int) else int(mesh.shape[TENSOR])
+    k = config.n_kv_heads
+    r = t // k if t > k and t % k == 0 else 1
+    return config if config.kv_replicas == r else dataclasses.replace(config, kv_replicas=r)
+
+
 def check_llama(
     config: LlamaConfig, mesh: Mesh, *, seq_len: int | None = None, sequence_parallel: bool = False
 ) -> None:
     """Raise a ``ValueError`` naming the numbers when the Llama plan cannot apply."""
     t = int(mesh.shape[TENSOR])
-    for name, value in (("n_heads", config.n_heads), ("n_kv_heads", config.n_kv_heads)):
-        if value % t:
-            raise ValueError(
-                f"llama plan: {name}={value} is not divisible by mesh axis 'tensor' of size "
-                f"{t}; each device must hold whole heads (use tensor size dividing {value})"
+    if config.n_heads % t:
+        raise ValueError(
+            f"llama plan: n_heads={config.n_heads} is not divisible by mesh axis 'tensor' of "
+            f"size {t}; each device must hold whole heads (use a tensor size dividing "
+            f"{config.n_heads})"
+        )
+    kv = config.cached_kv_heads
+    if kv % t:
+        fits = replicate_kv(config, t).cached_kv_heads % t == 0
+        raise ValueError(
+            f"llama plan: n_kv_heads={config.n_kv_heads} (x kv_replicas={config.kv_replicas}) "
+            f"is not divisible by mesh axis 'tensor' of size {t}; each device must hold whole "
+            + (
+                f"kv heads: set kv_replicas={t // config.n_kv_heads} "
+                "(jtp.plans.replicate_kv(config, mesh) does; jtp.hf.load_pretrained and "
+                "python -m jtp.train do it for you)"
+                if fits
+                else f"kv heads: use a tensor size dividing {config.n_kv_heads} or a multiple "
+                f"of it dividing n_heads={config.n_heads}"
             )
+        )
     if sequence_parallel and seq_len is not None and seq_len % t:
         raise ValueError(
             f"llama plan with sequence_parallel: sequence length {seq_len} is not divisible "

@@ -27,9 +27,9 @@ from jtp.models.llama import Llama, LlamaConfig
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures", "hf")
 TIE = 1e-4  # logit units: 50x the largest jtp/transformers difference seen
-CASES = [(name, "1x8") for name in ["llama3", "llama_tied", "mistral", "qwen2", "qwen3"]]
+CASES = [(name, "1x8") for name in ["llama3", "llama_tied", "mistral", "qwen2", "qwen3", "phi3"]]
 CASES += [(name, "2x4-fsdp") for name in ["llama3", "mistral", "qwen3"]]
-CASES += [("llama3", "1x1"), ("qwen2", "4x2")]
+CASES += [("llama3", "1x1"), ("qwen2", "4x2"), ("llama_kv2", "1x8"), ("llama_kv2", "2x4-fsdp")]
 MESHES = {"1x1": ((1, 1), False), "1x8": ((1, 8), False), "2x4-fsdp": ((2, 4), True),
           "4x2": ((4, 2), False)}  # fmt: skip
 SMALL = LlamaConfig(vocab_size=128, dim=64, n_layers=2, n_heads=8, n_kv_heads=4,

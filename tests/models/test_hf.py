@@ -3,8 +3,9 @@
 ``tests/fixtures/hf/*`` were written by ``scripts/make_hf_fixtures.py`` (transformers 5.24,
 torch 2.13 CPU): tiny random-weight Llama (llama3 RoPE scaling; hub config spelling),
 tied Llama, Mistral (sliding window, sharded files), Qwen2 (q/k/v biases, tied) and Qwen3
-(q/k norms, head_dim 8 != 32 / 16), each with transformers' float32 logits on 4 x 16 fixed
-tokens.
+(q/k norms, head_dim 8 != 32 / 16), Phi-3 (fused qkv_proj / gate_up_proj: its own tests
+are test_hf_phi3.py) and a Llama with 2 kv heads (replicated on tensor 8 and 4:
+``kv_replicas``), each with transformers' float32 logits on 4 x 16 fixed tokens.
 
 Tolerances. float32 logits: max |jtp - transformers| / max |transformers| <= 1e-4 and mean
 KL(transformers || jtp) <= 1e-6; seen <= 2.1e-6 and <= 4e-12 (both compute in float32; the
@@ -13,7 +14,7 @@ error is 0.95-1.3 and the KL 0.5-6.7; without llama3's blended band, 0.5 and 0.0
 
 bfloat16 parameters and compute: bf16 keeps 8 bits of mantissa (relative rounding
 2^-9 = 2e-3 per op) and the logits are a few dozen roundings deep; seen 1.7-2.6% of the
-largest logit and KL 1.5e-4-1.1e-3 over the five fixtures. Bounds: 5% and 1e-2.
+largest logit and KL 1.5e-4-1.1e-3 over the six fixtures. Bounds: 5% and 1e-2.
 """
 
 import dataclasses
@@ -38,7 +39,8 @@ from jtp.models.rope import LinearRopeScaling
 from jtp.parallel.names import path_str
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures", "hf")
-NAMES = ["llama3", "llama_tied", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"]
+NAMES = ["llama3", "llama_tied", "mistral", "qwen2", "qwen3", "phi3", "llama_kv2"]
+NAMES += ["gemma2", "gemma3"]
 T = 16  # tokens per fixture sequence; mistral's sliding window (32) is longer
 MESHES = {
     "1x1": ((1, 1), False, False, False),
@@ -170,7 +172,7 @@ def _tensors(path):
     return out
 
 
-@pytest.mark.parametrize("name", ["mistral", "llama_tied", "gemma2", "gemma3"])
+@pytest.mark.parametrize("name", ["mistral", "llama_tied", "phi3", "llama_kv2", "gemma2", "gemma3"])
 def test_export_then_reimport_is_bitwise(name, tmp_path):
     """A bf16 checkpoint loaded into float32 and saved back is the original, bit for bit
     (and so is its config.json); re-importing the export gives the same parameters."""

@@ -211,9 +211,11 @@ def test_plan_errors_name_the_numbers():
         ValueError, match=r"n_heads=12 is not divisible by mesh axis 'tensor' of size 8"
     ):
         jtp.plans.check_llama(bad_heads, mesh)
-    bad_kv = LlamaConfig(dim=128, n_heads=16, n_kv_heads=4)
+    bad_kv = LlamaConfig(dim=128, n_heads=16, n_kv_heads=4)  # fine with kv_replicas=2
     with pytest.raises(
-        ValueError, match=r"n_kv_heads=4 is not divisible by mesh axis 'tensor' of size 8"
+        ValueError,
+        match=r"n_kv_heads=4 \(x kv_replicas=1\) is not divisible by mesh axis 'tensor' of "
+        r"size 8; .* set kv_replicas=2",
     ):
         jtp.plans.check_llama(bad_kv, mesh)
     with pytest.raises(

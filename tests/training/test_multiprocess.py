@@ -261,13 +261,21 @@ def test_two_processes_share_one_compilation_cache(tmp_path):
         assert second[i]["losses"] == first[i]["losses"]
 
 
-def test_stacked_hf_save_from_two_processes_is_the_source_bitwise(tmp_path):
+@pytest.mark.parametrize(
+    "name,tensor",
+    [("mistral", "model.layers.1.mlp.up_proj.weight"),
+     ("phi3", "model.layers.1.self_attn.qkv_proj.weight")],
+    ids=["mistral", "phi3"],
+)  # fmt: skip
+def test_stacked_hf_save_from_two_processes_is_the_source_bitwise(name, tensor, tmp_path):
     """A bf16 Mistral checkpoint loaded by two processes onto 2 x 4 with fsdp, layers
     scanned (each stacked tensor split across both processes), and saved back with several
-    files: the export is the source, every tensor bit for bit, under the per-layer names."""
+    files: the export is the source, every tensor bit for bit, under the per-layer names.
+    Phi-3: each fused tensor is its parts (q, k, v; gate, up), gathered by both processes
+    in the same order and stacked by process 0."""
     from safetensors.numpy import load_file
 
-    source = str(HERE.parent / "fixtures" / "hf" / "mistral")
+    source = str(HERE.parent / "fixtures" / "hf" / name)
     out = tmp_path / "export"
     procs = two_workers(HERE / "mp_hf_save_worker.py", tmp_path, "h", source, str(out))
     codes = wait_all(procs, timeout=150)
@@ -281,7 +289,7 @@ def test_stacked_hf_save_from_two_processes_is_the_source_bitwise(tmp_path):
         return found
 
     ours, theirs = tensors(out), tensors(source)
-    assert sorted(ours) == sorted(theirs) and "model.layers.1.mlp.up_proj.weight" in ours
+    assert sorted(ours) == sorted(theirs) and tensor in ours
     for k, v in theirs.items():
         assert ours[k].dtype == v.dtype and np.array_equal(
             ours[k].view(np.uint16), v.view(np.uint16)

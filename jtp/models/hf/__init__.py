@@ -7,6 +7,8 @@
 - :mod:`~jtp.models.hf.load`: :func:`load_pretrained`, born sharded
 - :mod:`~jtp.models.hf.save`: :func:`save_pretrained`, one tensor at a time
 - :mod:`~jtp.models.hf.peft`: :func:`save_peft`, LoRA adapters as PEFT loads them
+- :mod:`~jtp.models.hf.phi3`: Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` as row blocks,
+  and its refusals
 """
 
 from jtp.models.hf.config import SUPPORTED_ARCHITECTURES

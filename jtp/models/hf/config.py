@@ -4,13 +4,14 @@ Reads both spellings found on disk: the hub's (``rope_theta`` and ``rope_scaling
 level; Gemma 3's ``rope_local_base_freq``, ``sliding_window_pattern``) and transformers 5.x's
 (``rope_parameters``, with ``rope_theta`` inside, nested by layer type for Gemma 3;
 ``layer_types``). Sliding windows are computed on the layers transformers gives them:
-every layer (Mistral), those from ``max_window_layers`` on (Qwen, with
+every layer (Mistral, Phi-3), those from ``max_window_layers`` on (Qwen, with
 ``use_sliding_window``), Gemma's interleaved ones, or ``layer_types`` where config.json
 lists them. Anything jtp's Llama would compute differently from transformers is a
 ``ValueError`` naming the field, raised before a single weight is read: an architecture
 outside :data:`SUPPORTED_ARCHITECTURES` (the multimodal Gemma 3 included), another RoPE
 scaling type, biases where jtp's Llama has none, another activation, dropout, bidirectional
-attention. Gemma's fields: :mod:`jtp.models.hf.gemma`.
+attention. Gemma's fields: :mod:`jtp.models.hf.gemma`; Phi-3's own refusals (LongRoPE,
+residual dropout) are :func:`jtp.models.hf.phi3.check_config`'s.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from jtp.models.hf import gemma
+from jtp.models.hf import gemma, phi3
 from jtp.models.llama import LlamaConfig
 from jtp.models.rope import LinearRopeScaling, Llama3RopeScaling, RopeScaling
 
@@ -38,6 +39,7 @@ class Architecture:
     head_dim: int | None = None  # default when absent (Qwen3: 128); None: hidden / heads
     sliding_window: int | None = None  # default when absent (Mistral: 4096)
     sliding_needs_flag: bool = False  # the window applies only with use_sliding_window (Qwen)
+    rms_norm_eps: float = 1e-6  # default when absent (Phi-3: 1e-5)
     # Which layers the window is on when config.json has no layer_types: "none" (no window
     # at all: Llama), "all" (layer_types ignored: Mistral), "max_window_layers" (Qwen: from
     # that layer on), "pattern" (Gemma: one global layer in every gemma.sliding_pattern).
@@ -65,6 +67,9 @@ ARCHITECTURES: dict[str, Architecture] = {
         "gemma3_text", False, True, 131072, 256, sliding_window=4096, window_layers="pattern",
         gemma=3, tied=True,
     ),
+    # Phi-3: fused qkv_proj / gate_up_proj (split on load: jtp.models.hf.phi3); its window,
+    # when config.json sets one, applies to every layer.
+    phi3.ARCHITECTURE: Architecture("phi3", False, False, 4096, rms_norm_eps=1e-5),
 }  # fmt: skip
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 # Known, and refused with the reason (they are not a text-only causal LM jtp computes).
@@ -78,7 +83,6 @@ LAYER_TYPES = ("sliding_attention", "full_attention")  # HF layer_types jtp comp
 MAX_WINDOW_LAYERS = 28  # Qwen's max_window_layers default
 ROPE_TYPES = ("default", "llama3", "linear")  # HF rope types jtp computes
 _DEFAULT_THETA = 10000.0  # transformers' default_theta
-_DEFAULT_EPS = 1e-6  # rms_norm_eps default of all four configs
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -243,6 +247,8 @@ def llama_config(
       remat: the remat policy (:mod:`jtp.models.stack`; True / False: "full" / "none").
     """
     arch = ARCHITECTURES[architecture(hf)]
+    if arch.model_type == "phi3":
+        phi3.check_config(hf)
     if not arch.gemma:  # Gemma reads hidden_activation instead (jtp.models.hf.gemma)
         act = hf.get("hidden_act", "silu")
         _refuse_if(hf, "hidden_act", act != "silu", "jtp's feed-forward is SwiGLU (silu)")
@@ -278,7 +284,7 @@ def llama_config(
         ffn_hidden=int(_require(hf, "intermediate_size")),
         max_seq_len=positions,
         rope_theta=theta,
-        norm_eps=float(hf.get("rms_norm_eps", _DEFAULT_EPS)),
+        norm_eps=float(hf.get("rms_norm_eps", arch.rms_norm_eps)),
         remat=remat,
         explicit_head_dim=None if head_dim * n_heads == dim else int(head_dim),
         qkv_bias=arch.qkv_bias,
@@ -355,8 +361,8 @@ def hf_config(config: LlamaConfig, arch: str, dtype: str) -> dict[str, Any]:
 
 def describes(hf: Mapping[str, Any], config: LlamaConfig) -> None:
     """Raise a ``ValueError`` unless ``hf`` describes a model shaped and computed as ``config``
-    (``max_seq_len``, ``remat``, ``scan_layers``, dtypes and the attention kernel aside: they
-    are how jtp runs it, not what it is)."""
+    (``max_seq_len``, ``remat``, ``scan_layers``, dtypes, the attention kernel and
+    ``kv_replicas`` aside: they are how jtp runs it, not what it is)."""
     theirs = dataclasses.replace(
         llama_config(hf, max_seq_len=config.max_seq_len),
         remat=config.remat,
@@ -364,6 +370,7 @@ def describes(hf: Mapping[str, Any], config: LlamaConfig) -> None:
         param_dtype=config.param_dtype,
         dtype=config.dtype,
         attention=config.attention,
+        kv_replicas=config.kv_replicas,
     )
 
     def seen(c: LlamaConfig, name: str) -> Any:

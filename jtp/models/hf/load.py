@@ -23,19 +23,19 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jtp.models.hf.config import llama_config, read_config
+from jtp.models.hf import phi3
+from jtp.models.hf.config import architecture, llama_config, read_config
 from jtp.models.hf.files import CheckpointFiles
 from jtp.models.hf.names import (
     IGNORED_SUFFIXES,
     TensorMap,
     lora_tensor_map,
     read_jtp_slice,
-    tensor_map,
 )  # fmt: skip
 from jtp.models.hf.peft import ADAPTER_CONFIG, ADAPTER_FILE
 from jtp.models.llama import Llama, LlamaConfig
 from jtp.models.lora import TARGETS, parse_targets
-from jtp.models.plans import check_llama, llama
+from jtp.models.plans import check_llama, llama, replicate_kv
 from jtp.parallel.names import path_str
 from jtp.parallel.plan import plan_shardings
 
@@ -108,8 +108,8 @@ def load_pretrained(
     seed: int = 0,
     adapter: str | None = None,
 ) -> Llama:
-    """Load a Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 checkpoint
-    onto ``mesh``.
+    """Load a Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma 2 / Gemma 3
+    checkpoint onto ``mesh``.
 
     The model is jtp's :class:`~jtp.models.llama.Llama` under :func:`jtp.plans.llama`, born
     sharded: each device reads only its slice of each tensor. Its logits match transformers'
@@ -144,12 +144,14 @@ def load_pretrained(
       adapter: a PEFT LoRA adapter directory (``adapter_model.safetensors`` +
         ``adapter_config.json``, e.g. :func:`jtp.hf.save_peft`'s) to load onto the
         checkpoint; its ``r``, ``lora_alpha`` and ``target_modules`` replace the three
-        ``lora_*`` arguments.
+        ``lora_*`` arguments. Refused for Phi-3 (:func:`jtp.models.hf.phi3.refuse_peft`).
 
     Returns:
       The model; ``model.config`` is its :class:`~jtp.models.llama.LlamaConfig`.
     """
+    hf = read_config(path)
     if adapter is not None:
+        phi3.refuse_peft(hf, f"load_pretrained(adapter={adapter!r})")
         lora_rank, lora_alpha, lora_targets = read_adapter_config(adapter)
     config = config_of(
         path, max_seq_len=max_seq_len, remat=remat, attention=attention, scan_layers=scan_layers,
@@ -157,6 +159,7 @@ def load_pretrained(
     )  # fmt: skip
     if dtype is not None:  # the modules then compute in it too (flax derives their dtype)
         config = dataclasses.replace(config, param_dtype=jnp.dtype(dtype).name)
+    config = replicate_kv(config, mesh)  # a tensor axis wider than the kv heads
     check_llama(config, mesh, seq_len=config.max_seq_len, sequence_parallel=sequence_parallel)
     files = CheckpointFiles(path)
     plan = llama(config, sequence_parallel=sequence_parallel, loss_parallel=loss_parallel)
@@ -164,7 +167,7 @@ def load_pretrained(
     graphdef, state = nnx.split(abstract)
     flat = dict((path_str(p), v) for p, v in nnx.to_flat_state(state))
     adapters = {n for n, v in flat.items() if isinstance(v, nnx.LoRAParam)}  # not in the file
-    maps = tensor_map(config)
+    maps = phi3.tensor_map(config, architecture(hf))  # Phi-3: parts of fused tensors
     by_jtp: dict[str, list[TensorMap]] = {}  # in layer order when stacked
     for t in maps:
         by_jtp.setdefault(t.jtp, []).append(t)

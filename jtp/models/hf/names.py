@@ -41,11 +41,15 @@ class TensorMap:
     transpose: bool  # HF (out, in) <-> Flax (in, out)
     rope_head_dim: int | None  # E: permute HF axis 0 within heads of E rows (q and k only)
     layer: int | None = None  # scanned: the slice of the stacked jtp parameter it is
+    row_offset: int = 0  # fused HF tensor (Phi-3's qkv_proj): this parameter's first row
+    hf_rows: int | None = None  # fused HF tensor: all its rows; None: the tensor is all ours
 
     def hf_shape(self, jtp_shape: tuple[int, ...]) -> tuple[int, ...]:
-        """The HF tensor's shape, given its jtp parameter's (stacked or not)."""
+        """The HF tensor's shape, given its jtp parameter's (stacked or not); of a fused
+        tensor, the whole tensor's, of which the parameter is ``hf_rows`` rows."""
         shape = tuple(jtp_shape[1:] if self.layer is not None else jtp_shape)
-        return tuple(reversed(shape)) if self.transpose else shape
+        shape = tuple(reversed(shape)) if self.transpose else shape
+        return shape if self.hf_rows is None else (self.hf_rows, *shape[1:])
 
     @property
     def label(self) -> str:
@@ -166,8 +170,11 @@ def read_jtp_slice(
     ``read(hf_index)`` returns that block of the HF tensor; of a stacked parameter, the block
     of layer ``t.layer`` (``index[0]``, the layer axis, is the caller's). A permuted axis is
     read in whole heads (a tensor-parallel shard holds whole heads, so that is exactly its
-    rows), put in jtp's order, and trimmed to ``index``.
+    rows), put in jtp's order, and trimmed to ``index``. Of a fused HF tensor only the
+    parameter's own rows (from ``t.row_offset``) are read.
     """
+    if t.row_offset:  # a part of a fused tensor: its rows, counted from the part's first
+        read = _rows_from(read, t.row_offset)
     if t.layer is not None:  # a stacked parameter: this tensor is one layer of it
         index, shape = index[1:], shape[1:]
     bounds = [s.indices(n)[:2] for s, n in zip(index, shape, strict=True)]  # [(start, stop)]
@@ -181,3 +188,15 @@ def read_jtp_slice(
         rows = read((slice(h0 * e, h1 * e), *(slice(a, b) for a, b in hf_bounds[1:])))
         block = permute_heads(rows, e, to_jtp=True)[start - h0 * e : stop - h0 * e]
     return block.T if t.transpose else block
+
+
+def _rows_from(
+    read: Callable[[tuple[slice, ...]], np.ndarray], offset: int
+) -> Callable[[tuple[slice, ...]], np.ndarray]:
+    """``read`` of the rows ``offset + r`` of an HF tensor, for the part rows ``r``."""
+
+    def shifted(index: tuple[slice, ...]) -> np.ndarray:
+        rows = index[0]
+        return read((slice(rows.start + offset, rows.stop + offset), *index[1:]))
+
+    return shifted

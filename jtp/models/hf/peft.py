@@ -6,7 +6,9 @@ x`` on each target, as :class:`jtp.models.lora.LoRALinear` does. The tensor name
 transposes and the RoPE permutation of ``B`` on q/k are :func:`~jtp.models.hf.names.
 lora_tensor_map`'s. As :func:`~jtp.models.hf.save.save_pretrained`, one tensor at a time is
 gathered to process 0, which writes into a temporary directory renamed onto ``path``: the
-adapter there is complete or absent.
+adapter there is complete or absent. A Phi-3 base is refused: its fused ``qkv_proj`` and
+``gate_up_proj`` take one PEFT adapter each, jtp has one per projection
+(:func:`jtp.models.hf.phi3.refuse_peft`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from jtp.checkpoint.consolidated import gathered_on_process_0
+from jtp.models.hf import phi3
 from jtp.models.hf.files import staged_directory, write_safetensors
 from jtp.models.hf.names import HF_MODULES, lora_tensor_map, to_hf
 from jtp.models.llama import Llama
@@ -51,10 +54,16 @@ def save_peft(model: Llama, path: str, *, base_model_name_or_path: str | None = 
     """Write ``model``'s LoRA adapters as a PEFT adapter directory at ``path`` (replaced).
 
     Call it on every process (each takes part in gathering). ``base_model_name_or_path``
-    goes into ``adapter_config.json`` (PEFT loads the base from it when none is given).
+    goes into ``adapter_config.json`` (PEFT loads the base from it when none is given);
+    when it is a local HF directory (as ``python -m jtp.train --export-peft`` passes), a
+    Phi-3 base there is refused before anything is written.
     """
     if not model.config.lora_rank:
         raise ValueError("save_peft: the model has no LoRA adapters (lora_rank is 0)")
+    base = base_model_name_or_path
+    if base is not None and os.path.isfile(os.path.join(base, "config.json")):
+        with open(os.path.join(base, "config.json")) as f:
+            phi3.refuse_peft(json.load(f), f"save_peft onto {base}")
     params = {path_str(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     maps = lora_tensor_map(model.config)
     by_hf = {t.hf: t for t in maps}

@@ -4,7 +4,8 @@ One parameter (one layer of a stacked parameter) at a time is gathered to proces
 (the others hold none), put in
 HF's layout (transposed,
 RoPE-permuted back, :mod:`jtp.models.hf.names`), cast, and appended to its safetensors
-shard, so the writer holds one whole tensor at a time. Every process takes part in each
+shard, so the writer holds one whole tensor at a time (a Phi-3 fused tensor is its parts,
+gathered in turn and stacked: :mod:`jtp.models.hf.phi3`). Every process takes part in each
 gather; process 0 writes, into a temporary directory renamed onto ``path`` at the end: the
 checkpoint there is complete or absent.
 """
@@ -21,9 +22,16 @@ import numpy as np
 from flax import nnx
 
 from jtp.checkpoint.consolidated import gathered_on_process_0
-from jtp.models.hf.config import default_architecture, describes, hf_config, read_config
+from jtp.models.hf import phi3
+from jtp.models.hf.config import (
+    architecture,
+    default_architecture,
+    describes,
+    hf_config,
+    read_config,
+)
 from jtp.models.hf.files import INDEX, SINGLE, staged_directory, write_safetensors
-from jtp.models.hf.names import TensorMap, tensor_map, to_hf
+from jtp.models.hf.names import TensorMap, to_hf
 from jtp.models.llama import Llama
 from jtp.models.lora import merge_lora
 from jtp.parallel.names import path_str
@@ -77,7 +85,9 @@ def save_pretrained(
         Without it, a config for ``LlamaForCausalLM`` / ``MistralForCausalLM`` /
         ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` / ``Gemma2ForCausalLM`` /
         ``Gemma3ForCausalLM`` (by the model's features) is derived from ``model.config``,
-        and a model none of them computes is a ``ValueError``.
+        and a model none of them computes is a ``ValueError`` (nothing there says Phi-3: a
+        Phi-3 source's fused tensors come back only with ``source=``; without, they are
+        written as Llama's separate projections).
       dtype: dtype of the saved tensors; default the source's ``dtype`` / ``torch_dtype``,
         else the parameters' own. A bf16 checkpoint loaded into float32 and saved back
         without training is bitwise the original.
@@ -108,8 +118,11 @@ def save_pretrained(
             ) from None
     hf["torch_dtype" if "torch_dtype" in hf else "dtype"] = name
 
-    maps = tensor_map(config)
-    shapes = [t.hf_shape(tuple(params[t.jtp].shape)) for t in maps]
+    tensors: dict[str, list[TensorMap]] = {}  # HF name -> its parts (fused: several), in order
+    for t in phi3.tensor_map(config, architecture(hf)):
+        tensors.setdefault(t.hf, []).append(t)
+    names = list(tensors)
+    shapes = [p[0].hf_shape(tuple(params[p[0].jtp].shape)) for p in tensors.values()]
     sizes = [int(np.prod(s, dtype=np.int64)) * out_dtype.itemsize for s in shapes]
     groups = _shards(sizes, max_shard_bytes)
     files = (
@@ -117,30 +130,33 @@ def save_pretrained(
         if len(groups) == 1
         else [f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors" for k in range(len(groups))]
     )
-    by_hf = {t.hf: t for t in maps}
 
     def produce(hf_name: str) -> np.ndarray:
-        t: TensorMap = by_hf[hf_name]
-        return to_hf(t, gathered_on_process_0(params[t.jtp], t.layer)).astype(out_dtype)
+        parts = [
+            to_hf(t, gathered_on_process_0(params[t.jtp], t.layer)).astype(out_dtype)
+            for t in tensors[hf_name]
+        ]  # fused: HF's rows in order (q, k, v; gate, up)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     with staged_directory(path, "jtp.hf.save_pretrained") as tmp:
         for file, group in zip(files, groups, strict=True):
-            entries = [(maps[i].hf, out_dtype, shapes[i]) for i in group]
+            entries = [(names[i], out_dtype, shapes[i]) for i in group]
             if tmp is not None:
                 write_safetensors(os.path.join(tmp, file), entries, produce)
             else:  # take part in the same gathers, in the same order
                 for hf_name, _, _ in entries:
-                    gathered_on_process_0(params[by_hf[hf_name].jtp], by_hf[hf_name].layer)
+                    for t in tensors[hf_name]:
+                        gathered_on_process_0(params[t.jtp], t.layer)
         if tmp is not None:
-            _finish(tmp, hf, src_dir, files, groups, maps, sizes)
+            _finish(tmp, hf, src_dir, files, groups, names, sizes)
 
 
-def _finish(tmp, hf, src_dir, files, groups, maps, sizes) -> None:
+def _finish(tmp, hf, src_dir, files, groups, names, sizes) -> None:
     """config.json, the index, the source's side files."""
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
     if len(files) > 1:
-        weight_map = {maps[i].hf: file for file, g in zip(files, groups, strict=True) for i in g}
+        weight_map = {names[i]: file for file, g in zip(files, groups, strict=True) for i in g}
         index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
         with open(os.path.join(tmp, INDEX), "w") as f:
             json.dump(index, f, indent=2)
