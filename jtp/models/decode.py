@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from jtp.models.attention import softcapped_attention
-from jtp.models.llama import Llama, by_kind, layer_kinds, scale_embeddings, soft_cap
+from jtp.models.layer_kinds import by_kind, layer_kinds
+from jtp.models.llama import Llama, scale_embeddings, soft_cap
 from jtp.models.rope import rope_at
 from jtp.models.stack import scan_blocks
 from jtp.parallel.activations import shard_activation

@@ -10,8 +10,9 @@ lists them. Anything jtp's Llama would compute differently from transformers is 
 ``ValueError`` naming the field, raised before a single weight is read: an architecture
 outside :data:`SUPPORTED_ARCHITECTURES` (the multimodal Gemma 3 included), another RoPE
 scaling type, biases where jtp's Llama has none, another activation, dropout, bidirectional
-attention. Gemma's fields: :mod:`jtp.models.hf.gemma`; Phi-3's own refusals (LongRoPE,
-residual dropout) are :func:`jtp.models.hf.phi3.check_config`'s.
+attention. RoPE fields: :mod:`jtp.models.hf.rope_config`; which layers slide:
+:mod:`jtp.models.hf.layer_types`; Gemma's fields: :mod:`jtp.models.hf.gemma`; Phi-3's own
+refusals (LongRoPE, residual dropout) are :func:`jtp.models.hf.phi3.check_config`'s.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from jtp.models.hf import gemma, phi3
+from jtp.models.hf.layer_types import LAYER_TYPES, pattern_of, sliding_layers
+from jtp.models.hf.rope_config import gemma3_rope, rope, rope_parameters
 from jtp.models.llama import LlamaConfig
-from jtp.models.rope import LinearRopeScaling, Llama3RopeScaling, RopeScaling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,11 +81,6 @@ REFUSED_ARCHITECTURES = {
         "loads the text model, Gemma3ForCausalLM (model_type gemma3_text)"
     ),
 }
-LAYER_TYPES = ("sliding_attention", "full_attention")  # HF layer_types jtp computes
-MAX_WINDOW_LAYERS = 28  # Qwen's max_window_layers default
-ROPE_TYPES = ("default", "llama3", "linear")  # HF rope types jtp computes
-_DEFAULT_THETA = 10000.0  # transformers' default_theta
-_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 def read_config(path: str) -> dict[str, Any]:
@@ -122,45 +119,6 @@ def _refuse_if(hf: Mapping[str, Any], field: str, bad: bool, why: str) -> None:
         raise ValueError(f"config.json: {field}={hf.get(field)!r} is not supported: {why}")
 
 
-def rope(
-    hf: Mapping[str, Any], max_position_embeddings: int, field: str | None = None
-) -> tuple[float, RopeScaling | None]:
-    """``(rope_theta, scaling or None)`` from either spelling of the RoPE fields (``field``:
-    how an error names them; default the spelling read)."""
-    params = hf.get("rope_parameters")
-    if params is not None and any(isinstance(v, Mapping) for v in params.values()):
-        raise ValueError(
-            "config.json: rope_parameters is nested by layer type; of the architectures jtp "
-            "loads only Gemma 3 has one RoPE per layer type"
-        )
-    field = field or ("rope_parameters" if params else "rope_scaling")
-    params = dict(params or hf.get("rope_scaling") or {})
-    theta = float(params.get("rope_theta", hf.get("rope_theta", _DEFAULT_THETA)))
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind not in ROPE_TYPES:
-        raise ValueError(
-            f"config.json: {field}.rope_type={kind!r} is not supported; jtp computes "
-            f"{', '.join(ROPE_TYPES)}"
-        )
-    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-    if partial != 1.0:
-        raise ValueError(
-            f"config.json: partial_rotary_factor={partial!r} is not supported; jtp rotates "
-            "every feature of a head"
-        )
-    if kind == "default":
-        return theta, None
-    if kind == "linear":
-        if "factor" not in params:
-            raise ValueError(f"config.json: {field} of rope_type 'linear' lacks 'factor'")
-        return theta, LinearRopeScaling(float(params["factor"]))
-    params.setdefault("original_max_position_embeddings", max_position_embeddings)
-    missing = [k for k in _LLAMA3_KEYS if k not in params]
-    if missing:
-        raise ValueError(f"config.json: {field} of rope_type 'llama3' lacks {missing}")
-    return theta, Llama3RopeScaling(**{k: params[k] for k in _LLAMA3_KEYS})
-
-
 def sliding_window(hf: Mapping[str, Any], arch: Architecture) -> int | None:
     """The attention window of transformers' sliding layers, or None for none."""
     if arch.window_layers == "none":
@@ -169,63 +127,6 @@ def sliding_window(hf: Mapping[str, Any], arch: Architecture) -> int | None:
         return None
     window = hf.get("sliding_window", arch.sliding_window)
     return None if window is None else int(window)
-
-
-def sliding_layers(hf: Mapping[str, Any], arch: Architecture, n_layers: int) -> tuple[bool, ...]:
-    """Whether transformers makes each layer a sliding one (``layer_types``, or the
-    architecture's default for them)."""
-    how = arch.window_layers
-    if how in ("none", "all"):  # Mistral's attention ignores layer_types
-        return (how == "all",) * n_layers
-    types = hf.get("layer_types")
-    if types is not None:
-        if len(types) != n_layers or any(t not in LAYER_TYPES for t in types):
-            raise ValueError(
-                f"config.json: layer_types={types!r} is not supported: jtp computes "
-                f"{n_layers} (num_hidden_layers) entries among {LAYER_TYPES}"
-            )
-        return tuple(t == "sliding_attention" for t in types)
-    if how == "max_window_layers":
-        first = int(hf.get("max_window_layers", MAX_WINDOW_LAYERS))
-        return tuple(i >= first for i in range(n_layers))
-    every = gemma.sliding_pattern(hf, arch.gemma)
-    return tuple((i + 1) % every != 0 for i in range(n_layers))
-
-
-def pattern_of(flags: tuple[bool, ...]) -> tuple[bool, ...] | None:
-    """``flags`` as :class:`LlamaConfig`'s ``sliding_layers``: its shortest repeating
-    pattern (Gemma 2's (True, False)), None when every layer slides."""
-    if all(flags):
-        return None
-    period = next(
-        p for p in range(1, len(flags) + 1)
-        if all(flags[i] == flags[i % p] for i in range(len(flags)))
-    )  # fmt: skip
-    return flags[:period]
-
-
-def _gemma3_rope(
-    hf: Mapping[str, Any], max_positions: int
-) -> tuple[float, RopeScaling | None, float | None]:
-    """``(theta, scaling, local theta or None)`` of Gemma 3's two RoPEs: the global layers'
-    (scaled or not) and the sliding layers' (never scaled; None when it is the same)."""
-    by_type = gemma.rope_parameters_by_type(hf)
-    theta, scaling = rope(
-        {**hf, "rope_parameters": by_type["full_attention"]}, max_positions,
-        "rope_parameters.full_attention",
-    )  # fmt: skip
-    local, local_scaling = rope(
-        {**hf, "rope_parameters": by_type["sliding_attention"]}, max_positions,
-        "rope_parameters.sliding_attention",
-    )  # fmt: skip
-    if (local, local_scaling) == (theta, scaling):
-        return theta, scaling, None
-    if local_scaling is not None:
-        raise ValueError(
-            "config.json: rope_parameters.sliding_attention has a rope_type other than "
-            "'default' and differs from full_attention; jtp scales the global layers' RoPE only"
-        )
-    return theta, scaling, local
 
 
 def max_positions_of(hf: Mapping[str, Any]) -> int:
@@ -268,10 +169,11 @@ def llama_config(
     extra = gemma.config_fields(hf, arch.gemma) if arch.gemma else {}
     local_theta = None
     if arch.gemma == 3:
-        theta, scaling, local_theta = _gemma3_rope(hf, max_positions)
+        theta, scaling, local_theta = gemma3_rope(hf, max_positions)
     else:
         theta, scaling = rope(hf, max_positions)
-    window, flags = sliding_window(hf, arch), sliding_layers(hf, arch, n_layers)
+    window = sliding_window(hf, arch)
+    flags = sliding_layers(hf, arch.window_layers, n_layers, arch.gemma)
     if not any(flags):  # no sliding layer: the window is on none
         window = None
     layers = None if window is None and local_theta is None else pattern_of(flags)
@@ -312,26 +214,17 @@ def default_architecture(config: LlamaConfig) -> str:
     return "LlamaForCausalLM" if config.sliding_window is None else "MistralForCausalLM"
 
 
-def _rope_parameters(theta: float, scaling: RopeScaling | None) -> dict[str, Any]:
-    out: dict[str, Any] = {"rope_type": "default", "rope_theta": theta}
-    if isinstance(scaling, LinearRopeScaling):
-        out.update(rope_type="linear", factor=scaling.factor)
-    elif scaling is not None:
-        out.update(rope_type="llama3", **dataclasses.asdict(scaling))
-    return out
-
-
 def hf_config(config: LlamaConfig, arch: str, dtype: str) -> dict[str, Any]:
     """A transformers-5 ``config.json`` for ``config`` as architecture ``arch``."""
     a = ARCHITECTURES[arch]
-    rope_parameters = _rope_parameters(config.rope_theta, config.rope_scaling)
+    rope = rope_parameters(config.rope_theta, config.rope_scaling)
     extra: dict[str, Any] = {}
     if a.gemma:
         extra.update(gemma.hf_fields(config, a.gemma))
     if a.gemma == 3:  # one RoPE per layer type; the sliding layers' as the others' if unset
         local = config.local_rope_theta
-        sliding = rope_parameters if local is None else _rope_parameters(local, None)
-        rope_parameters = {"full_attention": rope_parameters, "sliding_attention": sliding}
+        sliding = rope if local is None else rope_parameters(local, None)
+        rope = {"full_attention": rope, "sliding_attention": sliding}
     if a.window_layers != "none":
         extra["sliding_window"] = config.sliding_window
     if config.sliding_window is not None and a.sliding_needs_flag:
@@ -352,7 +245,7 @@ def hf_config(config: LlamaConfig, arch: str, dtype: str) -> dict[str, Any]:
         **({} if a.gemma else {"hidden_act": "silu"}),
         "max_position_embeddings": config.max_seq_len,
         "rms_norm_eps": config.norm_eps,
-        "rope_parameters": rope_parameters,
+        "rope_parameters": rope,
         "tie_word_embeddings": config.tie_embeddings,
         "dtype": dtype,
         **extra,
