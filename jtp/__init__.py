@@ -5,7 +5,8 @@ A plan outside the model names column- and row-wise layers; parameters are born 
 tensor-parallel group on the same batch. This file only re-exports the public API:
 
 - ``jtp.mesh``: axis names, :func:`make_mesh`, :class:`ModelParallelStrategy`
-- ``jtp.parallel``: styles, plans, ``sharded_init`` / ``parallelize``, batches, replicas
+- ``jtp.parallel``: styles, plans, ``sharded_init`` / ``parallelize``, batches, replicas,
+  :func:`infer_plan` (a plan read off the model's forward)
 - ``jtp.models``: single-device NNX models and their plans (``jtp.plans``)
 - ``jtp.hf``: Hugging Face Llama / Mistral / Qwen checkpoints in and out
 - ``jtp.data``: :class:`DataLoader` (global batches, the same rows per tensor group), datasets
@@ -31,6 +32,7 @@ from jtp.generation import generate
 from jtp.mesh import DATA, TENSOR, ModelParallelStrategy, make_mesh, mesh_shape
 from jtp.parallel.activations import activation_rules, shard_activation
 from jtp.parallel.batch import batch_sharding, shard_batch
+from jtp.parallel.infer import InferredPlan, infer_plan
 from jtp.parallel.optimizer import init_opt_state, opt_state_shardings
 from jtp.parallel.parallelize import parallelize, sharded_init
 from jtp.parallel.plan import Placement, TPPlan, plan_shardings, resolve
@@ -53,6 +55,7 @@ __all__ = [
     "ColwiseParallel",
     "DataLoader",
     "Explanation",
+    "InferredPlan",
     "ModelParallelStrategy",
     "ParallelStyle",
     "ParamSharding",
@@ -71,6 +74,7 @@ __all__ = [
     "collectives",
     "explain",
     "generate",
+    "infer_plan",
     "format_collectives",
     "gpu_flags",
     "hf",

@@ -4,8 +4,9 @@ One row per variable: path, shape, dtype, the plan key and style that matched it
 "replicated: no key"), its PartitionSpec, its shard shape and its bytes per device; given a
 compute dtype (a precision policy's), also what the layer holding it computes in, with
 "float32 (pinned)" where the policy cannot reach it. Then the per-device totals for
-parameters, gradients and optimizer state. Works on abstract models (``nnx.eval_shape``),
-so a 70B model is explained on a laptop.
+parameters, gradients and optimizer state; for a plan from :func:`jtp.infer_plan`, why each
+layer got its style. Works on abstract models (``nnx.eval_shape``), so a 70B model is
+explained on a laptop.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from jax.sharding import Mesh
 from jtp.analysis.dtypes import module_dtypes
 from jtp.analysis.memory import nbytes
 from jtp.parallel.abstract import abstract_sharded
+from jtp.parallel.infer import InferredPlan
 from jtp.parallel.names import path_str
 from jtp.parallel.optimizer import abstract_opt_state
 from jtp.parallel.plan import Placement, Plan, resolve, shard_shape
@@ -46,6 +48,7 @@ class Explanation:
     optimizer_bytes: int  # per device
     optimizer_note: str
     pinned: tuple[str, ...] = ()  # modules computing in float32 that a policy cannot reach
+    notes: tuple[str, ...] = ()  # an inferred plan's reasons, "key: style: why"
 
     @property
     def total_bytes(self) -> int:
@@ -58,7 +61,7 @@ class Explanation:
         body = []
         for r in self.rows:
             p = r.placement
-            style = f"{p.key} -> {type(p.style).__name__}" if p.key else "replicated: no key"
+            style = f"{p.key} -> {_style_name(p.style)}" if p.key else "replicated: no key"
             spec = "P(" + ", ".join(repr(a) if a else "None" for a in p.spec) + ")"
             body.append(
                 (p.path, str(p.shape), str(np.dtype(p.dtype)), style, spec, str(r.shard),
@@ -83,7 +86,14 @@ class Explanation:
                 "WARNING: these modules compute in float32 whatever the precision (a dtype of "
                 f"their own): {', '.join(self.pinned)}"
             )
+        if self.notes:
+            lines += ["", "why each layer has its style (jtp.infer_plan):", *self.notes]
         return "\n".join(lines)
+
+
+def _style_name(style: Any) -> str:
+    heads = getattr(style, "heads", None)
+    return type(style).__name__ + (f"(heads={heads})" if heads else "")
 
 
 def _gb(n: int) -> str:
@@ -136,7 +146,10 @@ def explain(
     else:
         opt_bytes, note = _optimizer_bytes(tx, abstract, mesh, plan, fsdp), "from tx"
     pinned = tuple(path or "<model>" for path, d in dtypes.items() if d.endswith("(pinned)"))
-    return Explanation(rows, dict(mesh.shape), param_bytes, param_bytes, opt_bytes, note, pinned)
+    notes = tuple(str(plan).splitlines()) if isinstance(plan, InferredPlan) else ()
+    return Explanation(
+        rows, dict(mesh.shape), param_bytes, param_bytes, opt_bytes, note, pinned, notes
+    )
 
 
 def _optimizer_bytes(tx: Any, abstract: nnx.Module, mesh: Mesh, plan: Plan, fsdp: bool) -> int:

@@ -23,8 +23,9 @@ from jtp.models.hf import config_of, load_pretrained
 from jtp.models.llama import PRESETS, Llama, LlamaConfig, cross_entropy
 from jtp.models.lora import parse_targets
 from jtp.models.plans import check_llama, feedforward, llama, replicate_kv
-from jtp.parallel.parallelize import sharded_init
-from jtp.parallel.plan import TPPlan
+from jtp.parallel.infer import infer_plan
+from jtp.parallel.parallelize import parallelize, sharded_init
+from jtp.parallel.plan import Plan
 from jtp.training.compile import trace_abstract_step
 from jtp.training.module import TrainModule
 
@@ -88,10 +89,13 @@ def data_vocab(directory: str, model_vocab: int | None = None) -> int:
 class FeedForwardTask(TrainModule):
     """Lightning's tensor-parallel docs example: FeedForward, ``output.sum()``, AdamW."""
 
-    def __init__(self, config: FeedForwardConfig | None = None):
-        self.config = config or FeedForwardConfig()
+    plan: Plan = FEEDFORWARD_PLAN
 
-    plan = FEEDFORWARD_PLAN
+    def __init__(self, config: FeedForwardConfig | None = None):
+        c = self.config = config or FeedForwardConfig()
+        if c.plan == "auto":  # read off the forward of one global batch (shapes only)
+            batch = jax.ShapeDtypeStruct((c.batch_size, c.dim), jnp.float32)
+            self.plan = infer_plan(self.model_factory(), batch)
 
     def model_factory(self) -> Callable[[], FeedForward]:
         c = self.config
@@ -101,7 +105,7 @@ class FeedForwardTask(TrainModule):
         return sharded_init(self.model_factory(), mesh, self.plan, fsdp=self.config.fsdp)
 
     def checkpoint_metadata(self) -> dict:
-        plan = {k: type(v).__name__ for k, v in FEEDFORWARD_PLAN.items()}
+        plan = {k: type(v).__name__ for k, v in self.plan.items()}
         return {"model": "FeedForward", "config": dataclasses.asdict(self.config), "plan": plan}
 
     def training_step(self, model: nnx.Module, batch: jax.Array) -> jax.Array:
@@ -170,8 +174,11 @@ class LlamaTask(TrainModule):
             )
         self.plan = self._plan()
 
-    def _plan(self) -> TPPlan:
+    def _plan(self) -> Plan:
         c = self.config
+        if c.plan == "auto":  # one global batch, abstractly; parameters only (no activations)
+            tokens = jax.ShapeDtypeStruct((c.batch_size, c.seq_len), jnp.int32)
+            return infer_plan(lambda: Llama(self.model_config, rngs=nnx.Rngs(0)), tokens)
         return llama(
             self.model_config, sequence_parallel=c.sequence_parallel,
             loss_parallel=c.loss_parallel, fsdp=c.fsdp,
@@ -193,12 +200,13 @@ class LlamaTask(TrainModule):
     def configure_model(self, mesh: Mesh) -> nnx.Module:
         c = self.config
         factory = self.model_factory(mesh)  # checks the plan applies on this mesh
-        if c.hf:  # each device reads its slice of the checkpoint
-            return load_pretrained(
+        if c.hf:  # each device reads its slice of the checkpoint (under the ready plan)
+            model = load_pretrained(
                 c.hf, mesh, fsdp=c.fsdp, sequence_parallel=c.sequence_parallel,
                 loss_parallel=c.loss_parallel, remat=c.remat, max_seq_len=c.seq_len,
                 attention=c.attention, scan_layers=c.scan_layers, seed=c.seed, **_lora(c),
             )  # fmt: skip
+            return model if c.plan == "ready" else parallelize(model, mesh, self.plan, fsdp=c.fsdp)
         return sharded_init(factory, mesh, self.plan, fsdp=c.fsdp)
 
     def activation_rules(self) -> Mapping[str, PartitionSpec]:

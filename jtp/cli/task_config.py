@@ -10,6 +10,7 @@ from jtp.models.lora import TARGETS
 from jtp.models.stack import REMAT_POLICIES, remat_name
 
 LR_SCHEDULES = ("constant", "cosine")
+PLANS = ("ready", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +27,10 @@ class TaskConfig:
       weight_decay: AdamW's decoupled weight decay (optax's default).
       seed: parameter init and data order (and the Trainer's global RNGs).
       fsdp: 2D: also shard the parameters over the "data" axis.
+      plan: how the model is split over "tensor": ``ready`` (the model's hand-written plan,
+        jtp.plans) or ``auto`` (jtp.infer_plan traces the forward and pairs its layers; it
+        places parameters only, so not with --sequence-parallel or --loss-parallel, whose
+        activation rules belong to the ready plan).
     """
 
     samples: int = 64
@@ -36,6 +41,7 @@ class TaskConfig:
     weight_decay: float = 1e-4
     seed: int = 0
     fsdp: bool = False
+    plan: str = dataclasses.field(default="ready", metadata={"choices": PLANS})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,3 +104,8 @@ class LlamaTaskConfig(TaskConfig):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "remat", remat_name(self.remat))  # True -> "full", ...
+        if self.plan == "auto" and (self.sequence_parallel or self.loss_parallel):
+            raise ValueError(
+                "--plan auto infers where parameters go, not the activation rules "
+                "--sequence-parallel and --loss-parallel need: drop them, or use --plan ready"
+            )

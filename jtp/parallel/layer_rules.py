@@ -47,13 +47,34 @@ LARGEST: Literal["largest"] = "largest"  # fsdp_dim: the largest remaining divis
 class Rule:
     """Where one parameter goes: ``spec`` under tensor parallelism; under ``fsdp=True`` also
     ``"data"`` on ``fsdp_dim``: an int (the layer's natural choice, which must divide), the
-    largest remaining dim that divides (``LARGEST``; none if none), or never (``None``)."""
+    largest remaining dim that divides (``LARGEST``; none if none), or never (``None``);
+    ``blocks``: the split dimension is made of that many whole heads."""
 
     spec: P
     fsdp_dim: int | Literal["largest"] | None = LARGEST
+    # The "tensor" dimension holds this many indivisible blocks (whole attention heads):
+    # the tensor size must divide it, as well as the dimension. None: any divisor will do.
+    blocks: int | None = None
 
 
 Layout = dict[str, Rule | None]  # relative parameter path -> rule; None: replicated on purpose
+
+
+def check_heads(
+    label: str, name: str, shape: tuple[int, ...], dim: int, heads: int | None, n: int
+) -> None:
+    """Refuse a split of dimension ``dim`` (``heads`` whole heads) over ``n`` devices that
+    would cut a head (the plan's divisibility checks see only the dimension's size)."""
+    if heads is not None and (shape[dim] % heads or heads % n):
+        why = (
+            f"is not {heads} equal heads" if shape[dim] % heads
+            else f"holds {heads} heads, not divisible by mesh axis {TENSOR!r} of size {n}"
+        )  # fmt: skip
+        raise ValueError(
+            f"{label}: parameter {name!r} of shape {shape}: dimension {dim} of size "
+            f"{shape[dim]} {why}; each device must hold whole heads (use a tensor size "
+            f"dividing {heads})"
+        )
 
 
 def split(ndim: int, tensor_dim: int, fsdp_dim: int | Literal["largest"] | None) -> Rule:

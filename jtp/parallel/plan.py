@@ -36,7 +36,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jtp.mesh import DATA, TENSOR
-from jtp.parallel.layer_rules import LARGEST, Layout, Rule
+from jtp.parallel.layer_rules import LARGEST, Layout, Rule, check_heads
 from jtp.parallel.names import path_str
 from jtp.parallel.stacked import layer_axes, match_name, one_layer, stack_roots, with_layer_axes
 from jtp.parallel.styles import ParallelStyle
@@ -224,6 +224,7 @@ def _place(label: str, name: str, shape: tuple[int, ...], rule: Rule, mesh: Mesh
             used.append(axis)
         n = math.prod(int(mesh.shape[a]) for a in axes)
         _check_divisible(label, name, shape, dim, axes[0] if len(axes) == 1 else axes, n)
+        check_heads(label, name, shape, dim, rule.blocks if TENSOR in axes else None, n)
     if not fsdp or DATA in used or rule.fsdp_dim is None:
         return spec
     n_data = int(mesh.shape[DATA])

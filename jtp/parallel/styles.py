@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from jtp.mesh import TENSOR
 from jtp.parallel.layer_rules import LARGEST, LAYOUTS, Layout, Rule, layout_fn
 from jtp.parallel.names import path_str
 
@@ -46,12 +47,31 @@ class _LayerStyle(ParallelStyle):
     """A style defined per Flax layer type by :data:`~jtp.parallel.layer_rules.LAYOUTS`."""
 
     column: ClassVar[bool]
+    # The split features are this many whole heads (q/k/v of attention, the output
+    # projection's input): the plan then refuses a tensor size that does not divide it.
+    heads: int | None = dataclasses.field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        if self.heads is not None and (
+            isinstance(self.heads, bool) or not isinstance(self.heads, int) or self.heads < 1
+        ):
+            raise ValueError(
+                f"{type(self).__name__}(heads={self.heads!r}): heads must be a positive int "
+                "(the number of whole heads the split features hold) or None"
+            )
 
     def layout(self, module: Any) -> Layout:
         fn = layout_fn(module)
         if fn is None:
             raise AssertionError("layout called on an unsupported module")
-        return fn(module, self.column)
+        layout = fn(module, self.column)
+        if self.heads is None:
+            return layout
+        return {
+            name: rule if rule is None or TENSOR not in tuple(rule.spec)
+            else dataclasses.replace(rule, blocks=self.heads)
+            for name, rule in layout.items()
+        }  # fmt: skip
 
     def supports(self, module: Any) -> bool:
         return layout_fn(module) is not None
@@ -72,6 +92,9 @@ class ColwiseParallel(_LayerStyle):
     output), ``nnx.Conv`` (output channels), ``nnx.LoRA``/``nnx.LoRALinear`` (``lora_b`` split,
     ``lora_a`` replicated, so the low-rank path adds no collective) and ``nnx.Embed`` (the
     feature dimension, as torch). Table: :mod:`jtp.parallel.layer_rules`.
+
+    ``heads=H``: the output features are H whole heads (attention's q, k, v), so a tensor
+    size that does not divide H is refused (``ColwiseParallel(heads=8)``).
     """
 
     column: ClassVar[bool] = True
@@ -88,6 +111,8 @@ class RowwiseParallel(_LayerStyle):
     on ``nnx.LinearGeneral`` (first input axis), ``nnx.Einsum`` (first contracted kernel dim),
     ``nnx.Conv`` (input channels), ``nnx.LoRA``/``nnx.LoRALinear`` (``lora_a`` split,
     ``lora_b`` replicated) and ``nnx.Embed`` (the vocabulary rows, as torch).
+
+    ``heads=H``: the input features are H whole heads (attention's output projection).
     """
 
     column: ClassVar[bool] = False

@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from jtp.cli.prepare import main as prepare_main
 from jtp.cli.recipes import LlamaTask, LlamaTaskConfig, data_vocab, lr_schedule
@@ -177,3 +178,60 @@ def test_hf_checkpoint_with_data_of_another_vocabulary_is_refused(data):
         LlamaTask(LlamaTaskConfig(hf=str(fixture), data=data, seq_len=16))
     with pytest.raises(ValueError, match="--tokenizer CHECKPOINT/tokenizer.json"):
         train_main(["--model", "llama", "--hf", str(fixture), "--data", data, "--seq-len", "16"])
+
+
+def _layout(task, mesh):
+    from jtp.parallel.plan import resolve
+
+    model = nnx.eval_shape(task.model_factory())
+    return {p.path: p.spec for p in resolve(model, mesh, task.plan, fsdp=task.config.fsdp)}
+
+
+def test_plan_auto_is_the_ready_layout(tmp_path):
+    """``--plan auto`` (jtp.infer_plan on the task's forward) gives FeedForward and the
+    Llama their ready plans' layouts: every PartitionSpec equal (2x4, with fsdp too), a
+    checkpoint loaded with --hf resharded onto it, and two training steps through main()
+    with the ready plan's losses: equal to the bit, as measured (the parameter layout is the
+    same; the Llama's ready plan also pins activations, which could only reorder fp32
+    sums: the bound is 1e-6 relative). Sequence and loss parallelism need the ready plan's
+    activation rules, so auto refuses them."""
+    from pathlib import Path
+
+    import jtp
+    from jtp.cli.recipes import FeedForwardConfig, FeedForwardTask
+
+    mesh = jtp.make_mesh(2, 4)
+    for fsdp in (False, True):
+        ff = [FeedForwardTask(FeedForwardConfig(dim=64, hidden_dim=64, fsdp=fsdp, plan=p))
+              for p in ("ready", "auto")]  # fmt: skip
+        assert _layout(ff[0], mesh) == _layout(ff[1], mesh)
+        lm = [LlamaTask(LlamaTaskConfig(seq_len=16, fsdp=fsdp, plan=p)) for p in ("ready", "auto")]
+        assert _layout(lm[0], mesh) == _layout(lm[1], mesh)
+    fixture = str(Path(__file__).resolve().parents[1] / "fixtures" / "hf" / "llama3")
+    hf = LlamaTask(LlamaTaskConfig(hf=fixture, seq_len=16, plan="auto"))
+    loaded = jtp.models.hf.load_pretrained(fixture, mesh, max_seq_len=16)
+    placed = nnx.state(hf.configure_model(mesh))
+    for (path, ready), (_, auto) in zip(
+        nnx.to_flat_state(nnx.state(loaded)), nnx.to_flat_state(placed), strict=True
+    ):
+        assert auto.get_value().sharding.spec == ready.get_value().sharding.spec, path
+
+    mesh_flags = ["--devices", "8", "--data-parallel", "2", "--tensor-parallel", "4"]
+    for model, exact in (
+        (MODELS["feedforward"], True),
+        (["--model", "llama", "--seq-len", "16"], False),
+    ):
+        losses = []
+        for plan in ("ready", "auto"):
+            path = tmp_path / f"{plan}.json"
+            argv = [*mesh_flags, *model, "--max-steps", "2", "--plan", plan]
+            train_main([*argv, "--no-progress", "--logger", "none", "--metrics-json", str(path)])
+            metrics = json.loads(path.read_text())
+            assert metrics["config"]["plan"] == plan and len(metrics["losses"]) == 2
+            losses.append(metrics["losses"])
+        if exact:
+            assert losses[0] == losses[1]
+        else:
+            np.testing.assert_allclose(losses[1], losses[0], rtol=1e-6)
+    with pytest.raises(ValueError, match="--plan auto infers where parameters go"):
+        LlamaTask(LlamaTaskConfig(sequence_parallel=True, plan="auto"))

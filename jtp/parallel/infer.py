@@ -1,0 +1,290 @@
+"""``jtp.infer_plan(model, *example_args)``: a tensor-parallel plan read off the model's forward.
+
+The forward is traced (:mod:`jtp.parallel.dataflow`); every module with a column/row layout
+(:mod:`jtp.parallel.layer_rules`: ``nnx.Linear``, ``LinearGeneral``, ``Einsum``, ``Embed``,
+``LoRA``, ``LoRALinear``, ...) is a candidate. In program order, each candidate not yet placed
+is tried as a *column* layer: its output features are split over ``"tensor"`` and the split
+is followed through the program (:mod:`jtp.parallel.split_rules`). The attempt grows a
+*group*: the other branch of a gate or the keys and values of attention join it as columns
+(they must be split the same way), and the matmul that contracts the split features against
+a parameter makes that layer a *row* layer, where the split ends in one all-reduce. The
+group is kept when every split it makes ends in such a row layer: a Megatron pair (or
+several columns and rows that only make sense together, such as q, k, v and the output
+projection). Anything that would mix features across the split (a norm or softmax over
+them, a reshape cutting a head, a contraction outside a layer, an op the rules do not know)
+abandons the attempt: the layer stays replicated, with that reason.
+
+Two rules beyond pairs reproduce the hand-written Llama plan (:func:`jtp.plans.llama`):
+
+- an ``nnx.Embed`` is tried as a *row* layer (its table split on vocabulary rows, as torch
+  does): a lookup then gives partial rows summed by one all-reduce, and a tied output
+  projection (``embed.attend``) is split on the vocabulary like a head;
+- a column layer whose split output reaches no row layer but is only returned (or reduced
+  over at the very end) is kept when it projects to a *larger* output than its input
+  (``out > in``: a vocabulary head, whose logits stay split); otherwise it is replicated.
+
+When a reshape cuts the split features into ``(heads, head_dim)``, the group records its
+head count and each style carries ``heads=``: ``jtp``'s plan checks then refuse a tensor size
+that does not divide it, before anything compiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any
+
+from flax import nnx
+
+from jtp.mesh import TENSOR
+from jtp.parallel.dataflow import ELEMENTWISE, REDUCTIONS, Graph, trace
+from jtp.parallel.layer_rules import layout_fn
+from jtp.parallel.names import path_str
+from jtp.parallel.pairing import Group, Layer, Search, Why, esc
+from jtp.parallel.plan import TPPlan
+from jtp.parallel.stacked import layer_axes, match_name, one_layer, stack_roots
+from jtp.parallel.styles import ColwiseParallel, ParallelStyle, RowwiseParallel
+
+STYLES = {"column": ColwiseParallel, "row": RowwiseParallel}
+_STEP_PRIMS = ELEMENTWISE | REDUCTIONS | {"stack", "concatenate"}
+_MAX_STEPS = 6  # ops named in an explanation
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class InferredPlan(TPPlan):
+    """A :class:`jtp.TPPlan` from :func:`infer_plan`, with why each layer got its style.
+
+    ``reasons`` maps plan keys (and the paths of modules left replicated) to one line each:
+    ``"column: ..."``, ``"row: ..."``, ``"replicated: ..."``. ``str(plan)`` lists them;
+    :func:`jtp.explain` prints them under its table. Usable wherever a plan is.
+    """
+
+    reasons: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "reasons", MappingProxyType(dict(self.reasons)))
+
+    def __str__(self) -> str:
+        return "\n".join(f"{key}: {why}" for key, why in self.reasons.items())
+
+
+def _steps(g: Graph, trail: list) -> list[str]:
+    names: list[str] = []
+    for i, r in trail:
+        op = g.ops[i]
+        if r.event == "heads":
+            split = next(s for s in r.outs if s is not None)
+            name = f"a reshape into {g.shapes[op.outs[0]][split.dim]} heads"
+        elif r.event == "matmul":
+            name = "batched matmul"
+        elif op.scope:
+            name = op.scope[-1].strip("_")
+        elif op.prim in _STEP_PRIMS and r.event is None:
+            name = op.prim
+        else:
+            continue
+        if name not in names:
+            names.append(name)
+    # Heads, named functions (silu, gelu, ...) and attention matmuls first; bare primitives
+    # after them.
+    return sorted(names, key=lambda n: n in _STEP_PRIMS)
+
+
+def _explain(m: str, style: str, group: Group, layers: Mapping[str, Layer], g: Graph) -> Why:
+    cols = [x for x, s in group.assign.items() if s == "column"]
+    rows = [x for x, s in group.assign.items() if s == "row" and not layers[x].embed]
+    refs = tuple(group.assign)
+    ref = {x: "{" + str(k) + "}" for k, x in enumerate(refs)}
+    steps = _steps(g, group.trail)
+    steps = steps[:_MAX_STEPS] + (["..."] if len(steps) > _MAX_STEPS else [])
+    through = f" through {', '.join(esc(s) for s in steps)}" if steps else ""
+    heads = f"; whole heads: the tensor size must divide {group.heads}" if group.heads else ""
+    if layers[m].embed:
+        shape = group.lookup_shape
+        text = (
+            "row (vocabulary rows): an embedding lookup; each device looks up the ids its "
+            f"rows hold and one all-reduce of the {shape} result sums them"
+        )
+        if group.tied:
+            out, inner = group.head
+            text += (f"; its transposed use (tied output projection, {inner} -> {out}) "
+                     f"makes logits split on the vocabulary, whose split {group.end}")  # fmt: skip
+        return Why(text, refs)
+    if style == "row":
+        shape = group.pair_shapes[m]
+        names = ", ".join(ref[c] for c in cols)
+        return Why(f"row: contracts the split output of {names}; one all-reduce of its "
+                    f"{shape} result{heads}", refs)  # fmt: skip
+    others = [ref[c] for c in cols if c != m]
+    partners = f" (with {', '.join(others)})" if others else ""
+    if not rows:
+        out, inner = group.head
+        through = f" ({through.strip()})" if through else ""
+        return Why(
+            f"column: a projection to a larger output ({inner} -> {out} features), a "
+            f"vocabulary head whose split result {group.end}{through}{partners}{heads}",
+            refs,
+        )
+    return Why(
+        f"column: its output stays split{through} into {', '.join(ref[r] for r in rows)} "
+        f"(row){partners}{heads}",
+        refs,
+    )
+
+
+def _layers(model: nnx.Module, used: set[str]) -> tuple[dict[str, Layer], dict[str, str]]:
+    """Candidate layers (modules with a layout that own a used parameter), each with the
+    tensor-split dimension of each of its parameters per style; and parameter -> layer."""
+    roots = stack_roots(model)
+    params = {path_str(p): tuple(v.get_value().shape)
+              for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}  # fmt: skip
+    supported = {path_str(p): m for p, m in nnx.iter_modules(model) if p and layout_fn(m)}
+    layers, owner = {}, {}
+    for path, module in supported.items():
+        if any(path.startswith(x + ".") for x in supported):  # the outermost layer owns it
+            continue
+        mine = [n for n in params if n.startswith(path + ".")]
+        if not mine or not any(n in used for n in mine):
+            continue
+        axes = layer_axes(path, roots)
+        splits: dict[str, dict[str, int] | str] = {}
+        for name, style in STYLES.items():
+            try:
+                layout = style().layout(one_layer(module, axes))
+            except ValueError as e:
+                splits[name] = str(e)
+                continue
+            splits[name] = {
+                f"{path}.{rel}": axes + tuple(rule.spec).index(TENSOR)
+                for rel, rule in layout.items()
+                if rule is not None and f"{path}.{rel}" in params and TENSOR in tuple(rule.spec)
+            }
+        layers[path] = Layer(isinstance(module, nnx.Embed), splits)
+        owner.update(dict.fromkeys(mine, path))
+    return layers, owner
+
+
+def _others(model: nnx.Module, owner: Mapping[str, str], used: set[str]) -> dict[str, Why]:
+    """Why each parameter outside a candidate layer is replicated, by its module."""
+    modules = {path_str(p): m for p, m in nnx.iter_modules(model)}
+    out: dict[str, Why] = {}
+    for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name = path_str(p)
+        module = path_str(p[:-1])
+        if name in owner and name in used:
+            continue
+        if name in owner or name not in used:
+            out.setdefault(owner.get(name, module), Why("replicated: the forward does not use it"))
+            continue
+        kind = type(modules[module]).__name__
+        if not module:  # plan keys name sub-modules: the model's own parameters stay whole
+            out[name] = Why(f"replicated: a parameter of {kind} itself, outside any layer")
+            continue
+        out.setdefault(module, Why(
+            f"replicated: {kind} has no column/row layout (norms and scales are small and "
+            "needed whole; lay out any other module by hand with jtp.ParamSharding)"
+        ))  # fmt: skip
+    return out
+
+
+_INDEX = re.compile(r"(?<![^.])\d+(?![^.])")  # a whole numeric path component
+
+
+def _keys(model: nnx.Module, entries: Mapping[str, tuple[Any, Why]]) -> dict[str, str]:
+    """The plan key of each entry's module: ``layers.*.attention.wq`` where every layer of
+    an unrolled list (or a stack) agrees on style and reason, its own path otherwise."""
+    roots = stack_roots(model)
+    paths = [path_str(p) for p, _ in nnx.iter_modules(model) if p]
+    names = {p: match_name(p, roots) for p in paths} | {m: m for m in entries if m not in paths}
+    groups: dict[str, list[str]] = {}
+    for m in entries:
+        groups.setdefault(_INDEX.sub("*", names[m]), []).append(m)
+    keys = {m: names[m] for m in entries}
+    for pattern, members in groups.items():
+        if len(members) < 2:
+            continue
+        hits = {p for p in paths if fnmatch.fnmatchcase(names[p], pattern)
+                or fnmatch.fnmatchcase(p, pattern)}  # fmt: skip
+        if hits != set(members):
+            continue
+
+        def same(m: str) -> tuple:
+            style, why = entries[m]
+            return style, why.text, tuple(_INDEX.sub("*", names[r]) for r in why.refs)
+
+        if len({same(m) for m in members}) == 1:
+            keys.update(dict.fromkeys(members, pattern))
+    return keys
+
+
+def infer_plan(model: nnx.Module | Callable[[], nnx.Module], *example_args: Any) -> InferredPlan:
+    """Infer a tensor-parallel plan by tracing ``model(*example_args)``.
+
+    Finds the parameterised matmuls of the forward and pairs column -> row layers through
+    element-wise ops, gates, norms over other axes and reshapes that keep whole heads on
+    each device; everything else stays replicated. ``str(plan)`` (and :func:`jtp.explain`)
+    says why each layer got its style. The plan is mesh-independent: heads, when a split
+    falls on them, are checked against the tensor size when the plan is applied.
+
+    Args:
+      model: an ``nnx.Module`` (concrete, or abstract from ``nnx.eval_shape``), or a
+        zero-argument factory (evaluated abstractly: nothing is allocated).
+      example_args: the forward's inputs, arrays or ``jax.ShapeDtypeStruct``s (only shapes
+        and dtypes are used).
+
+    Example::
+
+      plan = jtp.infer_plan(model, jnp.zeros((8, 64)))
+      model = jtp.parallelize(model, mesh, plan)
+      print(jtp.explain(model, mesh, plan))
+    """
+    if not isinstance(model, nnx.Module):
+        if not callable(model):
+            raise ValueError(
+                f"infer_plan takes an nnx.Module or a zero-argument factory, got "
+                f"{type(model).__name__}"
+            )
+        model = nnx.eval_shape(model)
+    if not example_args:
+        raise ValueError(
+            "infer_plan traces model(*example_args): give the forward's inputs (arrays or "
+            "jax.ShapeDtypeStruct), e.g. jtp.infer_plan(model, jnp.zeros((8, 64)))"
+        )
+    graphdef, state = nnx.split(model)
+
+    def forward(state: nnx.State, *args: Any) -> Any:
+        return nnx.merge(graphdef, state)(*args)
+
+    params = {path_str(p) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    graph = trace(forward, state, example_args, params)
+    used = {path for v, path in graph.params.items() if v in graph.users}
+    layers, owner = _layers(model, used)
+    search = Search(graph, layers, owner)
+    groups, whys = search.search()
+    entries: dict[str, tuple[ParallelStyle | None, Why]] = {}
+    for m in search.layers:  # program order
+        if m in groups:
+            style, group = groups[m].assign[m], groups[m]
+            entries[m] = (
+                STYLES[style](heads=group.heads),
+                _explain(m, style, group, layers, graph),
+            )
+        else:
+            entries[m] = (None, whys[m])
+    entries |= {m: (None, why) for m, why in _others(model, owner, used).items()}
+    if not layers:
+        entries[""] = (None, Why("replicated: the forward has no parameterised matmul, so "
+                                  "there is nothing to split"))  # fmt: skip
+    keys = _keys(model, {m: e for m, e in entries.items() if m})
+    keys[""] = "(model)"
+    plan_styles, reasons = {}, {}
+    for m, (style, why) in entries.items():
+        key = keys[m]
+        if style is not None:
+            plan_styles[key] = style
+        reasons.setdefault(key, why.render(lambda r: keys.get(r, r)))
+    return InferredPlan(plan_styles, {}, reasons)
