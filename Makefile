@@ -41,6 +41,7 @@ AVX2_TESTS := \
 	tests/models/test_hf.py::test_bf16_load \
 	tests/models/test_blockwise.py::test_float32_outputs_and_gradients_equal_xla \
 	tests/models/test_blockwise.py::test_bf16_within_bf16_rounding_of_xla \
+	tests/models/test_blockwise.py::test_softcap_and_scale_equal_the_xla_einsum_path \
 	'tests/parallel/test_parallelize.py::test_matches_unsharded[tiny_lm-1x8-tp]' \
 	'tests/parallel/test_parallelize.py::test_matches_unsharded[tiny_lm-2x4-fsdp]' \
 	'tests/parallel/test_parallelize.py::test_matches_unsharded[feedforward-2x4-tp]' \

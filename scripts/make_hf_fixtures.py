@@ -10,12 +10,17 @@ next to jax here: jax needs Python >= 3.12, the local torch wheel is for 3.11):
     /tmp/hf/bin/python scripts/make_hf_fixtures.py --only phi3  # that fixture alone
 
 Each fixture is one architecture with random weights made to matter: norm scales around 1
-(not exactly 1), biases of size 0.5, projections scaled so attention is peaked and the
-logits spread. Weights are rounded to the file's dtype (bf16: what the hub ships)
-*before* the reference runs, and transformers computes the reference in float32 from the
-saved directory itself (so it reads the very config.json and tensors jtp will). Every
-fixture has heads divisible by 8 and a vocabulary of 128, so the (1,8), (2,4) and (4,2)
-meshes apply; 4 sequences of 16 tokens, so data=4 and sequence parallelism over 2 apply.
+(not exactly 1; Gemma's, which scale by 1 + w, around 0), biases of size 0.5, projections
+scaled so attention is peaked and the logits spread. Each Gemma feature is made to bite:
+the script checks that transformers' logits move clearly (:data:`MATTERS`) when it is
+switched off (a sliding window of 8 in 16 tokens, soft-caps below the scores and logits
+seen, two RoPE bases, a query_pre_attn_scalar other than head_dim), and that Gemma 3's
+hub spelling of the config gives transformers the same logits. Weights are rounded to the
+file's dtype (bf16: what the hub ships) *before* the reference runs, and transformers
+computes the reference in float32 from the saved directory itself (so it reads the very
+config.json and tensors jtp will). Every fixture has heads divisible by 8 and a vocabulary
+of 128, so the (1,8), (2,4) and (4,2) meshes apply; 4 sequences of 16 tokens, so data=4 and
+sequence parallelism over 2 apply.
 
 ``--check DIR --reference NPZ`` loads DIR (e.g. what ``python -m jtp.train --hf ...
 --export-hf DIR`` wrote) with ``AutoModelForCausalLM`` and compares its float32 logits on
@@ -98,7 +103,52 @@ FIXTURES = {
         cls="LlamaConfig", dtype="bfloat16", hidden_size=64, num_key_value_heads=2,
         rope_parameters=dict(rope_type="default", rope_theta=500000.0),
     ),
+    # Gemma 2: GeGLU, (1 + w) norms, four per block, sqrt(D) embedding scale, tied; layers
+    # sliding (window 8 < 16 tokens) and global alternating; scores and logits soft-capped
+    # where they are; query_pre_attn_scalar 4 (not head_dim 8). The hub's spelling.
+    "gemma2": dict(
+        cls="Gemma2Config", dtype="bfloat16", hub_spelling=True, hidden_size=32, head_dim=8,
+        sliding_window=8, query_pre_attn_scalar=4, attn_logit_softcapping=3.0,
+        final_logit_softcapping=8.0, rope_parameters=dict(rope_type="default", rope_theta=1e4),
+    ),
+    # Gemma 3 (text): Gemma 2's block with (1 + w) q/k norms, no soft-caps; layers sliding,
+    # global, sliding (window 8), each kind with its RoPE: base 10 on sliding layers, 1e4 and
+    # linear scaling by 4 on the global one; query_pre_attn_scalar 2. transformers 5's
+    # spelling (nested rope_parameters, layer_types); the hub's is checked to give the same
+    # logits.
+    "gemma3": dict(
+        cls="Gemma3TextConfig", dtype="bfloat16", hidden_size=64, head_dim=8,
+        num_hidden_layers=3, sliding_window=8, query_pre_attn_scalar=2,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={
+            "sliding_attention": dict(rope_type="default", rope_theta=10.0),
+            "full_attention": dict(rope_type="linear", rope_theta=1e4, factor=4.0),
+        },
+    ),
 }  # fmt: skip
+# Config changes that switch one feature off, each of which must move transformers' logits
+# by at least MIN_EFFECT of the largest (the tests check jtp's logits move with them).
+MATTERS = {
+    "gemma2": {
+        "sliding window": dict(sliding_window=4096),
+        "attention soft-cap": dict(attn_logit_softcapping=None),
+        "final soft-cap": dict(final_logit_softcapping=None),
+        "query_pre_attn_scalar": dict(query_pre_attn_scalar=8),
+    },
+    "gemma3": {
+        "sliding window": dict(sliding_window=4096),
+        "local RoPE base": dict(rope_parameters={
+            "sliding_attention": dict(rope_type="linear", rope_theta=1e4, factor=4.0),
+            "full_attention": dict(rope_type="linear", rope_theta=1e4, factor=4.0),
+        }),
+        "linear RoPE scaling": dict(rope_parameters={
+            "sliding_attention": dict(rope_type="default", rope_theta=10.0),
+            "full_attention": dict(rope_type="default", rope_theta=1e4),
+        }),
+        "query_pre_attn_scalar": dict(query_pre_attn_scalar=8),
+    },
+}  # fmt: skip
+MIN_EFFECT = 0.05
 
 
 def randomize(model: torch.nn.Module, seed: int) -> None:
@@ -107,8 +157,8 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=g)
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.3 * noise)
+            if name.endswith("norm.weight"):  # Gemma's norms scale by 1 + w
+                p.copy_(0.3 * noise + (0.0 if _gemma(model.config) else 1.0))
             elif name.endswith(".bias"):
                 p.copy_(0.5 * noise)
             elif "embed_tokens" in name:
@@ -117,21 +167,29 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(noise * 1.5 / p.shape[1] ** 0.5)
 
 
+def _gemma(config: transformers.PretrainedConfig) -> bool:
+    return config.model_type.startswith("gemma")
+
+
 def to_hub_spelling(config_path: str) -> None:
-    """Rewrite transformers 5's rope_parameters as the hub's files spell it."""
+    """Rewrite transformers 5's rope_parameters as the hub's files spell it (and Gemma 2's
+    layer types as its default)."""
     with open(config_path) as f:
         c = json.load(f)
     rope = c.pop("rope_parameters")
     c["rope_theta"] = rope.pop("rope_theta")
     c["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
     c["torch_dtype"] = c.pop("dtype")
+    if c["model_type"] == "gemma2":  # as google/gemma-2-*: no layer_types, both activations
+        c.pop("layer_types")  # the default alternates from a sliding layer 0, as here
+        c["hidden_act"] = c["hidden_activation"]
     with open(config_path, "w") as f:
         json.dump(c, f, indent=2)
 
 
-def reference_logits(path: str, tokens: np.ndarray = TOKENS) -> np.ndarray:
+def reference_logits(path: str, tokens: np.ndarray = TOKENS, **overrides) -> np.ndarray:
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, attn_implementation="eager"
+        path, dtype=torch.float32, attn_implementation="eager", **overrides
     )
     with torch.no_grad():
         return model(torch.from_numpy(tokens).long()).logits.float().numpy()
@@ -225,6 +283,38 @@ def make(name: str, spec: dict, seed: int) -> None:
     np.savez(os.path.join(path, "reference.npz"), tokens=TOKENS, logits=logits)
     size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
     print(f"{name}: {size / 1024:.0f} KB, |logits| max {np.abs(logits).max():.2f}")
+    for feature, off in MATTERS.get(name, {}).items():
+        moved = np.abs(reference_logits(path, **off) - logits).max() / np.abs(logits).max()
+        print(f"  without the {feature}: logits move by {moved:.3f} of the largest")
+        assert moved >= MIN_EFFECT, (name, feature, moved)
+    if name == "gemma3":
+        check_gemma3_hub_spelling(path, logits)
+
+
+def check_gemma3_hub_spelling(path: str, logits: np.ndarray) -> None:
+    """The hub's Gemma 3 config.json (rope_theta + rope_scaling for the global layers,
+    rope_local_base_freq for the sliding ones, sliding_window_pattern instead of
+    layer_types) gives transformers the same model: the same logits, exactly."""
+    tmp = path + ".hub"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(path, tmp)
+    try:
+        with open(os.path.join(tmp, "config.json")) as f:
+            c = json.load(f)
+        rope = c.pop("rope_parameters")
+        full, local = rope["full_attention"], rope["sliding_attention"]
+        c.pop("layer_types")
+        c.update(
+            rope_theta=full.pop("rope_theta"), rope_scaling=full,
+            rope_local_base_freq=local["rope_theta"], sliding_window_pattern=2,
+            torch_dtype=c.pop("dtype"),
+        )  # fmt: skip
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(c, f, indent=2)
+        assert np.array_equal(reference_logits(tmp), logits)
+        print("  the hub's spelling of its config.json: the same logits")
+    finally:
+        shutil.rmtree(tmp)
 
 
 def check(path: str, reference: str) -> float:

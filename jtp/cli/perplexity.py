@@ -29,7 +29,8 @@ from jtp.data.loader import DataLoader
 from jtp.data.tokens import read_meta
 from jtp.models.attention import ATTENTION
 from jtp.models.hf.config import max_positions_of, read_config
-from jtp.models.llama import Llama3RopeScaling, LlamaConfig
+from jtp.models.llama import LlamaConfig
+from jtp.models.rope import rope_scaling_of
 from jtp.parallel.abstract import abstract_sharded
 from jtp.training.precision import PRECISIONS
 
@@ -143,9 +144,8 @@ def _known[T](cls: type[T], record: dict[str, Any]) -> T:
 
 def model_config_of(record: dict[str, Any]) -> LlamaConfig:
     """The :class:`LlamaConfig` a checkpoint's metadata recorded (``dataclasses.asdict``)."""
-    scaling = record.get("rope_scaling")
-    rope = Llama3RopeScaling(**scaling) if scaling else None
-    return _known(LlamaConfig, {**record, "rope_scaling": rope})
+    scaling = rope_scaling_of(record.get("rope_scaling"))  # its fields say which kind
+    return _known(LlamaConfig, {**record, "rope_scaling": scaling})
 
 
 def checkpoint_task(e: EvalConfig) -> tuple[PerplexityTask, dict[str, Any]]:

@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         fp32_ratio=args.fp32_ratio,
     )  # fmt: skip
     args.attention_compiled = compiled_attention(
-        args.attention, args.precision, model.head_dim, devices[0].platform
+        args.attention, args.precision, model.head_dim, devices[0].platform, model.attn_softcap
     )
     policies = tuple(remat_name(r) for r in args.remat.split(","))
     configs = configurations(args.devices, args.devices_per_host, model.n_heads,

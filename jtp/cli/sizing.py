@@ -31,10 +31,13 @@ from jtp.cli.roofline import ring_factor
 AXES_KEYS = {"tensor": "tensor", "data": "data", "data+tensor": "both", "-": "tensor"}
 
 
-def compiled_attention(requested: str, precision: str, head_dim: int, platform: str) -> str:
+def compiled_attention(
+    requested: str, precision: str, head_dim: int, platform: str, softcap: float | None = None
+) -> str:
     """The attention the planner compiles for ``requested``: on a CPU, ``"auto"`` means what
     a Hopper GPU would run: cuDNN's fused kernel (O(T) memory) where it takes these inputs,
-    for which jtp's ``"blockwise"`` kernel stands in, XLA's O(T^2) path otherwise (fp32)."""
+    for which jtp's ``"blockwise"`` kernel stands in, XLA's O(T^2) path otherwise (fp32, or
+    scores soft-capped at ``softcap``: Gemma 2)."""
     if requested != "auto" or platform != "cpu":
         return requested
     from jtp.models.attention import choose_attention
@@ -42,7 +45,7 @@ def compiled_attention(requested: str, precision: str, head_dim: int, platform: 
 
     gpu, _ = choose_attention(
         "auto", platform="gpu", dtype=policy(precision).compute_dtype, head_dim=head_dim,
-        compute_capability="9.0",
+        compute_capability="9.0", softcap=softcap,
     )  # fmt: skip
     return "blockwise" if gpu == "cudnn" else "xla"
 
@@ -78,12 +81,14 @@ def measure(
     from jtp.models.hf import config_of
 
     platform = devices[0].platform
-    head_dim = (config_of(hf, max_seq_len=seq) if hf else preset_config(preset)).head_dim
+    model = config_of(hf, max_seq_len=seq) if hf else preset_config(preset)
     task_config = LlamaTaskConfig(
         preset=preset, hf=hf, seq_len=seq, batch_size=micro_batch * config.data, fsdp=config.fsdp,
         sequence_parallel=config.sequence_parallel, loss_parallel=config.tensor > 1,
         remat=config.remat,
-        attention=compiled_attention(attention, precision, head_dim, platform),
+        attention=compiled_attention(
+            attention, precision, model.head_dim, platform, model.attn_softcap
+        ),
     )  # fmt: skip
     traced, mesh = trace_llama_step(
         task_config, (config.data, config.tensor), devices, precision=precision,

@@ -10,11 +10,18 @@ that holds and says once, in the log, which it chose and why. ``"blockwise"`` is
 flash-style attention in pure JAX (:mod:`jtp.models.blockwise`): O(T) memory on every
 backend, for long sequences on CPUs, and what the capacity planner compiles on CPU to stand
 for cuDNN's kernel.
+
+Gemma 2 soft-caps the scores (``tanh(s / cap) * cap`` before the mask), which neither
+``jax.nn.dot_product_attention`` nor cuDNN's kernel computes: with a ``softcap``, "xla" is
+:func:`softcapped_attention` (XLA's arithmetic written out, the cap added) and "auto" never
+takes cuDNN; "blockwise" caps inside its tiles. Sliding windows (``local_window_size``) and
+a score scale other than ``head_dim ** -0.5`` (``scale``) every kernel takes.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import jax
@@ -44,16 +51,20 @@ def choose_attention(
     dtype: Any,
     head_dim: int,
     compute_capability: str | None = None,
+    softcap: float | None = None,
 ) -> tuple[str, str]:
     """``(implementation, why)`` for ``requested`` in ``ATTENTION`` on ``platform``
-    ("cpu", "gpu", "tpu") with inputs of ``dtype``; ``"cudnn"`` asked for where it cannot
-    run is a ``ValueError`` saying why (before anything compiles)."""
+    ("cpu", "gpu", "tpu") with inputs of ``dtype`` and scores soft-capped at ``softcap``
+    (None: not capped); ``"cudnn"`` asked for where it cannot run is a ``ValueError``
+    saying why (before anything compiles)."""
     if requested not in ATTENTION:
         raise ValueError(f"attention={requested!r} must be one of {ATTENTION}")
     if requested in ("xla", "blockwise"):
         return requested, f"attention={requested!r} asked for"
     limit = cudnn_head_dim_limit(compute_capability)
-    if platform != "gpu":
+    if softcap is not None:
+        why = f"scores soft-capped at {softcap}: cuDNN's kernel has no soft-capping"
+    elif platform != "gpu":
         why = f"no GPU (platform {platform!r}): cuDNN runs on NVIDIA GPUs only"
     elif jnp.dtype(dtype).name not in CUDNN_DTYPES:
         why = f"{jnp.dtype(dtype).name} inputs: cuDNN attention takes bf16 or fp16"
@@ -79,23 +90,90 @@ def attention(
     implementation: str = "auto",
     is_causal: bool = True,
     local_window_size: int | tuple[int, int] | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> jax.Array:
     """``jax.nn.dot_product_attention`` with the kernel :func:`choose_attention` picks for
     this backend and these inputs: (B, T, H, E) queries, (B, S, K, E) keys and values
-    (grouped-query: query head h uses kv head h // (H / K)) -> (B, T, H, E)."""
+    (grouped-query: query head h uses kv head h // (H / K)) -> (B, T, H, E). ``scale``
+    multiplies the scores (None: ``E ** -0.5``); ``softcap``: scores ``tanh(s / cap) * cap``
+    before the mask (Gemma 2)."""
     platform, capability = _device_facts()
     impl, why = choose_attention(
         implementation, platform=platform, dtype=q_bthe.dtype, head_dim=q_bthe.shape[-1],
-        compute_capability=capability,
+        compute_capability=capability, softcap=softcap,
     )  # fmt: skip
     if (impl, why) not in _announced:
         _announced.add((impl, why))
         log.info("attention: %s (%s)", impl, why)
     if impl == "blockwise":
         return blockwise_attention(
-            q_bthe, k_bske, v_bske, is_causal=is_causal, local_window_size=local_window_size
-        )
+            q_bthe, k_bske, v_bske, is_causal=is_causal, local_window_size=local_window_size,
+            scale=scale, softcap=softcap,
+        )  # fmt: skip
+    if softcap is not None:
+        return softcapped_attention(
+            q_bthe, k_bske, v_bske, is_causal=is_causal, local_window_size=local_window_size,
+            scale=scale, softcap=softcap,
+        )  # fmt: skip
     return jax.nn.dot_product_attention(
         q_bthe, k_bske, v_bske, is_causal=is_causal, local_window_size=local_window_size,
-        implementation=impl,
+        scale=scale, implementation=impl,
     )  # fmt: skip
+
+
+def softcapped_attention(
+    q_bthe: jax.Array,
+    k_bske: jax.Array,
+    v_bske: jax.Array,
+    *,
+    softcap: float,
+    scale: float | None = None,
+    is_causal: bool = True,
+    local_window_size: int | tuple[int, int] | None = None,
+    mask_bts: jax.Array | None = None,
+) -> jax.Array:
+    """XLA's attention (``jax.nn.dot_product_attention(implementation="xla")``'s arithmetic:
+    float32 scores of bf16 x bf16 products, softmax in float32, probabilities cast to the
+    values' dtype) with the scores soft-capped, ``tanh(s * scale / cap) * cap``, before the
+    masks: transformers' Gemma 2 order. Masks as ``jax.nn.dot_product_attention``'s
+    (``is_causal``: key s <= query t; ``local_window_size`` (left, right): t - left <= s <=
+    t + right; ``mask_bts``: (B, T, S) bool, True where a query may attend).
+    Shapes: (B, T, H, E) queries, (B, S, K, E) keys and values -> (B, T, H, E)."""
+    b, t, h, e = q_bthe.shape
+    s, kv = k_bske.shape[1], k_bske.shape[2]
+    scale = 1.0 / math.sqrt(e) if scale is None else scale
+    # As jax's: bf16 x bf16 -> float32 named explicitly, so that the backward's products of
+    # the float32 score gradients with bf16 q / k are bf16 ones too (jax issue 24047).
+    precision = _PRESETS.get(jnp.dtype(q_bthe.dtype).name)
+    q_btkre = q_bthe.reshape(b, t, kv, h // kv, e)  # (B, T, K, R, E): query h is (h // R, h % R)
+    scores_bkrts = jnp.einsum(
+        "btkre,bske->bkrts", q_btkre, k_bske, precision=precision,
+        preferred_element_type=jnp.float32,
+    ) * jnp.float32(scale)  # fmt: skip
+    scores_bkrts = jnp.tanh(scores_bkrts / softcap) * softcap
+    keep_ts = jnp.ones((t, s), bool)
+    t_pos, s_pos = jnp.arange(t)[:, None], jnp.arange(s)[None, :]
+    if is_causal:
+        keep_ts &= s_pos <= t_pos
+    if local_window_size is not None:
+        left, right = (
+            (local_window_size,) * 2 if isinstance(local_window_size, int) else local_window_size
+        )
+        keep_ts &= (t_pos <= s_pos + left) & (t_pos >= s_pos - right)
+    keep = keep_ts[None, None, None]  # (1, 1, 1, T, S)
+    if mask_bts is not None:
+        keep = keep & mask_bts[:, None, None]  # (B, 1, 1, T, S)
+    scores_bkrts = jnp.where(keep, scores_bkrts, _LARGE_NEGATIVE)
+    probs_bkrts = jax.nn.softmax(scores_bkrts, axis=-1).astype(v_bske.dtype)
+    out_btkre = jnp.einsum("bkrts,bske->btkre", probs_bkrts, v_bske)
+    return out_btkre.reshape(b, t, h, e)  # (B, T, H, E)
+
+
+_PRESETS = {
+    "bfloat16": jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
+    "float16": jax.lax.DotAlgorithmPreset.F16_F16_F32,
+}
+# jax's masked-score value (-0.7 x float32's max): finite, so a row with no key is uniform
+# rather than nan, exactly as jax.nn.dot_product_attention's XLA path does.
+_LARGE_NEGATIVE = -0.7 * float(jnp.finfo(jnp.float32).max)

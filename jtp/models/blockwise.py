@@ -13,7 +13,9 @@ float32 (bf16 x bf16 products accumulated in float32), probabilities cast to the
 dtype for the second matmul. Tiles above the causal diagonal (or outside a local window) are
 skipped with ``lax.cond``, which halves causal attention's work on backends that run one
 branch (CPU, GPU). It is what cuDNN's fused kernel does in memory, written for any backend:
-the capacity planner compiles it on CPU to size what a GPU runs with cuDNN.
+the capacity planner compiles it on CPU to size what a GPU runs with cuDNN. Gemma 2's score
+soft-capping (``tanh(s / cap) * cap`` before the mask), which cuDNN's kernel lacks, is
+applied to each tile, with its derivative ``1 - (capped / cap)^2`` in the backward.
 
 Dimension letters: B batch, T queries, S keys, K kv heads, R = H / K queries per kv head,
 E head dim, N query blocks, M key blocks, Q / C a query / key block's length.
@@ -46,11 +48,15 @@ def blockwise_attention(
     local_window_size: int | tuple[int, int] | None = None,
     block_q: int = BLOCK,
     block_k: int = BLOCK,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> jax.Array:
     """Grouped-query attention of (B, T, H, E) queries over (B, S, K, E) keys and values
     (query head h uses kv head h // (H / K)) -> (B, T, H, E), with the masks of
     ``jax.nn.dot_product_attention`` (``is_causal``: key s <= query t; ``local_window_size``
     (left, right): t - left <= s <= t + right). Sequences are padded to whole blocks.
+    ``scale`` multiplies the scores (None: ``E ** -0.5``); ``softcap``: the scaled scores
+    become ``tanh(s / cap) * cap`` before the mask (None: not capped).
 
     Example::
 
@@ -61,7 +67,8 @@ def blockwise_attention(
     if h % kv:
         raise ValueError(f"blockwise_attention: {h} query heads not divisible by {kv} kv heads")
     bq, bk = min(block_q, t), min(block_k, s)
-    static = (is_causal, _window(local_window_size), bq, bk, s, 1.0 / math.sqrt(e))
+    scale = 1.0 / math.sqrt(e) if scale is None else float(scale)
+    static = (is_causal, _window(local_window_size), bq, bk, s, softcap, scale)
     q_nbqkre = _blocks(q_bthe.reshape(b, t, kv, h // kv, e), bq)  # (N, B, Q, K, R, E)
     k_mbcke, v_mbcke = _blocks(k_bske, bk), _blocks(v_bske, bk)  # (M, B, C, K, E)
     out_nbqkre = _attend(static, q_nbqkre, k_mbcke, v_mbcke)
@@ -85,7 +92,7 @@ def _unblocks(x, t):
 def _tile_mask(static, i, j):
     """(Q, C) bool: which (query, key) pairs of query block i and key block j attend, and
     whether any does (a scalar: the tile can be skipped when not)."""
-    is_causal, window, bq, bk, s, _ = static
+    is_causal, window, bq, bk, s, _, _ = static
     q_pos = i * bq + jnp.arange(bq)[:, None]  # (Q, 1)
     k_pos = j * bk + jnp.arange(bk)[None, :]  # (1, C)
     mask = k_pos < s  # padded keys never attend
@@ -97,10 +104,14 @@ def _tile_mask(static, i, j):
 
 
 def _scores(static, q_bqkre, k_bcke, mask_qc):
-    """(B, K, R, Q, C) float32 scaled scores, masked entries at a finite minimum."""
+    """(B, K, R, Q, C) float32 scaled (and soft-capped) scores, masked entries at a finite
+    minimum."""
     s_bkrqc = jnp.einsum(
         "bqkre,bcke->bkrqc", q_bqkre, k_bcke, preferred_element_type=jnp.float32
     ) * jnp.float32(static[-1])
+    softcap = static[-2]
+    if softcap is not None:
+        s_bkrqc = jnp.tanh(s_bkrqc / softcap) * softcap
     return jnp.where(mask_qc, s_bkrqc, _MASKED)
 
 
@@ -158,7 +169,7 @@ def _attend_bwd(static, residuals, dout_nbqkre):
     the tile's probabilities from the saved log-sum-exp, accumulate dK and dV for the key
     block and add each tile's dQ into a float32 (N, B, Q, K, R, E) accumulator."""
     q_nbqkre, k_mbcke, v_mbcke, out_nbqkre, lse_nbkrq = residuals
-    scale = jnp.float32(static[-1])
+    scale, softcap = jnp.float32(static[-1]), static[-2]
     # D = rowsum(dO * O): the softmax backward's correction, (N, B, K, R, Q) float32.
     d_nbkrq = jnp.einsum("nbqkre,nbqkre->nbkrq", dout_nbqkre.astype(jnp.float32),
                          out_nbqkre.astype(jnp.float32))  # fmt: skip
@@ -179,7 +190,12 @@ def _attend_bwd(static, residuals, dout_nbqkre):
                                      do_bqkre, preferred_element_type=jnp.float32)  # fmt: skip
                 dp_bkrqc = jnp.einsum("bqkre,bcke->bkrqc", do_bqkre, v_bcke,
                                       preferred_element_type=jnp.float32)  # fmt: skip
-                ds_bkrqc = (p_bkrqc * (dp_bkrqc - d_bkrq[..., None]) * scale).astype(q_bqkre.dtype)
+                ds_bkrqc = p_bkrqc * (dp_bkrqc - d_bkrq[..., None])  # d loss / d capped score
+                if softcap is not None:  # d tanh(u / c) * c / du = 1 - tanh^2 = 1 - (capped / c)^2
+                    # (masked entries hold a huge finite score whose square overflows: 0 there)
+                    dcap_bkrqc = jnp.where(mask_qc, 1.0 - jnp.square(s_bkrqc / softcap), 0.0)
+                    ds_bkrqc = ds_bkrqc * dcap_bkrqc
+                ds_bkrqc = (ds_bkrqc * scale).astype(q_bqkre.dtype)
                 dk = dk + jnp.einsum("bkrqc,bqkre->bcke", ds_bkrqc, q_bqkre,
                                      preferred_element_type=jnp.float32)  # fmt: skip
                 dq = jnp.einsum("bkrqc,bcke->bqkre", ds_bkrqc, k_bcke,

@@ -10,7 +10,11 @@ attention (kv heads split over "tensor", batch over "data"); this module names n
 
 The same weights, the same modules (:class:`jtp.models.llama.Attention`'s ``qkv`` and
 ``out``, the norms, the feed-forward), and for every position the same logits as
-``Llama.__call__`` on the unpadded sequence (``tests/models/test_decode.py``).
+``Llama.__call__`` on the unpadded sequence (``tests/generation/test_generate.py``), sliding
+windows, soft-caps, score scale and Gemma's norms included. A sliding layer's window is
+counted in slots: a sequence's slots and positions advance together (padding only on the
+left), so a slot distance is a position distance. The cache keeps every slot of every layer
+(a sliding layer could keep a ring of W slots: not done).
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jtp.models.llama import Llama
+from jtp.models.attention import softcapped_attention
+from jtp.models.layer_kinds import by_kind, layer_kinds
+from jtp.models.llama import Llama, scale_embeddings, soft_cap
 from jtp.models.rope import rope_at
 from jtp.models.stack import scan_blocks
 from jtp.parallel.activations import shard_activation
@@ -46,15 +52,23 @@ def init_cache(model: Llama, batch: int, slots: int, dtype: Any = None) -> KVCac
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
-def _attend(q_bthe, k_bske, v_bske, mask_bts):
+def _attend(attn, q_bthe, k_bske, v_bske, mask_bts):
     # Grouped-query attention over the cache; XLA's kernel: the fused ones take no mask.
+    if attn.softcap is not None:  # Gemma 2: no jax kernel caps the scores
+        return softcapped_attention(
+            q_bthe, k_bske, v_bske, softcap=attn.softcap, scale=attn.scale, is_causal=False,
+            mask_bts=mask_bts,
+        )  # fmt: skip
     mask_b1ts = mask_bts[:, None, :, :]  # (B, 1, T, S): one mask for every head
-    return jax.nn.dot_product_attention(q_bthe, k_bske, v_bske, mask=mask_b1ts)
+    return jax.nn.dot_product_attention(q_bthe, k_bske, v_bske, mask=mask_b1ts, scale=attn.scale)
 
 
-def _block(block, x_btd, cos_btf, sin_btf, k_bske, v_bske, index, mask_bts):
-    """One block over the new tokens; writes their keys and values at slot ``index``."""
+def _block(block, x_btd, ropes, sliding, k_bske, v_bske, index, masks):
+    """One block over the new tokens; writes their keys and values at slot ``index``.
+    ``ropes``, ``masks``: (every layer's or the full layers', the sliding layers' or None)."""
     attn = block.attention
+    cos_btf, sin_btf = ropes[0] if ropes[1] is None else by_kind(sliding, ropes[1], ropes[0])
+    mask_bts = masks[0] if masks[1] is None else by_kind(sliding, masks[1], masks[0])
     q_bthe, k_new, v_new = attn.qkv(block.attention_norm(x_btd), cos_btf, sin_btf)
     at = (0, index, 0, 0)  # (B, S, K, E): the new tokens' slots
     k_bske = shard_activation(
@@ -63,9 +77,12 @@ def _block(block, x_btd, cos_btf, sin_btf, k_bske, v_bske, index, mask_bts):
     v_bske = shard_activation(
         jax.lax.dynamic_update_slice(v_bske, v_new.astype(v_bske.dtype), at), "heads"
     )
-    out_bthe = _attend(q_bthe, k_bske.astype(q_bthe.dtype), v_bske.astype(q_bthe.dtype), mask_bts)
-    h_btd = x_btd + attn.out(shard_activation(out_bthe, "heads"))
-    return h_btd + block.feed_forward(block.ffn_norm(h_btd)), k_bske, v_bske
+    out_bthe = _attend(
+        attn, q_bthe, k_bske.astype(q_bthe.dtype), v_bske.astype(q_bthe.dtype), mask_bts
+    )
+    h_btd = x_btd + block.after_attention(attn.out(shard_activation(out_bthe, "heads")))
+    f_btd = block.after_ffn(block.feed_forward(block.ffn_norm(h_btd)))
+    return h_btd + f_btd, k_bske, v_bske
 
 
 def forward_cached(
@@ -82,28 +99,40 @@ def forward_cached(
     c = model.config
     t = tokens_bt.shape[1]
     s = cache.k.shape[2]
-    cos_btf, sin_btf = rope_at(positions_bt, c.head_dim, c.rope_theta, c.rope_scaling)
+    rope = rope_at(positions_bt, c.head_dim, c.rope_theta, c.rope_scaling)  # (B, T, E/2) x 2
+    local_rope = (
+        None if c.local_rope_theta is None
+        else rope_at(positions_bt, c.head_dim, c.local_rope_theta)
+    )  # fmt: skip
     slots_t = index + jnp.arange(t)  # the new tokens' slots
     causal_ts = jnp.arange(s)[None, :] <= slots_t[:, None]  # (T, S)
     mask_bts = causal_ts[None] & valid_bs[:, None, :]  # (B, T, S)
-    x_btd = model.tok_embeddings(tokens_bt)  # (B, T, D)
-    args = (cos_btf, sin_btf)
+    window_bts = None  # a window of at least S slots masks nothing
+    if c.sliding_window is not None and c.sliding_window < s:
+        near_ts = slots_t[:, None] - jnp.arange(s)[None, :] < c.sliding_window  # (T, S)
+        window_bts = mask_bts & near_ts[None]
+    ropes, masks = (rope, local_rope), (mask_bts, window_bts)
+    x_btd = scale_embeddings(c, model.tok_embeddings(tokens_bt))  # (B, T, D)
+    kinds, flags = layer_kinds(c)  # one kind for all layers, or each layer's
     if n_layers(model.layers) is None:  # unrolled: one block after the other
         ks, vs = [], []
         for i, block in enumerate(model.layers):
-            x_btd, k, v = _block(block, x_btd, *args, cache.k[i], cache.v[i], index, mask_bts)
+            sliding = kinds[0] if flags is None else bool(flags[i])
+            x_btd, k, v = _block(block, x_btd, ropes, sliding, cache.k[i], cache.v[i], index, masks)
             ks.append(k)
             vs.append(v)
         new = KVCache(jnp.stack(ks), jnp.stack(vs))
-    else:  # stacked: scan over the layers, each with its slice of the cache
+    else:  # stacked: scan over the layers, each with its slice of the cache (and its kind)
 
-        def body(block, x, kv):
-            x, k, v = _block(block, x, *args, *kv, index, mask_bts)
+        def body(block, x, per_layer):
+            k, v, *own = per_layer
+            x, k, v = _block(block, x, ropes, own[0] if own else kinds[0], k, v, index, masks)
             return x, (k, v)
 
-        x_btd, (k, v) = scan_blocks(model.layers, body, x_btd, (cache.k, cache.v))
+        per_layer = (cache.k, cache.v) + (() if flags is None else (flags,))
+        x_btd, (k, v) = scan_blocks(model.layers, body, x_btd, per_layer)
         new = KVCache(k, v)
     h_btd = model.norm(x_btd)
     if model.output is None:  # tied: h @ table.T
-        return model.tok_embeddings.attend(h_btd), new
-    return model.output(h_btd), new
+        return soft_cap(model.tok_embeddings.attend(h_btd), c.final_softcap), new
+    return soft_cap(model.output(h_btd), c.final_softcap), new

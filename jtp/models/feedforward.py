@@ -7,16 +7,25 @@ unless a plan names it). ``jtp`` shards it from outside with a plan such as
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jtp.parallel.activations import shard_activation
 
+# The gate's nonlinearity by name: SwiGLU's silu (Llama) or GeGLU's gelu with the tanh
+# approximation (Gemma; transformers' "gelu_pytorch_tanh", the same formula).
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": nnx.silu,
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+}
+
 
 class FeedForward(nnx.Module):
-    """``w2(silu(w1(x)) * w3(x))`` with bias-free linears (Llama's MLP).
+    """``w2(silu(w1(x)) * w3(x))`` with bias-free linears (Llama's MLP; Gemma's with gelu).
 
     Args:
       dim: input and output features.
@@ -27,6 +36,8 @@ class FeedForward(nnx.Module):
       linear: builds each linear instead, as ``linear(name, n_in, n_out)`` with name
         ``"w1"``, ``"w2"`` or ``"w3"`` (how jtp's Llama puts LoRA adapters on some of them);
         ``dtype`` and ``param_dtype`` are then its business.
+      activation: the gate's nonlinearity, a name in :data:`ACTIVATIONS` ("silu": SwiGLU,
+        "gelu_tanh": GeGLU).
 
     Example::
 
@@ -43,7 +54,13 @@ class FeedForward(nnx.Module):
         dtype: jnp.dtype | None = None,
         param_dtype: jnp.dtype = jnp.float32,
         linear: Callable[[str, int, int], nnx.Module] | None = None,
+        activation: str = "silu",
     ):
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"FeedForward: activation={activation!r} must be one of {list(ACTIVATIONS)}"
+            )
+
         def plain(name: str, n_in: int, n_out: int) -> nnx.Linear:
             return nnx.Linear(
                 n_in, n_out, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
@@ -53,9 +70,10 @@ class FeedForward(nnx.Module):
         self.w1 = make("w1", dim, hidden_dim)
         self.w2 = make("w2", hidden_dim, dim)
         self.w3 = make("w3", dim, hidden_dim)
+        self.activation = activation
 
     def __call__(self, x_bd: jnp.ndarray) -> jnp.ndarray:
-        h_bh = nnx.silu(self.w1(x_bd)) * self.w3(x_bd)  # (..., hidden_dim)
+        h_bh = ACTIVATIONS[self.activation](self.w1(x_bd)) * self.w3(x_bd)  # (..., hidden_dim)
         # A no-op unless a plan gives "ffn_hidden" a layout (jtp.plans.llama does).
         h_bh = shard_activation(h_bh, "ffn_hidden")
         return self.w2(h_bh)  # (..., dim)

@@ -12,8 +12,12 @@ policy (:mod:`jtp.models.stack`).
 Config fields grow the same code into the Hugging Face relatives :mod:`jtp.models.hf` loads:
 q/k/v biases (Qwen2), a per-head q/k RMSNorm and a head dim that is not ``dim / n_heads``
 (Qwen3), one table for the embedding and the output (tied embeddings), and Llama 3.1's RoPE
-frequency scaling. RoPE rotates interleaved feature pairs, as Meta's reference does; the HF
-adapter permutes q/k rows on the way in and out (:mod:`jtp.models.hf.names`).
+frequency scaling; sliding-window attention on all layers (Mistral) or on some (Qwen's
+``max_window_layers``, Gemma's interleaving); and Gemma 2 / 3: GeGLU, (1 + w) RMSNorms, the
+embedding scaled by sqrt(D), sandwich norms around attention and the feed-forward, a score
+scale from ``query_pre_attn_scalar``, soft-capped scores and logits, and a second RoPE base
+for the sliding layers. RoPE rotates interleaved feature pairs, as Meta's reference does; the
+HF adapter permutes q/k rows on the way in and out (:mod:`jtp.models.hf.names`).
 
 Dimension letters in names and comments: B batch, T query positions, S key positions,
 D model width, H query heads, K kv heads, R = H / K queries per kv head, E head dim, V vocab.
@@ -21,118 +25,27 @@ D model width, H query heads, K kv heads, R = H / K queries per kv head, E head 
 
 from __future__ import annotations
 
-import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from jtp.models.attention import ATTENTION, attention
 from jtp.models.feedforward import FeedForward
-from jtp.models.lora import LoRALinear, parse_targets
-from jtp.models.rope import Llama3RopeScaling, apply_rope, rope_tables
-from jtp.models.stack import ATTENTION_OUT, remat_name, run_blocks
+from jtp.models.layer_kinds import by_kind, layer_attention, layer_kinds
+from jtp.models.llama_config import PRESETS, LlamaConfig
+from jtp.models.lora import LoRALinear
+from jtp.models.norm import OffsetRMSNorm
+from jtp.models.rope import apply_rope, rope_tables
+from jtp.models.stack import ATTENTION_OUT, run_blocks
 from jtp.parallel.activations import shard_activation
 from jtp.parallel.stacked import stack
 
-
-@dataclasses.dataclass(frozen=True)
-class LlamaConfig:
-    vocab_size: int = 512  # V
-    dim: int = 128  # D, model width
-    n_layers: int = 2  # transformer blocks
-    n_heads: int = 16  # H, query heads
-    n_kv_heads: int = 8  # K, key/value heads (grouped-query attention; divides n_heads)
-    ffn_hidden: int = 384  # SwiGLU hidden width
-    max_seq_len: int = 64  # longest sequence the RoPE table covers
-    rope_theta: float = 500000.0  # Llama 3's RoPE base
-    norm_eps: float = 1e-5  # RMSNorm epsilon
-    # What each block keeps for the backward pass: "none", "full" (only its input: the
-    # backward recomputes the block), "dots" (also the projections' outputs) or "minimal"
-    # (also the attention output); jtp.models.stack says exactly. True/False: "full"/"none".
-    remat: str = "none"
-    # The blocks' parameters stacked on a leading layer axis and run by one jax.lax.scan
-    # (one compiled block whatever n_layers); False: an nnx.List, unrolled (layers.0, ...).
-    scan_layers: bool = True
-    explicit_head_dim: int | None = None  # E when it is not dim // n_heads (Qwen3: 128 at 1024/16)
-    qkv_bias: bool = False  # biases on wq, wk, wv (Qwen2)
-    qk_norm: bool = False  # RMSNorm over E of each query and key head, before RoPE (Qwen3)
-    tie_embeddings: bool = False  # the output projection is the embedding table, transposed
-    rope_scaling: Llama3RopeScaling | None = None  # Llama 3.1's long-context RoPE scaling
-    param_dtype: str = "float32"  # parameters (a jnp dtype name)
-    # Compute dtype of every layer (MaxText's `dtype` beside `weight_dtype`); None: as the
-    # inputs and parameters promote. The Trainer's precision policy sets it per step.
-    dtype: str | None = None
-    attention: str = "auto"  # auto (cuDNN on GPU, bf16/fp16), xla, cudnn, blockwise (O(T))
-    # LoRA (jtp.models.lora): rank r of the adapters; 0 builds plain linears. The adapted
-    # linears compute W x + (lora_alpha / r) B A x, as PEFT does; lora_targets names them as
-    # PEFT does (q_proj -> "q", ..., down_proj -> "down").
-    lora_rank: int = 0
-    lora_alpha: float = 16.0  # PEFT's default
-    lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
-    # Each kv head computed this many times (its copies adjacent: K * kv_replicas heads of
-    # keys and values), so that a tensor axis wider than K still gives every device the kv
-    # head its query heads use (jtp.plans.replicate_kv sets it to tensor / K). The parameters
-    # and the results are those of kv_replicas=1; only the layout of the work changes.
-    kv_replicas: int = 1
-
-    @property
-    def head_dim(self) -> int:  # E
-        return self.explicit_head_dim or self.dim // self.n_heads
-
-    def __post_init__(self):
-        object.__setattr__(self, "remat", remat_name(self.remat))  # True -> "full", ...
-        if self.explicit_head_dim is None and self.dim % self.n_heads:
-            raise ValueError(f"LlamaConfig: dim {self.dim} not divisible by n_heads {self.n_heads}")
-        if self.head_dim % 2:
-            raise ValueError(f"LlamaConfig: head_dim {self.head_dim} must be even for RoPE")
-        if self.attention not in ATTENTION:
-            raise ValueError(
-                f"LlamaConfig: attention={self.attention!r} must be one of {ATTENTION}"
-            )
-        object.__setattr__(self, "lora_targets", parse_targets(self.lora_targets))
-        if self.lora_rank < 0:
-            raise ValueError(f"LlamaConfig: lora_rank {self.lora_rank} must be >= 0")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"LlamaConfig: n_heads {self.n_heads} not divisible by n_kv_heads {self.n_kv_heads}"
-            )
-        if self.kv_replicas < 1 or self.n_heads % (self.n_kv_heads * self.kv_replicas):
-            raise ValueError(
-                f"LlamaConfig: kv_replicas {self.kv_replicas} must be >= 1 and n_kv_heads * "
-                f"kv_replicas ({self.n_kv_heads * self.kv_replicas}) must divide n_heads "
-                f"{self.n_heads}"
-            )
-
-    @property
-    def cached_kv_heads(self) -> int:
-        """Heads of keys and values as computed and cached: K * kv_replicas."""
-        return self.n_kv_heads * self.kv_replicas
-
-    def num_params(self) -> int:
-        d, h, kv, e = self.dim, self.n_heads, self.n_kv_heads, self.head_dim
-        attn = d * h * e * 2 + d * kv * e * 2
-        attn += (h + 2 * kv) * e if self.qkv_bias else 0
-        attn += 2 * e if self.qk_norm else 0
-        block = attn + 3 * d * self.ffn_hidden + 2 * d
-        tables = 1 if self.tie_embeddings else 2
-        return tables * self.vocab_size * d + self.n_layers * block + d
-
-
-PRESETS = {
-    # Trains on CPU in seconds; heads divisible by 8 so every test mesh applies.
-    "tiny": LlamaConfig(),
-    # Shapes only: used abstractly (nnx.eval_shape + AOT compile), never allocated on CPU.
-    "llama3-8b": LlamaConfig(
-        vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
-        ffn_hidden=14336, max_seq_len=8192,
-    ),
-    "llama3-70b": LlamaConfig(
-        vocab_size=128256, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8,
-        ffn_hidden=28672, max_seq_len=8192,
-    ),
-}  # fmt: skip
+__all__ = [
+    "PRESETS", "Attention", "Llama", "LlamaConfig", "TransformerBlock", "cross_entropy",
+    "scale_embeddings", "soft_cap",
+]  # fmt: skip
 
 
 def _dtypes(c: LlamaConfig) -> dict:
@@ -155,8 +68,24 @@ def _linear(
 
 
 def _norm(n: int, c: LlamaConfig, rngs: nnx.Rngs) -> nnx.RMSNorm:
-    # Flax's RMSNorm takes its statistics in float32 whatever the compute dtype.
+    # Flax's RMSNorm takes its statistics in float32 whatever the compute dtype; Gemma's
+    # scales by (1 + w), all in float32 (jtp.models.norm).
+    if c.norm_offset:
+        return OffsetRMSNorm(n, epsilon=c.norm_eps, rngs=rngs, **_dtypes(c))
     return nnx.RMSNorm(n, epsilon=c.norm_eps, rngs=rngs, **_dtypes(c))
+
+
+def scale_embeddings(c: LlamaConfig, x_btd: jax.Array) -> jax.Array:
+    """Gemma's embedding scale: ``x * sqrt(D)``, the factor rounded to ``x``'s dtype first, as
+    transformers does (in bf16, sqrt(3072) = 55.43 becomes 55.5); others: ``x``."""
+    if not c.embed_scale:
+        return x_btd
+    return x_btd * jnp.asarray(math.sqrt(c.dim), jnp.float32).astype(x_btd.dtype)
+
+
+def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
+    """``tanh(x / cap) * cap`` in ``x``'s dtype (transformers' order); ``x`` when cap is None."""
+    return x if cap is None else jnp.tanh(x / cap) * cap
 
 
 class Attention(nnx.Module):
@@ -166,6 +95,9 @@ class Attention(nnx.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
         self.kv_replicas = c.kv_replicas
         self.implementation = c.attention
+        self.window, self.softcap = c.sliding_window, c.attn_softcap
+        # None: jax's default, head_dim ** -0.5 (passing None keeps Llama's program as it was)
+        self.scale = None if c.query_pre_attn_scalar is None else c.query_pre_attn_scalar**-0.5
         self.wq = _linear(c.dim, c.n_heads * c.head_dim, c, rngs, bias=c.qkv_bias, target="q")
         self.wk = _linear(c.dim, c.n_kv_heads * c.head_dim, c, rngs, bias=c.qkv_bias, target="k")
         self.wv = _linear(c.dim, c.n_kv_heads * c.head_dim, c, rngs, bias=c.qkv_bias, target="v")
@@ -203,12 +135,20 @@ class Attention(nnx.Module):
         b, t, h, e = out_bthe.shape
         return self.wo(out_bthe.reshape(b, t, h * e))
 
-    def __call__(self, x_btd: jax.Array, cos_tf: jax.Array, sin_tf: jax.Array) -> jax.Array:
+    def __call__(
+        self, x_btd: jax.Array, cos_tf: jax.Array, sin_tf: jax.Array,
+        sliding: bool | jax.Array = True,
+    ) -> jax.Array:  # fmt: skip
+        """Attention of ``x`` (B, T, D) -> (B, T, D); ``sliding``: whether this layer is a
+        sliding one (a Python bool, or traced inside a scan over layers of both kinds)."""
         q_bthe, k_bske, v_bske = self.qkv(x_btd, cos_tf, sin_tf)
         # Grouped-query attention: query head h uses kv head h // R (Llama's repeat_kv order).
         # cuDNN's fused kernel on a GPU with bf16 inputs, XLA's O(T^2) path otherwise
         # (jtp.models.attention); both take the softmax in float32.
-        out_bthe = attention(q_bthe, k_bske, v_bske, implementation=self.implementation)
+        out_bthe = layer_attention(
+            q_bthe, k_bske, v_bske, sliding=sliding, window=self.window,
+            implementation=self.implementation, scale=self.scale, softcap=self.softcap,
+        )  # fmt: skip
         out_bthe = shard_activation(out_bthe, "heads")  # keeps the backward split by head too
         out_bthe = checkpoint_name(out_bthe, ATTENTION_OUT)  # what remat="minimal" keeps
         return self.out(out_bthe)  # (B, T, D)
@@ -234,15 +174,49 @@ class TransformerBlock(nnx.Module):
         def linear(name: str, n_in: int, n_out: int) -> nnx.Linear:
             return _linear(n_in, n_out, c, rngs, target=names[name])
 
-        self.feed_forward = FeedForward(c.dim, c.ffn_hidden, rngs=rngs, linear=linear)
+        self.feed_forward = FeedForward(
+            c.dim, c.ffn_hidden, rngs=rngs, linear=linear, activation=c.activation
+        )
+        # Gemma's sandwich: the attention and feed-forward outputs normed before each add
+        # (HF's post_attention_layernorm / post_feedforward_layernorm; its pre-FFN norm,
+        # pre_feedforward_layernorm, is ffn_norm, which Llama's files call post_attention).
+        if c.sandwich_norms:
+            self.post_attention_norm = _norm(c.dim, c, rngs)
+            self.post_ffn_norm = _norm(c.dim, c, rngs)
+        else:
+            self.post_attention_norm = self.post_ffn_norm = None
 
-    def __call__(self, x_btd: jax.Array, cos_tf: jax.Array, sin_tf: jax.Array) -> jax.Array:
+    def __call__(
+        self, x_btd: jax.Array, cos_tf: jax.Array, sin_tf: jax.Array,
+        local_rope: tuple[jax.Array, jax.Array] | None = None, sliding: bool | jax.Array = True,
+    ) -> jax.Array:  # fmt: skip
+        """The block on ``x`` (B, T, D). ``cos_tf``/``sin_tf``: the RoPE tables;
+        ``local_rope``: the sliding layers' own (Gemma 3), None: the same; ``sliding``:
+        whether this layer is a sliding one (traced inside a scan over both kinds)."""
+        if local_rope is not None:
+            cos_tf, sin_tf = by_kind(sliding, local_rope, (cos_tf, sin_tf))
         # "residual" is where sequence parallelism splits T: the norms run on a T shard.
         # "tp_input" is the input of a tensor-parallel region: whole in T on every device.
         a_btd = _gathered(self.attention_norm(x_btd))
-        h_btd = shard_activation(x_btd + self.attention(a_btd, cos_tf, sin_tf), "residual")
+        attn_btd = self.after_attention(self.attention(a_btd, cos_tf, sin_tf, sliding))
+        h_btd = shard_activation(x_btd + attn_btd, "residual")
         f_btd = _gathered(self.ffn_norm(h_btd))
-        return shard_activation(h_btd + self.feed_forward(f_btd), "residual")
+        return shard_activation(h_btd + self.after_ffn(self.feed_forward(f_btd)), "residual")
+
+    def after_attention(self, y_btd: jax.Array) -> jax.Array:
+        """Attention's output as the residual adds it: normed first in a sandwich (Gemma)."""
+        return self._post(self.post_attention_norm, y_btd)
+
+    def after_ffn(self, y_btd: jax.Array) -> jax.Array:
+        """The feed-forward's output as the residual adds it: normed first in a sandwich."""
+        return self._post(self.post_ffn_norm, y_btd)
+
+    @staticmethod
+    def _post(norm: nnx.RMSNorm | None, y_btd: jax.Array) -> jax.Array:
+        # Under sequence parallelism the partial sums of the row-parallel output are
+        # reduce-scattered over T before the norm, which runs on a T shard: the "residual"
+        # mark after the add lays it out (tests/models/test_llama.py counts the collectives).
+        return y_btd if norm is None else norm(y_btd)
 
 
 class Llama(nnx.Module):
@@ -273,22 +247,30 @@ class Llama(nnx.Module):
 
     def __call__(self, tokens_bt: jax.Array) -> jax.Array:
         c = self.config
-        if tokens_bt.shape[1] > c.max_seq_len:
-            raise ValueError(f"sequence length {tokens_bt.shape[1]} > max_seq_len {c.max_seq_len}")
-        cos_tf, sin_tf = rope_tables(c.head_dim, tokens_bt.shape[1], c.rope_theta, c.rope_scaling)
+        t = tokens_bt.shape[1]
+        if t > c.max_seq_len:
+            raise ValueError(f"sequence length {t} > max_seq_len {c.max_seq_len}")
+        cos_tf, sin_tf = rope_tables(c.head_dim, t, c.rope_theta, c.rope_scaling)
+        local_rope = None if c.local_rope_theta is None else rope_tables(
+            c.head_dim, t, c.local_rope_theta
+        )  # fmt: skip
         # "tokens", "embedding": under fsdp the table is split (V on "tensor", D on "data"), so
         # the lookup reads every sequence and yields D split on "data". Marked, the move to
         # the residual's layout is one all-to-all each way; unmarked, XLA's partitioner of
         # the backward scatter-add may all-gather the whole (B, T, D) cotangent instead.
         x_btd = self.tok_embeddings(shard_activation(tokens_bt, "tokens"))
+        x_btd = scale_embeddings(c, x_btd)
         x_btd = shard_activation(shard_activation(x_btd, "embedding"), "residual")  # (B, T, D)
-        x_btd = run_blocks(self.layers, x_btd, cos_tf, sin_tf, remat=c.remat)  # (B, T, D)
+        kinds, per_layer = layer_kinds(c)
+        x_btd = run_blocks(
+            self.layers, x_btd, cos_tf, sin_tf, local_rope, *kinds, remat=c.remat, xs=per_layer
+        )  # (B, T, D)
         h_btd = _gathered(self.norm(x_btd))
         if self.output is None:  # h @ table.T: (B, T, D) x (V, D) -> (B, T, V)
             logits_btv = self.tok_embeddings.attend(h_btd)
         else:
             logits_btv = self.output(h_btd)  # (B, T, V)
-        return shard_activation(logits_btv, "logits")
+        return shard_activation(soft_cap(logits_btv, c.final_softcap), "logits")
 
 
 def cross_entropy(logits_btv: jax.Array, labels_bt: jax.Array) -> jax.Array:

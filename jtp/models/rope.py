@@ -1,6 +1,7 @@
-"""Rotary position embeddings: the angle tables (with Llama 3.1's frequency scaling) and the
-rotation, in Meta's interleaved layout. Used by the Llama's training forward and by
-decoding (:mod:`jtp.models.decode`), which rotates each sequence by its own positions."""
+"""Rotary position embeddings: the angle tables (with Llama 3.1's frequency scaling, or HF's
+"linear" scaling: Gemma 3's global layers) and the rotation, in Meta's interleaved layout.
+Used by the Llama's training forward and by decoding (:mod:`jtp.models.decode`), which
+rotates each sequence by its own positions."""
 
 from __future__ import annotations
 
@@ -35,8 +36,34 @@ class Llama3RopeScaling:
         return jnp.where(medium, smoothed, scaled)
 
 
+@dataclasses.dataclass(frozen=True)
+class LinearRopeScaling:
+    """HF's ``rope_type: "linear"``: every frequency divided by ``factor`` (positions
+    stretched by it); Gemma 3's global layers (factor 8 from 4B up)."""
+
+    factor: float = 1.0  # divides every inverse frequency
+
+    def inv_freq(self, inv_freq_f: jax.Array) -> jax.Array:
+        """Scaled inverse frequencies, same shape (HF's
+        ``_compute_linear_scaling_rope_parameters``)."""
+        return inv_freq_f / self.factor
+
+
+RopeScaling = Llama3RopeScaling | LinearRopeScaling
+
+
+def rope_scaling_of(record: dict | None) -> RopeScaling | None:
+    """The scaling a ``dataclasses.asdict`` record holds (a checkpoint's JSON): its fields
+    name its kind (a linear scaling has only ``factor``)."""
+    if not record:
+        return None
+    fields = {f.name for f in dataclasses.fields(LinearRopeScaling)}
+    kind = LinearRopeScaling if set(record) <= fields else Llama3RopeScaling
+    return kind(**record)
+
+
 def rope_at(
-    positions: jax.Array, head_dim: int, theta: float, scaling: Llama3RopeScaling | None = None
+    positions: jax.Array, head_dim: int, theta: float, scaling: RopeScaling | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """cos and sin of the rotary angles at ``positions`` (any shape ...), each (..., E/2),
     in float32: only the positions asked for (decoding needs a few, not a whole table)."""
@@ -48,7 +75,7 @@ def rope_at(
 
 
 def rope_tables(
-    head_dim: int, seq_len: int, theta: float, scaling: Llama3RopeScaling | None = None
+    head_dim: int, seq_len: int, theta: float, scaling: RopeScaling | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """cos and sin of the rotary angles of positions 0 .. T-1, each (T, E/2), in float32."""
     return rope_at(jnp.arange(seq_len), head_dim, theta, scaling)

@@ -64,20 +64,30 @@ def _call(block: nnx.Module, x: jax.Array, *args: Any) -> jax.Array:
     return block(x, *args)
 
 
-def run_blocks(layers: Any, x: jax.Array, *args: Any, remat: str = "none") -> jax.Array:
+def run_blocks(
+    layers: Any, x: jax.Array, *args: Any, remat: str = "none", xs: Any = None
+) -> jax.Array:
     """``x`` through every block of ``layers`` in order (``x = block(x, *args)``), each
     under the ``remat`` policy.
 
     ``layers``: an ``nnx.List`` of blocks (run one after the other) or a module built by
-    :func:`jtp.parallel.stacked.stack` (run by :func:`scan_blocks`).
+    :func:`jtp.parallel.stacked.stack` (run by :func:`scan_blocks`). ``xs``: per-layer
+    inputs (a pytree, leading axis the layers; None: none), layer i's slice passed last:
+    ``block(x, *args, xs[i])`` (what differs between layers of one compiled block, such as
+    whether it is a sliding-window layer).
     """
     remat = remat_name(remat)
     if n_layers(layers) is None:
         call = _call if remat == "none" else nnx.remat(_call, policy=checkpoint_policy(remat))
-        for block in layers:
-            x = call(block, x, *args)
+        for i, block in enumerate(layers):
+            own = () if xs is None else (jax.tree.map(lambda a, i=i: a[i], xs),)
+            x = call(block, x, *args, *own)
         return x
-    x, _ = scan_blocks(layers, lambda block, x, _: (block(x, *args), None), x, remat=remat)
+    if xs is None:
+        x, _ = scan_blocks(layers, lambda block, x, _: (block(x, *args), None), x, remat=remat)
+    else:
+        x, _ = scan_blocks(layers, lambda block, x, xi: (block(x, *args, xi), None), x, xs,
+                           remat=remat)  # fmt: skip
     return x
 
 

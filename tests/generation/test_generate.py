@@ -34,6 +34,14 @@ MESHES = {"1x1": ((1, 1), False), "1x8": ((1, 8), False), "2x4-fsdp": ((2, 4), T
           "4x2": ((4, 2), False)}  # fmt: skip
 SMALL = LlamaConfig(vocab_size=128, dim=64, n_layers=2, n_heads=8, n_kv_heads=4,
                     ffn_hidden=128, max_seq_len=64)  # fmt: skip
+# Gemma-like: three layers, sliding (window 4, shorter than the 9-token sequences), global,
+# sliding, each kind with its RoPE base; soft-caps, a score scalar, Gemma's norms, tied.
+GEMMA_SMALL = dataclasses.replace(
+    SMALL, n_layers=3, sliding_window=4, sliding_layers=(True, False), local_rope_theta=50.0,
+    attn_softcap=4.0, final_softcap=8.0, query_pre_attn_scalar=12.0, norm_offset=True,
+    sandwich_norms=True, embed_scale=True, activation="gelu_tanh", qk_norm=True,
+    tie_embeddings=True,
+)  # fmt: skip
 
 
 def mesh_of(shape):
@@ -70,13 +78,17 @@ def test_greedy_equals_transformers(name, mesh_case):
             assert gaps[first] < TIE, f"token {first}: {ours} vs {theirs} (gap {gaps[first]})"
 
 
-def test_cache_logits_equal_the_full_forward():
+@pytest.mark.parametrize("config", [SMALL, GEMMA_SMALL], ids=["llama", "gemma"])
+def test_cache_logits_equal_the_full_forward(config):
     """Prefill of left-padded prompts, then one decode step: every real position's logits
     equal ``Llama.__call__`` on the unpadded sequence (float32; the same matmuls on other
-    shapes: seen 1e-6 of the largest logit, bound 1e-5)."""
+    shapes: seen 1e-6 of the largest logit, bound 1e-5). Gemma-like: the window of the
+    sliding layers (4 slots back from each query, counted past the left padding), their own
+    RoPE base, the soft-caps and norms are the full forward's too; without the window the
+    decoded logits move by O(1)."""
     from jtp.models.decode import forward_cached, init_cache
 
-    model = Llama(SMALL, rngs=nnx.Rngs(0))
+    model = Llama(config, rngs=nnx.Rngs(0))
     prompts = [[5, 9, 3], [1, 2, 3, 4, 5, 6, 7, 8]]
     t, slots = 8, 16
     tokens = np.zeros((2, t), np.int32)
@@ -86,16 +98,21 @@ def test_cache_logits_equal_the_full_forward():
     pad = t - lengths
     valid = (np.arange(slots)[None] >= pad[:, None]) & (np.arange(slots)[None] < t)
     positions = np.maximum(np.arange(t)[None] - pad[:, None], 0)
-    logits, cache = forward_cached(model, jnp.asarray(tokens), jnp.asarray(positions),
-                                   init_cache(model, 2, slots), 0, jnp.asarray(valid))  # fmt: skip
+    cached, forward = nnx.jit(forward_cached), nnx.jit(lambda m, tokens: m(tokens))
+    logits, cache = cached(model, jnp.asarray(tokens), jnp.asarray(positions),
+                           init_cache(model, 2, slots), 0, jnp.asarray(valid))  # fmt: skip
     nxt = np.array([[11], [12]], np.int32)
     valid[:, t] = True
-    step, _ = forward_cached(model, jnp.asarray(nxt), jnp.asarray(lengths[:, None]), cache, t,
-                             jnp.asarray(valid))  # fmt: skip
+    step, _ = cached(model, jnp.asarray(nxt), jnp.asarray(lengths[:, None]), cache, t,
+                     jnp.asarray(valid))  # fmt: skip
     for i, p in enumerate(prompts):
-        want = np.asarray(model(jnp.asarray([p + [int(nxt[i, 0])]], jnp.int32))[0])
+        want = np.asarray(forward(model, jnp.asarray([p + [int(nxt[i, 0])]], jnp.int32))[0])
         got = np.concatenate([np.asarray(logits[i, pad[i] :]), np.asarray(step[i])])
         assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    if config.sliding_window is not None:  # the window bites on the 9-token sequence
+        wide = Llama(dataclasses.replace(config, sliding_window=None), rngs=nnx.Rngs(0))
+        full = np.asarray(forward(wide, jnp.asarray([prompts[1] + [12]], jnp.int32))[0, -1])
+        assert np.abs(np.asarray(step[1, 0]) - full).max() >= 0.05 * np.abs(full).max()
 
 
 def test_a_model_fresh_from_fit_generates_as_its_forward_does():

@@ -31,6 +31,9 @@ GPU = {"platform": "gpu", "compute_capability": "9.0"}
         ("auto", dict(platform="cpu", dtype=jnp.bfloat16, head_dim=128), "xla"),
         ("xla", dict(GPU, dtype=jnp.bfloat16, head_dim=128), "xla"),
         ("cudnn", dict(GPU, dtype=jnp.bfloat16, head_dim=128), "cudnn"),
+        # Gemma 2's soft-capped scores: cuDNN's kernel has no cap, auto never takes it
+        ("auto", dict(GPU, dtype=jnp.bfloat16, head_dim=128, softcap=50.0), "xla"),
+        ("blockwise", dict(GPU, dtype=jnp.bfloat16, head_dim=128, softcap=50.0), "blockwise"),
     ],
 )  # fmt: skip
 def test_choice(requested, facts, expected):
@@ -44,6 +47,7 @@ def test_choice(requested, facts, expected):
         (dict(platform="cpu", dtype=jnp.bfloat16, head_dim=64), "no GPU"),
         (dict(GPU, dtype=jnp.float32, head_dim=64), "float32 inputs"),
         (dict(GPU, dtype=jnp.bfloat16, head_dim=12), "head dim 12"),
+        (dict(GPU, dtype=jnp.bfloat16, head_dim=64, softcap=30.0), "scores soft-capped"),
     ],
 )
 def test_cudnn_where_it_cannot_run_is_a_clear_error(facts, reason):
@@ -81,6 +85,21 @@ def test_the_choice_reaches_jax_and_is_logged_once(monkeypatch, caplog):
     assert seen == ["cudnn", "cudnn", "xla"]
     logged = [r.getMessage() for r in caplog.records]
     assert len(logged) == 2 and "cudnn" in logged[0] and "float32 inputs" in logged[1]
+
+
+def test_soft_capped_scores_never_reach_jax_kernels(monkeypatch):
+    """A model with soft-capped scores (Gemma 2) on a (pretended) Hopper GPU with bf16
+    inputs, where "auto" would otherwise ask jax for cuDNN: jax's attention, which has no
+    cap, is never called (jtp's XLA path with the cap runs), and the logits are those of
+    ``attention="xla"``."""
+    monkeypatch.setattr(attention_module, "_device_facts", lambda: ("gpu", "9.0"))
+    calls = []
+    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **k: calls.append(k))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 512, (2, 8)), jnp.int32)
+    auto = _tiny(dtype="bfloat16", attn_softcap=20.0)(tokens)
+    assert calls == []
+    np.testing.assert_array_equal(auto, _tiny(dtype="bfloat16", attn_softcap=20.0,
+                                              attention="xla")(tokens))  # fmt: skip
 
 
 def test_lowering_for_cuda_without_a_gpu():

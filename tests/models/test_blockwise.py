@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jtp.models.attention import choose_attention
+from jtp.models.attention import choose_attention, softcapped_attention
 from jtp.models.blockwise import blockwise_attention
 from jtp.models.llama import Llama, LlamaConfig, cross_entropy
 
@@ -65,6 +65,35 @@ def test_float32_outputs_and_gradients_equal_xla(mask, t, blocks):
     want = jax.grad(loss(reference), argnums=(0, 1, 2))(q, k, v)
     for g, r in zip(got, want, strict=True):
         np.testing.assert_allclose(g, r, atol=1e-5, rtol=0)
+
+
+def test_softcap_and_scale_equal_the_xla_einsum_path():
+    """Gemma 2's soft-capped scores (cap 2: the standard-normal inputs' scores reach 10, so
+    tanh saturates), a score scale other than E ** -0.5 and a sliding window, several blocks
+    with a padded last one: blockwise outputs and q/k/v gradients within 1e-5 of
+    :func:`softcapped_attention` (the same fp32 terms in another order, as above; seen
+    1e-6), which differs from the uncapped attention by O(1) here (seen 2.2); and that
+    path with a cap too large to bite (1e9: tanh(x) = x in fp32 here) is jax's own
+    attention to 1e-6 (seen 5e-7)."""
+    q, k, v, w = _qkvw(37, seed=2)
+    opts = dict(is_causal=True, local_window_size=(7, 0), scale=0.5)
+
+    def both(fn):  # outputs and the gradients of a weighted sum, one program
+        def f(q, k, v):
+            out, vjp = jax.vjp(fn, q, k, v)
+            return out, vjp(w)
+
+        return jax.jit(f)(q, k, v)
+
+    got = both(lambda *a: blockwise_attention(*a, block_q=8, block_k=16, softcap=2.0, **opts))
+    want = both(lambda *a: softcapped_attention(*a, softcap=2.0, **opts))
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, r, atol=1e-5, rtol=0)
+    uncapped = jax.jit(lambda *a: (
+        softcapped_attention(*a, softcap=1e9, **opts), _xla(*a, **opts)
+    ))(q, k, v)  # fmt: skip
+    assert float(jnp.abs(want[0] - uncapped[1]).max()) > 0.5
+    np.testing.assert_allclose(uncapped[0], uncapped[1], atol=1e-6, rtol=0)
 
 
 def test_bf16_within_bf16_rounding_of_xla():

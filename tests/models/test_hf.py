@@ -4,19 +4,25 @@
 torch 2.13 CPU): tiny random-weight Llama (llama3 RoPE scaling; hub config spelling),
 tied Llama, Mistral (sliding window, sharded files), Qwen2 (q/k/v biases, tied) and Qwen3
 (q/k norms, head_dim 8 != 32 / 16), Phi-3 (fused qkv_proj / gate_up_proj: its own tests
-are test_hf_phi3.py) and a Llama with 2 kv heads (replicated on tensor 8 and 4:
-``kv_replicas``), each with transformers' float32 logits on 4 x 16 fixed tokens.
+are test_hf_phi3.py), a Llama with 2 kv heads (replicated on tensor 8 and 4:
+``kv_replicas``), Gemma 2 (GeGLU, (1 + w) and sandwich norms, a window of 8 on alternate
+layers, soft-capped scores and logits) and Gemma 3 (q/k norms, sliding / global / sliding
+layers with two RoPE bases, one linearly scaled), each with transformers' float32 logits on
+4 x 16 fixed tokens.
 
 Tolerances. float32 logits: max |jtp - transformers| / max |transformers| <= 1e-4 and mean
 KL(transformers || jtp) <= 1e-6; seen <= 2.1e-6 and <= 4e-12 (both compute in float32; the
-reduction order differs). Anything structural is O(1): without the RoPE permutation the
-error is 0.95-1.3 and the KL 0.5-6.7; without llama3's blended band, 0.5 and 0.06.
+reduction order differs; the Gemmas <= 7.4e-7 and 1.7e-13). Anything structural is O(1):
+without the RoPE permutation the error is 0.95-1.3 and the KL 0.5-6.7; without llama3's
+blended band, 0.5 and 0.06; without one Gemma feature, 0.09-1.7 (test_each_gemma_...).
 
 bfloat16 parameters and compute: bf16 keeps 8 bits of mantissa (relative rounding
 2^-9 = 2e-3 per op) and the logits are a few dozen roundings deep; seen 1.7-2.6% of the
-largest logit and KL 1.5e-4-1.1e-3 over the six fixtures. Bounds: 5% and 1e-2.
+largest logit and KL 1.5e-4-1.1e-3 over the six fixtures (the Gemmas 0.3-1.2%, KL <=
+7.8e-5). Bounds: 5% and 1e-2.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -30,12 +36,16 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 import jtp
+from jtp.models.hf import config as hf_config_module
 from jtp.models.hf import files as hf_files
 from jtp.models.hf.names import tensor_map, to_hf
+from jtp.models.llama import Llama, LlamaConfig
+from jtp.models.rope import LinearRopeScaling
 from jtp.parallel.names import path_str
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures", "hf")
 NAMES = ["llama3", "llama_tied", "mistral", "qwen2", "qwen3", "phi3", "llama_kv2"]
+NAMES += ["gemma2", "gemma3"]
 T = 16  # tokens per fixture sequence; mistral's sliding window (32) is longer
 MESHES = {
     "1x1": ((1, 1), False, False, False),
@@ -167,7 +177,7 @@ def _tensors(path):
     return out
 
 
-@pytest.mark.parametrize("name", ["mistral", "llama_tied", "phi3", "llama_kv2"])
+@pytest.mark.parametrize("name", ["mistral", "llama_tied", "phi3", "llama_kv2", "gemma2", "gemma3"])
 def test_export_then_reimport_is_bitwise(name, tmp_path):
     """A bf16 checkpoint loaded into float32 and saved back is the original, bit for bit
     (and so is its config.json); re-importing the export gives the same parameters."""
@@ -209,6 +219,105 @@ def test_float32_export_without_source(tmp_path):
     assert again.config == model.config
     a, b = params_of(model), params_of(again)
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+# What switching one feature off does to jtp's logits: each must move them by O(1) against
+# transformers' (the fixture script checks that transformers' own move as much).
+GEMMA_FEATURES = {
+    "gemma2": {
+        "sliding window": dict(sliding_window=None),
+        "attention soft-cap": dict(attn_softcap=None),
+        "final soft-cap": dict(final_softcap=None),
+        "query_pre_attn_scalar": dict(query_pre_attn_scalar=None),
+        "(1 + w) norms": dict(norm_offset=False),
+        "embedding scale": dict(embed_scale=False),
+        "GeGLU": dict(activation="silu"),
+    },
+    "gemma3": {
+        "sliding window": dict(sliding_window=None),
+        "local RoPE base": dict(local_rope_theta=None),
+        "linear RoPE scaling": dict(rope_scaling=None),
+        "query_pre_attn_scalar": dict(query_pre_attn_scalar=None),
+        "(1 + w) norms": dict(norm_offset=False),
+    },
+}
+
+
+@pytest.mark.parametrize("name", list(GEMMA_FEATURES))
+def test_each_gemma_feature_matters(name):
+    """The fixture's weights in a model with one Gemma feature switched off: transformers'
+    logits are missed by at least 3% of the largest (seen 8.6-170%), where the model with
+    all of them is within 1e-4 (test above). Where transformers can switch the same feature
+    off, its own logits move by what jtp's do (the fixture script prints 0.655, 0.546,
+    1.703, 0.086 for Gemma 2's window, soft-caps and scalar, 0.183, 0.239, 0.105, 0.091 for
+    Gemma 3's window, RoPE base, scaling and scalar; jtp's are the same to 3 digits). The
+    sandwich norms cannot be switched off this way (they are parameters): the bitwise
+    export, which names all four norms, and the logits test hold them."""
+    model, _ = load(name)
+    tokens, want = reference(name)
+    state = nnx.state(model)
+    for feature, change in GEMMA_FEATURES[name].items():
+        config = dataclasses.replace(model.config, **change)
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda c=config: Llama(c, rngs=nnx.Rngs(0))))
+        logits = jax.jit(lambda s, t, g=graphdef: nnx.merge(g, s)(t))(state, tokens)
+        rel, _ = errors(logits, want)
+        assert rel >= 0.03, (feature, rel)
+
+
+def test_gemma_config_spellings(tmp_path):
+    """Each Gemma fixture's config.json in the other spelling gives the same model: Gemma 2's
+    hub file (rope_theta, no layer_types: alternating from a sliding layer) and Gemma 3's
+    transformers-5 file (nested rope_parameters, layer_types) against Gemma 3's hub file
+    (rope_theta + rope_scaling for global layers, rope_local_base_freq, a
+    sliding_window_pattern; transformers' logits on it are the same: fixture script)."""
+    g2 = jtp.hf.config_of(fixture("gemma2"), max_seq_len=T)
+    got = (g2.sliding_window, g2.sliding_layers, g2.attn_softcap, g2.final_softcap)
+    assert got == (8, (True, False), 3.0, 8.0)
+    v5 = {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}, "rope_theta": None,
+          "rope_scaling": None, "layer_types": ["sliding_attention", "full_attention"]}  # fmt: skip
+    assert jtp.hf.config_of(edited(tmp_path, "gemma2", v5), max_seq_len=T) == g2
+    g3 = jtp.hf.config_of(fixture("gemma3"), max_seq_len=T)
+    got = (g3.rope_theta, g3.rope_scaling, g3.local_rope_theta, g3.sliding_layers)
+    assert got == (1e4, LinearRopeScaling(4.0), 10.0, (True, False))
+    assert g3.qk_norm and g3.tie_embeddings and g3.attn_softcap is None
+    hub = {"rope_parameters": None, "layer_types": None, "rope_theta": 1e4,
+           "rope_scaling": {"rope_type": "linear", "factor": 4.0}, "rope_local_base_freq": 10.0,
+           "sliding_window_pattern": 2}  # fmt: skip
+    assert jtp.hf.config_of(edited(tmp_path, "gemma3", hub), max_seq_len=T) == g3
+
+
+def test_a_training_checkpoint_record_gives_the_config_back():
+    """What a training checkpoint records of the model (``dataclasses.asdict`` through JSON,
+    read by jtp.eval / jtp.generate) is the config again: Gemma 3's linear RoPE scaling
+    stays linear (Llama 3.1's stays llama3), the layer pattern a tuple."""
+    from jtp.cli.perplexity import model_config_of
+
+    for name in ("gemma3", "llama3", "gemma2"):
+        config = jtp.hf.config_of(fixture(name), max_seq_len=T)
+        assert model_config_of(json.loads(json.dumps(dataclasses.asdict(config)))) == config
+
+
+@pytest.mark.parametrize("name", ["mistral", "gemma2", "gemma3"])
+def test_derived_config_describes_the_model(name):
+    """Without a source, save_pretrained derives config.json from the model alone: for a
+    windowed Mistral, Gemma 2 and Gemma 3 it names that architecture and reads back as the
+    same config (what describes() checks, as save does); a model no architecture computes
+    (a Llama with GeGLU) is refused by name."""
+    config = jtp.hf.config_of(fixture(name), max_seq_len=T)
+    arch = hf_config_module.default_architecture(config)
+    hf = hf_config_module.hf_config(config, arch, "float32")
+    with open(os.path.join(fixture(name), "config.json")) as f:
+        assert hf["model_type"] == json.load(f)["model_type"]
+    hf_config_module.describes(hf, config)
+    assert hf_config_module.llama_config(hf, max_seq_len=T) == config
+
+
+def test_save_refuses_a_model_no_architecture_computes(tmp_path):
+    config = LlamaConfig(n_layers=1, activation="gelu_tanh")
+    model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))  # refused before a read
+    with pytest.raises(ValueError, match=r"no supported HF architecture.*activation"):
+        jtp.hf.save_pretrained(model, str(tmp_path / "x"))
+    assert not os.path.exists(tmp_path / "x")
 
 
 def test_save_replaces_a_directory_whole(tmp_path, monkeypatch):
@@ -267,15 +376,41 @@ REFUSALS = {
     "architecture": (
         "qwen3", {"architectures": ["GemmaForCausalLM"]}, None,
         r"GemmaForCausalLM.*not supported.*LlamaForCausalLM, MistralForCausalLM, "
-        r"Qwen2ForCausalLM, Qwen3ForCausalLM",
+        r"Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM",
+    ),
+    "gemma3-multimodal": (
+        "gemma3", {"architectures": ["Gemma3ForConditionalGeneration"]}, None,
+        r"Gemma3ForConditionalGeneration.*not supported.*multimodal.*Gemma3ForCausalLM",
+    ),
+    "gemma-bidirectional": (
+        "gemma3", {"use_bidirectional_attention": True}, None,
+        r"use_bidirectional_attention=True is not supported",
+    ),
+    "gemma-activation": (
+        "gemma2", {"hidden_activation": "gelu"}, None,
+        r"hidden_activation='gelu' is not supported.*gelu_pytorch_tanh",
+    ),
+    "layer-type": (
+        "gemma3", {"layer_types": ["sliding_attention", "chunked_attention", "full_attention"]},
+        None, r"layer_types=.*chunked_attention.*is not supported",
+    ),
+    "gemma3-flat-rope": (
+        "gemma3", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}, None,
+        r"Gemma 3's rope_parameters must be nested by layer type",
+    ),
+    "gemma3-scaled-local-rope": (
+        "gemma3", {"rope_parameters": {
+            "full_attention": {"rope_type": "default", "rope_theta": 1e4},
+            "sliding_attention": {"rope_type": "linear", "rope_theta": 10.0, "factor": 2.0},
+        }}, None, r"rope_parameters.sliding_attention has a rope_type other than 'default'",
     ),
     "rope-type-hub": (
         "llama3", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, None,
         r"rope_scaling.rope_type='yarn' is not supported",
     ),
     "rope-type-v5": (
-        "qwen3", {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e6, "factor": 2.0}},
-        None, r"rope_parameters.rope_type='linear' is not supported",
+        "qwen3", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e6, "factor": 2.0}},
+        None, r"rope_parameters.rope_type='dynamic' is not supported",
     ),
     "attention-bias": (
         "llama3", {"attention_bias": True}, None, r"attention_bias=True is not supported.*o_proj"
@@ -283,10 +418,6 @@ REFUSALS = {
     "mlp-bias": ("llama3", {"mlp_bias": True}, None, r"mlp_bias=True is not supported"),
     "activation": ("qwen2", {"hidden_act": "gelu"}, None, r"hidden_act='gelu' is not supported"),
     "missing-field": ("qwen2", {"hidden_size": None}, None, r"field 'hidden_size' is missing"),
-    "sliding-window-qwen": (
-        "qwen2", {"use_sliding_window": True, "sliding_window": 8}, None,
-        r"sliding_window=8 is shorter than the positions used \(16\)",
-    ),
     "unexpected-bias": (
         "llama3", None, {"model.layers.1.self_attn.o_proj.bias": np.zeros(32, np.float32)},
         r"tensor 'model.layers.1.self_attn.o_proj.bias' has no place",
@@ -317,13 +448,30 @@ def test_refusals_name_the_field_or_tensor(case, tmp_path, monkeypatch):
         jtp.hf.load_pretrained(path, mesh_of((1, 8)), max_seq_len=T)
 
 
-def test_refuses_sliding_window_shorter_than_positions_used():
-    """Mistral's 32-token window: fine for 16 positions; the default (max_position_embeddings,
-    512) would let jtp's full attention differ from transformers' windowed one."""
-    with pytest.raises(ValueError, match=r"sliding_window=32 is shorter than the positions used"):
-        jtp.hf.load_pretrained(fixture("mistral"), mesh_of((1, 1)))
-    with pytest.raises(ValueError, match="sequence length 64 > max_seq_len 16"):
-        load("mistral")[0](jnp.zeros((1, 64), jnp.int32))
+def test_a_sliding_window_shorter_than_the_sequence(tmp_path):
+    """Mistral with its window cut to 8 of the 16 tokens (transformers' reference was made
+    with 32, which masks nothing here): a query at i sees keys i - 8 < j <= i, so the
+    logits at positions 0-7 are still transformers' (within the fp32 bound) and at 8, the
+    first query that loses a key, they move by O(1): the window is exactly transformers'
+    (one longer would leave position 8 unchanged, one shorter would move position 7).
+    Transformers' own windowed logits are matched by the Gemma fixtures. Qwen's window
+    goes on the layers ``layer_types`` names (or those from ``max_window_layers``)."""
+    tokens, want = reference("mistral")
+    model, mesh = load(edited(tmp_path, "mistral", {"sliding_window": 8}))
+    assert model.config.sliding_window == 8 and model.config.layer_sliding() == (True, True)
+    got = np.asarray(logits_of(model, mesh, tokens), np.float64)
+    top = np.abs(want).max()
+    assert np.abs(got[:, :8] - want[:, :8]).max() <= 1e-4 * top
+    assert np.abs(got[:, 8] - want[:, 8]).max() >= 0.05 * top
+    assert jtp.hf.config_of(fixture("mistral")).max_seq_len == 512  # no refusal: 32 < 512
+    qwen = {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}
+    config = jtp.hf.config_of(edited(tmp_path, "qwen2", qwen | {"layer_types": None}))
+    assert (config.sliding_window, config.layer_sliding()) == (4, (False, True))
+    types = ["sliding_attention", "full_attention"]
+    config = jtp.hf.config_of(edited(tmp_path / "b", "qwen2", qwen | {"layer_types": types}))
+    assert (config.sliding_window, config.sliding_layers) == (4, (True, False))
+    config = jtp.hf.config_of(edited(tmp_path / "c", "qwen2", {"sliding_window": 4}))
+    assert config.sliding_window is None  # use_sliding_window false: no window anywhere
 
 
 def test_refuses_a_directory_without_safetensors(tmp_path):
@@ -386,15 +534,24 @@ def test_num_params_counts_what_the_model_holds():
         assert sum(sizes) == config.num_params(), name
 
 
-def test_planner_plans_for_the_checkpoint_shapes(tmp_path, monkeypatch):
-    """``python -m jtp.plan --hf DIR``: the checkpoint's shapes (here tied, with biases),
-    from config.json alone. One configuration, to keep it quick. (The preset name is not
-    one of PRESETS then, so a measure() that ignored the checkpoint would fail.)"""
+# At these widths attention's backward (float32 score gradients times bf16 q / k, as in
+# jax's own XLA attention) is 10% of Gemma 2's matmul FLOPs: the bf16 policy's warning.
+@pytest.mark.filterwarnings("ignore:precision='bf16-mixed'")
+@pytest.mark.parametrize(
+    "name,precision,kernel", [("qwen2", "32-true", "xla"), ("gemma2", "bf16-mixed", "xla")]
+)
+def test_planner_plans_for_the_checkpoint_shapes(tmp_path, monkeypatch, name, precision, kernel):
+    """``python -m jtp.plan --hf DIR``: the checkpoint's shapes (here tied, with biases; or
+    Gemma 2's), from config.json alone. One configuration, to keep it quick. (The preset
+    name is not one of PRESETS then, so a measure() that ignored the checkpoint would
+    fail.) Gemma 2 in bf16 compiles XLA's attention: a GPU's "auto" cannot take cuDNN's
+    kernel (which it would for Qwen2 in bf16: blockwise stands for it) for soft-capped
+    scores."""
     from jtp.cli import planner
 
     src = tmp_path / "config_only"
     os.makedirs(src)
-    shutil.copy(os.path.join(fixture("qwen2"), "config.json"), src)
+    shutil.copy(os.path.join(fixture(name), "config.json"), src)
     asked = []
 
     def one_configuration(*args):
@@ -404,8 +561,9 @@ def test_planner_plans_for_the_checkpoint_shapes(tmp_path, monkeypatch):
     monkeypatch.setattr(planner, "configurations", one_configuration)
     out = planner.main(
         ["--hf", str(src), "--devices", "8", "--devices-per-host", "8", "--global-batch", "8",
-         "--seq-len", str(T), "--precision", "32-true", "--json", str(tmp_path / "plan.json")]
+         "--seq-len", str(T), "--precision", precision, "--json", str(tmp_path / "plan.json")]
     )  # fmt: skip
+    assert out["args"]["attention_compiled"] == kernel
     # devices, per host, heads, kv heads, batch, seq, remat policies
     assert asked == [(8, 8, 16, 8, 8, T, ("none", "full", "dots", "minimal"))]
     config = jtp.hf.config_of(str(src))

@@ -66,8 +66,9 @@ def test_each_device_reads_its_rows_of_the_fused_tensors(monkeypatch):
 
 def test_fused_map_and_save_without_source(tmp_path):
     """The map: q, k, v at rows 0, H*E, H*E + K*E of qkv_proj; gate, up at 0, F of
-    gate_up_proj. Saved without ``source=`` the model is a LlamaForCausalLM (nothing in
-    its config says Phi-3) with the parts as separate tensors, the same values."""
+    gate_up_proj. Saved without ``source=`` the model is a MistralForCausalLM (its window on
+    every layer; nothing in its config says Phi-3) with the parts as separate tensors, the
+    same values."""
     model, _ = load("phi3", (2, 4), fsdp=True)
     maps = {t.jtp: t for t in tensor_map(model.config, "Phi3ForCausalLM") if t.layer == 1}
     place = {
@@ -85,7 +86,7 @@ def test_fused_map_and_save_without_source(tmp_path):
     out = str(tmp_path / "llama")
     jtp.hf.save_pretrained(model, out)
     with open(os.path.join(out, "config.json")) as f:
-        assert json.load(f)["architectures"] == ["LlamaForCausalLM"]
+        assert json.load(f)["architectures"] == ["MistralForCausalLM"]
     ours, theirs = _tensors(out), _tensors(fixture("phi3"))
     qkv = theirs["model.layers.1.self_attn.qkv_proj.weight"]
     q, k, v = np.split(qkv, [H * E, H * E + K * E])
@@ -98,9 +99,12 @@ def test_fused_map_and_save_without_source(tmp_path):
 
 def test_phi3_defaults_and_what_it_accepts(tmp_path):
     """Absent fields take Phi-3's defaults (rms_norm_eps 1e-5, not Llama's 1e-6);
-    ``embd_pdrop`` is accepted because transformers' Phi-3 never applies it."""
-    path = edited(tmp_path, "phi3", {"rms_norm_eps": None, "embd_pdrop": 0.1})
-    assert jtp.hf.config_of(path, max_seq_len=T).norm_eps == 1e-5
+    ``embd_pdrop`` is accepted because transformers' Phi-3 never applies it. A window
+    shorter than the sequence is computed, on every layer (no use_sliding_window flag)."""
+    path = edited(tmp_path, "phi3", {"rms_norm_eps": None, "embd_pdrop": 0.1, "sliding_window": 8})
+    config = jtp.hf.config_of(path, max_seq_len=T)
+    assert config.norm_eps == 1e-5
+    assert config.sliding_window == 8 and config.layer_sliding() == (True, True)
 
 
 REFUSALS = {
@@ -126,10 +130,6 @@ REFUSALS = {
     "resid-pdrop": ({"resid_pdrop": 0.1}, None, r"resid_pdrop=0.1 is not supported"),
     "attention-dropout": (
         {"attention_dropout": 0.1}, None, r"attention_dropout=0.1 is not supported"
-    ),
-    "sliding-window": (  # no use_sliding_window flag: a Phi-3 window always applies
-        {"sliding_window": 8}, None,
-        r"sliding_window=8 is shorter than the positions used \(16\)",
     ),
     "unfused-checkpoint": (
         None, {"model.layers.0.self_attn.qkv_proj.weight": None,
@@ -184,9 +184,8 @@ def test_save_checks_a_phi3_source(tmp_path):
 
 def test_planner_plans_a_phi3_checkpoint(tmp_path, monkeypatch):
     """``python -m jtp.plan --hf tests/fixtures/hf/phi3``: its shapes (16 heads, 8 kv
-    heads, untied) from config.json, one configuration compiled, to keep it quick. Its
-    32-token window is accepted because the planner passes ``--seq-len`` (16) as the
-    positions used, in every place it reads the config."""
+    heads, untied, a 32-token window) from config.json, one configuration compiled, to keep
+    it quick."""
     from jtp.cli import planner
 
     def one_configuration(*args):

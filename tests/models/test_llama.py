@@ -133,11 +133,23 @@ def test_tp_forward_two_all_reduces_per_layer(scan):
     assert not [c for c in plain if c.kind == "all-gather" and "layers" in c.op_name], plain
 
 
-def test_sequence_parallel_pairs():
+# The tiny preset made Gemma-like: sliding (window 8 of 32 tokens) and global layers in one
+# scan, soft-caps, (1 + w) norms, a norm on each region's output before the residual add.
+GEMMA_CFG = dataclasses.replace(
+    CFG, sliding_window=8, sliding_layers=(True, False), local_rope_theta=100.0,
+    attn_softcap=20.0, final_softcap=30.0, query_pre_attn_scalar=16.0, norm_offset=True,
+    sandwich_norms=True, embed_scale=True, activation="gelu_tanh",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("config", [CFG, GEMMA_CFG], ids=["llama", "gemma"])
+def test_sequence_parallel_pairs(config):
     """Each all-reduce becomes a reduce-scatter + all-gather pair. XLA's CPU backend has no
     reduce-scatter pass and emits all-reduce + dynamic-slice, so we count by bytes: per TP
-    region one (B, T, D) reduction and one (B, T, D) all-gather; no weight is gathered."""
-    colls = _forward_collectives((1, 8), sp=True, lp=True)
+    region one (B, T, D) reduction and one (B, T, D) all-gather; no weight is gathered.
+    Gemma's norms of each region's output run on the sequence shard, after the reduction:
+    they add no collective; nor do the windows (attention sees whole T, split by heads)."""
+    colls = _forward_collectives((1, 8), sp=True, lp=True, config=config)
     reductions = [c for c in colls if c.kind in ("all-reduce", "reduce-scatter") and c.bytes == BTD]
     gathers = [c for c in colls if c.kind == "all-gather" and c.bytes == BTD]
     regions = 2 * CFG.n_layers + 1  # + embedding reduction / final-norm gather
@@ -266,6 +278,17 @@ def test_config_and_activation_rule_errors():
         LlamaConfig(dim=100)
     with pytest.raises(ValueError, match="n_heads 16 not divisible by n_kv_heads 6"):
         LlamaConfig(n_kv_heads=6)
+    with pytest.raises(ValueError, match=r"activation='gelu' must be one of \['silu', 'gelu_t"):
+        LlamaConfig(activation="gelu")
+    for field in ("sliding_window", "attn_softcap", "final_softcap", "query_pre_attn_scalar"):
+        with pytest.raises(ValueError, match=f"{field}=0 must be > 0 \\(or None: off\\)"):
+            LlamaConfig(**{field: 0})
+    with pytest.raises(ValueError, match="sliding_layers is empty"):
+        LlamaConfig(sliding_layers=())
+    # a pattern repeated over the layers (a checkpoint's JSON gives a list)
+    config = LlamaConfig(n_layers=5, sliding_window=4, sliding_layers=[True, True, False])
+    assert config.layer_sliding() == (True, True, False, True, True)
+    assert hash(config) and config.sliding_layers == (True, True, False)
     mesh = jtp.make_mesh(1, 8)
     x = jax.numpy.ones((2, 4))
     with jtp.activation_rules(mesh, {"residual": jax.sharding.PartitionSpec("data", None, None)}):

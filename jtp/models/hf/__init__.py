@@ -1,7 +1,9 @@
 """Hugging Face checkpoints in and out of jtp's Llama.
 
 - :mod:`~jtp.models.hf.config`: ``config.json`` <-> :class:`~jtp.models.llama.LlamaConfig`,
-  and the refusals (what jtp would compute differently)
+  and the refusals (what jtp would compute differently); its RoPE fields
+  (:mod:`~jtp.models.hf.rope_config`) and which layers slide
+  (:mod:`~jtp.models.hf.layer_types`)
 - :mod:`~jtp.models.hf.names`: the tensor name map, transposes and the RoPE permutation
 - :mod:`~jtp.models.hf.files`: safetensors reading by block, streamed writing
 - :mod:`~jtp.models.hf.load`: :func:`load_pretrained`, born sharded
@@ -9,6 +11,7 @@
 - :mod:`~jtp.models.hf.peft`: :func:`save_peft`, LoRA adapters as PEFT loads them
 - :mod:`~jtp.models.hf.phi3`: Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` as row blocks,
   and its refusals
+- :mod:`~jtp.models.hf.gemma`: Gemma 2 / 3's config fields and four norms per block
 """
 
 from jtp.models.hf.config import SUPPORTED_ARCHITECTURES

@@ -1,12 +1,18 @@
 """Hugging Face ``config.json`` <-> :class:`jtp.models.llama.LlamaConfig`.
 
 Reads both spellings found on disk: the hub's (``rope_theta`` and ``rope_scaling`` at top
-level) and transformers 5.x's (``rope_parameters``, with ``rope_theta`` inside). Anything
-jtp's Llama would compute differently from transformers is a ``ValueError`` naming the field,
-raised before a single weight is read: an architecture outside :data:`SUPPORTED_ARCHITECTURES`,
-another RoPE scaling type, a sliding window shorter than the positions used, biases where
-jtp's Llama has none, another activation, dropout. Phi-3's own refusals (LongRoPE, residual
-dropout) are :func:`jtp.models.hf.phi3.check_config`'s.
+level; Gemma 3's ``rope_local_base_freq``, ``sliding_window_pattern``) and transformers 5.x's
+(``rope_parameters``, with ``rope_theta`` inside, nested by layer type for Gemma 3;
+``layer_types``). Sliding windows are computed on the layers transformers gives them:
+every layer (Mistral, Phi-3), those from ``max_window_layers`` on (Qwen, with
+``use_sliding_window``), Gemma's interleaved ones, or ``layer_types`` where config.json
+lists them. Anything jtp's Llama would compute differently from transformers is a
+``ValueError`` naming the field, raised before a single weight is read: an architecture
+outside :data:`SUPPORTED_ARCHITECTURES` (the multimodal Gemma 3 included), another RoPE
+scaling type, biases where jtp's Llama has none, another activation, dropout, bidirectional
+attention. RoPE fields: :mod:`jtp.models.hf.rope_config`; which layers slide:
+:mod:`jtp.models.hf.layer_types`; Gemma's fields: :mod:`jtp.models.hf.gemma`; Phi-3's own
+refusals (LongRoPE, residual dropout) are :func:`jtp.models.hf.phi3.check_config`'s.
 """
 
 from __future__ import annotations
@@ -17,8 +23,10 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from jtp.models.hf import phi3
-from jtp.models.llama import Llama3RopeScaling, LlamaConfig
+from jtp.models.hf import gemma, phi3
+from jtp.models.hf.layer_types import LAYER_TYPES, pattern_of, sliding_layers
+from jtp.models.hf.rope_config import gemma3_rope, rope, rope_parameters
+from jtp.models.llama import LlamaConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,21 +42,45 @@ class Architecture:
     sliding_window: int | None = None  # default when absent (Mistral: 4096)
     sliding_needs_flag: bool = False  # the window applies only with use_sliding_window (Qwen)
     rms_norm_eps: float = 1e-6  # default when absent (Phi-3: 1e-5)
+    # Which layers the window is on when config.json has no layer_types: "none" (no window
+    # at all: Llama), "all" (layer_types ignored: Mistral), "max_window_layers" (Qwen: from
+    # that layer on), "pattern" (Gemma: one global layer in every gemma.sliding_pattern).
+    window_layers: str = "all"
+    gemma: int = 0  # 2 or 3: Gemma's features (jtp.models.hf.gemma); 0: none
+    tied: bool = False  # tie_word_embeddings' default
 
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "LlamaForCausalLM": Architecture("llama", False, False, 2048),
+    "LlamaForCausalLM": Architecture("llama", False, False, 2048, window_layers="none"),
     "MistralForCausalLM": Architecture("mistral", False, False, 4096 * 32, sliding_window=4096),
-    "Qwen2ForCausalLM": Architecture("qwen2", True, False, 32768, sliding_needs_flag=True),
-    "Qwen3ForCausalLM": Architecture("qwen3", False, True, 32768, 128, sliding_needs_flag=True),
+    "Qwen2ForCausalLM": Architecture(
+        "qwen2", True, False, 32768, sliding_window=4096, sliding_needs_flag=True,
+        window_layers="max_window_layers",
+    ),
+    "Qwen3ForCausalLM": Architecture(
+        "qwen3", False, True, 32768, 128, sliding_window=4096, sliding_needs_flag=True,
+        window_layers="max_window_layers",
+    ),
+    "Gemma2ForCausalLM": Architecture(
+        "gemma2", False, False, 8192, 256, sliding_window=4096, window_layers="pattern",
+        gemma=2, tied=True,
+    ),
+    "Gemma3ForCausalLM": Architecture(
+        "gemma3_text", False, True, 131072, 256, sliding_window=4096, window_layers="pattern",
+        gemma=3, tied=True,
+    ),
     # Phi-3: fused qkv_proj / gate_up_proj (split on load: jtp.models.hf.phi3); its window,
     # when config.json sets one, applies to every layer.
     phi3.ARCHITECTURE: Architecture("phi3", False, False, 4096, rms_norm_eps=1e-5),
-}
+}  # fmt: skip
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
-ROPE_TYPES = ("default", "llama3")  # HF rope types jtp computes
-_DEFAULT_THETA = 10000.0  # transformers' default_theta
-_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+# Known, and refused with the reason (they are not a text-only causal LM jtp computes).
+REFUSED_ARCHITECTURES = {
+    "Gemma3ForConditionalGeneration": (
+        "it is Gemma 3's multimodal model (a vision tower, text under text_config); jtp "
+        "loads the text model, Gemma3ForCausalLM (model_type gemma3_text)"
+    ),
+}
 
 
 def read_config(path: str) -> dict[str, Any]:
@@ -63,6 +95,11 @@ def read_config(path: str) -> dict[str, Any]:
 def architecture(hf: Mapping[str, Any]) -> str:
     """The supported architecture named by ``architectures`` (refusing any other)."""
     names = hf.get("architectures") or []
+    if len(names) == 1 and names[0] in REFUSED_ARCHITECTURES:
+        raise ValueError(
+            f"config.json: architectures={names!r} is not supported: "
+            f"{REFUSED_ARCHITECTURES[names[0]]}"
+        )
     if len(names) != 1 or names[0] not in ARCHITECTURES:
         raise ValueError(
             f"config.json: architectures={names!r} is not supported; jtp.hf loads "
@@ -82,42 +119,14 @@ def _refuse_if(hf: Mapping[str, Any], field: str, bad: bool, why: str) -> None:
         raise ValueError(f"config.json: {field}={hf.get(field)!r} is not supported: {why}")
 
 
-def rope(hf: Mapping[str, Any], max_position_embeddings: int) -> tuple[float, Any]:
-    """``(rope_theta, Llama3RopeScaling | None)`` from either spelling of the RoPE fields."""
-    params = hf.get("rope_parameters")
-    if params is not None and any(isinstance(v, Mapping) for v in params.values()):
-        raise ValueError(
-            "config.json: rope_parameters is nested by layer type; jtp's Llama has one RoPE"
-        )
-    field = "rope_parameters" if params else "rope_scaling"
-    params = dict(params or hf.get("rope_scaling") or {})
-    theta = float(params.get("rope_theta", hf.get("rope_theta", _DEFAULT_THETA)))
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind not in ROPE_TYPES:
-        raise ValueError(
-            f"config.json: {field}.rope_type={kind!r} is not supported; jtp computes "
-            f"{', '.join(ROPE_TYPES)}"
-        )
-    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-    if partial != 1.0:
-        raise ValueError(
-            f"config.json: partial_rotary_factor={partial!r} is not supported; jtp rotates "
-            "every feature of a head"
-        )
-    if kind == "default":
-        return theta, None
-    params.setdefault("original_max_position_embeddings", max_position_embeddings)
-    missing = [k for k in _LLAMA3_KEYS if k not in params]
-    if missing:
-        raise ValueError(f"config.json: {field} of rope_type 'llama3' lacks {missing}")
-    return theta, Llama3RopeScaling(**{k: params[k] for k in _LLAMA3_KEYS})
-
-
 def sliding_window(hf: Mapping[str, Any], arch: Architecture) -> int | None:
-    """The attention window transformers would use, or None for full causal attention."""
+    """The attention window of transformers' sliding layers, or None for none."""
+    if arch.window_layers == "none":
+        return None
     if arch.sliding_needs_flag and not hf.get("use_sliding_window", False):
         return None
-    return hf.get("sliding_window", arch.sliding_window)
+    window = hf.get("sliding_window", arch.sliding_window)
+    return None if window is None else int(window)
 
 
 def max_positions_of(hf: Mapping[str, Any]) -> int:
@@ -134,16 +143,16 @@ def llama_config(
 
     Args:
       hf: the parsed ``config.json``.
-      max_seq_len: the longest sequence the model will see ("positions used"; default
-        ``max_position_embeddings``). A sliding window at least this long never masks
-        anything, so it is accepted; a shorter one is refused.
+      max_seq_len: the longest sequence the model will see (default
+        ``max_position_embeddings``).
       remat: the remat policy (:mod:`jtp.models.stack`; True / False: "full" / "none").
     """
     arch = ARCHITECTURES[architecture(hf)]
     if arch.model_type == "phi3":
         phi3.check_config(hf)
-    act = hf.get("hidden_act", "silu")
-    _refuse_if(hf, "hidden_act", act != "silu", "jtp's feed-forward is SwiGLU (silu)")
+    if not arch.gemma:  # Gemma reads hidden_activation instead (jtp.models.hf.gemma)
+        act = hf.get("hidden_act", "silu")
+        _refuse_if(hf, "hidden_act", act != "silu", "jtp's feed-forward is SwiGLU (silu)")
     _refuse_if(
         hf, "attention_bias", bool(hf.get("attention_bias")),
         "it also puts a bias on o_proj, and jtp's attention output has none",
@@ -156,18 +165,22 @@ def llama_config(
     head_dim = hf.get("head_dim") or arch.head_dim or dim // n_heads
     max_positions = max_positions_of(hf)
     positions = max_seq_len or max_positions
+    n_layers = int(_require(hf, "num_hidden_layers"))
+    extra = gemma.config_fields(hf, arch.gemma) if arch.gemma else {}
+    local_theta = None
+    if arch.gemma == 3:
+        theta, scaling, local_theta = gemma3_rope(hf, max_positions)
+    else:
+        theta, scaling = rope(hf, max_positions)
     window = sliding_window(hf, arch)
-    if window is not None and window < positions:
-        raise ValueError(
-            f"config.json: sliding_window={window} is shorter than the positions used "
-            f"({positions}); jtp's attention is full causal, identical only while sequences "
-            f"fit the window: pass max_seq_len <= {window} (the CLI's --seq-len)"
-        )
-    theta, scaling = rope(hf, max_positions)
+    flags = sliding_layers(hf, arch.window_layers, n_layers, arch.gemma)
+    if not any(flags):  # no sliding layer: the window is on none
+        window = None
+    layers = None if window is None and local_theta is None else pattern_of(flags)
     return LlamaConfig(
         vocab_size=int(_require(hf, "vocab_size")),
         dim=dim,
-        n_layers=int(_require(hf, "num_hidden_layers")),
+        n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
         ffn_hidden=int(_require(hf, "intermediate_size")),
@@ -178,29 +191,47 @@ def llama_config(
         explicit_head_dim=None if head_dim * n_heads == dim else int(head_dim),
         qkv_bias=arch.qkv_bias,
         qk_norm=arch.qk_norm,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", arch.tied)),
         rope_scaling=scaling,
+        sliding_window=window,
+        sliding_layers=layers,
+        local_rope_theta=local_theta,
+        **extra,
     )
 
 
 def default_architecture(config: LlamaConfig) -> str:
-    """The HF class that computes what ``config`` does (for a model that came from no file)."""
+    """The HF class that computes what ``config`` does (for a model that came from no file);
+    :func:`describes` then checks that it does."""
+    if config.sandwich_norms:  # Gemma's block
+        return "Gemma3ForCausalLM" if config.qk_norm else "Gemma2ForCausalLM"
     if config.qkv_bias and config.qk_norm:
         raise ValueError("no supported HF architecture has both q/k/v biases and q/k norms")
-    return (
-        "Qwen3ForCausalLM"
-        if config.qk_norm
-        else "Qwen2ForCausalLM"
-        if config.qkv_bias
-        else "LlamaForCausalLM"
-    )
+    if config.qk_norm:
+        return "Qwen3ForCausalLM"
+    if config.qkv_bias:
+        return "Qwen2ForCausalLM"
+    return "LlamaForCausalLM" if config.sliding_window is None else "MistralForCausalLM"
 
 
 def hf_config(config: LlamaConfig, arch: str, dtype: str) -> dict[str, Any]:
     """A transformers-5 ``config.json`` for ``config`` as architecture ``arch``."""
-    rope_parameters: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
-    if config.rope_scaling is not None:
-        rope_parameters.update(rope_type="llama3", **dataclasses.asdict(config.rope_scaling))
+    a = ARCHITECTURES[arch]
+    rope = rope_parameters(config.rope_theta, config.rope_scaling)
+    extra: dict[str, Any] = {}
+    if a.gemma:
+        extra.update(gemma.hf_fields(config, a.gemma))
+    if a.gemma == 3:  # one RoPE per layer type; the sliding layers' as the others' if unset
+        local = config.local_rope_theta
+        sliding = rope if local is None else rope_parameters(local, None)
+        rope = {"full_attention": rope, "sliding_attention": sliding}
+    if a.window_layers != "none":
+        extra["sliding_window"] = config.sliding_window
+    if config.sliding_window is not None and a.sliding_needs_flag:
+        extra["use_sliding_window"] = True
+    if a.window_layers not in ("none", "all"):
+        kinds = config.layer_sliding()
+        extra["layer_types"] = [LAYER_TYPES[0] if k else LAYER_TYPES[1] for k in kinds]
     return {
         "architectures": [arch],
         "model_type": ARCHITECTURES[arch].model_type,
@@ -211,12 +242,13 @@ def hf_config(config: LlamaConfig, arch: str, dtype: str) -> dict[str, Any]:
         "num_attention_heads": config.n_heads,
         "num_key_value_heads": config.n_kv_heads,
         "head_dim": config.head_dim,
-        "hidden_act": "silu",
+        **({} if a.gemma else {"hidden_act": "silu"}),
         "max_position_embeddings": config.max_seq_len,
         "rms_norm_eps": config.norm_eps,
-        "rope_parameters": rope_parameters,
+        "rope_parameters": rope,
         "tie_word_embeddings": config.tie_embeddings,
         "dtype": dtype,
+        **extra,
     }
 
 
@@ -233,11 +265,17 @@ def describes(hf: Mapping[str, Any], config: LlamaConfig) -> None:
         attention=config.attention,
         kv_replicas=config.kv_replicas,
     )
+
+    def seen(c: LlamaConfig, name: str) -> Any:
+        # Layer kinds compared layer by layer: sliding_layers (True, False) and (True, False,
+        # True, False) describe the same four layers.
+        return c.layer_sliding() if name == "sliding_layers" else getattr(c, name)
+
     diff = [
         f"{f.name}: config.json gives {getattr(theirs, f.name)!r}, the model has "
         f"{getattr(config, f.name)!r}"
         for f in dataclasses.fields(config)
-        if getattr(theirs, f.name) != getattr(config, f.name)
+        if seen(theirs, f.name) != seen(config, f.name)
     ]
     if diff:
         raise ValueError("the source config.json does not describe this model: " + "; ".join(diff))

@@ -108,7 +108,8 @@ def load_pretrained(
     seed: int = 0,
     adapter: str | None = None,
 ) -> Llama:
-    """Load a Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Phi-3 checkpoint onto ``mesh``.
+    """Load a Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma 2 / Gemma 3
+    checkpoint onto ``mesh``.
 
     The model is jtp's :class:`~jtp.models.llama.Llama` under :func:`jtp.plans.llama`, born
     sharded: each device reads only its slice of each tensor. Its logits match transformers'
@@ -130,7 +131,7 @@ def load_pretrained(
       remat: the remat policy (:mod:`jtp.models.stack`): "none", "full", "dots",
         "minimal"; True / False mean "full" / "none".
       max_seq_len: the longest sequence the model will see (default the checkpoint's
-        ``max_position_embeddings``); a sliding window shorter than this is refused.
+        ``max_position_embeddings``).
       attention: the attention kernel (:mod:`jtp.models.attention`): ``"auto"`` takes
         cuDNN's fused attention on a GPU with bf16/fp16 inputs, XLA's path otherwise.
       scan_layers: the blocks stacked on a layer axis, run by one scan (HF's per-layer

@@ -1,11 +1,12 @@
 """The name map between Hugging Face tensors and jtp's Llama parameters, with the layout changes.
 
-One table serves Llama, Mistral, Qwen2 and Qwen3: they name their tensors alike, and a
-config field decides whether the optional rows (q/k/v biases, q/k norms, an untied
-``lm_head``) exist. A scanned model (``scan_layers``, the default) holds each block
-parameter once for all layers, stacked on a leading layer axis (``layers.attention.wq.kernel``
-of shape ``(L, D, H * E)``): HF's ``model.layers.{i}.*`` tensor is its slice ``i``, so the
-exported names stay HF's per-layer names. Two layout changes, each done here and nowhere else:
+One table serves Llama, Mistral, Qwen2, Qwen3, Gemma 2 and Gemma 3: they name their tensors
+alike, and a config field decides whether the optional rows (q/k/v biases, q/k norms,
+Gemma's four norms per block, an untied ``lm_head``) exist. A scanned model
+(``scan_layers``, the default) holds each block parameter once for all layers, stacked on a
+leading layer axis (``layers.attention.wq.kernel`` of shape ``(L, D, H * E)``): HF's
+``model.layers.{i}.*`` tensor is its slice ``i``, so the exported names stay HF's per-layer
+names. Two layout changes, each done here and nowhere else:
 
 - **transpose**: ``torch.nn.Linear`` stores ``weight`` as ``(out_features, in_features)`` and
   computes ``x @ W.T``; Flax's ``nnx.Linear`` stores ``kernel`` as ``(in, out)`` and computes
@@ -13,9 +14,9 @@ exported names stay HF's per-layer names. Two layout changes, each done here and
 - **RoPE permutation** of q and k: HF rotates the feature pairs ``(x[i], x[i + E/2])`` of a
   head (``rotate_half``), jtp the neighbours ``(x[2i], x[2i+1])`` (Meta's layout). jtp's
   feature ``2i`` is HF's ``i`` and ``2i+1`` is HF's ``i + E/2``, so the rows of ``q_proj`` /
-  ``k_proj`` (weights and biases) and the ``E`` entries of Qwen3's ``q_norm`` / ``k_norm`` are
-  reordered within each head. q and k move together, so ``q . k`` and the logits are
-  unchanged. Getting this wrong under sharding is torchtitan#1483; the logit/KL test
+  ``k_proj`` (weights and biases) and the ``E`` entries of Qwen3's and Gemma 3's ``q_norm`` /
+  ``k_norm`` are reordered within each head. q and k move together, so ``q . k`` and the
+  logits are unchanged. Getting this wrong under sharding is torchtitan#1483; the logit/KL test
   against transformers is what catches it.
 """
 
@@ -26,6 +27,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from jtp.models.hf import gemma
 from jtp.models.llama import LlamaConfig
 from jtp.models.lora import TARGETS
 
@@ -88,7 +90,8 @@ def tensor_map(config: LlamaConfig) -> list[TensorMap]:
     """Every tensor of an HF checkpoint of ``config``, in HF's order."""
     e = config.head_dim
     out = [TensorMap("model.embed_tokens.weight", "tok_embeddings.embedding", False, None)]
-    rows = _BLOCK + (_QKV_BIAS if config.qkv_bias else ()) + (_QK_NORM if config.qk_norm else ())
+    block = gemma.block_rows(_BLOCK) if config.sandwich_norms else _BLOCK  # Gemma's 4 norms
+    rows = block + (_QKV_BIAS if config.qkv_bias else ()) + (_QK_NORM if config.qk_norm else ())
     for i in range(config.n_layers):
         for jtp, hf, transpose, permuted in rows:
             rope, hf = e if permuted else None, f"model.layers.{i}.{hf}"

@@ -82,10 +82,12 @@ def save_pretrained(
       source: the HF directory (or its parsed config.json) the model came from. Its
         config.json is written back with only the dtype changed, after checking that it
         describes this model; a directory's tokenizer and generation files are copied.
-        Without it, a config for ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` /
-        ``Qwen3ForCausalLM`` (by the model's features) is derived from ``model.config``
-        (nothing there says Phi-3: a Phi-3 source's fused tensors come back only with
-        ``source=``; without, they are written as Llama's separate projections).
+        Without it, a config for ``LlamaForCausalLM`` / ``MistralForCausalLM`` /
+        ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` / ``Gemma2ForCausalLM`` /
+        ``Gemma3ForCausalLM`` (by the model's features) is derived from ``model.config``,
+        and a model none of them computes is a ``ValueError`` (nothing there says Phi-3: a
+        Phi-3 source's fused tensors come back only with ``source=``; without, they are
+        written as Llama's separate projections).
       dtype: dtype of the saved tensors; default the source's ``dtype`` / ``torch_dtype``,
         else the parameters' own. A bf16 checkpoint loaded into float32 and saved back
         without training is bitwise the original.
@@ -104,7 +106,16 @@ def save_pretrained(
     name = name or str(next(iter(params.values())).dtype)
     out_dtype = np.dtype(name)  # "bfloat16" resolves through ml_dtypes (imported by jax)
     if not hf:
-        hf = hf_config(config, default_architecture(config), name)
+        arch = default_architecture(config)
+        hf = hf_config(config, arch, name)
+        try:  # what transformers would read back must be this model
+            describes(hf, config)
+        except ValueError as e:
+            raise ValueError(
+                f"save_pretrained: no supported HF architecture computes this model ({arch}, "
+                f"the closest, differs: {str(e).split(': ', 1)[-1]}); pass source= if it "
+                "came from a checkpoint"
+            ) from None
     hf["torch_dtype" if "torch_dtype" in hf else "dtype"] = name
 
     tensors: dict[str, list[TensorMap]] = {}  # HF name -> its parts (fused: several), in order

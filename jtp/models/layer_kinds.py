@@ -1,0 +1,84 @@
+"""Layers of two kinds in one compiled block: sliding-window layers (Mistral, Qwen, Gemma:
+keys ``t - W < s <= t``, and Gemma 3's own RoPE base) among global ones.
+
+A scanned model (:mod:`jtp.models.stack`) compiles one block for all its layers, so what
+differs between layers must reach the block as data: the layer's kind is its entry of the
+scan's per-layer inputs (:func:`layer_kinds`), a traced bool. Two choices follow from it:
+
+- attention (:func:`layer_attention`): ``jax.lax.cond`` between two attentions, each with a
+  static window, rather than one attention with a traced mask. Each branch stays the kernel
+  :mod:`jtp.models.attention` chooses: cuDNN's fused kernel takes a static window only (a
+  mask would send it to XLA's O(T^2) path), blockwise skips the tiles outside a static
+  window. Only the branch of the layer's kind runs.
+- small tables (the RoPE angles): an element-wise select (:func:`by_kind`), cheaper than a
+  branch.
+
+Where every layer is of one kind, or the layers are unrolled, the kind is a Python bool
+when tracing: no branch is compiled at all, and a model without windows compiles the
+program it always did.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jtp.models.attention import attention
+from jtp.models.llama_config import LlamaConfig
+
+
+def layer_kinds(c: LlamaConfig) -> tuple[tuple[bool, ...], np.ndarray | None]:
+    """How the blocks learn whether they are sliding layers: ``((kind,), None)`` when every
+    layer is of one kind (a static argument: no branch is compiled), ``((), flags)`` when
+    both kinds occur: ``flags`` (L,) bool, each layer's entry passed to its block (a scan
+    over stacked layers reads it as data, an unrolled loop as a constant)."""
+    flags = c.layer_sliding()
+    if len(set(flags)) == 1:
+        return (flags[0],), None
+    return (), np.asarray(flags)
+
+
+def by_kind(sliding: bool | jax.Array, if_sliding: Any, otherwise: Any) -> Any:
+    """``if_sliding`` on a sliding layer, else ``otherwise`` (pytrees of one structure):
+    chosen while tracing when ``sliding`` is a Python bool, element-wise when it is traced
+    (one scanned block for layers of both kinds)."""
+    if isinstance(sliding, jax.Array):
+        return jax.tree.map(lambda a, b: jnp.where(sliding, a, b), if_sliding, otherwise)
+    return if_sliding if sliding else otherwise
+
+
+def layer_attention(
+    q_bthe: jax.Array,
+    k_bske: jax.Array,
+    v_bske: jax.Array,
+    *,
+    sliding: bool | jax.Array,
+    window: int | None,
+    implementation: str = "auto",
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> jax.Array:
+    """Causal self-attention of one layer of a model whose sliding layers see keys
+    ``t - window < s <= t`` (transformers' window) and whose other layers see every earlier
+    key; ``sliding`` says which this layer is: a Python bool when known while tracing, else
+    a traced bool, and then ``jax.lax.cond`` runs the attention of its kind (each with a
+    static window: the module docstring says why). A window at least as long as the
+    sequence masks nothing and is left out.
+    """
+    t = q_bthe.shape[1]
+    local = None if window is None or window >= t else (window - 1, 0)
+
+    def run(local_window_size: tuple[int, int] | None) -> jax.Array:
+        return attention(
+            q_bthe, k_bske, v_bske, implementation=implementation, is_causal=True,
+            local_window_size=local_window_size, scale=scale, softcap=softcap,
+        )  # fmt: skip
+
+    if local is None:
+        return run(None)
+    if isinstance(sliding, jax.Array):  # traced: this layer's kind is data
+        return jax.lax.cond(sliding, lambda: run(local), lambda: run(None))
+    return run(local if sliding else None)

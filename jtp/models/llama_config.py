@@ -1,0 +1,151 @@
+"""The Llama's config (:class:`LlamaConfig`) and its presets: what the model computes and
+how it is run, as one frozen dataclass with a comment per field. :mod:`jtp.models.llama`
+builds the model from it (and re-exports both names); the plans, the HF adapter
+(:mod:`jtp.models.hf.config`) and the CLI read it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jtp.models.attention import ATTENTION
+from jtp.models.feedforward import ACTIVATIONS
+from jtp.models.lora import parse_targets
+from jtp.models.rope import RopeScaling
+from jtp.models.stack import remat_name
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int = 512  # V
+    dim: int = 128  # D, model width
+    n_layers: int = 2  # transformer blocks
+    n_heads: int = 16  # H, query heads
+    n_kv_heads: int = 8  # K, key/value heads (grouped-query attention; divides n_heads)
+    ffn_hidden: int = 384  # SwiGLU hidden width
+    max_seq_len: int = 64  # longest sequence the RoPE table covers
+    rope_theta: float = 500000.0  # Llama 3's RoPE base
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    # What each block keeps for the backward pass: "none", "full" (only its input: the
+    # backward recomputes the block), "dots" (also the projections' outputs) or "minimal"
+    # (also the attention output); jtp.models.stack says exactly. True/False: "full"/"none".
+    remat: str = "none"
+    # The blocks' parameters stacked on a leading layer axis and run by one jax.lax.scan
+    # (one compiled block whatever n_layers); False: an nnx.List, unrolled (layers.0, ...).
+    scan_layers: bool = True
+    explicit_head_dim: int | None = None  # E when it is not dim // n_heads (Qwen3: 128 at 1024/16)
+    qkv_bias: bool = False  # biases on wq, wk, wv (Qwen2)
+    qk_norm: bool = False  # RMSNorm over E of each query and key head, before RoPE (Qwen3)
+    tie_embeddings: bool = False  # the output projection is the embedding table, transposed
+    # Llama 3.1's long-context RoPE scaling, or a linear one (Gemma 3's global layers)
+    rope_scaling: RopeScaling | None = None
+    param_dtype: str = "float32"  # parameters (a jnp dtype name)
+    # Compute dtype of every layer (MaxText's `dtype` beside `weight_dtype`); None: as the
+    # inputs and parameters promote. The Trainer's precision policy sets it per step.
+    dtype: str | None = None
+    attention: str = "auto"  # auto (cuDNN on GPU, bf16/fp16), xla, cudnn, blockwise (O(T))
+    # LoRA (jtp.models.lora): rank r of the adapters; 0 builds plain linears. The adapted
+    # linears compute W x + (lora_alpha / r) B A x, as PEFT does; lora_targets names them as
+    # PEFT does (q_proj -> "q", ..., down_proj -> "down").
+    lora_rank: int = 0
+    lora_alpha: float = 16.0  # PEFT's default
+    lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+    # Each kv head computed this many times (its copies adjacent: K * kv_replicas heads of
+    # keys and values), so that a tensor axis wider than K still gives every device the kv
+    # head its query heads use (jtp.plans.replicate_kv sets it to tensor / K). The parameters
+    # and the results are those of kv_replicas=1; only the layout of the work changes.
+    kv_replicas: int = 1
+    # Sliding windows (Mistral, Qwen, Gemma) and what Gemma 2 / 3 add; the defaults are Llama's.
+    # W: on a sliding layer a query at position i sees keys i - W < j <= i; None: no window.
+    sliding_window: int | None = None
+    # Which layers are sliding ones (window, local RoPE base), a pattern repeated over the
+    # layers (layer i is sliding_layers[i % len]: Gemma 2 (True, False)); None: every layer.
+    sliding_layers: tuple[bool, ...] | None = None
+    local_rope_theta: float | None = None  # RoPE base of the sliding layers, unscaled (Gemma 3)
+    activation: str = "silu"  # the feed-forward's gate: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    norm_offset: bool = False  # RMSNorms scale by (1 + scale), in float32; scales start at 0
+    embed_scale: bool = False  # embeddings times sqrt(dim), rounded to the compute dtype
+    # Also RMSNorm the attention and feed-forward outputs before their residual adds (Gemma).
+    sandwich_norms: bool = False
+    query_pre_attn_scalar: float | None = None  # scores times this ** -0.5; None: head_dim's
+    attn_softcap: float | None = None  # scores -> tanh(s / cap) * cap before the mask (Gemma 2)
+    final_softcap: float | None = None  # logits -> tanh(l / cap) * cap (Gemma 2)
+
+    @property
+    def head_dim(self) -> int:  # E
+        return self.explicit_head_dim or self.dim // self.n_heads
+
+    def __post_init__(self):
+        object.__setattr__(self, "remat", remat_name(self.remat))  # True -> "full", ...
+        if self.explicit_head_dim is None and self.dim % self.n_heads:
+            raise ValueError(f"LlamaConfig: dim {self.dim} not divisible by n_heads {self.n_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"LlamaConfig: head_dim {self.head_dim} must be even for RoPE")
+        if self.attention not in ATTENTION:
+            raise ValueError(
+                f"LlamaConfig: attention={self.attention!r} must be one of {ATTENTION}"
+            )
+        object.__setattr__(self, "lora_targets", parse_targets(self.lora_targets))
+        if self.lora_rank < 0:
+            raise ValueError(f"LlamaConfig: lora_rank {self.lora_rank} must be >= 0")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"LlamaConfig: n_heads {self.n_heads} not divisible by n_kv_heads {self.n_kv_heads}"
+            )
+        if self.kv_replicas < 1 or self.n_heads % (self.n_kv_heads * self.kv_replicas):
+            raise ValueError(
+                f"LlamaConfig: kv_replicas {self.kv_replicas} must be >= 1 and n_kv_heads * "
+                f"kv_replicas ({self.n_kv_heads * self.kv_replicas}) must divide n_heads "
+                f"{self.n_heads}"
+            )
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"LlamaConfig: activation={self.activation!r} must be one of {list(ACTIVATIONS)}"
+            )
+        if self.sliding_layers is not None:  # a checkpoint's JSON record holds a list
+            object.__setattr__(self, "sliding_layers", tuple(bool(x) for x in self.sliding_layers))
+            if not self.sliding_layers:
+                raise ValueError("LlamaConfig: sliding_layers is empty; give None for every layer")
+        positive = {
+            "sliding_window": self.sliding_window, "local_rope_theta": self.local_rope_theta,
+            "query_pre_attn_scalar": self.query_pre_attn_scalar,
+            "attn_softcap": self.attn_softcap, "final_softcap": self.final_softcap,
+        }  # fmt: skip
+        for name, value in positive.items():
+            if value is not None and not value > 0:
+                raise ValueError(f"LlamaConfig: {name}={value!r} must be > 0 (or None: off)")
+
+    @property
+    def cached_kv_heads(self) -> int:
+        """Heads of keys and values as computed and cached: K * kv_replicas."""
+        return self.n_kv_heads * self.kv_replicas
+
+    def layer_sliding(self) -> tuple[bool, ...]:
+        """Whether each of the ``n_layers`` layers is a sliding one (``sliding_layers``
+        repeated over the layers; every layer when it is None)."""
+        pattern = self.sliding_layers or (True,)
+        return tuple(pattern[i % len(pattern)] for i in range(self.n_layers))
+
+    def num_params(self) -> int:
+        d, h, kv, e = self.dim, self.n_heads, self.n_kv_heads, self.head_dim
+        attn = d * h * e * 2 + d * kv * e * 2
+        attn += (h + 2 * kv) * e if self.qkv_bias else 0
+        attn += 2 * e if self.qk_norm else 0
+        block = attn + 3 * d * self.ffn_hidden + (4 if self.sandwich_norms else 2) * d
+        tables = 1 if self.tie_embeddings else 2
+        return tables * self.vocab_size * d + self.n_layers * block + d
+
+
+PRESETS = {
+    # Trains on CPU in seconds; heads divisible by 8 so every test mesh applies.
+    "tiny": LlamaConfig(),
+    # Shapes only: used abstractly (nnx.eval_shape + AOT compile), never allocated on CPU.
+    "llama3-8b": LlamaConfig(
+        vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+        ffn_hidden=14336, max_seq_len=8192,
+    ),
+    "llama3-70b": LlamaConfig(
+        vocab_size=128256, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8,
+        ffn_hidden=28672, max_seq_len=8192,
+    ),
+}  # fmt: skip
