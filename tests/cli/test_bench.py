@@ -82,6 +82,26 @@ def test_gpu_benchmark_says_so_without_a_gpu_and_runs_its_code_path_with_smoke(t
     assert "SMOKE" in capsys.readouterr().out
 
 
+def test_attention_benchmark_code_path_with_smoke(tmp_path, capsys):
+    """``bench attention --smoke`` on CPU: every case (Llama's, Gemma's windows with the layer
+    kind traced, the soft-cap, Gemma 3's scale) with XLA's and the blockwise kernel, both
+    layer kinds of a windowed case checked against its own float32 reference, within
+    tolerance; the Gemma-3-style model's bf16 step against float32, with its conditional
+    (no cuDNN without a GPU)."""
+    out = tmp_path / "attention.json"
+    payload = bench_main(["attention", "--smoke", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
+    rows = payload["rows"]
+    assert {r["implementation"] for r in rows} == {"xla", "blockwise"}
+    windowed = [r for r in rows if "sliding" in r["case"]]
+    assert {r["layer"] for r in windowed} == {"sliding", "global"}
+    assert all(r["within_tolerance"] and not r["fused_kernel_in_program"] for r in rows)
+    model = payload["gemma_model"]
+    assert model["within_tolerance"] and model["conditional_in_program"]
+    assert not model["fused_kernel_in_program"]
+    assert "Gemma-3-style model" in capsys.readouterr().out
+
+
 def test_compile_benchmark_code_path_at_tiny_sizes(tmp_path, capsys):
     """``bench compile`` end to end at 2 layers of width 128, two remat policies (not timed:
     the real run's figures are bench_results/compile.json); its JSON renders in the docs'

@@ -26,6 +26,7 @@ def attention(args: argparse.Namespace) -> dict[str, Any]:
         ATTENTION_RTOL,
         SMOKE_ATTENTION_CASES,
         attention_rows,
+        gemma_model_check,
     )  # fmt: skip
 
     device = jax.devices()[0]
@@ -38,6 +39,7 @@ def attention(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "attention", "machine": machine(), "platform": device.platform,
         "device_kind": device.device_kind, "smoke": bool(args.smoke),
         "tolerance": ATTENTION_RTOL, "rows": rows,
+        "gemma_model": gemma_model_check(device.platform, smoke=args.smoke),
     }  # fmt: skip
     print(format_attention(payload))
     write_json(args.json, payload)
@@ -61,4 +63,13 @@ def format_attention(r: dict[str, Any]) -> str:
             f"{a['within_tolerance']} | {a['fused_kernel_in_program']} | "
             f"{a['forward_backward_ms']:.2f} |"
         )
+    m = r["gemma_model"]
+    err = ", ".join(f"{k} {v:.1e}" for k, v in m["relative_error"].items())
+    lines.append(
+        f"\nGemma-3-style model, {m['config']['n_layers']} layers (5 sliding : 1 global, "
+        f"window {m['config']['sliding_window']}), {m['tokens']} tokens, scanned, remat dots, "
+        f"bf16 'auto' vs float32 XLA: {err} (tolerance {m['tolerance']}); cuDNN kernel in the "
+        f"program: {m['fused_kernel_in_program']}; conditional: {m['conditional_in_program']}; "
+        f"{m['forward_backward_ms']:.1f} ms forward + backward"
+    )
     return "\n".join(lines)

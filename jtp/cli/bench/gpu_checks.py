@@ -36,9 +36,11 @@ ATTENTION_CASES = {
         "scale": 256**-0.5,
     },
 }  # fmt: skip
+# The code path at tiny shapes: the two Gemma 2 cases take every branch the others do.
 SMOKE_ATTENTION_CASES = {
-    name: {**case, **SMOKE_ATTENTION_SHAPE, **({"window": 16} if "window" in case else {})}
+    name: {**case, **SMOKE_ATTENTION_SHAPE, "window": 16}
     for name, case in ATTENTION_CASES.items()
+    if name.startswith("gemma2")
 }
 
 
@@ -59,7 +61,7 @@ def attention_rows(case: dict[str, Any], platform: str) -> list[dict[str, Any]]:
     import jax
     import jax.numpy as jnp
 
-    from jtp.models.attention import layer_attention
+    from jtp.models.layer_kinds import layer_attention
 
     b, t, h, k, e = (case[n] for n in ("batch", "seq", "heads", "kv_heads", "head_dim"))
     window, softcap, scale = case.get("window"), case.get("softcap"), case.get("scale")
@@ -89,7 +91,8 @@ def attention_rows(case: dict[str, Any], platform: str) -> list[dict[str, Any]]:
     rows = []
     for impl in impls:
         fn, args = forward_backward(impl, jnp.bfloat16)
-        hlo = fn.lower(*args, jnp.bool_(True)).compile().as_text()
+        fn = fn.lower(*args, jnp.bool_(True)).compile()  # one compile: run and read
+        hlo = fn.as_text()
         for sliding in kinds:
             (_, ref_out), ref_grads = refs[sliding]
             flag = jnp.bool_(sliding)
@@ -133,3 +136,77 @@ def planner_check(
     planned = measure(layout, preset, layers, seq, micro_batch, "bf16-mixed", cpus)["memory"]
     return {"cpu_planned_bytes": planned, "gpu_compiled_bytes": gpu_memory,
             "ratio": planned / gpu_memory}  # fmt: skip
+
+
+# A Gemma-3-style stack (5 sliding layers : 1 global, a 1024-token window, head dim 256),
+# scanned with remat="dots": the cond between two static-window kernels inside the scan and
+# its backward, which no CPU run can show with cuDNN's kernel in it.
+GEMMA_MODEL = dict(
+    vocab_size=32000, dim=2560, n_layers=6, n_heads=8, n_kv_heads=4, explicit_head_dim=256,
+    ffn_hidden=10240, max_seq_len=4096, sliding_window=1024,
+    sliding_layers=(True,) * 5 + (False,), local_rope_theta=10000.0, rope_theta=1e6,
+    activation="gelu_tanh", norm_offset=True, embed_scale=True, sandwich_norms=True,
+    query_pre_attn_scalar=256.0, qk_norm=True, tie_embeddings=True, remat="dots",
+)  # fmt: skip
+SMOKE_GEMMA_MODEL = {**GEMMA_MODEL, "vocab_size": 256, "dim": 64, "n_layers": 2,
+                     "sliding_layers": (True, False), "n_heads": 4, "n_kv_heads": 2,
+                     "explicit_head_dim": 16, "ffn_hidden": 128, "max_seq_len": 32,
+                     "sliding_window": 8}  # fmt: skip
+# bf16 compute through six blocks against float32: each block rounds its matmuls' inputs
+# to 8 significant bits (2^-9 relative), and the loss and the gradients' norm sum many such
+# errors; seen a few 1e-3. 5e-2 still tells a wrong window or a wrong branch (O(1)).
+MODEL_RTOL = 5e-2
+
+
+def gemma_model_check(platform: str, smoke: bool = False) -> dict[str, Any]:
+    """A Gemma-3-style model's loss and gradients (one sequence of ``max_seq_len`` tokens)
+    computed in bf16 with ``attention="auto"`` (cuDNN on a GPU) against float32 with XLA's
+    attention: relative errors of the loss and of the gradients' global norm, whether the
+    program holds cuDNN's kernel and a conditional, and the median forward + backward time."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from jtp.models.llama import Llama, LlamaConfig, cross_entropy
+
+    config = LlamaConfig(**(SMOKE_GEMMA_MODEL if smoke else GEMMA_MODEL))
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (1, config.max_seq_len + 1))
+    tokens = jnp.asarray(tokens, jnp.int32)
+    params = nnx.state(jax.jit(lambda: Llama(config, rngs=nnx.Rngs(0)))())
+
+    def step(attention: str, dtype: str | None):
+        g = nnx.graphdef(nnx.eval_shape(lambda: Llama(dataclasses.replace(
+            config, attention=attention, dtype=dtype), rngs=nnx.Rngs(0))))  # fmt: skip
+
+        def loss(p):
+            return cross_entropy(nnx.merge(g, p)(tokens[:, :-1]), tokens[:, 1:])
+
+        return jax.jit(jax.value_and_grad(loss))
+
+    ref_loss, ref_grads = step("xla", None)(params)
+    fn = step("auto", "bfloat16").lower(params).compile()  # one compile: run and read
+    loss, grads = jax.block_until_ready(fn(params))
+    norm = lambda t: jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(t)))  # noqa: E731
+    diff = jax.tree.map(lambda a, b: a.astype(jnp.float32) - b, grads, ref_grads)
+    errors = {"loss": float(abs(loss - ref_loss) / abs(ref_loss)),
+              "grad_norm": float(norm(diff) / norm(ref_grads))}  # fmt: skip
+    times = []
+    for _ in range(1 if smoke else 5):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(params))
+        times.append(time.perf_counter() - t0)
+    hlo = fn.as_text()
+    return {
+        "config": {k: v for k, v in dataclasses.asdict(config).items() if k in GEMMA_MODEL},
+        "tokens": config.max_seq_len,
+        "platform": platform,
+        "relative_error": errors,
+        "within_tolerance": max(errors.values()) <= MODEL_RTOL,
+        "tolerance": MODEL_RTOL,
+        "fused_kernel_in_program": "__cudnn$fmha" in hlo,
+        "conditional_in_program": " conditional(" in hlo,
+        "forward_backward_ms": 1e3 * statistics.median(times),
+    }
