@@ -12,7 +12,11 @@ one list and never recurse:
   scanned input is a ``scan_slice`` op (the leading axis dropped: a stacked parameter's
   slice *is* that parameter), each stacked output a ``scan_stack`` op, and a carry crosses
   a ``carry`` op (opaque: nothing split may travel between iterations);
-- anything else with a body (``while``, ``cond``, ``shard_map``) stays one opaque op.
+- a ``cond``'s branches are each inlined on the same operands, and each output is a
+  ``select_n`` of the branches' (an element-wise op: a split must reach it through every
+  branch, so a layout holds whichever branch runs: Gemma's sliding and global layers in
+  one scanned block, :mod:`jtp.models.layer_kinds`);
+- anything else with a body (``while``, ``shard_map``) stays one opaque op.
 
 Each value knows its shape, whether it depends on a parameter or on the example inputs
 (a value that depends on neither, such as a causal mask or a RoPE table, can be sliced on
@@ -55,7 +59,7 @@ REDUCTIONS = frozenset(
 )  # fmt: skip
 CUMULATIVE = frozenset({"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"})
 _CALL_JAXPRS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
-_OPAQUE = frozenset({"while", "cond", "shard_map", "scan"})
+_OPAQUE = frozenset({"while", "cond", "shard_map", "scan"})  # cond, scan: their own rules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +150,12 @@ class _Builder:
         out_shapes = [getattr(v.aval, "shape", ()) for v in eqn.outvars]
         if name == "scan":
             return self.scan(eqn, ins, scope, where)
+        if name == "cond":  # index, *operands
+            outs = [self.inline(b, ins[1:], scope) for b in eqn.params["branches"]]
+            return [
+                self.op("select_n", [ins[0], *branch_outs], [shape], {}, scope, where)[0]
+                for branch_outs, shape in zip(zip(*outs, strict=True), out_shapes, strict=True)
+            ]
         body = _call_body(eqn)
         if body is not None and name not in _OPAQUE:
             label = eqn.params.get("name")

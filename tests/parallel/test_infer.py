@@ -144,6 +144,27 @@ UNSEEN = {
 }  # fmt: skip
 
 
+def test_gemma_layers_of_two_kinds_in_one_scan_get_the_hand_written_plan():
+    """Gemma 2's layers (sliding and global in one scanned block: a cond between two
+    attentions, jtp.models.layer_kinds; soft-caps, GeGLU, (1 + w) norms, sandwich norms,
+    q/k norms): each branch of the cond carries the heads' split to ``wo``, so the plan is
+    jtp.plans.llama's."""
+    config = LlamaConfig(
+        n_layers=3, sliding_window=8, sliding_layers=(True, False, True),
+        local_rope_theta=10000.0, activation="gelu_tanh", norm_offset=True, embed_scale=True,
+        sandwich_norms=True, query_pre_attn_scalar=16.0, attn_softcap=50.0,
+        final_softcap=30.0, qk_norm=True, tie_embeddings=True,
+    )  # fmt: skip
+    model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+    plan = jtp.infer_plan(model, TOKENS)
+    hand = jtp.plans.llama(config)
+    assert set(plan.styles) == set(hand.styles)
+    for shape, fsdp in (((1, 8), False), ((2, 4), True)):
+        mesh = jtp.make_mesh(*shape)
+        assert _specs(model, mesh, plan, fsdp) == _specs(model, mesh, hand, fsdp)
+    assert plan.reasons["layers.*.attention.wo"].startswith("row: contracts the split output")
+
+
 @pytest.mark.parametrize("name", list(UNSEEN))
 def test_unseen_models_shard_like_a_hand_plan(name):
     """The inferred plan shards every parameter as the hand plan does; the compiled sharded
