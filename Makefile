@@ -22,9 +22,13 @@ TRAIN_ARGS ?= --devices 8
 train: $(STAMP)
 	$(PY) -m jtp.train $(TRAIN_ARGS) $(ARGS)
 
-## The test suite on 8 forced CPU devices.
+## The test suite on 8 forced CPU devices, in JOBS worker processes (pytest-xdist; each
+## worker forces its own 8 devices). Two workers on two cores take about 3/4 of one's time:
+## most of a test is XLA compiling, single-threaded. A file's tests stay on one worker
+## (--dist loadfile), so module-level references are computed once. JOBS=0: one process.
+JOBS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n $(JOBS) --dist loadfile $(ARGS)
 
 ## The tests whose bounds rest on floating-point rounding (sharded vs unsharded, jtp vs
 ## transformers' logits, bf16 vs fp32), run again computing as an AVX2 machine does: XLA's
@@ -64,7 +68,8 @@ AVX2_TESTS := \
 test-avx2: $(STAMP)
 	@if [ "$$(uname -m)" != x86_64 ]; then echo "test-avx2: x86-64 only"; exit 0; fi; \
 	echo "XLA_FLAGS=$$XLA_FLAGS --xla_cpu_max_isa=AVX2"; \
-	XLA_FLAGS="$$XLA_FLAGS --xla_cpu_max_isa=AVX2" $(PY) -m pytest -q $(AVX2_TESTS) $(ARGS)
+	XLA_FLAGS="$$XLA_FLAGS --xla_cpu_max_isa=AVX2" $(PY) -m pytest -q -n $(JOBS) --dist loadfile \
+	    $(AVX2_TESTS) $(ARGS)
 
 ## Lint and format in place.
 lint: $(STAMP)
