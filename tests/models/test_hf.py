@@ -437,11 +437,16 @@ REFUSALS = {
 
 @pytest.mark.parametrize("case", list(REFUSALS))
 def test_refusals_name_the_field_or_tensor(case, tmp_path, monkeypatch):
-    name, config, tensors, match = REFUSALS[case]
+    assert_refused_before_reading(tmp_path, monkeypatch, *REFUSALS[case])
+
+
+def assert_refused_before_reading(tmp_path, monkeypatch, name, config, tensors, match):
+    """Fixture ``name`` edited (:func:`edited`) is refused with a ``ValueError`` matching
+    ``match`` before a single weight is read."""
     path = edited(tmp_path, name, config, tensors)
 
-    def no_reads(self, name):  # refused before a single weight is read
-        raise AssertionError(f"read {name} before refusing")
+    def no_reads(self, tensor):
+        raise AssertionError(f"read {tensor} before refusing")
 
     monkeypatch.setattr(hf_files.CheckpointFiles, "reader", no_reads)
     with pytest.raises(ValueError, match=match):

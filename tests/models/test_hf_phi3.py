@@ -15,7 +15,15 @@ import os
 
 import numpy as np
 import pytest
-from test_hf import T, _tensors, edited, fixture, load, mesh_of, params_of
+from test_hf import (
+    T,
+    _tensors,
+    assert_refused_before_reading,
+    edited,
+    fixture,
+    load,
+    params_of,
+)
 
 import jtp
 from jtp.models.hf import files as hf_files
@@ -146,15 +154,7 @@ REFUSALS = {
 
 @pytest.mark.parametrize("case", list(REFUSALS))
 def test_refusals_name_the_field_or_tensor(case, tmp_path, monkeypatch):
-    config, tensors, match = REFUSALS[case]
-    path = edited(tmp_path, "phi3", config, tensors)
-
-    def no_reads(self, name):  # refused before a single weight is read
-        raise AssertionError(f"read {name} before refusing")
-
-    monkeypatch.setattr(hf_files.CheckpointFiles, "reader", no_reads)
-    with pytest.raises(ValueError, match=match):
-        jtp.hf.load_pretrained(path, mesh_of((1, 8)), max_seq_len=T)
+    assert_refused_before_reading(tmp_path, monkeypatch, "phi3", *REFUSALS[case])
 
 
 def test_peft_adapters_are_refused(tmp_path):
