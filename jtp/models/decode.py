@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from jtp.models.attention import softcapped_attention
 from jtp.models.layer_kinds import by_kind, layer_kinds
-from jtp.models.llama import Llama, scale_embeddings, soft_cap
+from jtp.models.llama import Llama, scale_embeddings
 from jtp.models.rope import rope_at
 from jtp.models.stack import scan_blocks
 from jtp.parallel.activations import shard_activation
@@ -132,7 +132,4 @@ def forward_cached(
         per_layer = (cache.k, cache.v) + (() if flags is None else (flags,))
         x_btd, (k, v) = scan_blocks(model.layers, body, x_btd, per_layer)
         new = KVCache(k, v)
-    h_btd = model.norm(x_btd)
-    if model.output is None:  # tied: h @ table.T
-        return soft_cap(model.tok_embeddings.attend(h_btd), c.final_softcap), new
-    return soft_cap(model.output(h_btd), c.final_softcap), new
+    return model.head(model.norm(x_btd)), new

@@ -265,12 +265,16 @@ class Llama(nnx.Module):
         x_btd = run_blocks(
             self.layers, x_btd, cos_tf, sin_tf, local_rope, *kinds, remat=c.remat, xs=per_layer
         )  # (B, T, D)
-        h_btd = _gathered(self.norm(x_btd))
-        if self.output is None:  # h @ table.T: (B, T, D) x (V, D) -> (B, T, V)
+        return shard_activation(self.head(_gathered(self.norm(x_btd))), "logits")
+
+    def head(self, h_btd: jax.Array) -> jax.Array:
+        """Logits (B, T, V) of the final norm's output (also :mod:`jtp.models.decode`'s):
+        the output projection, or tied, ``h @ table.T``; soft-capped where configured."""
+        if self.output is None:  # (B, T, D) x (V, D) -> (B, T, V)
             logits_btv = self.tok_embeddings.attend(h_btd)
         else:
             logits_btv = self.output(h_btd)  # (B, T, V)
-        return shard_activation(soft_cap(logits_btv, c.final_softcap), "logits")
+        return soft_cap(logits_btv, self.config.final_softcap)
 
 
 def cross_entropy(logits_btv: jax.Array, labels_bt: jax.Array) -> jax.Array:
