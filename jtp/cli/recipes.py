@@ -189,12 +189,14 @@ class LlamaTask(TrainModule):
         replicated where the tensor axis is wider: :func:`jtp.plans.replicate_kv`, the plan
         following) and check that the plan applies there (heads, and the sequence under
         sequence parallelism, divisible by the tensor size)."""
-        if mesh is not None and replicate_kv(self.model_config, mesh) != self.model_config:
-            self.model_config = replicate_kv(self.model_config, mesh)
-            self.plan = self._plan()
-        mc, c = self.model_config, self.config
+        c = self.config
         if mesh is not None:
-            check_llama(mc, mesh, seq_len=c.seq_len, sequence_parallel=c.sequence_parallel)
+            fitted = replicate_kv(self.model_config, mesh)
+            if fitted != self.model_config:
+                self.model_config = fitted
+                self.plan = self._plan()
+            check_llama(fitted, mesh, seq_len=c.seq_len, sequence_parallel=c.sequence_parallel)
+        mc = self.model_config
         return lambda: Llama(mc, rngs=nnx.Rngs(c.seed))
 
     def configure_model(self, mesh: Mesh) -> nnx.Module:
