@@ -25,7 +25,7 @@ def attention(args: argparse.Namespace) -> dict[str, Any]:
         ATTENTION_CASES,
         ATTENTION_RTOL,
         SMOKE_ATTENTION_CASES,
-        attention_rows,
+        attention_check,
         gemma_model_check,
     )  # fmt: skip
 
@@ -33,7 +33,7 @@ def attention(args: argparse.Namespace) -> dict[str, Any]:
     cases = SMOKE_ATTENTION_CASES if args.smoke else ATTENTION_CASES
     rows = []
     for name, case in cases.items():
-        for row in attention_rows(case, device.platform):
+        for row in attention_check(case, device.platform):
             rows.append({"case": name, "shape": case, **row})
     payload = {
         "benchmark": "attention", "machine": machine(), "platform": device.platform,

@@ -44,20 +44,16 @@ SMOKE_ATTENTION_CASES = {
 }
 
 
-def attention_check(shape: dict[str, int], platform: str) -> list[dict[str, Any]]:
+def attention_check(case: dict[str, Any], platform: str) -> list[dict[str, Any]]:
     """cuDNN's fused attention (on a GPU), XLA's and jtp's blockwise kernel, on the same bf16
-    (B, T, H, E) causal grouped-query inputs: output and q/k/v gradients against XLA's
-    attention in float32 (max |error| / max |reference|, within :data:`ATTENTION_RTOL`), and
-    the median forward + backward time of each. The fused kernel's numbers are what the CPU
-    tests cannot show."""
-    return attention_rows(shape, platform)
-
-
-def attention_rows(case: dict[str, Any], platform: str) -> list[dict[str, Any]]:
-    """:func:`attention_check` for one case of :data:`ATTENTION_CASES`: with a ``window``,
-    through :func:`jtp.models.attention.layer_attention` with the layer's kind traced (as in
-    a scanned model of sliding and global layers), each kind timed and checked; with a
-    ``softcap``, the kernels that compute it (no cuDNN: "auto" must not take it)."""
+    (B, T, H, E) causal grouped-query inputs of ``case`` (:data:`ATTENTION_SHAPE`, or one of
+    :data:`ATTENTION_CASES`): output and q/k/v gradients against XLA's attention in float32
+    (max |error| / max |reference|, within :data:`ATTENTION_RTOL`), and the median forward +
+    backward time of each. The fused kernel's numbers are what the CPU tests cannot show.
+    With a ``window``, through :func:`jtp.models.layer_kinds.layer_attention` with the
+    layer's kind traced (as in a scanned model of sliding and global layers), each kind
+    timed and checked; with a ``softcap``, the kernels that compute it (no cuDNN: "auto"
+    must not take it)."""
     import jax
     import jax.numpy as jnp
 
