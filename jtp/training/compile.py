@@ -11,8 +11,9 @@ Llama-3-8B step on a laptop, and XLA reports its per-device memory and collectiv
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -173,3 +174,24 @@ def abstract_train_step(*args: Any, **kwargs: Any) -> jax.stages.Compiled:
     run, compiled on abstract arrays: :func:`trace_abstract_step` (same arguments:
     ``module, strategy, batch, *, factory, plan, **trainer_options``), compiled."""
     return trace_abstract_step(*args, **kwargs).lower().compile()
+
+
+_CACHE_HIT = "/jax/compilation_cache/cache_hits"  # jax's event: a program loaded from disk
+
+
+@contextlib.contextmanager
+def persistent_cache_hits() -> Iterator[list[str]]:
+    """A list that gains one entry per program jax loads from its persistent compilation
+    cache (instead of compiling it) inside the ``with`` block: what shows that a repeated
+    run compiled nothing, read off jax's own events rather than inferred from wall time."""
+    hits: list[str] = []
+
+    def on_event(event: str, **_: Any) -> None:
+        if event == _CACHE_HIT:
+            hits.append(event)
+
+    jax.monitoring.register_event_listener(on_event)
+    try:
+        yield hits
+    finally:
+        jax.monitoring.unregister_event_listener(on_event)

@@ -27,7 +27,7 @@ from jtp.mesh import ModelParallelStrategy, mesh_shape
 from jtp.parallel.activations import activation_rules
 from jtp.parallel.batch import shard_batch
 from jtp.parallel.replicas import check_replicas
-from jtp.training.compile import build_state, compile_train_step, train_step
+from jtp.training.compile import build_state, compile_train_step, persistent_cache_hits, train_step
 from jtp.training.evaluate import EvalSteps
 from jtp.training.fit_run import FitRun, StepBatches
 from jtp.training.loggers import next_run_dir
@@ -62,6 +62,7 @@ class Trainer:
         self.val_history: list[dict[str, float]] = []  # {"step", "epoch", "val_*"} per check
         self.num_compiles = 0  # train-step compiles in this trainer's lifetime
         self.compile_seconds = 0.0  # their wall time (a persistent-cache hit: a load)
+        self.compile_cache_hits = 0  # of them, loaded from jax's persistent cache, not compiled
         self.compiled_step: jax.stages.Compiled | None = None
         self.peak_memory_bytes_per_device: int | None = None
         self.log_dir: str | None = None
@@ -108,10 +109,12 @@ class Trainer:
 
     def _compile(self, step: Any, batches: list[Any]) -> jax.stages.Compiled:
         self.num_compiles += 1
-        precision = self.options.precision
+        prec = self.options.precision
         t0 = time.perf_counter()
-        compiled = compile_train_step(step, self._state, batches, self._rules, precision=precision)
+        with persistent_cache_hits() as hits:
+            compiled = compile_train_step(step, self._state, batches, self._rules, precision=prec)
         self.compile_seconds += time.perf_counter() - t0
+        self.compile_cache_hits += len(hits)
         return compiled
 
     # ------------------------------------------------------------------ fit

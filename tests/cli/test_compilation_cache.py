@@ -41,12 +41,13 @@ def _run(tmp_path, tag, cache):
 def test_a_second_process_loads_the_first_ones_programs(tmp_path):
     """The first run writes the entries (every program, small CPU ones too); an identical
     second run in a new process compiles nothing: it adds no entry (each program is a hit)
-    and its train-step 'compile' is a load, faster than the first run's compile."""
+    and its train step is loaded, not compiled (jax's cache-hit events during the trainer's
+    compile; wall time would only infer it, and two test workers make it noisy)."""
     cache = tmp_path / "cache"
     first = _run(tmp_path, "first", cache)
     entries = sorted(os.listdir(cache))
     assert len(entries) >= 2  # the sharded init and the train step at least
     second = _run(tmp_path, "second", cache)
     assert sorted(os.listdir(cache)) == entries
-    assert second["compile_seconds"] < first["compile_seconds"]
+    assert first["compile_cache_hits"] == 0 and second["compile_cache_hits"] >= 1
     assert second["losses"] == first["losses"]  # the loaded program computes the same
