@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 from safetensors import safe_open
 
 from jtp.checkpoint.tensor_file import TensorFileWriter
+from jtp.distributed import same_programs_on_every_process, watching
 from jtp.parallel.names import path_str
 from jtp.parallel.parallelize import sharded_init
 from jtp.parallel.plan import Plan
@@ -25,6 +26,10 @@ from jtp.parallel.plan import Plan
 
 def _take(a: jax.Array, layer: jax.Array) -> jax.Array:
     return a[layer]
+
+
+def _identity(a: jax.Array) -> jax.Array:
+    return a
 
 
 def gathered_on_process_0(x: jax.Array, layer: int | None = None) -> np.ndarray | None:
@@ -35,17 +40,20 @@ def gathered_on_process_0(x: jax.Array, layer: int | None = None) -> np.ndarray 
     process 0 copies the result to host memory. Device memory holds the whole array (or
     layer) transiently, one at a time.
     """
+    same_programs_on_every_process()  # process 0 traces this from another line than the rest
     sharding = getattr(x, "sharding", None)
     if isinstance(sharding, NamedSharding) and (
         layer is not None or not sharding.is_fully_replicated
     ):
         whole = NamedSharding(sharding.mesh, P())
         if layer is None:
-            x = jax.jit(lambda a: a, out_shardings=whole)(x)
+            x = jax.jit(_identity, out_shardings=whole)(x)
         else:  # the layer index is traced: one program for every layer of this shape
             x = jax.jit(_take, out_shardings=whole)(x, np.int32(layer))
     elif layer is not None:
         x = x[layer]
+    with watching("a parameter gathered to process 0"):
+        jax.block_until_ready(x)  # every process waits for its gather: a hang is watched
     if jax.process_index() != 0:
         return None
     return np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x)

@@ -131,6 +131,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import jax
 
+    from jtp.distributed import same_programs_on_every_process, watchdog, watching
+
+    if distributed:
+        same_programs_on_every_process()  # before the first trace (jtp.distributed)
+        watchdog.arm(args.collective_timeout)  # the fit, the exports and the shutdown
+
     from jtp.cli.recipes import FeedForwardTask, LlamaTask
     from jtp.mesh import ModelParallelStrategy, mesh_shape
     from jtp.training.trainer import Trainer
@@ -159,16 +165,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.export:
         from jtp.checkpoint.consolidated import save_consolidated
 
-        save_consolidated(trainer.model, args.export)
+        with watching("--export (parameters gathered to process 0)", trainer.global_step):
+            save_consolidated(trainer.model, args.export)
     if args.export_hf:  # config.json and tokenizer files carried over from --hf; LoRA merged
         from jtp.models.hf import save_pretrained
 
-        save_pretrained(trainer.model, args.export_hf, source=args.hf)
+        with watching("--export-hf (parameters gathered to process 0)", trainer.global_step):
+            save_pretrained(trainer.model, args.export_hf, source=args.hf)
     if args.export_peft:
         from jtp.models.hf import save_peft
 
         base = os.path.abspath(args.hf) if args.hf else None
-        save_peft(trainer.model, args.export_peft, base_model_name_or_path=base)
+        with watching("--export-peft (adapters gathered to process 0)", trainer.global_step):
+            save_peft(trainer.model, args.export_peft, base_model_name_or_path=base)
     steps = len(trainer.losses)
     metrics = {
         "mesh": mesh_shape(mesh),
@@ -216,7 +225,10 @@ def _run_and_exit(argv: list[str]) -> None:
     import jax
 
     if jax.process_count() > 1:
-        jax.distributed.shutdown()
+        from jtp.distributed import watching
+
+        with watching("the distributed runtime's shutdown (a barrier of all processes)"):
+            jax.distributed.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code if isinstance(code, int) else 1)

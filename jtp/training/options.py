@@ -68,6 +68,11 @@ class TrainerOptions:
       limit_val_batches: evaluate at most this many batches in ``validate``/``test`` and in
         validation during ``fit``.
       report_memory: print the per-device peak memory at the end of ``fit``.
+      collective_timeout: in a multi-process run, seconds a step, an agreement, a replica
+        check or a save may wait on the other processes before this process ends with
+        status 124, naming the step and what it waited on (``jtp.distributed.Watchdog``;
+        NCCL's watchdog and torch's collective timeout do the same). ``None``: wait
+        forever. Compiles are not timed; raise it above your longest checkpoint save.
     """
 
     max_epochs: int = 1
@@ -91,6 +96,7 @@ class TrainerOptions:
     check_val_every_n_epoch: int | None = None
     limit_val_batches: int | None = None
     report_memory: bool = True
+    collective_timeout: float | None = 600.0
 
     def __post_init__(self) -> None:
         positive = ("accumulate_grad_batches", "log_every_n_steps", "keep_last")
@@ -110,6 +116,10 @@ class TrainerOptions:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value} must be >= 1 or None")
+        if self.collective_timeout is not None and not self.collective_timeout > 0:
+            raise ValueError(
+                f"collective_timeout={self.collective_timeout} must be > 0 seconds or None"
+            )
         if self.gradient_clip_val is not None and self.gradient_clip_val <= 0:
             raise ValueError(f"gradient_clip_val={self.gradient_clip_val} must be > 0 or None")
         policy(self.precision)  # an unknown name raises, listing the choices

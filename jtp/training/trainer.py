@@ -11,6 +11,7 @@ results.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from jax.sharding import Mesh
 
 from jtp.analysis.memory import memory_report, peak_memory_per_device
 from jtp.checkpoint.sharded import Checkpointer
+from jtp.distributed import same_programs_on_every_process, watchdog, watching
 from jtp.mesh import ModelParallelStrategy, mesh_shape
 from jtp.parallel.activations import activation_rules
 from jtp.parallel.batch import shard_batch
@@ -102,6 +104,7 @@ class Trainer:
             random.seed(self.options.seed)
             np.random.seed(self.options.seed)
         module.trainer = self
+        same_programs_on_every_process()  # before anything that crosses processes is traced
         self._state, self._rules = build_state(module, self.strategy, self.options)
         self._module, self._train_loader = module, None
         self.model = self._state.model()  # bf16-true: the bf16 arrays, nothing in fp32
@@ -140,32 +143,56 @@ class Trainer:
             self._resume(ckpt, loader)
         run = self._start_run(ckpt)
         policy = Policy(o, multi_process=jax.process_count() > 1, first_step=self.global_step)
-        with stop_on_signals() as signals, run:
+        with stop_on_signals() as signals, run, self._watchdog():
             stopper = StopAgreement(signals, policy.stop_check_every)
             for s in self._step_batches(loader, policy):
-                if run.compiled is None:
+                if run.compiled is None:  # a compile is no collective: not watched
                     run.compiled = self._compile(step, s.batches)
-                self._state.update(*run.train_step(self._state.arrays(), s, self.global_step + 1))
-                self.global_step += 1
-                decision = policy.after_step(
-                    self.global_step, stopper, len(run.metrics),
-                    epoch_end=s.index + 1 == s.total, epoch_ended=s.epoch_ended,
-                )  # fmt: skip
-                if decision.validate:
-                    means = self._eval_means("validation_step", run.val_loader, "val")
-                    run.validated(self.global_step, s.epoch, means)
-                if decision.log:
-                    run.log(s.epoch, s.index + 1, s.total, s.batches)
-                if decision.save and ckpt is not None:
-                    self._save(ckpt, loader)
-                if decision.exit_code is not None:
-                    run.stop(decision.exit_code)
+                with watching("the train step and what follows it", self.global_step + 1):
+                    self._fit_step(run, s, policy, stopper, ckpt, loader)
                 if policy.done(self.global_step):
                     break
             if ckpt is not None and self.global_step > self.first_step:
-                self._save(ckpt, loader, only_if_new=True)
+                with watching("the last checkpoint save", self.global_step):
+                    self._save(ckpt, loader, only_if_new=True)
         self._finish_fit(run)
         return self
+
+    def _fit_step(self, run, s, policy, stopper, ckpt, loader) -> None:
+        """One optimizer step of ``fit`` and what the policy decides after it; each wait on
+        other processes is a region of its own, so a hang names what it waited on."""
+        step = self.global_step + 1
+        self._state.update(*run.train_step(self._state.arrays(), s, step))
+        self.global_step = step
+        with watching("the stop agreement (an all-gather over processes)", step):
+            decision = policy.after_step(
+                step, stopper, len(run.metrics),
+                epoch_end=s.index + 1 == s.total, epoch_ended=s.epoch_ended,
+            )  # fmt: skip
+        if decision.validate:
+            with watching("validation (every process evaluates the same batches)", step):
+                means = self._eval_means("validation_step", run.val_loader, "val")
+            run.validated(step, s.epoch, means)
+        if decision.log:
+            with watching("the step's results (loss and metrics, fetched from the devices)", step):
+                run.log(s.epoch, s.index + 1, s.total, s.batches)
+        if decision.save and ckpt is not None:
+            with watching("a checkpoint save", step):
+                self._save(ckpt, loader)
+        if decision.exit_code is not None:
+            run.stop(decision.exit_code)
+
+    @contextlib.contextmanager
+    def _watchdog(self) -> Iterator[None]:
+        """Arm the collective watchdog for this fit in a multi-process run (one process
+        waits on no peer); the previous setting comes back after it."""
+        before = watchdog.timeout
+        if jax.process_count() > 1:
+            watchdog.arm(self.options.collective_timeout)
+        try:
+            yield
+        finally:
+            watchdog.arm(before)
 
     def _start_run(self, ckpt: Checkpointer | None) -> FitRun:
         """This fit's run: a new ``<default_root_dir>/version_N`` on process 0 when logging,
@@ -198,7 +225,9 @@ class Trainer:
             for index, batch in enumerate(loader, start=_resume_index(loader, epoch)):
                 batch = self._global_batch(batch)
                 if policy.check_replicas(self.global_step, len(group)):
-                    check_replicas(batch, step=self.global_step + 1)
+                    step = self.global_step + 1
+                    with watching("check_replicas (an all-gather over processes)", step):
+                        check_replicas(batch, step=step)
                 group.append(batch)
                 if index + 1 == total:
                     ended = epoch

@@ -22,11 +22,14 @@ def _sizes(dtype, options=None):
 def test_bf16_buffers_are_half_the_float32_ones():
     """The same program in bf16 and in float32: with KEEP_BF16 every buffer (arguments,
     outputs, temporaries) is exactly half; without it the CPU's float32 copies make the bf16
-    temporaries larger than half, here larger than float32's own."""
+    temporaries larger than half, so a planner that sized bf16 on CPU without KEEP_BF16 would
+    overstate. How much larger depends on the jaxlib: 1.71x half of float32's here with
+    0.12.1, more than float32's own with 0.12.0.1 (which kept a float32 copy of more of them),
+    so the test asserts only what KEEP_BF16 is for."""
     f32, bf16 = _sizes(jnp.float32), _sizes(jnp.bfloat16, KEEP_BF16)
     for part in ("arguments", "temps"):
         assert bf16[part] * 2 == f32[part], part
-    assert _sizes(jnp.bfloat16)["temps"] > f32["temps"]
+    assert _sizes(jnp.bfloat16)["temps"] > bf16["temps"]
 
 
 def test_a_float32_program_is_unchanged():

@@ -22,6 +22,7 @@ import numpy as np
 from safetensors import safe_open
 
 from jtp.checkpoint.tensor_file import TensorFileWriter
+from jtp.distributed import same_programs_on_every_process, watching
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -106,6 +107,7 @@ def staged_directory(path: str, name: str) -> Iterator[str | None]:
     Then every process waits for the others (``name`` labels the barrier), so none reads
     ``path`` before it is complete.
     """
+    same_programs_on_every_process()  # the barrier below is a program of every process
     writer = jax.process_index() == 0
     tmp = f"{os.path.abspath(path).rstrip('/')}.tmp-{os.getpid()}"
     try:
@@ -122,4 +124,5 @@ def staged_directory(path: str, name: str) -> Iterator[str | None]:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices(name)
+        with watching(f"the barrier after {name} (every process waits for the others)"):
+            multihost_utils.sync_global_devices(name)
