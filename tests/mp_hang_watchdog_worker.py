@@ -1,6 +1,6 @@
 """Worker for test_distributed: the watchdog alone, in a fresh process.
 
-    python mp_hang_watchdog_worker.py TIMEOUT   (a watched region that never ends)
+python mp_hang_watchdog_worker.py TIMEOUT   (a watched region that never ends)
 """
 
 import sys

@@ -2,15 +2,12 @@
 every process, and the collective watchdog that turns a hang into an error. Real processes
 on 127.0.0.1, each started with a timeout and killed in a ``finally``."""
 
-import json
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from processes import clean_env, free_port, start_process, stop_all, two_workers, wait_all
+from processes import free_port, start_process, stop_all, two_workers, wait_all
 
 from jtp.distributed import HANG_EXIT_CODE, Watchdog
 from jtp.training.options import TrainerOptions
@@ -80,8 +77,15 @@ def test_a_stopped_peer_ends_every_process_within_the_timeout(tmp_path):
             "--root-dir", str(tmp_path / "runs")]  # fmt: skip
     procs = [
         start_process(
-            ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-             "--process-id", str(i), *args],
+            [
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+                *args,
+            ],
             tmp_path / f"p{i}.log",
         )  # fmt: skip
         for i in range(2)
