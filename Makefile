@@ -6,12 +6,14 @@ STAMP := $(VENV)/.installed
 # Extras installed into the venv; `make EXTRAS=dev,cuda12 venv` on a GPU machine.
 EXTRAS ?= dev
 
-.PHONY: venv train test test-avx2 lint lint-check bench clean
+.PHONY: venv train test test-avx2 test-latest constraints lint lint-check bench clean
 
-$(STAMP): pyproject.toml
+# constraints.txt: the exact versions the suite passed with, so a fresh clone installs what
+# was tested (jax 0.12.1 arrived under `jax>=0.12` and hung two multi-process paths).
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || { PYBIN=$$(scripts/find_python.sh) && "$$PYBIN" -m venv $(VENV); }
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -71,6 +73,29 @@ test-avx2: $(STAMP)
 	XLA_FLAGS="$$XLA_FLAGS --xla_cpu_max_isa=AVX2" $(PY) -m pytest -q -n $(JOBS) --dist loadfile \
 	    $(AVX2_TESTS) $(ARGS)
 
+## The multi-process and numerics tests again with the newest releases of jtp's dependencies
+## (no constraints) in .venv-latest, when a release newer than constraints.txt's pins exists
+## (scripts/newest_releases.py asks pip, installing nothing): a breaking release fails here
+## before users install it. FORCE=1 runs them whatever the versions. Passing: `make
+## constraints` in .venv-latest's place pins the new versions.
+LATEST_TESTS := tests/test_distributed.py tests/training/test_multiprocess.py \
+	tests/cli/test_compilation_cache.py tests/analysis/test_memory.py $(AVX2_TESTS)
+test-latest: $(STAMP)
+	@if [ -z "$(FORCE)" ] && $(PY) scripts/newest_releases.py constraints.txt; then \
+	    echo "test-latest: the newest releases are the pinned ones, tested above"; exit 0; fi; \
+	rm -rf .venv-latest && PYBIN=$$(scripts/find_python.sh) && "$$PYBIN" -m venv .venv-latest \
+	&& .venv-latest/bin/pip install --quiet --upgrade pip \
+	&& .venv-latest/bin/pip install --quiet --upgrade -e ".[dev]" \
+	&& .venv-latest/bin/pip install --quiet --upgrade jax jaxlib flax optax orbax-checkpoint \
+	&& .venv-latest/bin/pip list 2>/dev/null | grep -iE '^(jax|jaxlib|flax|optax|orbax-checkpoint|numpy) ' \
+	&& .venv-latest/bin/python -m pytest -q -n $(JOBS) --dist loadfile $(LATEST_TESTS) $(ARGS)
+
+## Pin what .venv holds now (after a tested upgrade) into constraints.txt.
+constraints: $(STAMP)
+	@{ echo "# The exact versions the suite passed with (make and CI install these: make venv)."; \
+	   echo "# Regenerate after a tested upgrade: make constraints. Newer releases: make test-latest."; \
+	   $(PY) -m pip freeze --exclude-editable | grep -v '^jtp'; } > constraints.txt
+
 ## Lint and format in place.
 lint: $(STAMP)
 	$(PY) -m ruff check --fix jtp tests examples
@@ -84,4 +109,4 @@ bench: $(STAMP)
 	$(PY) -m jtp.bench $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .venv-latest .pytest_cache

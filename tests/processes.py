@@ -1,22 +1,40 @@
 """Real processes on 127.0.0.1 for the multi-process tests: a clean environment, a free
 port, start and always stop (every wait has a timeout; a process still alive is killed)."""
 
+import atexit
+import functools
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+
+@functools.cache
+def suite_cache() -> str:
+    """One compilation cache for every program this test process starts, removed at exit.
+
+    The programs cache compiled steps by default, so the processes the tests start do too:
+    a later test loads what an earlier one compiled, as a user's second run or a restarted
+    job does (jax 0.12.1 hung exactly there while the suite ran with the cache off)."""
+    path = tempfile.mkdtemp(prefix="jtp-suite-cache-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def clean_env() -> dict[str, str]:
     """This process's environment less its forced device count (a worker sets its own); other
-    XLA flags carry over, so under ``make test-avx2`` every process computes as AVX2."""
+    XLA flags carry over, so under ``make test-avx2`` every process computes as AVX2. The
+    compilation cache is on, as shipped, in this test process's own directory."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
     flags = os.environ.get("XLA_FLAGS", "").split()
     kept = [f for f in flags if not f.startswith("--xla_force_host_platform_device_count")]
     if kept:
         env["XLA_FLAGS"] = " ".join(kept)
     env["JAX_PLATFORMS"] = "cpu"
+    env["JTP_COMPILATION_CACHE"] = suite_cache()
     return env
 
 
