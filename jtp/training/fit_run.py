@@ -61,15 +61,21 @@ class FitRun:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        code = _exit_code(*exc)
         try:
             if exc[0] is None or issubclass(exc[0], SystemExit):
                 self.metrics.flush()
+        except BaseException:  # the last rows' non-finite loss: the fit fails after all
+            code = 1
+            raise
         finally:
             self.bar.close()
-            if self.logger is not None:
-                self.logger.close(_exit_code(*exc))
-            if self.ckpt is not None:
-                self.ckpt.close()
+            try:
+                if self.logger is not None:
+                    self.logger.close(code)
+            finally:  # checkpoint writes are waited for even if the logger fails to close
+                if self.ckpt is not None:
+                    self.ckpt.close()
         self._t_end = time.perf_counter()
 
     def train_step(self, arrays: tuple[Any, Any, Any], s: StepBatches, step: int) -> tuple:

@@ -121,6 +121,17 @@ def _wandb_records(path: str) -> list:
     return records
 
 
+def _offline_run(root) -> list:
+    """The records of the one offline run under ``root``. The run's ``finish`` returns
+    before wandb's service process has flushed the file; ``wandb.teardown`` waits for the
+    service to exit."""
+    import wandb
+
+    wandb.teardown()
+    (path,) = glob.glob(str(root / "wandb" / "offline-run-*" / "run-*.wandb"))
+    return _wandb_records(path)
+
+
 def _history(records: list) -> list[dict]:
     """Each history record as ``{metric: value}`` (wandb adds ``_step``, ``_runtime``...)."""
     rows = [r.history for r in records if r.WhichOneof("record_type") == "history"]
@@ -158,8 +169,7 @@ def test_wandb_offline_run_read_back(tmp_path):
         enable_progress_bar=False, report_memory=False,
     )  # fmt: skip
     trainer.fit(Scheduled())
-    (path,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
-    records = _wandb_records(path)
+    records = _offline_run(tmp_path)
     history = _history(records)
     assert [h["_step"] for h in history] == [1, 2, 3, 4]
     assert [h["loss"] for h in history] == trainer.losses and len(set(trainer.losses)) == 4
@@ -174,32 +184,56 @@ def test_wandb_offline_run_read_back(tmp_path):
     assert exits and set(exits) == {0}
 
 
+class _LoaderBreaks(Scheduled):
+    def train_dataloader(self):
+        loader = super().train_dataloader()
+
+        class OneBatch:
+            def __iter__(self):
+                yield next(iter(loader))
+                raise RuntimeError("the loader broke")
+
+        return OneBatch()
+
+
+class _NaNUnsized(Scheduled):
+    """Non-finite losses from a loader without ``len``: no step is known to end an epoch,
+    so the rows are fetched (and the loss found bad) only when the fit's run closes."""
+
+    def training_step(self, model, batch):
+        loss, metrics = super().training_step(model, batch)
+        return loss * float("nan"), metrics
+
+    def train_dataloader(self):
+        loader = super().train_dataloader()
+
+        class Unsized:
+            def __iter__(self):
+                return iter(loader)
+
+        return Unsized()
+
+
 @pytest.mark.usefixtures("offline_wandb")
-def test_wandb_run_of_a_failed_fit_is_finished_as_failed(tmp_path):
-    """A fit that raises (here its loader, after one step) still finishes its run, with exit
-    code 1 (wandb's "failed"), and the step it took is in it."""
-
-    class Breaks(Scheduled):
-        def train_dataloader(self):
-            loader = super().train_dataloader()
-
-            class OneBatch:
-                def __iter__(self):
-                    yield next(iter(loader))
-                    raise RuntimeError("the loader broke")
-
-            return OneBatch()
-
+@pytest.mark.parametrize(
+    "module,log_every,error,steps",
+    [
+        (_LoaderBreaks, 1, "the loader broke", [1]),  # raised in the loop, step 1 logged
+        (_NaNUnsized, 100, "non-finite loss nan at step 1", [1, 2, 3, 4]),  # when closing
+    ],
+)
+def test_wandb_run_of_a_failed_fit_is_finished_as_failed(tmp_path, module, log_every, error, steps):
+    """A fit that raises still finishes its run, with exit code 1 (wandb's "failed"), and
+    the steps it logged are in it."""
     trainer = jtp.Trainer(
-        jtp.ModelParallelStrategy(2, 4), logger="wandb", log_every_n_steps=1,
+        jtp.ModelParallelStrategy(2, 4), logger="wandb", log_every_n_steps=log_every,
         default_root_dir=str(tmp_path / "runs"), enable_progress_bar=False,
         report_memory=False,
     )  # fmt: skip
-    with pytest.raises(RuntimeError, match="the loader broke"):
-        trainer.fit(Breaks())
-    (path,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
-    records = _wandb_records(path)
-    assert [h["_step"] for h in _history(records)] == [1]
+    with pytest.raises((RuntimeError, FloatingPointError), match=error):
+        trainer.fit(module())
+    records = _offline_run(tmp_path)
+    assert [h["_step"] for h in _history(records)] == steps
     exits = [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"]
     assert exits and set(exits) == {1}
 
