@@ -8,6 +8,7 @@ arrays, batches, step numbers and decisions, and takes back the new arrays.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, NamedTuple
 
@@ -48,7 +49,8 @@ class FitRun:
         one validation loader of the fit (made before the first step, so a bad one fails
         early); ``show_progress``: draw the bar (process 0 only)."""
         self.ckpt, self.val_loader = ckpt, val_loader
-        self.logger = make_logger(log_dir, options.logger) if log_dir else None
+        config = dataclasses.asdict(options)
+        self.logger = make_logger(log_dir, options.logger, config) if log_dir else None
         self.metrics = MetricsBuffer(self.logger, options.checkpoint_dir)
         self.bar = ProgressBar(options.enable_progress_bar and show_progress)
         self.compiled: jax.stages.Compiled | None = None
@@ -59,15 +61,21 @@ class FitRun:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        code = _exit_code(*exc)
         try:
             if exc[0] is None or issubclass(exc[0], SystemExit):
                 self.metrics.flush()
+        except BaseException:  # the last rows' non-finite loss: the fit fails after all
+            code = 1
+            raise
         finally:
             self.bar.close()
-            if self.logger is not None:
-                self.logger.close()
-            if self.ckpt is not None:
-                self.ckpt.close()
+            try:
+                if self.logger is not None:
+                    self.logger.close(code)
+            finally:  # checkpoint writes are waited for even if the logger fails to close
+                if self.ckpt is not None:
+                    self.ckpt.close()
         self._t_end = time.perf_counter()
 
     def train_step(self, arrays: tuple[Any, Any, Any], s: StepBatches, step: int) -> tuple:
@@ -110,6 +118,16 @@ class FitRun:
         end = getattr(self, "_t_end", time.perf_counter())
         steady = end - self._t_compiled if self.compiled is not None else None
         return end - self._t_start, steady
+
+
+def _exit_code(kind: type | None, error: BaseException | None, *_: Any) -> int:
+    """The exit code a fit leaving with ``error`` gives its run: 0 when it ends normally, the
+    code of an agreed stop (128 + signal), 1 when it raises."""
+    if kind is None:
+        return 0
+    if issubclass(kind, SystemExit):
+        return error.code if isinstance(error.code, int) else 1
+    return 1
 
 
 def _tokens(batch: Any) -> int:

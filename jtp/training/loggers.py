@@ -1,4 +1,5 @@
-"""Metric files under ``<default_root_dir>/version_N``: CSV, JSON lines or TensorBoard.
+"""Metric files under ``<default_root_dir>/version_N``: CSV, JSON lines or TensorBoard; or a
+Weights & Biases run.
 
 Loggers are fed at the logging interval only, with rows already fetched from the devices
 in one transfer, so they never force a device sync of their own. A row is ``{"step",
@@ -9,9 +10,29 @@ follow, so columns can appear after the first row.
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import os
 from typing import Any
+
+# The logger names that need a package jtp does not depend on: (module, extra to install).
+_NEEDS = {"tensorboard": ("tensorboardX", "tensorboard"), "wandb": ("wandb", "wandb")}
+
+
+def require(logger: str | None) -> Any:
+    """Import the package ``Trainer(logger=logger)`` writes with (``None`` for the file
+    loggers), or raise an ``ImportError`` naming the extra to install. The Trainer calls it
+    when its options are made, so a missing package fails before anything is built."""
+    if logger not in _NEEDS:
+        return None
+    module, extra = _NEEDS[logger]
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(
+            f"logger={logger!r} needs {module}: pip install 'jtp[{extra}]' "
+            f"(or pip install {module})"
+        ) from None
 
 
 class MetricsLogger:
@@ -23,7 +44,9 @@ class MetricsLogger:
 
     def __init__(self, run_dir: str, fmt: str = "csv"):
         if fmt not in ("csv", "jsonl"):
-            raise ValueError(f"logger must be 'csv', 'jsonl', 'tensorboard' or None, got {fmt!r}")
+            raise ValueError(
+                f"logger must be 'csv', 'jsonl', 'tensorboard', 'wandb' or None, got {fmt!r}"
+            )
         os.makedirs(run_dir, exist_ok=True)
         self.fmt = fmt
         self.path = os.path.join(run_dir, f"metrics.{fmt}")
@@ -54,7 +77,7 @@ class MetricsLogger:
         with open(self.path, newline="") as f:
             return list(csv.DictReader(f))
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
         pass
 
 
@@ -63,16 +86,10 @@ class TensorBoardLogger:
     tensorboardX: one scalar per metric and step."""
 
     def __init__(self, run_dir: str):
-        try:
-            from tensorboardX import SummaryWriter
-        except ImportError:
-            raise ImportError(
-                "logger='tensorboard' needs tensorboardX: pip install 'jtp[tensorboard]' "
-                "(or pip install tensorboardX)"
-            ) from None
+        tensorboardx = require("tensorboard")
         os.makedirs(run_dir, exist_ok=True)
         self.path = run_dir
-        self._writer = SummaryWriter(logdir=run_dir)
+        self._writer = tensorboardx.SummaryWriter(logdir=run_dir)
 
     def log(self, rows: list[dict[str, Any]]) -> None:
         for row in rows:
@@ -81,13 +98,46 @@ class TensorBoardLogger:
                 if name != "step":
                     self._writer.add_scalar(name, float(value), step)
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
         self._writer.close()
 
 
-def make_logger(run_dir: str, fmt: str) -> MetricsLogger | TensorBoardLogger:
-    """The logger ``Trainer(logger=fmt)`` names, writing under ``run_dir``."""
-    return TensorBoardLogger(run_dir) if fmt == "tensorboard" else MetricsLogger(run_dir, fmt)
+class WandbLogger:
+    """One Weights & Biases run per fit, as Lightning's ``WandbLogger``: each row's metrics
+    logged at its optimizer step, the Trainer's options as the run's config.
+
+    wandb reads its own settings from the environment: ``WANDB_PROJECT``, ``WANDB_NAME``,
+    ``WANDB_ENTITY``, ``WANDB_MODE=offline`` (no server; ``wandb sync`` uploads later),
+    ``WANDB_DIR``. Without ``WANDB_DIR`` the run's files go to ``<run_dir>/wandb``.
+    """
+
+    def __init__(self, run_dir: str, config: dict[str, Any] | None = None):
+        wandb = require("wandb")
+        os.makedirs(run_dir, exist_ok=True)
+        self.path = run_dir
+        # WANDB_DIR read now, not when wandb first set itself up in this process.
+        self._run = wandb.init(config=config, dir=os.environ.get("WANDB_DIR") or run_dir)
+
+    def log(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            self._run.log({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
+
+    def close(self, exit_code: int = 0) -> None:
+        """Finish the run (``exit_code`` != 0: wandb marks it failed)."""
+        self._run.finish(exit_code=exit_code)
+
+
+Logger = MetricsLogger | TensorBoardLogger | WandbLogger
+
+
+def make_logger(run_dir: str, fmt: str, config: dict[str, Any] | None = None) -> Logger:
+    """The logger ``Trainer(logger=fmt)`` names, writing under ``run_dir``; ``config``: what
+    the run was (recorded by the loggers that keep one: wandb)."""
+    if fmt == "tensorboard":
+        return TensorBoardLogger(run_dir)
+    if fmt == "wandb":
+        return WandbLogger(run_dir, config)
+    return MetricsLogger(run_dir, fmt)
 
 
 def next_run_dir(root: str) -> str:

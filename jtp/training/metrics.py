@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jtp.training.loggers import MetricsLogger, TensorBoardLogger
+from jtp.training.loggers import Logger
 
 
 class MetricsBuffer:
@@ -21,9 +21,7 @@ class MetricsBuffer:
     that step's row; they are also kept in ``validations`` (``{"step", "epoch", ...}``).
     """
 
-    def __init__(
-        self, logger: MetricsLogger | TensorBoardLogger | None, checkpoint_dir: str | None
-    ):
+    def __init__(self, logger: Logger | None, checkpoint_dir: str | None):
         self.logger, self.checkpoint_dir = logger, checkpoint_dir
         self.pending: list[tuple[int, int, dict[str, Any]]] = []
         self.losses: list[float] = []  # one per optimizer step, in order

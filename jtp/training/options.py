@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
+from jtp.training.loggers import require
 from jtp.training.precision import PRECISIONS, policy
 from jtp.training.steps import GRAD_REDUCE
 
-LOGGERS = ("csv", "jsonl", "tensorboard", None)
+LOGGERS = ("csv", "jsonl", "tensorboard", "wandb", None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +39,9 @@ class TrainerOptions:
       enable_progress_bar: show the progress bar (process 0 only; rich on a terminal, one
         line per update elsewhere): loss, val loss, lr, it/s, samples/s and tokens/s.
       logger: ``"csv"``, ``"jsonl"``, ``"tensorboard"`` (event files; needs ``tensorboardX``:
-        ``pip install 'jtp[tensorboard]'``) or ``None``: per-step metrics under ``log_dir``.
+        ``pip install 'jtp[tensorboard]'``), ``"wandb"`` (a Weights & Biases run, process 0
+        only; ``pip install 'jtp[wandb]'``; project, name, offline mode from ``WANDB_*``) or
+        ``None``: per-step metrics under ``log_dir``.
       default_root_dir: runs go to ``<default_root_dir>/version_N``.
       seed: seeds Python's and NumPy's global RNGs for user code; jax randomness is explicit
         (``nnx.Rngs``) and the loaders' order is a function of their own ``seed``.
@@ -127,8 +130,10 @@ class TrainerOptions:
             raise ValueError(f"grad_reduce={self.grad_reduce!r} must be one of {GRAD_REDUCE}")
         if self.logger not in LOGGERS:
             raise ValueError(
-                f"logger={self.logger!r}: logger must be 'csv', 'jsonl', 'tensorboard' or None"
+                f"logger={self.logger!r}: logger must be 'csv', 'jsonl', 'tensorboard', 'wandb' "
+                "or None"
             )
+        require(self.logger)  # a missing tensorboardX / wandb fails here, before any compile
 
     @property
     def validates_in_fit(self) -> bool:

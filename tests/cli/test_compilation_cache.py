@@ -4,9 +4,10 @@ a second process loads what the first compiled (conftest turns it off for the ot
 import json
 import os
 
+from processes import clean_env, start_process, stop_all
+
 from jtp.cli import compilation_cache
 from jtp.cli.train import build_parser
-from tests.processes import clean_env, start_process, stop_all
 
 RUN = ["--devices", "8", "--model", "llama", "--preset", "tiny", "--data-parallel", "2",
        "--tensor-parallel", "4", "--fsdp", "--sequence-parallel", "--loss-parallel",

@@ -272,7 +272,7 @@ def test_cli_writes_metrics_json(tmp_path):
         ({"log_every_n_steps": 0}, "log_every_n_steps=0 must be >= 1"),
         ({"gradient_clip_val": 0.0}, "gradient_clip_val=0.0 must be > 0 or None"),
         ({"precision": "fp16"}, r"precision='fp16' must be one of"),
-        ({"logger": "wandb"}, "logger must be 'csv', 'jsonl', 'tensorboard' or None"),
+        ({"logger": "mlflow"}, "logger must be 'csv', 'jsonl', 'tensorboard', 'wandb' or None"),
         ({"val_check_interval": 0}, "val_check_interval=0 must be >= 1 or None"),
         ({"val_check_interval": 0.25}, "val_check_interval=0.25 must be an int number of"),
         ({"check_val_every_n_epoch": 0}, "check_val_every_n_epoch=0 must be >= 1 or None"),
