@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from safetensors import safe_open
 
+from jtp.checkpoint.outputs import FILE_KEY, check_output_file, checked_on_process_0
 from jtp.checkpoint.tensor_file import TensorFileWriter
 from jtp.distributed import same_programs_on_every_process, watching
 from jtp.parallel.names import path_str
@@ -71,7 +72,12 @@ def save_consolidated(model: nnx.Module, path: str) -> None:
         (path_str(p), v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
     ]
     specs = [(name, tuple(a.shape), a.dtype) for name, a in params]
-    writer = TensorFileWriter(path, specs) if jax.process_index() == 0 else None
+    flag = "save_consolidated: path"  # refused before any gather, by every process
+    checked_on_process_0(
+        lambda: check_output_file(path, flag=flag, kind="consolidated"), path, flag
+    )
+    marked = {FILE_KEY: "consolidated"}
+    writer = TensorFileWriter(path, specs, metadata=marked) if jax.process_index() == 0 else None
     with writer or contextlib.nullcontext():
         for name, array in params:
             whole = gathered_on_process_0(array)

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from jtp.checkpoint.outputs import OutputError, check_output_dir, write_marker
 from jtp.data.tokens import META, token_dtype
 
 CHUNK_BYTES = 8 << 20  # documents encoded per tokenizer call (it batches on its own threads)
@@ -172,8 +173,10 @@ def prepare(
     if not 0 <= val_fraction < 1:
         raise ValueError(f"--val-fraction {val_fraction} must be in [0, 1)")
     target = Path(out)
-    if target.exists() and not overwrite:
-        raise ValueError(f"--out {out} exists; remove it or pass --overwrite")
+    inputs = [("FILES", p) for p in paths] + [("--tokenizer", tokenizer)]
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise OutputError(f"--out {out} exists; remove it or pass --overwrite")
+    check_output_dir(out, "token-dataset", flag="--out", inputs=inputs, parents=True)
     files = expand(paths)
     meta: dict[str, Any] = {"format": "jtp-tokens/1", "val_fraction": val_fraction}
     if byte_level:
@@ -195,6 +198,7 @@ def prepare(
             meta.update(_write_splits(tmp, docs, dtype, val_fraction, advance))
         _check_counts(meta, len(files))
         (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
+        write_marker(str(tmp), "token-dataset")
         _move_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -215,6 +219,8 @@ def _check_counts(meta: dict[str, Any], n_files: int) -> None:
 
 
 def _move_into_place(tmp: Path, target: Path) -> None:
+    if target.is_dir() and not any(target.iterdir()):
+        target.rmdir()  # an empty directory: nothing of the user's is in it
     if not target.exists():
         os.rename(tmp, target)
         return

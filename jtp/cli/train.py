@@ -34,6 +34,7 @@ from jtp.cli.devices import add_mesh_flags, init_distributed, select_devices
 from jtp.cli.flags import ArgumentParser, FieldFlags, field_values, options_from_args
 from jtp.cli.output import write_json
 from jtp.cli.task_config import FeedForwardConfig, LlamaTaskConfig, TaskConfig
+from jtp.errors import InputError
 from jtp.training.options import TrainerOptions
 from jtp.xla_flags import apply_gpu_flags
 
@@ -77,7 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     trainer = p.add_argument_group("Trainer options (Lightning's names)")
     g = p.add_argument_group("checkpoints")
     flags.add(g, TrainerOptions, ("checkpoint_dir", "checkpoint_every_n_steps", "keep_last"))
-    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    g.add_argument(
+        "--resume", nargs="?", const=True, default=False, metavar="if-any", type=_resume,
+        help="continue from the newest checkpoint of --checkpoint-dir (which must exist); "
+        "--resume if-any: also start afresh when it does not (a self-restarting job)",
+    )  # fmt: skip
     g.add_argument(
         "--export", default=None, metavar="PATH",
         help="after training, write consolidated params (safetensors)",
@@ -105,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _resume(value: str) -> str:
+    """``--resume``'s one optional value."""
+    if value != "if-any":
+        raise argparse.ArgumentTypeError(f"{value!r}: --resume takes no value, or 'if-any'")
+    return value
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.hf and args.model != "llama":
@@ -117,7 +129,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         refuse_peft(read_config(args.hf), "--export-peft")
     if args.data and args.model != "llama":
-        raise ValueError("--data DIR trains a language model: add --model llama")
+        raise InputError("--data DIR trains a language model: add --model llama")
+    check_paths(args)
     # Before the first compile: a repeated or resumed run loads its steps from this cache.
     compilation_cache.enable(args.compilation_cache)
     # XLA reads its flags when jax initialises (next): on GPUs, jtp's set (jtp.xla_flags).
@@ -201,6 +214,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return metrics
 
 
+def check_paths(args: argparse.Namespace) -> None:
+    """Every output path, before any work: the right kind (file or directory), in an
+    existing writable directory, never an input of the run, and never a directory holding
+    what jtp did not write (jtp.checkpoint.outputs); the export flags valid for the model."""
+    from jtp.checkpoint.outputs import check_not_an_input, check_output_dir, check_output_file
+
+    if (args.export_hf or args.export_peft) and args.model != "llama":
+        flag = "--export-hf" if args.export_hf else "--export-peft"
+        raise InputError(f"{flag} writes a Hugging Face language model: add --model llama")
+    inputs = [("--data", args.data), ("--hf", args.hf)]
+    if args.checkpoint_dir:
+        check_not_an_input(args.checkpoint_dir, "--checkpoint-dir", inputs)
+        inputs.append(("--checkpoint-dir", args.checkpoint_dir))
+    outputs = []
+    if args.export:
+        check_output_file(args.export, flag="--export", inputs=inputs, kind="consolidated")
+        outputs.append(("--export", args.export))
+    for flag, path, kind in (
+        ("--export-hf", args.export_hf, "hf-checkpoint"),
+        ("--export-peft", args.export_peft, "peft-adapter"),
+    ):
+        if path:
+            check_output_dir(path, kind, flag=flag, inputs=[*inputs, *outputs])
+            outputs.append((flag, path))
+    if args.metrics_json:
+        check_output_file(args.metrics_json, flag="--metrics-json", inputs=[*inputs, *outputs])
+
+
 def _fit_metrics(trainer: Any) -> dict[str, Any]:
     """``val_history`` (``[{"step", "val_loss"}]``), ``val_loss`` (the last, or None) and
     ``lrs`` (the lr each step applied, when the optimizer keeps it in its state)."""
@@ -222,6 +263,9 @@ def _run_and_exit(argv: list[str]) -> None:
         main(argv)
     except SystemExit as stop:  # e.g. 143 after a SIGTERM checkpoint
         code = stop.code
+    except InputError as err:  # a user's mistake: one line, no traceback (a bug keeps its own)
+        print(f"python -m jtp.train: error: {err}", file=sys.stderr)
+        code = 2
     import jax
 
     if jax.process_count() > 1:

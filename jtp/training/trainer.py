@@ -12,6 +12,7 @@ results.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import time
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from jax.sharding import Mesh
 from jtp.analysis.memory import memory_report, peak_memory_per_device
 from jtp.checkpoint.sharded import Checkpointer
 from jtp.distributed import same_programs_on_every_process, watchdog, watching
+from jtp.errors import InputError
 from jtp.mesh import ModelParallelStrategy, mesh_shape
 from jtp.parallel.activations import activation_rules
 from jtp.parallel.batch import shard_batch
@@ -121,23 +123,26 @@ class Trainer:
         return compiled
 
     # ------------------------------------------------------------------ fit
-    def fit(self, module: TrainModule, *, resume: bool = False) -> Trainer:
+    def fit(self, module: TrainModule, *, resume: bool | str = False) -> Trainer:
         """Train ``module`` for ``max_epochs`` (or until ``max_steps`` optimizer steps in
         total); returns the trainer.
 
         With ``resume=True`` (needs ``checkpoint_dir``) training continues from the newest
         checkpoint every process can read: parameters, optimizer state, step, epoch and
         loader position; on the same mesh the following losses are bitwise those of an
-        uninterrupted run, on another mesh the state is resharded on restore.
+        uninterrupted run, on another mesh the state is resharded on restore. The directory
+        must exist (a misspelt one is an error, not a fresh start); one without a checkpoint
+        yet starts at step 0, saying so. ``resume="if-any"`` also accepts a missing
+        directory: the form for a job that restarts itself. Without ``resume``, a
+        ``checkpoint_dir`` that holds checkpoints is refused (they belong to an earlier run,
+        whose steps this one would mix with).
         """
         o = self.options
-        if resume and not o.checkpoint_dir:
-            raise ValueError("fit(resume=True) needs Trainer(checkpoint_dir=...) to resume from")
+        ckpt = self._checkpointer(resume)  # refused here, before anything is built
         self.setup(module)
         loader = self._train_loader = module.train_dataloader()
         # After the loader: a schedule may need its length (estimated_stepping_batches).
         step = train_step(module, self._state, o, fsdp=self.strategy.fsdp)
-        ckpt = Checkpointer(o.checkpoint_dir, keep_last=o.keep_last) if o.checkpoint_dir else None
         self.first_step = 0
         if resume and ckpt.all_steps():
             self._resume(ckpt, loader)
@@ -193,6 +198,37 @@ class Trainer:
             yield
         finally:
             watchdog.arm(before)
+
+    def _checkpointer(self, resume: bool | str) -> Checkpointer | None:
+        """The fit's checkpoints, after checking ``resume`` against what the directory holds
+        (the same in every process: it is shared)."""
+        d = self.options.checkpoint_dir
+        if resume not in (False, True, "if-any"):
+            raise ValueError(f"fit(resume={resume!r}): resume is False, True or 'if-any'")
+        if resume and not d:
+            raise InputError("fit(resume=True) needs Trainer(checkpoint_dir=...) to resume from")
+        if not d:
+            return None
+        if resume is True and not os.path.isdir(d):
+            raise InputError(
+                f"--resume: checkpoint directory {d} does not exist (misspelt?); for a job "
+                "that starts there and resumes after a restart, pass --resume if-any "
+                "(fit(resume='if-any'))"
+            )
+        if os.path.exists(d) and not os.path.isdir(d):
+            raise InputError(f"--checkpoint-dir {d} is a file, not a directory")
+        ckpt = Checkpointer(d, keep_last=self.options.keep_last)
+        steps = ckpt.all_steps()
+        if steps and not resume:
+            shown = ", ".join(map(str, steps[-5:]))
+            raise InputError(
+                f"--checkpoint-dir {d} holds checkpoints of an earlier run (steps {shown}): "
+                "pass --resume (fit(resume=True)) to continue it, or another --checkpoint-dir "
+                "to start afresh; nothing was written"
+            )
+        if resume and not steps and self.is_global_zero:
+            print(f"no checkpoint in {d} yet: starting at step 0")
+        return ckpt
 
     def _start_run(self, ckpt: Checkpointer | None) -> FitRun:
         """This fit's run: a new ``<default_root_dir>/version_N`` on process 0 when logging,

@@ -194,7 +194,9 @@ def test_validate_and_test():
 
 
 def test_one_compile_per_fit_whatever_the_length():
-    """Counted from jax's own compile events: a longer fit compiles nothing more."""
+    """Counted from jax's own compile events: a longer fit compiles nothing more. A first fit
+    also compiles what a process compiles once (and, run alone, this test's fit is the
+    process's first), so the two compared fits follow one that warms up."""
     events = []
 
     def listener(event, duration, **kw):
@@ -204,7 +206,7 @@ def test_one_compile_per_fit_whatever_the_length():
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         counts = []
-        for epochs in (1, 3):
+        for epochs in (1, 1, 3):
             events.clear()
             trainer = _trainer((2, 4), max_epochs=epochs)
             trainer.fit(LitFF())
@@ -212,7 +214,7 @@ def test_one_compile_per_fit_whatever_the_length():
             assert trainer.num_compiles == 1
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
-    assert counts[0] == counts[1], counts
+    assert counts[1] == counts[2], counts
 
 
 def test_max_steps_and_metrics_file(tmp_path):

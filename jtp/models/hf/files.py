@@ -15,12 +15,13 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import jax
 import numpy as np
 from safetensors import safe_open
 
+from jtp.checkpoint.outputs import check_output_dir, checked_on_process_0, write_marker
 from jtp.checkpoint.tensor_file import TensorFileWriter
 from jtp.distributed import same_programs_on_every_process, watching
 
@@ -98,22 +99,30 @@ def move_into_place(tmp: str, path: str) -> None:
 
 
 @contextlib.contextmanager
-def staged_directory(path: str, name: str) -> Iterator[str | None]:
+def staged_directory(
+    path: str, name: str, kind: str, inputs: Iterable[tuple[str, str | None]] = ()
+) -> Iterator[str | None]:
     """A directory written whole or not at all, by process 0, while every process takes part.
 
-    Process 0 gets a fresh temporary directory beside ``path`` to write into (the others
-    get None and only take part in the gathers); on success it replaces ``path``
-    (:func:`move_into_place`), on an error it is removed and ``path`` is left as it was.
-    Then every process waits for the others (``name`` labels the barrier), so none reads
-    ``path`` before it is complete.
+    First, before any work, process 0 checks that ``path`` may be written as an artefact of
+    ``kind`` (:func:`jtp.checkpoint.outputs.check_output_dir`: absent, empty or a previous
+    one of the same kind, and none of ``inputs``); all processes agree, so all raise or none.
+    Process 0 then gets a fresh temporary directory beside ``path`` to write into, marked
+    with ``kind`` (the others get None and only take part in the gathers); on success it
+    replaces ``path`` (:func:`move_into_place`), on an error it is removed and ``path`` is
+    left as it was. Then every process waits for the others (``name`` labels the barrier),
+    so none reads ``path`` before it is complete.
     """
     same_programs_on_every_process()  # the barrier below is a program of every process
     writer = jax.process_index() == 0
+    flag = f"{name}: path"
+    checked_on_process_0(lambda: check_output_dir(path, kind, flag=flag, inputs=inputs), path, name)
     tmp = f"{os.path.abspath(path).rstrip('/')}.tmp-{os.getpid()}"
     try:
         if writer:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
+            write_marker(tmp, kind)
         yield tmp if writer else None
         if writer:
             move_into_place(tmp, path)

@@ -74,7 +74,8 @@ def save_peft(model: Llama, path: str, *, base_model_name_or_path: str | None = 
         return to_hf(t, gathered_on_process_0(params[t.jtp], t.layer)).astype(dtype)
 
     entries = [(t.hf, dtype, t.hf_shape(tuple(params[t.jtp].shape))) for t in maps]
-    with staged_directory(path, "jtp.hf.save_peft") as tmp:
+    inputs = [("base_model_name_or_path", base if base and os.path.isdir(base) else None)]
+    with staged_directory(path, "jtp.hf.save_peft", "peft-adapter", inputs) as tmp:
         if tmp is not None:
             write_safetensors(os.path.join(tmp, ADAPTER_FILE), entries, produce)
             with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:

@@ -138,7 +138,8 @@ def save_pretrained(
         ]  # fused: HF's rows in order (q, k, v; gate, up)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    with staged_directory(path, "jtp.hf.save_pretrained") as tmp:
+    inputs = [("source", src_dir)]
+    with staged_directory(path, "jtp.hf.save_pretrained", "hf-checkpoint", inputs) as tmp:
         for file, group in zip(files, groups, strict=True):
             entries = [(names[i], out_dtype, shapes[i]) for i in group]
             if tmp is not None:
