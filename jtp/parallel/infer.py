@@ -32,14 +32,16 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
 from flax import nnx
 
 from jtp.mesh import TENSOR
+from jtp.parallel.choice import Choice, choose, cost
 from jtp.parallel.dataflow import ELEMENTWISE, REDUCTIONS, Graph, trace
 from jtp.parallel.layer_rules import layout_fn
 from jtp.parallel.names import path_str
@@ -53,6 +55,23 @@ _STEP_PRIMS = ELEMENTWISE | REDUCTIONS | {"stack", "concatenate"}
 _MAX_STEPS = 6  # ops named in an explanation
 
 
+@dataclasses.dataclass(frozen=True)
+class PlanCost:
+    """Bytes a plan all-reduces over ``"tensor"`` per forward and per backward, each
+    activation counted whole (on a mesh whose ``"data"`` axis splits the batch, a device
+    moves that over the data size), read off the traced program: each row layer's result
+    (and each vocabulary-split lookup's) forward; the gradient of each column layer's input
+    (made by a parameter) backward."""
+
+    forward: int
+    backward: int
+    styles: Mapping[str, ParallelStyle]  # module path -> style: the plan, one key a layer
+
+    @property
+    def total(self) -> int:
+        return self.forward + self.backward
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class InferredPlan(TPPlan):
     """A :class:`jtp.TPPlan` from :func:`infer_plan`, with why each layer got its style.
@@ -63,6 +82,11 @@ class InferredPlan(TPPlan):
     """
 
     reasons: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # What the plan's row layers (and lookups) all-reduce, by the traced program's sizes.
+    cost: PlanCost | None = None
+    # For each group of layers that could be paired otherwise: the cheapest plan with that
+    # other pairing (the rest as chosen), and what it would move.
+    alternatives: tuple[PlanCost, ...] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -97,8 +121,8 @@ def _steps(g: Graph, trail: list) -> list[str]:
 def _explain(m: str, style: str, group: Group, layers: Mapping[str, Layer], g: Graph) -> Why:
     cols = [x for x, s in group.assign.items() if s == "column"]
     rows = [x for x, s in group.assign.items() if s == "row" and not layers[x].embed]
-    refs = tuple(group.assign)
-    ref = {x: "{" + str(k) + "}" for k, x in enumerate(refs)}
+    # {0}: the columns, {1}: the rows, {2}: the columns but this one (lists: named once each)
+    refs = (tuple(cols), tuple(rows), tuple(c for c in cols if c != m))
     steps = _steps(g, group.trail)
     steps = steps[:_MAX_STEPS] + (["..."] if len(steps) > _MAX_STEPS else [])
     through = f" through {', '.join(esc(s) for s in steps)}" if steps else ""
@@ -116,11 +140,9 @@ def _explain(m: str, style: str, group: Group, layers: Mapping[str, Layer], g: G
         return Why(text, refs)
     if style == "row":
         shape = group.pair_shapes[m]
-        names = ", ".join(ref[c] for c in cols)
-        return Why(f"row: contracts the split output of {names}; one all-reduce of its "
+        return Why(f"row: contracts the split output of {{0}}; one all-reduce of its "
                     f"{shape} result{heads}", refs)  # fmt: skip
-    others = [ref[c] for c in cols if c != m]
-    partners = f" (with {', '.join(others)})" if others else ""
+    partners = " (with {2})" if refs[2] else ""
     if not rows:
         out, inner = group.head
         through = f" ({through.strip()})" if through else ""
@@ -130,8 +152,7 @@ def _explain(m: str, style: str, group: Group, layers: Mapping[str, Layer], g: G
             refs,
         )
     return Why(
-        f"column: its output stays split{through} into {', '.join(ref[r] for r in rows)} "
-        f"(row){partners}{heads}",
+        f"column: its output stays split{through} into {{1}} (row){partners}{heads}",
         refs,
     )
 
@@ -214,7 +235,11 @@ def _keys(model: nnx.Module, entries: Mapping[str, tuple[Any, Why]]) -> dict[str
 
         def same(m: str) -> tuple:
             style, why = entries[m]
-            return style, why.text, tuple(_INDEX.sub("*", names[r]) for r in why.refs)
+
+            def star(r: str | tuple[str, ...]) -> str | tuple:
+                return _INDEX.sub("*", names[r]) if isinstance(r, str) else tuple(map(star, r))
+
+            return style, why.text, tuple(star(r) for r in why.refs)
 
         if len({same(m) for m in members}) == 1:
             keys.update(dict.fromkeys(members, pattern))
@@ -264,17 +289,28 @@ def infer_plan(model: nnx.Module | Callable[[], nnx.Module], *example_args: Any)
     used = {path for v, path in graph.params.items() if v in graph.users}
     layers, owner = _layers(model, used)
     search = Search(graph, layers, owner)
-    groups, whys = search.search()
+    found, whys = search.candidates()
+    choice = choose(found)
+    groups = {m: k for k in choice.chosen for m in found[k].assign}
+    copies = {m for k in choice.chosen for m in found[k].copied}
+    for k in choice.chosen:
+        for layer, i in found[k].copied.items():
+            whys[layer] = Why(
+                "replicated: its heads are repeated and each device slices the copies "
+                f"that {{0}}'s split needs ({search.at(i)}): split, it would cut heads on a "
+                "tensor axis wider than their count (jtp.plans.llama's kv_replicas)",
+                (next(iter(found[k].assign)),),
+            )
     entries: dict[str, tuple[ParallelStyle | None, Why]] = {}
     for m in search.layers:  # program order
         if m in groups:
-            style, group = groups[m].assign[m], groups[m]
-            entries[m] = (
-                STYLES[style](heads=group.heads),
-                _explain(m, style, group, layers, graph),
-            )
+            k = groups[m]
+            style, group = found[k].assign[m], found[k]
+            why = _explain(m, style, group, layers, graph)
+            entries[m] = (STYLES[style](heads=group.heads), _chosen_over(why, k, found, choice))
         else:
-            entries[m] = (None, whys[m])
+            left_out = None if m in copies else _left_out(m, found, choice)
+            entries[m] = (None, left_out or whys[m])
     entries |= {m: (None, why) for m, why in _others(model, owner, used).items()}
     if not layers:
         entries[""] = (None, Why("replicated: the forward has no parameterised matmul, so "
@@ -287,4 +323,93 @@ def infer_plan(model: nnx.Module | Callable[[], nnx.Module], *example_args: Any)
         if style is not None:
             plan_styles[key] = style
         reasons.setdefault(key, why.render(lambda r: keys.get(r, r)))
-    return InferredPlan(plan_styles, {}, reasons)
+    alternatives = {}
+    for k in range(len(found)):
+        plan = _with(choice, k)
+        if plan != choice.chosen:
+            alternatives.setdefault(plan, _plan_cost(found, plan))
+    return InferredPlan(
+        plan_styles, {}, reasons, _plan_cost(found, choice.chosen), tuple(alternatives.values())
+    )
+
+
+def _with(choice: Choice, k: int) -> tuple[int, ...]:
+    """The whole plan: the cheapest one holding group ``k`` in its component, the chosen
+    groups elsewhere."""
+    inside = set(choice.component[k])
+    return tuple(sorted({*choice.best_with[k], *(c for c in choice.chosen if c not in inside)}))
+
+
+def _plan_cost(found: Sequence[Group], plan: Sequence[int]) -> PlanCost:
+    forward, backward = cost(found, plan)
+    styles = {m: STYLES[s](heads=found[k].heads) for k in plan for m, s in found[k].assign.items()}
+    return PlanCost(forward, backward, styles)
+
+
+def _pairing(groups: Sequence[Group]) -> tuple[str, tuple[tuple[str, ...], ...]]:
+    """``"{0} (column) -> {1} (row)"`` and its refs: groups in one phrase."""
+    cols = tuple(m for g in groups for m, s in g.assign.items() if s == "column")
+    rows = tuple(m for g in groups for m, s in g.assign.items() if s == "row")
+    parts = [f"{{{n}}} ({s})" for n, s in enumerate(("column", "row")[: 1 + bool(rows)])]
+    if not cols:  # an embedding alone
+        return "{0} (row)", (rows,)
+    return " -> ".join(parts), (cols, rows) if rows else (cols,)
+
+
+def _bytes(forward: int, backward: int) -> str:
+    return f"{forward:,} B forward + {backward:,} B backward"
+
+
+def _ratio(found: Sequence[Group], other: Sequence[int], chosen: Sequence[int]) -> str:
+    """How plan ``other`` compares with ``chosen``: its bytes relative to the chosen one's,
+    or, when they move as much, what decided (:func:`jtp.parallel.choice.choose`)."""
+    theirs, mine = sum(cost(found, other)), sum(cost(found, chosen))
+    if theirs != mine:
+        return f"{theirs / mine:.1f}x" if mine else "where the chosen one moves nothing"
+
+    def heads(plan: Sequence[int]) -> float:
+        return math.gcd(*(found[k].heads or 0 for k in plan)) or math.inf
+
+    if heads(other) != heads(chosen):
+        return f"as many bytes, but whole heads limit the tensor size to {heads(other)}"
+    if sum(found[k].sharded for k in other) != sum(found[k].sharded for k in chosen):
+        return "as many bytes, but fewer parameters split"
+    return "as many bytes; the chosen pairing comes first in the program"
+
+
+def _chosen_over(why: Why, k: int, found: Sequence[Group], choice: Choice) -> Why:
+    """``why``, and what the pairings this group beat would move, when there are any."""
+    others = sorted(choice.conflicts[k] - set(choice.chosen))
+    if not others:
+        return why
+    mine = cost(found, choice.best_with[k])
+    text = f"; the cheapest pairing of these layers, all-reducing {_bytes(*mine)}"
+    refs: tuple = ()
+    plans: dict[tuple[int, ...], list[int]] = {}  # each other plan, by the groups it swaps in
+    for o in others:
+        plans.setdefault(choice.best_with[o], []).append(o)
+    for plan, swapped in plans.items():
+        phrase, more = _pairing([found[o] for o in swapped])
+        phrase = phrase.format(*("{" + str(len(refs) + n) + "}" for n in range(len(more))))
+        text += (f"; {phrase} instead would all-reduce {_bytes(*cost(found, plan))} "
+                 f"({_ratio(found, plan, choice.best_with[k])})")  # fmt: skip
+        refs += more
+    return why.then(text, refs)
+
+
+def _left_out(m: str, found: Sequence[Group], choice: Choice) -> Why | None:
+    """Why layer ``m``, which a valid group holds, is replicated: that group's plan moves
+    more than the chosen one; ``None`` when no group holds it."""
+    mine = [k for k in range(len(found)) if m in found[k].assign]
+    if not mine:
+        return None
+    k = min(mine, key=lambda k: (sum(cost(found, choice.best_with[k])), k))
+    phrase, refs = _pairing([found[k]])
+    theirs = cost(found, choice.best_with[k])
+    chosen = [c for c in choice.chosen if c in choice.component[k]]
+    text = (
+        f"replicated: it pairs as {phrase}, but the cheapest plan with that pairing "
+        f"all-reduces {_bytes(*theirs)}, against {_bytes(*cost(found, chosen))} for the "
+        f"chosen one ({_ratio(found, choice.best_with[k], chosen)})"
+    )
+    return Why(text, refs)
