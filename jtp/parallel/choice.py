@@ -14,10 +14,12 @@ program order.
 
 Groups only conflict with groups sharing a layer, so each connected set of conflicting
 groups is solved alone (in jtp's Llama every group stands alone: nothing to choose). Inside
-one, a branch and bound over include / exclude in program order (costs only grow as
-groups are added, so a partial plan dearer than the best complete one is dropped), started
-from the greedy plan (each group in program order that fits) as the first bound; past
-``budget`` branches it keeps the best plan found so far, never worse than the greedy one.
+one, a dynamic program over the groups in program order (:func:`_best`) whose state is the
+groups still open (taken ones a later group conflicts with; left-out ones still waiting for
+a taken group to decide them): exact, and small along chains of pairs and residual streams,
+where a group conflicts with its neighbours only (or a stream's group with every block's).
+Past ``max_states`` open states a component gets the greedy plan (each group in program
+order that fits), which is what jtp.infer_plan chose before it compared costs.
 """
 
 from __future__ import annotations
@@ -46,50 +48,65 @@ def cost(groups: Sequence[Group], members: Sequence[int]) -> tuple[int, int]:
 
 def _best(
     groups: Sequence[Group], nodes: Sequence[int], conflicts: dict[int, set[int]],
-    forced: int | None, budget: int,
+    forced: int | None, max_states: int,
 ) -> tuple[int, ...]:  # fmt: skip
-    """The cheapest complete plan over ``nodes`` (sorted) that holds ``forced``."""
+    """The cheapest complete plan over ``nodes`` (in program order) that holds ``forced``.
 
-    def key(members: Sequence[int]) -> tuple:
-        total = sum(groups[k].forward + groups[k].backward for k in members)
-        heads = math.gcd(*(groups[k].heads or 0 for k in members)) or math.inf  # 0: no heads
-        return total, -heads, -sum(groups[k].sharded for k in members), tuple(members)
+    A dynamic program over ``nodes`` in order. A group only matters to the groups it
+    conflicts with, so the state after each step is the groups still *open*: taken ones a
+    later group conflicts with, and left-out ones no taken group decides yet (a later one
+    must, or the plan is incomplete). Along a chain of pairs (or a residual stream against
+    its blocks) few groups are open at once; past ``max_states`` states the greedy plan
+    (each group in program order that fits) is returned instead.
+    """
+    pos = {k: i for i, k in enumerate(nodes)}
+    last = {k: max([pos[c] for c in conflicts[k]] + [pos[k]]) for k in nodes}
+    banned = conflicts[forced] if forced is not None else set()
 
-    greedy: list[int] = [] if forced is None else [forced]
+    def key(value: tuple) -> tuple:  # fewest bytes, most whole heads, most split, earliest
+        total, heads, sharded, members = value
+        return total, -(heads or math.inf), -sharded, members
+
+    # state: frozenset of (group, taken?) for the open groups -> (bytes, gcd of heads,
+    # parameter bytes split, members) of the best partial plan reaching it
+    states: dict[frozenset, tuple] = {frozenset(): (0, 0, 0, ())}
+    for i, k in enumerate(nodes):
+        g, new = groups[k], {}
+        for state, (total, heads, sharded, members) in states.items():
+            taken = {a for a, t in state if t}
+            options = []
+            if not conflicts[k] & taken and k not in banned:
+                opened = {a: t for a, t in state if not (not t and a in conflicts[k])}
+                value = (total + g.forward + g.backward, math.gcd(heads, g.heads or 0),
+                         sharded + g.sharded, (*members, k))  # fmt: skip
+                options.append(({**opened, k: True}, value))
+            if k != forced:
+                opened = dict(state)
+                if not conflicts[k] & taken:  # left out: a later group must decide it
+                    opened[k] = False
+                options.append((opened, (total, heads, sharded, members)))
+            for opened, value in options:
+                closing = [a for a in opened if last[a] <= i]
+                if any(not opened[a] for a in closing):  # left out, and nothing decides it
+                    continue
+                after = frozenset((a, t) for a, t in opened.items() if last[a] > i)
+                if after not in new or key(value) < key(new[after]):
+                    new[after] = value
+        if len(new) > max_states:
+            return _greedy(nodes, conflicts, forced)
+        states = new
+    return states[frozenset()][3] if frozenset() in states else _greedy(nodes, conflicts, forced)
+
+
+def _greedy(nodes: Sequence[int], conflicts: dict[int, set[int]], forced: int | None) -> tuple:
+    taken: list[int] = [] if forced is None else [forced]
     for k in nodes:
-        if k != forced and not conflicts[k] & set(greedy):
-            greedy.append(k)
-    best = [key(sorted(greedy))]
-    steps = [0]
-    excluded = {forced} if forced is not None else set()  # what conflicts with it cannot join
-
-    def walk(i: int, taken: list[int], total: int) -> None:
-        steps[0] += 1
-        if total > best[0][0] or steps[0] > budget:
-            return
-        if i == len(nodes):
-            left_out = (k for k in nodes if k not in taken)
-            if all(conflicts[k] & set(taken) for k in left_out) and key(taken) < best[0]:
-                best[0] = key(taken)
-            return
-        k = nodes[i]
-        if k == forced or not conflicts[k] & (set(taken) | excluded):
+        if k != forced and not conflicts[k] & set(taken):
             taken.append(k)
-            walk(i + 1, taken, total + groups[k].forward + groups[k].backward)
-            taken.pop()
-            if k == forced:
-                return
-        # Left out: only if a group taken (or one still to come) decides one of its layers.
-        if conflicts[k] & set(taken) or any(c > k for c in conflicts[k]):
-            walk(i + 1, taken, total)
-
-    walk(0, [], 0)
-    members = best[0][-1]
-    complete = all(k in members or conflicts[k] & set(members) for k in nodes)
-    return members if complete else tuple(sorted(greedy))
+    return tuple(sorted(taken))
 
 
-def choose(groups: Sequence[Group], budget: int = 100_000) -> Choice:
+def choose(groups: Sequence[Group], max_states: int = 4096) -> Choice:
     """The cheapest complete plan over ``groups`` (in program order), and, for each group
     left out, the cheapest complete plan that would hold it."""
     n = len(groups)
@@ -115,8 +132,8 @@ def choose(groups: Sequence[Group], budget: int = 100_000) -> Choice:
             chosen += members
             best_with[members[0]] = members
             continue
-        plan = _best(groups, members, conflicts, None, budget)
+        plan = _best(groups, members, conflicts, None, max_states)
         chosen += plan
         for k in members:
-            best_with[k] = plan if k in plan else _best(groups, members, conflicts, k, budget)
+            best_with[k] = plan if k in plan else _best(groups, members, conflicts, k, max_states)
     return Choice(tuple(sorted(chosen)), best_with, component, conflicts)

@@ -245,17 +245,16 @@ class Search:
         tied = bool(lookups and head)
         # What the group moves: XLA all-reduces each row layer's partial sums (and each
         # vocabulary-split lookup's) in the forward; in the backward, mirrored, the gradient
-        # of each column layer's input (a partial sum over the split features), once per
-        # input shared by several columns, and none for an input no parameter made (the
-        # batch itself needs no gradient).
-        # In a scan's body, each op counts once per trip.
+        # of each column matmul's input (a partial sum over the split features): one each,
+        # even where columns share their input (q, k and v: XLA reduces each before adding
+        # them, as the compiled programs show), and none for an input no parameter made (the
+        # batch itself needs no gradient). A scan body's ops count once per trip.
         forward = sum(g.nbytes(g.ops[i].outs[0]) * g.ops[i].trips for i, r in trail
                       if r.event in ("pair", "lookup"))  # fmt: skip
-        inputs = {
-            u: g.ops[i].trips for i, r in trail if r.event == "column"
+        backward = sum(
+            g.nbytes(u) * g.ops[i].trips for i, r in trail if r.event == "column"
             for u in g.ops[i].ins[:2] if u != r.value and g.deps[u] & PARAM
-        }  # fmt: skip
-        backward = sum(g.nbytes(u) * trips for u, trips in inputs.items())
+        )  # fmt: skip
         sharded = sum(g.nbytes(self.value_of[p]) for m, s in assign.items()
                       for p in self.layers[m].splits[s])  # fmt: skip
         return Group(assign, heads, trail, pairs, lookup, head, end, tied, copied,
