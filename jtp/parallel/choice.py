@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from jtp.parallel.pairing import Group
+from jtp.parallel.styles import ColwiseParallel, ParallelStyle, RowwiseParallel
+
+STYLES = {"column": ColwiseParallel, "row": RowwiseParallel}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +42,23 @@ class Choice:
     best_with: dict[int, tuple[int, ...]]
     component: dict[int, tuple[int, ...]]  # group index -> its component's group indices
     conflicts: dict[int, set[int]]  # group index -> the groups sharing a layer with it
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanCost:
+    """Bytes a plan all-reduces over ``"tensor"`` per forward and per backward, each
+    activation counted whole (on a mesh whose ``"data"`` axis splits the batch, a device
+    moves that over the data size), read off the traced program: each row matmul's result
+    (and each vocabulary-split lookup's) forward; the gradient of each column matmul's input
+    (made by a parameter) backward; a scan body's ops once per trip."""
+
+    forward: int
+    backward: int
+    styles: Mapping[str, ParallelStyle]  # module path -> style: the plan, one key a layer
+
+    @property
+    def total(self) -> int:
+        return self.forward + self.backward
 
 
 def cost(groups: Sequence[Group], members: Sequence[int]) -> tuple[int, int]:
@@ -137,3 +157,16 @@ def choose(groups: Sequence[Group], max_states: int = 4096) -> Choice:
         for k in members:
             best_with[k] = plan if k in plan else _best(groups, members, conflicts, k, max_states)
     return Choice(tuple(sorted(chosen)), best_with, component, conflicts)
+
+
+def whole_plan(choice: Choice, k: int) -> tuple[int, ...]:
+    """The whole plan: the cheapest one holding group ``k`` in its component, the chosen
+    groups elsewhere."""
+    inside = set(choice.component[k])
+    return tuple(sorted({*choice.best_with[k], *(c for c in choice.chosen if c not in inside)}))
+
+
+def plan_cost(found: Sequence[Group], plan: Sequence[int]) -> PlanCost:
+    forward, backward = cost(found, plan)
+    styles = {m: STYLES[s](heads=found[k].heads) for k in plan for m, s in found[k].assign.items()}
+    return PlanCost(forward, backward, styles)

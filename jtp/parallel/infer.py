@@ -2,9 +2,9 @@
 
 The forward is traced (:mod:`jtp.parallel.dataflow`); every module with a column/row layout
 (:mod:`jtp.parallel.layer_rules`: ``nnx.Linear``, ``LinearGeneral``, ``Einsum``, ``Embed``,
-``LoRA``, ``LoRALinear``, ...) is a candidate. In program order, each candidate not yet placed
-is tried as a *column* layer: its output features are split over ``"tensor"`` and the split
-is followed through the program (:mod:`jtp.parallel.split_rules`). The attempt grows a
+``LoRA``, ``LoRALinear``, ...) is a candidate. Each candidate is tried as a *column* layer:
+its output features are split over ``"tensor"`` and the split is followed through the
+program (:mod:`jtp.parallel.split_rules`). The attempt grows a
 *group*: the other branch of a gate or the keys and values of attention join it as columns
 (they must be split the same way), and the matmul that contracts the split features against
 a parameter makes that layer a *row* layer, where the split ends in one all-reduce. The
@@ -23,6 +23,13 @@ Two rules beyond pairs reproduce the hand-written Llama plan (:func:`jtp.plans.l
   over at the very end) is kept when it projects to a *larger* output than its input
   (``out > in``: a vocabulary head, whose logits stay split); otherwise it is replicated.
 
+Groups may overlap (on a residual stream, ``up`` pairs with its block's ``down``, or the
+stream stays split from ``inp`` through every ``down`` to the ``ups``): the plan is the set
+of non-overlapping groups, leaving out none that could still be added, that all-reduces the
+fewest bytes per forward and backward (:mod:`jtp.parallel.choice`); ``reasons`` say what
+each other pairing would move, and :attr:`InferredPlan.cost` / ``alternatives`` carry the
+counts.
+
 When a reshape cuts the split features into ``(heads, head_dim)``, the group records its
 head count and each style carries ``heads=``: ``jtp``'s plan checks then refuse a tensor size
 that does not divide it, before anything compiles.
@@ -32,44 +39,23 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
 from flax import nnx
 
 from jtp.mesh import TENSOR
-from jtp.parallel.choice import Choice, choose, cost
-from jtp.parallel.dataflow import ELEMENTWISE, REDUCTIONS, Graph, trace
+from jtp.parallel.choice import STYLES, PlanCost, choose, plan_cost, whole_plan
+from jtp.parallel.dataflow import trace
 from jtp.parallel.layer_rules import layout_fn
 from jtp.parallel.names import path_str
-from jtp.parallel.pairing import Group, Layer, Search, Why, esc
+from jtp.parallel.pairing import Layer, Search, Why
 from jtp.parallel.plan import TPPlan
+from jtp.parallel.reasons import chosen_over, explain_group, left_out
 from jtp.parallel.stacked import layer_axes, match_name, one_layer, stack_roots
-from jtp.parallel.styles import ColwiseParallel, ParallelStyle, RowwiseParallel
-
-STYLES = {"column": ColwiseParallel, "row": RowwiseParallel}
-_STEP_PRIMS = ELEMENTWISE | REDUCTIONS | {"stack", "concatenate"}
-_MAX_STEPS = 6  # ops named in an explanation
-
-
-@dataclasses.dataclass(frozen=True)
-class PlanCost:
-    """Bytes a plan all-reduces over ``"tensor"`` per forward and per backward, each
-    activation counted whole (on a mesh whose ``"data"`` axis splits the batch, a device
-    moves that over the data size), read off the traced program: each row layer's result
-    (and each vocabulary-split lookup's) forward; the gradient of each column layer's input
-    (made by a parameter) backward."""
-
-    forward: int
-    backward: int
-    styles: Mapping[str, ParallelStyle]  # module path -> style: the plan, one key a layer
-
-    @property
-    def total(self) -> int:
-        return self.forward + self.backward
+from jtp.parallel.styles import ParallelStyle
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -94,67 +80,6 @@ class InferredPlan(TPPlan):
 
     def __str__(self) -> str:
         return "\n".join(f"{key}: {why}" for key, why in self.reasons.items())
-
-
-def _steps(g: Graph, trail: list) -> list[str]:
-    names: list[str] = []
-    for i, r in trail:
-        op = g.ops[i]
-        if r.event == "heads":
-            split = next(s for s in r.outs if s is not None)
-            name = f"a reshape into {g.shapes[op.outs[0]][split.dim]} heads"
-        elif r.event == "matmul":
-            name = "batched matmul"
-        elif op.scope:
-            name = op.scope[-1].strip("_")
-        elif op.prim in _STEP_PRIMS and r.event is None:
-            name = op.prim
-        else:
-            continue
-        if name not in names:
-            names.append(name)
-    # Heads, named functions (silu, gelu, ...) and attention matmuls first; bare primitives
-    # after them.
-    return sorted(names, key=lambda n: n in _STEP_PRIMS)
-
-
-def _explain(m: str, style: str, group: Group, layers: Mapping[str, Layer], g: Graph) -> Why:
-    cols = [x for x, s in group.assign.items() if s == "column"]
-    rows = [x for x, s in group.assign.items() if s == "row" and not layers[x].embed]
-    # {0}: the columns, {1}: the rows, {2}: the columns but this one (lists: named once each)
-    refs = (tuple(cols), tuple(rows), tuple(c for c in cols if c != m))
-    steps = _steps(g, group.trail)
-    steps = steps[:_MAX_STEPS] + (["..."] if len(steps) > _MAX_STEPS else [])
-    through = f" through {', '.join(esc(s) for s in steps)}" if steps else ""
-    heads = f"; whole heads: the tensor size must divide {group.heads}" if group.heads else ""
-    if layers[m].embed:
-        shape = group.lookup_shape
-        text = (
-            "row (vocabulary rows): an embedding lookup; each device looks up the ids its "
-            f"rows hold and one all-reduce of the {shape} result sums them"
-        )
-        if group.tied:
-            out, inner = group.head
-            text += (f"; its transposed use (tied output projection, {inner} -> {out}) "
-                     f"makes logits split on the vocabulary, whose split {group.end}")  # fmt: skip
-        return Why(text, refs)
-    if style == "row":
-        shape = group.pair_shapes[m]
-        return Why(f"row: contracts the split output of {{0}}; one all-reduce of its "
-                    f"{shape} result{heads}", refs)  # fmt: skip
-    partners = " (with {2})" if refs[2] else ""
-    if not rows:
-        out, inner = group.head
-        through = f" ({through.strip()})" if through else ""
-        return Why(
-            f"column: a projection to a larger output ({inner} -> {out} features), a "
-            f"vocabulary head whose split result {group.end}{through}{partners}{heads}",
-            refs,
-        )
-    return Why(
-        f"column: its output stays split{through} into {{1}} (row){partners}{heads}",
-        refs,
-    )
 
 
 def _layers(model: nnx.Module, used: set[str]) -> tuple[dict[str, Layer], dict[str, str]]:
@@ -306,11 +231,11 @@ def infer_plan(model: nnx.Module | Callable[[], nnx.Module], *example_args: Any)
         if m in groups:
             k = groups[m]
             style, group = found[k].assign[m], found[k]
-            why = _explain(m, style, group, layers, graph)
-            entries[m] = (STYLES[style](heads=group.heads), _chosen_over(why, k, found, choice))
+            why = explain_group(m, style, group, layers, graph)
+            entries[m] = (STYLES[style](heads=group.heads), chosen_over(why, k, found, choice))
         else:
-            left_out = None if m in copies else _left_out(m, found, choice)
-            entries[m] = (None, left_out or whys[m])
+            lost = None if m in copies else left_out(m, found, choice)
+            entries[m] = (None, lost or whys[m])
     entries |= {m: (None, why) for m, why in _others(model, owner, used).items()}
     if not layers:
         entries[""] = (None, Why("replicated: the forward has no parameterised matmul, so "
@@ -325,91 +250,9 @@ def infer_plan(model: nnx.Module | Callable[[], nnx.Module], *example_args: Any)
         reasons.setdefault(key, why.render(lambda r: keys.get(r, r)))
     alternatives = {}
     for k in range(len(found)):
-        plan = _with(choice, k)
+        plan = whole_plan(choice, k)
         if plan != choice.chosen:
-            alternatives.setdefault(plan, _plan_cost(found, plan))
+            alternatives.setdefault(plan, plan_cost(found, plan))
     return InferredPlan(
-        plan_styles, {}, reasons, _plan_cost(found, choice.chosen), tuple(alternatives.values())
+        plan_styles, {}, reasons, plan_cost(found, choice.chosen), tuple(alternatives.values())
     )
-
-
-def _with(choice: Choice, k: int) -> tuple[int, ...]:
-    """The whole plan: the cheapest one holding group ``k`` in its component, the chosen
-    groups elsewhere."""
-    inside = set(choice.component[k])
-    return tuple(sorted({*choice.best_with[k], *(c for c in choice.chosen if c not in inside)}))
-
-
-def _plan_cost(found: Sequence[Group], plan: Sequence[int]) -> PlanCost:
-    forward, backward = cost(found, plan)
-    styles = {m: STYLES[s](heads=found[k].heads) for k in plan for m, s in found[k].assign.items()}
-    return PlanCost(forward, backward, styles)
-
-
-def _pairing(groups: Sequence[Group]) -> tuple[str, tuple[tuple[str, ...], ...]]:
-    """``"{0} (column) -> {1} (row)"`` and its refs: groups in one phrase."""
-    cols = tuple(m for g in groups for m, s in g.assign.items() if s == "column")
-    rows = tuple(m for g in groups for m, s in g.assign.items() if s == "row")
-    parts = [f"{{{n}}} ({s})" for n, s in enumerate(("column", "row")[: 1 + bool(rows)])]
-    if not cols:  # an embedding alone
-        return "{0} (row)", (rows,)
-    return " -> ".join(parts), (cols, rows) if rows else (cols,)
-
-
-def _bytes(forward: int, backward: int) -> str:
-    return f"{forward:,} B forward + {backward:,} B backward"
-
-
-def _ratio(found: Sequence[Group], other: Sequence[int], chosen: Sequence[int]) -> str:
-    """How plan ``other`` compares with ``chosen``: its bytes relative to the chosen one's,
-    or, when they move as much, what decided (:func:`jtp.parallel.choice.choose`)."""
-    theirs, mine = sum(cost(found, other)), sum(cost(found, chosen))
-    if theirs != mine:
-        return f"{theirs / mine:.1f}x" if mine else "where the chosen one moves nothing"
-
-    def heads(plan: Sequence[int]) -> float:
-        return math.gcd(*(found[k].heads or 0 for k in plan)) or math.inf
-
-    if heads(other) != heads(chosen):
-        return f"as many bytes, but whole heads limit the tensor size to {heads(other)}"
-    if sum(found[k].sharded for k in other) != sum(found[k].sharded for k in chosen):
-        return "as many bytes, but fewer parameters split"
-    return "as many bytes; the chosen pairing comes first in the program"
-
-
-def _chosen_over(why: Why, k: int, found: Sequence[Group], choice: Choice) -> Why:
-    """``why``, and what the pairings this group beat would move, when there are any."""
-    others = sorted(choice.conflicts[k] - set(choice.chosen))
-    if not others:
-        return why
-    mine = cost(found, choice.best_with[k])
-    text = f"; the cheapest pairing of these layers, all-reducing {_bytes(*mine)}"
-    refs: tuple = ()
-    plans: dict[tuple[int, ...], list[int]] = {}  # each other plan, by the groups it swaps in
-    for o in others:
-        plans.setdefault(choice.best_with[o], []).append(o)
-    for plan, swapped in plans.items():
-        phrase, more = _pairing([found[o] for o in swapped])
-        phrase = phrase.format(*("{" + str(len(refs) + n) + "}" for n in range(len(more))))
-        text += (f"; {phrase} instead would all-reduce {_bytes(*cost(found, plan))} "
-                 f"({_ratio(found, plan, choice.best_with[k])})")  # fmt: skip
-        refs += more
-    return why.then(text, refs)
-
-
-def _left_out(m: str, found: Sequence[Group], choice: Choice) -> Why | None:
-    """Why layer ``m``, which a valid group holds, is replicated: that group's plan moves
-    more than the chosen one; ``None`` when no group holds it."""
-    mine = [k for k in range(len(found)) if m in found[k].assign]
-    if not mine:
-        return None
-    k = min(mine, key=lambda k: (sum(cost(found, choice.best_with[k])), k))
-    phrase, refs = _pairing([found[k]])
-    theirs = cost(found, choice.best_with[k])
-    chosen = [c for c in choice.chosen if c in choice.component[k]]
-    text = (
-        f"replicated: it pairs as {phrase}, but the cheapest plan with that pairing "
-        f"all-reduces {_bytes(*theirs)}, against {_bytes(*cost(found, chosen))} for the "
-        f"chosen one ({_ratio(found, choice.best_with[k], chosen)})"
-    )
-    return Why(text, refs)

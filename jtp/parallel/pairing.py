@@ -9,6 +9,8 @@ by :func:`jtp.parallel.dims.column_source`; the parameter of a contraction: a ro
 adds it, and the pass runs again. The group is kept when its splits end in row layers (one
 all-reduce each), in an embedding lookup, or, for a lone column layer projecting to a larger
 output, in the forward's result; anything else is a :class:`Why` the layer stays replicated.
+Each group is grown alone (:meth:`Search.candidates`) and counts the bytes it all-reduces;
+which of overlapping groups make the plan is :mod:`jtp.parallel.choice`'s decision.
 """
 
 from __future__ import annotations
@@ -243,12 +245,9 @@ class Search:
         lookup = lookups[0] if lookups else None
         end = ends[0] if ends and not pairs else None
         tied = bool(lookups and head)
-        # What the group moves: XLA all-reduces each row layer's partial sums (and each
-        # vocabulary-split lookup's) in the forward; in the backward, mirrored, the gradient
-        # of each column matmul's input (a partial sum over the split features): one each,
-        # even where columns share their input (q, k and v: XLA reduces each before adding
-        # them, as the compiled programs show), and none for an input no parameter made (the
-        # batch itself needs no gradient). A scan body's ops count once per trip.
+        # Bytes XLA all-reduces: forward, each row matmul's (and lookup's) result; backward,
+        # the gradient of each column matmul's input unless no parameter made it (q, k and v
+        # each: XLA reduces them before adding); a scan body's ops once per trip.
         forward = sum(g.nbytes(g.ops[i].outs[0]) * g.ops[i].trips for i, r in trail
                       if r.event in ("pair", "lookup"))  # fmt: skip
         backward = sum(
