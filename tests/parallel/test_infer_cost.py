@@ -72,16 +72,17 @@ MODELS = {
 X = np.random.default_rng(0).standard_normal((B, D), dtype=np.float32)
 
 
-def _bytes(factory, plan, x=X):
-    """Bytes all-reduced (or otherwise moved) by the compiled forward + backward on 1x8."""
-    mesh = jtp.make_mesh(1, 8)
+def _bytes(factory, plan, x=X, shape=(1, 8), axes=None):
+    """Bytes all-reduced (or otherwise moved) by the compiled forward + backward on a
+    ``shape`` mesh (over ``axes`` only, when given)."""
+    mesh = jtp.make_mesh(*shape)
     graphdef, state = nnx.split(jtp.parallelize(factory(), mesh, plan))
 
     def loss(state, x):
         return jnp.mean(nnx.merge(graphdef, state)(x) ** 2)
 
     step = jax.jit(jax.value_and_grad(loss)).lower(state, jtp.shard_batch(x, mesh)).compile()
-    return sum(r.bytes for r in jtp.collectives(step, mesh))
+    return sum(r.bytes for r in jtp.collectives(step, mesh) if axes in (None, r.axes))
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -118,6 +119,32 @@ def test_a_residual_stream_is_not_split_through_its_wide_blocks():
     (alt,) = plan.alternatives
     assert (alt.forward, alt.backward) == (2 * wide + d, 2 * wide)  # ups', head's; downs'
     assert _bytes(factory, STREAM) == alt.total == pytest.approx(8.2 * plan.cost.total, 0.01)
+
+
+def test_on_2x4_the_counts_halve():
+    """With the batch split on "data" (2), each device all-reduces half of each activation
+    over "tensor": the counts over 2, for the chosen plan and the alternative alike."""
+    factory = MODELS["residual-inverted-bottleneck"][0]
+    plan = jtp.infer_plan(factory(), X)
+    for p in (plan.cost, *plan.alternatives):  # each: the whole plan, one key a layer
+        assert _bytes(factory, dict(p.styles), shape=(2, 4), axes=("tensor",)) == p.total // 2
+
+
+def test_the_greedy_plan_past_the_state_budget(monkeypatch):
+    """Past its budget of open states the choice falls back to the greedy plan (each group
+    in program order that fits: what infer_plan chose before it compared costs); on the
+    chain, inp -> ups.0, downs.0 -> ups.1, downs.1 -> head."""
+    import functools
+
+    from jtp.parallel import choice, infer
+
+    monkeypatch.setattr(infer, "choose", functools.partial(choice.choose, max_states=1))
+    plan = jtp.infer_plan(MODELS["inverted-bottleneck-chain"][0](), X)
+    assert {k: type(v) for k, v in plan.styles.items()} == {
+        "inp": jtp.ColwiseParallel, "ups.0": jtp.RowwiseParallel,
+        "downs.0": jtp.ColwiseParallel, "ups.1": jtp.RowwiseParallel,
+        "downs.1": jtp.ColwiseParallel, "head": jtp.RowwiseParallel,
+    }  # fmt: skip
 
 
 def test_reasons_say_what_the_alternative_would_move():
