@@ -32,7 +32,7 @@ from jtp.generation import generate
 from jtp.mesh import DATA, TENSOR, ModelParallelStrategy, make_mesh, mesh_shape
 from jtp.parallel.activations import activation_rules, shard_activation
 from jtp.parallel.batch import batch_sharding, shard_batch
-from jtp.parallel.infer import InferredPlan, infer_plan
+from jtp.parallel.infer import InferredPlan, PlanCost, infer_plan
 from jtp.parallel.optimizer import init_opt_state, opt_state_shardings
 from jtp.parallel.parallelize import parallelize, sharded_init
 from jtp.parallel.plan import Placement, TPPlan, plan_shardings, resolve
@@ -60,6 +60,7 @@ __all__ = [
     "ParallelStyle",
     "ParamSharding",
     "Placement",
+    "PlanCost",
     "RandomDataset",
     "RandomTokenDataset",
     "RowwiseParallel",

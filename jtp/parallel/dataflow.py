@@ -72,6 +72,7 @@ class Op:
     params: Mapping[str, Any]
     scope: tuple[str, ...]  # names of the enclosing jitted functions, outermost first
     where: str  # "file.py:line (function)" of the user frame that emitted it
+    trips: int = 1  # times it runs per forward: the lengths of the scans around it
 
 
 @dataclasses.dataclass
@@ -81,6 +82,7 @@ class Graph:
     ops: list[Op]
     shapes: list[tuple[int, ...]]
     deps: list[int]  # PARAM | DATA_INPUT bits per value
+    itemsizes: list[int]  # bytes per element of each value (its dtype's)
     params: dict[int, str]  # value id of each nnx.Param leaf -> its path ("w1.kernel")
     outputs: list[int]  # the forward's result leaves
     producer: dict[int, int]  # value id -> index of the op that made it
@@ -92,6 +94,13 @@ class Graph:
     def is_free(self, v: int) -> bool:
         """Depends on no parameter and no input: every device can compute (or slice) it."""
         return not self.deps[v]
+
+    def nbytes(self, v: int) -> int:
+        """Bytes of the whole value ``v``."""
+        n = self.itemsizes[v]
+        for size in self.shapes[v]:
+            n *= size
+        return n
 
 
 def _where(eqn: Any) -> str:
@@ -111,24 +120,30 @@ class _Builder:
         self.ops: list[Op] = []
         self.shapes: list[tuple[int, ...]] = []
         self.deps: list[int] = []
+        self.itemsizes: list[int] = []
+        self.trips = 1  # of the ops being added: inside scans, the product of their lengths
 
-    def value(self, shape: Sequence[int], deps: int = 0) -> int:
+    def value(self, shape: Sequence[int], deps: int = 0, itemsize: int = 4) -> int:
         self.shapes.append(tuple(int(n) for n in shape))
         self.deps.append(deps)
+        self.itemsizes.append(itemsize)
         return len(self.shapes) - 1
 
     def op(self, prim: str, ins: Sequence[int], out_shapes: Sequence[Sequence[int]],
-           params: Mapping[str, Any], scope: tuple[str, ...], where: str) -> list[int]:  # fmt: skip
+           params: Mapping[str, Any], scope: tuple[str, ...], where: str,
+           itemsizes: Sequence[int] | None = None) -> list[int]:  # fmt: skip
         deps = 0
         for v in ins:
             deps |= self.deps[v]
-        outs = [self.value(shape, deps) for shape in out_shapes]
-        self.ops.append(Op(prim, tuple(ins), tuple(outs), dict(params), scope, where))
+        if itemsizes is None:  # plumbing (a scan's slices, a cond's select): its operand's
+            itemsizes = [self.itemsizes[ins[-1]] if ins else 4] * len(out_shapes)
+        outs = [self.value(shape, deps, n) for shape, n in zip(out_shapes, itemsizes, strict=True)]
+        self.ops.append(Op(prim, tuple(ins), tuple(outs), dict(params), scope, where, self.trips))
         return outs
 
     def read(self, env: dict, var: Any) -> int:
         if isinstance(var, jcore.Literal):
-            return self.value(getattr(var.aval, "shape", ()))
+            return self.value(getattr(var.aval, "shape", ()), 0, _itemsize(var.aval))
         return env[var]
 
     def inline(self, jaxpr: Any, ins: Sequence[int], scope: tuple[str, ...]) -> list[int]:
@@ -136,7 +151,9 @@ class _Builder:
         if isinstance(jaxpr, jcore.ClosedJaxpr):
             jaxpr = jaxpr.jaxpr
         # Closed-over constants: values of their own, free (no parameter, no input).
-        env: dict = {var: self.value(var.aval.shape) for var in jaxpr.constvars}
+        env: dict = {
+            var: self.value(var.aval.shape, 0, _itemsize(var.aval)) for var in jaxpr.constvars
+        }
         for var, v in zip(jaxpr.invars, ins, strict=True):
             env[var] = v
         for eqn in jaxpr.eqns:
@@ -161,7 +178,8 @@ class _Builder:
             label = eqn.params.get("name")
             return self.inline(body, ins, scope + ((str(label),) if label else ()))
         params = {k: v for k, v in eqn.params.items() if k not in _CALL_JAXPRS}
-        return self.op(name, ins, out_shapes, params, scope, where)
+        itemsizes = [_itemsize(v.aval) for v in eqn.outvars]
+        return self.op(name, ins, out_shapes, params, scope, where, itemsizes)
 
     def scan(self, eqn: Any, ins: list[int], scope: tuple[str, ...], where: str) -> list[int]:
         p = eqn.params
@@ -184,12 +202,22 @@ class _Builder:
             *(plumb("carry", v, self.shapes[v]) for v in carry),
             *(plumb("scan_slice", v, self.shapes[v][1:]) for v in xs),
         ]
-        outs = self.inline(body, inner, scope)
         length = int(p["length"])
+        self.trips *= length
+        outs = self.inline(body, inner, scope)
+        self.trips //= length
         return [
             *(plumb("carry", v, self.shapes[v]) for v in outs[:n_carry]),
             *(plumb("scan_stack", v, (length, *self.shapes[v])) for v in outs[n_carry:]),
         ]
+
+
+def _itemsize(aval: Any) -> int:
+    dtype = getattr(aval, "dtype", None)
+    try:
+        return int(dtype.itemsize)
+    except (AttributeError, TypeError):  # a token or an extended dtype (PRNG keys)
+        return 4
 
 
 def _call_body(eqn: Any) -> Any:
@@ -251,11 +279,11 @@ def trace(
     for i, var in enumerate(closed.jaxpr.invars):
         if i < n_state:
             is_param = names[i] in param_names
-            v = b.value(var.aval.shape, PARAM if is_param else 0)
+            v = b.value(var.aval.shape, PARAM if is_param else 0, _itemsize(var.aval))
             if is_param:
                 params[v] = names[i]
         else:  # an example argument
-            v = b.value(var.aval.shape, DATA_INPUT)
+            v = b.value(var.aval.shape, DATA_INPUT, _itemsize(var.aval))
         ins.append(v)
     outs = b.inline(closed, ins, ())
     producer = {v: i for i, op in enumerate(b.ops) for v in op.outs}
@@ -263,6 +291,6 @@ def trace(
     for i, op in enumerate(b.ops):
         for v in dict.fromkeys(op.ins):
             users.setdefault(v, []).append(i)
-    graph = Graph(b.ops, b.shapes, b.deps, params, outs, producer, users, {})
+    graph = Graph(b.ops, b.shapes, b.deps, b.itemsizes, params, outs, producer, users, {})
     _views(graph)
     return graph

@@ -2,9 +2,9 @@
 
 The forward is traced (:mod:`jtp.parallel.dataflow`); every module with a column/row layout
 (:mod:`jtp.parallel.layer_rules`: ``nnx.Linear``, ``LinearGeneral``, ``Einsum``, ``Embed``,
-``LoRA``, ``LoRALinear``, ...) is a candidate. In program order, each candidate not yet placed
-is tried as a *column* layer: its output features are split over ``"tensor"`` and the split
-is followed through the program (:mod:`jtp.parallel.split_rules`). The attempt grows a
+``LoRA``, ``LoRALinear``, ...) is a candidate. Each candidate is tried as a *column* layer:
+its output features are split over ``"tensor"`` and the split is followed through the
+program (:mod:`jtp.parallel.split_rules`). The attempt grows a
 *group*: the other branch of a gate or the keys and values of attention join it as columns
 (they must be split the same way), and the matmul that contracts the split features against
 a parameter makes that layer a *row* layer, where the split ends in one all-reduce. The
@@ -23,6 +23,13 @@ Two rules beyond pairs reproduce the hand-written Llama plan (:func:`jtp.plans.l
   over at the very end) is kept when it projects to a *larger* output than its input
   (``out > in``: a vocabulary head, whose logits stay split); otherwise it is replicated.
 
+Groups may overlap (on a residual stream, ``up`` pairs with its block's ``down``, or the
+stream stays split from ``inp`` through every ``down`` to the ``ups``): the plan is the set
+of non-overlapping groups, leaving out none that could still be added, that all-reduces the
+fewest bytes per forward and backward (:mod:`jtp.parallel.choice`); ``reasons`` say what
+each other pairing would move, and :attr:`InferredPlan.cost` / ``alternatives`` carry the
+counts.
+
 When a reshape cuts the split features into ``(heads, head_dim)``, the group records its
 head count and each style carries ``heads=``: ``jtp``'s plan checks then refuse a tensor size
 that does not divide it, before anything compiles.
@@ -40,17 +47,15 @@ from typing import Any
 from flax import nnx
 
 from jtp.mesh import TENSOR
-from jtp.parallel.dataflow import ELEMENTWISE, REDUCTIONS, Graph, trace
+from jtp.parallel.choice import STYLES, PlanCost, choose, plan_cost, whole_plan
+from jtp.parallel.dataflow import trace
 from jtp.parallel.layer_rules import layout_fn
 from jtp.parallel.names import path_str
-from jtp.parallel.pairing import Group, Layer, Search, Why, esc
+from jtp.parallel.pairing import Layer, Search, Why
 from jtp.parallel.plan import TPPlan
+from jtp.parallel.reasons import chosen_over, explain_group, left_out
 from jtp.parallel.stacked import layer_axes, match_name, one_layer, stack_roots
-from jtp.parallel.styles import ColwiseParallel, ParallelStyle, RowwiseParallel
-
-STYLES = {"column": ColwiseParallel, "row": RowwiseParallel}
-_STEP_PRIMS = ELEMENTWISE | REDUCTIONS | {"stack", "concatenate"}
-_MAX_STEPS = 6  # ops named in an explanation
+from jtp.parallel.styles import ParallelStyle
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -63,6 +68,11 @@ class InferredPlan(TPPlan):
     """
 
     reasons: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # What the plan's row layers (and lookups) all-reduce, by the traced program's sizes.
+    cost: PlanCost | None = None
+    # For each group of layers that could be paired otherwise: the cheapest plan with that
+    # other pairing (the rest as chosen), and what it would move.
+    alternatives: tuple[PlanCost, ...] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -70,70 +80,6 @@ class InferredPlan(TPPlan):
 
     def __str__(self) -> str:
         return "\n".join(f"{key}: {why}" for key, why in self.reasons.items())
-
-
-def _steps(g: Graph, trail: list) -> list[str]:
-    names: list[str] = []
-    for i, r in trail:
-        op = g.ops[i]
-        if r.event == "heads":
-            split = next(s for s in r.outs if s is not None)
-            name = f"a reshape into {g.shapes[op.outs[0]][split.dim]} heads"
-        elif r.event == "matmul":
-            name = "batched matmul"
-        elif op.scope:
-            name = op.scope[-1].strip("_")
-        elif op.prim in _STEP_PRIMS and r.event is None:
-            name = op.prim
-        else:
-            continue
-        if name not in names:
-            names.append(name)
-    # Heads, named functions (silu, gelu, ...) and attention matmuls first; bare primitives
-    # after them.
-    return sorted(names, key=lambda n: n in _STEP_PRIMS)
-
-
-def _explain(m: str, style: str, group: Group, layers: Mapping[str, Layer], g: Graph) -> Why:
-    cols = [x for x, s in group.assign.items() if s == "column"]
-    rows = [x for x, s in group.assign.items() if s == "row" and not layers[x].embed]
-    refs = tuple(group.assign)
-    ref = {x: "{" + str(k) + "}" for k, x in enumerate(refs)}
-    steps = _steps(g, group.trail)
-    steps = steps[:_MAX_STEPS] + (["..."] if len(steps) > _MAX_STEPS else [])
-    through = f" through {', '.join(esc(s) for s in steps)}" if steps else ""
-    heads = f"; whole heads: the tensor size must divide {group.heads}" if group.heads else ""
-    if layers[m].embed:
-        shape = group.lookup_shape
-        text = (
-            "row (vocabulary rows): an embedding lookup; each device looks up the ids its "
-            f"rows hold and one all-reduce of the {shape} result sums them"
-        )
-        if group.tied:
-            out, inner = group.head
-            text += (f"; its transposed use (tied output projection, {inner} -> {out}) "
-                     f"makes logits split on the vocabulary, whose split {group.end}")  # fmt: skip
-        return Why(text, refs)
-    if style == "row":
-        shape = group.pair_shapes[m]
-        names = ", ".join(ref[c] for c in cols)
-        return Why(f"row: contracts the split output of {names}; one all-reduce of its "
-                    f"{shape} result{heads}", refs)  # fmt: skip
-    others = [ref[c] for c in cols if c != m]
-    partners = f" (with {', '.join(others)})" if others else ""
-    if not rows:
-        out, inner = group.head
-        through = f" ({through.strip()})" if through else ""
-        return Why(
-            f"column: a projection to a larger output ({inner} -> {out} features), a "
-            f"vocabulary head whose split result {group.end}{through}{partners}{heads}",
-            refs,
-        )
-    return Why(
-        f"column: its output stays split{through} into {', '.join(ref[r] for r in rows)} "
-        f"(row){partners}{heads}",
-        refs,
-    )
 
 
 def _layers(model: nnx.Module, used: set[str]) -> tuple[dict[str, Layer], dict[str, str]]:
@@ -214,7 +160,11 @@ def _keys(model: nnx.Module, entries: Mapping[str, tuple[Any, Why]]) -> dict[str
 
         def same(m: str) -> tuple:
             style, why = entries[m]
-            return style, why.text, tuple(_INDEX.sub("*", names[r]) for r in why.refs)
+
+            def star(r: str | tuple[str, ...]) -> str | tuple:
+                return _INDEX.sub("*", names[r]) if isinstance(r, str) else tuple(map(star, r))
+
+            return style, why.text, tuple(star(r) for r in why.refs)
 
         if len({same(m) for m in members}) == 1:
             keys.update(dict.fromkeys(members, pattern))
@@ -264,17 +214,28 @@ def infer_plan(model: nnx.Module | Callable[[], nnx.Module], *example_args: Any)
     used = {path for v, path in graph.params.items() if v in graph.users}
     layers, owner = _layers(model, used)
     search = Search(graph, layers, owner)
-    groups, whys = search.search()
+    found, whys = search.candidates()
+    choice = choose(found)
+    groups = {m: k for k in choice.chosen for m in found[k].assign}
+    copies = {m for k in choice.chosen for m in found[k].copied}
+    for k in choice.chosen:
+        for layer, i in found[k].copied.items():
+            whys[layer] = Why(
+                "replicated: its heads are repeated and each device slices the copies "
+                f"that {{0}}'s split needs ({search.at(i)}): split, it would cut heads on a "
+                "tensor axis wider than their count (jtp.plans.llama's kv_replicas)",
+                (next(iter(found[k].assign)),),
+            )
     entries: dict[str, tuple[ParallelStyle | None, Why]] = {}
     for m in search.layers:  # program order
         if m in groups:
-            style, group = groups[m].assign[m], groups[m]
-            entries[m] = (
-                STYLES[style](heads=group.heads),
-                _explain(m, style, group, layers, graph),
-            )
+            k = groups[m]
+            style, group = found[k].assign[m], found[k]
+            why = explain_group(m, style, group, layers, graph)
+            entries[m] = (STYLES[style](heads=group.heads), chosen_over(why, k, found, choice))
         else:
-            entries[m] = (None, whys[m])
+            lost = None if m in copies else left_out(m, found, choice)
+            entries[m] = (None, lost or whys[m])
     entries |= {m: (None, why) for m, why in _others(model, owner, used).items()}
     if not layers:
         entries[""] = (None, Why("replicated: the forward has no parameterised matmul, so "
@@ -287,4 +248,11 @@ def infer_plan(model: nnx.Module | Callable[[], nnx.Module], *example_args: Any)
         if style is not None:
             plan_styles[key] = style
         reasons.setdefault(key, why.render(lambda r: keys.get(r, r)))
-    return InferredPlan(plan_styles, {}, reasons)
+    alternatives = {}
+    for k in range(len(found)):
+        plan = whole_plan(choice, k)
+        if plan != choice.chosen:
+            alternatives.setdefault(plan, plan_cost(found, plan))
+    return InferredPlan(
+        plan_styles, {}, reasons, plan_cost(found, choice.chosen), tuple(alternatives.values())
+    )

@@ -9,6 +9,8 @@ by :func:`jtp.parallel.dims.column_source`; the parameter of a contraction: a ro
 adds it, and the pass runs again. The group is kept when its splits end in row layers (one
 all-reduce each), in an embedding lookup, or, for a lone column layer projecting to a larger
 output, in the forward's result; anything else is a :class:`Why` the layer stays replicated.
+Each group is grown alone (:meth:`Search.candidates`) and counts the bytes it all-reduces;
+which of overlapping groups make the plan is :mod:`jtp.parallel.choice`'s decision.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import heapq
 import math
 from collections.abc import Callable, Mapping
 
-from jtp.parallel.dataflow import Graph
+from jtp.parallel.dataflow import PARAM, Graph
 from jtp.parallel.dims import column_source
 from jtp.parallel.split_rules import Moved, Need, Split, Stop, propagate
 
@@ -28,10 +30,18 @@ class Why:
     """A reason whose module mentions are filled in once the plan keys are known."""
 
     text: str  # with "{0}", "{1}", ... for the modules in refs
-    refs: tuple[str, ...] = ()
+    refs: tuple[str | tuple[str, ...], ...] = ()  # a module, or a list of them
 
     def render(self, label: Callable[[str], str]) -> str:
-        return self.text.format(*(label(r) for r in self.refs))
+        def one(r: str | tuple[str, ...]) -> str:  # a list names each key once
+            return label(r) if isinstance(r, str) else ", ".join(dict.fromkeys(map(label, r)))
+
+        return self.text.format(*(one(r) for r in self.refs))
+
+    def then(self, text: str, refs: tuple = ()) -> Why:
+        """This reason followed by ``text``, whose ``{0}``, ``{1}``, ... name ``refs``."""
+        shifted = text.format(*("{" + str(len(self.refs) + k) + "}" for k in range(len(refs))))
+        return Why(self.text + shifted, self.refs + tuple(refs))
 
 
 def esc(text: str) -> str:
@@ -57,6 +67,14 @@ class Group:
     end: str | None  # where a lone head's split ends: "is returned as output 0 ...", ...
     tied: bool  # an embedding whose table also makes split logits
     copied: dict[str, int]  # layers whose heads are repeated and sliced -> op index of use
+    forward: int  # bytes all-reduced per forward: each row layer's (and lookup's) result
+    backward: int  # ... per backward: the gradient of each column layer's input
+    sharded: int  # bytes of the parameters it splits
+
+    @property
+    def footprint(self) -> frozenset[str]:
+        """The layers this group decides: its members and the layers whose copies it slices."""
+        return frozenset(self.assign) | frozenset(self.copied)
 
 
 class Search:
@@ -71,7 +89,6 @@ class Search:
                     first.setdefault(self.owner.get(graph.views[v][0], ""), i)
         self.layers = dict(sorted(layers.items(), key=lambda kv: first.get(kv[0], len(graph.ops))))
         self.value_of = {path: v for v, path in graph.params.items()}
-        self.assigned: dict[str, str] = {}
 
     def seeds(self, assign: Mapping[str, str]) -> dict[int, Split]:
         out = {}
@@ -167,10 +184,9 @@ class Search:
         if m is None:
             return Why(f"its split output meets parameter {esc(param)}, which belongs to no "
                         f"layer with a column/row layout ({self.at(i)})")  # fmt: skip
-        taken = assign.get(m) or self.assigned.get(m)
+        taken = assign.get(m)
         if taken is not None or (style == "column" and self.layers[m].embed):
-            where = "in this group" if m in assign else "in another pair"
-            role = f"a {taken} layer {where}" if taken else "an embedding"
+            role = f"a {taken} layer in this group" if taken else "an embedding"
             return Why(
                 f"its split output needs {{0}} as a {style} layer, but it is {role} ({self.at(i)})",
                 (m,),
@@ -229,36 +245,45 @@ class Search:
         lookup = lookups[0] if lookups else None
         end = ends[0] if ends and not pairs else None
         tied = bool(lookups and head)
-        return Group(assign, heads, trail, pairs, lookup, head, end, tied, copied)
+        # Bytes XLA all-reduces: forward, each row matmul's (and lookup's) result; backward,
+        # the gradient of each column matmul's input unless no parameter made it (q, k and v
+        # each: XLA reduces them before adding); a scan body's ops once per trip.
+        forward = sum(g.nbytes(g.ops[i].outs[0]) * g.ops[i].trips for i, r in trail
+                      if r.event in ("pair", "lookup"))  # fmt: skip
+        backward = sum(
+            g.nbytes(u) * g.ops[i].trips for i, r in trail if r.event == "column"
+            for u in g.ops[i].ins[:2] if u != r.value and g.deps[u] & PARAM
+        )  # fmt: skip
+        sharded = sum(g.nbytes(self.value_of[p]) for m, s in assign.items()
+                      for p in self.layers[m].splits[s])  # fmt: skip
+        return Group(assign, heads, trail, pairs, lookup, head, end, tied, copied,
+                     forward, backward, sharded)  # fmt: skip
 
-    def search(self) -> tuple[dict[str, Group], dict[str, Why]]:
-        """Every layer, in program order, in a kept group or with why it is replicated."""
-        groups: dict[str, Group] = {}
+    def candidates(self) -> tuple[list[Group], dict[str, Why]]:
+        """Every group one layer starts (a column layer; an embedding as a row layer), each
+        grown alone, in program order, and why each layer that starts none cannot."""
+        found: list[Group] = []
         whys: dict[str, Why] = {}
-        for m in self.layers:
-            if m in self.assigned:
+        seen: set[frozenset] = set()
+        columns: set[str] = set()
+        for m, layer in self.layers.items():
+            if m in columns:  # its split is that group's: growing from it finds the same
                 continue
-            layer = self.layers[m]
             start = "row" if layer.embed else "column"
             if isinstance(layer.splits[start], str):
                 whys[m] = Why(f"replicated: no {start} layout: {esc(layer.splits[start])}")
                 continue
-            found = self.grow({m: start})
-            if isinstance(found, Why):
+            grown = self.grow({m: start})
+            if isinstance(grown, Why):
                 what = "an embedding split on its rows" if layer.embed else "a column layer"
-                whys[m] = Why(f"replicated: as {what}, {found.text}", found.refs)
+                whys[m] = Why(f"replicated: as {what}, {grown.text}", grown.refs)
                 continue
-            self.assigned |= found.assign
-            groups |= dict.fromkeys(found.assign, found)
-            for layer, i in found.copied.items():
-                self.assigned[layer] = "replicated"
-                whys[layer] = Why(
-                    "replicated: its heads are repeated and each device slices the copies "
-                    f"that {{0}}'s split needs ({self.at(i)}): split, it would cut heads on a "
-                    "tensor axis wider than their count (jtp.plans.llama's kv_replicas)",
-                    (m,),
-                )
-        return groups, whys
+            key = frozenset(grown.assign.items())
+            if key not in seen:
+                seen.add(key)
+                found.append(grown)
+                columns |= {x for x, s in grown.assign.items() if s == "column"}
+        return found, whys
 
 
 def matmul_sizes(g: Graph, i: int, param: int, dim: int) -> tuple[int, int]:
