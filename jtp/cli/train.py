@@ -187,9 +187,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "config": vars(args),
         "process_index": jax.process_index(),
         "process_count": jax.process_count(),
+        "launch": _launch_metrics(distributed),
     }
     write_json(args.metrics_json, metrics, announce=False)
     return metrics
+
+
+def _launch_metrics(launch: Any) -> dict[str, Any] | None:
+    """How jax.distributed was started (None: one process): the settings, and the GPUs jax
+    was left (``jax_cuda_visible_devices``, "all" unless restricted), read back from jax."""
+    if launch is None:
+        return None
+    import dataclasses
+
+    import jax
+
+    visible = jax.config.read("jax_cuda_visible_devices")
+    return {**dataclasses.asdict(launch), "jax_cuda_visible_devices": visible}
 
 
 def _fit_metrics(trainer: Any) -> dict[str, Any]:
