@@ -193,3 +193,10 @@ def test_jtp_matches_jax_where_jax_is_right(monkeypatch):
         assert cluster.get_local_process_id() == 0 and ours.local_device_ids is None
         for key in env:
             monkeypatch.delenv(key)
+
+
+def test_the_docs_show_the_tested_files():
+    """docs/multi-host.md quotes each launch file whole, so the page is what the tests run."""
+    page = (LAUNCH.parents[1] / "docs" / "multi-host.md").read_text()
+    for path in (PER_NODE, PER_GPU, MPIRUN, JOBSET):
+        assert path.read_text() in page, f"docs/multi-host.md: update the copy of {path.name}"
