@@ -106,8 +106,7 @@ def detect_launch(
             f"{cluster['launcher']}: process id {given['process_id']} is not in "
             f"[0, {given['num_processes']})"
         )
-    ids = env.get("JAX_LOCAL_DEVICE_IDS")
-    owned = tuple(int(i) for i in ids.split(",")) if ids else cluster.get("local_device_ids")
+    owned = _first(_named_devices(env), cluster.get("local_device_ids"))
     return Launch(cluster["launcher"], local_device_ids=owned, **given)
 
 
@@ -235,8 +234,8 @@ def owned_devices(
     task to its own devices (fewer visible than tasks, or than the node holds), all the
     visible ones, counted from 0; else an equal share of the node's, the local rank's.
     """
-    if tasks_on_node <= 1:
-        return None
+    if tasks_on_node <= 1 or _named_devices(env) is not None:
+        return _named_devices(env)
     visible = _visible_devices(env)
     if visible is not None and (
         visible < tasks_on_node or (node_devices is not None and visible < node_devices)
@@ -252,6 +251,12 @@ def owned_devices(
         )
     share = total // tasks_on_node
     return tuple(range(local_rank * share, (local_rank + 1) * share))
+
+
+def _named_devices(env: Mapping[str, str]) -> tuple[int, ...] | None:
+    """``JAX_LOCAL_DEVICE_IDS`` (``"0,1"``), which jax itself reads too, if set."""
+    ids = env.get("JAX_LOCAL_DEVICE_IDS")
+    return tuple(int(i) for i in ids.split(",")) if ids else None
 
 
 def _visible_devices(env: Mapping[str, str]) -> int | None:

@@ -77,8 +77,10 @@ def test_slurm_shares_and_refusals():
     assert detect_launch(bound_two).local_device_ids == (0, 1)
     no_gpu_info = {k: v for k, v in env.items() if "GPU" not in k and k != "CUDA_VISIBLE_DEVICES"}
     assert detect_launch(no_gpu_info).local_device_ids == (3,)  # one per task, as jax does
+    three = {**env, "SLURM_STEP_TASKS_PER_NODE": "3(x2)", "SLURM_LOCALID": "0"}
     with pytest.raises(ValueError, match="3 tasks on this node cannot share 8 accelerators"):
-        detect_launch({**env, "SLURM_STEP_TASKS_PER_NODE": "3(x2)", "SLURM_LOCALID": "0"})
+        detect_launch(three)
+    assert detect_launch({**three, "JAX_LOCAL_DEVICE_IDS": "0,1,2"}).local_device_ids == (0, 1, 2)
     uneven = {**env, "SLURM_STEP_TASKS_PER_NODE": "8,1", "SLURM_NODEID": "1"}
     assert detect_launch(uneven).local_device_ids is None  # alone on node 1
     assert detect_launch(
