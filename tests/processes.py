@@ -11,6 +11,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+# A test run inside a real job (an srun step, mpirun, a pod) must not make its processes join
+# that job: what a launcher sets stays out (each test sets its own).
+LAUNCHER_VARIABLES = (
+    *("SLURM_", "OMPI_", "PMIX_", "JOBSET_", "JOB_", "REPLICATED_JOB_"),
+    *("JAX_COORDINATOR_", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_LOCAL_DEVICE_IDS"),
+)
+
 
 @functools.cache
 def suite_cache() -> str:
@@ -25,10 +32,15 @@ def suite_cache() -> str:
 
 
 def clean_env() -> dict[str, str]:
-    """This process's environment less its forced device count (a worker sets its own); other
-    XLA flags carry over, so under ``make test-avx2`` every process computes as AVX2. The
-    compilation cache is on, as shipped, in this test process's own directory."""
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    """This process's environment less its forced device count (a worker sets its own) and
+    any launcher's variables; other XLA flags carry over, so under ``make test-avx2`` every
+    process computes as AVX2. The compilation cache is on, as shipped, in this test
+    process's own directory."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES") and not k.startswith(LAUNCHER_VARIABLES)
+    }
     flags = os.environ.get("XLA_FLAGS", "").split()
     kept = [f for f in flags if not f.startswith("--xla_force_host_platform_device_count")]
     if kept:

@@ -9,6 +9,8 @@ from typing import Any
 
 import jax
 
+from jtp.distributed import Launch, detect_launch, start_distributed
+
 
 def select_devices(n: int) -> list[jax.Device]:
     """The first ``n`` devices; on CPU, first force ``n`` host devices if jax has not
@@ -48,28 +50,26 @@ def init_distributed(
     num_processes: int | None = None,
     process_id: int | None = None,
     heartbeat_timeout: int = 20,
-) -> bool:
-    """Start jax's distributed runtime before any other jax call, when asked to; whether it
-    was started.
+) -> Launch | None:
+    """Start jax's distributed runtime before any other jax call when this process is one of
+    several; its launch settings, or None.
 
-    Explicit ``coordinator`` (with ``num_processes`` and ``process_id``), or the standard
-    environment (``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``)
-    or a detected cluster (SLURM, ...), which ``jax.distributed.initialize()`` reads itself.
-    ``devices``: this process's CPU devices, forced first (the backend starts with it).
+    Explicit flags, else the ``JAX_*`` variables, else what the launcher set (SLURM, Open
+    MPI, Kubernetes JobSet): ``jtp.distributed.detect_launch``. Process 0 prints one line
+    naming the launcher and the settings. ``devices``: this process's CPU devices, forced
+    first (the backend starts with it).
     """
-    explicit = coordinator is not None
-    from_env = "JAX_COORDINATOR_ADDRESS" in os.environ or "SLURM_JOB_ID" in os.environ
-    if not (explicit or from_env):
-        return False
+    launch = detect_launch(
+        os.environ, coordinator=coordinator, num_processes=num_processes, process_id=process_id
+    )
+    if launch is None:
+        return None
     if devices is not None:  # per-process CPU devices must be set before the backend
         jax.config.update("jax_num_cpu_devices", devices)
-    kwargs: dict[str, Any] = {"heartbeat_timeout_seconds": heartbeat_timeout}
-    if explicit:
-        kwargs.update(
-            coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
-        )
-    jax.distributed.initialize(**kwargs)
-    return True
+    start_distributed(launch, heartbeat_timeout=heartbeat_timeout)
+    if launch.process_id == 0:
+        print(launch.describe(), flush=True)
+    return launch
 
 
 def add_mesh_flags(parser: Any, title: str = "mesh (as python -m jtp.train)") -> None:

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise ValueError("--step picks a step of --checkpoint DIR; --hf has none")
     compilation_cache.enable(args.compilation_cache)
     apply_gpu_flags(sequence_parallel=config.sequence_parallel)
-    distributed = init_distributed(args.devices)  # from the environment (SLURM, JAX_*)
+    distributed = init_distributed(args.devices)  # from the environment (JAX_*, a launcher)
     devices = None if distributed or args.devices is None else select_devices(args.devices)
 
     import jax

@@ -144,10 +144,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import jax
 
-    from jtp.distributed import same_programs_on_every_process, watchdog, watching
+    from jtp.distributed import watchdog, watching
 
     if distributed:
-        same_programs_on_every_process()  # before the first trace (jtp.distributed)
         watchdog.arm(args.collective_timeout)  # the fit, the exports and the shutdown
 
     from jtp.cli.recipes import FeedForwardTask, LlamaTask
@@ -209,6 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "config": vars(args),
         "process_index": jax.process_index(),
         "process_count": jax.process_count(),
+        "launch": _launch_metrics(distributed),
     }
     write_json(args.metrics_json, metrics, announce=False)
     return metrics
@@ -240,6 +240,19 @@ def check_paths(args: argparse.Namespace) -> None:
             outputs.append((flag, path))
     if args.metrics_json:
         check_output_file(args.metrics_json, flag="--metrics-json", inputs=[*inputs, *outputs])
+
+
+def _launch_metrics(launch: Any) -> dict[str, Any] | None:
+    """How jax.distributed was started (None: one process): the settings, and the GPUs jax
+    was left (``jax_cuda_visible_devices``, "all" unless restricted), read back from jax."""
+    if launch is None:
+        return None
+    import dataclasses
+
+    import jax
+
+    visible = jax.config.read("jax_cuda_visible_devices")
+    return {**dataclasses.asdict(launch), "jax_cuda_visible_devices": visible}
 
 
 def _fit_metrics(trainer: Any) -> dict[str, Any]:

@@ -54,7 +54,8 @@ def _checkpoints(t: Path) -> None:
 # (id, setup, program, argv with {t} for the test directory, the culprit the message names)
 CASES = [
     ("export-hf-into-users-directory", _user_files, "train",
-     ["--model", "llama", "--preset", "tiny", "--export-hf", "{t}/mine"], "files jtp did not write"),
+     ["--model", "llama", "--preset", "tiny", "--export-hf", "{t}/mine"],
+     "files jtp did not write"),
     ("export-hf-onto-checkpoint-dir", _checkpoints, "train",
      ["--model", "llama", "--preset", "tiny", "--checkpoint-dir", "{t}/ck", "--resume",
       "--export-hf", "{t}/ck"], "overlaps --checkpoint-dir"),

@@ -1,10 +1,4 @@
-"""What keeps the processes of one job together: agreement (every process learns the same
-small integer), one executable per program on every process, and the collective watchdog.
-
-Each decision that changes what the processes do next (stop, restore which step) goes through
-here, so all processes take it together; a decision one process took alone would leave the
-others waiting in a collective. One call is one all-gather of one int32 per process.
-"""
+"""The collective watchdog: a hang becomes an error naming the step and the wait."""
 
 from __future__ import annotations
 
@@ -17,52 +11,6 @@ import time
 from collections.abc import Iterator
 
 import jax
-import numpy as np
-
-
-def agree_max(value: int) -> int:
-    """The largest ``value`` over all processes (every process must call it)."""
-    if jax.process_count() == 1:
-        return int(value)
-    from jax.experimental import multihost_utils
-
-    with watching("a cross-process agreement (an all-gather of one int32 per process)"):
-        return int(np.max(multihost_utils.process_allgather(np.int32(value))))
-
-
-def agree_min(value: int) -> int:
-    """The smallest ``value`` over all processes (every process must call it)."""
-    return -agree_max(-int(value))
-
-
-# ---------------------------------------------------------------- one program on every process
-
-
-def same_programs_on_every_process() -> bool:
-    """In a multi-process run, compile every program without Python source locations, so
-    that each process's copy of a program is the same executable; whether it was needed.
-
-    Why: with jax/jaxlib 0.12.1, a CPU program's cross-process collectives only meet when
-    every process runs an executable with the same fingerprint, and the fingerprint covers
-    the program's metadata, which names the Python call stack it was traced from (up to
-    ``jax_traceback_in_locations_limit`` frames). Two processes that trace one program from
-    different lines (process 0 gathers a tensor inside the file writer, the others in a
-    loop beside it), or one that loads it from the persistent compilation cache while the
-    other compiles it (a deserialised executable gets another fingerprint), wait for each
-    other forever. Measured: a warm-cache second run and a two-process ``save_pretrained``
-    both hung; with the locations left out both finish (``tests/test_distributed.py``). The
-    cost: HLO dumps and profiles of a multi-process run show op names but no source lines.
-    Call after ``jax.distributed.initialize`` and before tracing anything that crosses
-    processes; calling it again is free.
-    """
-    if jax.process_count() == 1:
-        return False
-    if jax.config.jax_traceback_in_locations_limit != 0:
-        jax.config.update("jax_traceback_in_locations_limit", 0)
-    return True
-
-
-# ---------------------------------------------------------------- the collective watchdog
 
 #: The exit status of a process the watchdog ended (as ``timeout(1)``'s).
 HANG_EXIT_CODE = 124
