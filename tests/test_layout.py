@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "jtp"
 # `python -m` shims
 ENTRY_POINTS = {"jtp.train", "jtp.bench", "jtp.plan", "jtp.prepare", "jtp.eval", "jtp.generate"}
-MAX_LINES = 300
+MAX_LINES = 500  # DESIGN: ~500 a soft guide; past it, split by concept
 
 
 def _module_name(path: Path) -> str:
@@ -121,6 +121,7 @@ def test_tests_mirror_the_packages():
         "checkpoint",
         "cli",
         "data",
+        "distributed",
         "generation",
         "models",
         "parallel",

@@ -17,8 +17,9 @@ def same_programs_on_every_process() -> bool:
     loop beside it), or one that loads it from the persistent compilation cache while the
     other compiles it (a deserialised executable gets another fingerprint), wait for each
     other forever. Measured: a warm-cache second run and a two-process ``save_pretrained``
-    both hung; with the locations left out both finish (``tests/test_distributed.py``). The
-    cost: HLO dumps and profiles of a multi-process run show op names but no source lines.
+    both hung; with the locations left out both finish
+    (``tests/distributed/test_watchdog_and_programs.py``). The cost: HLO dumps and profiles
+    of a multi-process run show op names but no source lines.
     Call after ``jax.distributed.initialize`` and before tracing anything that crosses
     processes; calling it again is free.
     """

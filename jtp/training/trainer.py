@@ -12,7 +12,6 @@ results.
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import time
 from collections.abc import Iterator
@@ -26,7 +25,6 @@ from jax.sharding import Mesh
 from jtp.analysis.memory import memory_report, peak_memory_per_device
 from jtp.checkpoint.sharded import Checkpointer
 from jtp.distributed import same_programs_on_every_process, watchdog, watching
-from jtp.errors import InputError
 from jtp.mesh import ModelParallelStrategy, mesh_shape
 from jtp.parallel.activations import activation_rules
 from jtp.parallel.batch import shard_batch
@@ -38,7 +36,7 @@ from jtp.training.loggers import next_run_dir
 from jtp.training.module import TrainModule
 from jtp.training.options import TrainerOptions
 from jtp.training.policy import Policy
-from jtp.training.resume import restore_train_state, save_train_state
+from jtp.training.resume import open_checkpoints, restore_train_state, save_train_state
 from jtp.training.signals import StopAgreement, stop_on_signals
 from jtp.training.state import TrainState
 
@@ -138,7 +136,8 @@ class Trainer:
         whose steps this one would mix with).
         """
         o = self.options
-        ckpt = self._checkpointer(resume)  # refused here, before anything is built
+        # Refused here, before anything is built: a missing directory, another run's steps.
+        ckpt = open_checkpoints(o.checkpoint_dir, resume, keep_last=o.keep_last)
         self.setup(module)
         loader = self._train_loader = module.train_dataloader()
         # After the loader: a schedule may need its length (estimated_stepping_batches).
@@ -198,37 +197,6 @@ class Trainer:
             yield
         finally:
             watchdog.arm(before)
-
-    def _checkpointer(self, resume: bool | str) -> Checkpointer | None:
-        """The fit's checkpoints, after checking ``resume`` against what the directory holds
-        (the same in every process: it is shared)."""
-        d = self.options.checkpoint_dir
-        if resume not in (False, True, "if-any"):
-            raise ValueError(f"fit(resume={resume!r}): resume is False, True or 'if-any'")
-        if resume and not d:
-            raise InputError("fit(resume=True) needs Trainer(checkpoint_dir=...) to resume from")
-        if not d:
-            return None
-        if resume is True and not os.path.isdir(d):
-            raise InputError(
-                f"--resume: checkpoint directory {d} does not exist (misspelt?); for a job "
-                "that starts there and resumes after a restart, pass --resume if-any "
-                "(fit(resume='if-any'))"
-            )
-        if os.path.exists(d) and not os.path.isdir(d):
-            raise InputError(f"--checkpoint-dir {d} is a file, not a directory")
-        ckpt = Checkpointer(d, keep_last=self.options.keep_last)
-        steps = ckpt.all_steps()
-        if steps and not resume:
-            shown = ", ".join(map(str, steps[-5:]))
-            raise InputError(
-                f"--checkpoint-dir {d} holds checkpoints of an earlier run (steps {shown}): "
-                "pass --resume (fit(resume=True)) to continue it, or another --checkpoint-dir "
-                "to start afresh; nothing was written"
-            )
-        if resume and not steps and self.is_global_zero:
-            print(f"no checkpoint in {d} yet: starting at step 0")
-        return ckpt
 
     def _start_run(self, ckpt: Checkpointer | None) -> FitRun:
         """This fit's run: a new ``<default_root_dir>/version_N`` on process 0 when logging,

@@ -1,6 +1,6 @@
-"""Worker for test_distributed: one process of a 2-process job that traces one program from
-a different line than the other process does, as ``save_pretrained`` does (process 0 gathers
-inside the file writer, the others in a loop beside it).
+"""Worker for test_watchdog_and_programs: one process of a 2-process job that traces one
+program from a different line than the other process does, as ``save_pretrained`` does
+(process 0 gathers inside the file writer, the others in a loop beside it).
 
     python mp_call_sites_worker.py COORD PROCESS_ID
 """

@@ -1,4 +1,4 @@
-"""Worker for test_distributed: the watchdog alone, in a fresh process.
+"""Worker for test_watchdog_and_programs: the watchdog alone, in a fresh process.
 
 python mp_hang_watchdog_worker.py TIMEOUT   (a watched region that never ends)
 """
