@@ -22,6 +22,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from jtp.checkpoint.conversion import Read, assemble, plan_read, source_targets
+from jtp.checkpoint.manifest import damage, has_manifest, write_manifest
 from jtp.distributed import agree_min
 from jtp.parallel.abstract import abstract_array, abstract_tree
 from jtp.parallel.names import leaf_names
@@ -113,6 +114,7 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_handlers=handlers
         )
+        self._unlisted: list[int] = []  # saved steps whose manifest is not written yet
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -126,7 +128,24 @@ class Checkpointer:
             state=ocp.args.StandardSave(flatten_state(state)),
             meta=ocp.args.JsonSave(meta),
         )
+        self._list_committed()  # the previous save is committed before this one starts
         self._manager.save(step, args=args, force=True)
+        self._unlisted.append(step)
+
+    def _step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def _list_committed(self) -> None:
+        """Wait for the saves in flight (every process, at the same point), then process 0
+        writes the manifest of each (:mod:`jtp.checkpoint.manifest`)."""
+        if not self._unlisted:
+            return
+        self._manager.wait_until_finished()
+        if jax.process_index() == 0:
+            for step in self._unlisted:
+                if os.path.isdir(self._step_dir(step)):  # not already deleted by keep_last
+                    write_manifest(self._step_dir(step))
+        self._unlisted = []
 
     def meta(self, step: int | None = None) -> tuple[dict[str, Any], int]:
         """The JSON record saved with ``step`` (default: the newest) and that step, no array
@@ -141,8 +160,9 @@ class Checkpointer:
         return dict(out["meta"]), step
 
     def wait(self) -> None:
-        """Block until every started save is committed."""
+        """Block until every started save is committed and listed in its manifest."""
         self._manager.wait_until_finished()
+        self._list_committed()
 
     def _state_metadata(self, step: int) -> Any:
         """The saved arrays' metadata of ``step``; a ``DAMAGED`` error if unreadable."""
@@ -191,7 +211,16 @@ class Checkpointer:
                     )
 
     def _readable(self, step: int) -> bool:
-        """This process can read ``step``'s metadata (a damaged or missing file: False)."""
+        """This process finds its share of the step's files as the manifest lists them, and
+        can read the step's metadata (a damaged, missing or truncated file: False)."""
+        step_dir = self._step_dir(step)
+        if has_manifest(step_dir):  # first: it names the file, where a read names a store
+            problem = damage(step_dir, (jax.process_index(), jax.process_count()))
+            if problem:
+                log.warning("checkpoint step %s is damaged: %s; skipping it", step, problem)
+                return False
+        else:
+            log.warning("checkpoint step %s has no manifest: restored unverified", step)
         try:
             self._state_metadata(step)
             return True
@@ -207,10 +236,18 @@ class Checkpointer:
         proposal, and keep it only if every process can read it; else the bound drops
         below it. Every process runs the same rounds, so all return the same step.
         """
-        local, bound = {s for s in candidates if self._readable(s)}, max(candidates, default=-1)
+        readable: dict[int, bool] = {}  # checked lazily: verifying a step reads its files
+
+        def ok(s: int) -> bool:
+            if s not in readable:
+                readable[s] = self._readable(s)
+            return readable[s]
+
+        newest_first, bound = sorted(candidates, reverse=True), max(candidates, default=-1)
         while bound >= 0:
-            step = agree_min(max((s for s in local if s <= bound), default=-1))
-            if step < 0 or agree_min(int(step in local)) == 1:
+            mine = next((s for s in newest_first if s <= bound and ok(s)), -1)
+            step = agree_min(mine)
+            if step < 0 or agree_min(int(ok(step))) == 1:
                 return step if step >= 0 else None
             bound = step - 1
         return None
@@ -281,5 +318,5 @@ class Checkpointer:
         return dict(state), dict(meta["meta"])
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        self.wait()
         self._manager.close()

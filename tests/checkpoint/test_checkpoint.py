@@ -102,7 +102,61 @@ def test_corrupted_latest_falls_back_to_previous(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="jtp.checkpoint.sharded"):
         resumed = run(tmp_path, "--checkpoint-dir", str(ck), "--resume")
     assert resumed["first_step"] == 4
-    assert "step 8 is unreadable" in caplog.text
+    assert "step 8 is damaged: state/_METADATA is missing" in caplog.text
+
+
+def _largest_array_file(step_dir: Path) -> Path:
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and "/d/" in str(p)]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def _flip_16_bytes(f: Path) -> None:
+    data = bytearray(f.read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + 16] = bytes(b ^ 0xFF for b in data[mid : mid + 16])
+    f.write_bytes(bytes(data))
+
+
+def _truncate(f: Path) -> None:
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    "harm,says",
+    [(_flip_16_bytes, "does not match its checksum"), (_truncate, "(truncated?)"),
+     (Path.unlink, "is missing")],
+    ids=["bit-rot", "truncated", "deleted"],
+)  # fmt: skip
+def test_a_damaged_step_is_named_skipped_and_the_run_resumes_before_it(
+    tmp_path, caplog, harm, says
+):
+    """16 flipped bytes in the middle of the largest array file of the newest step (bit rot,
+    a bad copy), the file cut in half, or deleted: each was resumed from silently or ended
+    in tensorstore tracebacks. The step's manifest (every file's size and SHA-256) names the
+    file; the run resumes from step 4 and continues exactly as an uninterrupted run does."""
+    ck = tmp_path / "ck"
+    full = run(tmp_path, "--checkpoint-dir", str(ck), "--max-steps", "8", "--checkpoint-every", "4")
+    manifest = json.loads((ck / "8" / "jtp_manifest.json").read_text())["files"]
+    target = _largest_array_file(ck / "8")
+    assert str(target.relative_to(ck / "8")) in manifest
+    harm(target)
+    with caplog.at_level("WARNING", logger="jtp.checkpoint.sharded"):
+        resumed = run(tmp_path, "--checkpoint-dir", str(ck), "--resume", "--max-steps", "8")
+    assert resumed["first_step"] == 4
+    assert f"checkpoint step 8 is damaged: {target.relative_to(ck / '8')}" in caplog.text
+    assert says in caplog.text
+    assert resumed["losses"] == full["losses"][4:8]  # bitwise: the same mesh
+
+
+def test_a_step_without_a_manifest_restores_unverified(tmp_path, caplog):
+    """A checkpoint written before manifests existed (or a save killed between its commit and
+    its manifest) still restores, with a warning that it was not verified."""
+    ck = tmp_path / "ck"
+    run(tmp_path, "--checkpoint-dir", str(ck), "--max-steps", "4")
+    (ck / "4" / "jtp_manifest.json").unlink()
+    with caplog.at_level("WARNING", logger="jtp.checkpoint.sharded"):
+        resumed = run(tmp_path, "--checkpoint-dir", str(ck), "--resume", "--max-steps", "6")
+    assert resumed["first_step"] == 4 and "no manifest: restored unverified" in caplog.text
 
 
 class Exploding(jtp.TrainModule):
