@@ -25,7 +25,7 @@ from typing import Any
 from jtp.cli import compilation_cache
 from jtp.cli.devices import add_mesh_flags, init_distributed, select_devices
 from jtp.cli.flags import ArgumentParser, FieldFlags, options_from_args
-from jtp.cli.output import machine, write_json
+from jtp.cli.output import machine, one_line_errors, write_json
 from jtp.cli.perplexity import EvalConfig, build_task
 from jtp.xla_flags import apply_gpu_flags
 
@@ -144,7 +144,8 @@ def table(r: dict[str, Any]) -> str:
 
 def run() -> None:
     """The ``python -m jtp.eval`` entry point."""
-    main(sys.argv[1:])
+    with one_line_errors("jtp.eval"):
+        main(sys.argv[1:])
     import jax
 
     if jax.process_count() > 1:

@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import math
 import re
 import types
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 METAVARS = {int: "N", float: "X", str: "TEXT"}
@@ -166,3 +167,28 @@ class ArgumentParser(argparse.ArgumentParser):
         # One per action and polarity: --no-x and --x of a BooleanOptionalAction differ.
         meanings = {(id(m[0]), m[1].startswith("--no-")) for m in matches}
         return matches[:1] if len(meanings) == 1 else matches
+
+
+def number(
+    kind: type = float, *, low: float | None = None, above: float | None = None,
+    high: float | None = None,
+) -> Callable[[str], Any]:  # fmt: skip
+    """An argparse ``type``: a finite ``kind`` (int or float) ``>= low``, ``> above`` and
+    ``<= high`` where given; anything else is argparse's one-line error (exit 2), before
+    any work (``--temperature nan`` once generated token 0 forever)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an int" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number")
+        for bound, ok, say in ((low, lambda b: value >= b, ">="), (above, lambda b: value > b, ">"),
+                               (high, lambda b: value <= b, "<=")):  # fmt: skip
+            if bound is not None and not ok(bound):
+                raise argparse.ArgumentTypeError(f"{text}: must be {say} {bound}")
+        return value
+
+    return parse

@@ -22,7 +22,8 @@ from typing import Any
 
 from jtp.cli import compilation_cache
 from jtp.cli.devices import add_mesh_flags, init_distributed, select_devices
-from jtp.cli.output import machine, write_json
+from jtp.cli.flags import number
+from jtp.cli.output import machine, one_line_errors, write_json
 from jtp.xla_flags import apply_gpu_flags
 
 
@@ -47,10 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer", metavar="PATH", help="tokenizer.json (default: --hf DIR's own)"
     )
     s = p.add_argument_group("sampling")
-    s.add_argument("--max-new-tokens", type=int, default=32, metavar="N")
-    s.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    s.add_argument("--top-k", type=int, default=None)
-    s.add_argument("--top-p", type=float, default=None)
+    s.add_argument("--max-new-tokens", type=number(int, low=1), default=32, metavar="N")
+    s.add_argument("--temperature", type=number(low=0), default=0.0, help="0: greedy")
+    s.add_argument("--top-k", type=number(int, low=1), default=None)
+    s.add_argument("--top-p", type=number(above=0, high=1), default=None)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument(
         "--eos-token-id", type=int, default=None,
@@ -206,8 +207,5 @@ def report(r: dict[str, Any]) -> str:
 
 def run() -> None:
     """The ``python -m`` entry point: a bad input is one line on stderr and exit status 2."""
-    try:
+    with one_line_errors("jtp.generate", (ValueError,)):
         main(sys.argv[1:])
-    except ValueError as e:
-        print(f"python -m jtp.generate: {e}", file=sys.stderr)
-        raise SystemExit(2) from None

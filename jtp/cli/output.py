@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import sys
+from collections.abc import Iterator
 from typing import Any
+
+from jtp.errors import InputError
 
 
 def machine() -> str:
@@ -26,3 +31,16 @@ def write_json(path: str | None, payload: dict[str, Any], *, announce: bool = Tr
     os.replace(tmp, path)
     if announce:
         print(f"wrote {path}")
+
+
+@contextlib.contextmanager
+def one_line_errors(
+    program: str, errors: tuple[type[BaseException], ...] = (InputError,)
+) -> Iterator[None]:
+    """A user's mistake (``errors``) in ``program`` becomes one line on stderr and exit
+    status 2; anything else keeps its traceback (it is a bug, or the machine's failure)."""
+    try:
+        yield
+    except errors as err:
+        print(f"python -m {program}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -23,7 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jtp.checkpoint.model import llama_record, restore_model
-from jtp.cli.recipes import LlamaTask
+from jtp.cli.recipes import LlamaTask, check_positions
 from jtp.cli.task_config import LlamaTaskConfig
 from jtp.data.loader import DataLoader
 from jtp.data.tokens import read_meta
@@ -116,19 +116,11 @@ def _parallel(e: EvalConfig) -> dict[str, Any]:
     return {n: getattr(e, n) for n in names}
 
 
-def _check_positions(seq_len: int, positions: int, where: str) -> None:
-    if seq_len > positions:
-        raise ValueError(
-            f"--seq-len {seq_len} is longer than the model allows: {positions} positions "
-            f"({where}); pass --seq-len {positions} or less"
-        )
-
-
 def hf_task(e: EvalConfig) -> PerplexityTask:
     """The task of ``--hf DIR`` (its config checked, no weight read yet)."""
     positions = max_positions_of(read_config(e.hf))
     seq_len = e.seq_len or min(HF_SEQ_LEN, positions)
-    _check_positions(seq_len, positions, f"max_position_embeddings in {e.hf}/config.json")
+    check_positions(seq_len, positions, f"max_position_embeddings in {e.hf}/config.json")
     config = LlamaTaskConfig(
         hf=e.hf, data=e.data, seq_len=seq_len, batch_size=e.batch_size or HF_BATCH,
         **_parallel(e),
@@ -157,7 +149,7 @@ def checkpoint_task(e: EvalConfig) -> tuple[PerplexityTask, dict[str, Any]]:
     model_config = dataclasses.replace(
         model_config_of(module["model_config"]), remat="none", attention=e.attention
     )
-    _check_positions(seq_len, model_config.max_seq_len, "the max_seq_len it was built with")
+    check_positions(seq_len, model_config.max_seq_len, "the max_seq_len it was built with")
     config = dataclasses.replace(
         trained, hf=None, data=e.data, seq_len=seq_len, remat="none",
         batch_size=e.batch_size or trained.batch_size, **_parallel(e),

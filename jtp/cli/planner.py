@@ -31,7 +31,8 @@ import time
 from typing import Any
 
 from jtp.cli import compilation_cache
-from jtp.cli.output import write_json
+from jtp.cli.flags import number
+from jtp.cli.output import one_line_errors, write_json
 from jtp.cli.roofline import GB, Hardware, default_mem_fraction, estimate
 from jtp.cli.sizing import analytic_floor, compiled_attention, measure
 from jtp.models.attention import ATTENTION
@@ -91,23 +92,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument(
         "--hf", default=None, help="plan for this Hugging Face directory's config.json instead"
     )
-    p.add_argument("--devices", type=int, default=64, help="devices in the cluster")
-    p.add_argument("--devices-per-host", type=int, default=8, help="tensor groups stay in a host")
-    hw = Hardware()
-    p.add_argument("--device-memory-gb", type=float, default=hw.memory_gb, help="per device")
+    p.add_argument("--devices", type=number(int, low=1), default=64, help="devices in the cluster")
     p.add_argument(
-        "--mem-fraction", type=float, default=None,
+        "--devices-per-host",
+        type=number(int, low=1),
+        default=8,
+        help="tensor groups stay in a host",
+    )
+    hw = Hardware()
+    p.add_argument(
+        "--device-memory-gb", type=number(above=0), default=hw.memory_gb, help="per device"
+    )
+    p.add_argument(
+        "--mem-fraction", type=number(above=0, high=1), default=None,
         help="share of it jax may use (default: $XLA_PYTHON_CLIENT_MEM_FRACTION, else 0.75)",
     )  # fmt: skip
-    p.add_argument("--global-batch", type=int, default=256, help="sequences per optimizer step")
     p.add_argument(
-        "--micro-batch", type=int, default=1, help="sequences per data rank per micro-step"
+        "--global-batch", type=number(int, low=1), default=256, help="sequences per optimizer step"
     )
-    p.add_argument("--seq-len", type=int, default=8192, help="tokens per sequence")
-    p.add_argument("--precision", default="bf16-mixed", choices=PRECISIONS)
-    p.add_argument("--peak-tflops", type=float, default=hw.peak_tflops, help="bf16 dense peak")
     p.add_argument(
-        "--fp32-ratio", type=float, default=hw.fp32_ratio,
+        "--micro-batch",
+        type=number(int, low=1),
+        default=1,
+        help="sequences per data rank per micro-step",
+    )
+    p.add_argument("--seq-len", type=number(int, low=1), default=8192, help="tokens per sequence")
+    p.add_argument("--precision", default="bf16-mixed", choices=PRECISIONS)
+    p.add_argument(
+        "--peak-tflops", type=number(above=0), default=hw.peak_tflops, help="bf16 dense peak"
+    )
+    p.add_argument(
+        "--fp32-ratio", type=number(above=0), default=hw.fp32_ratio,
         help="float32 matmul peak / bf16 peak (0.5: TF32 tensor cores, jax's GPU default)",
     )  # fmt: skip
     p.add_argument(
@@ -115,20 +130,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="kernel to size; auto: what the GPU runs (blockwise stands for cuDNN on CPU)",
     )  # fmt: skip
     p.add_argument(
-        "--compute-efficiency", type=float, default=hw.compute_efficiency,
+        "--compute-efficiency", type=number(above=0, high=1), default=hw.compute_efficiency,
         help="fraction of peak reached",
     )  # fmt: skip
     p.add_argument(
-        "--intra-host-gbps", type=float, default=hw.intra_host_gbps, help="GB/s/device in a host"
+        "--intra-host-gbps",
+        type=number(above=0),
+        default=hw.intra_host_gbps,
+        help="GB/s/device in a host",
     )
     p.add_argument(
-        "--inter-host-gbps", type=float, default=hw.inter_host_gbps, help="GB/s/device across"
+        "--inter-host-gbps",
+        type=number(above=0),
+        default=hw.inter_host_gbps,
+        help="GB/s/device across",
     )
     p.add_argument("--tensor", default=None, help="only these tensor sizes, e.g. 4,8")
     p.add_argument(
         "--remat", default=",".join(REMAT_POLICIES), help="remat policies to try, e.g. none,full"
     )
-    p.add_argument("--json", default="bench_results/plan.json", help="JSON output path")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the table as JSON here")
     compilation_cache.add_flags(p)
     args = p.parse_args(argv)
     compilation_cache.enable(args.compilation_cache)
@@ -246,4 +267,5 @@ def format_plan(rows: list[dict[str, Any]], args: argparse.Namespace, best: dict
 
 def run() -> None:
     """The ``python -m`` entry point."""
-    main(sys.argv[1:])
+    with one_line_errors("jtp.plan"):
+        main(sys.argv[1:])

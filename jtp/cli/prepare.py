@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from jtp.checkpoint.outputs import OutputError, check_output_dir, write_marker
+from jtp.cli.output import one_line_errors
 from jtp.data.tokens import META, token_dtype
 
 CHUNK_BYTES = 8 << 20  # documents encoded per tokenizer call (it batches on its own threads)
@@ -272,8 +273,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def run() -> None:
     """The ``python -m jtp.prepare`` entry point: errors as one line, exit status 2."""
-    try:
+    with one_line_errors("jtp.prepare", (ValueError, ImportError)):
         main(sys.argv[1:])
-    except (ValueError, ImportError) as err:
-        print(f"python -m jtp.prepare: error: {err}", file=sys.stderr)
-        sys.exit(2)

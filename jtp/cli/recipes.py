@@ -17,9 +17,11 @@ from jtp.cli.task_config import LR_SCHEDULES, FeedForwardConfig, LlamaTaskConfig
 from jtp.data.datasets import RandomDataset, RandomTokenDataset
 from jtp.data.loader import DataLoader
 from jtp.data.tokens import TokenDataset, read_meta
+from jtp.errors import InputError
 from jtp.mesh import ModelParallelStrategy
 from jtp.models import FeedForward
 from jtp.models.hf import config_of, load_pretrained
+from jtp.models.hf.config import max_positions_of, read_config
 from jtp.models.llama import PRESETS, Llama, LlamaConfig, cross_entropy
 from jtp.models.lora import parse_targets
 from jtp.models.plans import check_llama, feedforward, llama, replicate_kv
@@ -141,6 +143,15 @@ def _lora(config: LlamaTaskConfig) -> dict[str, Any]:
     }
 
 
+def check_positions(seq_len: int, positions: int, where: str) -> None:
+    """``--seq-len`` within the positions the model was built for (``where`` says which)."""
+    if seq_len > positions:
+        raise InputError(
+            f"--seq-len {seq_len} is longer than the model allows: {positions} positions "
+            f"({where}); pass --seq-len {positions} or less"
+        )
+
+
 class LlamaTask(TrainModule):
     """Lightning's tensor-parallel Llama example: next-token loss on random tokens, or on
     the token files of ``config.data`` (the vocabulary then comes from its ``meta.json``).
@@ -155,6 +166,9 @@ class LlamaTask(TrainModule):
             if config.data:  # token ids must come from the model's own tokenizer
                 data_vocab(config.data, model_config.vocab_size)
         elif config.hf:  # the checkpoint's shapes; positions used: seq_len (sliding windows)
+            positions = max_positions_of(read_config(config.hf))
+            where = f"max_position_embeddings in {config.hf}/config.json"
+            check_positions(config.seq_len, positions, where)
             self.model_config = config_of(
                 config.hf, max_seq_len=config.seq_len, remat=config.remat,
                 attention=config.attention, scan_layers=config.scan_layers, **_lora(config),
@@ -172,6 +186,8 @@ class LlamaTask(TrainModule):
                 max_seq_len=max(preset.max_seq_len, config.seq_len),
                 **_lora(config),
             )
+        if config.data:  # the token files checked now (sizes against meta.json), not after
+            self._tokens("train")  # the model is built and compiled
         self.plan = self._plan()
 
     def _plan(self) -> Plan:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from jtp.errors import check_fields
 from jtp.models.attention import ATTENTION
 from jtp.models.lora import TARGETS
 from jtp.models.stack import REMAT_POLICIES, remat_name
@@ -33,15 +34,18 @@ class TaskConfig:
         activation rules belong to the ready plan).
     """
 
-    samples: int = 64
-    batch_size: int = 8
-    lr: float = 3e-3
+    samples: int = dataclasses.field(default=64, metadata={"min": 1})
+    batch_size: int = dataclasses.field(default=8, metadata={"min": 1})
+    lr: float = dataclasses.field(default=3e-3, metadata={"above": 0})
     lr_schedule: str = dataclasses.field(default="constant", metadata={"choices": LR_SCHEDULES})
-    warmup_steps: int = 0
-    weight_decay: float = 1e-4
+    warmup_steps: int = dataclasses.field(default=0, metadata={"min": 0})
+    weight_decay: float = dataclasses.field(default=1e-4, metadata={"min": 0})
     seed: int = 0
     fsdp: bool = False
     plan: str = dataclasses.field(default="ready", metadata={"choices": PLANS})
+
+    def __post_init__(self) -> None:
+        check_fields(self)  # ranges and finite numbers, before anything is built
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +57,8 @@ class FeedForwardConfig(TaskConfig):
       hidden_dim: FeedForward hidden features.
     """
 
-    dim: int = 8192
-    hidden_dim: int = 8192
+    dim: int = dataclasses.field(default=8192, metadata={"min": 1})
+    hidden_dim: int = dataclasses.field(default=8192, metadata={"min": 1})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +92,7 @@ class LlamaTaskConfig(TaskConfig):
     """
 
     preset: str = "tiny"
-    seq_len: int = 32
+    seq_len: int = dataclasses.field(default=32, metadata={"min": 1})
     data: str | None = None
     sequence_parallel: bool = False
     loss_parallel: bool = False
@@ -98,11 +102,12 @@ class LlamaTaskConfig(TaskConfig):
     scan_layers: bool = True
     hf: str | None = None
     attention: str = dataclasses.field(default="auto", metadata={"choices": ATTENTION})
-    lora_rank: int = 0
-    lora_alpha: float = 16.0
+    lora_rank: int = dataclasses.field(default=0, metadata={"min": 0})
+    lora_alpha: float = dataclasses.field(default=16.0, metadata={"above": 0})
     lora_targets: str = ",".join(TARGETS)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         object.__setattr__(self, "remat", remat_name(self.remat))  # True -> "full", ...
         if self.plan == "auto" and (self.sequence_parallel or self.loss_parallel):
             raise ValueError(

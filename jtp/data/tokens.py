@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from jtp.errors import InputError
+
 META = "meta.json"
 
 
@@ -38,15 +40,18 @@ def read_meta(directory: str) -> dict[str, Any]:
         with open(path) as f:
             meta = json.load(f)
     except FileNotFoundError:
-        raise ValueError(
+        raise InputError(
             f"{path} not found: {directory} is not a prepared token directory; "
             "make one with: python -m jtp.prepare FILES... --out DIR --bytes"
         ) from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path} is not valid JSON ({err}); rewrite it with python -m "
+                         "jtp.prepare") from None  # fmt: skip
+    if not isinstance(meta, dict):
+        raise InputError(f"{path} is not a JSON object; rewrite it with python -m jtp.prepare")
     missing = [k for k in ("vocab_size", "dtype") if k not in meta]
     if missing:
-        raise ValueError(f"{path} lacks {missing}; rewrite it with python -m jtp.prepare")
+        raise InputError(f"{path} lacks {missing}; rewrite it with python -m jtp.prepare")
     return meta
 
 
@@ -80,13 +85,19 @@ class TokenDataset:
         self.vocab_size = vocab_size if vocab_size is not None else meta.get("vocab_size")
         size = os.path.getsize(self.path)
         if size % self.dtype.itemsize:
-            raise ValueError(
+            raise InputError(
                 f"{self.path}: {size} bytes is not a whole number of {self.dtype} ids; "
                 "wrong dtype, or a truncated file"
             )
         n = size // self.dtype.itemsize
+        stated = meta.get(f"{os.path.splitext(os.path.basename(self.path))[0]}_tokens")
+        if isinstance(stated, int) and n != stated:
+            raise InputError(
+                f"{self.path} holds {n} tokens, its meta.json says {stated}: it was truncated "
+                "or replaced after python -m jtp.prepare wrote it; prepare the data again"
+            )
         if n < seq_len + 1:
-            raise ValueError(
+            raise InputError(
                 f"{self.path} holds {n} tokens, fewer than one window of seq_len + 1 = "
                 f"{seq_len + 1}; use more text or a shorter seq_len"
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from jtp.errors import check_fields
 from jtp.training.loggers import require
 from jtp.training.precision import PRECISIONS, policy
 from jtp.training.steps import GRAD_REDUCE
@@ -102,6 +103,7 @@ class TrainerOptions:
     collective_timeout: float | None = 600.0
 
     def __post_init__(self) -> None:
+        check_fields(self)  # every float finite
         positive = ("accumulate_grad_batches", "log_every_n_steps", "keep_last")
         for name in positive:
             if getattr(self, name) < 1:

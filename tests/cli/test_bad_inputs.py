@@ -15,6 +15,8 @@ from pathlib import Path
 import jax
 import pytest
 
+from jtp.cli import generate as generate_cli
+from jtp.cli import planner as planner_cli
 from jtp.cli import prepare as prepare_cli
 from jtp.cli.train import _run_and_exit
 from jtp.cli.train import main as train_main
@@ -49,6 +51,21 @@ def _hf_copy(t: Path) -> None:
 def _checkpoints(t: Path) -> None:
     """An earlier run's checkpoints (a real, tiny run)."""
     train_main([*TINY, "--checkpoint-dir", str(t / "ck"), "--root-dir", str(t / "runs")])
+
+
+def _prepared(t: Path) -> Path:
+    (t / "a.txt").write_text("the cat sat on the mat. " * 100)
+    prepare_cli.main([str(t / "a.txt"), "--out", str(t / "data"), "--bytes", "--no-progress"])
+    return t / "data"
+
+
+def _truncated_data(t: Path) -> None:
+    train = _prepared(t) / "train.bin"
+    train.write_bytes(train.read_bytes()[:-100])
+
+
+def _garbage_meta(t: Path) -> None:
+    (_prepared(t) / "meta.json").write_bytes(b"\xff\xfe garbage \x00")
 
 
 # (id, setup, program, argv with {t} for the test directory, the culprit the message names)
@@ -92,6 +109,20 @@ CASES = [
      ["{t}/texts", "--bytes", "--out", "{t}/mine", "--overwrite"], "files jtp did not write"),
     ("prepare-onto-a-file", lambda t: (_a_file(t), _texts(t)), "prepare",
      ["{t}/texts", "--bytes", "--out", "{t}/weights.txt", "--overwrite"], "is a file"),
+    # Accepted silently, or refused only after a compile and a NaN step, before:
+    ("negative-lr", None, "train", ["--lr", "-1"], "lr=-1.0 (--lr): must be > 0"),
+    ("nan-lr", None, "train", ["--lr", "nan"], "(--lr): must be a finite number"),
+    ("zero-seq-len", None, "train", ["--model", "llama", "--seq-len", "0"], "(--seq-len)"),
+    ("negative-seq-len", None, "train", ["--model", "llama", "--seq-len", "-16"], "(--seq-len)"),
+    ("seq-len-beyond-the-checkpoint", None, "train",
+     ["--model", "llama", "--hf", str(HF), "--seq-len", "4096"],
+     "max_position_embeddings in"),
+    ("truncated-train-bin", _truncated_data, "train",
+     ["--model", "llama", "--data", "{t}/data"], "meta.json says"),
+    ("garbage-meta-json", _garbage_meta, "train",
+     ["--model", "llama", "--data", "{t}/data"], "meta.json is not valid JSON"),
+    ("nan-temperature", None, "generate", ["--temperature", "nan"], "--temperature"),
+    ("mem-fraction-above-one", None, "plan", ["--mem-fraction", "2"], "--mem-fraction"),
 ]  # fmt: skip
 
 
@@ -104,14 +135,18 @@ def _snapshot(root: Path) -> dict[str, str]:
 
 def _run(program: str, argv: list[str]) -> int:
     """The program's own entry point, as ``python -m jtp.<program>`` runs it."""
+    runs = {"prepare": prepare_cli.run, "generate": generate_cli.run, "plan": planner_cli.run}
+    saved = sys.argv
     try:
         if program == "train":
             _run_and_exit(argv)
         else:
-            sys.argv = ["jtp.prepare", *argv]
-            prepare_cli.run()
+            sys.argv = [f"jtp.{program}", *argv]
+            runs[program]()
     except SystemExit as stop:
         return stop.code
+    finally:
+        sys.argv = saved
     return 0
 
 
@@ -120,9 +155,8 @@ def test_refused_in_one_line_before_any_work_and_nothing_lost(case, tmp_path, ca
     _, setup, program, argv, culprit = case
     if setup is not None:
         setup(tmp_path)
-    if "--data" in argv:  # a real prepared dataset to train on
-        (tmp_path / "a.txt").write_text("the cat sat on the mat. " * 100)
-        prepare_cli.main([str(tmp_path / "a.txt"), "--out", str(tmp_path / "data"), "--bytes"])
+    if "--data" in argv and not (tmp_path / "data").exists():  # a real dataset to train on
+        _prepared(tmp_path)
     argv = [a.replace("{t}", str(tmp_path)) for a in argv]
     if program == "train":
         argv = [*TINY, "--root-dir", str(tmp_path / "runs"), *argv]
@@ -142,8 +176,12 @@ def test_refused_in_one_line_before_any_work_and_nothing_lost(case, tmp_path, ca
     out, err = capsys.readouterr()
     assert code == 2, (out, err)
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err  # one line, no traceback
-    assert culprit in lines[0], lines[0]
+    assert "Traceback" not in err, err
+    if program in ("generate", "plan"):  # argparse: its usage, then the one error line
+        assert lines[-1].startswith(f"python -m jtp.{program}: error: argument "), err
+    else:
+        assert len(lines) == 1, err  # one line
+    assert culprit in lines[-1], lines[-1]
     assert compiles == [], "refused only after compiling"
     assert _snapshot(tmp_path) == before  # every file byte-identical, none added
 
