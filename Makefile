@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Extras installed into the venv; `make EXTRAS=dev,cuda12 venv` on a GPU machine.
 EXTRAS ?= dev
 
-.PHONY: venv train test test-avx2 test-latest constraints lint lint-check bench clean
+.PHONY: venv train test test-avx2 test-latest test-oracle constraints lint lint-check bench clean
 
 # constraints.txt: the exact versions the suite passed with, so a fresh clone installs what
 # was tested (jax 0.12.1 arrived under `jax>=0.12` and hung two multi-process paths).
@@ -95,6 +95,26 @@ constraints: $(STAMP)
 	@{ echo "# The exact versions the suite passed with (make and CI install these: make venv)."; \
 	   echo "# Regenerate after a tested upgrade: make constraints. Newer releases: make test-latest."; \
 	   $(PY) -m pip freeze --exclude-editable | grep -v '^jtp'; } > constraints.txt
+## The oracle tier: transformers and PEFT run what jtp writes (exports of every supported
+## architecture, merged LoRA exports, PEFT adapters; parsed configs field by field). They
+## need torch, which jtp's Python (>= 3.12) has no CPU wheel for here: .venv-oracle is a
+## Python 3.11 venv with the CPU torch wheel found on disk (about a minute, once), and
+## tests/oracle runs in .venv under pytest, calling it through JTP_ORACLE_PYTHON
+## (tests/conftest.py leaves tests/oracle out of every run where that is unset). The
+## versions are pinned: a new transformers is a deliberate change here, not a CI surprise.
+## 46-57 s on two cores, plus ~50 s once for the venv (docs/testing.md).
+ORACLE_VENV := .venv-oracle
+ORACLE_PY := $(ORACLE_VENV)/bin/python
+ORACLE_STAMP := $(ORACLE_VENV)/.installed
+ORACLE_PACKAGES := torch==2.13.0 transformers==5.25.0 peft==0.21.2
+PYTHON311 ?= python3.11
+$(ORACLE_STAMP): Makefile
+	@test -x $(ORACLE_PY) || $(PYTHON311) -m venv $(ORACLE_VENV)
+	$(ORACLE_PY) -m pip install --quiet $(ORACLE_PACKAGES)
+	@touch $(ORACLE_STAMP)
+
+test-oracle: $(STAMP) $(ORACLE_STAMP)
+	JTP_ORACLE_PYTHON=$(abspath $(ORACLE_PY)) $(PY) -m pytest -q -p no:xdist tests/oracle $(ARGS)
 
 ## Lint and format in place.
 lint: $(STAMP)
@@ -109,4 +129,4 @@ bench: $(STAMP)
 	$(PY) -m jtp.bench $(ARGS)
 
 clean:
-	rm -rf $(VENV) .venv-latest .pytest_cache
+	rm -rf $(VENV) .venv-latest $(ORACLE_VENV) .pytest_cache

@@ -14,3 +14,8 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 assert len(jax.devices()) == 8, jax.devices()
+
+# The oracle tier (tests/oracle: transformers and PEFT run what jtp writes) needs the
+# oracle interpreter, which `make test-oracle` creates and names; without it the directory
+# is not collected at all (the main suite stays free of torch).
+collect_ignore = [] if os.environ.get("JTP_ORACLE_PYTHON") else ["oracle"]

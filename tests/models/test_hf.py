@@ -313,6 +313,25 @@ def test_derived_config_describes_the_model(name):
     assert hf_config_module.llama_config(hf, max_seq_len=T) == config
 
 
+def test_derived_qwen_config_says_which_layers_slide():
+    """The window fields of a derived Qwen config.json, as transformers' own Qwen2Config
+    writes them (the oracle tier, tests/oracle, runs them in transformers): without a
+    window, use_sliding_window false and only "full_attention" layers (every layer
+    "sliding_attention" with a null window made transformers 5 fail on the first forward);
+    with one on the last layer, max_window_layers 1; head_dim left out where Qwen2Config
+    has no such field and the default is right."""
+    config = jtp.hf.config_of(fixture("qwen2"), max_seq_len=T)
+    hf = hf_config_module.hf_config(config, "Qwen2ForCausalLM", "float32")
+    assert hf["use_sliding_window"] is False and hf["sliding_window"] is None
+    assert hf["layer_types"] == ["full_attention"] * 2 and "max_window_layers" not in hf
+    assert "head_dim" not in hf
+    windowed = dataclasses.replace(config, sliding_window=4, sliding_layers=(False, True))
+    hf = hf_config_module.hf_config(windowed, "Qwen2ForCausalLM", "float32")
+    assert (hf["use_sliding_window"], hf["sliding_window"], hf["max_window_layers"]) == (True, 4, 1)
+    assert hf["layer_types"] == ["full_attention", "sliding_attention"]
+    assert hf_config_module.llama_config(hf, max_seq_len=T) == windowed
+
+
 def test_save_refuses_a_model_no_architecture_computes(tmp_path):
     config = LlamaConfig(n_layers=1, activation="gelu_tanh")
     model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))  # refused before a read

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from jtp.models.hf import gemma, phi3
-from jtp.models.hf.layer_types import LAYER_TYPES, pattern_of, sliding_layers
+from jtp.models.hf.layer_types import pattern_of, sliding_layers, window_fields
 from jtp.models.hf.rope_config import gemma3_rope, rope, rope_parameters
 from jtp.models.llama import LlamaConfig
 
@@ -48,6 +48,9 @@ class Architecture:
     window_layers: str = "all"
     gemma: int = 0  # 2 or 3: Gemma's features (jtp.models.hf.gemma); 0: none
     tied: bool = False  # tie_word_embeddings' default
+    # The config class has a head_dim field (Qwen2's has none: its attention takes
+    # hidden_size // num_attention_heads unless config.json sets one).
+    head_dim_field: bool = True
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -55,7 +58,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "MistralForCausalLM": Architecture("mistral", False, False, 4096 * 32, sliding_window=4096),
     "Qwen2ForCausalLM": Architecture(
         "qwen2", True, False, 32768, sliding_window=4096, sliding_needs_flag=True,
-        window_layers="max_window_layers",
+        window_layers="max_window_layers", head_dim_field=False,
     ),
     "Qwen3ForCausalLM": Architecture(
         "qwen3", False, True, 32768, 128, sliding_window=4096, sliding_needs_flag=True,
@@ -225,13 +228,10 @@ def hf_config(config: LlamaConfig, arch: str, dtype: str) -> dict[str, Any]:
         local = config.local_rope_theta
         sliding = rope if local is None else rope_parameters(local, None)
         rope = {"full_attention": rope, "sliding_attention": sliding}
-    if a.window_layers != "none":
-        extra["sliding_window"] = config.sliding_window
-    if config.sliding_window is not None and a.sliding_needs_flag:
-        extra["use_sliding_window"] = True
-    if a.window_layers not in ("none", "all"):
-        kinds = config.layer_sliding()
-        extra["layer_types"] = [LAYER_TYPES[0] if k else LAYER_TYPES[1] for k in kinds]
+    needs_window = a.sliding_window if a.gemma else None  # Gemma's attention reads one
+    extra.update(window_fields(config, a.window_layers, a.sliding_needs_flag, needs_window))
+    if config.head_dim != config.dim // config.n_heads or a.head_dim_field:
+        extra["head_dim"] = config.head_dim
     return {
         "architectures": [arch],
         "model_type": ARCHITECTURES[arch].model_type,
@@ -241,7 +241,6 @@ def hf_config(config: LlamaConfig, arch: str, dtype: str) -> dict[str, Any]:
         "num_hidden_layers": config.n_layers,
         "num_attention_heads": config.n_heads,
         "num_key_value_heads": config.n_kv_heads,
-        "head_dim": config.head_dim,
         **({} if a.gemma else {"hidden_act": "silu"}),
         "max_position_embeddings": config.max_seq_len,
         "rms_norm_eps": config.norm_eps,

@@ -105,8 +105,9 @@ def hf_fields(config: LlamaConfig, version: int) -> dict[str, Any]:
         "query_pre_attn_scalar": int(scalar) if float(scalar).is_integer() else scalar,
         "final_logit_softcapping": config.final_softcap,
         "attn_logit_softcapping": config.attn_softcap,
-        "use_bidirectional_attention": False,
     }
+    if version == 3:  # Gemma2Config has no such field
+        out["use_bidirectional_attention"] = False
     return out
 
 

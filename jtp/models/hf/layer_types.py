@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from jtp.models.hf import gemma
+from jtp.models.llama_config import LlamaConfig
 
 LAYER_TYPES = ("sliding_attention", "full_attention")  # HF layer_types jtp computes
 MAX_WINDOW_LAYERS = 28  # Qwen's max_window_layers default
@@ -50,3 +51,36 @@ def pattern_of(flags: tuple[bool, ...]) -> tuple[bool, ...] | None:
         if all(flags[i] == flags[i % p] for i in range(len(flags)))
     )  # fmt: skip
     return flags[:period]
+
+
+def window_fields(
+    config: LlamaConfig, how: str, needs_flag: bool, unused_window: int | None
+) -> dict[str, Any]:
+    """The window fields of a ``config.json`` derived from ``config`` (``how``: the
+    architecture's ``window_layers``; ``needs_flag``: Qwen's ``use_sliding_window``):
+    those from which transformers builds exactly ``config``'s layers, parsed as the
+    source's config was.
+
+    transformers 5 gives a sliding cache and mask to every ``layer_types`` entry
+    "sliding_attention", whatever the window (a null one fails the first forward), so a
+    model without a window lists only "full_attention" layers. Qwen's window applies only
+    with ``use_sliding_window`` (written either way), and ``max_window_layers`` is written
+    where the sliding layers are the last ones, as Qwen's configs say it (without a window
+    it is left to its default, as transformers' own config leaves it). Gemma's attention
+    reads a window even where no layer slides: ``unused_window`` (its default) then.
+    """
+    window = config.sliding_window
+    kinds = config.layer_sliding()  # every layer when sliding_layers is None
+    if window is None and config.local_rope_theta is None:
+        kinds = (False,) * config.n_layers  # no window, no second RoPE: no sliding layer
+    out: dict[str, Any] = {}
+    if how != "none":
+        out["sliding_window"] = unused_window if window is None else window
+    if needs_flag:
+        out["use_sliding_window"] = window is not None
+        first = kinds.index(True) if True in kinds else len(kinds)
+        if window is not None and all(kinds[first:]):
+            out["max_window_layers"] = first
+    if how not in ("none", "all"):
+        out["layer_types"] = [LAYER_TYPES[0] if k else LAYER_TYPES[1] for k in kinds]
+    return out
