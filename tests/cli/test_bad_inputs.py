@@ -7,6 +7,7 @@ user's data or were refused only after the work was done (docs/testing.md keeps 
 """
 
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -51,6 +52,17 @@ def _hf_copy(t: Path) -> None:
 def _checkpoints(t: Path) -> None:
     """An earlier run's checkpoints (a real, tiny run)."""
     train_main([*TINY, "--checkpoint-dir", str(t / "ck"), "--root-dir", str(t / "runs")])
+
+
+def _hf_with(**fields):
+    """A copy of the HF fixture whose config.json has ``fields`` changed."""
+
+    def setup(t: Path) -> None:
+        _hf_copy(t)
+        config = json.loads((t / "hf" / "config.json").read_text())
+        (t / "hf" / "config.json").write_text(json.dumps({**config, **fields}))
+
+    return setup
 
 
 def _prepared(t: Path) -> Path:
@@ -121,6 +133,16 @@ CASES = [
      ["--model", "llama", "--data", "{t}/data"], "meta.json says"),
     ("garbage-meta-json", _garbage_meta, "train",
      ["--model", "llama", "--data", "{t}/data"], "meta.json is not valid JSON"),
+    ("config-hidden-size-a-string", _hf_with(hidden_size="32"), "train",
+     ["--model", "llama", "--hf", "{t}/hf"], "hidden_size='32' must be an integer"),
+    ("config-layers-a-fraction", _hf_with(num_hidden_layers=2.5), "train",
+     ["--model", "llama", "--hf", "{t}/hf"], "num_hidden_layers=2.5 must be an integer"),
+    ("config-negative-norm-eps", _hf_with(rms_norm_eps=-1), "train",
+     ["--model", "llama", "--hf", "{t}/hf"], "rms_norm_eps=-1 must be a finite number > 0"),
+    ("config-rope-theta-a-word", _hf_with(rope_theta="abc"), "train",
+     ["--model", "llama", "--hf", "{t}/hf"], "rope_theta='abc' must be a number"),
+    ("config-not-json", lambda t: (_hf_copy(t), (t / "hf" / "config.json").write_text("{x")),
+     "train", ["--model", "llama", "--hf", "{t}/hf"], "config.json is not valid JSON"),
     ("nan-temperature", None, "generate", ["--temperature", "nan"], "--temperature"),
     ("mem-fraction-above-one", None, "plan", ["--mem-fraction", "2"], "--mem-fraction"),
 ]  # fmt: skip

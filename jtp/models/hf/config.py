@@ -23,7 +23,9 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from jtp.errors import InputError
 from jtp.models.hf import gemma, phi3
+from jtp.models.hf.fields import positive_float, positive_int
 from jtp.models.hf.layer_types import pattern_of, sliding_layers, window_fields
 from jtp.models.hf.rope_config import gemma3_rope, rope, rope_parameters
 from jtp.models.llama import LlamaConfig
@@ -90,36 +92,36 @@ def read_config(path: str) -> dict[str, Any]:
     """The ``config.json`` of an HF model directory (or the file itself) as a dict."""
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
     if not os.path.isfile(file):
-        raise ValueError(f"{path}: no config.json (expected a Hugging Face model directory)")
-    with open(file) as f:
-        return json.load(f)
+        raise InputError(f"{path}: no config.json (expected a Hugging Face model directory)")
+    try:
+        with open(file) as f:
+            hf = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise InputError(f"{file} is not valid JSON ({err})") from None
+    if not isinstance(hf, dict):
+        raise InputError(f"{file} is not a JSON object")
+    return hf
 
 
 def architecture(hf: Mapping[str, Any]) -> str:
     """The supported architecture named by ``architectures`` (refusing any other)."""
     names = hf.get("architectures") or []
     if len(names) == 1 and names[0] in REFUSED_ARCHITECTURES:
-        raise ValueError(
+        raise InputError(
             f"config.json: architectures={names!r} is not supported: "
             f"{REFUSED_ARCHITECTURES[names[0]]}"
         )
     if len(names) != 1 or names[0] not in ARCHITECTURES:
-        raise ValueError(
+        raise InputError(
             f"config.json: architectures={names!r} is not supported; jtp.hf loads "
             f"{', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     return names[0]
 
 
-def _require(hf: Mapping[str, Any], field: str) -> Any:
-    if hf.get(field) is None:
-        raise ValueError(f"config.json: field {field!r} is missing")
-    return hf[field]
-
-
 def _refuse_if(hf: Mapping[str, Any], field: str, bad: bool, why: str) -> None:
     if bad:
-        raise ValueError(f"config.json: {field}={hf.get(field)!r} is not supported: {why}")
+        raise InputError(f"config.json: {field}={hf.get(field)!r} is not supported: {why}")
 
 
 def sliding_window(hf: Mapping[str, Any], arch: Architecture) -> int | None:
@@ -128,15 +130,15 @@ def sliding_window(hf: Mapping[str, Any], arch: Architecture) -> int | None:
         return None
     if arch.sliding_needs_flag and not hf.get("use_sliding_window", False):
         return None
-    window = hf.get("sliding_window", arch.sliding_window)
-    return None if window is None else int(window)
+    window = hf["sliding_window"] if "sliding_window" in hf else arch.sliding_window
+    return None if window is None else positive_int({"sliding_window": window}, "sliding_window")
 
 
 def max_positions_of(hf: Mapping[str, Any]) -> int:
     """``max_position_embeddings``, or transformers' default for the architecture: the
     longest sequence the checkpoint was made for."""
     arch = ARCHITECTURES[architecture(hf)]
-    return int(hf.get("max_position_embeddings") or arch.max_position_embeddings)
+    return positive_int(hf, "max_position_embeddings", arch.max_position_embeddings)
 
 
 def llama_config(
@@ -164,11 +166,11 @@ def llama_config(
     _refuse_if(
         hf, "attention_dropout", bool(hf.get("attention_dropout")), "jtp's Llama has no dropout"
     )
-    dim, n_heads = int(_require(hf, "hidden_size")), int(_require(hf, "num_attention_heads"))
-    head_dim = hf.get("head_dim") or arch.head_dim or dim // n_heads
+    dim, n_heads = positive_int(hf, "hidden_size"), positive_int(hf, "num_attention_heads")
+    head_dim = positive_int(hf, "head_dim", None) or arch.head_dim or dim // n_heads
     max_positions = max_positions_of(hf)
     positions = max_seq_len or max_positions
-    n_layers = int(_require(hf, "num_hidden_layers"))
+    n_layers = positive_int(hf, "num_hidden_layers")
     extra = gemma.config_fields(hf, arch.gemma) if arch.gemma else {}
     local_theta = None
     if arch.gemma == 3:
@@ -181,15 +183,15 @@ def llama_config(
         window = None
     layers = None if window is None and local_theta is None else pattern_of(flags)
     return LlamaConfig(
-        vocab_size=int(_require(hf, "vocab_size")),
+        vocab_size=positive_int(hf, "vocab_size"),
         dim=dim,
         n_layers=n_layers,
         n_heads=n_heads,
-        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-        ffn_hidden=int(_require(hf, "intermediate_size")),
+        n_kv_heads=positive_int(hf, "num_key_value_heads", n_heads),
+        ffn_hidden=positive_int(hf, "intermediate_size"),
         max_seq_len=positions,
         rope_theta=theta,
-        norm_eps=float(hf.get("rms_norm_eps", arch.rms_norm_eps)),
+        norm_eps=positive_float(hf, "rms_norm_eps", arch.rms_norm_eps),
         remat=remat,
         explicit_head_dim=None if head_dim * n_heads == dim else int(head_dim),
         qkv_bias=arch.qkv_bias,
@@ -209,7 +211,7 @@ def default_architecture(config: LlamaConfig) -> str:
     if config.sandwich_norms:  # Gemma's block
         return "Gemma3ForCausalLM" if config.qk_norm else "Gemma2ForCausalLM"
     if config.qkv_bias and config.qk_norm:
-        raise ValueError("no supported HF architecture has both q/k/v biases and q/k norms")
+        raise InputError("no supported HF architecture has both q/k/v biases and q/k norms")
     if config.qk_norm:
         return "Qwen3ForCausalLM"
     if config.qkv_bias:
@@ -277,4 +279,4 @@ def describes(hf: Mapping[str, Any], config: LlamaConfig) -> None:
         if seen(theirs, f.name) != seen(config, f.name)
     ]
     if diff:
-        raise ValueError("the source config.json does not describe this model: " + "; ".join(diff))
+        raise InputError("the source config.json does not describe this model: " + "; ".join(diff))

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from jtp.errors import InputError
 from jtp.models.hf import gemma
 from jtp.models.llama_config import LlamaConfig
 
@@ -29,7 +30,7 @@ def sliding_layers(
     types = hf.get("layer_types")
     if types is not None:
         if len(types) != n_layers or any(t not in LAYER_TYPES for t in types):
-            raise ValueError(
+            raise InputError(
                 f"config.json: layer_types={types!r} is not supported: jtp computes "
                 f"{n_layers} (num_hidden_layers) entries among {LAYER_TYPES}"
             )

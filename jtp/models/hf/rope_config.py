@@ -15,7 +15,9 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from jtp.errors import InputError
 from jtp.models.hf import gemma
+from jtp.models.hf.fields import positive_float
 from jtp.models.rope import LinearRopeScaling, Llama3RopeScaling, RopeScaling
 
 ROPE_TYPES = ("default", "llama3", "linear")  # HF rope types jtp computes
@@ -30,22 +32,22 @@ def rope(
     how an error names them; default the spelling read)."""
     params = hf.get("rope_parameters")
     if params is not None and any(isinstance(v, Mapping) for v in params.values()):
-        raise ValueError(
+        raise InputError(
             "config.json: rope_parameters is nested by layer type; of the architectures jtp "
             "loads only Gemma 3 has one RoPE per layer type"
         )
     field = field or ("rope_parameters" if params else "rope_scaling")
     params = dict(params or hf.get("rope_scaling") or {})
-    theta = float(params.get("rope_theta", hf.get("rope_theta", _DEFAULT_THETA)))
+    theta = positive_float(params, "rope_theta", positive_float(hf, "rope_theta", _DEFAULT_THETA))
     kind = params.get("rope_type", params.get("type", "default"))
     if kind not in ROPE_TYPES:
-        raise ValueError(
+        raise InputError(
             f"config.json: {field}.rope_type={kind!r} is not supported; jtp computes "
             f"{', '.join(ROPE_TYPES)}"
         )
     partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     if partial != 1.0:
-        raise ValueError(
+        raise InputError(
             f"config.json: partial_rotary_factor={partial!r} is not supported; jtp rotates "
             "every feature of a head"
         )
@@ -53,12 +55,12 @@ def rope(
         return theta, None
     if kind == "linear":
         if "factor" not in params:
-            raise ValueError(f"config.json: {field} of rope_type 'linear' lacks 'factor'")
+            raise InputError(f"config.json: {field} of rope_type 'linear' lacks 'factor'")
         return theta, LinearRopeScaling(float(params["factor"]))
     params.setdefault("original_max_position_embeddings", max_position_embeddings)
     missing = [k for k in _LLAMA3_KEYS if k not in params]
     if missing:
-        raise ValueError(f"config.json: {field} of rope_type 'llama3' lacks {missing}")
+        raise InputError(f"config.json: {field} of rope_type 'llama3' lacks {missing}")
     return theta, Llama3RopeScaling(**{k: params[k] for k in _LLAMA3_KEYS})
 
 
@@ -79,7 +81,7 @@ def gemma3_rope(
     if (local, local_scaling) == (theta, scaling):
         return theta, scaling, None
     if local_scaling is not None:
-        raise ValueError(
+        raise InputError(
             "config.json: rope_parameters.sliding_attention has a rope_type other than "
             "'default' and differs from full_attention; jtp scales the global layers' RoPE only"
         )
