@@ -28,6 +28,7 @@ from jtp.checkpoint.sharded import Checkpointer
 from jtp.data.datasets import RandomDataset, RandomTokenDataset
 from jtp.data.loader import DataLoader, local_data_ranks
 from jtp.data.tokens import TokenDataset
+from jtp.errors import InputError
 from jtp.generation import generate
 from jtp.mesh import DATA, TENSOR, ModelParallelStrategy, make_mesh, mesh_shape
 from jtp.parallel.activations import activation_rules, shard_activation
@@ -48,6 +49,7 @@ except PackageNotFoundError:  # a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "InputError",
     "DATA",
     "TENSOR",
     "Checkpointer",

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
+from numbers import Integral
 from typing import Any
 
 import jax
@@ -27,6 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jtp.errors import InputError
 from jtp.generation.sampling import sample
 from jtp.mesh import DATA
 from jtp.models.decode import forward_cached, init_cache
@@ -60,32 +63,53 @@ def _mesh_of(model: nnx.Module) -> Mesh | None:
     return None
 
 
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _check(model: Any, prompts: list[list[int]], max_new_tokens: int, s: Sampling) -> None:
     c = getattr(model, "config", None)
     if c is None or not hasattr(c, "n_kv_heads"):
         raise TypeError(
             "jtp.generate: takes jtp's Llama (jtp.models.Llama, or jtp.hf.load_pretrained)"
         )
+    if (
+        isinstance(prompts, str)
+        or not isinstance(prompts, list | tuple)
+        or not all(isinstance(p, list | tuple) and not isinstance(p, str) for p in prompts)
+    ):
+        raise InputError(
+            "jtp.generate: prompts is a list of prompts, each a list of token ids "
+            f"([[1, 2, 3]] for one prompt), got {_shown(prompts)}"
+        )
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("jtp.generate: give at least one prompt, each at least one token long")
+        raise InputError("jtp.generate: give at least one prompt, each at least one token long")
+    odd = [t for p in prompts for t in p if isinstance(t, bool) or not isinstance(t, Integral)]
+    if odd:
+        raise InputError(f"jtp.generate: token ids are ints, got {odd[0]!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, Integral):
+        raise InputError(f"jtp.generate: max_new_tokens={max_new_tokens!r} must be an int")
     if max_new_tokens < 1:
-        raise ValueError(f"jtp.generate: max_new_tokens={max_new_tokens} must be >= 1")
+        raise InputError(f"jtp.generate: max_new_tokens={max_new_tokens} must be >= 1")
+    if not all(math.isfinite(v) for v in (s.temperature, s.top_p or 1.0)):
+        raise InputError(f"jtp.generate: temperature and top_p must be finite (got {s})")
     bad = [t for p in prompts for t in p if not 0 <= t < c.vocab_size]
     if bad:
-        raise ValueError(
+        raise InputError(
             f"jtp.generate: token id {bad[0]} outside the vocabulary [0, {c.vocab_size})"
         )
     longest = max(len(p) for p in prompts) + max_new_tokens
     if longest > c.max_seq_len:
-        raise ValueError(
+        raise InputError(
             f"jtp.generate: the longest prompt plus max_new_tokens is {longest} positions, more "
             f"than the model's max_seq_len {c.max_seq_len}; shorten it, or load with a larger "
             "max_seq_len"
         )
     if s.temperature < 0 or (s.top_k is not None and s.top_k < 1):
-        raise ValueError(f"jtp.generate: temperature >= 0 and top_k >= 1 (got {s})")
+        raise InputError(f"jtp.generate: temperature >= 0 and top_k >= 1 (got {s})")
     if s.top_p is not None and not 0 < s.top_p <= 1:
-        raise ValueError(f"jtp.generate: top_p={s.top_p} must be in (0, 1]")
+        raise InputError(f"jtp.generate: top_p={s.top_p} must be in (0, 1]")
 
 
 def generate(

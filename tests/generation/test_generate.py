@@ -185,12 +185,17 @@ def test_eos_stops_each_sequence():
         (dict(prompts=[[1] * 60]), "more than the model's max_seq_len 64"),
         (dict(max_new_tokens=0), "max_new_tokens=0"),
         (dict(top_p=1.5), "top_p=1.5"),
+        (dict(prompts=[1, 2, 3]), r"a list of token ids \(\[\[1, 2, 3\]\] for one prompt\)"),
+        (dict(prompts="hello"), "a list of prompts"),
+        (dict(prompts=[["a", "b"]]), "token ids are ints, got 'a'"),
+        (dict(max_new_tokens=2.5), "max_new_tokens=2.5 must be an int"),
+        (dict(temperature=float("nan")), "must be finite"),
     ],
 )
 def test_bad_input_is_a_clear_error(kwargs, message):
     model = Llama(SMALL, rngs=nnx.Rngs(0))
     args = dict(prompts=[[1, 2]], max_new_tokens=8) | kwargs
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(jtp.InputError, match=message):  # a ValueError, named
         jtp.generate(model, args.pop("prompts"), **args)
 
 
