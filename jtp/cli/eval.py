@@ -22,11 +22,13 @@ import sys
 import time
 from typing import Any
 
+from jtp.checkpoint.outputs import check_output_file
 from jtp.cli import compilation_cache
 from jtp.cli.devices import add_mesh_flags, init_distributed, select_devices
 from jtp.cli.flags import ArgumentParser, FieldFlags, options_from_args
 from jtp.cli.output import machine, one_line_errors, write_json
 from jtp.cli.perplexity import EvalConfig, build_task
+from jtp.errors import InputError
 from jtp.xla_flags import apply_gpu_flags
 
 
@@ -63,7 +65,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     config = options_from_args(EvalConfig, args)
     if config.step is not None and config.hf is not None:
-        raise ValueError("--step picks a step of --checkpoint DIR; --hf has none")
+        raise InputError("--step picks a step of --checkpoint DIR; --hf has none")
+    if args.json:  # before any work: not a directory, in a writable one, not the data
+        check_output_file(args.json, flag="--json", inputs=[("--data", config.data)])
     compilation_cache.enable(args.compilation_cache)
     apply_gpu_flags(sequence_parallel=config.sequence_parallel)
     distributed = init_distributed(args.devices)  # from the environment (JAX_*, a launcher)

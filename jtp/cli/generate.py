@@ -20,6 +20,7 @@ import os
 import sys
 from typing import Any
 
+from jtp.checkpoint.outputs import check_output_file
 from jtp.cli import compilation_cache
 from jtp.cli.devices import add_mesh_flags, init_distributed, select_devices
 from jtp.cli.flags import number
@@ -136,6 +137,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.step is not None and args.hf is not None:
         raise ValueError("--step picks a step of --checkpoint DIR; --hf has none")
+    if args.json:  # before any work: not a directory, in a writable one
+        check_output_file(args.json, flag="--json")
     tokenizer = _tokenizer(args)
     prompts = _prompts(args, tokenizer)  # every refusal before jax starts
     compilation_cache.enable(args.compilation_cache)

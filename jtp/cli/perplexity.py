@@ -27,6 +27,7 @@ from jtp.cli.recipes import LlamaTask, check_positions
 from jtp.cli.task_config import LlamaTaskConfig
 from jtp.data.loader import DataLoader
 from jtp.data.tokens import read_meta
+from jtp.errors import InputError
 from jtp.models.attention import ATTENTION
 from jtp.models.hf.config import max_positions_of, read_config
 from jtp.models.llama import LlamaConfig
@@ -92,7 +93,7 @@ class PerplexityTask(LlamaTask):
         self.split, self.checkpoint, self.step = split, checkpoint, step
         path = os.path.join(config.data, f"{split}.bin")
         if not os.path.isfile(path):
-            raise ValueError(
+            raise InputError(
                 f"--data {config.data}: no {split}.bin (python -m jtp.prepare writes "
                 "train.bin and val.bin)"
             )
@@ -164,9 +165,9 @@ def build_task(e: EvalConfig) -> tuple[PerplexityTask, str, dict[str, Any]]:
     """The task, the precision to run it in, and what the model is (``{"hf": DIR}`` or
     ``{"checkpoint": DIR, "step": N}``)."""
     if (e.hf is None) == (e.checkpoint is None):
-        raise ValueError("give exactly one of --hf DIR or --checkpoint DIR")
+        raise InputError("give exactly one of --hf DIR or --checkpoint DIR")
     if e.data is None:
-        raise ValueError("--data DIR is required: a directory written by python -m jtp.prepare")
+        raise InputError("--data DIR is required: a directory written by python -m jtp.prepare")
     read_meta(e.data)  # a missing or foreign directory: said first
     if e.hf is not None:
         return hf_task(e), e.precision or "32-true", {"hf": e.hf}

@@ -35,6 +35,7 @@ from jtp.cli.flags import number
 from jtp.cli.output import one_line_errors, write_json
 from jtp.cli.roofline import GB, Hardware, default_mem_fraction, estimate
 from jtp.cli.sizing import analytic_floor, compiled_attention, measure
+from jtp.errors import InputError
 from jtp.models.attention import ATTENTION
 from jtp.models.stack import REMAT_POLICIES, remat_name
 from jtp.training.precision import PRECISIONS
@@ -84,6 +85,17 @@ def configurations(
                 for policy in remat:
                     out.append(Config(d, t, fsdp, sp, policy))
     return out
+
+
+def _tensor_sizes(text: str) -> set[int]:
+    """``--tensor 4,8`` as sizes (a word or a size below 1: an InputError)."""
+    try:
+        sizes = {int(t) for t in text.split(",")}
+    except ValueError:
+        raise InputError(f"--tensor {text}: give sizes separated by commas, e.g. 4,8") from None
+    if min(sizes) < 1:
+        raise InputError(f"--tensor {text}: sizes are >= 1")
+    return sizes
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -182,7 +194,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              model.n_kv_heads, args.global_batch, args.seq_len,
                              policies)  # fmt: skip
     if args.tensor:
-        keep = {int(t) for t in args.tensor.split(",")}
+        keep = _tensor_sizes(args.tensor)
+        valid = sorted({c.tensor for c in configs})
+        if not keep & set(valid):  # say why, not "no configuration fits" as if memory were
+            raise InputError(
+                f"--tensor {args.tensor}: no valid split of {args.devices} devices for "
+                f"{model.n_heads} heads / {model.n_kv_heads} kv heads and batch "
+                f"{args.global_batch} (the tensor size divides the heads, fits in "
+                f"--devices-per-host {args.devices_per_host}); valid sizes: {valid}"
+            )
         configs = [c for c in configs if c.tensor in keep]
     t0 = time.perf_counter()
     rows = []

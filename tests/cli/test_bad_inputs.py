@@ -16,6 +16,7 @@ from pathlib import Path
 import jax
 import pytest
 
+from jtp.cli import eval as eval_cli
 from jtp.cli import generate as generate_cli
 from jtp.cli import planner as planner_cli
 from jtp.cli import prepare as prepare_cli
@@ -63,6 +64,12 @@ def _hf_with(**fields):
         (t / "hf" / "config.json").write_text(json.dumps({**config, **fields}))
 
     return setup
+
+
+def _truncated_weights(t: Path) -> None:
+    _hf_copy(t)
+    weights = t / "hf" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])  # cut inside the header
 
 
 def _prepared(t: Path) -> Path:
@@ -143,6 +150,14 @@ CASES = [
      ["--model", "llama", "--hf", "{t}/hf"], "rope_theta='abc' must be a number"),
     ("config-not-json", lambda t: (_hf_copy(t), (t / "hf" / "config.json").write_text("{x")),
      "train", ["--model", "llama", "--hf", "{t}/hf"], "config.json is not valid JSON"),
+    ("truncated-safetensors", _truncated_weights, "train",
+     ["--model", "llama", "--hf", "{t}/hf"], "is not a readable safetensors file"),
+    ("eval-json-onto-a-directory", _user_files, "eval",
+     ["--hf", str(HF), "--data", "{t}/data", "--json", "{t}/mine"], "--json"),
+    ("eval-step-of-an-hf-model", None, "eval",
+     ["--hf", str(HF), "--data", "{t}/data", "--step", "3"], "--step"),
+    ("plan-tensor-that-cuts-heads", None, "plan", ["--devices", "8", "--tensor", "3"],
+     "valid sizes: [1, 2, 4, 8]"),
     ("nan-temperature", None, "generate", ["--temperature", "nan"], "--temperature"),
     ("mem-fraction-above-one", None, "plan", ["--mem-fraction", "2"], "--mem-fraction"),
 ]  # fmt: skip
@@ -157,7 +172,8 @@ def _snapshot(root: Path) -> dict[str, str]:
 
 def _run(program: str, argv: list[str]) -> int:
     """The program's own entry point, as ``python -m jtp.<program>`` runs it."""
-    runs = {"prepare": prepare_cli.run, "generate": generate_cli.run, "plan": planner_cli.run}
+    runs = {"prepare": prepare_cli.run, "generate": generate_cli.run, "plan": planner_cli.run,
+            "eval": eval_cli.run}  # fmt: skip
     saved = sys.argv
     try:
         if program == "train":
@@ -199,7 +215,7 @@ def test_refused_in_one_line_before_any_work_and_nothing_lost(case, tmp_path, ca
     assert code == 2, (out, err)
     lines = err.strip().splitlines()
     assert "Traceback" not in err, err
-    if program in ("generate", "plan"):  # argparse: its usage, then the one error line
+    if "error: argument" in err:  # argparse: its usage, then the one error line
         assert lines[-1].startswith(f"python -m jtp.{program}: error: argument "), err
     else:
         assert len(lines) == 1, err  # one line

@@ -19,11 +19,12 @@ from collections.abc import Callable, Iterable, Iterator
 
 import jax
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from jtp.checkpoint.outputs import check_output_dir, checked_on_process_0, write_marker
 from jtp.checkpoint.tensor_file import TensorFileWriter
 from jtp.distributed import same_programs_on_every_process, watching
+from jtp.errors import InputError
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -55,12 +56,15 @@ class CheckpointFiles:
             file = os.path.join(path, name)
             if not os.path.isfile(file):
                 raise ValueError(f"{path}: {INDEX} lists {name}, which is missing")
-            with safe_open(file, framework="numpy") as f:
-                for key in f.keys():
-                    s = f.get_slice(key)
-                    self.file_of[key] = file
-                    self.shape[key] = tuple(s.get_shape())
-                    self.dtype[key] = s.get_dtype()
+            try:
+                with safe_open(file, framework="numpy") as f:
+                    for key in f.keys():
+                        s = f.get_slice(key)
+                        self.file_of[key] = file
+                        self.shape[key] = tuple(s.get_shape())
+                        self.dtype[key] = s.get_dtype()
+            except SafetensorError as err:  # a truncated or damaged file: name it
+                raise InputError(f"{file} is not a readable safetensors file ({err})") from None
 
     def reader(self, name: str) -> Callable[[tuple[slice, ...]], np.ndarray]:
         """``read(index)``: that block of tensor ``name``, copied out of its file."""
