@@ -120,7 +120,9 @@ def staged_directory(
     same_programs_on_every_process()  # the barrier below is a program of every process
     writer = jax.process_index() == 0
     flag = f"{name}: path"
-    checked_on_process_0(lambda: check_output_dir(path, kind, flag=flag, inputs=inputs), path, name)
+    checked_on_process_0(
+        lambda: check_output_dir(path, kind, flag=flag, inputs=inputs, parents=True), path, name
+    )
     tmp = f"{os.path.abspath(path).rstrip('/')}.tmp-{os.getpid()}"
     try:
         if writer:
