@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Extras installed into the venv; `make EXTRAS=dev,cuda12 venv` on a GPU machine.
 EXTRAS ?= dev
 
-.PHONY: venv train test test-avx2 test-latest test-oracle constraints lint lint-check bench clean
+.PHONY: venv train test test-avx2 test-latest test-oracle test-docs constraints lint lint-check bench clean
 
 # constraints.txt: the exact versions the suite passed with, so a fresh clone installs what
 # was tested (jax 0.12.1 arrived under `jax>=0.12` and hung two multi-process paths).
@@ -115,6 +115,12 @@ $(ORACLE_STAMP): Makefile
 
 test-oracle: $(STAMP) $(ORACLE_STAMP)
 	JTP_ORACLE_PYTHON=$(abspath $(ORACLE_PY)) $(PY) -m pytest -q -p no:xdist tests/oracle $(ARGS)
+
+## The code blocks of README.md and docs/*.md, run as a reader pastes them, page by page in a
+## fresh directory (tests/docs/snippets.py: a block that cannot run here says why above it;
+## `<!-- run: "A" -> "B" -->` runs it at a small size). ~2 min on two cores.
+test-docs: $(STAMP)
+	JTP_DOC_SNIPPETS=1 $(PY) -m pytest -q -n $(JOBS) tests/docs $(ARGS)
 
 ## Lint and format in place.
 lint: $(STAMP)

@@ -19,3 +19,7 @@ assert len(jax.devices()) == 8, jax.devices()
 # oracle interpreter, which `make test-oracle` creates and names; without it the directory
 # is not collected at all (the main suite stays free of torch).
 collect_ignore = [] if os.environ.get("JTP_ORACLE_PYTHON") else ["oracle"]
+# The pages' code blocks run as a tier of their own (`make test-docs`: tests/docs), not in the
+# main suite, whose own tests cover what the blocks call.
+if not os.environ.get("JTP_DOC_SNIPPETS"):
+    collect_ignore.append("docs")

@@ -42,13 +42,13 @@ def lr_schedule(
     from 0 to ``lr`` over ``warmup_steps``, then cosine decay to ``lr * FINAL_LR_RATIO`` at
     ``total_steps`` (the run's optimizer steps; the warmup counts in them)."""
     if kind not in LR_SCHEDULES:
-        raise ValueError(f"--lr-schedule {kind!r}: choose one of {LR_SCHEDULES}")
+        raise InputError(f"--lr-schedule {kind!r}: choose one of {LR_SCHEDULES}")
     if warmup_steps < 0:
-        raise ValueError(f"--warmup-steps {warmup_steps} must be >= 0")
+        raise InputError(f"--warmup-steps {warmup_steps} must be >= 0")
     if kind == "constant":
         return optax.warmup_constant_schedule(0.0, lr, warmup_steps) if warmup_steps else lr
     if total_steps is None or total_steps <= warmup_steps:
-        raise ValueError(
+        raise InputError(
             f"--lr-schedule cosine: --warmup-steps {warmup_steps} must be below the run's "
             f"{total_steps} optimizer steps"
         )
@@ -80,7 +80,7 @@ def data_vocab(directory: str, model_vocab: int | None = None) -> int:
     meta = read_meta(directory)
     vocab = int(meta["vocab_size"])
     if model_vocab is not None and model_vocab != vocab:
-        raise ValueError(
+        raise InputError(
             f"--data {directory}: vocabulary {vocab} (tokenizer {meta.get('tokenizer')}) but "
             f"the model's is {model_vocab}; prepare the text with the model's tokenizer: "
             f"python -m jtp.prepare FILES... --out DIR --tokenizer CHECKPOINT/tokenizer.json"
@@ -130,7 +130,7 @@ class FeedForwardTask(TrainModule):
 def preset_config(name: str) -> LlamaConfig:
     """The :class:`LlamaConfig` of a preset name; an unknown name lists the presets."""
     if name not in PRESETS:
-        raise ValueError(f"unknown Llama preset {name!r}; choose one of {sorted(PRESETS)}")
+        raise InputError(f"unknown Llama preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]
 
 
