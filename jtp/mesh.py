@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
+from jtp.errors import InputError
+
 DATA = "data"
 TENSOR = "tensor"
 AXES = (DATA, TENSOR)
@@ -22,19 +24,20 @@ AXES = (DATA, TENSOR)
 def _resolve_sizes(data: int, tensor: int, n_devices: int) -> tuple[int, int]:
     for name, size in (("data", data), ("tensor", tensor)):
         if not isinstance(size, int | np.integer) or (size < 1 and size != -1):
-            raise ValueError(f"make_mesh: {name}={size!r} must be a positive int or -1 (fill)")
+            raise InputError(f"make_mesh: {name}={size!r} must be a positive int or -1 (fill)")
     if data == -1 and tensor == -1:
-        raise ValueError("make_mesh: only one of data and tensor may be -1")
+        raise InputError("make_mesh: only one of data and tensor may be -1")
     if data == -1 or tensor == -1:
         known = tensor if data == -1 else data
         if n_devices % known:
-            raise ValueError(
+            sizes = ", ".join(str(k) for k in range(1, n_devices + 1) if n_devices % k == 0)
+            raise InputError(
                 f"make_mesh: {n_devices} devices are not divisible by "
-                f"{'tensor' if data == -1 else 'data'}={known}"
+                f"{'tensor' if data == -1 else 'data'}={known}; valid sizes: {sizes}"
             )
         return (n_devices // known, tensor) if data == -1 else (data, n_devices // known)
     if data * tensor != n_devices:
-        raise ValueError(
+        raise InputError(
             f"make_mesh: data={data} x tensor={tensor} = {data * tensor} devices, "
             f"but {n_devices} devices are available; pass sizes whose product is {n_devices} "
             "or -1 for one of them"
@@ -77,7 +80,7 @@ def _check_size(name: str, value: Size) -> None:
     if value == "auto":
         return
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"ModelParallelStrategy: {name}={value!r} must be 'auto' or an int >= 1")
+        raise InputError(f"ModelParallelStrategy: {name}={value!r} must be 'auto' or an int >= 1")
 
 
 class ModelParallelStrategy:
@@ -119,7 +122,7 @@ class ModelParallelStrategy:
         if tensor == "auto":
             return data, -1
         if data * tensor != n:
-            raise ValueError(
+            raise InputError(
                 f"ModelParallelStrategy: data_parallel_size={data} x tensor_parallel_size="
                 f"{tensor} = {data * tensor}, but there are {n} devices; make the product {n}"
             )

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from jtp.errors import InputError
 from jtp.mesh import DATA
 from jtp.parallel.batch import batch_sharding
 
@@ -56,14 +57,14 @@ def check_map_dataset(dataset: Any) -> int:
     grain's ``IterDataset`` (after ``.to_iter_dataset()``) and ``.repeat()`` are not.
     """
     if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
-        raise ValueError(
+        raise InputError(
             f"DataLoader: {type(dataset).__name__} is not a map-style dataset (len(dataset) "
             "and dataset[i]), which each process needs to read only its data ranks' rows; "
             "with grain, pass the grain.MapDataset itself, not .to_iter_dataset()"
         )
     n = len(dataset)
     if n >= sys.maxsize:
-        raise ValueError(
+        raise InputError(
             f"DataLoader: {type(dataset).__name__} is infinite (grain's .repeat()?); the "
             "loader makes the epochs itself: drop .repeat() and set max_epochs"
         )
@@ -103,19 +104,19 @@ class DataLoader:
         n_data = int(mesh.shape[DATA])
         n = check_map_dataset(dataset)
         if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"DataLoader: batch_size={batch_size!r} must be a positive int")
+            raise InputError(f"DataLoader: batch_size={batch_size!r} must be a positive int")
         if batch_size % n_data:
-            raise ValueError(
+            raise InputError(
                 f"DataLoader: global batch_size={batch_size} is not divisible by mesh axis "
                 f"'data' of size {n_data}; use a multiple of {n_data}"
             )
         if n < batch_size and drop_last:
-            raise ValueError(
+            raise InputError(
                 f"DataLoader: dataset has {n} samples, fewer than one batch of "
                 f"{batch_size}; lower batch_size or pass drop_last=False"
             )
         if n == 0:
-            raise ValueError("DataLoader: dataset is empty")
+            raise InputError("DataLoader: dataset is empty")
         self.dataset, self.batch_size, self.mesh = dataset, batch_size, mesh
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.prefetch = prefetch
@@ -194,7 +195,7 @@ class DataLoader:
     def _sample(self, index: int) -> Any:
         sample = self.dataset[index]
         if sample is None:
-            raise ValueError(
+            raise InputError(
                 f"DataLoader: dataset[{index}] is None (grain's MapDataset.filter leaves such "
                 "holes); every index must hold a sample: filter the records before the "
                 "MapDataset is built"
@@ -263,7 +264,7 @@ class DataLoader:
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue with exactly the batches the uninterrupted run would yield next."""
         if state.get("seed", self.seed) != self.seed:
-            raise ValueError(
+            raise InputError(
                 f"DataLoader.load_state_dict: saved seed {state['seed']} != loader seed "
                 f"{self.seed}; the order would differ"
             )

@@ -12,6 +12,7 @@ import dataclasses
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from jtp.errors import InputError
 from jtp.mesh import DATA, TENSOR
 from jtp.models.llama import LlamaConfig
 from jtp.parallel.plan import TPPlan
@@ -108,7 +109,7 @@ def check_llama(
     """Raise a ``ValueError`` naming the numbers when the Llama plan cannot apply."""
     t = int(mesh.shape[TENSOR])
     if config.n_heads % t:
-        raise ValueError(
+        raise InputError(
             f"llama plan: n_heads={config.n_heads} is not divisible by mesh axis 'tensor' of "
             f"size {t}; each device must hold whole heads (use a tensor size dividing "
             f"{config.n_heads})"
@@ -116,7 +117,7 @@ def check_llama(
     kv = config.cached_kv_heads
     if kv % t:
         fits = replicate_kv(config, t).cached_kv_heads % t == 0
-        raise ValueError(
+        raise InputError(
             f"llama plan: n_kv_heads={config.n_kv_heads} (x kv_replicas={config.kv_replicas}) "
             f"is not divisible by mesh axis 'tensor' of size {t}; each device must hold whole "
             + (
@@ -129,7 +130,7 @@ def check_llama(
             )
         )
     if sequence_parallel and seq_len is not None and seq_len % t:
-        raise ValueError(
+        raise InputError(
             f"llama plan with sequence_parallel: sequence length {seq_len} is not divisible "
             f"by mesh axis 'tensor' of size {t}"
         )

@@ -14,6 +14,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
+from jtp.errors import InputError
 from jtp.parallel.plan import Plan, plan_shardings
 from jtp.parallel.threefry import unrolled_threefry_on_cpu
 
@@ -23,13 +24,13 @@ def _init_program[M: nnx.Module](
 ) -> tuple[jax.stages.Compiled, nnx.GraphDef]:
     """The compiled initialiser (all validation done first) and the model's graph definition."""
     if isinstance(factory, nnx.Module):
-        raise ValueError(
+        raise InputError(
             f"factory must be a zero-argument callable returning the model, got a built "
             f"{type(factory).__name__}; wrap its construction in a lambda, or reshard the "
             "existing model with jtp.parallelize(model, mesh, plan)"
         )
     if not callable(factory):
-        raise ValueError(
+        raise InputError(
             f"factory must be a zero-argument callable returning the model, got "
             f"{type(factory).__name__}; write `lambda: MyModel(..., rngs=nnx.Rngs(0))`"
         )

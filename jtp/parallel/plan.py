@@ -35,6 +35,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jtp.errors import InputError
 from jtp.mesh import DATA, TENSOR
 from jtp.parallel.layer_rules import LARGEST, Layout, Rule, check_heads
 from jtp.parallel.names import path_str
@@ -104,7 +105,7 @@ def plan_styles(plan: Plan) -> StyleMap:
     if isinstance(plan, TPPlan):
         return plan.styles
     if not isinstance(plan, Mapping):
-        raise ValueError(f"plan must be a dict {{module_path: style}}, got {type(plan).__name__}")
+        raise InputError(f"plan must be a dict {{module_path: style}}, got {type(plan).__name__}")
     return plan
 
 
@@ -141,7 +142,7 @@ def match_plan(model: nnx.Module, plan: Plan) -> dict[str, tuple[str, ParallelSt
     matched: dict[str, tuple[str, ParallelStyle]] = {}
     for key, style in styles.items():
         if not isinstance(style, ParallelStyle):
-            raise ValueError(
+            raise InputError(
                 f"plan[{key!r}] = {style!r} is not a parallel style; use "
                 "jtp.ColwiseParallel(), jtp.RowwiseParallel() or jtp.ParamSharding({...})"
             )
@@ -150,19 +151,19 @@ def match_plan(model: nnx.Module, plan: Plan) -> dict[str, tuple[str, ParallelSt
         ]
         if not hits:
             sample = ", ".join(list(names.values())[:12]) or "(none)"
-            raise ValueError(
+            raise InputError(
                 f"plan key {key!r} matches no module of {type(model).__name__}; "
                 f"module paths are: {sample}"
             )
         for p in hits:
             if p in matched:
-                raise ValueError(
+                raise InputError(
                     f"module {p!r} is matched by two plan keys, {matched[p][0]!r} and {key!r}; "
                     "make the patterns disjoint"
                 )
             module = modules[p]
             if not style.supports(module):
-                raise ValueError(
+                raise InputError(
                     f"plan[{key!r}]: {type(style).__name__} cannot shard module {p!r} of type "
                     f"{type(module).__module__}.{type(module).__name__}; it supports "
                     f"{style.supported_types()}; lay out any other module with "
@@ -180,7 +181,7 @@ def _layouts(model: nnx.Module, matched: dict[str, tuple[str, ParallelStyle]]) -
         try:  # a stack of layers is laid out as one layer (its layer axes replicated)
             out[path] = style.layout(one_layer(module, layer_axes(path, roots)))
         except ValueError as e:
-            raise ValueError(
+            raise InputError(
                 f"plan[{key!r}]: {type(style).__name__} on module {path!r} of type "
                 f"{type(module).__module__}.{type(module).__name__}: {e}"
             ) from None
@@ -189,7 +190,7 @@ def _layouts(model: nnx.Module, matched: dict[str, tuple[str, ParallelStyle]]) -
 
 def _check_divisible(key: str, name: str, shape: tuple[int, ...], dim: int, axis: Any, n: int):
     if shape[dim] % n:
-        raise ValueError(
+        raise InputError(
             f"{key}: parameter {name!r} of shape {shape} has dimension {dim} of size "
             f"{shape[dim]}, not divisible by mesh axis {axis!r} of size {n}"
         )
@@ -207,7 +208,7 @@ def _place(label: str, name: str, shape: tuple[int, ...], rule: Rule, mesh: Mesh
     """The spec ``rule`` gives parameter ``name`` on ``mesh``, every entry checked."""
     spec = rule.spec
     if len(spec) != len(shape):
-        raise ValueError(
+        raise InputError(
             f"{label}: spec {spec} for parameter {name!r} of shape {shape} has {len(spec)} "
             f"entries, but the parameter has {len(shape)} dimensions; give one per dimension"
         )
@@ -217,7 +218,7 @@ def _place(label: str, name: str, shape: tuple[int, ...], rule: Rule, mesh: Mesh
         for axis in axes:
             if axis not in mesh.shape or axis in used:
                 why = "used twice" if axis in used else f"not a mesh axis of {tuple(mesh.shape)}"
-                raise ValueError(
+                raise InputError(
                     f"{label}: spec {spec} for parameter {name!r} of shape {shape} puts "
                     f"dimension {dim} on mesh axis {axis!r}, {why}"
                 )
@@ -255,7 +256,7 @@ def resolve(model: nnx.Module, mesh: Mesh, plan: Plan, *, fsdp: bool = False) ->
     """The placement of every variable of ``model`` (concrete or from ``nnx.eval_shape``)."""
     for axis in (DATA, TENSOR):
         if axis not in mesh.shape:
-            raise ValueError(f"mesh axes are {tuple(mesh.shape)}; jtp needs {(DATA, TENSOR)}")
+            raise InputError(f"mesh axes are {tuple(mesh.shape)}; jtp needs {(DATA, TENSOR)}")
     matched = match_plan(model, plan)
     layouts, roots = _layouts(model, matched), stack_roots(model)
     placements = []

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from jtp.errors import InputError
 from jtp.mesh import TENSOR
 from jtp.parallel.layer_rules import LARGEST, LAYOUTS, Layout, Rule, layout_fn
 from jtp.parallel.names import path_str
@@ -55,7 +56,7 @@ class _LayerStyle(ParallelStyle):
         if self.heads is not None and (
             isinstance(self.heads, bool) or not isinstance(self.heads, int) or self.heads < 1
         ):
-            raise ValueError(
+            raise InputError(
                 f"{type(self).__name__}(heads={self.heads!r}): heads must be a positive int "
                 "(the number of whole heads the split features hold) or None"
             )
@@ -143,14 +144,14 @@ class ParamSharding(ParallelStyle):
 
     def __post_init__(self) -> None:
         if not isinstance(self.specs, Mapping) or not self.specs:
-            raise ValueError(
+            raise InputError(
                 f"ParamSharding takes a non-empty dict {{parameter name: PartitionSpec}}, "
                 f"got {self.specs!r}"
             )
         for name, spec in self.specs.items():
             ok = isinstance(spec, P) and all(isinstance(a, str) for e in spec for a in _axes_of(e))
             if not isinstance(name, str) or not ok:
-                raise ValueError(
+                raise InputError(
                     f"ParamSharding({{{name!r}: {spec!r}}}): each entry must map a parameter "
                     "name to a jax.sharding.PartitionSpec of mesh axis names or None, e.g. "
                     "{'w': P(None, 'tensor')}"
@@ -168,7 +169,7 @@ class ParamSharding(ParallelStyle):
         for name, spec in self.specs.items():
             if name not in params:
                 have = ", ".join(f"{n} {s}" for n, s in params.items()) or "(none)"
-                raise ValueError(
+                raise InputError(
                     f"no parameter {name!r} (spec {spec}) in this module; its parameters "
                     f"are: {have}"
                 )
