@@ -158,6 +158,8 @@ CASES = [
      ["--hf", str(HF), "--data", "{t}/data", "--step", "3"], "--step"),
     ("plan-tensor-that-cuts-heads", None, "plan", ["--devices", "8", "--tensor", "3"],
      "valid sizes: [1, 2, 4, 8]"),
+    ("tensor-size-that-does-not-divide-the-devices", None, "train",
+     ["--tensor-parallel", "3"], "valid sizes: 1, 2, 4, 8"),
     ("nan-temperature", None, "generate", ["--temperature", "nan"], "--temperature"),
     ("mem-fraction-above-one", None, "plan", ["--mem-fraction", "2"], "--mem-fraction"),
 ]  # fmt: skip
