@@ -3,6 +3,9 @@
     python examples/03_flax_layers_tp.py                # tiny, data 2 x tensor 4, 8 CPU devices
     python examples/03_flax_layers_tp.py --dim 512 --heads 8 --depth 6 --steps 200 --lr 1e-3
 
+(The larger size, measured on a 2-core CPU machine: loss 3.86 -> 1.12 in 200 steps, ~4 min;
+at a constant 3e-3 from step 0 it stayed at chance, 3.50 against ln 32 = 3.47.)
+
 The model below is plain single-device Flax: ``nnx.MultiHeadAttention`` (whose query, key,
 value and out projections are ``nnx.LinearGeneral``), ``nnx.LayerNorm``, ``nnx.Linear`` and
 ``nnx.Embed``; it never mentions a mesh. The plan outside it splits attention by heads

@@ -33,22 +33,9 @@ import numpy as np
 import torch
 import transformers
 
-
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Weights whose mistakes show in the logits: no norm is 1, no bias 0."""
-    gemma = model.config.model_type.startswith("gemma")
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if name.endswith("norm.weight"):  # Gemma's norms scale by 1 + w
-                p.copy_(0.3 * noise + (0.0 if gemma else 1.0))
-            elif name.endswith(".bias"):
-                p.copy_(0.5 * noise)
-            elif "embed_tokens" in name:
-                p.copy_(noise * (0.5 if model.config.tie_word_embeddings else 1.0))
-            else:  # (out, in): unit-variance outputs, a little more for peaked attention
-                p.copy_(noise * 1.5 / p.shape[1] ** 0.5)
+# The fixtures' own weights: no norm is 1, no bias 0 (scripts/make_hf_fixtures.py).
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "scripts"))
+from make_hf_fixtures import randomize  # noqa: E402
 
 
 def build(spec: dict) -> None:
