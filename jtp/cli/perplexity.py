@@ -80,6 +80,8 @@ class PerplexityTask(LlamaTask):
     """A :class:`LlamaTask` whose validation set is one split of ``config.data`` in order,
     its model loaded from ``config.hf`` or restored from a training ``checkpoint``."""
 
+    checked_splits = ()  # its one split is checked below, after the split is known
+
     def __init__(
         self,
         config: LlamaTaskConfig,

@@ -157,6 +157,8 @@ class LlamaTask(TrainModule):
     the token files of ``config.data`` (the vocabulary then comes from its ``meta.json``).
     The model's shape is ``config.hf``'s, or ``config.preset``'s, or ``model_config``."""
 
+    checked_splits: tuple[str, ...] = ("train",)  # token files checked on construction
+
     def __init__(
         self, config: LlamaTaskConfig | None = None, *, model_config: LlamaConfig | None = None
     ):
@@ -186,8 +188,8 @@ class LlamaTask(TrainModule):
                 max_seq_len=max(preset.max_seq_len, config.seq_len),
                 **_lora(config),
             )
-        if config.data:  # the token files checked now (sizes against meta.json), not after
-            self._tokens("train")  # the model is built and compiled
+        for split in self.checked_splits if config.data else ():
+            self._tokens(split)  # sizes against meta.json now, not after the model is built
         self.plan = self._plan()
 
     def _plan(self) -> Plan:
