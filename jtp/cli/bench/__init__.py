@@ -11,7 +11,8 @@
     python -m jtp.bench generate [--batches 1,8,32] [--json PATH]
     python -m jtp.bench lora     [--preset llama3-8b] [--rank 16] [--json PATH]
 
-Every sub-command takes ``--compilation-cache DIR`` / ``--no-compilation-cache``
+Every benchmark also takes ``--record``, and every sub-command
+``--compilation-cache DIR`` / ``--no-compilation-cache``
 (:mod:`jtp.cli.compilation_cache`; on by default).
 
 Where results go (:mod:`jtp.cli.bench.results`): ``$JTP_BENCH_DIR/NAME.json``, else

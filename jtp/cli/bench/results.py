@@ -177,6 +177,8 @@ def resolve_target(args: Any) -> None:
     """Before any work: set ``args.json`` to where the result goes, or refuse (exit 2)."""
     if getattr(args, "smoke", False) and args.record:
         _refuse("--smoke never records: its figures mean nothing (drop --record)")
+    if args.record and not RECORD_DIR.is_dir():
+        _refuse(f"--record writes a source checkout's bench_results/ (no {RECORD_DIR})")
     if args.json is None:
         folder = RECORD_DIR if args.record else adhoc_dir()
         args.json = str(folder / result_name(args.which))
