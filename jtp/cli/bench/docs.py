@@ -159,7 +159,7 @@ def render(text: str, root: Path, problems: list[tuple[str, str, dict]] | None =
         payload = json.loads((root / m.group("json")).read_text())
         stale = _stale(payload, kind, root)
         if stale and problems is not None:
-            problems.append((m.group("json"), stale, payload))
+            problems.append((m.group("json"), stale, {"kind": kind, **payload}))
         note = _note(payload, stale)
         return f"{m.group(1)}{note}```\n{RENDERERS[kind](payload)}\n```\n{m.group(5)}"
 
@@ -169,7 +169,12 @@ def render(text: str, root: Path, problems: list[tuple[str, str, dict]] | None =
 def _verdict(result: str, page: str, why: str, payload: dict[str, Any]) -> tuple[bool, str]:
     """(fails CI, the line that says so) for one stale result shown on ``page``."""
     prov = payload.get("provenance") or {}
-    command = prov.get("command") or "its benchmark"
+    kind = payload.get("kind")
+    command = prov.get("command") or (
+        "the python -m jtp.plan command beside its table, with --json"
+        if kind == "plan"
+        else f"python -m jtp.bench {kind} --record"
+    )
     if "--record" not in command and command.startswith("python -m jtp.bench"):
         command += " --record"
     if prov.get("accepted_stale"):
