@@ -245,6 +245,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload = {"args": shown, "hardware": dataclasses.asdict(hw),
                "usable_bytes_per_device": hw.usable_bytes, "rows": rows,
                "recommended": best, "seconds": time.perf_counter() - t0}  # fmt: skip
+    if args.json:  # what the table measured (bench docs --check finds it stale after a change)
+        from jtp.cli.bench.results import provenance
+
+        command = " ".join(["python -m jtp.plan", *(sys.argv[1:] if argv is None else argv)])
+        payload["provenance"] = provenance("plan", command, devices[0].platform)
     write_json(args.json, payload)
     return payload
 

@@ -3,6 +3,7 @@
 Per-device peak must sit at the floor, (params + grads + 2 AdamW moments) / N: at dim 512
 the batch and activations add under 2% at TP=8, so 1.05 leaves room only for them."""
 
+import argparse
 import json
 
 from jtp.cli.bench import main as bench_main
@@ -25,45 +26,181 @@ def test_memory_benchmark_small(tmp_path, capsys):
 
 def test_docs_figures_are_rendered_from_their_json():
     """Every figure table in docs/ and README is what the bench formatters make of the JSON
-    in bench_results/ (python -m jtp.bench docs rewrites them; --check only compares)."""
+    in bench_results/ (python -m jtp.bench docs rewrites them; --check only compares), and no
+    result is older than the code it measures (a GPU result, which a CPU cannot re-run, is
+    only reported)."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    assert bench_main(["docs", "--check", "--root", str(root)]) == {"stale": []}
+    out = bench_main(["docs", "--check", "--root", str(root)])
+    assert out["stale"] == [] and out["results_stale"] == [], out
+    assert all("GPU result" in n or "accepted" in n for n in out["results_noted"]), out
+
+
+def _fake_repo(tmp_path, payload_extra=None, platform="cpu"):
+    """A repository root with one benchmark module, one result of it and one page."""
+    from jtp.cli.bench import results
+
+    (tmp_path / "docs").mkdir(parents=True)
+    (tmp_path / "bench_results").mkdir()
+    (tmp_path / "jtp" / "cli" / "bench").mkdir(parents=True)
+    (tmp_path / "jtp" / "cli" / "bench" / "overhead.py").write_text("from jtp.mesh import x\n")
+    (tmp_path / "jtp" / "mesh.py").write_text("x = 1\n")
+    (tmp_path / "README.md").write_text("")
+
+    def read(path):
+        p = tmp_path / path
+        return p.read_text() if p.is_file() else None
+
+    payload = {"benchmark": "overhead", "machine": "m", "platform": platform, "dim": 8,
+               "steps": 2, "repeats": 1, "best_steps_per_second": {"bare": 10.0, "trainer": 9.9},
+               "ratio": 0.99, "check_replicas_ms_per_batch": 0.1,
+               "provenance": {"commit": "abc1234def", "platform": platform, "machine": "m",
+                              "sources": results.source_hashes("overhead", read),
+                              "command": "python -m jtp.bench overhead --record",
+                              **(payload_extra or {})}}  # fmt: skip
+    (tmp_path / "bench_results" / "o.json").write_text(json.dumps(payload))
+    doc = tmp_path / "docs" / "b.md"
+    doc.write_text("<!-- bench:overhead bench_results/o.json -->\n```\nold\n```\n<!-- /bench -->\n")
+    return doc
 
 
 def test_docs_check_fails_on_a_hand_edited_table(tmp_path):
     import pytest
 
-    (tmp_path / "docs").mkdir()
-    (tmp_path / "bench_results").mkdir()
-    payload = {"benchmark": "overhead", "machine": "m", "platform": "cpu", "dim": 8, "steps": 2,
-               "repeats": 1, "best_steps_per_second": {"bare": 10.0, "trainer": 9.9},
-               "ratio": 0.99, "check_replicas_ms_per_batch": 0.1}  # fmt: skip
-    (tmp_path / "bench_results" / "o.json").write_text(json.dumps(payload))
-    (tmp_path / "README.md").write_text("")
-    doc = tmp_path / "docs" / "b.md"
-    doc.write_text("<!-- bench:overhead bench_results/o.json -->\n```\nold\n```\n<!-- /bench -->\n")
+    doc = _fake_repo(tmp_path)
     with pytest.raises(SystemExit):
         bench_main(["docs", "--check", "--root", str(tmp_path)])
     bench_main(["docs", "--root", str(tmp_path)])
     assert "| ratio (target>=0.97) |     0.990 |" in doc.read_text()
+    assert "Measured on: m, jtp abc1234." in doc.read_text()
     bench_main(["docs", "--check", "--root", str(tmp_path)])
 
 
-def test_gpu_benchmark_says_so_without_a_gpu_and_runs_its_code_path_with_smoke(tmp_path, capsys):
+def test_docs_check_fails_when_the_measured_code_changed(tmp_path, capsys):
+    """A module in the benchmark's import closure changes: the result is stale, and the check
+    names the result, the page and the command that re-records it, in both modes."""
+    import pytest
+
+    _fake_repo(tmp_path)
+    bench_main(["docs", "--root", str(tmp_path)])
+    (tmp_path / "jtp" / "mesh.py").write_text("x = 2\n")  # imported by the benchmark
+    for mode in (["--check"], []):
+        with pytest.raises(SystemExit) as stop:
+            bench_main(["docs", *mode, "--root", str(tmp_path)])
+        assert stop.value.code == 1
+        out = capsys.readouterr().out
+        assert "bench_results/o.json (docs/b.md): measured at commit abc1234def" in out
+        assert "jtp/mesh.py" in out and "re-record: python -m jtp.bench overhead --record" in out
+    # the page says its figure is older than the code
+    assert "has changed since" in (tmp_path / "docs" / "b.md").read_text()
+
+
+def test_a_result_without_provenance_fails_the_check(tmp_path, capsys):
+    import pytest
+
+    _fake_repo(tmp_path)
+    result = tmp_path / "bench_results" / "o.json"
+    payload = json.loads(result.read_text())
+    del payload["provenance"]
+    result.write_text(json.dumps(payload))
+    with pytest.raises(SystemExit):
+        bench_main(["docs", "--root", str(tmp_path)])
+    assert "has no provenance" in capsys.readouterr().out
+
+
+def test_a_stale_gpu_result_is_reported_without_failing(tmp_path, capsys):
+    """No GPU here to re-run it: the check says when it was measured and passes; a result a
+    person marked ``accepted_stale`` is reported with the reason, too."""
+    _fake_repo(tmp_path, platform="gpu")
+    bench_main(["docs", "--root", str(tmp_path)])
+    (tmp_path / "jtp" / "mesh.py").write_text("x = 2\n")
+    bench_main(["docs", "--root", str(tmp_path)])  # the page now says the code moved since
+    assert "has changed since" in (tmp_path / "docs" / "b.md").read_text()
+    out = bench_main(["docs", "--check", "--root", str(tmp_path)])
+    assert out["results_stale"] == [] and len(out["results_noted"]) == 1
+    assert "GPU result measured at commit abc1234def" in capsys.readouterr().out
+
+    _fake_repo(tmp_path / "b", payload_extra={"accepted_stale": "waits for a quiet machine"})
+    bench_main(["docs", "--root", str(tmp_path / "b")])
+    (tmp_path / "b" / "jtp" / "mesh.py").write_text("x = 2\n")
+    bench_main(["docs", "--root", str(tmp_path / "b")])
+    out = bench_main(["docs", "--check", "--root", str(tmp_path / "b")])
+    assert out["results_stale"] == [] and "waits for a quiet machine" in out["results_noted"][0]
+
+
+def test_source_set_is_the_import_closure():
+    """generate's figures depend on the decoder and generation code, not on the trainer; the
+    processes memory starts (python -m jtp.train) count; rendering and filing never do."""
+    from jtp.cli.bench.results import NOT_MEASURED, source_files
+
+    gen = source_files("generate")
+    assert {"jtp/cli/bench/generate.py", "jtp/generation/generate.py", "jtp/models/llama.py",
+            "jtp/parallel/parallelize.py"} <= set(gen)  # fmt: skip
+    assert "jtp/training/trainer.py" not in gen
+    assert {"jtp/cli/train.py", "jtp/training/trainer.py"} <= set(source_files("memory"))
+    assert "jtp/cli/planner.py" in source_files("plan")
+    for kind in ("generate", "memory", "gpu", "text", "plan"):
+        assert not NOT_MEASURED & set(source_files(kind))
+
+
+def test_ad_hoc_runs_never_write_committed_results(tmp_path, monkeypatch, capsys):
+    """Without --record a result goes to $JTP_BENCH_DIR (else runs/bench/); a path into
+    bench_results/ needs --record; --smoke never records; a GPU result is never replaced by a
+    CPU one. Each refusal comes before any work (exit 2)."""
+    import pytest
+
+    from jtp.cli.bench import results
+
+    record = tmp_path / "bench_results"
+    record.mkdir()
+    gpu = record / "gpu.json"
+    gpu.write_text(json.dumps({"benchmark": "gpu", "platform": "gpu"}))
+    before = gpu.read_bytes()
+    monkeypatch.setattr(results, "RECORD_DIR", record)
+    monkeypatch.setenv("JTP_BENCH_DIR", str(tmp_path / "adhoc"))
+    refusals = {
+        ("gpu", "--smoke", "--record"): "--smoke never records",
+        ("gpu", "--smoke", "--json", str(gpu)): "pass --record",
+        ("lora", "--json", str(record / "lora_memory.json")): "pass --record",
+        ("memory", "--plot", str(record / "memory.png")): "pass --record",
+        ("gpu", "--smoke", "--json", str(gpu), "--record"): "--smoke never records",
+    }
+    for argv, message in refusals.items():
+        with pytest.raises(SystemExit) as stop:
+            bench_main(list(argv))
+        assert stop.value.code == 2 and message in capsys.readouterr().err, argv
+    # a CPU result written over a GPU one, wherever it goes
+    args = argparse.Namespace(which="lora", json=str(gpu), command="python -m jtp.bench lora")
+    with pytest.raises(SystemExit) as stop:
+        results.write_result(args, {"benchmark": "lora", "platform": "cpu"})
+    assert stop.value.code == 2 and "holds a GPU result" in capsys.readouterr().err
+    assert gpu.read_bytes() == before
+
+
+def test_gpu_benchmark_says_so_without_a_gpu_and_runs_its_code_path_with_smoke(
+    tmp_path, capsys, monkeypatch
+):
     """No GPU here: ``bench gpu`` exits 2 saying so. ``--smoke`` runs the whole path (the
     planner's layout choice, the bf16-mixed compiled step, timing, MFU fields, the table)
-    on a tiny shape on CPU devices; its figures are labelled meaningless."""
+    on a tiny shape on CPU devices; its figures are labelled meaningless, and go to the
+    ad-hoc results directory: the committed bench_results/gpu.json stays byte for byte."""
+    from pathlib import Path
+
     import pytest
+
+    committed = Path(__file__).resolve().parents[2] / "bench_results" / "gpu.json"
+    before = committed.read_bytes()
+    monkeypatch.setenv("JTP_BENCH_DIR", str(tmp_path))
 
     with pytest.raises(SystemExit) as stop:
         bench_main(["gpu", "--json", str(tmp_path / "none.json")])
     assert stop.value.code == 2 and "no GPU here" in capsys.readouterr().err
     assert not (tmp_path / "none.json").exists()
     out = tmp_path / "gpu.json"
-    payload = bench_main(["gpu", "--smoke", "--steps", "2", "--warmup", "1", "--json", str(out)])
+    payload = bench_main(["gpu", "--smoke", "--steps", "2", "--warmup", "1"])
     assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
+    assert committed.read_bytes() == before
     assert payload["smoke"] and payload["platform"] == "cpu" and payload["mfu"] is None
     assert payload["layout"] == {"data": 2, "tensor": 4, "fsdp": True, "remat": "none"}
     assert payload["tokens_per_s_per_device"] > 0 and payload["precision"] == "bf16-mixed"
@@ -139,6 +276,30 @@ def test_generate_benchmark_code_path_at_tiny_sizes(tmp_path):
         assert r["cache_bytes"] == 2 * 2 * r["batch"] * 16 * 8 * 4 * 4  # 16 slots, E = 4
         assert r["cache_bytes_per_device"] * 8 == r["cache_bytes"]
     assert "| 8 |" in RENDERERS["generate"](payload)
+
+
+def test_a_result_records_what_it_measured(tmp_path):
+    """Provenance: the commit (and whether the measured sources differed from it), the hash
+    of the benchmark's source set as it is now, versions, machine, device, date, command."""
+    import subprocess
+
+    import jax
+
+    from jtp.cli.bench.results import REPO, source_hashes
+
+    out = tmp_path / "g.json"
+    payload = bench_main(["generate", "--dim", "32", "--layers", "1", "--prompt", "4",
+                          "--new", "2", "--batches", "1", "--json", str(out)])  # fmt: skip
+    prov = json.loads(out.read_text())["provenance"]
+    assert prov == payload["provenance"]
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()  # fmt: skip
+    assert prov["commit"] == head and isinstance(prov["dirty"], bool)
+    assert prov["sources"] == source_hashes("generate")
+    assert prov["versions"]["jax"] == jax.__version__ and set(prov["versions"]) == {
+        "jax", "jaxlib", "flax"}  # fmt: skip
+    assert prov["platform"] == "cpu" and prov["device_kind"] == "cpu" and "cores" in prov["machine"]
+    assert prov["date"].endswith("Z") and prov["command"].startswith("python -m jtp.bench generate")
 
 
 def test_lora_benchmark_code_path_on_the_tiny_preset(tmp_path):

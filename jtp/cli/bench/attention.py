@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from jtp.cli.output import machine, write_json
+from jtp.cli.bench.results import write_result
+from jtp.cli.output import machine
 
 
 def attention(args: argparse.Namespace) -> dict[str, Any]:
@@ -42,7 +43,7 @@ def attention(args: argparse.Namespace) -> dict[str, Any]:
         "gemma_model": gemma_model_check(device.platform, smoke=args.smoke),
     }  # fmt: skip
     print(format_attention(payload))
-    write_json(args.json, payload)
+    write_result(args, payload)
     return payload
 
 

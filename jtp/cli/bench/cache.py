@@ -17,7 +17,8 @@ import tempfile
 import time
 from typing import Any
 
-from jtp.cli.output import machine, write_json
+from jtp.cli.bench.results import write_result
+from jtp.cli.output import machine
 
 CONFIGS = {
     "llama tiny, 2x4 fsdp+sp": [
@@ -56,7 +57,7 @@ def cache(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"  {name:<26} {run:<11} {row['wall_s']:6.1f} s", file=sys.stderr)
     payload = {"benchmark": "cache", "machine": machine(), "rows": rows}
     print(format_cache(payload))
-    write_json(args.json, payload)
+    write_result(args, payload)
     return payload
 
 

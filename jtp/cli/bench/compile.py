@@ -18,7 +18,8 @@ import sys
 import time
 from typing import Any
 
-from jtp.cli.output import machine, write_json
+from jtp.cli.bench.results import write_result
+from jtp.cli.output import machine
 
 MESH = (2, 4)
 PRECISION = "bf16-mixed"
@@ -114,7 +115,7 @@ def compile(args: argparse.Namespace) -> dict[str, Any]:  # the sub-command's na
         "seq_len": args.seq, "global_batch": 8, "policy_layers": args.policy_layers,
         "rows": rows, "policies": policies,
     }  # fmt: skip
-    write_json(args.json, payload)
+    write_result(args, payload)
     print(format_compile(payload))
     return payload
 

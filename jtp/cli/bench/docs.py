@@ -10,6 +10,12 @@ Every figure table in ``docs/*.md`` sits between two markers naming its JSON::
 
 and is rewritten here by the same formatter the benchmark printed it with, so a table can
 never drift from its JSON (``--check`` fails instead of writing; the test suite runs it).
+
+Both modes also fail when a result is older than the code it measures (its provenance's
+source hash differs from today's, :func:`jtp.cli.bench.results.staleness`), naming the
+result, the page and the command that re-records it. Two exceptions are reported without
+failing: a GPU result on a machine without a GPU (only a GPU re-runs it), and a result whose
+provenance says ``"accepted_stale"`` with a reason (a person decided it waits; the page says so).
 """
 
 from __future__ import annotations
@@ -109,33 +115,102 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
 }
 
 
-def render(text: str, root: Path) -> str:
-    """``text`` with every bench block re-rendered from its JSON (paths from ``root``)."""
+def _note(payload: dict[str, Any], stale: str | None) -> str:
+    """The line above a table: where, at which commit, when; and if the code moved since."""
+    prov = payload.get("provenance") or {}
+    machine = payload.get("machine") or prov.get("machine")
+    if not machine:
+        return ""
+    where = [machine]
+    if prov.get("device_kind") and prov.get("platform") == "gpu":
+        where.append(prov["device_kind"])
+    if prov.get("commit"):
+        where.append(f"jtp {prov['commit'][:7]}")
+    if prov.get("date"):
+        where.append(prov["date"][:10])
+    note = f"Measured on: {', '.join(where)}."
+    if stale:
+        note += " The code it measures has changed since (docs/benchmarks.md, Provenance)."
+    return note + "\n"
+
+
+def _stale(payload: dict[str, Any], kind: str, root: Path) -> str | None:
+    from jtp.cli.bench.results import staleness
+
+    return staleness(payload, kind, _reader(root))
+
+
+def _reader(root: Path) -> Callable[[str], str | None]:
+    def read(path: str) -> str | None:
+        p = root / path
+        return p.read_text() if p.is_file() else None
+
+    return read
+
+
+def render(text: str, root: Path, problems: list[tuple[str, str, dict]] | None = None) -> str:
+    """``text`` with every bench block re-rendered from its JSON (paths from ``root``);
+    each stale result is appended to ``problems`` as (json path, why, payload)."""
 
     def block(m: re.Match) -> str:
         kind = m.group("kind")
         if kind not in RENDERERS:
             raise ValueError(f"unknown bench block {kind!r}; known: {sorted(RENDERERS)}")
         payload = json.loads((root / m.group("json")).read_text())
-        machine = payload.get("machine")
-        note = f"Measured on: {machine}.\n" if machine else ""
+        stale = _stale(payload, kind, root)
+        if stale and problems is not None:
+            problems.append((m.group("json"), stale, {"kind": kind, **payload}))
+        note = _note(payload, stale)
         return f"{m.group(1)}{note}```\n{RENDERERS[kind](payload)}\n```\n{m.group(5)}"
 
     return BLOCK.sub(block, text)
 
 
+def _verdict(result: str, page: str, why: str, payload: dict[str, Any]) -> tuple[bool, str]:
+    """(fails CI, the line that says so) for one stale result shown on ``page``."""
+    prov = payload.get("provenance") or {}
+    kind = payload.get("kind")
+    command = prov.get("command") or (
+        "the python -m jtp.plan command beside its table, with --json"
+        if kind == "plan"
+        else f"python -m jtp.bench {kind} --record"
+    )
+    if "--record" not in command and command.startswith("python -m jtp.bench"):
+        command += " --record"
+    if prov.get("accepted_stale"):
+        return False, f"  {result} ({page}): {why}; accepted: {prov['accepted_stale']}"
+    if prov.get("platform") == "gpu" and not _have_gpu():
+        return False, f"  {result} ({page}): GPU result {why}; re-run on a GPU: {command}"
+    return True, f"  {result} ({page}): {why}; re-record: {command}"
+
+
+def _have_gpu() -> bool:
+    import jax
+
+    return any(d.platform == "gpu" for d in jax.devices())
+
+
 def docs(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(args.root)
-    stale = []
+    stale, failing, notes = [], [], []
     for path in sorted((root / "docs").rglob("*.md")) + [root / "README.md"]:
         text = path.read_text()
-        new = render(text, root)
+        problems: list[tuple[str, str, dict]] = []
+        new = render(text, root, problems)
+        page = str(path.relative_to(root))
+        for result, why, payload in problems:
+            fails, line = _verdict(result, page, why, payload)
+            (failing if fails else notes).append(line)
         if new != text:
-            stale.append(str(path.relative_to(root)))
+            stale.append(page)
             if not args.check:
                 path.write_text(new)
     verb = "out of date" if args.check else "rewritten"
     print(f"{verb}: {', '.join(stale)}" if stale else "docs figures match their JSON")
-    if args.check and stale:
+    if notes:
+        print("results older than their code, reported only:\n" + "\n".join(notes))
+    if failing:
+        print("results older than the code they measure:\n" + "\n".join(failing))
+    if (args.check and stale) or failing:
         sys.exit(1)
-    return {"stale": stale}
+    return {"stale": stale, "results_stale": failing, "results_noted": notes}

@@ -15,7 +15,8 @@ import argparse
 import sys
 from typing import Any
 
-from jtp.cli.output import machine, write_json
+from jtp.cli.bench.results import write_result
+from jtp.cli.output import machine
 
 
 def generate(args: argparse.Namespace) -> dict[str, Any]:
@@ -57,7 +58,7 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
         "prompt_tokens": args.prompt, "new_tokens": args.new, "rows": rows,
     }  # fmt: skip
     print(format_generate(payload))
-    write_json(args.json, payload)
+    write_result(args, payload)
     return payload
 
 

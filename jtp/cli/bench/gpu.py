@@ -44,7 +44,8 @@ from jtp.cli.bench.gpu_checks import (
     planner_check,
 )
 from jtp.cli.bench.gpu_layout import choose_layout, n_layers
-from jtp.cli.output import machine, write_json
+from jtp.cli.bench.results import write_result
+from jtp.cli.output import machine
 
 TORCHTITAN = {"tokens_per_s_per_device": 5762, "mfu": "33-39%", "model": "Llama-3-8B",
               "hardware": "8 x H100, bf16"}  # fmt: skip
@@ -202,7 +203,7 @@ def gpu(args: argparse.Namespace) -> dict[str, Any]:
         "anchors": {"torchtitan": TORCHTITAN, "maxtext": MAXTEXT},
     }
     print(format_gpu(payload))
-    write_json(args.json, payload)
+    write_result(args, payload)
     return payload
 
 

@@ -13,7 +13,8 @@ import sys
 import time
 from typing import Any
 
-from jtp.cli.output import machine, write_json
+from jtp.cli.bench.results import write_result
+from jtp.cli.output import machine
 
 
 def _llama_row(
@@ -111,7 +112,7 @@ def llama(args: argparse.Namespace) -> dict[str, Any]:
     )
     print(table)
     payload = {"benchmark": "llama", "machine": machine(), "rows": rows}
-    write_json(args.json, payload)
+    write_result(args, payload)
     return payload
 
 

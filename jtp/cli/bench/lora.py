@@ -15,7 +15,8 @@ import argparse
 import sys
 from typing import Any
 
-from jtp.cli.output import machine, write_json
+from jtp.cli.bench.results import write_result
+from jtp.cli.output import machine
 
 GIB = 2**30
 
@@ -32,7 +33,7 @@ def lora(args: argparse.Namespace) -> dict[str, Any]:
         "optimizer": "adamw", "rows": rows,
     }  # fmt: skip
     print(format_lora(payload))
-    write_json(args.json, payload)
+    write_result(args, payload)
     return payload
 
 

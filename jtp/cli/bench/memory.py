@@ -18,7 +18,8 @@ import tempfile
 import time
 from typing import Any
 
-from jtp.cli.output import machine, write_json
+from jtp.cli.bench.results import write_result
+from jtp.cli.output import machine
 
 GB = 1e9
 LIGHTNING_GB = {1: 4.04, 2: 2.03, 4: 1.02, 8: 0.60}  # docs table, CUDA, 8192x8192, AdamW
@@ -79,7 +80,7 @@ def memory(args: argparse.Namespace) -> dict[str, Any]:
         print(f"  measured {rows[-1]['config']}: {peak / GB:.3f} GB", file=sys.stderr)
     print(format_memory(rows, args.dim))
     payload = {"benchmark": "memory", "dim": args.dim, "machine": machine(), "rows": rows}
-    write_json(args.json, payload)
+    write_result(args, payload)
     if args.plot:
         _plot(rows, args.plot, f"FeedForward {args.dim}x{args.dim} + AdamW")
     return payload

@@ -21,7 +21,8 @@ import sys
 import time
 from typing import Any
 
-from jtp.cli.output import machine, write_json
+from jtp.cli.bench.results import write_result
+from jtp.cli.output import machine
 
 GB = 1e9
 
@@ -126,7 +127,7 @@ def multihost(args: argparse.Namespace) -> dict[str, Any]:
         "rows": accumulation_rows(),
     }  # fmt: skip
     print(format_multihost(payload))
-    write_json(args.json, payload)
+    write_result(args, payload)
     return payload
 
 

@@ -11,7 +11,8 @@ import tempfile
 import time
 from typing import Any
 
-from jtp.cli.output import machine, write_json
+from jtp.cli.bench.results import write_result
+from jtp.cli.output import machine
 
 
 def overhead(args: argparse.Namespace) -> dict[str, Any]:
@@ -90,7 +91,7 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
         "check_replicas_ms_per_batch": replica_check_ms(),
     }
     print(format_overhead(payload))
-    write_json(args.json, payload)
+    write_result(args, payload)
     return payload
 
 

@@ -21,7 +21,8 @@ import tempfile
 import time
 from typing import Any
 
-from jtp.cli.output import machine, write_json
+from jtp.cli.bench.results import write_result
+from jtp.cli.output import machine
 
 TARGET_NATS = 2.0  # the bar: validation <= 2.0 nats/byte after 300 steps
 
@@ -77,7 +78,7 @@ def text(args: argparse.Namespace) -> dict[str, Any]:
         "command": " ".join(os.path.basename(a) if a == sys.executable else a for a in train),
     }
     print(format_text(payload))
-    write_json(args.json, payload)
+    write_result(args, payload)
     if args.plot:
         _plot(payload, args.plot)
     return payload
