@@ -118,8 +118,10 @@ test-oracle: $(STAMP) $(ORACLE_STAMP)
 
 ## The code blocks of README.md and docs/*.md, run as a reader pastes them, page by page in a
 ## fresh directory (tests/docs/snippets.py: a block that cannot run here says why above it;
-## `<!-- run: "A" -> "B" -->` runs it at a small size). ~2 min on two cores.
+## `<!-- run: "A" -> "B" -->` runs it at a small size), after the figures' check: every table
+## equals its result and no result is older than the code it measures. ~2 min on two cores.
 test-docs: $(STAMP)
+	$(PY) -m jtp.bench docs --check
 	JTP_DOC_SNIPPETS=1 $(PY) -m pytest -q -n $(JOBS) tests/docs $(ARGS)
 
 ## Lint and format in place.
