@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -288,3 +291,20 @@ def mixed_batch(batch: int = 4, seq: int = 8, dim: int = 16, seed: int = 1):
         rng.standard_normal((batch, seq, dim), dtype=np.float32),
         rng.standard_normal((batch, seq, dim), dtype=np.float32),
     )
+
+
+@contextlib.contextmanager
+def backend_compiles() -> Iterator[list[str]]:
+    """A list that gains one entry per program XLA compiles inside the ``with`` block (jax's
+    own compile events: what "compiled nothing" or "compiled once" is read off)."""
+    events: list[str] = []
+
+    def listener(event: str, duration: float, **_: object) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

@@ -13,8 +13,8 @@ import shutil
 import sys
 from pathlib import Path
 
-import jax
 import pytest
+from helpers import backend_compiles
 
 from jtp.cli import eval as eval_cli
 from jtp.cli import generate as generate_cli
@@ -202,17 +202,8 @@ def test_refused_in_one_line_before_any_work_and_nothing_lost(case, tmp_path, ca
         argv = [*TINY, "--root-dir", str(tmp_path / "runs"), *argv]
     before = _snapshot(tmp_path)
     capsys.readouterr()
-    compiles = []
-
-    def listener(event, duration, **kw):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with backend_compiles() as compiles:
         code = _run(program, argv)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     out, err = capsys.readouterr()
     assert code == 2, (out, err)
     lines = err.strip().splitlines()

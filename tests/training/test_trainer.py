@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import FF_PLAN, assert_sgd_steps_match, ff_factory
+from helpers import FF_PLAN, assert_sgd_steps_match, backend_compiles, ff_factory
 
 import jtp
 from jtp.cli.train import main as train_main
@@ -197,23 +197,13 @@ def test_one_compile_per_fit_whatever_the_length():
     """Counted from jax's own compile events: a longer fit compiles nothing more. A first fit
     also compiles what a process compiles once (and, run alone, this test's fit is the
     process's first), so the two compared fits follow one that warms up."""
-    events = []
-
-    def listener(event, duration, **kw):
-        if event == "/jax/core/compile/backend_compile_duration":
-            events.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        counts = []
-        for epochs in (1, 1, 3):
-            events.clear()
+    counts = []
+    for epochs in (1, 1, 3):
+        with backend_compiles() as events:
             trainer = _trainer((2, 4), max_epochs=epochs)
             trainer.fit(LitFF())
-            counts.append(len(events))
-            assert trainer.num_compiles == 1
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+        counts.append(len(events))
+        assert trainer.num_compiles == 1
     assert counts[1] == counts[2], counts
 
 
