@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import jax
 
-    from jtp.distributed import watchdog, watching
+    from jtp.distributed import watchdog
 
     if distributed:
         watchdog.arm(args.collective_timeout)  # the fit, the exports and the shutdown
@@ -177,19 +177,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.export:
         from jtp.checkpoint.consolidated import save_consolidated
 
-        with watching("--export (parameters gathered to process 0)", trainer.global_step):
-            save_consolidated(trainer.model, args.export)
+        save_consolidated(trainer.model, args.export)  # its gathers are watched regions
     if args.export_hf:  # config.json and tokenizer files carried over from --hf; LoRA merged
         from jtp.models.hf import save_pretrained
 
-        with watching("--export-hf (parameters gathered to process 0)", trainer.global_step):
-            save_pretrained(trainer.model, args.export_hf, source=args.hf)
+        save_pretrained(trainer.model, args.export_hf, source=args.hf)  # gathers watched
     if args.export_peft:
         from jtp.models.hf import save_peft
 
         base = os.path.abspath(args.hf) if args.hf else None
-        with watching("--export-peft (adapters gathered to process 0)", trainer.global_step):
-            save_peft(trainer.model, args.export_peft, base_model_name_or_path=base)
+        save_peft(trainer.model, args.export_peft, base_model_name_or_path=base)
     steps = len(trainer.losses)
     metrics = {
         "mesh": mesh_shape(mesh),

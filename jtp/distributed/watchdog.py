@@ -53,34 +53,37 @@ class Watchdog:
             self._cv.notify()
 
     @contextlib.contextmanager
-    def watch(self, what: str, step: int | None = None) -> Iterator[None]:
-        """Run the body as the region ``what`` (at optimizer ``step``, if given)."""
+    def watch(self, what: str, step: int | None = None, *, timed: bool = True) -> Iterator[None]:
+        """Run the body as the region ``what`` (at optimizer ``step``, if given). ``timed=False``:
+        the body is not timed, whatever the regions around it (a compile: it waits on no peer,
+        and a large one may take longer than any timeout)."""
         if self.timeout is None:
             yield
             return
+        region = (what, step, timed)
         with self._cv:
-            self._regions.append((what, step))
+            self._regions.append(region)
             self._since = time.monotonic()
             self._cv.notify()
         try:
             yield
         finally:
             with self._cv:
-                self._regions.remove((what, step))
+                self._regions.remove(region)
                 self._since = time.monotonic()
 
     def _run(self) -> None:
         while True:
             with self._cv:
-                if self.timeout is None or not self._regions:
-                    self._cv.wait()
+                if self.timeout is None or not self._regions or not self._regions[-1][2]:
+                    self._cv.wait()  # nothing watched, or an untimed region innermost
                     continue
                 left = self._since + self.timeout - time.monotonic()
                 if left > 0:
                     self._cv.wait(left)
                     continue
                 what = self._regions[-1][0]  # the innermost wait, at the step around it
-                step = next((s for _, s in reversed(self._regions) if s is not None), None)
+                step = next((s for _, s, _ in reversed(self._regions) if s is not None), None)
                 timeout = self.timeout
             self._expire(what, step, timeout)
 

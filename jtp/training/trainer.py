@@ -173,8 +173,10 @@ class Trainer:
                 step, stopper, len(run.metrics),
                 epoch_end=s.index + 1 == s.total, epoch_ended=s.epoch_ended,
             )  # fmt: skip
-        if decision.validate:
-            with watching("validation (every process evaluates the same batches)", step):
+        if decision.validate:  # the fit's first validation compiles the eval step: untimed
+            compiles = not run.metrics.validations
+            what = "validation (every process evaluates the same batches)"
+            with watchdog.watch(what, step, timed=not compiles):
                 means = self._eval_means("validation_step", run.val_loader, "val")
             run.validated(step, s.epoch, means)
         if decision.log:

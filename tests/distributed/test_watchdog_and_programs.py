@@ -44,6 +44,19 @@ def test_watchdog_ends_a_watched_hang_naming_step_and_wait(tmp_path):
     assert "mp_hang_watchdog_worker.py" in text and "not reached" not in text  # the stacks
 
 
+def test_an_untimed_region_inside_a_watched_one_is_not_timed(tmp_path):
+    """A compile inside a watched region (the fit's first validation compiles its step) waits
+    on no peer and may take longer than any timeout: it runs untimed, for 4x the timeout."""
+    log = tmp_path / "u.log"
+    worker = [str(HERE / "mp_hang_watchdog_worker.py")]
+    proc = start_process(["0.5", "untimed"], log, program=worker)
+    try:
+        assert proc.wait(timeout=60) == 0, log.read_text()
+    finally:
+        stop_all([proc])
+    assert "survived the untimed region" in log.read_text()
+
+
 def test_watchdog_idle_outside_regions_and_options_validated():
     dog = Watchdog()
     with dog.watch("not armed: a no-op"):
