@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import os
-import struct
+import shutil
 from collections.abc import Callable, Iterable
+
+from safetensors import SafetensorError, safe_open
 
 from jtp.distributed import agree_max
 from jtp.errors import InputError
@@ -85,6 +87,19 @@ def _overlaps(a: str, b: str) -> bool:
     return (
         a == b or a.startswith(b.rstrip(os.sep) + os.sep) or b.startswith(a.rstrip(os.sep) + os.sep)
     )
+
+
+def move_into_place(tmp: str, path: str) -> None:
+    """Rename the finished directory ``tmp`` onto ``path``, replacing what is there (checked
+    first to be absent, empty or jtp's own of the same kind): readers see the old directory
+    or the new one, never a mix, and the old one stays whole until the new one is in."""
+    old = None
+    if os.path.exists(path):
+        old = f"{tmp}.old"
+        os.rename(path, old)
+    os.rename(tmp, path)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def check_not_an_input(path: str, flag: str, inputs: Iterable[tuple[str, str | None]]) -> None:
@@ -158,15 +173,11 @@ def check_output_dir(
 def file_kind(path: str) -> str | None:
     """The kind a safetensors file jtp wrote records in its header metadata, else None."""
     try:
-        with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            if size > 100_000_000:
-                return None
-            meta = json.loads(f.read(size)).get("__metadata__") or {}
-        kind = meta.get(FILE_KEY)
-        return kind if kind in KINDS else None
-    except (OSError, ValueError, struct.error, AttributeError):
+        with safe_open(path, framework="numpy") as f:
+            kind = (f.metadata() or {}).get(FILE_KEY)
+    except (OSError, SafetensorError):
         return None
+    return kind if kind in KINDS else None
 
 
 def check_output_file(

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from jtp.checkpoint.outputs import OutputError, check_output_dir, write_marker
+from jtp.checkpoint.outputs import OutputError, check_output_dir, move_into_place, write_marker
 from jtp.cli.output import one_line_errors
 from jtp.data.tokens import META, token_dtype
 
@@ -200,7 +200,7 @@ def prepare(
         _check_counts(meta, len(files))
         (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
         write_marker(str(tmp), "token-dataset")
-        _move_into_place(tmp, target)
+        move_into_place(str(tmp), str(target))  # --overwrite: the old DIR whole until then
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -217,18 +217,6 @@ def _check_counts(meta: dict[str, Any], n_files: int) -> None:
             f"--val-fraction {meta['val_fraction']} of {meta['train_tokens']} tokens leaves no "
             "validation tokens; give more text or --val-fraction 0"
         )
-
-
-def _move_into_place(tmp: Path, target: Path) -> None:
-    if target.is_dir() and not any(target.iterdir()):
-        target.rmdir()  # an empty directory: nothing of the user's is in it
-    if not target.exists():
-        os.rename(tmp, target)
-        return
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    os.rename(target, old)  # --overwrite: the old DIR stays whole until the new one is in
-    os.rename(tmp, target)
-    shutil.rmtree(old)
 
 
 class _BytesProgress:

@@ -32,7 +32,7 @@ from typing import Any
 from jtp.cli import compilation_cache
 from jtp.cli.devices import add_mesh_flags, init_distributed, select_devices
 from jtp.cli.flags import ArgumentParser, FieldFlags, field_values, options_from_args
-from jtp.cli.output import write_json
+from jtp.cli.output import one_line_errors, write_json
 from jtp.cli.task_config import FeedForwardConfig, LlamaTaskConfig, TaskConfig
 from jtp.errors import InputError
 from jtp.training.options import TrainerOptions
@@ -270,12 +270,10 @@ def _run_and_exit(argv: list[str]) -> None:
     """
     code: int | str | None = 0
     try:
-        main(argv)
-    except SystemExit as stop:  # e.g. 143 after a SIGTERM checkpoint
+        with one_line_errors("jtp.train"):  # a user's mistake: one line and exit 2
+            main(argv)
+    except SystemExit as stop:  # that, or e.g. 143 after a SIGTERM checkpoint
         code = stop.code
-    except InputError as err:  # a user's mistake: one line, no traceback (a bug keeps its own)
-        print(f"python -m jtp.train: error: {err}", file=sys.stderr)
-        code = 2
     import jax
 
     if jax.process_count() > 1:

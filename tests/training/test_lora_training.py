@@ -107,6 +107,7 @@ def test_resume_with_lora_is_bitwise(tmp_path):
     )  # fmt: skip
     assert first["losses"] == full[:2]
     assert second["first_step"] == 2 and second["losses"] == full[2:]
+    # The marker: jtp wrote the directory, so jtp may replace it.
     assert sorted(os.listdir(tmp_path / "adapter")) == [
         ".jtp-artifact.json", "adapter_config.json", "adapter_model.safetensors"
-    ]  # fmt: skip  (the marker: jtp wrote it, so jtp may replace it)
+    ]  # fmt: skip

@@ -21,7 +21,12 @@ import jax
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from jtp.checkpoint.outputs import check_output_dir, checked_on_process_0, write_marker
+from jtp.checkpoint.outputs import (
+    check_output_dir,
+    checked_on_process_0,
+    move_into_place,
+    write_marker,
+)
 from jtp.checkpoint.tensor_file import TensorFileWriter
 from jtp.distributed import same_programs_on_every_process, watching
 from jtp.errors import InputError
@@ -90,18 +95,6 @@ def write_safetensors(
             writer.write(name, produce(name))
 
 
-def move_into_place(tmp: str, path: str) -> None:
-    """Rename the finished directory ``tmp`` onto ``path``, replacing what is there: readers
-    see the old directory or the new one, never a mix."""
-    old = None
-    if os.path.exists(path):
-        old = f"{tmp}.old"
-        os.rename(path, old)
-    os.rename(tmp, path)
-    if old is not None:
-        shutil.rmtree(old)
-
-
 @contextlib.contextmanager
 def staged_directory(
     path: str, name: str, kind: str, inputs: Iterable[tuple[str, str | None]] = ()
@@ -113,9 +106,9 @@ def staged_directory(
     one of the same kind, and none of ``inputs``); all processes agree, so all raise or none.
     Process 0 then gets a fresh temporary directory beside ``path`` to write into, marked
     with ``kind`` (the others get None and only take part in the gathers); on success it
-    replaces ``path`` (:func:`move_into_place`), on an error it is removed and ``path`` is
-    left as it was. Then every process waits for the others (``name`` labels the barrier),
-    so none reads ``path`` before it is complete.
+    replaces ``path`` (:func:`jtp.checkpoint.outputs.move_into_place`), on an error it is
+    removed and ``path`` is left as it was. Then every process waits for the others
+    (``name`` labels the barrier), so none reads ``path`` before it is complete.
     """
     same_programs_on_every_process()  # the barrier below is a program of every process
     writer = jax.process_index() == 0
