@@ -11,12 +11,18 @@ from jtp.models.hf import (
     SUPPORTED_ARCHITECTURES,
     config_of,
     load_pretrained,
+    load_weights,
     save_peft,
     save_pretrained,
 )
 from jtp.models.lora import merge_lora
 
 __all__ = [
-    "SUPPORTED_ARCHITECTURES", "config_of", "load_pretrained", "merge_lora", "save_peft",
+    "SUPPORTED_ARCHITECTURES",
+    "config_of",
+    "load_pretrained",
+    "load_weights",
+    "merge_lora",
+    "save_peft",
     "save_pretrained",
-]  # fmt: skip
+]

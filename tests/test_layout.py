@@ -133,7 +133,7 @@ def test_tests_mirror_the_packages():
 def test_the_checker_sees_function_level_and_type_only_imports(tmp_path):
     """A guard on the guard: the CLI's lazy imports inside main() are in the graph, and so
     is an import under ``if TYPE_CHECKING:``."""
-    assert "jtp.cli.recipes" in GRAPH["jtp.cli.train"]
+    assert "jtp.recipes.llama" in GRAPH["jtp.cli.train"]
     probe = tmp_path / "probe.py"
     probe.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import jtp.mesh\n")
     assert _imports(probe) == {"jtp.mesh"}

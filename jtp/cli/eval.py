@@ -10,7 +10,7 @@ slice) or a ``python -m jtp.train --checkpoint-dir`` directory (parameters resto
 this mesh; the optimizer state is never read). TOKENS is a ``python -m jtp.prepare``
 directory made with the model's tokenizer. The loss is computed as ``fit``'s validation
 computes it (``Trainer.validate``): perplexity = exp(mean loss), the mean over every token
-of every full window, each window once (:mod:`jtp.cli.perplexity` says exactly which).
+of every full window, each window once (:mod:`jtp.recipes.perplexity` says exactly which).
 ``main(argv)`` is importable and returns the results it writes as JSON.
 """
 
@@ -23,18 +23,23 @@ import time
 from typing import Any
 
 from jtp.checkpoint.outputs import check_output_file
-from jtp.cli import compilation_cache
 from jtp.cli.devices import add_mesh_flags, init_distributed, select_devices
-from jtp.cli.flags import ArgumentParser, FieldFlags, options_from_args
-from jtp.cli.output import machine, one_line_errors, write_json
-from jtp.cli.perplexity import EvalConfig, build_task
+from jtp.cli.flags import (
+    ArgumentParser,
+    FieldFlags,
+    add_compilation_cache_flags,
+    options_from_args,
+)
+from jtp.cli.output import machine, one_line_errors, program, write_json
 from jtp.errors import InputError
+from jtp.recipes.perplexity import EvalConfig, build_task
+from jtp.training import compilation_cache
 from jtp.xla_flags import apply_gpu_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
-        prog="python -m jtp.eval",
+        prog=program("python -m jtp.eval"),
         description="Mean next-token loss and perplexity of a Hugging Face or jtp training "
         "checkpoint on every window of a prepared token file.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -49,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     flags.add(p.add_argument_group("what and how"), EvalConfig, _FIELDS)
     add_mesh_flags(p)
     p.add_argument("--json", default=None, metavar="PATH", help="write the results here")
-    compilation_cache.add_flags(p.add_argument_group("compilation (process setup)"))
+    add_compilation_cache_flags(p.add_argument_group("compilation (process setup)"))
     return p
 
 

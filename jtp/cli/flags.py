@@ -22,6 +22,8 @@ import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from jtp.training.compilation_cache import ENV, default_dir
+
 METAVARS = {int: "N", float: "X", str: "TEXT"}
 _MARKUP = re.compile(r"(?::\w+:)?`{1,2}([^`]+)`{1,2}")  # ``x``, `x`, :func:`x` -> x
 
@@ -192,3 +194,22 @@ def number(
         return value
 
     return parse
+
+
+def add_compilation_cache_flags(parser: argparse.ArgumentParser) -> None:
+    """``--compilation-cache DIR`` and ``--no-compilation-cache``: where jax's persistent
+    cache lives (:mod:`jtp.training.compilation_cache`), set up before the first compile."""
+    g = parser.add_mutually_exclusive_group()
+    g.add_argument(
+        "--compilation-cache",
+        default=default_dir(),
+        metavar="DIR",
+        help=f"jax's persistent compilation cache (default: ${ENV}, else ~/.cache/jtp/xla)",
+    )
+    g.add_argument(
+        "--no-compilation-cache",
+        dest="compilation_cache",
+        action="store_const",
+        const=None,
+        help="compile everything afresh, write nothing",
+    )

@@ -21,16 +21,16 @@ import sys
 from typing import Any
 
 from jtp.checkpoint.outputs import check_output_file
-from jtp.cli import compilation_cache
 from jtp.cli.devices import add_mesh_flags, init_distributed, select_devices
-from jtp.cli.flags import number
-from jtp.cli.output import machine, one_line_errors, write_json
+from jtp.cli.flags import add_compilation_cache_flags, number
+from jtp.cli.output import machine, one_line_errors, program, write_json
+from jtp.training import compilation_cache
 from jtp.xla_flags import apply_gpu_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m jtp.generate",
+        prog=program("python -m jtp.generate"),
         description="Continue prompts with a Hugging Face or jtp training checkpoint.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fsdp", action="store_true", help="also shard parameters over 'data'")
     add_mesh_flags(p)
     p.add_argument("--json", default=None, metavar="PATH", help="write the results here")
-    compilation_cache.add_flags(p.add_argument_group("compilation (process setup)"))
+    add_compilation_cache_flags(p.add_argument_group("compilation (process setup)"))
     return p
 
 
@@ -123,7 +123,7 @@ def load_model(args: argparse.Namespace, mesh: Any, positions: int) -> Any:
 
         return load_pretrained(args.hf, mesh, fsdp=args.fsdp, max_seq_len=positions)
     from jtp.checkpoint.model import llama_record, restore_model
-    from jtp.cli.perplexity import model_config_of
+    from jtp.recipes.perplexity import model_config_of
 
     module, _, step = llama_record(args.checkpoint, args.step, "jtp.generate runs")
     config = model_config_of(module["model_config"])

@@ -44,3 +44,10 @@ def one_line_errors(
     except errors as err:
         print(f"python -m {program}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def program(module_form: str) -> str:
+    """The name a program reports in its usage line: ``jtp NAME`` when the ``jtp`` command
+    started it (:mod:`jtp.cli.main` sets ``sys.argv[0]``), else ``module_form``
+    (``python -m jtp.NAME``)."""
+    return sys.argv[0] if sys.argv[0].startswith("jtp ") else module_form

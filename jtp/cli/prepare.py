@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from jtp.checkpoint.outputs import OutputError, check_output_dir, move_into_place, write_marker
-from jtp.cli.output import one_line_errors
+from jtp.cli.output import one_line_errors, program
 from jtp.data.tokens import META, token_dtype
 
 CHUNK_BYTES = 8 << 20  # documents encoded per tokenizer call (it batches on its own threads)
@@ -37,7 +37,7 @@ CHUNK_BYTES = 8 << 20  # documents encoded per tokenizer call (it batches on its
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m jtp.prepare",
+        prog=program("python -m jtp.prepare"),
         description="Tokenize text files into DIR/train.bin, DIR/val.bin and DIR/meta.json.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

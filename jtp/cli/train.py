@@ -29,12 +29,18 @@ import os
 import sys
 from typing import Any
 
-from jtp.cli import compilation_cache
 from jtp.cli.devices import add_mesh_flags, init_distributed, select_devices
-from jtp.cli.flags import ArgumentParser, FieldFlags, field_values, options_from_args
-from jtp.cli.output import one_line_errors, write_json
-from jtp.cli.task_config import FeedForwardConfig, LlamaTaskConfig, TaskConfig
+from jtp.cli.flags import (
+    ArgumentParser,
+    FieldFlags,
+    add_compilation_cache_flags,
+    field_values,
+    options_from_args,
+)
+from jtp.cli.output import one_line_errors, program, write_json
 from jtp.errors import InputError
+from jtp.recipes import FeedForwardConfig, LlamaTaskConfig, TaskConfig
+from jtp.training import compilation_cache
 from jtp.training.options import TrainerOptions
 from jtp.xla_flags import apply_gpu_flags
 
@@ -53,7 +59,7 @@ METAVARS["preset"] = "NAME"
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
-        prog="python -m jtp.train",
+        prog=program("python -m jtp.train"),
         description="Train the Lightning docs' FeedForward example (or a Llama) with tensor "
         "parallelism. Flags are named after the option they set; the earlier spellings ("
         + ", ".join(s for spellings in ALIASES.values() for s in spellings)
@@ -105,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds without a heartbeat before a peer counts as dead (then all exit)",
     )  # fmt: skip
     flags.add(d, TrainerOptions, ("stop_check_every_n_steps",))
-    compilation_cache.add_flags(p.add_argument_group("compilation (process setup)"))
+    add_compilation_cache_flags(p.add_argument_group("compilation (process setup)"))
     flags.add(trainer, TrainerOptions)  # the others
     return p
 
@@ -149,8 +155,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if distributed:
         watchdog.arm(args.collective_timeout)  # the fit, the exports and the shutdown
 
-    from jtp.cli.recipes import FeedForwardTask, LlamaTask
     from jtp.mesh import ModelParallelStrategy, mesh_shape
+    from jtp.recipes import FeedForwardTask, LlamaTask
     from jtp.training.trainer import Trainer
 
     strategy = ModelParallelStrategy(
@@ -172,7 +178,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from jtp.training.precision import policy
 
         compute = policy(args.precision).compute_dtype
-        print(explain(task.model_factory(), mesh, task.plan, fsdp=args.fsdp, compute_dtype=compute))
+        print(
+            explain(
+                task.model_factory(mesh), mesh, task.plan, fsdp=args.fsdp, compute_dtype=compute
+            )
+        )
     trainer.fit(task, resume=args.resume)
     if args.export:
         from jtp.checkpoint.consolidated import save_consolidated

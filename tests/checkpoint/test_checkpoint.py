@@ -295,8 +295,8 @@ def test_a_checkpoint_written_before_the_round_3_layout_restores_and_continues(t
     the same program; only the CPU's instruction set may reorder the fp32 sums (a loss is
     the sum of 8 x 16 outputs of two 16/32-term dot products: rounding ~1e-6 relative).
     """
-    from jtp.cli.recipes import FeedForwardConfig, FeedForwardTask
     from jtp.models import FeedForward
+    from jtp.recipes import FeedForwardConfig, FeedForwardTask
 
     expected = json.loads((R2 / "expected.json").read_text())
     ck = tmp_path / "ck"

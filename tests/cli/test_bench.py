@@ -6,7 +6,7 @@ the batch and activations add under 2% at TP=8, so 1.05 leaves room only for the
 import argparse
 import json
 
-from jtp.cli.bench import main as bench_main
+from jtp.bench import main as bench_main
 
 
 def test_memory_benchmark_small(tmp_path, capsys):
@@ -39,7 +39,7 @@ def test_docs_figures_are_rendered_from_their_json():
 
 def _fake_repo(tmp_path, payload_extra=None, platform="cpu"):
     """A repository root with one benchmark module, one result of it and one page."""
-    from jtp.cli.bench import results
+    from jtp.bench import results
 
     (tmp_path / "docs").mkdir(parents=True)
     (tmp_path / "bench_results").mkdir()
@@ -132,14 +132,14 @@ def test_a_stale_gpu_result_is_reported_without_failing(tmp_path, capsys):
 def test_source_set_is_the_import_closure():
     """generate's figures depend on the decoder and generation code, not on the trainer; the
     processes memory starts (python -m jtp.train) count; rendering and filing never do."""
-    from jtp.cli.bench.results import NOT_MEASURED, source_files
+    from jtp.bench.results import NOT_MEASURED, source_files
 
     gen = source_files("generate")
-    assert {"jtp/cli/bench/generate.py", "jtp/generation/generate.py", "jtp/models/llama.py",
+    assert {"jtp/bench/generate.py", "jtp/generation/generate.py", "jtp/models/llama.py",
             "jtp/parallel/parallelize.py"} <= set(gen)  # fmt: skip
     assert "jtp/training/trainer.py" not in gen
     assert {"jtp/cli/train.py", "jtp/training/trainer.py"} <= set(source_files("memory"))
-    assert "jtp/cli/planner.py" in source_files("plan")
+    assert "jtp/capacity/search.py" in source_files("plan")
     for kind in ("generate", "memory", "gpu", "text", "plan"):
         assert not NOT_MEASURED & set(source_files(kind))
 
@@ -150,7 +150,7 @@ def test_ad_hoc_runs_never_write_committed_results(tmp_path, monkeypatch, capsys
     CPU one. Each refusal comes before any work (exit 2)."""
     import pytest
 
-    from jtp.cli.bench import results
+    from jtp.bench import results
 
     record = tmp_path / "bench_results"
     record.mkdir()
@@ -243,7 +243,7 @@ def test_compile_benchmark_code_path_at_tiny_sizes(tmp_path, capsys):
     """``bench compile`` end to end at 2 layers of width 128, two remat policies (not timed:
     the real run's figures are bench_results/compile.json); its JSON renders in the docs'
     format."""
-    from jtp.cli.bench.docs import RENDERERS
+    from jtp.bench.docs import RENDERERS
 
     out = tmp_path / "compile.json"
     payload = bench_main(["compile", "--depths", "2", "--dim", "128", "--seq", "16",
@@ -265,7 +265,7 @@ def test_generate_benchmark_code_path_at_tiny_sizes(tmp_path):
     """``bench generate`` end to end on a tiny model (its figures: bench_results/generate.json):
     the cache is split over the 8 devices (8 kv heads over tensor 8), and its size is
     layers x 2 (k, v) x rows x slots x kv heads x head dim x 4 bytes."""
-    from jtp.cli.bench.docs import RENDERERS
+    from jtp.bench.docs import RENDERERS
 
     out = tmp_path / "generate.json"
     payload = bench_main(["generate", "--dim", "64", "--layers", "2", "--prompt", "8",
@@ -285,7 +285,7 @@ def test_a_result_records_what_it_measured(tmp_path):
 
     import jax
 
-    from jtp.cli.bench.results import REPO, source_hashes
+    from jtp.bench.results import REPO, source_hashes
 
     out = tmp_path / "g.json"
     payload = bench_main(["generate", "--dim", "32", "--layers", "1", "--prompt", "4",
@@ -305,7 +305,7 @@ def test_a_result_records_what_it_measured(tmp_path):
 def test_lora_benchmark_code_path_on_the_tiny_preset(tmp_path):
     """``bench lora`` end to end on the tiny preset (its figures: bench_results/lora_memory.json):
     the LoRA step's arguments are smaller (no optimizer state for the base)."""
-    from jtp.cli.bench.docs import RENDERERS
+    from jtp.bench.docs import RENDERERS
 
     out = tmp_path / "lora.json"
     payload = bench_main(["lora", "--preset", "tiny", "--rank", "4", "--seq-len", "16",

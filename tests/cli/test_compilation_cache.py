@@ -6,8 +6,8 @@ import os
 
 from processes import clean_env, start_process, stop_all
 
-from jtp.cli import compilation_cache
 from jtp.cli.train import build_parser
+from jtp.training import compilation_cache
 
 RUN = ["--devices", "8", "--model", "llama", "--preset", "tiny", "--data-parallel", "2",
        "--tensor-parallel", "4", "--fsdp", "--sequence-parallel", "--loss-parallel",

@@ -17,8 +17,8 @@ def test_select_devices():
 
 
 def test_cli_rejects_bad_sizes_and_presets(capsys):
-    from jtp.cli.recipes import preset_config
     from jtp.cli.train import build_parser
+    from jtp.recipes.llama import preset_config
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--tensor-parallel", "four"])

@@ -9,8 +9,8 @@ import dataclasses
 import pytest
 
 from jtp.cli.flags import ArgumentParser, FieldFlags, field_docs, flag, options_from_args
-from jtp.cli.task_config import FeedForwardConfig, LlamaTaskConfig
 from jtp.cli.train import build_parser
+from jtp.recipes import FeedForwardConfig, LlamaTaskConfig
 from jtp.training.options import TrainerOptions
 
 CLASSES = (FeedForwardConfig, LlamaTaskConfig, TrainerOptions)

@@ -8,11 +8,11 @@ import jax
 import pytest
 
 import jtp
-from jtp.cli.planner import Config, configurations, main
-from jtp.cli.recipes import LlamaTask, LlamaTaskConfig
-from jtp.cli.roofline import Hardware, default_mem_fraction, estimate
-from jtp.cli.sizing import measure
+from jtp.capacity.measure import measure
+from jtp.capacity.roofline import Hardware, default_mem_fraction, estimate
+from jtp.capacity.search import Config, configurations, main
 from jtp.models.llama import PRESETS
+from jtp.recipes import LlamaTask, LlamaTaskConfig
 
 SEQ = 32
 

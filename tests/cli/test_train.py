@@ -11,8 +11,10 @@ import pytest
 from flax import nnx
 
 from jtp.cli.prepare import main as prepare_main
-from jtp.cli.recipes import LlamaTask, LlamaTaskConfig, data_vocab, lr_schedule
 from jtp.cli.train import main as train_main
+from jtp.recipes import LlamaTask, LlamaTaskConfig
+from jtp.recipes.llama import data_vocab
+from jtp.training.optimizers import lr_schedule
 from jtp.training.options import TrainerOptions
 from jtp.training.trainer import Trainer
 
@@ -198,7 +200,7 @@ def test_plan_auto_is_the_ready_layout(tmp_path):
     from pathlib import Path
 
     import jtp
-    from jtp.cli.recipes import FeedForwardConfig, FeedForwardTask
+    from jtp.recipes import FeedForwardConfig, FeedForwardTask
 
     mesh = jtp.make_mesh(2, 4)
     for fsdp in (False, True):

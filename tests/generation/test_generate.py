@@ -118,7 +118,7 @@ def test_cache_logits_equal_the_full_forward(config):
 def test_a_model_fresh_from_fit_generates_as_its_forward_does():
     """A tiny Llama trained two steps on 2 x 4 with fsdp (the trainer's sharded model, as
     fit leaves it): greedy generation equals the cache-free reference."""
-    from jtp.cli.recipes import LlamaTask, LlamaTaskConfig
+    from jtp.recipes import LlamaTask, LlamaTaskConfig
 
     task = LlamaTask(LlamaTaskConfig(seq_len=16, batch_size=8, samples=16, fsdp=True))
     trainer = jtp.Trainer(jtp.ModelParallelStrategy(2, 4, fsdp=True), max_steps=2,

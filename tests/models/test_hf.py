@@ -291,7 +291,7 @@ def test_a_training_checkpoint_record_gives_the_config_back():
     """What a training checkpoint records of the model (``dataclasses.asdict`` through JSON,
     read by jtp.eval / jtp.generate) is the config again: Gemma 3's linear RoPE scaling
     stays linear (Llama 3.1's stays llama3), the layer pattern a tuple."""
-    from jtp.cli.perplexity import model_config_of
+    from jtp.recipes.perplexity import model_config_of
 
     for name in ("gemma3", "llama3", "gemma2"):
         config = jtp.hf.config_of(fixture(name), max_seq_len=T)
@@ -521,9 +521,9 @@ def test_cli_fine_tunes_and_exports(tmp_path):
     """``--hf``: the first loss is the checkpoint's own (not a random init's ~ln 128), and
     falls on the one batch trained three times; the ``--export-hf`` checkpoint holds exactly
     the trained parameters (``--export``'s), in HF's layout and the source's dtype."""
-    from jtp.cli.recipes import LlamaTask, LlamaTaskConfig
     from jtp.cli.train import main
     from jtp.models.llama import cross_entropy
+    from jtp.recipes import LlamaTask, LlamaTaskConfig
 
     src, out, flat = fixture("qwen2"), str(tmp_path / "hf"), str(tmp_path / "flat.safetensors")
     metrics = main(

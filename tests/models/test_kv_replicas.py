@@ -26,8 +26,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jtp
-from jtp.cli.planner import configurations
-from jtp.cli.sizing import analytic_floor
+from jtp.capacity.measure import analytic_floor
+from jtp.capacity.search import configurations
 from jtp.models.decode import init_cache
 from jtp.models.llama import Llama, LlamaConfig, cross_entropy
 
@@ -159,7 +159,7 @@ def test_planner_offers_wider_tensor_and_counts_the_copies():
 def test_the_cli_task_fits_the_model_and_plan_to_the_mesh():
     """``python -m jtp.train --hf DIR``'s task: the checkpoint's 2 kv heads on tensor 8 get 4
     copies and a plan that leaves wk / wv whole; back on tensor 2, neither."""
-    from jtp.cli.recipes import LlamaTask, LlamaTaskConfig
+    from jtp.recipes import LlamaTask, LlamaTaskConfig
 
     src = os.path.join(os.path.dirname(__file__), "..", "fixtures", "hf", "llama_kv2")
     task = LlamaTask(LlamaTaskConfig(hf=src, seq_len=T))

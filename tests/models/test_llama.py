@@ -26,8 +26,8 @@ from helpers import (
 )
 
 import jtp
-from jtp.cli.recipes import LlamaTask, LlamaTaskConfig
 from jtp.models.llama import PRESETS, Llama, LlamaConfig, cross_entropy
+from jtp.recipes import LlamaTask, LlamaTaskConfig
 
 CFG = PRESETS["tiny"]
 B, T = 8, 32

@@ -17,7 +17,7 @@ from helpers import LM_PLAN, MIXED_PLAN, ff_loss, lm_factory, lm_loss, mixed_fac
 
 import jtp
 from jtp.analysis.dtypes import collective_bytes, dot_flops_by_dtype, partitioned_hlo
-from jtp.cli.recipes import FeedForwardConfig, FeedForwardTask, LlamaTask, LlamaTaskConfig
+from jtp.recipes import FeedForwardConfig, FeedForwardTask, LlamaTask, LlamaTaskConfig
 from jtp.training import precision as precision_module
 from jtp.training.compile import build_state, compile_train_step, train_step
 from jtp.training.options import TrainerOptions

@@ -9,10 +9,9 @@ import numpy as np
 from flax import nnx
 
 import jtp
-from jtp.cli.recipes import LlamaTask
-from jtp.cli.task_config import LlamaTaskConfig
 from jtp.cli.train import main
 from jtp.parallel.names import path_str
+from jtp.recipes import LlamaTask, LlamaTaskConfig
 
 HF = os.path.join(os.path.dirname(__file__), "..", "fixtures", "hf", "llama3")
 TASK = dict(hf=HF, seq_len=16, batch_size=8, samples=32, lr=1e-2)

@@ -6,7 +6,8 @@
   (:mod:`~jtp.models.hf.layer_types`)
 - :mod:`~jtp.models.hf.names`: the tensor name map, transposes and the RoPE permutation
 - :mod:`~jtp.models.hf.files`: safetensors reading by block, streamed writing
-- :mod:`~jtp.models.hf.load`: :func:`load_pretrained`, born sharded
+- :mod:`~jtp.models.hf.load`: :func:`load_pretrained`, born sharded (:func:`load_weights`
+  under a config and plan worked out elsewhere)
 - :mod:`~jtp.models.hf.save`: :func:`save_pretrained`, one tensor at a time
 - :mod:`~jtp.models.hf.peft`: :func:`save_peft`, LoRA adapters as PEFT loads them
 - :mod:`~jtp.models.hf.phi3`: Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` as row blocks,
@@ -15,10 +16,15 @@
 """
 
 from jtp.models.hf.config import SUPPORTED_ARCHITECTURES
-from jtp.models.hf.load import config_of, load_pretrained
+from jtp.models.hf.load import config_of, load_pretrained, load_weights
 from jtp.models.hf.peft import save_peft
 from jtp.models.hf.save import save_pretrained
 
 __all__ = [
-    "SUPPORTED_ARCHITECTURES", "config_of", "load_pretrained", "save_peft", "save_pretrained",
-]  # fmt: skip
+    "SUPPORTED_ARCHITECTURES",
+    "config_of",
+    "load_pretrained",
+    "load_weights",
+    "save_peft",
+    "save_pretrained",
+]

@@ -37,7 +37,7 @@ from jtp.models.llama import Llama, LlamaConfig
 from jtp.models.lora import TARGETS, parse_targets
 from jtp.models.plans import check_llama, llama, replicate_kv
 from jtp.parallel.names import path_str
-from jtp.parallel.plan import plan_shardings
+from jtp.parallel.plan import Plan, plan_shardings
 
 
 def check_tensors(files: CheckpointFiles, maps: list[TensorMap], shapes: dict[str, Any]) -> None:
@@ -161,8 +161,28 @@ def load_pretrained(
         config = dataclasses.replace(config, param_dtype=jnp.dtype(dtype).name)
     config = replicate_kv(config, mesh)  # a tensor axis wider than the kv heads
     check_llama(config, mesh, seq_len=config.max_seq_len, sequence_parallel=sequence_parallel)
-    files = CheckpointFiles(path)
     plan = llama(config, sequence_parallel=sequence_parallel, loss_parallel=loss_parallel)
+    return load_weights(path, mesh, config, plan, fsdp=fsdp, seed=seed, adapter=adapter)
+
+
+def load_weights(
+    path: str,
+    mesh: Mesh,
+    config: LlamaConfig,
+    plan: Plan,
+    *,
+    fsdp: bool = False,
+    seed: int = 0,
+    adapter: str | None = None,
+) -> Llama:
+    """The checkpoint at ``path`` as a model of ``config`` laid out by ``plan``: each
+    device reads its slice of each tensor. ``config`` and ``plan`` are already worked out
+    (:func:`load_pretrained` does it from its arguments, a recipe once for its whole run:
+    :func:`jtp.recipes.llama.resolve`); ``config`` must describe the checkpoint (the name
+    map and the shapes are checked against its files before a weight is read). ``seed``
+    draws fresh LoRA ``A`` matrices unless ``adapter`` gives them."""
+    hf = read_config(path)
+    files = CheckpointFiles(path)
     abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(seed)))
     graphdef, state = nnx.split(abstract)
     flat = dict((path_str(p), v) for p, v in nnx.to_flat_state(state))

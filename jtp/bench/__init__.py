@@ -13,9 +13,9 @@
 
 Every benchmark also takes ``--record``, and every sub-command
 ``--compilation-cache DIR`` / ``--no-compilation-cache``
-(:mod:`jtp.cli.compilation_cache`; on by default).
+(:mod:`jtp.training.compilation_cache`; on by default).
 
-Where results go (:mod:`jtp.cli.bench.results`): ``$JTP_BENCH_DIR/NAME.json``, else
+Where results go (:mod:`jtp.bench.results`): ``$JTP_BENCH_DIR/NAME.json``, else
 ``runs/bench/NAME.json`` (gitignored), or ``--json PATH``; only ``--record`` writes the
 committed ``bench_results/`` the docs render, and ``--smoke`` never does. Every result records
 its provenance (commit, a hash of the sources it measures, versions, machine, device, date).
@@ -31,15 +31,19 @@ import importlib
 import sys
 from typing import Any
 
-from jtp.cli import compilation_cache
-from jtp.cli.bench import results
+from jtp.bench import results
+from jtp.cli.flags import add_compilation_cache_flags
+from jtp.cli.output import program
+from jtp.training import compilation_cache
 from jtp.xla_flags import apply_gpu_flags
 
 JSON_HELP = "JSON output path (default: $JTP_BENCH_DIR or runs/bench/; --record: bench_results/)"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m jtp.bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog=program("python -m jtp.bench"), description=__doc__.split("\n")[0]
+    )
     sub = p.add_subparsers(dest="which", required=True)
     m = sub.add_parser("memory", help="peak memory per device vs Lightning and the floor")
     m.add_argument("--dim", type=int, default=8192, help="FeedForward dim = hidden dim")
@@ -103,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dc.add_argument("--root", default=".", help="repository root (holds docs/, bench_results/)")
     dc.add_argument("--check", action="store_true", help="fail if a table differs; write nothing")
     for name, sub_parser in sub.choices.items():
-        compilation_cache.add_flags(sub_parser)
+        add_compilation_cache_flags(sub_parser)
         if name != "docs":
             sub_parser.add_argument(
                 "--record", action="store_true",

@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any
 
-from jtp.cli.bench.results import write_result
+from jtp.bench.results import write_result
 from jtp.cli.output import machine
 
 
@@ -24,7 +24,8 @@ def _llama_row(
 
     from jtp.analysis.collectives import bytes_by_axes, collectives
     from jtp.analysis.memory import peak_memory_per_device
-    from jtp.cli.recipes import LlamaTaskConfig, abstract_llama_step
+    from jtp.recipes import LlamaTaskConfig
+    from jtp.recipes.llama import abstract_llama_step
 
     precision = flags.pop("precision", "32-true")
     config = LlamaTaskConfig(preset=preset, seq_len=seq_len, batch_size=batch, **flags)

@@ -12,7 +12,7 @@ and is rewritten here by the same formatter the benchmark printed it with, so a 
 never drift from its JSON (``--check`` fails instead of writing; the test suite runs it).
 
 Both modes also fail when a result is older than the code it measures (its provenance's
-source hash differs from today's, :func:`jtp.cli.bench.results.staleness`), naming the
+source hash differs from today's, :func:`jtp.bench.results.staleness`), naming the
 result, the page and the command that re-records it. Two exceptions are reported without
 failing: a GPU result on a machine without a GPU (only a GPU re-runs it), and a result whose
 provenance says ``"accepted_stale"`` with a reason (a person decided it waits; the page says so).
@@ -24,7 +24,6 @@ import argparse
 import json
 import re
 import sys
-from argparse import Namespace
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,67 +34,67 @@ BLOCK = re.compile(
 
 
 def _memory(p: dict[str, Any]) -> str:
-    from jtp.cli.bench.memory import format_memory
+    from jtp.bench.memory import format_memory
 
     return format_memory(p["rows"], p["dim"])
 
 
 def _overhead(p: dict[str, Any]) -> str:
-    from jtp.cli.bench.overhead import format_overhead
+    from jtp.bench.overhead import format_overhead
 
     return format_overhead(p)
 
 
 def _llama(p: dict[str, Any]) -> str:
-    from jtp.cli.bench.llama import format_llama
+    from jtp.bench.llama import format_llama
 
     return format_llama(p["rows"])
 
 
-def _plan(p: dict[str, Any]) -> str:
-    from jtp.cli.planner import format_plan
+def _capacity(p: dict[str, Any]) -> str:
+    from jtp.capacity.report import format_table
 
-    return format_plan(p["rows"], Namespace(**p["args"]), p["recommended"])
+    return format_table(p)
 
 
 def _multihost(p: dict[str, Any]) -> str:
-    from jtp.cli.bench.multihost import format_multihost
+    from jtp.bench.multihost import format_multihost
 
     return format_multihost(p)
 
 
 def _compile(p: dict[str, Any]) -> str:
-    from jtp.cli.bench.compile import format_compile
+    from jtp.bench.compile import format_compile
 
     return format_compile(p)
 
 
 def _cache(p: dict[str, Any]) -> str:
-    from jtp.cli.bench.cache import format_cache
+    from jtp.bench.cache import format_cache
 
     return format_cache(p)
 
 
 def _generate(p: dict[str, Any]) -> str:
-    from jtp.cli.bench.generate import format_generate
+    from jtp.bench.generate import format_generate
 
     return format_generate(p)
 
 
 def _lora(p: dict[str, Any]) -> str:
-    from jtp.cli.bench.lora import format_lora
+    from jtp.bench.lora import format_lora
 
     return format_lora(p)
 
 
 def _gpu(p: dict[str, Any]) -> str:
-    from jtp.cli.bench.gpu import format_gpu
+    from jtp.bench.gpu import format_gpu
 
     return format_gpu(p)
 
 
 def _text(p: dict[str, Any]) -> str:
-    from jtp.cli.bench.text import format_text
+    from jtp.bench.text import format_text
 
     return format_text(p)
 
@@ -105,7 +104,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "memory": _memory,
     "overhead": _overhead,
     "llama": _llama,
-    "plan": _plan,
+    "capacity": _capacity,
     "text": _text,
     "compile": _compile,
     "cache": _cache,
@@ -135,7 +134,7 @@ def _note(payload: dict[str, Any], stale: str | None) -> str:
 
 
 def _stale(payload: dict[str, Any], kind: str, root: Path) -> str | None:
-    from jtp.cli.bench.results import staleness
+    from jtp.bench.results import staleness
 
     return staleness(payload, kind, _reader(root))
 
@@ -171,8 +170,8 @@ def _verdict(result: str, page: str, why: str, payload: dict[str, Any]) -> tuple
     prov = payload.get("provenance") or {}
     kind = payload.get("kind")
     command = prov.get("command") or (
-        "the python -m jtp.plan command beside its table, with --json"
-        if kind == "plan"
+        "the python -m jtp.capacity command beside its table, with --json"
+        if kind == "capacity"
         else f"python -m jtp.bench {kind} --record"
     )
     if "--record" not in command and command.startswith("python -m jtp.bench"):

@@ -15,7 +15,7 @@ import argparse
 import sys
 from typing import Any
 
-from jtp.cli.bench.results import write_result
+from jtp.bench.results import write_result
 from jtp.cli.output import machine
 
 GIB = 2**30
@@ -39,8 +39,8 @@ def lora(args: argparse.Namespace) -> dict[str, Any]:
 
 def _measure(args: argparse.Namespace, rank: int, devices: list) -> dict[str, Any]:
     from jtp.analysis.memory import peak_memory_per_device
-    from jtp.cli.recipes import abstract_llama_step
-    from jtp.cli.task_config import LlamaTaskConfig
+    from jtp.recipes import LlamaTaskConfig
+    from jtp.recipes.llama import abstract_llama_step
 
     config = LlamaTaskConfig(preset=args.preset, seq_len=args.seq_len,
                              batch_size=args.batch_size, fsdp=True, lora_rank=rank,

@@ -1,4 +1,4 @@
-"""What one planner configuration costs: compile jtp's Llama train step abstractly for it,
+"""What one layout costs: compile jtp's Llama train step abstractly for it,
 at the model's whole depth, and read per-device memory, matmul FLOPs by dtype and collective
 bytes per mesh axis off the program.
 
@@ -13,7 +13,7 @@ compiled to 135 GiB scanned), and the peak moves with depth, from the loss at 2 
 the backward loop a few layers on, so a line through shallow points misses the deep one
 (2 -> 3 layers added 2.6 GiB on the GPU, each layer from 16 to 32 added 3.9).
 
-Used by the capacity planner (:mod:`jtp.cli.planner`) and ``python -m jtp.bench gpu``.
+Used by :func:`jtp.capacity.search` and ``python -m jtp.bench gpu``.
 On CPU devices the compile sizes what a GPU runs: bf16 buffers at 2 bytes
 (:data:`jtp.analysis.memory.KEEP_BF16`) and, where a GPU takes cuDNN's fused attention, jtp's
 blockwise kernel with the same O(T) memory (:func:`compiled_attention`).
@@ -25,7 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from jtp.cli.roofline import ring_factor
+from jtp.analysis.collectives import axes_key, bytes_by_axes, collectives
+from jtp.analysis.dtypes import dot_flops_by_dtype
+from jtp.analysis.memory import KEEP_BF16, peak_memory_per_device
+from jtp.capacity.roofline import ring_factor
+from jtp.models.attention import choose_attention
+from jtp.models.hf import config_of
+from jtp.recipes import LlamaTaskConfig
+from jtp.recipes.llama import preset_config, trace_llama_step
+from jtp.training.precision import policy
 
 # axes_key -> the planner's names; a collective over no axis (1-device groups) is free.
 AXES_KEYS = {"tensor": "tensor", "data": "data", "data+tensor": "both", "-": "tensor"}
@@ -40,18 +48,19 @@ def compiled_attention(
     scores soft-capped at ``softcap``: Gemma 2)."""
     if requested != "auto" or platform != "cpu":
         return requested
-    from jtp.models.attention import choose_attention
-    from jtp.training.precision import policy
-
     gpu, _ = choose_attention(
-        "auto", platform="gpu", dtype=policy(precision).compute_dtype, head_dim=head_dim,
-        compute_capability="9.0", softcap=softcap,
-    )  # fmt: skip
+        "auto",
+        platform="gpu",
+        dtype=policy(precision).compute_dtype,
+        head_dim=head_dim,
+        compute_capability="9.0",
+        softcap=softcap,
+    )
     return "blockwise" if gpu == "cudnn" else "xla"
 
 
 def measure(
-    config: Any,
+    layout: Any,
     preset: str,
     n_layers: int,
     seq: int,
@@ -62,11 +71,12 @@ def measure(
     hf: str | None = None,
     attention: str = "auto",
 ) -> dict[str, Any]:
-    """Compile one configuration with ``n_layers`` scanned blocks and ``accumulate`` micro-batches
-    per optimizer step (as the trainer runs it); figures per device and per optimizer step:
-    memory (accumulation buffer included), collective bytes (loop bodies counted once per
-    trip), and the matmul FLOPs of the traced step (scan bodies once per trip; the backward
-    and remat's recomputation included), all and those with 16-bit operands
+    """Compile one :class:`~jtp.capacity.search.Layout` with ``n_layers`` scanned blocks and
+    ``accumulate`` micro-batches per optimizer step (as the trainer runs it); figures per
+    device and per optimizer step: memory (accumulation buffer included), collective bytes
+    (loop bodies counted once per trip), and the matmul FLOPs of the traced step (scan
+    bodies once per trip; the backward and remat's recomputation included), all and those
+    with 16-bit operands
     (``flops_bf16``). Elementwise FLOPs are left out: they are memory-bound, and XLA's cost
     analysis, which counts them, counts a loop body once.
 
@@ -74,26 +84,29 @@ def measure(
     :func:`compiled_attention`'s. ``hf``: the shapes of that Hugging Face checkpoint
     instead of ``preset``'s.
     """
-    from jtp.analysis.collectives import axes_key, bytes_by_axes, collectives
-    from jtp.analysis.dtypes import dot_flops_by_dtype
-    from jtp.analysis.memory import KEEP_BF16, peak_memory_per_device
-    from jtp.cli.recipes import LlamaTaskConfig, preset_config, trace_llama_step
-    from jtp.models.hf import config_of
-
     platform = devices[0].platform
     model = config_of(hf, max_seq_len=seq) if hf else preset_config(preset)
     task_config = LlamaTaskConfig(
-        preset=preset, hf=hf, seq_len=seq, batch_size=micro_batch * config.data, fsdp=config.fsdp,
-        sequence_parallel=config.sequence_parallel, loss_parallel=config.tensor > 1,
-        remat=config.remat,
+        preset=preset,
+        hf=hf,
+        seq_len=seq,
+        batch_size=micro_batch * layout.data,
+        fsdp=layout.fsdp,
+        sequence_parallel=layout.sequence_parallel,
+        loss_parallel=layout.tensor > 1,
+        remat=layout.remat,
         attention=compiled_attention(
             attention, precision, model.head_dim, platform, model.attn_softcap
         ),
-    )  # fmt: skip
+    )
     traced, mesh = trace_llama_step(
-        task_config, (config.data, config.tensor), devices, precision=precision,
-        n_layers=n_layers, accumulate=accumulate,
-    )  # fmt: skip
+        task_config,
+        (layout.data, layout.tensor),
+        devices,
+        precision=precision,
+        n_layers=n_layers,
+        accumulate=accumulate,
+    )
     compiled = traced.lower().compile(KEEP_BF16 if platform == "cpu" else None)
     records = collectives(compiled, mesh)
     by_axis = {AXES_KEYS[k]: float(v) for k, v in bytes_by_axes(records).items()}
@@ -113,15 +126,15 @@ def measure(
     }
 
 
-def analytic_floor(model: Any, n_devices: int, config: Any, precision: str) -> float:
+def analytic_floor(model: Any, n_devices: int, layout: Any, precision: str) -> float:
     """(params + grads + 2 AdamW moments) bytes per device, fp32 state, for the Llama
     config ``model``: every parameter split ``tensor`` ways (and ``data`` ways with fsdp),
     except ``wk`` / ``wv`` where the tensor axis is wider than the kv heads: those are
     replicated over "tensor" (:func:`jtp.plans.replicate_kv`), a whole copy on each device."""
     per_param = 16 if precision != "bf16-true" else 8
-    shards = n_devices if config.fsdp else config.tensor
+    shards = n_devices if layout.fsdp else layout.tensor
     kv = 0
-    if config.tensor > model.n_kv_heads:  # wk, wv (and their biases) on every tensor rank
+    if layout.tensor > model.n_kv_heads:  # wk, wv (and their biases) on every tensor rank
         kv = model.n_layers * 2 * model.n_kv_heads * model.head_dim * (model.dim + model.qkv_bias)
     split = model.num_params() - kv
-    return (split / shards + kv * config.tensor / shards) * per_param
+    return (split / shards + kv * layout.tensor / shards) * per_param

@@ -1,7 +1,7 @@
 """``python -m jtp.bench attention``: each attention kernel on real models' shapes, forward +
 backward in bf16, against float32, and which kernel "auto" takes.
 
-The cases (:data:`jtp.cli.bench.gpu_checks.ATTENTION_CASES`) are Llama-3-8B's causal
+The cases (:data:`jtp.bench.gpu_checks.ATTENTION_CASES`) are Llama-3-8B's causal
 grouped-query attention and Gemma's: a sliding layer's window with the layer's kind traced
 (as one scanned block of sliding and global layers runs it: ``jax.lax.cond`` between two
 static-window kernels, so cuDNN's fused kernel stays usable), Gemma 2's soft-capped scores
@@ -15,14 +15,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from jtp.cli.bench.results import write_result
+from jtp.bench.results import write_result
 from jtp.cli.output import machine
 
 
 def attention(args: argparse.Namespace) -> dict[str, Any]:
     import jax
 
-    from jtp.cli.bench.gpu_checks import (
+    from jtp.bench.gpu_checks import (
         ATTENTION_CASES,
         ATTENTION_RTOL,
         SMOKE_ATTENTION_CASES,

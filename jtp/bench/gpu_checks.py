@@ -124,7 +124,7 @@ def planner_check(
     CPU devices than the layout needs."""
     import jax
 
-    from jtp.cli.sizing import measure
+    from jtp.capacity.measure import measure
 
     cpus = jax.devices("cpu")
     if len(cpus) < layout.data * layout.tensor:

@@ -18,7 +18,7 @@ import tempfile
 import time
 from typing import Any
 
-from jtp.cli.bench.results import write_result
+from jtp.bench.results import write_result
 from jtp.cli.output import machine
 
 GB = 1e9

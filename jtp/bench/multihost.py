@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Any
 
-from jtp.cli.bench.results import write_result
+from jtp.bench.results import write_result
 from jtp.cli.output import machine
 
 GB = 1e9
@@ -52,7 +52,7 @@ def agreement_ms(calls: int) -> list[float]:
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
     env["JAX_PLATFORMS"] = "cpu"
-    cmd = [sys.executable, "-m", "jtp.cli.bench.multihost", "agree-worker", f"127.0.0.1:{port}"]
+    cmd = [sys.executable, "-m", "jtp.bench.multihost", "agree-worker", f"127.0.0.1:{port}"]
     procs = [
         subprocess.Popen([*cmd, str(i), str(calls)], stdout=subprocess.PIPE, text=True, env=env)
         for i in range(2)
@@ -72,8 +72,9 @@ def accumulation_rows() -> list[dict[str, Any]]:
 
     from jtp.analysis.collectives import bytes_by_axes, collectives
     from jtp.analysis.memory import peak_memory_per_device
-    from jtp.cli.recipes import LlamaTaskConfig, abstract_llama_step
     from jtp.models.llama import LlamaConfig
+    from jtp.recipes import LlamaTaskConfig
+    from jtp.recipes.llama import abstract_llama_step
 
     rows, model = [], LlamaConfig(**ACCUM_MODEL)
     for fsdp in (False, True):

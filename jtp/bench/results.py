@@ -45,14 +45,14 @@ SUBPROCESSES = {
     "text": ("jtp.train", "jtp.cli.train", "jtp.prepare", "jtp.cli.prepare"),
     "cache": ("jtp.train", "jtp.cli.train"),
 }
-# The module each result kind starts from (the planner's tables come from jtp.cli.planner).
-ENTRY = {"plan": "jtp.cli.planner"}
+# The module each result kind starts from (the planner's tables come from its program).
+ENTRY = {"capacity": "jtp.cli.capacity"}
 # Rendering and filing results, not measuring: outside every source set.
 NOT_MEASURED = {
     "jtp/cli/output.py",
-    "jtp/cli/bench/__init__.py",
-    "jtp/cli/bench/docs.py",
-    "jtp/cli/bench/results.py",
+    "jtp/bench/__init__.py",
+    "jtp/bench/docs.py",
+    "jtp/bench/results.py",
 }
 
 Reader = Callable[[str], "str | None"]  # repository path -> text, None where absent
@@ -99,7 +99,7 @@ def _imports(text: str) -> set[str]:
 
 def source_files(benchmark: str, read: Reader = _worktree) -> list[str]:
     """The repository paths whose code ``benchmark``'s figures depend on (see module doc)."""
-    roots = [ENTRY.get(benchmark, f"jtp.cli.bench.{benchmark}"), *SUBPROCESSES.get(benchmark, ())]
+    roots = [ENTRY.get(benchmark, f"jtp.bench.{benchmark}"), *SUBPROCESSES.get(benchmark, ())]
     seen: set[str] = set()
     todo = [p for m in roots if (p := _module_path(m, read))]
     while todo:

@@ -23,8 +23,6 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jtp.checkpoint.model import llama_record, restore_model
-from jtp.cli.recipes import LlamaTask, check_positions
-from jtp.cli.task_config import LlamaTaskConfig
 from jtp.data.loader import DataLoader
 from jtp.data.tokens import read_meta
 from jtp.errors import InputError
@@ -33,6 +31,8 @@ from jtp.models.hf.config import max_positions_of, read_config
 from jtp.models.llama import LlamaConfig
 from jtp.models.rope import rope_scaling_of
 from jtp.parallel.abstract import abstract_sharded
+from jtp.recipes.config import LlamaTaskConfig
+from jtp.recipes.llama import LlamaTask, check_positions
 from jtp.training.precision import PRECISIONS
 
 SPLITS = ("val", "train")
@@ -125,9 +125,12 @@ def hf_task(e: EvalConfig) -> PerplexityTask:
     seq_len = e.seq_len or min(HF_SEQ_LEN, positions)
     check_positions(seq_len, positions, f"max_position_embeddings in {e.hf}/config.json")
     config = LlamaTaskConfig(
-        hf=e.hf, data=e.data, seq_len=seq_len, batch_size=e.batch_size or HF_BATCH,
+        hf=e.hf,
+        data=e.data,
+        seq_len=seq_len,
+        batch_size=e.batch_size or HF_BATCH,
         **_parallel(e),
-    )  # fmt: skip
+    )
     return PerplexityTask(config, split=e.split)
 
 
@@ -154,9 +157,14 @@ def checkpoint_task(e: EvalConfig) -> tuple[PerplexityTask, dict[str, Any]]:
     )
     check_positions(seq_len, model_config.max_seq_len, "the max_seq_len it was built with")
     config = dataclasses.replace(
-        trained, hf=None, data=e.data, seq_len=seq_len, remat="none",
-        batch_size=e.batch_size or trained.batch_size, **_parallel(e),
-    )  # fmt: skip
+        trained,
+        hf=None,
+        data=e.data,
+        seq_len=seq_len,
+        remat="none",
+        batch_size=e.batch_size or trained.batch_size,
+        **_parallel(e),
+    )
     task = PerplexityTask(
         config, split=e.split, model_config=model_config, checkpoint=e.checkpoint, step=step
     )

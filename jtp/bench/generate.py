@@ -15,7 +15,7 @@ import argparse
 import sys
 from typing import Any
 
-from jtp.cli.bench.results import write_result
+from jtp.bench.results import write_result
 from jtp.cli.output import machine
 
 

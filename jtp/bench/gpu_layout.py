@@ -9,24 +9,24 @@ from typing import Any
 
 
 def n_layers(preset: str) -> int:
-    from jtp.cli.recipes import preset_config
+    from jtp.recipes.llama import preset_config
 
     return preset_config(preset).n_layers
 
 
 def _candidates(n: int, smoke: bool, preset: str, micro_batch: int, seq: int) -> list[Any]:
-    """The planner's single-node layouts (:func:`jtp.cli.planner.configurations`) that a
+    """The planner's single-node layouts (:func:`jtp.capacity.layouts`) that a
     throughput run takes: fsdp over "data" wherever there is more than one data rank, no
     sequence parallelism (T is whole on each device), every remat policy."""
-    from jtp.cli.planner import Config, configurations
-    from jtp.cli.recipes import preset_config
+    from jtp.capacity import Layout, layouts
+    from jtp.recipes.llama import preset_config
 
     if smoke:
-        return [Config(2, n // 2, True, False, "none")]
+        return [Layout(2, n // 2, True, False, "none")]
     c = preset_config(preset)
     return [
         config
-        for config in configurations(n, n, c.n_heads, c.n_kv_heads, micro_batch * n, seq)
+        for config in layouts(n, n, c.n_heads, c.n_kv_heads, micro_batch * n, seq)
         if config.fsdp == (config.data > 1) and not config.sequence_parallel
     ]
 
@@ -44,11 +44,12 @@ def choose_layout(
     """The planner's fastest layout that fits ``usable`` bytes (None: anything fits), the
     layer count it needs (None: the preset's), and every candidate's figures.
 
-    Each candidate's whole scanned step is compiled for ``devices`` (:mod:`jtp.cli.sizing`)
+    Each candidate's whole scanned step is compiled for ``devices`` (:mod:`jtp.capacity.measure`)
     and ranked by the roofline estimate; if none fits, the depth is halved and they are
     compiled again."""
-    from jtp.cli.roofline import Hardware, estimate
-    from jtp.cli.sizing import measure
+    from jtp.capacity import Hardware
+    from jtp.capacity.measure import measure
+    from jtp.capacity.roofline import estimate
 
     hw = Hardware(peak_tflops=peak)
     depth = layers = n_layers(preset)

@@ -1,7 +1,7 @@
 """``python -m jtp.bench compile``: how long the Llama train step takes to compile, scanned
 vs unrolled, by depth; and what each remat policy costs in memory and FLOPs.
 
-The step is the trainer's (:func:`jtp.cli.recipes.abstract_llama_step`: AdamW, the Llama
+The step is the trainer's (:func:`jtp.recipes.llama.abstract_llama_step`: AdamW, the Llama
 plan on a (2, 4) mesh with fsdp, remat "full", bf16-mixed), compiled on abstract arrays
 (nothing allocated) for 8 forced CPU devices. A compile's seconds run from the model's
 shapes to the compiled program (tracing, lowering, XLA). Unrolled blocks are traced and
@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any
 
-from jtp.cli.bench.results import write_result
+from jtp.bench.results import write_result
 from jtp.cli.output import machine
 
 MESH = (2, 4)
@@ -37,7 +37,8 @@ def _model(args: argparse.Namespace, n_layers: int, **overrides: Any) -> Any:
 
 def _compile(model: Any, devices: list, seq: int, batch: int) -> tuple[Any, float]:
     """The compiled train step of ``model`` and the seconds it took."""
-    from jtp.cli.recipes import LlamaTaskConfig, abstract_llama_step
+    from jtp.recipes import LlamaTaskConfig
+    from jtp.recipes.llama import abstract_llama_step
 
     task = LlamaTaskConfig(seq_len=seq, batch_size=batch, fsdp=True, remat=model.remat)
     t0 = time.perf_counter()

@@ -8,7 +8,7 @@ It runs the trainer's own compiled step (:mod:`jtp.training.compile`) on real ar
 ``bf16-mixed`` and ``attention="auto"`` (cuDNN's fused kernel on a GPU), on the layout the
 capacity planner recommends for these GPUs: every single-node layout (fsdp over the data
 ranks, each remat policy) is compiled abstractly *for the GPUs themselves* at 2 and 3
-scanned layers (:mod:`jtp.cli.sizing`), extrapolated to the model's depth, ranked by the
+scanned layers (:mod:`jtp.capacity.measure`), extrapolated to the model's depth, ranked by the
 planner's roofline estimate (this device's bf16 peak), and the fastest whose memory fits the
 usable memory (``bytes_limit`` of ``memory_stats()``: what jax's preallocation leaves) is
 compiled whole; if XLA's figure for that whole program does not fit, the next one is taken
@@ -37,14 +37,14 @@ import sys
 import time
 from typing import Any
 
-from jtp.cli.bench.gpu_checks import (
+from jtp.bench.gpu_checks import (
     ATTENTION_SHAPE,
     SMOKE_ATTENTION_SHAPE,
     attention_check,
     planner_check,
 )
-from jtp.cli.bench.gpu_layout import choose_layout, n_layers
-from jtp.cli.bench.results import write_result
+from jtp.bench.gpu_layout import choose_layout, n_layers
+from jtp.bench.results import write_result
 from jtp.cli.output import machine
 
 TORCHTITAN = {"tokens_per_s_per_device": 5762, "mfu": "33-39%", "model": "Llama-3-8B",
@@ -76,9 +76,10 @@ def _step(config: str, layout: Any, devices: list, batch: int, seq: int, layers:
     import numpy as np
 
     from jtp.analysis.dtypes import flops_fraction
-    from jtp.cli.recipes import LlamaTask, LlamaTaskConfig
     from jtp.mesh import ModelParallelStrategy
     from jtp.parallel.batch import shard_batch
+    from jtp.recipes import LlamaTask, LlamaTaskConfig
+    from jtp.recipes.llama import model_shapes
     from jtp.training.compile import build_state, trace_train_step, train_step
     from jtp.training.options import TrainerOptions
 
@@ -87,9 +88,10 @@ def _step(config: str, layout: Any, devices: list, batch: int, seq: int, layers:
         preset=config, seq_len=seq, batch_size=batch, fsdp=fsdp, remat=remat,
         sequence_parallel=False, loss_parallel=t > 1,
     )  # fmt: skip
-    task = LlamaTask(task_config)
-    if layers is not None:
-        task.model_config = dataclasses.replace(task.model_config, n_layers=layers)
+    shapes = model_shapes(task_config)
+    if layers is not None:  # cut to the depth that fits
+        shapes = dataclasses.replace(shapes, n_layers=layers)
+    task = LlamaTask(task_config, model_config=shapes)
     strategy = ModelParallelStrategy(d, t, fsdp=fsdp, devices=devices[: d * t])
     options = TrainerOptions(precision="bf16-mixed")
     state, rules = build_state(task, strategy, options)

@@ -1,9 +1,9 @@
 """jax's persistent compilation cache for the programs: a resumed or repeated run loads its
 compiled steps from disk instead of compiling them again.
 
-On by default in ``python -m jtp.train``, ``jtp.plan`` and ``jtp.bench``, in
-``$JTP_COMPILATION_CACHE`` if set, else ``~/.cache/jtp/xla`` (``$XDG_CACHE_HOME`` honoured);
-``--compilation-cache DIR`` picks another directory, ``--no-compilation-cache`` (or
+On by default in the programs (``jtp train``, ``jtp capacity``, ``jtp bench``, ...), in
+``$JTP_COMPILATION_CACHE`` if set, else ``~/.cache/jtp/xla`` (``$XDG_CACHE_HOME`` honoured).
+Their ``--compilation-cache DIR`` picks another directory, ``--no-compilation-cache`` (or
 ``JTP_COMPILATION_CACHE=off``) turns it off. jax's defaults would skip what matters on CPU:
 it caches only programs that took a second or more to compile; here every program is cached.
 jax keys an entry by the program, its compile options, the devices and the jax/jaxlib
@@ -12,7 +12,6 @@ versions, so one directory serves every model, mesh and version safely.
 
 from __future__ import annotations
 
-import argparse
 import os
 
 ENV = "JTP_COMPILATION_CACHE"
@@ -26,19 +25,6 @@ def default_dir() -> str | None:
         return None if value.strip().lower() in OFF else value
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "jtp", "xla")
-
-
-def add_flags(parser: argparse.ArgumentParser) -> None:
-    """``--compilation-cache DIR`` and ``--no-compilation-cache`` (process setup)."""
-    g = parser.add_mutually_exclusive_group()
-    g.add_argument(
-        "--compilation-cache", default=default_dir(), metavar="DIR",
-        help=f"jax's persistent compilation cache (default: ${ENV}, else ~/.cache/jtp/xla)",
-    )  # fmt: skip
-    g.add_argument(
-        "--no-compilation-cache", dest="compilation_cache", action="store_const", const=None,
-        help="compile everything afresh, write nothing",
-    )  # fmt: skip
 
 
 def enable(directory: str | None) -> str | None:

@@ -11,7 +11,7 @@ import tempfile
 import time
 from typing import Any
 
-from jtp.cli.bench.results import write_result
+from jtp.bench.results import write_result
 from jtp.cli.output import machine
 
 
@@ -22,9 +22,9 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
 
     select_devices(8)  # 8 forced devices on CPU (before jax starts); the first 8 elsewhere
 
-    from jtp.cli.recipes import FeedForwardConfig, FeedForwardTask
     from jtp.mesh import ModelParallelStrategy
     from jtp.parallel.replicas import check_replicas
+    from jtp.recipes import FeedForwardConfig, FeedForwardTask
     from jtp.training.compile import build_state, compile_train_step, train_step
     from jtp.training.options import TrainerOptions
     from jtp.training.trainer import Trainer

@@ -1,5 +1,5 @@
-"""The configs of the ready-made tasks (jtp.cli.recipes): what ``python -m jtp.train``
-sets, one flag per field (jtp.cli.flags), each field's entry under Attributes its help."""
+"""The configs of the ready-made tasks (:mod:`jtp.recipes`): what ``jtp train`` sets, one
+flag per field (:mod:`jtp.cli.flags`), each field's entry under Attributes its help."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from jtp.errors import check_fields
 from jtp.models.attention import ATTENTION
 from jtp.models.lora import TARGETS
 from jtp.models.stack import REMAT_POLICIES, remat_name
+from jtp.training.optimizers import LR_SCHEDULES
 
-LR_SCHEDULES = ("constant", "cosine")
 PLANS = ("ready", "auto")
 
 

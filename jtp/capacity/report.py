@@ -1,0 +1,68 @@
+"""The planner's table, from its JSON (:meth:`jtp.capacity.search.CapacityTable.to_json`):
+what ``jtp capacity`` prints and what ``jtp bench docs`` renders into the pages, so a table
+in the docs is always the one its JSON holds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jtp.capacity.roofline import GB
+
+KERNELS = {"blockwise": "blockwise, standing for cuDNN's fused kernel", "xla": "XLA's, T^2"}
+COLUMNS = (  # (title, width)
+    ("d x t, options", 22),
+    ("accum", 5),
+    ("memory GB", 9),
+    ("floor GB", 8),
+    ("fits", 4),
+    ("tensor GB/step", 14),
+    ("data GB/step", 12),
+    ("step s (est)", 12),
+    ("tok/s/dev (est)", 15),
+)
+
+
+def _header(r: dict[str, Any], hw: dict[str, Any]) -> str:
+    memory, fraction = hw["memory_gb"], hw["mem_fraction"]
+    kernel = KERNELS.get(r["attention_compiled"], r["attention_compiled"])
+    return (
+        f"{r['label']} on {r['devices']} devices ({r['devices_per_host']}/host, "
+        f"{memory:g} GB), global batch {r['global_batch']} x {r['seq_len']} tokens, "
+        f"{r['precision']}, micro-batch {r['micro_batch']}/data rank.\n"
+        f"Fits: memory <= {memory * fraction:g} GB usable ({fraction:.0%} of {memory:g} GB: "
+        "jax's preallocation). Memory and bytes: compiled (XLA CPU backend, bf16 kept bf16, "
+        f"attention {kernel}; per device).\n"
+        f"Step time and tokens/s: ESTIMATES (roofline: {hw['compute_efficiency']:.0%} of "
+        f"{hw['peak_tflops']:g} TFLOP/s bf16, fp32 matmuls at {hw['fp32_ratio']:g}x that, "
+        f"{hw['intra_host_gbps']:g} GB/s in host, {hw['inter_host_gbps']:g} GB/s across, "
+        "no overlap).\n"
+    )
+
+
+def _row(row: dict[str, Any], mark: str) -> str:
+    cells = (
+        f"{row['label']:<22}",
+        f"{row['accumulate']:>5}",
+        f"{row['memory_bytes'] / GB:>9.2f}",
+        f"{row['floor_bytes'] / GB:>8.2f}",
+        f"{'yes' if row['fits'] else 'no':>4}",
+        f"{row['tensor_bytes_per_step'] / GB:>14.1f}",
+        f"{row['data_bytes_per_step'] / GB:>12.1f}",
+        f"{row['step_s']:>12.2f}",
+        f"{row['tokens_per_s_per_device']:>15,.0f}",
+    )
+    return f"| {mark} | " + " | ".join(cells) + " |"
+
+
+def format_table(payload: dict[str, Any]) -> str:
+    """The table of a planner JSON: one row per layout, the recommended one starred."""
+    best = payload["recommended"]
+    cells = [f"{n:<{w}}" if i == 0 else f"{n:>{w}}" for i, (n, w) in enumerate(COLUMNS)]
+    lines = [
+        "|   | " + " | ".join(cells) + " |",
+        "|---|" + "|".join("-" * (w + 2) for _, w in COLUMNS) + "|",
+    ]
+    for row in payload["rows"]:
+        lines.append(_row(row, "*" if best is not None and row["label"] == best["label"] else " "))
+    tail = f"\n* recommended: {best['label']}" if best else "\nno configuration fits"
+    return _header(payload["request"], payload["hardware"]) + "\n".join(lines) + tail

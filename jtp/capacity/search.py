@@ -1,0 +1,244 @@
+"""The search: every valid layout of a model on a cluster, each compiled and sized
+(:mod:`jtp.capacity.measure`), timed by the roofline (:mod:`jtp.capacity.roofline`), ranked.
+
+:func:`search` is what ``jtp capacity`` runs and prints (:func:`jtp.capacity.report.format_table`)::
+
+    from jtp.capacity import Request, search
+    table = search(Request(model="llama3-8b", devices=64, global_batch=256, seq_len=8192))
+    print(table.format())          # the program's table
+    table.recommended["label"]     # "8x8 fsdp,sp,remat=dots", say
+
+It needs one jax device per device of the cluster (forced CPU devices stand in for GPUs:
+``JAX_NUM_CPU_DEVICES=64`` before jax starts; the program does that itself).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+
+from jtp.capacity.measure import analytic_floor, compiled_attention, measure
+from jtp.capacity.report import format_table
+from jtp.capacity.roofline import Hardware, estimate
+from jtp.errors import InputError
+from jtp.models.hf import config_of
+from jtp.models.llama import LlamaConfig
+from jtp.models.stack import REMAT_POLICIES, remat_name
+from jtp.recipes.llama import preset_config
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """One way to lay a model out: mesh sizes, fsdp, sequence parallelism, a remat policy."""
+
+    data: int
+    tensor: int
+    fsdp: bool
+    sequence_parallel: bool
+    remat: str  # a policy of jtp.models.stack ("none", "full", ...); True / False: full / none
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "remat", remat_name(self.remat))
+
+    def label(self) -> str:
+        flags = [f for f in ("fsdp", "sequence_parallel") if getattr(self, f)]
+        flags += [] if self.remat == "none" else [f"remat={self.remat}".replace("=full", "")]
+        return f"{self.data}x{self.tensor} " + (
+            ",".join(f.replace("sequence_parallel", "sp") for f in flags) or "-"
+        )
+
+
+def layouts(
+    n_devices: int,
+    per_host: int,
+    n_heads: int,
+    n_kv: int,
+    batch: int,
+    seq: int,
+    remat: tuple[str, ...] = REMAT_POLICIES,
+) -> list[Layout]:
+    """Valid splits: tensor divides the query heads and divides the kv heads or is a
+    multiple of them (each kv head then replicated, :func:`jtp.plans.replicate_kv`: the
+    compiled step the planner sizes holds the copies), fits in one host; data divides the
+    batch; each with every remat policy in ``remat``."""
+    out = []
+    for t in range(1, min(per_host, n_devices) + 1):
+        if n_devices % t or n_heads % t or (n_kv % t and t % n_kv):
+            continue
+        d = n_devices // t
+        if batch % d:
+            continue
+        for fsdp in (False, True) if d > 1 else (False,):  # fsdp over 1 device is a no-op
+            for sp in (False, True) if t > 1 and seq % t == 0 else (False,):
+                for policy in remat:
+                    out.append(Layout(d, t, fsdp, sp, policy))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """The question the planner answers: this model, this cluster, this batch.
+
+    Attributes:
+      model: a preset of jtp.models.llama.PRESETS (ignored when ``hf`` is given).
+      hf: a Hugging Face directory whose config.json gives the shapes (no weight is read).
+      devices: devices in the cluster.
+      devices_per_host: devices per host: a tensor group stays inside one.
+      global_batch: sequences per optimizer step.
+      micro_batch: sequences per data rank per micro-step (the rest is accumulation).
+      seq_len: tokens per sequence.
+      precision: a jtp precision (``bf16-mixed``, ...).
+      attention: the kernel to size; ``auto``: what the GPU runs (on CPU devices jtp's
+        blockwise kernel stands for cuDNN's fused one).
+      tensor: only these tensor sizes; None: every valid one.
+      remat: the remat policies to try.
+    """
+
+    model: str = "llama3-8b"
+    hf: str | None = None
+    devices: int = 64
+    devices_per_host: int = 8
+    global_batch: int = 256
+    micro_batch: int = 1
+    seq_len: int = 8192
+    precision: str = "bf16-mixed"
+    attention: str = "auto"
+    tensor: tuple[int, ...] | None = None
+    remat: tuple[str, ...] = REMAT_POLICIES
+
+    def model_config(self) -> LlamaConfig:
+        """The model's shapes: ``hf``'s config.json, else the preset's."""
+        if self.hf:
+            return config_of(self.hf, max_seq_len=self.seq_len)
+        return preset_config(self.model)
+
+    def model_label(self) -> str:
+        return f"{self.hf} ({self.model} ignored)" if self.hf else self.model
+
+
+@dataclasses.dataclass(frozen=True)
+class CapacityTable:
+    """The answer: one row per layout (best first: those that fit, by estimated tokens/s),
+    and the recommended row (None when nothing fits). :meth:`to_json` is what the program
+    writes with ``--json``; :meth:`format` what it prints."""
+
+    request: Request
+    hardware: Hardware
+    attention_compiled: str  # the kernel compiled (attention="auto" on CPU: see Request)
+    rows: list[dict[str, Any]]
+    recommended: dict[str, Any] | None
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        request = dataclasses.asdict(self.request)
+        request["label"] = self.request.model_label()
+        request["attention_compiled"] = self.attention_compiled
+        return {
+            "request": request,
+            "hardware": dataclasses.asdict(self.hardware),
+            "usable_bytes_per_device": self.hardware.usable_bytes,
+            "rows": self.rows,
+            "recommended": self.recommended,
+            "seconds": self.seconds,
+        }
+
+    def format(self) -> str:
+        return format_table(self.to_json())
+
+
+def _chosen(request: Request, model: LlamaConfig) -> list[Layout]:
+    """The layouts to size; ``request.tensor`` matching none is an error that says why."""
+    r = request
+    found = layouts(
+        r.devices,
+        r.devices_per_host,
+        model.n_heads,
+        model.n_kv_heads,
+        r.global_batch,
+        r.seq_len,
+        tuple(remat_name(p) for p in r.remat),
+    )
+    if not r.tensor:
+        return found
+    valid = sorted({c.tensor for c in found})
+    if not set(r.tensor) & set(valid):  # say why, not "no configuration fits" as if memory were
+        raise InputError(
+            f"--tensor {','.join(map(str, r.tensor))}: no valid split of {r.devices} devices "
+            f"for {model.n_heads} heads / {model.n_kv_heads} kv heads and batch "
+            f"{r.global_batch} (the tensor size divides the heads, fits in --devices-per-host "
+            f"{r.devices_per_host}); valid sizes: {valid}"
+        )
+    return [c for c in found if c.tensor in r.tensor]
+
+
+def search(
+    request: Request,
+    hardware: Hardware | None = None,
+    *,
+    devices: Sequence[jax.Device] | None = None,
+    progress: Callable[[Layout, dict[str, float], float], None] | None = None,
+) -> CapacityTable:
+    """Size every valid layout of ``request`` and rank them.
+
+    ``devices``: the stand-ins the steps compile for, at least ``request.devices`` of them
+    (default ``jax.devices()``). ``progress(layout, measured, seconds)`` is called after each
+    compile (the program prints a line to stderr).
+    """
+    hw = hardware or Hardware()
+    r = request
+    available = list(jax.devices() if devices is None else devices)
+    if len(available) < r.devices:
+        raise InputError(
+            f"--devices {r.devices}: only {len(available)} {available[0].platform} devices; "
+            f"on CPU, force them before jax starts: JAX_NUM_CPU_DEVICES={r.devices}"
+        )
+    available = available[: r.devices]
+    model = r.model_config()
+    platform = available[0].platform
+    attention = compiled_attention(
+        r.attention, r.precision, model.head_dim, platform, model.attn_softcap
+    )
+    t0 = time.perf_counter()
+    rows = []
+    for layout in _chosen(r, model):
+        if r.global_batch % (layout.data * r.micro_batch):
+            continue
+        accumulate = r.global_batch // (layout.data * r.micro_batch)
+        m = measure(
+            layout,
+            r.model,
+            model.n_layers,
+            r.seq_len,
+            r.micro_batch,
+            r.precision,
+            available,
+            accumulate,
+            hf=r.hf,
+            attention=r.attention,
+        )
+        est = estimate(m, layout, hw, r.devices_per_host)
+        rows.append(
+            {
+                "config": dataclasses.asdict(layout),
+                "label": layout.label(),
+                "accumulate": accumulate,
+                "memory_bytes": m["memory"],
+                "floor_bytes": analytic_floor(model, r.devices, layout, r.precision),
+                "fits": m["memory"] <= hw.usable_bytes,
+                "flops_per_step": m["flops"],
+                "bf16_flops_per_step": m["flops_bf16"],
+                "tensor_bytes_per_step": m["bytes_tensor"],
+                "data_bytes_per_step": m["bytes_data"] + m["bytes_both"],
+                **est,
+                "tokens_per_s_per_device": r.global_batch * r.seq_len / est["step_s"] / r.devices,
+            }
+        )
+        if progress is not None:
+            progress(layout, m, time.perf_counter() - t0)
+    rows.sort(key=lambda row: (not row["fits"], -row["tokens_per_s_per_device"]))
+    best = next((row for row in rows if row["fits"]), None)
+    return CapacityTable(r, hw, attention, rows, best, time.perf_counter() - t0)
