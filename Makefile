@@ -79,7 +79,7 @@ test-avx2: $(STAMP)
 ## before users install it. FORCE=1 runs them whatever the versions. Passing: `make
 ## constraints` in .venv-latest's place pins the new versions.
 LATEST_TESTS := tests/distributed tests/training/test_multiprocess.py \
-	tests/cli/test_compilation_cache.py tests/analysis/test_memory.py $(AVX2_TESTS)
+	tests/training/test_compilation_cache.py tests/analysis/test_memory.py $(AVX2_TESTS)
 test-latest: $(STAMP)
 	@if [ -z "$(FORCE)" ] && $(PY) scripts/newest_releases.py constraints.txt; then \
 	    echo "test-latest: the newest releases are the pinned ones, tested above"; exit 0; fi; \

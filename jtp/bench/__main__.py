@@ -1,6 +1,6 @@
-"""``python -m jtp.bench``: see :mod:`jtp.bench`."""
+"""``python -m jtp.bench``: see :mod:`jtp.cli.bench`."""
 
-from jtp.bench import run
+from jtp.cli.bench import run
 
 if __name__ == "__main__":
     run()

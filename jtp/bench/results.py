@@ -50,6 +50,7 @@ ENTRY = {"capacity": "jtp.cli.capacity"}
 # Rendering and filing results, not measuring: outside every source set.
 NOT_MEASURED = {
     "jtp/cli/output.py",
+    "jtp/cli/bench.py",
     "jtp/bench/__init__.py",
     "jtp/bench/docs.py",
     "jtp/bench/results.py",

@@ -24,7 +24,7 @@ COMMANDS = {
     "eval": ("jtp.cli.eval", "score a split of a token directory: loss and perplexity"),
     "generate": ("jtp.cli.generate", "generate text with a KV cache, sharded"),
     "capacity": ("jtp.cli.capacity", "which layout fits a cluster, and what it costs"),
-    "bench": ("jtp.bench", "the benchmarks whose figures the docs show"),
+    "bench": ("jtp.cli.bench", "the benchmarks whose figures the docs show"),
 }
 
 

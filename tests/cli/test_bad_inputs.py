@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from helpers import backend_compiles
 
+from jtp.cli import capacity as capacity_cli
 from jtp.cli import eval as eval_cli
 from jtp.cli import generate as generate_cli
-from jtp.cli import planner as planner_cli
 from jtp.cli import prepare as prepare_cli
 from jtp.cli.train import _run_and_exit
 from jtp.cli.train import main as train_main
@@ -156,12 +156,12 @@ CASES = [
      ["--hf", str(HF), "--data", "{t}/data", "--json", "{t}/mine"], "--json"),
     ("eval-step-of-an-hf-model", None, "eval",
      ["--hf", str(HF), "--data", "{t}/data", "--step", "3"], "--step"),
-    ("plan-tensor-that-cuts-heads", None, "plan", ["--devices", "8", "--tensor", "3"],
+    ("capacity-tensor-that-cuts-heads", None, "capacity", ["--devices", "8", "--tensor", "3"],
      "valid sizes: [1, 2, 4, 8]"),
     ("tensor-size-that-does-not-divide-the-devices", None, "train",
      ["--tensor-parallel", "3"], "valid sizes: 1, 2, 4, 8"),
     ("nan-temperature", None, "generate", ["--temperature", "nan"], "--temperature"),
-    ("mem-fraction-above-one", None, "plan", ["--mem-fraction", "2"], "--mem-fraction"),
+    ("mem-fraction-above-one", None, "capacity", ["--mem-fraction", "2"], "--mem-fraction"),
 ]  # fmt: skip
 
 
@@ -174,7 +174,7 @@ def _snapshot(root: Path) -> dict[str, str]:
 
 def _run(program: str, argv: list[str]) -> int:
     """The program's own entry point, as ``python -m jtp.<program>`` runs it."""
-    runs = {"prepare": prepare_cli.run, "generate": generate_cli.run, "plan": planner_cli.run,
+    runs = {"prepare": prepare_cli.run, "generate": generate_cli.run, "capacity": capacity_cli.run,
             "eval": eval_cli.run}  # fmt: skip
     saved = sys.argv
     try:

@@ -566,13 +566,14 @@ def test_num_params_counts_what_the_model_holds():
     "name,precision,kernel", [("qwen2", "32-true", "xla"), ("gemma2", "bf16-mixed", "xla")]
 )
 def test_planner_plans_for_the_checkpoint_shapes(tmp_path, monkeypatch, name, precision, kernel):
-    """``python -m jtp.plan --hf DIR``: the checkpoint's shapes (here tied, with biases; or
+    """``python -m jtp.capacity --hf DIR``: the checkpoint's shapes (here tied, with biases; or
     Gemma 2's), from config.json alone. One configuration, to keep it quick. (The preset
     name is not one of PRESETS then, so a measure() that ignored the checkpoint would
     fail.) Gemma 2 in bf16 compiles XLA's attention: a GPU's "auto" cannot take cuDNN's
     kernel (which it would for Qwen2 in bf16: blockwise stands for it) for soft-capped
     scores."""
-    from jtp.cli import planner
+    from jtp.capacity import search
+    from jtp.cli.capacity import main
 
     src = tmp_path / "config_only"
     os.makedirs(src)
@@ -581,14 +582,14 @@ def test_planner_plans_for_the_checkpoint_shapes(tmp_path, monkeypatch, name, pr
 
     def one_configuration(*args):
         asked.append(args)
-        return [planner.Config(1, 8, fsdp=False, sequence_parallel=True, remat=False)]
+        return [search.Layout(1, 8, fsdp=False, sequence_parallel=True, remat=False)]
 
-    monkeypatch.setattr(planner, "configurations", one_configuration)
-    out = planner.main(
+    monkeypatch.setattr(search, "layouts", one_configuration)
+    out = main(
         ["--hf", str(src), "--devices", "8", "--devices-per-host", "8", "--global-batch", "8",
          "--seq-len", str(T), "--precision", precision, "--json", str(tmp_path / "plan.json")]
     )  # fmt: skip
-    assert out["args"]["attention_compiled"] == kernel
+    assert out["request"]["attention_compiled"] == kernel
     # devices, per host, heads, kv heads, batch, seq, remat policies
     assert asked == [(8, 8, 16, 8, 8, T, ("none", "full", "dots", "minimal"))]
     config = jtp.hf.config_of(str(src))

@@ -183,16 +183,17 @@ def test_save_checks_a_phi3_source(tmp_path):
 
 
 def test_planner_plans_a_phi3_checkpoint(tmp_path, monkeypatch):
-    """``python -m jtp.plan --hf tests/fixtures/hf/phi3``: its shapes (16 heads, 8 kv
+    """``python -m jtp.capacity --hf tests/fixtures/hf/phi3``: its shapes (16 heads, 8 kv
     heads, untied, a 32-token window) from config.json, one configuration compiled, to keep
     it quick."""
-    from jtp.cli import planner
+    from jtp.capacity import search
+    from jtp.cli.capacity import main
 
     def one_configuration(*args):
-        return [planner.Config(2, 4, fsdp=True, sequence_parallel=False, remat=False)]
+        return [search.Layout(2, 4, fsdp=True, sequence_parallel=False, remat=False)]
 
-    monkeypatch.setattr(planner, "configurations", one_configuration)
-    out = planner.main(
+    monkeypatch.setattr(search, "layouts", one_configuration)
+    out = main(
         ["--hf", fixture("phi3"), "--devices", "8", "--devices-per-host", "8",
          "--global-batch", "8", "--seq-len", str(T), "--precision", "32-true",
          "--json", str(tmp_path / "plan.json")]

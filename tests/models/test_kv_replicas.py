@@ -26,8 +26,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jtp
+from jtp.capacity import layouts
 from jtp.capacity.measure import analytic_floor
-from jtp.capacity.search import configurations
 from jtp.models.decode import init_cache
 from jtp.models.llama import Llama, LlamaConfig, cross_entropy
 
@@ -139,13 +139,13 @@ def test_replicas_follow_the_mesh_and_bad_sizes_say_what_to_do():
 
 
 def test_planner_offers_wider_tensor_and_counts_the_copies():
-    sizes = {c.tensor for c in configurations(8, 8, 16, 2, 8, 16, ("none",))}
+    sizes = {c.tensor for c in layouts(8, 8, 16, 2, 8, 16, ("none",))}
     assert sizes == {1, 2, 4, 8}  # 4 and 8: kv heads replicated
     # 3 kv heads: 2 and 4 neither divide them nor are multiples of them
-    assert {c.tensor for c in configurations(12, 12, 12, 3, 12, 12, ("none",))} == {1, 3, 6, 12}
+    assert {c.tensor for c in layouts(12, 12, 12, 3, 12, 12, ("none",))} == {1, 3, 6, 12}
 
     def floor(t, fsdp=False):
-        config = next(c for c in configurations(8, 8, 16, 2, 8, 16, ("none",))
+        config = next(c for c in layouts(8, 8, 16, 2, 8, 16, ("none",))
                       if c.tensor == t and c.fsdp == fsdp)  # fmt: skip
         return analytic_floor(CFG, 8, config, "32-true")
 

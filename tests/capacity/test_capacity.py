@@ -10,7 +10,8 @@ import pytest
 import jtp
 from jtp.capacity.measure import measure
 from jtp.capacity.roofline import Hardware, default_mem_fraction, estimate
-from jtp.capacity.search import Config, configurations, main
+from jtp.capacity.search import Layout, layouts
+from jtp.cli.capacity import main
 from jtp.models.llama import PRESETS
 from jtp.recipes import LlamaTask, LlamaTaskConfig
 
@@ -25,7 +26,7 @@ def test_planner_equals_the_trainers_compiled_step(fsdp, k):
     memory (the accumulation buffer counted) and the same bytes per optimizer step (the layer
     loop's and the accumulation loop's collectives counted once per trip). Its FLOPs are
     checked against a hand count below (XLA's cost analysis counts a loop body once)."""
-    config = Config(2, 4, fsdp=fsdp, sequence_parallel=True, remat="none")
+    config = Layout(2, 4, fsdp=fsdp, sequence_parallel=True, remat="none")
     planned = measure(config, "tiny", 2, SEQ, 4, "32-true", jax.devices(), k)
     task = LlamaTask(
         LlamaTaskConfig(seq_len=SEQ, batch_size=8, samples=8 * k, fsdp=fsdp,
@@ -70,7 +71,7 @@ def test_matmul_flops_by_hand_and_by_dtype(remat):
     split over the 8 devices), for 32-true (XLA's attention) and for bf16-mixed (the
     blockwise attention standing for cuDNN's flash kernel). Under bf16-mixed at least 95%
     of them have bf16 operands, under 32-true none (the time model prices them apart)."""
-    config = Config(2, 4, fsdp=False, sequence_parallel=False, remat=remat)
+    config = Layout(2, 4, fsdp=False, sequence_parallel=False, remat=remat)
     for precision, flash in (("32-true", False), ("bf16-mixed", True)):
         want = _matmul_flops(PRESETS["tiny"], 8, SEQ, remat=remat, flash=flash)
         m = measure(config, "tiny", PRESETS["tiny"].n_layers, SEQ, 4, precision, jax.devices())
@@ -81,7 +82,7 @@ def test_matmul_flops_by_hand_and_by_dtype(remat):
 
 def test_time_model_prices_float32_matmuls_at_the_tf32_ratio():
     hw = Hardware(peak_tflops=1000.0, compute_efficiency=0.5, fp32_ratio=0.5)
-    config = Config(1, 8, False, False, False)
+    config = Layout(1, 8, False, False, False)
     wire = {"wire_tensor": 0.0, "wire_data": 0.0, "wire_both": 0.0}
     bf16 = estimate({"flops": 1e15, "flops_bf16": 1e15, **wire}, config, hw, 8)
     fp32 = estimate({"flops": 1e15, "flops_bf16": 0.0, **wire}, config, hw, 8)
@@ -126,7 +127,7 @@ def test_llama3_8b_one_host_tp8_remat_against_a_hand_count():
     t, d, v = 8192, 4096, 128256
     hand = 4 * n + 8 * n + 4 * n + 2 * n + 32 * t * d * 2 + t * (v // 8) * 10 + 5 * t * d * 4
     assert hand / 1e9 == pytest.approx(22.20, abs=0.01)
-    config = Config(1, 8, fsdp=False, sequence_parallel=False, remat="full")
+    config = Layout(1, 8, fsdp=False, sequence_parallel=False, remat="full")
     one, two = (
         measure(config, "llama3-8b", 32, t, 1, "bf16-mixed", jax.devices(), accumulate=k)
         for k in (1, 2)
@@ -137,8 +138,8 @@ def test_llama3_8b_one_host_tp8_remat_against_a_hand_count():
     assert 4 * n <= two["memory"] - one["memory"] <= 6 * n
 
 
-def test_configurations_respect_heads_hosts_and_batch():
-    configs = configurations(64, 8, n_heads=32, n_kv=8, batch=256, seq=8192)
+def test_layouts_respect_heads_hosts_and_batch():
+    configs = layouts(64, 8, n_heads=32, n_kv=8, batch=256, seq=8192)
     assert {c.tensor for c in configs} == {1, 2, 4, 8}
     assert all(c.data * c.tensor == 64 for c in configs)
     assert not [c for c in configs if c.tensor == 1 and c.sequence_parallel]
@@ -146,8 +147,8 @@ def test_configurations_respect_heads_hosts_and_batch():
     assert {c.remat for c in configs} == {"none", "full", "dots", "minimal"}
     assert [c.label() for c in configs[:4]] == ["64x1 -", "64x1 remat", "64x1 remat=dots",
                                                  "64x1 remat=minimal"]  # fmt: skip
-    assert Config(8, 8, True, True, True) == Config(8, 8, True, True, "full")  # old booleans
-    assert {c.tensor for c in configurations(8, 8, n_heads=12, n_kv=6, batch=8, seq=64)} == {1, 2}
+    assert Layout(8, 8, True, True, True) == Layout(8, 8, True, True, "full")  # old booleans
+    assert {c.tensor for c in layouts(8, 8, n_heads=12, n_kv=6, batch=8, seq=64)} == {1, 2}
 
 
 def test_planner_end_to_end_tiny(tmp_path, capsys):
@@ -161,7 +162,7 @@ def test_planner_end_to_end_tiny(tmp_path, capsys):
     assert best["fits"] and best["tokens_per_s_per_device"] == max(
         r["tokens_per_s_per_device"] for r in payload["rows"] if r["fits"]
     )
-    assert payload["usable_bytes_per_device"] == 80e9 * payload["args"]["mem_fraction"]
+    assert payload["usable_bytes_per_device"] == 80e9 * payload["hardware"]["mem_fraction"]
     for r in payload["rows"]:
         assert r["memory_bytes"] >= r["floor_bytes"] * 0.99  # compiled >= analytic floor
         assert r["fits"] == (r["memory_bytes"] <= payload["usable_bytes_per_device"])
@@ -173,7 +174,7 @@ def test_fits_compares_with_the_usable_memory(tmp_path, monkeypatch):
     """A row that needs 70 GB of an 80 GB device does not fit under jax's default 75%
     preallocation (60 GB), and does at --mem-fraction 0.9 (72 GB). The compiles are
     replaced by fixed figures: this checks the comparison, the header and the JSON."""
-    from jtp.cli import planner
+    from jtp.capacity import search
 
     def fake_measure(config, *args, **kwargs):
         return dict.fromkeys(
@@ -181,7 +182,7 @@ def test_fits_compares_with_the_usable_memory(tmp_path, monkeypatch):
              "wire_tensor", "wire_data", "wire_both"), 1.0,
         ) | {"memory": 70e9}  # fmt: skip
 
-    monkeypatch.setattr(planner, "measure", fake_measure)
+    monkeypatch.setattr(search, "measure", fake_measure)
     monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
     args = ["--model", "tiny", "--devices", "8", "--global-batch", "8", "--seq-len", str(SEQ),
             "--tensor", "8", "--json", str(tmp_path / "p.json")]  # fmt: skip
@@ -190,3 +191,27 @@ def test_fits_compares_with_the_usable_memory(tmp_path, monkeypatch):
     assert not any(r["fits"] for r in default["rows"])
     roomier = main([*args, "--mem-fraction", "0.9"])
     assert roomier["usable_bytes_per_device"] == 72e9 and all(r["fits"] for r in roomier["rows"])
+
+
+def test_the_library_function_returns_the_table_the_program_prints(capsys):
+    """``jtp.capacity.search`` is the program without its flags: the same rows, the same
+    recommendation and, formatted, the very text the program printed. Fewer devices than
+    the request names is an error that says how to get them."""
+    from jtp.capacity import Request, search
+
+    request = Request(
+        model="tiny", devices=8, global_batch=8, seq_len=SEQ, precision="32-true",
+        tensor=(8,), remat=("none",),
+    )  # fmt: skip
+    table = search(request, devices=jax.devices())
+    payload = main(
+        ["--model", "tiny", "--devices", "8", "--global-batch", "8", "--seq-len", str(SEQ),
+         "--precision", "32-true", "--tensor", "8", "--remat", "none"]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert [r["label"] for r in table.rows] == [r["label"] for r in payload["rows"]]
+    assert [r["memory_bytes"] for r in table.rows] == [r["memory_bytes"] for r in payload["rows"]]
+    assert table.recommended["label"] == payload["recommended"]["label"]
+    assert table.format() + "\n" == printed
+    with pytest.raises(jtp.InputError, match="JAX_NUM_CPU_DEVICES=64"):
+        search(Request(model="tiny", devices=64), devices=jax.devices())

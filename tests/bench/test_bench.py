@@ -6,7 +6,7 @@ the batch and activations add under 2% at TP=8, so 1.05 leaves room only for the
 import argparse
 import json
 
-from jtp.bench import main as bench_main
+from jtp.cli.bench import main as bench_main
 
 
 def test_memory_benchmark_small(tmp_path, capsys):
@@ -43,8 +43,8 @@ def _fake_repo(tmp_path, payload_extra=None, platform="cpu"):
 
     (tmp_path / "docs").mkdir(parents=True)
     (tmp_path / "bench_results").mkdir()
-    (tmp_path / "jtp" / "cli" / "bench").mkdir(parents=True)
-    (tmp_path / "jtp" / "cli" / "bench" / "overhead.py").write_text("from jtp.mesh import x\n")
+    (tmp_path / "jtp" / "bench").mkdir(parents=True)
+    (tmp_path / "jtp" / "bench" / "overhead.py").write_text("from jtp.mesh import x\n")
     (tmp_path / "jtp" / "mesh.py").write_text("x = 1\n")
     (tmp_path / "README.md").write_text("")
 
