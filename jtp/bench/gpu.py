@@ -17,7 +17,7 @@ say so.
 
 Beside the run, two checks only a GPU can make: cuDNN's fused attention against XLA's in
 float32 (outputs and gradients; time of each kernel), and the CPU planner's memory for the
-chosen layout (``python -m jtp.plan`` without a GPU) against XLA's for the GPU.
+chosen layout (``python -m jtp.capacity`` without a GPU) against XLA's for the GPU.
 
 MFU = (6 N + attention) FLOPs per token x tokens/s / (devices x peak), torchtitan's
 formula: N parameters without the embedding table, attention 12 x layers x heads x head dim
@@ -271,7 +271,7 @@ def format_gpu(r: dict[str, Any]) -> str:
     plan = r["planner_check"]
     if plan is not None:
         lines.append(
-            f"\nplanner on CPU (jtp.plan): {plan['cpu_planned_bytes'] / 2**30:.1f} GiB/device "
+            f"\nplanner on CPU (jtp.capacity): {plan['cpu_planned_bytes'] / 2**30:.1f} GiB/device "
             f"for this layout; XLA for the GPU: {plan['gpu_compiled_bytes'] / 2**30:.1f} GiB "
             f"(ratio {plan['ratio']:.2f})"
         )

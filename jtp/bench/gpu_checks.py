@@ -118,7 +118,7 @@ def attention_check(case: dict[str, Any], platform: str) -> list[dict[str, Any]]
 def planner_check(
     layout: Any, preset: str, layers: int, seq: int, micro_batch: int, gpu_memory: float
 ) -> dict[str, Any] | None:
-    """What ``python -m jtp.plan`` would have said about this layout without a GPU: the same
+    """What ``python -m jtp.capacity`` would have said about this layout without a GPU: the same
     step compiled for CPU devices (bf16 kept at 2 bytes, the blockwise kernel standing in
     for cuDNN), against the memory XLA compiles for the GPU itself. None where jax has fewer
     CPU devices than the layout needs."""

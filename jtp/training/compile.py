@@ -1,6 +1,6 @@
 """A compiled train step from a module, a mesh and the options: no Trainer needed.
 
-``Trainer.fit`` and the capacity planner (``python -m jtp.plan``, ``python -m jtp.bench
+``Trainer.fit`` and the capacity planner (``python -m jtp.capacity``, ``python -m jtp.bench
 llama``) both build their step here, so the planner sizes exactly the program ``fit`` runs.
 The step is jitted with fixed input and output shardings (parameters and optimizer state keep
 their plan layout across steps) and donated state buffers (the update happens in place: the
