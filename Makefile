@@ -54,7 +54,7 @@ AVX2_TESTS := \
 	'tests/parallel/test_parallelize.py::test_matches_unsharded[feedforward-1x8-fsdp]' \
 	tests/parallel/test_flax_layers.py::test_mixed_layers_match_unsharded \
 	tests/parallel/test_flax_layers.py::test_row_lora_and_conv2d_pairs \
-	'tests/parallel/test_infer.py::test_unseen_models_shard_like_a_hand_plan[transformer]' \
+	'tests/parallel/infer/test_infer.py::test_unseen_models_shard_like_a_hand_plan[transformer]' \
 	tests/training/test_accumulation.py::test_k_micro_batches_equal_one_step_on_the_whole_batch \
 	tests/training/test_trainer.py::test_fit_2x4_matches_one_device_loop \
 	tests/training/test_trainer.py::test_clipping_equals_unsharded_clipping \

@@ -13,7 +13,7 @@ reshape has cut the features into ``(heads, head_dim)``): the tensor size must d
   ``"reduce"`` over the split axis (allowed only at the end of a lone column head);
 - :class:`Need`: the op combines the split value with a whole one that must be split too
   (the other branch of a gate, the keys of attention, the kernel of the row layer): the
-  caller finds which layer makes it (:mod:`jtp.parallel.pairing`) or refuses;
+  caller finds which layer makes it (:mod:`jtp.parallel.infer.pairing`) or refuses;
 - :class:`Stop`: anything that mixes features across the split (a norm or softmax over
   it, a reshape cutting through a head, a contraction outside a layer, an op not listed
   here) ends the attempt, with the reason.
@@ -27,8 +27,8 @@ import dataclasses
 import math
 from collections.abc import Sequence, Set
 
-from jtp.parallel.dataflow import CUMULATIVE, ELEMENTWISE, IDENTITY, REDUCTIONS, Graph, Op
-from jtp.parallel.dims import broadcast_along, dot_dims, reshape_dim
+from jtp.parallel.infer.dataflow import CUMULATIVE, ELEMENTWISE, IDENTITY, REDUCTIONS, Graph, Op
+from jtp.parallel.infer.dims import broadcast_along, dot_dims, reshape_dim
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,7 +218,7 @@ def propagate(
     op: Op, states: Sequence[State], g: Graph, sliced: Set[int] = frozenset()
 ) -> Moved | Need | Stop:
     """What ``op`` does with its operands' splits (at least one is split). ``sliced``:
-    whole values each device may slice (copies of heads, :func:`~jtp.parallel.dims.
+    whole values each device may slice (copies of heads, :func:`~jtp.parallel.infer.dims.
     column_source`'s repeats) as if they were split."""
     prim = op.prim
     if prim in IDENTITY:

@@ -1,16 +1,16 @@
 """Growing column -> row groups over a traced forward: the search behind :func:`jtp.infer_plan`.
 
 A *group* starts from one layer (a column layer; an embedding as a row layer) and takes in
-what its split needs: a pass over the program (:mod:`jtp.parallel.dataflow`) moves the
-split of every member's parameters through each op (:mod:`jtp.parallel.split_rules`); when
+what its split needs: a pass over the program (:mod:`jtp.parallel.infer.dataflow`) moves the
+split of every member's parameters through each op (:mod:`jtp.parallel.infer.split_rules`); when
 an op asks for a whole operand to be split too, :meth:`Search.join` finds the layer that
 makes it (the other branch of a gate or attention's keys and values: a column layer, found
-by :func:`jtp.parallel.dims.column_source`; the parameter of a contraction: a row layer),
+by :func:`jtp.parallel.infer.dims.column_source`; the parameter of a contraction: a row layer),
 adds it, and the pass runs again. The group is kept when its splits end in row layers (one
 all-reduce each), in an embedding lookup, or, for a lone column layer projecting to a larger
 output, in the forward's result; anything else is a :class:`Why` the layer stays replicated.
 Each group is grown alone (:meth:`Search.candidates`) and counts the bytes it all-reduces;
-which of overlapping groups make the plan is :mod:`jtp.parallel.choice`'s decision.
+which of overlapping groups make the plan is :mod:`jtp.parallel.infer.choice`'s decision.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import heapq
 import math
 from collections.abc import Callable, Mapping
 
-from jtp.parallel.dataflow import PARAM, Graph
-from jtp.parallel.dims import column_source
-from jtp.parallel.split_rules import Moved, Need, Split, Stop, propagate
+from jtp.parallel.infer.dataflow import PARAM, Graph
+from jtp.parallel.infer.dims import column_source
+from jtp.parallel.infer.split_rules import Moved, Need, Split, Stop, propagate
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 ``jax.make_jaxpr`` of ``model(*example_args)`` over the model's state gives the program jax
 would compile; this module flattens it into a list of :class:`Op` over numbered values, in
-program (topological) order, so the pairing rules (:mod:`jtp.parallel.split_rules`) walk
+program (topological) order, so the pairing rules (:mod:`jtp.parallel.infer.split_rules`) walk
 one list and never recurse:
 
 - calls are inlined: ``jit`` (``jax.nn.silu`` and most of ``jax.nn`` are jitted: the call's

@@ -1,13 +1,13 @@
 """Choosing among the valid groups: the plan :func:`jtp.infer_plan` returns.
 
-Each layer can start a group (:meth:`jtp.parallel.pairing.Search.candidates`), and groups
+Each layer can start a group (:meth:`jtp.parallel.infer.pairing.Search.candidates`), and groups
 may overlap: on a residual stream, ``up`` can pair with its block's ``down`` (one
 all-reduce of the ``d``-wide stream per block), or the stream itself can stay split from
 ``inp`` through every ``down`` to the ``ups`` and ``head`` (an all-reduce of each block's
 ``8d``-wide hidden activation). A plan is a set of groups no two of which decide the same
 layer, and a *complete* one: no group left out could be added (every layer that can be
 split in it is). Among complete plans the cheapest is chosen: the fewest bytes all-reduced
-per forward and backward (:attr:`~jtp.parallel.pairing.Group.forward` / ``backward``), then
+per forward and backward (:attr:`~jtp.parallel.infer.pairing.Group.forward` / ``backward``), then
 the most heads kept whole (the largest tensor size the plan allows: q and o split on 8 query
 heads rather than q, k and o on 4 kv heads), then the most parameter bytes split, then
 program order.
@@ -28,7 +28,7 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 
-from jtp.parallel.pairing import Group
+from jtp.parallel.infer.pairing import Group
 from jtp.parallel.styles import ColwiseParallel, ParallelStyle, RowwiseParallel
 
 STYLES = {"column": ColwiseParallel, "row": RowwiseParallel}

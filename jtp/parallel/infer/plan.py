@@ -1,10 +1,10 @@
 """``jtp.infer_plan(model, *example_args)``: a tensor-parallel plan read off the model's forward.
 
-The forward is traced (:mod:`jtp.parallel.dataflow`); every module with a column/row layout
+The forward is traced (:mod:`jtp.parallel.infer.dataflow`); every module with a column/row layout
 (:mod:`jtp.parallel.layer_rules`: ``nnx.Linear``, ``LinearGeneral``, ``Einsum``, ``Embed``,
 ``LoRA``, ``LoRALinear``, ...) is a candidate. Each candidate is tried as a *column* layer:
 its output features are split over ``"tensor"`` and the split is followed through the
-program (:mod:`jtp.parallel.split_rules`). The attempt grows a
+program (:mod:`jtp.parallel.infer.split_rules`). The attempt grows a
 *group*: the other branch of a gate or the keys and values of attention join it as columns
 (they must be split the same way), and the matmul that contracts the split features against
 a parameter makes that layer a *row* layer, where the split ends in one all-reduce. The
@@ -26,7 +26,7 @@ Two rules beyond pairs reproduce the hand-written Llama plan (:func:`jtp.plans.l
 Groups may overlap (on a residual stream, ``up`` pairs with its block's ``down``, or the
 stream stays split from ``inp`` through every ``down`` to the ``ups``): the plan is the set
 of non-overlapping groups, leaving out none that could still be added, that all-reduces the
-fewest bytes per forward and backward (:mod:`jtp.parallel.choice`); ``reasons`` say what
+fewest bytes per forward and backward (:mod:`jtp.parallel.infer.choice`); ``reasons`` say what
 each other pairing would move, and :attr:`InferredPlan.cost` / ``alternatives`` carry the
 counts.
 
@@ -47,13 +47,13 @@ from typing import Any
 from flax import nnx
 
 from jtp.mesh import TENSOR
-from jtp.parallel.choice import STYLES, PlanCost, choose, plan_cost, whole_plan
-from jtp.parallel.dataflow import trace
+from jtp.parallel.infer.choice import STYLES, PlanCost, choose, plan_cost, whole_plan
+from jtp.parallel.infer.dataflow import trace
+from jtp.parallel.infer.pairing import Layer, Search, Why
+from jtp.parallel.infer.reasons import chosen_over, explain_group, left_out
 from jtp.parallel.layer_rules import layout_fn
 from jtp.parallel.names import path_str
-from jtp.parallel.pairing import Layer, Search, Why
 from jtp.parallel.plan import TPPlan
-from jtp.parallel.reasons import chosen_over, explain_group, left_out
 from jtp.parallel.stacked import layer_axes, match_name, one_layer, stack_roots
 from jtp.parallel.styles import ParallelStyle
 

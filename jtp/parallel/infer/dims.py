@@ -1,7 +1,7 @@
 """Where a dimension goes through one op of the forward, and where it came from.
 
-Shape facts shared by the forward rules (:mod:`jtp.parallel.split_rules`) and the search
-for a split's partners (:mod:`jtp.parallel.pairing`): how a reshape maps a dimension
+Shape facts shared by the forward rules (:mod:`jtp.parallel.infer.split_rules`) and the search
+for a split's partners (:mod:`jtp.parallel.infer.pairing`): how a reshape maps a dimension
 (:func:`reshape_dim`), a matmul's batch / contracted / free dimensions (:func:`dot_dims`),
 whether a value is constant along a dimension (:func:`broadcast_along`), and which
 parameter's matmul made a dimension of a value (:func:`column_source`).
@@ -13,7 +13,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
-from jtp.parallel.dataflow import ELEMENTWISE, IDENTITY, Graph, Op
+from jtp.parallel.infer.dataflow import ELEMENTWISE, IDENTITY, Graph, Op
 
 
 def broadcast_along(g: Graph, v: int, d: int) -> bool:

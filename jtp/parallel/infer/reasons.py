@@ -1,14 +1,14 @@
 """The one-line reasons of an inferred plan: what each group does, and what the
-pairings it was chosen over would move (:mod:`jtp.parallel.choice`)."""
+pairings it was chosen over would move (:mod:`jtp.parallel.infer.choice`)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
 
-from jtp.parallel.choice import Choice, cost
-from jtp.parallel.dataflow import ELEMENTWISE, REDUCTIONS, Graph
-from jtp.parallel.pairing import Group, Layer, Why, esc
+from jtp.parallel.infer.choice import Choice, cost
+from jtp.parallel.infer.dataflow import ELEMENTWISE, REDUCTIONS, Graph
+from jtp.parallel.infer.pairing import Group, Layer, Why, esc
 
 _STEP_PRIMS = ELEMENTWISE | REDUCTIONS | {"stack", "concatenate"}
 _MAX_STEPS = 6  # ops named in an explanation
@@ -91,7 +91,7 @@ def _bytes(forward: int, backward: int) -> str:
 
 def _ratio(found: Sequence[Group], other: Sequence[int], chosen: Sequence[int]) -> str:
     """How plan ``other`` compares with ``chosen``: its bytes relative to the chosen one's,
-    or, when they move as much, what decided (:func:`jtp.parallel.choice.choose`)."""
+    or, when they move as much, what decided (:func:`jtp.parallel.infer.choice.choose`)."""
     theirs, mine = sum(cost(found, other)), sum(cost(found, chosen))
     if theirs != mine:
         return f"{theirs / mine:.1f}x" if mine else "where the chosen one moves nothing"

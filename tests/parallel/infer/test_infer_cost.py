@@ -136,9 +136,10 @@ def test_the_greedy_plan_past_the_state_budget(monkeypatch):
     chain, inp -> ups.0, downs.0 -> ups.1, downs.1 -> head."""
     import functools
 
-    from jtp.parallel import choice, infer
+    from jtp.parallel.infer import choice
+    from jtp.parallel.infer import plan as inferring
 
-    monkeypatch.setattr(infer, "choose", functools.partial(choice.choose, max_states=1))
+    monkeypatch.setattr(inferring, "choose", functools.partial(choice.choose, max_states=1))
     plan = jtp.infer_plan(MODELS["inverted-bottleneck-chain"][0](), X)
     assert {k: type(v) for k, v in plan.styles.items()} == {
         "inp": jtp.ColwiseParallel, "ups.0": jtp.RowwiseParallel,
