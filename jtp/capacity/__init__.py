@@ -22,13 +22,13 @@ dtype) at a fraction of the device's peak, plus communication at the link bandwi
 Memory and bytes are compiler figures for XLA's CPU backend; a GPU program fuses and
 schedules differently.
 
-Modules: :mod:`~jtp.capacity.search` (the layouts and :func:`search`),
+Modules: :mod:`~jtp.capacity.planner` (the layouts and :func:`search`),
 :mod:`~jtp.capacity.measure` (compile one layout, read its figures),
 :mod:`~jtp.capacity.roofline` (the device model), :mod:`~jtp.capacity.report` (the table).
 The program is ``jtp capacity`` (``python -m jtp.capacity``).
 """
 
 from jtp.capacity.roofline import Hardware
-from jtp.capacity.search import CapacityTable, Layout, Request, layouts, search
+from jtp.capacity.planner import CapacityTable, Layout, Request, layouts, search
 
 __all__ = ["CapacityTable", "Hardware", "Layout", "Request", "layouts", "search"]

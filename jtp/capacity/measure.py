@@ -13,7 +13,7 @@ compiled to 135 GiB scanned), and the peak moves with depth, from the loss at 2 
 the backward loop a few layers on, so a line through shallow points misses the deep one
 (2 -> 3 layers added 2.6 GiB on the GPU, each layer from 16 to 32 added 3.9).
 
-Used by :func:`jtp.capacity.search` and ``python -m jtp.bench gpu``.
+Used by :func:`jtp.capacity.planner` and ``python -m jtp.bench gpu``.
 On CPU devices the compile sizes what a GPU runs: bf16 buffers at 2 bytes
 (:data:`jtp.analysis.memory.KEEP_BF16`) and, where a GPU takes cuDNN's fused attention, jtp's
 blockwise kernel with the same O(T) memory (:func:`compiled_attention`).
@@ -71,7 +71,7 @@ def measure(
     hf: str | None = None,
     attention: str = "auto",
 ) -> dict[str, Any]:
-    """Compile one :class:`~jtp.capacity.search.Layout` with ``n_layers`` scanned blocks and
+    """Compile one :class:`~jtp.capacity.planner.Layout` with ``n_layers`` scanned blocks and
     ``accumulate`` micro-batches per optimizer step (as the trainer runs it); figures per
     device and per optimizer step: memory (accumulation buffer included), collective bytes
     (loop bodies counted once per trip), and the matmul FLOPs of the traced step (scan

@@ -1,4 +1,4 @@
-"""The planner's table, from its JSON (:meth:`jtp.capacity.search.CapacityTable.to_json`):
+"""The planner's table, from its JSON (:meth:`jtp.capacity.planner.CapacityTable.to_json`):
 what ``jtp capacity`` prints and what ``jtp bench docs`` renders into the pages, so a table
 in the docs is always the one its JSON holds."""
 

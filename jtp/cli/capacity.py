@@ -1,6 +1,6 @@
 """``jtp capacity`` (``python -m jtp.capacity``): the capacity planner's program. Flags map
 onto :class:`jtp.capacity.Request` and :class:`jtp.capacity.Hardware`; the table is
-:func:`jtp.capacity.search`'s, printed, and with ``--json PATH`` written with its
+:func:`jtp.capacity.planner`'s, printed, and with ``--json PATH`` written with its
 provenance (what ``jtp bench docs`` renders into the pages)."""
 
 from __future__ import annotations

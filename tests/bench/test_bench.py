@@ -139,7 +139,7 @@ def test_source_set_is_the_import_closure():
             "jtp/parallel/parallelize.py"} <= set(gen)  # fmt: skip
     assert "jtp/training/trainer.py" not in gen
     assert {"jtp/cli/train.py", "jtp/training/trainer.py"} <= set(source_files("memory"))
-    assert "jtp/capacity/search.py" in source_files("plan")
+    assert "jtp/capacity/planner.py" in source_files("plan")
     for kind in ("generate", "memory", "gpu", "text", "plan"):
         assert not NOT_MEASURED & set(source_files(kind))
 

@@ -10,7 +10,7 @@ import pytest
 import jtp
 from jtp.capacity.measure import measure
 from jtp.capacity.roofline import Hardware, default_mem_fraction, estimate
-from jtp.capacity.search import Layout, layouts
+from jtp.capacity.planner import Layout, layouts
 from jtp.cli.capacity import main
 from jtp.models.llama import PRESETS
 from jtp.recipes import LlamaTask, LlamaTaskConfig
@@ -174,7 +174,7 @@ def test_fits_compares_with_the_usable_memory(tmp_path, monkeypatch):
     """A row that needs 70 GB of an 80 GB device does not fit under jax's default 75%
     preallocation (60 GB), and does at --mem-fraction 0.9 (72 GB). The compiles are
     replaced by fixed figures: this checks the comparison, the header and the JSON."""
-    from jtp.capacity import search
+    from jtp.capacity import planner
 
     def fake_measure(config, *args, **kwargs):
         return dict.fromkeys(
@@ -182,7 +182,7 @@ def test_fits_compares_with_the_usable_memory(tmp_path, monkeypatch):
              "wire_tensor", "wire_data", "wire_both"), 1.0,
         ) | {"memory": 70e9}  # fmt: skip
 
-    monkeypatch.setattr(search, "measure", fake_measure)
+    monkeypatch.setattr(planner, "measure", fake_measure)
     monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
     args = ["--model", "tiny", "--devices", "8", "--global-batch", "8", "--seq-len", str(SEQ),
             "--tensor", "8", "--json", str(tmp_path / "p.json")]  # fmt: skip

@@ -572,7 +572,7 @@ def test_planner_plans_for_the_checkpoint_shapes(tmp_path, monkeypatch, name, pr
     fail.) Gemma 2 in bf16 compiles XLA's attention: a GPU's "auto" cannot take cuDNN's
     kernel (which it would for Qwen2 in bf16: blockwise stands for it) for soft-capped
     scores."""
-    from jtp.capacity import search
+    from jtp.capacity import planner
     from jtp.cli.capacity import main
 
     src = tmp_path / "config_only"
@@ -582,9 +582,9 @@ def test_planner_plans_for_the_checkpoint_shapes(tmp_path, monkeypatch, name, pr
 
     def one_configuration(*args):
         asked.append(args)
-        return [search.Layout(1, 8, fsdp=False, sequence_parallel=True, remat=False)]
+        return [planner.Layout(1, 8, fsdp=False, sequence_parallel=True, remat=False)]
 
-    monkeypatch.setattr(search, "layouts", one_configuration)
+    monkeypatch.setattr(planner, "layouts", one_configuration)
     out = main(
         ["--hf", str(src), "--devices", "8", "--devices-per-host", "8", "--global-batch", "8",
          "--seq-len", str(T), "--precision", precision, "--json", str(tmp_path / "plan.json")]

@@ -186,13 +186,13 @@ def test_planner_plans_a_phi3_checkpoint(tmp_path, monkeypatch):
     """``python -m jtp.capacity --hf tests/fixtures/hf/phi3``: its shapes (16 heads, 8 kv
     heads, untied, a 32-token window) from config.json, one configuration compiled, to keep
     it quick."""
-    from jtp.capacity import search
+    from jtp.capacity import planner
     from jtp.cli.capacity import main
 
     def one_configuration(*args):
-        return [search.Layout(2, 4, fsdp=True, sequence_parallel=False, remat=False)]
+        return [planner.Layout(2, 4, fsdp=True, sequence_parallel=False, remat=False)]
 
-    monkeypatch.setattr(search, "layouts", one_configuration)
+    monkeypatch.setattr(planner, "layouts", one_configuration)
     out = main(
         ["--hf", fixture("phi3"), "--devices", "8", "--devices-per-host", "8",
          "--global-batch", "8", "--seq-len", str(T), "--precision", "32-true",

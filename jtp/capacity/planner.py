@@ -1,4 +1,4 @@
-"""The search: every valid layout of a model on a cluster, each compiled and sized
+"""The capacity planner: every valid layout of a model on a cluster, each compiled and sized
 (:mod:`jtp.capacity.measure`), timed by the roofline (:mod:`jtp.capacity.roofline`), ranked.
 
 :func:`search` is what ``jtp capacity`` runs and prints (:func:`jtp.capacity.report.format_table`)::
