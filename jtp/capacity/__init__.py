@@ -28,7 +28,7 @@ Modules: :mod:`~jtp.capacity.planner` (the layouts and :func:`search`),
 The program is ``jtp capacity`` (``python -m jtp.capacity``).
 """
 
-from jtp.capacity.roofline import Hardware
 from jtp.capacity.planner import CapacityTable, Layout, Request, layouts, search
+from jtp.capacity.roofline import Hardware
 
 __all__ = ["CapacityTable", "Hardware", "Layout", "Request", "layouts", "search"]

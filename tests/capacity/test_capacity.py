@@ -9,8 +9,8 @@ import pytest
 
 import jtp
 from jtp.capacity.measure import measure
-from jtp.capacity.roofline import Hardware, default_mem_fraction, estimate
 from jtp.capacity.planner import Layout, layouts
+from jtp.capacity.roofline import Hardware, default_mem_fraction, estimate
 from jtp.cli.capacity import main
 from jtp.models.llama import PRESETS
 from jtp.recipes import LlamaTask, LlamaTaskConfig
