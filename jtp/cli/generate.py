@@ -122,8 +122,7 @@ def load_model(args: argparse.Namespace, mesh: Any, positions: int) -> Any:
         from jtp.models.hf.load import load_pretrained
 
         return load_pretrained(args.hf, mesh, fsdp=args.fsdp, max_seq_len=positions)
-    from jtp.checkpoint.model import llama_record, restore_model
-    from jtp.recipes.perplexity import model_config_of
+    from jtp.checkpoint.model import llama_record, model_config_of, restore_model
 
     module, _, step = llama_record(args.checkpoint, args.step, "jtp.generate runs")
     config = model_config_of(module["model_config"])

@@ -22,14 +22,13 @@ from typing import Any
 from flax import nnx
 from jax.sharding import Mesh
 
-from jtp.checkpoint.model import llama_record, restore_model
+from jtp.checkpoint.model import from_record, llama_record, model_config_of, restore_model
 from jtp.data.loader import DataLoader
 from jtp.data.tokens import read_meta
 from jtp.errors import InputError
 from jtp.models.attention import ATTENTION
 from jtp.models.hf.config import max_positions_of, read_config
 from jtp.models.llama import LlamaConfig
-from jtp.models.rope import rope_scaling_of
 from jtp.parallel.abstract import abstract_sharded
 from jtp.recipes.config import LlamaTaskConfig
 from jtp.recipes.llama import LlamaTask, check_positions
@@ -134,23 +133,11 @@ def hf_task(e: EvalConfig) -> PerplexityTask:
     return PerplexityTask(config, split=e.split)
 
 
-def _known[T](cls: type[T], record: dict[str, Any]) -> T:
-    """``cls`` from a recorded ``asdict``, fields that no longer exist dropped."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in record.items() if k in names})
-
-
-def model_config_of(record: dict[str, Any]) -> LlamaConfig:
-    """The :class:`LlamaConfig` a checkpoint's metadata recorded (``dataclasses.asdict``)."""
-    scaling = rope_scaling_of(record.get("rope_scaling"))  # its fields say which kind
-    return _known(LlamaConfig, {**record, "rope_scaling": scaling})
-
-
 def checkpoint_task(e: EvalConfig) -> tuple[PerplexityTask, dict[str, Any]]:
     """The task of ``--checkpoint DIR`` and the metadata of the step it restores (read
     from the checkpoint's JSON record; no array read yet)."""
     module, meta, step = llama_record(e.checkpoint, e.step, "jtp.eval scores")
-    trained = _known(LlamaTaskConfig, module["config"])
+    trained = from_record(LlamaTaskConfig, module["config"])
     seq_len = e.seq_len or trained.seq_len
     model_config = dataclasses.replace(
         model_config_of(module["model_config"]), remat="none", attention=e.attention
