@@ -188,3 +188,23 @@ def test_the_avx2_run_names_tests_that_exist():
         assert (ROOT / path).exists(), path
         if name:
             assert f"def {name}(" in (ROOT / path).read_text(), (path, name)
+
+
+def test_one_block_forward():
+    """Training and generation run one block forward: the key/value cache is an argument of
+    the decoder's ``__call__`` (``jtp.models.decoder``), so no other module calls a block's
+    parts, and a block feature (experts) is written once. There is no ``jtp.models.decode``."""
+    block = {"attention_norm", "attention", "ffn_norm", "feed_forward"}
+    parts = block | {"post_attention_norm", "post_ffn_norm", "wq", "wk", "wv", "wo"}
+    parts |= {"tok_embeddings"}
+    hits = [
+        f"{name}:{node.lineno} .{node.func.attr}(...)"
+        for name, path in MODULES.items()
+        if name != "jtp.models.decoder"
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr in parts
+    ]
+    assert not hits
+    assert "jtp.models.decode" not in MODULES
