@@ -289,8 +289,8 @@ class Decoder(nnx.Module):
       model = Decoder(PRESETS["tiny"], rngs=nnx.Rngs(0))  # or Llama(...): the same class
       logits = model(jnp.zeros((2, 16), jnp.int32))  # (2, 16, 512)
       cache = init_cache(model, batch=2, slots=32)  # jtp.models.cache
-      logits, cache = model(prompt_bt, cache=cache)  # prefill: the prompt in slots 0 .. T-1
-      logits, cache = model(next_b1, cache=cache, cache_index=16)  # one more token
+      logits, cache = model(prompt_bt, cache=cache)  # prefill: (2, 16) tokens, slots 0 .. 15
+      logits, cache = model(next_b1, cache=cache, cache_index=16)  # one more token, slot 16
     """
 
     def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
@@ -327,10 +327,11 @@ class Decoder(nnx.Module):
         ``valid_bs`` ((B, S) bool) says the slot holds a token of that sequence; RoPE is
         taken at ``positions_bt`` ((B, T) int), each sequence's own positions, so prompts of
         different lengths can be left-padded to one (positions start at 0 after the
-        padding, and the padding's slots are not valid). Defaults: no padding, positions
-        and valid slots counted from slot 0. Returns ``(logits, the new cache)``: for every
-        position of the unpadded sequence the logits of the cache-free forward. No backward
-        runs through the cached forward: it takes no remat.
+        padding, and the padding's slots are not valid). Without padding, the defaults: a
+        token's position is its slot, and every slot before ``cache_index + T`` is valid.
+        Returns ``(logits, the new cache)``: for every position of the unpadded sequence
+        the logits of the cache-free forward (:mod:`jtp.models.cache` says how windows are
+        counted). No backward runs through the cached forward: it takes no remat.
         """
         c = self.config
         t = tokens_bt.shape[1]
