@@ -21,6 +21,24 @@ TENSOR = "tensor"
 AXES = (DATA, TENSOR)
 
 
+def select_devices(n: int) -> list[jax.Device]:
+    """The first ``n`` devices; on CPU, first force ``n`` host devices if jax has not
+    started its backend yet (the only moment that is possible)."""
+    if n < 1:
+        raise InputError(f"--devices {n}: must be >= 1")
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:
+        pass  # backend already up (e.g. under pytest): use what exists
+    devices = jax.devices()
+    if len(devices) < n:
+        raise InputError(
+            f"--devices {n}: only {len(devices)} {devices[0].platform} devices; pass at most "
+            f"{len(devices)} (on CPU, force more before jax starts: JAX_NUM_CPU_DEVICES={n})"
+        )
+    return devices[:n]
+
+
 def _resolve_sizes(data: int, tensor: int, n_devices: int) -> tuple[int, int]:
     for name, size in (("data", data), ("tensor", tensor)):
         if not isinstance(size, int | np.integer) or (size < 1 and size != -1):

@@ -126,6 +126,25 @@ def test_no_module_imports_a_package_it_lives_in():
     assert not bad, bad
 
 
+def _package(module: str) -> str:
+    parts = module.split(".")
+    return ".".join(parts[:2])
+
+
+def test_packages_stand_in_floors():
+    """No two packages import each other, even through different modules: a package can
+    be read knowing only those below it. (The ``python -m`` shims belong to the programs.)"""
+    deps: dict[str, set[str]] = {}
+    for name, imported in GRAPH.items():
+        if name in ENTRY_POINTS or name == "jtp":
+            continue
+        deps.setdefault(_package(name), set()).update(
+            _package(d) for d in imported if _package(d) != _package(name)
+        )
+    both = {(a, b) for a, ds in deps.items() for b in ds if a < b and a in deps.get(b, ())}
+    assert not both
+
+
 def test_no_import_cycle():
     state: dict[str, int] = {}  # 1 = on the stack, 2 = done
     stack: list[str] = []
@@ -230,3 +249,23 @@ def test_the_avx2_run_names_tests_that_exist():
         assert (ROOT / path).exists(), path
         if name:
             assert f"def {name}(" in (ROOT / path).read_text(), (path, name)
+
+
+def test_one_block_forward():
+    """Training and generation run one block forward: the key/value cache is an argument of
+    the decoder's ``__call__`` (``jtp.models.decoder``), so no other module calls a block's
+    parts, and a block feature (experts) is written once. There is no ``jtp.models.decode``."""
+    block = {"attention_norm", "attention", "ffn_norm", "feed_forward"}
+    parts = block | {"post_attention_norm", "post_ffn_norm", "wq", "wk", "wv", "wo"}
+    parts |= {"tok_embeddings"}
+    hits = [
+        f"{name}:{node.lineno} .{node.func.attr}(...)"
+        for name, path in MODULES.items()
+        if name != "jtp.models.decoder"
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr in parts
+    ]
+    assert not hits
+    assert "jtp.models.decode" not in MODULES

@@ -15,8 +15,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from jtp.bench.results import write_result
-from jtp.cli.output import machine
+from jtp.bench.results import machine, write_result
 
 
 def attention(args: argparse.Namespace) -> dict[str, Any]:

@@ -17,8 +17,7 @@ import tempfile
 import time
 from typing import Any
 
-from jtp.bench.results import write_result
-from jtp.cli.output import machine
+from jtp.bench.results import machine, write_result
 
 CONFIGS = {
     "llama tiny, 2x4 fsdp+sp": [

@@ -18,8 +18,7 @@ import sys
 import time
 from typing import Any
 
-from jtp.bench.results import write_result
-from jtp.cli.output import machine
+from jtp.bench.results import machine, write_result
 
 MESH = (2, 4)
 PRECISION = "bf16-mixed"
@@ -81,7 +80,7 @@ def format_compile(p: dict[str, Any]) -> str:
 
 
 def compile(args: argparse.Namespace) -> dict[str, Any]:  # the sub-command's name
-    from jtp.cli.devices import select_devices
+    from jtp.mesh import select_devices
 
     devices = select_devices(8)
     from jtp.analysis.memory import peak_memory_per_device

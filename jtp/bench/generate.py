@@ -15,16 +15,14 @@ import argparse
 import sys
 from typing import Any
 
-from jtp.bench.results import write_result
-from jtp.cli.output import machine
+from jtp.bench.results import machine, write_result
 
 
 def generate(args: argparse.Namespace) -> dict[str, Any]:
     from flax import nnx
 
-    from jtp.cli.devices import select_devices
     from jtp.generation.generate import generate_timed
-    from jtp.mesh import make_mesh
+    from jtp.mesh import make_mesh, select_devices
     from jtp.models.llama import Llama, LlamaConfig
     from jtp.models.plans import llama as llama_plan
     from jtp.parallel.parallelize import sharded_init

@@ -43,8 +43,7 @@ from jtp.bench.gpu_checks import (
     attention_check,
     planner_check,
 )
-from jtp.bench.results import write_result
-from jtp.cli.output import machine
+from jtp.bench.results import machine, write_result
 
 TORCHTITAN = {"tokens_per_s_per_device": 5762, "mfu": "33-39%", "model": "Llama-3-8B",
               "hardware": "8 x H100, bf16"}  # fmt: skip
@@ -186,7 +185,7 @@ def gpu(args: argparse.Namespace) -> dict[str, Any]:
     import jax
 
     from jtp.analysis.memory import peak_memory_per_device
-    from jtp.cli.devices import select_devices
+    from jtp.mesh import select_devices
 
     if not args.smoke:
         try:  # CPU devices beside the GPUs, for the planner's CPU stand-in (planner_check)

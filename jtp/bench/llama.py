@@ -13,8 +13,7 @@ import sys
 import time
 from typing import Any
 
-from jtp.bench.results import write_result
-from jtp.cli.output import machine
+from jtp.bench.results import machine, write_result
 
 
 def _llama_row(
@@ -84,7 +83,7 @@ def _human(n: float) -> str:
 
 
 def llama(args: argparse.Namespace) -> dict[str, Any]:
-    from jtp.cli.devices import select_devices
+    from jtp.mesh import select_devices
 
     devices = select_devices(64)
     rows = []

@@ -15,14 +15,13 @@ import argparse
 import sys
 from typing import Any
 
-from jtp.bench.results import write_result
-from jtp.cli.output import machine
+from jtp.bench.results import machine, write_result
 
 GIB = 2**30
 
 
 def lora(args: argparse.Namespace) -> dict[str, Any]:
-    from jtp.cli.devices import select_devices
+    from jtp.mesh import select_devices
 
     devices = select_devices(8)
     rows = [_measure(args, rank, devices) for rank in (0, args.rank)]

@@ -18,8 +18,7 @@ import tempfile
 import time
 from typing import Any
 
-from jtp.bench.results import write_result
-from jtp.cli.output import machine
+from jtp.bench.results import machine, write_result
 
 GB = 1e9
 LIGHTNING_GB = {1: 4.04, 2: 2.03, 4: 1.02, 8: 0.60}  # docs table, CUDA, 8192x8192, AdamW

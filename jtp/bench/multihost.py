@@ -21,8 +21,7 @@ import sys
 import time
 from typing import Any
 
-from jtp.bench.results import write_result
-from jtp.cli.output import machine
+from jtp.bench.results import machine, write_result
 
 GB = 1e9
 
@@ -119,7 +118,7 @@ def format_multihost(payload: dict[str, Any]) -> str:
 
 
 def multihost(args: argparse.Namespace) -> dict[str, Any]:
-    from jtp.cli.devices import select_devices
+    from jtp.mesh import select_devices
 
     select_devices(8)
     payload = {

@@ -11,14 +11,13 @@ import tempfile
 import time
 from typing import Any
 
-from jtp.bench.results import write_result
-from jtp.cli.output import machine
+from jtp.bench.results import machine, write_result
 
 
 def overhead(args: argparse.Namespace) -> dict[str, Any]:
     import jax
 
-    from jtp.cli.devices import select_devices
+    from jtp.mesh import select_devices
 
     select_devices(8)  # 8 forced devices on CPU (before jax starts); the first 8 elsewhere
 

@@ -27,13 +27,14 @@ import datetime
 import hashlib
 import json
 import os
+import platform
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from jtp.cli.output import machine, write_json
+from jtp.checkpoint.outputs import write_json
 
 REPO = Path(__file__).resolve().parents[3]
 RECORD_DIR = REPO / "bench_results"  # what --record writes (tests point it elsewhere)
@@ -127,6 +128,11 @@ def _git(*args: str) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
+
+
+def machine() -> str:
+    """``x86_64, 2 cores, Linux``: where a figure was measured."""
+    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
 
 
 def versions() -> dict[str, str]:

@@ -21,8 +21,7 @@ import tempfile
 import time
 from typing import Any
 
-from jtp.bench.results import write_result
-from jtp.cli.output import machine
+from jtp.bench.results import machine, write_result
 
 TARGET_NATS = 2.0  # the bar: validation <= 2.0 nats/byte after 300 steps
 

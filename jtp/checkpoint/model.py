@@ -9,15 +9,12 @@ slices of those and never the optimizer's moments (twice the parameters under Ad
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any
 
 from flax import nnx
 
 from jtp.checkpoint.sharded import Checkpointer
-from jtp.models.llama import LlamaConfig
-from jtp.models.rope import rope_scaling_of
 
 
 def open_checkpoints(directory: str) -> Checkpointer:
@@ -70,15 +67,3 @@ def llama_record(
             f"language model; {program} Llama-family checkpoints (--model llama)"
         )
     return module, meta, step
-
-
-def from_record[T](cls: type[T], record: dict[str, Any]) -> T:
-    """``cls`` from a recorded ``asdict``, fields that no longer exist dropped."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in record.items() if k in names})
-
-
-def model_config_of(record: dict[str, Any]) -> LlamaConfig:
-    """The :class:`LlamaConfig` a checkpoint's metadata recorded (``dataclasses.asdict``)."""
-    scaling = rope_scaling_of(record.get("rope_scaling"))  # its fields say which kind
-    return from_record(LlamaConfig, {**record, "rope_scaling": scaling})

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from safetensors import SafetensorError, safe_open
 
@@ -218,3 +219,18 @@ def checked_on_process_0(check: Callable[[], None], path: str, what: str) -> Non
             problem = err
     if agree_max(int(problem is not None)):
         raise problem or OutputError(f"{what}: process 0 refused the output path {path}")
+
+
+def write_json(path: str | None, payload: dict[str, Any], *, announce: bool = True) -> None:
+    """Write ``payload`` to ``path`` (directories created; nothing if ``path`` is None),
+    through a temporary file renamed at the end: a reader sees the old file or the new one."""
+    if not path:
+        return
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
+    if announce:
+        print(f"wrote {path}")

@@ -9,8 +9,9 @@ import argparse
 import sys
 from typing import Any
 
+from jtp.checkpoint.outputs import write_json
 from jtp.cli.flags import add_compilation_cache_flags, number
-from jtp.cli.output import one_line_errors, program, write_json
+from jtp.cli.output import one_line_errors, program
 from jtp.errors import InputError
 from jtp.training import compilation_cache
 
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     compilation_cache.enable(args.compilation_cache)
     from jtp.capacity import Hardware, Request, search
     from jtp.capacity.roofline import GB, default_mem_fraction
-    from jtp.cli.devices import select_devices
+    from jtp.mesh import select_devices
 
     request = Request(
         model=args.model,

@@ -22,16 +22,18 @@ import sys
 import time
 from typing import Any
 
-from jtp.checkpoint.outputs import check_output_file
-from jtp.cli.devices import add_mesh_flags, init_distributed, select_devices
+from jtp.bench.results import machine
+from jtp.checkpoint.outputs import check_output_file, write_json
+from jtp.cli.devices import add_mesh_flags, init_distributed
 from jtp.cli.flags import (
     ArgumentParser,
     FieldFlags,
     add_compilation_cache_flags,
     options_from_args,
 )
-from jtp.cli.output import machine, one_line_errors, program, write_json
+from jtp.cli.output import one_line_errors, program
 from jtp.errors import InputError
+from jtp.mesh import select_devices
 from jtp.recipes.perplexity import EvalConfig, build_task
 from jtp.training import compilation_cache
 from jtp.xla_flags import apply_gpu_flags

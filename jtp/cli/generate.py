@@ -20,10 +20,12 @@ import os
 import sys
 from typing import Any
 
-from jtp.checkpoint.outputs import check_output_file
-from jtp.cli.devices import add_mesh_flags, init_distributed, select_devices
+from jtp.bench.results import machine
+from jtp.checkpoint.outputs import check_output_file, write_json
+from jtp.cli.devices import add_mesh_flags, init_distributed
 from jtp.cli.flags import add_compilation_cache_flags, number
-from jtp.cli.output import machine, one_line_errors, program, write_json
+from jtp.cli.output import one_line_errors, program
+from jtp.mesh import select_devices
 from jtp.training import compilation_cache
 from jtp.xla_flags import apply_gpu_flags
 
@@ -122,7 +124,8 @@ def load_model(args: argparse.Namespace, mesh: Any, positions: int) -> Any:
         from jtp.models.hf.load import load_pretrained
 
         return load_pretrained(args.hf, mesh, fsdp=args.fsdp, max_seq_len=positions)
-    from jtp.checkpoint.model import llama_record, model_config_of, restore_model
+    from jtp.checkpoint.model import llama_record, restore_model
+    from jtp.recipes.llama import model_config_of
 
     module, _, step = llama_record(args.checkpoint, args.step, "jtp.generate runs")
     config = model_config_of(module["model_config"])

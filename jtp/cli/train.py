@@ -29,7 +29,8 @@ import os
 import sys
 from typing import Any
 
-from jtp.cli.devices import add_mesh_flags, init_distributed, select_devices
+from jtp.checkpoint.outputs import write_json
+from jtp.cli.devices import add_mesh_flags, init_distributed
 from jtp.cli.flags import (
     ArgumentParser,
     FieldFlags,
@@ -37,8 +38,9 @@ from jtp.cli.flags import (
     field_values,
     options_from_args,
 )
-from jtp.cli.output import one_line_errors, program, write_json
+from jtp.cli.output import one_line_errors, program
 from jtp.errors import InputError
+from jtp.mesh import select_devices
 from jtp.recipes import FeedForwardConfig, LlamaTaskConfig, TaskConfig
 from jtp.training import compilation_cache
 from jtp.training.options import TrainerOptions

@@ -2,7 +2,7 @@
 
 Prompts of any lengths and any number are left-padded to one length and the batch padded
 to a multiple of the mesh's "data" size; each prompt keeps its own positions (RoPE and the
-mask follow the sequence: :mod:`jtp.models.decode`). Prompt length, batch and the cache's
+mask follow the sequence: :mod:`jtp.models.cache`). Prompt length, batch and the cache's
 length are rounded up to buckets (powers of two; at least 8 tokens), so prefill compiles once per
 (batch, prompt) bucket and the decode loop once per (batch, cache) bucket: never per
 token. The loop runs inside one compiled program (``jax.lax.while_loop``) and stops when
@@ -32,12 +32,13 @@ from jax.sharding import PartitionSpec as P
 from jtp.errors import InputError
 from jtp.generation.sampling import sample
 from jtp.mesh import DATA
-from jtp.models.decode import forward_cached, init_cache
+from jtp.models.cache import init_cache
 from jtp.models.plans import llama as llama_plan
 from jtp.parallel.activations import activation_rules
 from jtp.parallel.batch import shard_batch
 
 MIN_BUCKET = 8
+DECODE_MARKS = ("heads", "ffn_hidden")  # the activation rules generation applies
 
 
 def bucket(n: int, multiple: int = 1, minimum: int = MIN_BUCKET) -> int:
@@ -209,7 +210,14 @@ def _program(fn, graphdef, mesh, sampling, slots, eos, state, *args):
     model = nnx.merge(graphdef, state)
     if mesh is None:
         return fn(model, sampling, slots, eos, None, *args)
-    with activation_rules(mesh, llama_plan(model.config).activations, check_unused=False):
+    # Only attention's heads (and so the cache) and the feed-forward's hidden are laid out
+    # as in training; the residual stream and the logits are left where XLA puts them. The
+    # logits then stay split over the vocabulary as the output projection leaves them
+    # (sampling reduces across the shards; the "logits" rule would gather them), and under
+    # fsdp a decode step all-reduces its few (B, 1, D) activations over "data" where the
+    # "residual" rule would make XLA all-gather the row-parallel weights every step.
+    rules = {k: v for k, v in llama_plan(model.config).activations.items() if k in DECODE_MARKS}
+    with activation_rules(mesh, rules, check_unused=False):
         return fn(model, sampling, slots, eos, mesh, *args)
 
 
@@ -226,7 +234,7 @@ def _prefill(model, sampling, slots, eos, mesh, tokens_bt, lengths_b, key):
     slot_s = jnp.arange(slots)
     valid_bs = (slot_s[None, :] >= pad_b[:, None]) & (slot_s[None, :] < t)  # the prompt
     positions_bt = jnp.maximum(jnp.arange(t)[None, :] - pad_b[:, None], 0)
-    logits_btv, cache = forward_cached(model, tokens_bt, positions_bt, cache, 0, valid_bs)
+    logits_btv, cache = model(tokens_bt, cache=cache, positions_bt=positions_bt, valid_bs=valid_bs)
     key, step_key = jax.random.split(key)
     first_b = sample(logits_btv[:, -1], sampling, step_key)
     out_bn = jnp.zeros((b, slots - t), jnp.int32).at[:, 0].set(first_b)
@@ -247,8 +255,12 @@ def _decode(model, sampling, slots, eos, mesh, carry, lengths_b, n):
         slot = t + i - 1  # where the last token goes
         valid_bs = valid_bs.at[:, slot].set(True)
         positions_b1 = (lengths_b + i - 1)[:, None]
-        logits_b1v, cache = forward_cached(
-            model, last_b[:, None], positions_b1, cache, slot, valid_bs
+        logits_b1v, cache = model(
+            last_b[:, None],
+            cache=cache,
+            positions_bt=positions_b1,
+            cache_index=slot,
+            valid_bs=valid_bs,
         )
         key, step_key = jax.random.split(key)
         next_b = sample(logits_b1v[:, 0], sampling, step_key)

@@ -1,5 +1,21 @@
-"""Example models: plain single-device Flax NNX code, sharded from outside by a plan."""
+"""Example models: plain single-device Flax NNX code, sharded from outside by a plan.
 
+:class:`Decoder` (also ``Llama``) is the decoder of Llama, Mistral, Qwen2/3, Phi-3 and
+Gemma 2/3, with an optional key/value cache (:mod:`jtp.models.cache`).
+"""
+
+from jtp.models.cache import KVCache, init_cache
+from jtp.models.decoder import Decoder
+from jtp.models.decoder_config import DecoderConfig
 from jtp.models.feedforward import FeedForward
+from jtp.models.llama import Llama, LlamaConfig
 
-__all__ = ["FeedForward"]
+__all__ = [
+    "Decoder",
+    "DecoderConfig",
+    "FeedForward",
+    "KVCache",
+    "Llama",
+    "LlamaConfig",
+    "init_cache",
+]

@@ -16,6 +16,10 @@ Gemma 2 soft-caps the scores (``tanh(s / cap) * cap`` before the mask), which ne
 :func:`softcapped_attention` (XLA's arithmetic written out, the cap added) and "auto" never
 takes cuDNN; "blockwise" caps inside its tiles. Sliding windows (``local_window_size``) and
 a score scale other than ``head_dim ** -0.5`` (``scale``) every kernel takes.
+
+Attention over a key/value cache (:func:`masked_attention`: the padding of left-padded
+prompts and the unwritten slots are masked, per sequence) takes an explicit (B, T, S) mask,
+which only XLA's kernel accepts: the fused ones take causal and window masks only.
 """
 
 from __future__ import annotations
@@ -100,26 +104,72 @@ def attention(
     before the mask (Gemma 2)."""
     platform, capability = _device_facts()
     impl, why = choose_attention(
-        implementation, platform=platform, dtype=q_bthe.dtype, head_dim=q_bthe.shape[-1],
-        compute_capability=capability, softcap=softcap,
-    )  # fmt: skip
+        implementation,
+        platform=platform,
+        dtype=q_bthe.dtype,
+        head_dim=q_bthe.shape[-1],
+        compute_capability=capability,
+        softcap=softcap,
+    )
     if (impl, why) not in _announced:
         _announced.add((impl, why))
         log.info("attention: %s (%s)", impl, why)
     if impl == "blockwise":
         return blockwise_attention(
-            q_bthe, k_bske, v_bske, is_causal=is_causal, local_window_size=local_window_size,
-            scale=scale, softcap=softcap,
-        )  # fmt: skip
+            q_bthe,
+            k_bske,
+            v_bske,
+            is_causal=is_causal,
+            local_window_size=local_window_size,
+            scale=scale,
+            softcap=softcap,
+        )
     if softcap is not None:
         return softcapped_attention(
-            q_bthe, k_bske, v_bske, is_causal=is_causal, local_window_size=local_window_size,
-            scale=scale, softcap=softcap,
-        )  # fmt: skip
+            q_bthe,
+            k_bske,
+            v_bske,
+            is_causal=is_causal,
+            local_window_size=local_window_size,
+            scale=scale,
+            softcap=softcap,
+        )
     return jax.nn.dot_product_attention(
-        q_bthe, k_bske, v_bske, is_causal=is_causal, local_window_size=local_window_size,
-        scale=scale, implementation=impl,
-    )  # fmt: skip
+        q_bthe,
+        k_bske,
+        v_bske,
+        is_causal=is_causal,
+        local_window_size=local_window_size,
+        scale=scale,
+        implementation=impl,
+    )
+
+
+def masked_attention(
+    q_bthe: jax.Array,
+    k_bske: jax.Array,
+    v_bske: jax.Array,
+    mask_bts: jax.Array,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> jax.Array:
+    """Grouped-query attention of (B, T, H, E) queries over (B, S, K, E) keys and values
+    where ``mask_bts`` ((B, T, S) bool) is True -> (B, T, H, E): XLA's kernel (the fused
+    ones take no mask), or :func:`softcapped_attention` with a ``softcap`` (no jax kernel
+    caps the scores). ``scale``: as :func:`attention`'s."""
+    if softcap is not None:
+        return softcapped_attention(
+            q_bthe,
+            k_bske,
+            v_bske,
+            softcap=softcap,
+            scale=scale,
+            is_causal=False,
+            mask_bts=mask_bts,
+        )
+    mask_b1ts = mask_bts[:, None, :, :]  # (B, 1, T, S): one mask for every head
+    return jax.nn.dot_product_attention(q_bthe, k_bske, v_bske, mask=mask_b1ts, scale=scale)
 
 
 def softcapped_attention(
@@ -148,9 +198,12 @@ def softcapped_attention(
     precision = _PRESETS.get(jnp.dtype(q_bthe.dtype).name)
     q_btkre = q_bthe.reshape(b, t, kv, h // kv, e)  # (B, T, K, R, E): query h is (h // R, h % R)
     scores_bkrts = jnp.einsum(
-        "btkre,bske->bkrts", q_btkre, k_bske, precision=precision,
+        "btkre,bske->bkrts",
+        q_btkre,
+        k_bske,
+        precision=precision,
         preferred_element_type=jnp.float32,
-    ) * jnp.float32(scale)  # fmt: skip
+    ) * jnp.float32(scale)
     scores_bkrts = jnp.tanh(scores_bkrts / softcap) * softcap
     keep_ts = jnp.ones((t, s), bool)
     t_pos, s_pos = jnp.arange(t)[:, None], jnp.arange(s)[None, :]

@@ -27,10 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtp.models.attention import attention
-from jtp.models.llama_config import LlamaConfig
+from jtp.models.decoder_config import DecoderConfig
 
 
-def layer_kinds(c: LlamaConfig) -> tuple[tuple[bool, ...], np.ndarray | None]:
+def layer_kinds(c: DecoderConfig) -> tuple[tuple[bool, ...], np.ndarray | None]:
     """How the blocks learn whether they are sliding layers: ``((kind,), None)`` when every
     layer is of one kind (a static argument: no branch is compiled), ``((), flags)`` when
     both kinds occur: ``flags`` (L,) bool, each layer's entry passed to its block (a scan

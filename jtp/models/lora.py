@@ -11,7 +11,7 @@ like the kernel's columns; row: ``A`` split like its rows, ``B`` replicated), so
 column -> row pair still costs one all-reduce.
 
 Which linears are adapted is named as PEFT names them (``q k v o gate up down``, for
-``q_proj``, ..., ``down_proj``) in :class:`~jtp.models.llama.LlamaConfig`'s
+``q_proj``, ..., ``down_proj``) in :class:`~jtp.models.decoder_config.DecoderConfig`'s
 ``lora_targets``; :data:`TARGETS` maps them onto jtp's modules.
 """
 
@@ -26,12 +26,12 @@ from flax import nnx
 
 from jtp.parallel.names import path_str
 
-# PEFT's short name -> the adapted module inside a block (jtp.models.llama.TransformerBlock).
+# PEFT's short name -> the adapted module inside a block (jtp.models.decoder.TransformerBlock).
 TARGETS = {
     "q": "attention.wq", "k": "attention.wk", "v": "attention.wv", "o": "attention.wo",
     "gate": "feed_forward.w1", "up": "feed_forward.w3", "down": "feed_forward.w2",
 }  # fmt: skip
-LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_targets")  # of LlamaConfig
+LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_targets")  # of DecoderConfig
 
 
 def parse_targets(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:

@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from jtp.errors import InputError
 from jtp.mesh import DATA, TENSOR
-from jtp.models.llama import LlamaConfig
+from jtp.models.decoder_config import DecoderConfig
 from jtp.parallel.plan import TPPlan
 from jtp.parallel.styles import ColwiseParallel, RowwiseParallel
 
@@ -26,7 +26,7 @@ def feedforward() -> dict[str, ColwiseParallel | RowwiseParallel]:
 
 
 def llama(
-    config: LlamaConfig | None = None,
+    config: DecoderConfig | None = None,
     *,
     sequence_parallel: bool = False,
     loss_parallel: bool = False,
@@ -51,7 +51,7 @@ def llama(
         split on its sequence axis over "tensor" (the norms then run on a sequence shard, and
         each all-reduce becomes a reduce-scatter + all-gather pair).
       loss_parallel: keep the logits split on the vocabulary and compute the cross-entropy
-        there (:func:`jtp.models.llama.cross_entropy`), never gathering (B, T, V) logits.
+        there (:func:`jtp.models.decoder.cross_entropy`), never gathering (B, T, V) logits.
       fsdp: the parameters are laid out with ``fsdp=True`` (the embedding table then has D on
         "data"): the lookup takes every token id and gives D split on "data", and the move
         to the batch split is spelled out (one all-to-all each way; without it XLA's
@@ -85,7 +85,7 @@ def llama(
     return TPPlan(styles, activations)
 
 
-def replicate_kv(config: LlamaConfig, mesh: Mesh | int) -> LlamaConfig:
+def replicate_kv(config: DecoderConfig, mesh: Mesh | int) -> DecoderConfig:
     """``config`` with the ``kv_replicas`` the tensor size of ``mesh`` (or the size itself)
     needs: ``tensor / n_kv_heads`` when the tensor axis is wider than the kv heads and a
     multiple of them (Qwen2.5-7B's 4 kv heads on tensor 8: 2), else 1.
@@ -104,7 +104,11 @@ def replicate_kv(config: LlamaConfig, mesh: Mesh | int) -> LlamaConfig:
 
 
 def check_llama(
-    config: LlamaConfig, mesh: Mesh, *, seq_len: int | None = None, sequence_parallel: bool = False
+    config: DecoderConfig,
+    mesh: Mesh,
+    *,
+    seq_len: int | None = None,
+    sequence_parallel: bool = False,
 ) -> None:
     """Raise a ``ValueError`` naming the numbers when the Llama plan cannot apply."""
     t = int(mesh.shape[TENSOR])

@@ -1,7 +1,8 @@
 """Rotary position embeddings: the angle tables (with Llama 3.1's frequency scaling, or HF's
 "linear" scaling: Gemma 3's global layers) and the rotation, in Meta's interleaved layout.
-Used by the Llama's training forward and by decoding (:mod:`jtp.models.decode`), which
-rotates each sequence by its own positions."""
+The decoder's forward takes the tables of positions 0 .. T-1 (training: every sequence
+starts at 0) or, over a key/value cache, the angles at each sequence's own positions
+(:func:`rope_at`)."""
 
 from __future__ import annotations
 

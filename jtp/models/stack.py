@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jtp.parallel.stacked import n_layers
@@ -60,13 +61,24 @@ def checkpoint_policy(name: str) -> Any:
     }[remat_name(name)]
 
 
-def _call(block: nnx.Module, x: jax.Array, *args: Any) -> jax.Array:
-    return block(x, *args)
+def _call(block: nnx.Module, x: jax.Array, *args: Any, **kwargs: Any) -> Any:
+    return block(x, *args, **kwargs)
+
+
+def _layer(tree: Any, i: int) -> Any:
+    """Layer ``i``'s slice of a pytree whose leaves lead with the layer axis."""
+    return jax.tree.map(lambda a: a[i], tree)
 
 
 def run_blocks(
-    layers: Any, x: jax.Array, *args: Any, remat: str = "none", xs: Any = None
-) -> jax.Array:
+    layers: Any,
+    x: jax.Array,
+    *args: Any,
+    remat: str = "none",
+    xs: Any = None,
+    cache: Any = None,
+    **kwargs: Any,
+) -> jax.Array | tuple[jax.Array, Any]:
     """``x`` through every block of ``layers`` in order (``x = block(x, *args)``), each
     under the ``remat`` policy.
 
@@ -74,21 +86,36 @@ def run_blocks(
     :func:`jtp.parallel.stacked.stack` (run by :func:`scan_blocks`). ``xs``: per-layer
     inputs (a pytree, leading axis the layers; None: none), layer i's slice passed last:
     ``block(x, *args, xs[i])`` (what differs between layers of one compiled block, such as
-    whether it is a sliding-window layer).
+    whether it is a sliding-window layer). ``cache``: per-layer state each block reads and
+    replaces (a pytree, leading axis the layers: the key/value cache), layer i's passed as
+    ``block(..., cache=cache[i], **kwargs)``; each block then returns ``(x, its new
+    cache)`` and so does this function, the new caches stacked again. ``kwargs``: keyword
+    arguments every block gets.
     """
     remat = remat_name(remat)
     if n_layers(layers) is None:
         call = _call if remat == "none" else nnx.remat(_call, policy=checkpoint_policy(remat))
+        new = []
         for i, block in enumerate(layers):
-            own = () if xs is None else (jax.tree.map(lambda a, i=i: a[i], xs),)
-            x = call(block, x, *args, *own)
-        return x
-    if xs is None:
-        x, _ = scan_blocks(layers, lambda block, x, _: (block(x, *args), None), x, remat=remat)
-    else:
-        x, _ = scan_blocks(layers, lambda block, x, xi: (block(x, *args, xi), None), x, xs,
-                           remat=remat)  # fmt: skip
-    return x
+            own = () if xs is None else (_layer(xs, i),)
+            if cache is None:
+                x = call(block, x, *args, *own, **kwargs)
+            else:
+                x, layer_cache = call(block, x, *args, *own, cache=_layer(cache, i), **kwargs)
+                new.append(layer_cache)
+        if cache is None:
+            return x
+        return x, jax.tree.map(lambda *per_layer: jnp.stack(per_layer), *new)
+
+    def body(block: nnx.Module, x: jax.Array, per_layer: tuple[Any, Any]) -> tuple[Any, Any]:
+        xi, layer_cache = per_layer
+        own = () if xs is None else (xi,)
+        if cache is None:
+            return block(x, *args, *own, **kwargs), None
+        return block(x, *args, *own, cache=layer_cache, **kwargs)
+
+    x, new = scan_blocks(layers, body, x, (xs, cache), remat=remat)
+    return x if cache is None else (x, new)
 
 
 def scan_blocks(
@@ -101,9 +128,8 @@ def scan_blocks(
 ) -> tuple[Any, Any]:
     """``jax.lax.scan`` over stacked blocks: ``body(block, carry, x) -> (carry, y)`` once per
     layer, with that layer's block and its slice of ``xs`` (leading axis: the layers; None:
-    nothing per layer); returns the last carry and the stacked ``y``s. The training forward
-    and decoding (:mod:`jtp.models.decode`, with each layer's cache as ``xs``) both scan
-    this way.
+    nothing per layer); returns the last carry and the stacked ``y``s. :func:`run_blocks`
+    scans this way, with each layer's key/value cache among the ``xs`` when generating.
 
     ``layers``: a module built by :func:`jtp.parallel.stacked.stack`; its variables must all
     be ``nnx.Param``: a scan does not write state back. ``remat``: a policy for each trip.

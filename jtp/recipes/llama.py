@@ -32,6 +32,7 @@ from jtp.models.hf.config import max_positions_of, read_config
 from jtp.models.llama import PRESETS, Llama, LlamaConfig, cross_entropy
 from jtp.models.lora import parse_targets
 from jtp.models.plans import check_llama, llama, replicate_kv
+from jtp.models.rope import rope_scaling_of
 from jtp.parallel.infer import infer_plan
 from jtp.parallel.parallelize import sharded_init
 from jtp.parallel.plan import Plan
@@ -223,6 +224,19 @@ class LlamaTask(TrainModule):
             return self.train_dataloader()
         data = self._tokens("val")
         return DataLoader(data, self.config.batch_size, mesh=self.mesh, drop_last=False)
+
+
+def from_record[T](cls: type[T], record: dict[str, Any]) -> T:
+    """``cls`` from a recorded ``asdict`` (:meth:`LlamaTask.checkpoint_metadata`), fields
+    that no longer exist dropped."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in record.items() if k in names})
+
+
+def model_config_of(record: dict[str, Any]) -> LlamaConfig:
+    """The :class:`LlamaConfig` a checkpoint's metadata recorded (``dataclasses.asdict``)."""
+    scaling = rope_scaling_of(record.get("rope_scaling"))  # its fields say which kind
+    return from_record(LlamaConfig, {**record, "rope_scaling": scaling})
 
 
 def trace_llama_step(

@@ -22,7 +22,7 @@ from typing import Any
 from flax import nnx
 from jax.sharding import Mesh
 
-from jtp.checkpoint.model import from_record, llama_record, model_config_of, restore_model
+from jtp.checkpoint.model import llama_record, restore_model
 from jtp.data.loader import DataLoader
 from jtp.data.tokens import read_meta
 from jtp.errors import InputError
@@ -31,7 +31,7 @@ from jtp.models.hf.config import max_positions_of, read_config
 from jtp.models.llama import LlamaConfig
 from jtp.parallel.abstract import abstract_sharded
 from jtp.recipes.config import LlamaTaskConfig
-from jtp.recipes.llama import LlamaTask, check_positions
+from jtp.recipes.llama import LlamaTask, check_positions, from_record, model_config_of
 from jtp.training.precision import PRECISIONS
 
 SPLITS = ("val", "train")

@@ -3,7 +3,7 @@
 import jax
 import pytest
 
-from jtp.cli.devices import select_devices
+from jtp.mesh import select_devices
 
 
 def test_select_devices():

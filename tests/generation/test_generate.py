@@ -23,6 +23,7 @@ from flax import nnx
 
 import jtp
 from jtp.generation.generate import Sampling, _compiled, bucket
+from jtp.models.cache import init_cache
 from jtp.models.llama import Llama, LlamaConfig
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures", "hf")
@@ -78,16 +79,23 @@ def test_greedy_equals_transformers(name, mesh_case):
             assert gaps[first] < TIE, f"token {first}: {ours} vs {theirs} (gap {gaps[first]})"
 
 
-@pytest.mark.parametrize("config", [SMALL, GEMMA_SMALL], ids=["llama", "gemma"])
-def test_cache_logits_equal_the_full_forward(config):
-    """Prefill of left-padded prompts, then one decode step: every real position's logits
-    equal ``Llama.__call__`` on the unpadded sequence (float32; the same matmuls on other
-    shapes: seen 1e-6 of the largest logit, bound 1e-5). Gemma-like: the window of the
-    sliding layers (4 slots back from each query, counted past the left padding), their own
-    RoPE base, the soft-caps and norms are the full forward's too; without the window the
-    decoded logits move by O(1)."""
-    from jtp.models.decode import forward_cached, init_cache
+CACHED = {
+    "llama": SMALL,
+    "llama-unrolled": dataclasses.replace(SMALL, scan_layers=False),
+    "gemma": GEMMA_SMALL,
+    "gemma-unrolled": dataclasses.replace(GEMMA_SMALL, scan_layers=False),
+}
 
+
+@pytest.mark.parametrize("config", list(CACHED.values()), ids=list(CACHED))
+def test_cache_logits_equal_the_full_forward(config):
+    """Prefill of left-padded prompts, then one decode step, through the model's one
+    forward with a cache (scanned: a scan over layers carrying each layer's slice; unrolled:
+    one block after the other): every real position's logits equal ``model(tokens)`` on the
+    unpadded sequence (float32; the same matmuls on other shapes: seen 1e-6 of the largest
+    logit, bound 1e-5). Gemma-like: the window of the sliding layers (4 slots back from each
+    query, counted past the left padding), their own RoPE base, the soft-caps and norms are
+    the full forward's too; without the window the decoded logits move by O(1)."""
     model = Llama(config, rngs=nnx.Rngs(0))
     prompts = [[5, 9, 3], [1, 2, 3, 4, 5, 6, 7, 8]]
     t, slots = 8, 16
@@ -98,13 +106,18 @@ def test_cache_logits_equal_the_full_forward(config):
     pad = t - lengths
     valid = (np.arange(slots)[None] >= pad[:, None]) & (np.arange(slots)[None] < t)
     positions = np.maximum(np.arange(t)[None] - pad[:, None], 0)
-    cached, forward = nnx.jit(forward_cached), nnx.jit(lambda m, tokens: m(tokens))
-    logits, cache = cached(model, jnp.asarray(tokens), jnp.asarray(positions),
-                           init_cache(model, 2, slots), 0, jnp.asarray(valid))  # fmt: skip
+
+    @nnx.jit
+    def cached(model, tokens, positions, cache, index, valid):
+        return model(tokens, cache=cache, positions_bt=positions, cache_index=index, valid_bs=valid)
+
+    forward = nnx.jit(lambda m, tokens: m(tokens))
+    logits, cache = cached(
+        model, tokens, positions, init_cache(model, 2, slots), 0, jnp.asarray(valid)
+    )
     nxt = np.array([[11], [12]], np.int32)
     valid[:, t] = True
-    step, _ = cached(model, jnp.asarray(nxt), jnp.asarray(lengths[:, None]), cache, t,
-                     jnp.asarray(valid))  # fmt: skip
+    step, _ = cached(model, nxt, lengths[:, None], cache, t, jnp.asarray(valid))
     for i, p in enumerate(prompts):
         want = np.asarray(forward(model, jnp.asarray([p + [int(nxt[i, 0])]], jnp.int32))[0])
         got = np.concatenate([np.asarray(logits[i, pad[i] :]), np.asarray(step[i])])
@@ -130,7 +143,7 @@ def test_a_model_fresh_from_fit_generates_as_its_forward_does():
 
 
 def test_unrolled_layers_generate_as_their_forward_does():
-    """The decode forward's unrolled path (``scan_layers=False``: one block after the other,
+    """The cached forward's unrolled path (``scan_layers=False``: one block after the other,
     the cache stacked from per-layer slices)."""
     model = Llama(dataclasses.replace(SMALL, scan_layers=False), rngs=nnx.Rngs(0))
     prompts = [[5, 9, 3], [7]]

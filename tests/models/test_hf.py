@@ -291,7 +291,7 @@ def test_a_training_checkpoint_record_gives_the_config_back():
     """What a training checkpoint records of the model (``dataclasses.asdict`` through JSON,
     read by jtp.eval / jtp.generate) is the config again: Gemma 3's linear RoPE scaling
     stays linear (Llama 3.1's stays llama3), the layer pattern a tuple."""
-    from jtp.checkpoint.model import model_config_of
+    from jtp.recipes.llama import model_config_of
 
     for name in ("gemma3", "llama3", "gemma2"):
         config = jtp.hf.config_of(fixture(name), max_seq_len=T)

@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 import jtp
 from jtp.capacity import layouts
 from jtp.capacity.measure import analytic_floor
-from jtp.models.decode import init_cache
+from jtp.models.cache import init_cache
 from jtp.models.llama import Llama, LlamaConfig, cross_entropy
 
 CFG = LlamaConfig(vocab_size=128, dim=64, n_layers=2, n_heads=16, n_kv_heads=2,

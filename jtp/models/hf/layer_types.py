@@ -14,7 +14,7 @@ from typing import Any
 
 from jtp.errors import InputError
 from jtp.models.hf import gemma
-from jtp.models.llama_config import LlamaConfig
+from jtp.models.llama import LlamaConfig
 
 LAYER_TYPES = ("sliding_attention", "full_attention")  # HF layer_types jtp computes
 MAX_WINDOW_LAYERS = 28  # Qwen's max_window_layers default

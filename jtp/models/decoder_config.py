@@ -1,7 +1,9 @@
-"""The Llama's config (:class:`LlamaConfig`) and its presets: what the model computes and
-how it is run, as one frozen dataclass with a comment per field. :mod:`jtp.models.llama`
-builds the model from it (and re-exports both names); the plans, the HF adapter
-(:mod:`jtp.models.hf.config`) and the CLI read it.
+"""The decoder's config (:class:`DecoderConfig`, also known as ``LlamaConfig``): what the
+model computes and how it is run, as one frozen dataclass with a comment per field. Its
+defaults are Llama 3's; the fields after ``kv_replicas`` grow it into Mistral, Qwen2/3,
+Phi-3 and Gemma 2/3. :mod:`jtp.models.decoder` builds the model from it; the plans, the HF
+adapter (:mod:`jtp.models.hf.config`) and the CLI read it; :mod:`jtp.models.llama` holds
+the presets and the Llama names.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ from jtp.models.stack import remat_name
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class DecoderConfig:
+    """What the decoder computes and how it runs; the defaults are Llama 3's (the "tiny"
+    preset's shapes). Also known as ``LlamaConfig`` (:mod:`jtp.models.llama`)."""
+
     vocab_size: int = 512  # V
     dim: int = 128  # D, model width
     n_layers: int = 2  # transformer blocks
@@ -78,42 +83,49 @@ class LlamaConfig:
     def __post_init__(self):
         object.__setattr__(self, "remat", remat_name(self.remat))  # True -> "full", ...
         if self.explicit_head_dim is None and self.dim % self.n_heads:
-            raise ValueError(f"LlamaConfig: dim {self.dim} not divisible by n_heads {self.n_heads}")
+            raise ValueError(
+                f"DecoderConfig: dim {self.dim} not divisible by n_heads {self.n_heads}"
+            )
         if self.head_dim % 2:
-            raise ValueError(f"LlamaConfig: head_dim {self.head_dim} must be even for RoPE")
+            raise ValueError(f"DecoderConfig: head_dim {self.head_dim} must be even for RoPE")
         if self.attention not in ATTENTION:
             raise ValueError(
-                f"LlamaConfig: attention={self.attention!r} must be one of {ATTENTION}"
+                f"DecoderConfig: attention={self.attention!r} must be one of {ATTENTION}"
             )
         object.__setattr__(self, "lora_targets", parse_targets(self.lora_targets))
         if self.lora_rank < 0:
-            raise ValueError(f"LlamaConfig: lora_rank {self.lora_rank} must be >= 0")
+            raise ValueError(f"DecoderConfig: lora_rank {self.lora_rank} must be >= 0")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
-                f"LlamaConfig: n_heads {self.n_heads} not divisible by n_kv_heads {self.n_kv_heads}"
+                f"DecoderConfig: n_heads {self.n_heads} not divisible by n_kv_heads "
+                f"{self.n_kv_heads}"
             )
         if self.kv_replicas < 1 or self.n_heads % (self.n_kv_heads * self.kv_replicas):
             raise ValueError(
-                f"LlamaConfig: kv_replicas {self.kv_replicas} must be >= 1 and n_kv_heads * "
+                f"DecoderConfig: kv_replicas {self.kv_replicas} must be >= 1 and n_kv_heads * "
                 f"kv_replicas ({self.n_kv_heads * self.kv_replicas}) must divide n_heads "
                 f"{self.n_heads}"
             )
         if self.activation not in ACTIVATIONS:
             raise ValueError(
-                f"LlamaConfig: activation={self.activation!r} must be one of {list(ACTIVATIONS)}"
+                f"DecoderConfig: activation={self.activation!r} must be one of {list(ACTIVATIONS)}"
             )
         if self.sliding_layers is not None:  # a checkpoint's JSON record holds a list
             object.__setattr__(self, "sliding_layers", tuple(bool(x) for x in self.sliding_layers))
             if not self.sliding_layers:
-                raise ValueError("LlamaConfig: sliding_layers is empty; give None for every layer")
+                raise ValueError(
+                    "DecoderConfig: sliding_layers is empty; give None for every layer"
+                )
         positive = {
-            "sliding_window": self.sliding_window, "local_rope_theta": self.local_rope_theta,
+            "sliding_window": self.sliding_window,
+            "local_rope_theta": self.local_rope_theta,
             "query_pre_attn_scalar": self.query_pre_attn_scalar,
-            "attn_softcap": self.attn_softcap, "final_softcap": self.final_softcap,
-        }  # fmt: skip
+            "attn_softcap": self.attn_softcap,
+            "final_softcap": self.final_softcap,
+        }
         for name, value in positive.items():
             if value is not None and not value > 0:
-                raise ValueError(f"LlamaConfig: {name}={value!r} must be > 0 (or None: off)")
+                raise ValueError(f"DecoderConfig: {name}={value!r} must be > 0 (or None: off)")
 
     @property
     def cached_kv_heads(self) -> int:
@@ -134,18 +146,3 @@ class LlamaConfig:
         block = attn + 3 * d * self.ffn_hidden + (4 if self.sandwich_norms else 2) * d
         tables = 1 if self.tie_embeddings else 2
         return tables * self.vocab_size * d + self.n_layers * block + d
-
-
-PRESETS = {
-    # Trains on CPU in seconds; heads divisible by 8 so every test mesh applies.
-    "tiny": LlamaConfig(),
-    # Shapes only: used abstractly (nnx.eval_shape + AOT compile), never allocated on CPU.
-    "llama3-8b": LlamaConfig(
-        vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
-        ffn_hidden=14336, max_seq_len=8192,
-    ),
-    "llama3-70b": LlamaConfig(
-        vocab_size=128256, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8,
-        ffn_hidden=28672, max_seq_len=8192,
-    ),
-}  # fmt: skip
