@@ -128,5 +128,7 @@ class LitTransformer(jtp.TrainModule):
 strategy = jtp.ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=4)
 trainer = jtp.Trainer(strategy, max_steps=args.steps, log_every_n_steps=10, logger=None)
 trainer.fit(LitTransformer())
-print(f"first loss {trainer.losses[0]:.4f}, final loss {trainer.losses[-1]:.4f} "
-      f"after {trainer.global_step} steps")  # fmt: skip
+print(
+    f"first loss {trainer.losses[0]:.4f}, final loss {trainer.losses[-1]:.4f} "
+    f"after {trainer.global_step} steps"
+)

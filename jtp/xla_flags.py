@@ -24,34 +24,50 @@ COMBINE_BYTES = 1 << 30  # MaxText's GPU runs combine all-reduces up to 1 GiB
 
 # (flag, why): always on a GPU.
 GPU_FLAGS: tuple[tuple[str, str], ...] = (
-    ("--xla_gpu_enable_latency_hiding_scheduler=true",
-     "schedule collectives to overlap with compute (off by default)"),
-    ("--xla_gpu_enable_highest_priority_async_stream=true",
-     "run collectives on a high-priority stream so compute kernels do not starve them"),
-    (f"--xla_gpu_all_reduce_combine_threshold_bytes={COMBINE_BYTES}",
-     "combine the many small tensor-parallel and gradient all-reduces into few large ones"),
-    (f"--xla_gpu_all_gather_combine_threshold_bytes={COMBINE_BYTES // 8}",
-     "combine FSDP parameter gathers (MaxText: the all-reduce threshold / GPUs per node)"),
-    (f"--xla_gpu_reduce_scatter_combine_threshold_bytes={COMBINE_BYTES // 16}",
-     "combine FSDP gradient reduce-scatters (MaxText: half the all-gather threshold)"),
-    ("--xla_gpu_enable_pipelined_all_gather=true",
-     "start a loop's next FSDP gather during the current iteration (scan, accumulation)"),
-    ("--xla_gpu_enable_pipelined_reduce_scatter=true",
-     "finish a loop iteration's reduce-scatter during the next one"),
-    ("--xla_gpu_enable_pipelined_all_reduce=true",
-     "the same for all-reduces inside loops"),
-    ("--xla_gpu_enable_while_loop_double_buffering=true",
-     "double-buffer loop-carried values so pipelined collectives have room to overlap"),
-)  # fmt: skip
+    (
+        "--xla_gpu_enable_latency_hiding_scheduler=true",
+        "schedule collectives to overlap with compute (off by default)",
+    ),
+    (
+        "--xla_gpu_enable_highest_priority_async_stream=true",
+        "run collectives on a high-priority stream so compute kernels do not starve them",
+    ),
+    (
+        f"--xla_gpu_all_reduce_combine_threshold_bytes={COMBINE_BYTES}",
+        "combine the many small tensor-parallel and gradient all-reduces into few large ones",
+    ),
+    (
+        f"--xla_gpu_all_gather_combine_threshold_bytes={COMBINE_BYTES // 8}",
+        "combine FSDP parameter gathers (MaxText: the all-reduce threshold / GPUs per node)",
+    ),
+    (
+        f"--xla_gpu_reduce_scatter_combine_threshold_bytes={COMBINE_BYTES // 16}",
+        "combine FSDP gradient reduce-scatters (MaxText: half the all-gather threshold)",
+    ),
+    (
+        "--xla_gpu_enable_pipelined_all_gather=true",
+        "start a loop's next FSDP gather during the current iteration (scan, accumulation)",
+    ),
+    (
+        "--xla_gpu_enable_pipelined_reduce_scatter=true",
+        "finish a loop iteration's reduce-scatter during the next one",
+    ),
+    ("--xla_gpu_enable_pipelined_all_reduce=true", "the same for all-reduces inside loops"),
+    (
+        "--xla_gpu_enable_while_loop_double_buffering=true",
+        "double-buffer loop-carried values so pipelined collectives have room to overlap",
+    ),
+)
 
 # (flag, why): with sequence parallelism, whose all-gather / reduce-scatter feed matmuls.
 SEQUENCE_PARALLEL_FLAGS: tuple[tuple[str, str], ...] = (
-    ("--xla_gpu_threshold_for_windowed_einsum_mib=0",
-     "collective matmul: split an all-gather or reduce-scatter feeding a matmul into "
-     "steps overlapped with its pieces (never triggers at the default threshold)"),
-    ("--xla_gpu_multi_streamed_windowed_einsum=true",
-     "run those steps on several streams"),
-)  # fmt: skip
+    (
+        "--xla_gpu_threshold_for_windowed_einsum_mib=0",
+        "collective matmul: split an all-gather or reduce-scatter feeding a matmul into "
+        "steps overlapped with its pieces (never triggers at the default threshold)",
+    ),
+    ("--xla_gpu_multi_streamed_windowed_einsum=true", "run those steps on several streams"),
+)
 
 CUDA_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin")
 

@@ -25,12 +25,20 @@ import sys
 import numpy as np
 
 CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 8192,
-    "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 6,
-    "num_attention_heads": 16, "num_key_value_heads": 8, "max_position_embeddings": 2048,
-    "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False,
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 8192,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
     "torch_dtype": "float32",
-}  # fmt: skip
+}
 
 
 def write(path: str) -> None:
@@ -42,10 +50,16 @@ def write(path: str) -> None:
     config = llama_config(CONFIG)
     d, e, f, v = config.dim, config.head_dim, config.ffn_hidden, config.vocab_size
     shapes = {
-        "embed_tokens": (v, d), "q_proj": (16 * e, d), "k_proj": (8 * e, d), "v_proj": (8 * e, d),
-        "o_proj": (d, 16 * e), "gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f),
+        "embed_tokens": (v, d),
+        "q_proj": (16 * e, d),
+        "k_proj": (8 * e, d),
+        "v_proj": (8 * e, d),
+        "o_proj": (d, 16 * e),
+        "gate_proj": (f, d),
+        "up_proj": (f, d),
+        "down_proj": (d, f),
         "lm_head": (v, d),
-    }  # fmt: skip
+    }
     entries = []
     for t in tensor_map(config):
         key = t.hf.split(".")[-2]
@@ -102,12 +116,18 @@ def measure(path: str, mesh_shape: tuple[int, int], fsdp: bool) -> dict:
     )  # on every device, replicas included
     transient = peak - baseline - held
     return {
-        "mesh": list(mesh_shape), "fsdp": fsdp, "checkpoint_bytes": total,
-        "largest_tensor_bytes": largest, "baseline_rss": baseline, "peak_rss": peak,
-        "device_bytes_at_end": held, "peak_minus_baseline": peak - baseline,
-        "transient_bytes": transient, "transient_in_largest_tensors": transient / largest,
+        "mesh": list(mesh_shape),
+        "fsdp": fsdp,
+        "checkpoint_bytes": total,
+        "largest_tensor_bytes": largest,
+        "baseline_rss": baseline,
+        "peak_rss": peak,
+        "device_bytes_at_end": held,
+        "peak_minus_baseline": peak - baseline,
+        "transient_bytes": transient,
+        "transient_in_largest_tensors": transient / largest,
         "peak_minus_baseline_in_checkpoints": (peak - baseline) / total,
-    }  # fmt: skip
+    }
 
 
 def main() -> None:

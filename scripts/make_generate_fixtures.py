@@ -41,19 +41,28 @@ def main(names: list[str]) -> None:
             ids = torch.tensor([prompt])
             with torch.no_grad():
                 out = model.generate(
-                    ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                    max_new_tokens=NEW_TOKENS, eos_token_id=EOS, pad_token_id=0,
-                    output_scores=True, return_dict_in_generate=True,
-                )  # fmt: skip
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    do_sample=False,
+                    max_new_tokens=NEW_TOKENS,
+                    eos_token_id=EOS,
+                    pad_token_id=0,
+                    output_scores=True,
+                    return_dict_in_generate=True,
+                )
             tokens = out.sequences[0, len(prompt) :].tolist()
             top2 = [torch.topk(s[0].float(), 2).values.numpy() for s in out.scores]
             new.append(tokens)
             gaps.append([float(a - b) for a, b in top2])
         record = {
-            "transformers": transformers.__version__, "torch": torch.__version__,
-            "eos_token_id": EOS, "max_new_tokens": NEW_TOKENS, "prompts": PROMPTS,
-            "new_tokens": new, "top2_gaps": gaps,
-        }  # fmt: skip
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+            "eos_token_id": EOS,
+            "max_new_tokens": NEW_TOKENS,
+            "prompts": PROMPTS,
+            "new_tokens": new,
+            "top2_gaps": gaps,
+        }
         with open(os.path.join(path, "generate.json"), "w") as f:
             json.dump(record, f, indent=1)
         smallest = min(min(g) for g in gaps)

@@ -51,65 +51,110 @@ import transformers
 OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "hf")
 TOKENS = np.random.default_rng(0).integers(0, 128, (4, 16)).astype(np.int32)
 COMMON = dict(
-    vocab_size=128, num_hidden_layers=2, num_attention_heads=16, num_key_value_heads=8,
-    intermediate_size=64, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
-)  # fmt: skip
+    vocab_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    intermediate_size=64,
+    max_position_embeddings=512,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 FIXTURES = {
     # Llama 3.1-style: llama3 RoPE scaling with all three frequency bands hit (wavelengths
     # 6.3 kept, 63 blended, 628 and 6283 divided), an explicit head_dim, and the hub's
     # spelling of the RoPE fields (rope_theta / rope_scaling at top level).
     "llama3": dict(
-        cls="LlamaConfig", dtype="bfloat16", hub_spelling=True,
-        hidden_size=32, head_dim=8, rms_norm_eps=1e-5,
+        cls="LlamaConfig",
+        dtype="bfloat16",
+        hub_spelling=True,
+        hidden_size=32,
+        head_dim=8,
+        rms_norm_eps=1e-5,
         rope_parameters=dict(
-            rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
-            high_freq_factor=8.0, original_max_position_embeddings=256,
+            rope_type="llama3",
+            rope_theta=10000.0,
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=8.0,
+            original_max_position_embeddings=256,
         ),
     ),
     # Llama 3.2-style: tied embeddings, llama3 scaling, transformers 5's rope_parameters.
     "llama_tied": dict(
-        cls="LlamaConfig", dtype="bfloat16", hidden_size=64, tie_word_embeddings=True,
+        cls="LlamaConfig",
+        dtype="bfloat16",
+        hidden_size=64,
+        tie_word_embeddings=True,
         rope_parameters=dict(
-            rope_type="llama3", rope_theta=500000.0, factor=32.0, low_freq_factor=1.0,
-            high_freq_factor=4.0, original_max_position_embeddings=256,
+            rope_type="llama3",
+            rope_theta=500000.0,
+            factor=32.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=256,
         ),
     ),
     # Mistral v0.1-style: a 32-token sliding window (longer than the 16 tokens used), in
     # several safetensors files with an index.
     "mistral": dict(
-        cls="MistralConfig", dtype="bfloat16", hidden_size=64, sliding_window=32,
-        rope_parameters=dict(rope_type="default", rope_theta=1e6), max_shard_size="40KB",
+        cls="MistralConfig",
+        dtype="bfloat16",
+        hidden_size=64,
+        sliding_window=32,
+        rope_parameters=dict(rope_type="default", rope_theta=1e6),
+        max_shard_size="40KB",
     ),
     # Qwen2: q/k/v biases, tied embeddings (as Qwen2-0.5B).
     "qwen2": dict(
-        cls="Qwen2Config", dtype="bfloat16", hidden_size=64, tie_word_embeddings=True,
+        cls="Qwen2Config",
+        dtype="bfloat16",
+        hidden_size=64,
+        tie_word_embeddings=True,
         rope_parameters=dict(rope_type="default", rope_theta=1e6),
     ),
     # Qwen3: q/k RMSNorm, head_dim 8 while hidden / heads is 2.
     "qwen3": dict(
-        cls="Qwen3Config", dtype="bfloat16", hidden_size=32, head_dim=8,
+        cls="Qwen3Config",
+        dtype="bfloat16",
+        hidden_size=32,
+        head_dim=8,
         rope_parameters=dict(rope_type="default", rope_theta=1e6),
     ),
     # Phi-3 (mini-4k style): fused qkv_proj and gate_up_proj, rms_norm_eps 1e-5, no head_dim
     # field, a 32-token sliding window on every layer (longer than the 16 tokens used).
     # pad_token_id: Phi3Config's default (32000) is outside this vocabulary.
     "phi3": dict(
-        cls="Phi3Config", dtype="bfloat16", hidden_size=64, sliding_window=32,
-        pad_token_id=None, rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+        cls="Phi3Config",
+        dtype="bfloat16",
+        hidden_size=64,
+        sliding_window=32,
+        pad_token_id=None,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0),
     ),
     # Fewer kv heads (2) than the tensor axis is wide (8, 4): kv heads replicated.
     "llama_kv2": dict(
-        cls="LlamaConfig", dtype="bfloat16", hidden_size=64, num_key_value_heads=2,
+        cls="LlamaConfig",
+        dtype="bfloat16",
+        hidden_size=64,
+        num_key_value_heads=2,
         rope_parameters=dict(rope_type="default", rope_theta=500000.0),
     ),
     # Gemma 2: GeGLU, (1 + w) norms, four per block, sqrt(D) embedding scale, tied; layers
     # sliding (window 8 < 16 tokens) and global alternating; scores and logits soft-capped
     # where they are; query_pre_attn_scalar 4 (not head_dim 8). The hub's spelling.
     "gemma2": dict(
-        cls="Gemma2Config", dtype="bfloat16", hub_spelling=True, hidden_size=32, head_dim=8,
-        sliding_window=8, query_pre_attn_scalar=4, attn_logit_softcapping=3.0,
-        final_logit_softcapping=8.0, rope_parameters=dict(rope_type="default", rope_theta=1e4),
+        cls="Gemma2Config",
+        dtype="bfloat16",
+        hub_spelling=True,
+        hidden_size=32,
+        head_dim=8,
+        sliding_window=8,
+        query_pre_attn_scalar=4,
+        attn_logit_softcapping=3.0,
+        final_logit_softcapping=8.0,
+        rope_parameters=dict(rope_type="default", rope_theta=1e4),
     ),
     # Gemma 3 (text): Gemma 2's block with (1 + w) q/k norms, no soft-caps; layers sliding,
     # global, sliding (window 8), each kind with its RoPE: base 10 on sliding layers, 1e4 and
@@ -117,15 +162,20 @@ FIXTURES = {
     # spelling (nested rope_parameters, layer_types); the hub's is checked to give the same
     # logits.
     "gemma3": dict(
-        cls="Gemma3TextConfig", dtype="bfloat16", hidden_size=64, head_dim=8,
-        num_hidden_layers=3, sliding_window=8, query_pre_attn_scalar=2,
+        cls="Gemma3TextConfig",
+        dtype="bfloat16",
+        hidden_size=64,
+        head_dim=8,
+        num_hidden_layers=3,
+        sliding_window=8,
+        query_pre_attn_scalar=2,
         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
         rope_parameters={
             "sliding_attention": dict(rope_type="default", rope_theta=10.0),
             "full_attention": dict(rope_type="linear", rope_theta=1e4, factor=4.0),
         },
     ),
-}  # fmt: skip
+}
 # Config changes that switch one feature off, each of which must move transformers' logits
 # by at least MIN_EFFECT of the largest (the tests check jtp's logits move with them).
 MATTERS = {
@@ -137,17 +187,21 @@ MATTERS = {
     },
     "gemma3": {
         "sliding window": dict(sliding_window=4096),
-        "local RoPE base": dict(rope_parameters={
-            "sliding_attention": dict(rope_type="linear", rope_theta=1e4, factor=4.0),
-            "full_attention": dict(rope_type="linear", rope_theta=1e4, factor=4.0),
-        }),
-        "linear RoPE scaling": dict(rope_parameters={
-            "sliding_attention": dict(rope_type="default", rope_theta=10.0),
-            "full_attention": dict(rope_type="default", rope_theta=1e4),
-        }),
+        "local RoPE base": dict(
+            rope_parameters={
+                "sliding_attention": dict(rope_type="linear", rope_theta=1e4, factor=4.0),
+                "full_attention": dict(rope_type="linear", rope_theta=1e4, factor=4.0),
+            }
+        ),
+        "linear RoPE scaling": dict(
+            rope_parameters={
+                "sliding_attention": dict(rope_type="default", rope_theta=10.0),
+                "full_attention": dict(rope_type="default", rope_theta=1e4),
+            }
+        ),
         "query_pre_attn_scalar": dict(query_pre_attn_scalar=8),
     },
-}  # fmt: skip
+}
 MIN_EFFECT = 0.05
 
 
@@ -236,11 +290,16 @@ def make_eval(name: str, seed: int) -> None:
     for split, ids in split_tokens.items():
         ids.tofile(os.path.join(path, f"{split}.bin"))
     meta = {
-        "format": "jtp-tokens/1", "vocab_size": 128, "dtype": "uint8",
-        "tokenizer": "random ids (scripts/make_hf_fixtures.py)", "val_fraction": 0.5,
-        "train_tokens": EVAL_TOKENS["train"], "val_tokens": EVAL_TOKENS["val"],
-        "max_token_id": int(max(ids.max() for ids in split_tokens.values())), "documents": 1,
-    }  # fmt: skip
+        "format": "jtp-tokens/1",
+        "vocab_size": 128,
+        "dtype": "uint8",
+        "tokenizer": "random ids (scripts/make_hf_fixtures.py)",
+        "val_fraction": 0.5,
+        "train_tokens": EVAL_TOKENS["train"],
+        "val_tokens": EVAL_TOKENS["val"],
+        "max_token_id": int(max(ids.max() for ids in split_tokens.values())),
+        "documents": 1,
+    }
     with open(os.path.join(path, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
     cases = []
@@ -249,16 +308,24 @@ def make_eval(name: str, seed: int) -> None:
         sums = window_losses(os.path.join(OUT, name), wins)
         tokens = wins.shape[0] * seq_len
         loss = float(sums.sum() / tokens)
-        cases.append({
-            "split": split, "seq_len": seq_len, "windows": wins.shape[0], "tokens": tokens,
-            "loss": loss, "perplexity": float(np.exp(loss)),
-            "window_losses": [float(s / seq_len) for s in sums],
-        })  # fmt: skip
+        cases.append(
+            {
+                "split": split,
+                "seq_len": seq_len,
+                "windows": wins.shape[0],
+                "tokens": tokens,
+                "loss": loss,
+                "perplexity": float(np.exp(loss)),
+                "window_losses": [float(s / seq_len) for s in sums],
+            }
+        )
     reference = {
         "checkpoint": f"tests/fixtures/hf/{name}",
         "how": "transformers AutoModelForCausalLM, float32, eager attention; mean over tokens",
-        "transformers": transformers.__version__, "torch": torch.__version__, "cases": cases,
-    }  # fmt: skip
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "cases": cases,
+    }
     with open(os.path.join(path, "reference.json"), "w") as f:
         json.dump(reference, f, indent=1)
     losses = ", ".join(f"{c['split']}@{c['seq_len']} {c['loss']:.4f}" for c in cases)
@@ -305,10 +372,12 @@ def check_gemma3_hub_spelling(path: str, logits: np.ndarray) -> None:
         full, local = rope["full_attention"], rope["sliding_attention"]
         c.pop("layer_types")
         c.update(
-            rope_theta=full.pop("rope_theta"), rope_scaling=full,
-            rope_local_base_freq=local["rope_theta"], sliding_window_pattern=2,
+            rope_theta=full.pop("rope_theta"),
+            rope_scaling=full,
+            rope_local_base_freq=local["rope_theta"],
+            sliding_window_pattern=2,
             torch_dtype=c.pop("dtype"),
-        )  # fmt: skip
+        )
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(c, f, indent=2)
         assert np.array_equal(reference_logits(tmp), logits)
@@ -332,9 +401,10 @@ def main() -> None:
     p.add_argument("--check", default=None, help="compare this directory's logits instead")
     p.add_argument("--reference", default=None, help="with --check: tokens and logits (.npz)")
     p.add_argument(
-        "--eval-only", action="store_true",
+        "--eval-only",
+        action="store_true",
         help="write only tests/fixtures/eval/ (from the committed checkpoints)",
-    )  # fmt: skip
+    )
     p.add_argument("--only", default=None, help="comma-separated fixture names to (re)write")
     args = p.parse_args()
     only = set(args.only.split(",")) if args.only else set(FIXTURES)

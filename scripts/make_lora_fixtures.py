@@ -86,11 +86,15 @@ def torch_side(name: str, jtp_python: str) -> dict:
         )
         merged = logits_of(load(os.path.join(scratch, "merged"), dtype=torch.float32))
     record = {
-        "transformers": transformers.__version__, "torch": torch.__version__,
-        "peft": peft.__version__, "r": RANK, "lora_alpha": ALPHA,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "peft": peft.__version__,
+        "r": RANK,
+        "lora_alpha": ALPHA,
         "adapter_vs_base": rel(with_peft, base),  # how much the adapter moves the logits
-        "merged_vs_peft": rel(merged, with_peft), "jtp_vs_peft": rel(jtp_logits, with_peft),
-    }  # fmt: skip
+        "merged_vs_peft": rel(merged, with_peft),
+        "jtp_vs_peft": rel(jtp_logits, with_peft),
+    }
     np.savez(os.path.join(adapter, "reference.npz"), tokens=np.asarray(TOKENS), logits=with_peft)
     with open(os.path.join(adapter, "record.json"), "w") as f:
         json.dump(record, f, indent=1)

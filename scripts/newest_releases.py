@@ -19,8 +19,16 @@ import tempfile
 # The packages whose releases have changed what jtp computes or whether it runs (jax 0.12.1:
 # two multi-process hangs). Others are installed at their newest by test-latest too, but a
 # release of one of them alone does not start it.
-WATCHED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "ml-dtypes",
-           "safetensors")  # fmt: skip
+WATCHED = (
+    "jax",
+    "jaxlib",
+    "flax",
+    "optax",
+    "orbax-checkpoint",
+    "numpy",
+    "ml-dtypes",
+    "safetensors",
+)
 
 
 def _norm(name: str) -> str:
@@ -42,10 +50,22 @@ def newest() -> dict[str, str]:
     """The versions an unconstrained install of the watched packages resolves to today."""
     with tempfile.NamedTemporaryFile(suffix=".json") as report:
         done = subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
-             "--report", report.name, *WATCHED],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--dry-run",
+                "--quiet",
+                "--ignore-installed",
+                "--report",
+                report.name,
+                *WATCHED,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         if done.returncode:
             raise OSError(done.stderr.strip().splitlines()[-1:] or "pip failed")
         items = json.load(open(report.name))["install"]

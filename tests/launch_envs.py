@@ -28,9 +28,14 @@ def sbatch_options(path: Path) -> dict[str, str]:
 
 
 def slurm_env(
-    script: Path, proc: int, *, job_id: int, host: str = "jtp-node", gpus: int | None = None,
+    script: Path,
+    proc: int,
+    *,
+    job_id: int,
+    host: str = "jtp-node",
+    gpus: int | None = None,
     bound: bool = False,
-) -> dict[str, str]:  # fmt: skip
+) -> dict[str, str]:
     """What ``srun`` sets in task ``proc`` of ``script``'s job. ``gpus``: GPUs per node (None:
     a CPU job, no GPU variables); ``bound``: SLURM binds each task to its GPUs (its
     CUDA_VISIBLE_DEVICES lists only those), else every task sees the node's."""
@@ -38,24 +43,36 @@ def slurm_env(
     nodes, per_node = int(opts["nodes"]), int(opts["ntasks-per-node"])
     node, local = divmod(proc, per_node)
     env = {
-        "SLURM_JOB_ID": str(job_id), "SLURM_JOBID": str(job_id), "SLURM_STEP_ID": "0",
-        "SLURM_JOB_NAME": opts["job-name"], "SLURM_NNODES": str(nodes),
-        "SLURM_JOB_NUM_NODES": str(nodes), "SLURM_STEP_NUM_NODES": str(nodes),
-        "SLURM_NODELIST": f"{host}[1-{nodes}]", "SLURM_JOB_NODELIST": f"{host}[1-{nodes}]",
-        "SLURM_STEP_NODELIST": f"{host}[1-{nodes}]", "SLURMD_NODENAME": f"{host}{node + 1}",
-        "SLURM_NTASKS": str(nodes * per_node), "SLURM_STEP_NUM_TASKS": str(nodes * per_node),
-        "SLURM_NTASKS_PER_NODE": str(per_node), "SLURM_TASKS_PER_NODE": f"{per_node}(x{nodes})",
-        "SLURM_STEP_TASKS_PER_NODE": f"{per_node}(x{nodes})", "SLURM_PROCID": str(proc),
-        "SLURM_LOCALID": str(local), "SLURM_NODEID": str(node),
-    }  # fmt: skip
+        "SLURM_JOB_ID": str(job_id),
+        "SLURM_JOBID": str(job_id),
+        "SLURM_STEP_ID": "0",
+        "SLURM_JOB_NAME": opts["job-name"],
+        "SLURM_NNODES": str(nodes),
+        "SLURM_JOB_NUM_NODES": str(nodes),
+        "SLURM_STEP_NUM_NODES": str(nodes),
+        "SLURM_NODELIST": f"{host}[1-{nodes}]",
+        "SLURM_JOB_NODELIST": f"{host}[1-{nodes}]",
+        "SLURM_STEP_NODELIST": f"{host}[1-{nodes}]",
+        "SLURMD_NODENAME": f"{host}{node + 1}",
+        "SLURM_NTASKS": str(nodes * per_node),
+        "SLURM_STEP_NUM_TASKS": str(nodes * per_node),
+        "SLURM_NTASKS_PER_NODE": str(per_node),
+        "SLURM_TASKS_PER_NODE": f"{per_node}(x{nodes})",
+        "SLURM_STEP_TASKS_PER_NODE": f"{per_node}(x{nodes})",
+        "SLURM_PROCID": str(proc),
+        "SLURM_LOCALID": str(local),
+        "SLURM_NODEID": str(node),
+    }
     if gpus is not None:
         every = ",".join(map(str, range(gpus)))
         share = gpus // per_node
         mine = ",".join(map(str, range(local * share, (local + 1) * share)))
         env.update(
-            SLURM_GPUS_ON_NODE=str(gpus), SLURM_JOB_GPUS=every, SLURM_STEP_GPUS=every,
+            SLURM_GPUS_ON_NODE=str(gpus),
+            SLURM_JOB_GPUS=every,
+            SLURM_STEP_GPUS=every,
             CUDA_VISIBLE_DEVICES=mine if bound else every,
-        )  # fmt: skip
+        )
     return env
 
 
@@ -66,14 +83,17 @@ def mpirun_env(script: Path, rank: int, *, job_id: int, ip: str = "127.0.0.1") -
     size = int(launcher[launcher.index("-np") + 1])
     per_node = int(launcher[launcher.index("--npernode") + 1])
     return {
-        "OMPI_COMM_WORLD_SIZE": str(size), "OMPI_COMM_WORLD_RANK": str(rank),
+        "OMPI_COMM_WORLD_SIZE": str(size),
+        "OMPI_COMM_WORLD_RANK": str(rank),
         "OMPI_COMM_WORLD_LOCAL_SIZE": str(per_node),
         "OMPI_COMM_WORLD_LOCAL_RANK": str(rank % per_node),
-        "OMPI_COMM_WORLD_NODE_RANK": str(rank % per_node), "OMPI_UNIVERSE_SIZE": str(size),
+        "OMPI_COMM_WORLD_NODE_RANK": str(rank % per_node),
+        "OMPI_UNIVERSE_SIZE": str(size),
         "OMPI_MCA_orte_hnp_uri": f"{job_id}.0;tcp://{ip},10.1.0.7:40413",
-        "OMPI_MCA_orte_ess_num_procs": str(size), "OMPI_MCA_ess_base_jobid": str(job_id + 1),
+        "OMPI_MCA_orte_ess_num_procs": str(size),
+        "OMPI_MCA_ess_base_jobid": str(job_id + 1),
         "OMPI_MCA_ess_base_vpid": str(rank),
-    }  # fmt: skip
+    }
 
 
 def jobset_container(manifest: Path) -> tuple[dict, dict, dict]:

@@ -84,7 +84,7 @@ def two_workers(worker: Path, tmp: Path, tag: str, *args: str) -> list[subproces
             stdout=open(tmp / f"{tag}{i}.log", "w"),
             stderr=subprocess.STDOUT,
             env=clean_env(),
-        )  # fmt: skip
+        )
         for i in range(2)
     ]
 

@@ -109,8 +109,19 @@ _COLLECTIVE = re.compile(
     r"all-to-all|collective-permute)(?:-start)?\("
 )
 _ELEMENT = re.compile(r"\b(bf16|f16|f32|f64|s32|u32|s8|u8|pred|s64|u64)\[([0-9,]*)\]")
-ELEMENT_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "f64": 8, "s32": 4, "u32": 4, "s8": 1, "u8": 1,
-                 "pred": 1, "s64": 8, "u64": 8}  # fmt: skip
+ELEMENT_BYTES = {
+    "bf16": 2,
+    "f16": 2,
+    "f32": 4,
+    "f64": 8,
+    "s32": 4,
+    "u32": 4,
+    "s8": 1,
+    "u8": 1,
+    "pred": 1,
+    "s64": 8,
+    "u64": 8,
+}
 
 
 def partitioned_hlo(lowered: jax.stages.Lowered) -> str:
@@ -154,12 +165,22 @@ def collective_bytes(hlo_text: str) -> Counter[tuple[str, str]]:
 POLICY_LAYERS = tuple(
     getattr(nnx, name)
     for name in (
-        "Linear", "LinearGeneral", "Einsum", "Embed", "Conv", "ConvTranspose",
-        "MultiHeadAttention", "LayerNorm", "RMSNorm", "GroupNorm", "BatchNorm",
-        "InstanceNorm", "LoRA",
+        "Linear",
+        "LinearGeneral",
+        "Einsum",
+        "Embed",
+        "Conv",
+        "ConvTranspose",
+        "MultiHeadAttention",
+        "LayerNorm",
+        "RMSNorm",
+        "GroupNorm",
+        "BatchNorm",
+        "InstanceNorm",
+        "LoRA",
     )
     if hasattr(nnx, name)
-)  # fmt: skip
+)
 
 
 def module_dtypes(model: nnx.Module, compute_dtype: Any) -> dict[str, str]:

@@ -64,9 +64,17 @@ class Explanation:
             style = f"{p.key} -> {_style_name(p.style)}" if p.key else "replicated: no key"
             spec = "P(" + ", ".join(repr(a) if a else "None" for a in p.spec) + ")"
             body.append(
-                (p.path, str(p.shape), str(np.dtype(p.dtype)), style, spec, str(r.shard),
-                 f"{r.bytes_per_device:,}", *((r.computes or "inputs' dtype",) if computes else ()))
-            )  # fmt: skip
+                (
+                    p.path,
+                    str(p.shape),
+                    str(np.dtype(p.dtype)),
+                    style,
+                    spec,
+                    str(r.shard),
+                    f"{r.bytes_per_device:,}",
+                    *((r.computes or "inputs' dtype",) if computes else ()),
+                )
+            )
         widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
 
         def fmt(row: tuple[str, ...]) -> str:

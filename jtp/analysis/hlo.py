@@ -14,12 +14,38 @@ import numpy as np
 # Bytes per element as XLA lays arrays out in memory: sub-byte types (s4, f4e2m1fn, ...) take
 # a byte each unless a layout packs them, which a per-device byte count can ignore.
 _DTYPE_BYTES = {
-    "pred": 1, "s1": 1, "u1": 1, "s2": 1, "u2": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1,
-    "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
-    "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "token": 0,
-    "f8e5m2": 1, "f8e4m3": 1, "f8e4m3fn": 1, "f8e4m3b11fnuz": 1, "f8e5m2fnuz": 1,
-    "f8e4m3fnuz": 1, "f8e3m4": 1, "f8e8m0fnu": 1, "f4e2m1fn": 1,
-}  # fmt: skip
+    "pred": 1,
+    "s1": 1,
+    "u1": 1,
+    "s2": 1,
+    "u2": 1,
+    "s4": 1,
+    "u4": 1,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+    "c64": 8,
+    "c128": 16,
+    "token": 0,
+    "f8e5m2": 1,
+    "f8e4m3": 1,
+    "f8e4m3fn": 1,
+    "f8e4m3b11fnuz": 1,
+    "f8e5m2fnuz": 1,
+    "f8e4m3fnuz": 1,
+    "f8e3m4": 1,
+    "f8e8m0fnu": 1,
+    "f4e2m1fn": 1,
+}
 _TYPE_TOKEN = re.compile(r"\(|\)|([a-z][a-z0-9]*)\[([<=\d,]*)\]")
 _TYPE_NOISE = re.compile(r"/\*.*?\*/|\{[^{}]*\}")  # `/*index=5*/` comments and layouts
 _IOTA = re.compile(r"\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")

@@ -27,7 +27,7 @@ def attention(args: argparse.Namespace) -> dict[str, Any]:
         SMOKE_ATTENTION_CASES,
         attention_check,
         gemma_model_check,
-    )  # fmt: skip
+    )
 
     device = jax.devices()[0]
     cases = SMOKE_ATTENTION_CASES if args.smoke else ATTENTION_CASES
@@ -36,11 +36,15 @@ def attention(args: argparse.Namespace) -> dict[str, Any]:
         for row in attention_check(case, device.platform):
             rows.append({"case": name, "shape": case, **row})
     payload = {
-        "benchmark": "attention", "machine": machine(), "platform": device.platform,
-        "device_kind": device.device_kind, "smoke": bool(args.smoke),
-        "tolerance": ATTENTION_RTOL, "rows": rows,
+        "benchmark": "attention",
+        "machine": machine(),
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "smoke": bool(args.smoke),
+        "tolerance": ATTENTION_RTOL,
+        "rows": rows,
         "gemma_model": gemma_model_check(device.platform, smoke=args.smoke),
-    }  # fmt: skip
+    }
     print(format_attention(payload))
     write_result(args, payload)
     return payload

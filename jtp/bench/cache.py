@@ -21,19 +21,42 @@ from jtp.bench.results import machine, write_result
 
 CONFIGS = {
     "llama tiny, 2x4 fsdp+sp": [
-        "--model", "llama", "--preset", "tiny", "--data-parallel", "2", "--tensor-parallel",
-        "4", "--fsdp", "--sequence-parallel", "--loss-parallel", "--precision", "bf16-mixed",
+        "--model",
+        "llama",
+        "--preset",
+        "tiny",
+        "--data-parallel",
+        "2",
+        "--tensor-parallel",
+        "4",
+        "--fsdp",
+        "--sequence-parallel",
+        "--loss-parallel",
+        "--precision",
+        "bf16-mixed",
     ],
     "feedforward 1024, 1x8": ["--dim", "1024", "--hidden-dim", "4096"],
-}  # fmt: skip
+}
 RUNS = ("no cache", "cold cache", "warm cache")
 
 
 def _train(args: list[str], cache: str | None, workdir: str) -> dict[str, Any]:
     metrics = os.path.join(workdir, "metrics.json")
     flag = ["--compilation-cache", cache] if cache else ["--no-compilation-cache"]
-    command = [sys.executable, "-m", "jtp.train", "--devices", "8", "--max-steps", "2",
-               "--no-progress", *args, *flag, "--metrics-json", metrics]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "jtp.train",
+        "--devices",
+        "8",
+        "--max-steps",
+        "2",
+        "--no-progress",
+        *args,
+        *flag,
+        "--metrics-json",
+        metrics,
+    ]
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
     t0 = time.perf_counter()
     subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
@@ -41,8 +64,12 @@ def _train(args: list[str], cache: str | None, workdir: str) -> dict[str, Any]:
     with open(metrics) as f:
         m = json.load(f)
     entries = len(os.listdir(cache)) if cache else 0
-    return {"wall_s": wall, "compile_s": m["compile_seconds"], "fit_s": m["fit_seconds"],
-            "cache_entries": entries}  # fmt: skip
+    return {
+        "wall_s": wall,
+        "compile_s": m["compile_seconds"],
+        "fit_s": m["fit_seconds"],
+        "cache_entries": entries,
+    }
 
 
 def cache(args: argparse.Namespace) -> dict[str, Any]:

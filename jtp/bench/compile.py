@@ -29,9 +29,15 @@ def _model(args: argparse.Namespace, n_layers: int, **overrides: Any) -> Any:
     from jtp.models.llama import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=512, dim=args.dim, n_layers=n_layers, n_heads=args.dim // 16,
-        n_kv_heads=args.dim // 32, ffn_hidden=3 * args.dim, max_seq_len=args.seq, **overrides,
-    )  # fmt: skip
+        vocab_size=512,
+        dim=args.dim,
+        n_layers=n_layers,
+        n_heads=args.dim // 16,
+        n_kv_heads=args.dim // 32,
+        ffn_hidden=3 * args.dim,
+        max_seq_len=args.seq,
+        **overrides,
+    )
 
 
 def _compile(model: Any, devices: list, seq: int, batch: int) -> tuple[Any, float]:
@@ -94,8 +100,10 @@ def compile(args: argparse.Namespace) -> dict[str, Any]:  # the sub-command's na
             model = _model(args, n, remat="full", scan_layers=scan)
             _, row["scanned_s" if scan else "unrolled_s"] = _compile(model, devices, args.seq, 8)
         rows.append(row)
-        print(f"  {n} layers: {row['scanned_s']:.1f} s scanned, {row['unrolled_s']:.1f} s "
-              "unrolled", file=sys.stderr)  # fmt: skip
+        print(
+            f"  {n} layers: {row['scanned_s']:.1f} s scanned, {row['unrolled_s']:.1f} s unrolled",
+            file=sys.stderr,
+        )
     policies = []
     for policy in [remat_name(r) for r in args.remat.split(",")]:
         row = {"remat": policy}
@@ -110,11 +118,17 @@ def compile(args: argparse.Namespace) -> dict[str, Any]:  # the sub-command's na
         policies.append(row)
         print(f"  remat {policy}: done", file=sys.stderr)
     payload = {
-        "benchmark": "compile", "machine": machine(), "mesh": {"data": MESH[0], "tensor": MESH[1]},
-        "precision": PRECISION, "model": dataclasses.asdict(_model(args, args.policy_layers)),
-        "seq_len": args.seq, "global_batch": 8, "policy_layers": args.policy_layers,
-        "rows": rows, "policies": policies,
-    }  # fmt: skip
+        "benchmark": "compile",
+        "machine": machine(),
+        "mesh": {"data": MESH[0], "tensor": MESH[1]},
+        "precision": PRECISION,
+        "model": dataclasses.asdict(_model(args, args.policy_layers)),
+        "seq_len": args.seq,
+        "global_batch": 8,
+        "policy_layers": args.policy_layers,
+        "rows": rows,
+        "policies": policies,
+    }
     write_result(args, payload)
     print(format_compile(payload))
     return payload

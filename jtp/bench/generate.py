@@ -29,9 +29,14 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
 
     devices = select_devices(8)
     config = LlamaConfig(
-        vocab_size=4096, dim=args.dim, n_layers=args.layers, n_heads=16, n_kv_heads=8,
-        ffn_hidden=4 * args.dim, max_seq_len=args.prompt + args.new,
-    )  # fmt: skip
+        vocab_size=4096,
+        dim=args.dim,
+        n_layers=args.layers,
+        n_heads=16,
+        n_kv_heads=8,
+        ffn_hidden=4 * args.dim,
+        max_seq_len=args.prompt + args.new,
+    )
     mesh = make_mesh(1, 8, devices=devices)
     model = sharded_init(lambda: Llama(config, rngs=nnx.Rngs(0)), mesh, llama_plan(config))
     rows = []
@@ -40,21 +45,39 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
         generate_timed(model, prompts, max_new_tokens=args.new)  # compile both programs
         new, t = generate_timed(model, prompts, max_new_tokens=args.new)
         decoded = sum(len(x) - 1 for x in new)
-        rows.append({
-            "batch": batch, "rows_computed": t.batch, "prompt_tokens": t.prompt_tokens,
-            "new_tokens_per_row": args.new, "prefill_s": t.prefill_s, "decode_s": t.decode_s,
-            "prefill_tokens_per_s": t.prompt_tokens / t.prefill_s,
-            "decode_tokens_per_s": decoded / t.decode_s,
-            "decode_tokens_per_s_per_device": decoded / t.decode_s / mesh.size,
-            "cache_bytes": t.cache_bytes, "cache_bytes_per_device": t.cache_bytes_per_device,
-        })  # fmt: skip
+        rows.append(
+            {
+                "batch": batch,
+                "rows_computed": t.batch,
+                "prompt_tokens": t.prompt_tokens,
+                "new_tokens_per_row": args.new,
+                "prefill_s": t.prefill_s,
+                "decode_s": t.decode_s,
+                "prefill_tokens_per_s": t.prompt_tokens / t.prefill_s,
+                "decode_tokens_per_s": decoded / t.decode_s,
+                "decode_tokens_per_s_per_device": decoded / t.decode_s / mesh.size,
+                "cache_bytes": t.cache_bytes,
+                "cache_bytes_per_device": t.cache_bytes_per_device,
+            }
+        )
         print(f"  batch {batch}: {rows[-1]['decode_tokens_per_s']:,.0f} tokens/s", file=sys.stderr)
     payload = {
-        "benchmark": "generate", "machine": machine(), "platform": devices[0].platform,
-        "mesh": {"data": 1, "tensor": 8}, "model": {"dim": args.dim, "layers": args.layers,
-        "heads": 16, "kv_heads": 8, "vocab": 4096, "params": config.num_params()},
-        "prompt_tokens": args.prompt, "new_tokens": args.new, "rows": rows,
-    }  # fmt: skip
+        "benchmark": "generate",
+        "machine": machine(),
+        "platform": devices[0].platform,
+        "mesh": {"data": 1, "tensor": 8},
+        "model": {
+            "dim": args.dim,
+            "layers": args.layers,
+            "heads": 16,
+            "kv_heads": 8,
+            "vocab": 4096,
+            "params": config.num_params(),
+        },
+        "prompt_tokens": args.prompt,
+        "new_tokens": args.new,
+        "rows": rows,
+    }
     print(format_generate(payload))
     write_result(args, payload)
     return payload

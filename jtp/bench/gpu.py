@@ -45,13 +45,29 @@ from jtp.bench.gpu_checks import (
 )
 from jtp.bench.results import machine, write_result
 
-TORCHTITAN = {"tokens_per_s_per_device": 5762, "mfu": "33-39%", "model": "Llama-3-8B",
-              "hardware": "8 x H100, bf16"}  # fmt: skip
-MAXTEXT = {"tokens_per_s_per_device": 11000, "mfu": "~50%", "model": "Llama-2-7B",
-           "hardware": "8 x H100, bf16"}  # fmt: skip
+TORCHTITAN = {
+    "tokens_per_s_per_device": 5762,
+    "mfu": "33-39%",
+    "model": "Llama-3-8B",
+    "hardware": "8 x H100, bf16",
+}
+MAXTEXT = {
+    "tokens_per_s_per_device": 11000,
+    "mfu": "~50%",
+    "model": "Llama-2-7B",
+    "hardware": "8 x H100, bf16",
+}
 # Dense bf16 peak TFLOP/s by device_kind substring (first match wins).
-PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("H800", 989.0), ("GH200", 989.0),
-               ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("A10", 125.0))  # fmt: skip
+PEAK_TFLOPS = (
+    ("H200", 989.0),
+    ("H100", 989.0),
+    ("H800", 989.0),
+    ("GH200", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("A10", 125.0),
+)
 
 
 def peak_tflops(device_kind: str) -> float | None:
@@ -128,12 +144,21 @@ def choose_layout(
             fits = usable is None or m["memory"] <= usable
             est = estimate(m, config, hw, len(devices))
             rows.append(
-                {"layout": config.label(), "layers": layers, "memory_bytes": m["memory"],
-                 "fits": fits, "estimated_step_s": est["step_s"], "compile_seconds": seconds,
-                 "config": config}
-            )  # fmt: skip
-            print(f"  {config.label()}, {layers} layers: {m['memory'] / 2**30:.1f} GiB"
-                  f"{'' if fits else ' (does not fit)'}", file=sys.stderr)  # fmt: skip
+                {
+                    "layout": config.label(),
+                    "layers": layers,
+                    "memory_bytes": m["memory"],
+                    "fits": fits,
+                    "estimated_step_s": est["step_s"],
+                    "compile_seconds": seconds,
+                    "config": config,
+                }
+            )
+            print(
+                f"  {config.label()}, {layers} layers: {m['memory'] / 2**30:.1f} GiB"
+                f"{'' if fits else ' (does not fit)'}",
+                file=sys.stderr,
+            )
         table += [{k: v for k, v in r.items() if k != "config"} for r in rows]
         fitting = [r for r in rows if r["fits"]]
         if fitting:
@@ -159,9 +184,14 @@ def _step(config: str, layout: Any, devices: list, batch: int, seq: int, layers:
 
     d, t, fsdp, remat = layout.data, layout.tensor, layout.fsdp, layout.remat
     task_config = LlamaTaskConfig(
-        preset=config, seq_len=seq, batch_size=batch, fsdp=fsdp, remat=remat,
-        sequence_parallel=False, loss_parallel=t > 1,
-    )  # fmt: skip
+        preset=config,
+        seq_len=seq,
+        batch_size=batch,
+        fsdp=fsdp,
+        remat=remat,
+        sequence_parallel=False,
+        loss_parallel=t > 1,
+    )
     shapes = model_shapes(task_config)
     if layers is not None:  # cut to the depth that fits
         shapes = dataclasses.replace(shapes, n_layers=layers)
@@ -195,9 +225,11 @@ def gpu(args: argparse.Namespace) -> dict[str, Any]:
     devices = select_devices(8) if args.smoke else jax.devices()
     platform = devices[0].platform
     if platform != "gpu" and not args.smoke:
-        print(f"python -m jtp.bench gpu: no GPU here (jax platform {platform!r}); run it on a "
-              "machine with NVIDIA GPUs and jax[cuda12], or pass --smoke for the CPU code path",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"python -m jtp.bench gpu: no GPU here (jax platform {platform!r}); run it on a "
+            "machine with NVIDIA GPUs and jax[cuda12], or pass --smoke for the CPU code path",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     preset = "tiny" if args.smoke else args.preset
     seq = 32 if args.smoke else args.seq_len
@@ -206,9 +238,13 @@ def gpu(args: argparse.Namespace) -> dict[str, Any]:
     kind = devices[0].device_kind
     known = peak_tflops(kind)
     peak = args.peak_tflops or known or 989.0
-    source = "--peak-tflops" if args.peak_tflops else f"table ({kind})" if known else (
-        f"ASSUMED: {kind} is not in the table; H100's 989 taken (pass --peak-tflops)"
-    )  # fmt: skip
+    source = (
+        "--peak-tflops"
+        if args.peak_tflops
+        else f"table ({kind})"
+        if known
+        else (f"ASSUMED: {kind} is not in the table; H100's 989 taken (pass --peak-tflops)")
+    )
     chosen, layers, tried = choose_layout(
         preset, devices, seq, args.micro_batch, peak, usable, smoke=args.smoke
     )
@@ -251,7 +287,7 @@ def gpu(args: argparse.Namespace) -> dict[str, Any]:
             "tensor": chosen.tensor,
             "fsdp": chosen.fsdp,
             "remat": chosen.remat,
-        },  # fmt: skip
+        },
         "layouts_tried": tried,
         "global_batch": batch,
         "seq_len": seq,
@@ -299,8 +335,10 @@ def _usable_bytes(device: Any) -> int | None:
 
 def _compile_text(r: dict[str, Any]) -> str:
     if "cached_compile_seconds" in r:
-        return (f"compile {r['compile_seconds']:.1f} s (again from the persistent cache: "
-                f"{r['cached_compile_seconds']:.1f} s)")  # fmt: skip
+        return (
+            f"compile {r['compile_seconds']:.1f} s (again from the persistent cache: "
+            f"{r['cached_compile_seconds']:.1f} s)"
+        )
     # JSON written before the cold compile was timed: its figure is a cache hit
     return f"compile from the persistent cache {r['compile_seconds']:.1f} s (cold: not timed)"
 

@@ -23,19 +23,34 @@ ATTENTION_CASES = {
     # Gemma 2 9B: a sliding layer's 4096-token window over 8192 tokens, the layer's kind
     # traced (one scanned block for both kinds: jax.lax.cond between two static windows).
     "gemma2-9b sliding (traced kind)": {
-        "batch": 1, "seq": 8192, "heads": 16, "kv_heads": 8, "head_dim": 256, "window": 4096,
+        "batch": 1,
+        "seq": 8192,
+        "heads": 16,
+        "kv_heads": 8,
+        "head_dim": 256,
+        "window": 4096,
     },
     # Gemma 2's soft-capped scores (50): no fused kernel computes them.
     "gemma2-9b soft-capped, sliding": {
-        "batch": 1, "seq": 8192, "heads": 16, "kv_heads": 8, "head_dim": 256, "window": 4096,
+        "batch": 1,
+        "seq": 8192,
+        "heads": 16,
+        "kv_heads": 8,
+        "head_dim": 256,
+        "window": 4096,
         "softcap": 50.0,
     },
     # Gemma 3 4B: a 1024-token window, query_pre_attn_scalar 256 = head dim.
     "gemma3-4b sliding (traced kind)": {
-        "batch": 1, "seq": 8192, "heads": 8, "kv_heads": 4, "head_dim": 256, "window": 1024,
+        "batch": 1,
+        "seq": 8192,
+        "heads": 8,
+        "kv_heads": 4,
+        "head_dim": 256,
+        "window": 1024,
         "scale": 256**-0.5,
     },
-}  # fmt: skip
+}
 # The code path at tiny shapes: the two Gemma 2 cases take every branch the others do.
 SMOKE_ATTENTION_CASES = {
     name: {**case, **SMOKE_ATTENTION_SHAPE, "window": 16}
@@ -69,9 +84,15 @@ def attention_check(case: dict[str, Any], platform: str) -> list[dict[str, Any]]
     def forward_backward(impl: str, dtype: Any):
         def loss(q, k, v, sliding):
             out = layer_attention(
-                q, k, v, sliding=sliding, window=window, implementation=impl, scale=scale,
+                q,
+                k,
+                v,
+                sliding=sliding,
+                window=window,
+                implementation=impl,
+                scale=scale,
                 softcap=softcap,
-            )  # fmt: skip
+            )
             return jnp.sum(out.astype(jnp.float32) * cotangent), out
 
         cast = [x.astype(dtype) for x in (q_bthe, k_btke, v_btke)]
@@ -94,24 +115,28 @@ def attention_check(case: dict[str, Any], platform: str) -> list[dict[str, Any]]
             flag = jnp.bool_(sliding)
             (_, out), grads = jax.block_until_ready(fn(*args, flag))
             errors = {
-                name: float(jnp.max(jnp.abs(got.astype(jnp.float32) - want))
-                            / jnp.max(jnp.abs(want)))
-                for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads),
-                                           (ref_out, *ref_grads), strict=True)
-            }  # fmt: skip
+                name: float(
+                    jnp.max(jnp.abs(got.astype(jnp.float32) - want)) / jnp.max(jnp.abs(want))
+                )
+                for name, got, want in zip(
+                    ("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads), strict=True
+                )
+            }
             times = []
             for _ in range(5):
                 t0 = time.perf_counter()
                 jax.block_until_ready(fn(*args, flag))
                 times.append(time.perf_counter() - t0)
-            rows.append({
-                "implementation": impl,
-                "layer": None if window is None else "sliding" if sliding else "global",
-                "relative_error": errors,
-                "within_tolerance": max(errors.values()) <= ATTENTION_RTOL,
-                "fused_kernel_in_program": "__cudnn$fmha" in hlo,
-                "forward_backward_ms": 1e3 * statistics.median(times),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "implementation": impl,
+                    "layer": None if window is None else "sliding" if sliding else "global",
+                    "relative_error": errors,
+                    "within_tolerance": max(errors.values()) <= ATTENTION_RTOL,
+                    "fused_kernel_in_program": "__cudnn$fmha" in hlo,
+                    "forward_backward_ms": 1e3 * statistics.median(times),
+                }
+            )
     return rows
 
 
@@ -130,24 +155,51 @@ def planner_check(
     if len(cpus) < layout.data * layout.tensor:
         return None
     planned = measure(layout, preset, layers, seq, micro_batch, "bf16-mixed", cpus)["memory"]
-    return {"cpu_planned_bytes": planned, "gpu_compiled_bytes": gpu_memory,
-            "ratio": planned / gpu_memory}  # fmt: skip
+    return {
+        "cpu_planned_bytes": planned,
+        "gpu_compiled_bytes": gpu_memory,
+        "ratio": planned / gpu_memory,
+    }
 
 
 # A Gemma-3-style stack (5 sliding layers : 1 global, a 1024-token window, head dim 256),
 # scanned with remat="dots": the cond between two static-window kernels inside the scan and
 # its backward, which no CPU run can show with cuDNN's kernel in it.
 GEMMA_MODEL = dict(
-    vocab_size=32000, dim=2560, n_layers=6, n_heads=8, n_kv_heads=4, explicit_head_dim=256,
-    ffn_hidden=10240, max_seq_len=4096, sliding_window=1024,
-    sliding_layers=(True,) * 5 + (False,), local_rope_theta=10000.0, rope_theta=1e6,
-    activation="gelu_tanh", norm_offset=True, embed_scale=True, sandwich_norms=True,
-    query_pre_attn_scalar=256.0, qk_norm=True, tie_embeddings=True, remat="dots",
-)  # fmt: skip
-SMOKE_GEMMA_MODEL = {**GEMMA_MODEL, "vocab_size": 256, "dim": 64, "n_layers": 2,
-                     "sliding_layers": (True, False), "n_heads": 4, "n_kv_heads": 2,
-                     "explicit_head_dim": 16, "ffn_hidden": 128, "max_seq_len": 32,
-                     "sliding_window": 8}  # fmt: skip
+    vocab_size=32000,
+    dim=2560,
+    n_layers=6,
+    n_heads=8,
+    n_kv_heads=4,
+    explicit_head_dim=256,
+    ffn_hidden=10240,
+    max_seq_len=4096,
+    sliding_window=1024,
+    sliding_layers=(True,) * 5 + (False,),
+    local_rope_theta=10000.0,
+    rope_theta=1e6,
+    activation="gelu_tanh",
+    norm_offset=True,
+    embed_scale=True,
+    sandwich_norms=True,
+    query_pre_attn_scalar=256.0,
+    qk_norm=True,
+    tie_embeddings=True,
+    remat="dots",
+)
+SMOKE_GEMMA_MODEL = {
+    **GEMMA_MODEL,
+    "vocab_size": 256,
+    "dim": 64,
+    "n_layers": 2,
+    "sliding_layers": (True, False),
+    "n_heads": 4,
+    "n_kv_heads": 2,
+    "explicit_head_dim": 16,
+    "ffn_hidden": 128,
+    "max_seq_len": 32,
+    "sliding_window": 8,
+}
 # bf16 compute through six blocks against float32: each block rounds its matmuls' inputs
 # to 8 significant bits (2^-9 relative), and the loss and the gradients' norm sum many such
 # errors; seen a few 1e-3. 5e-2 still tells a wrong window or a wrong branch (O(1)).
@@ -174,8 +226,13 @@ def gemma_model_check(platform: str, smoke: bool = False) -> dict[str, Any]:
     params = nnx.state(jax.jit(lambda: Llama(config, rngs=nnx.Rngs(0)))())
 
     def step(attention: str, dtype: str | None):
-        g = nnx.graphdef(nnx.eval_shape(lambda: Llama(dataclasses.replace(
-            config, attention=attention, dtype=dtype), rngs=nnx.Rngs(0))))  # fmt: skip
+        g = nnx.graphdef(
+            nnx.eval_shape(
+                lambda: Llama(
+                    dataclasses.replace(config, attention=attention, dtype=dtype), rngs=nnx.Rngs(0)
+                )
+            )
+        )
 
         def loss(p):
             return cross_entropy(nnx.merge(g, p)(tokens[:, :-1]), tokens[:, 1:])
@@ -187,8 +244,10 @@ def gemma_model_check(platform: str, smoke: bool = False) -> dict[str, Any]:
     loss, grads = jax.block_until_ready(fn(params))
     norm = lambda t: jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(t)))  # noqa: E731
     diff = jax.tree.map(lambda a, b: a.astype(jnp.float32) - b, grads, ref_grads)
-    errors = {"loss": float(abs(loss - ref_loss) / abs(ref_loss)),
-              "grad_norm": float(norm(diff) / norm(ref_grads))}  # fmt: skip
+    errors = {
+        "loss": float(abs(loss - ref_loss) / abs(ref_loss)),
+        "grad_norm": float(norm(diff) / norm(ref_grads)),
+    }
     times = []
     for _ in range(1 if smoke else 5):
         t0 = time.perf_counter()

@@ -26,11 +26,18 @@ def lora(args: argparse.Namespace) -> dict[str, Any]:
     devices = select_devices(8)
     rows = [_measure(args, rank, devices) for rank in (0, args.rank)]
     payload = {
-        "benchmark": "lora", "machine": machine(), "platform": devices[0].platform,
-        "mesh": {"data": 2, "tensor": 4}, "fsdp": True, "preset": args.preset,
-        "seq_len": args.seq_len, "batch_size": args.batch_size, "precision": args.precision,
-        "optimizer": "adamw", "rows": rows,
-    }  # fmt: skip
+        "benchmark": "lora",
+        "machine": machine(),
+        "platform": devices[0].platform,
+        "mesh": {"data": 2, "tensor": 4},
+        "fsdp": True,
+        "preset": args.preset,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "precision": args.precision,
+        "optimizer": "adamw",
+        "rows": rows,
+    }
     print(format_lora(payload))
     write_result(args, payload)
     return payload
@@ -41,9 +48,14 @@ def _measure(args: argparse.Namespace, rank: int, devices: list) -> dict[str, An
     from jtp.recipes import LlamaTaskConfig
     from jtp.recipes.llama import abstract_llama_step
 
-    config = LlamaTaskConfig(preset=args.preset, seq_len=args.seq_len,
-                             batch_size=args.batch_size, fsdp=True, lora_rank=rank,
-                             lora_alpha=2.0 * max(rank, 1))  # fmt: skip
+    config = LlamaTaskConfig(
+        preset=args.preset,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        fsdp=True,
+        lora_rank=rank,
+        lora_alpha=2.0 * max(rank, 1),
+    )
     compiled, _ = abstract_llama_step(config, (2, 4), devices, precision=args.precision)
     m = compiled.memory_analysis()
     print(f"  rank {rank}: compiled", file=sys.stderr)
@@ -64,6 +76,8 @@ def format_lora(p: dict[str, Any]) -> str:
     ]
     for r in p["rows"]:
         name = "full fine-tuning" if r["lora_rank"] == 0 else f"LoRA r = {r['lora_rank']}"
-        lines.append(f"| {name} | {r['arguments_gib']:.2f} GiB | {r['temporaries_gib']:.2f} GiB "
-                     f"| {r['peak_gib']:.2f} GiB |")  # fmt: skip
+        lines.append(
+            f"| {name} | {r['arguments_gib']:.2f} GiB | {r['temporaries_gib']:.2f} GiB "
+            f"| {r['peak_gib']:.2f} GiB |"
+        )
     return "\n".join(lines)

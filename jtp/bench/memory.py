@@ -35,11 +35,27 @@ def _train_run(data: int, tensor: int, fsdp: bool, dim: int, steps: int) -> dict
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "m.json")
         cmd = [
-            sys.executable, "-m", "jtp.train", "--devices", str(data * tensor),
-            "--data-parallel", str(data), "--tensor-parallel", str(tensor),
-            "--dim", str(dim), "--hidden-dim", str(dim), "--max-steps", str(steps),
-            "--no-enable-progress-bar", "--default-root-dir", tmp, "--metrics-json", out,
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "jtp.train",
+            "--devices",
+            str(data * tensor),
+            "--data-parallel",
+            str(data),
+            "--tensor-parallel",
+            str(tensor),
+            "--dim",
+            str(dim),
+            "--hidden-dim",
+            str(dim),
+            "--max-steps",
+            str(steps),
+            "--no-enable-progress-bar",
+            "--default-root-dir",
+            tmp,
+            "--metrics-json",
+            out,
+        ]
         if fsdp:
             cmd.append("--fsdp")
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, timeout=1800)

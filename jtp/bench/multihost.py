@@ -61,8 +61,9 @@ def agreement_ms(calls: int) -> list[float]:
     return [r["ms_per_agreement"] for r in rows]
 
 
-ACCUM_MODEL = dict(vocab_size=8192, dim=512, n_layers=2, n_heads=8, n_kv_heads=8,
-                   ffn_hidden=1536, max_seq_len=256)  # fmt: skip
+ACCUM_MODEL = dict(
+    vocab_size=8192, dim=512, n_layers=2, n_heads=8, n_kv_heads=8, ffn_hidden=1536, max_seq_len=256
+)
 
 
 def accumulation_rows() -> list[dict[str, Any]]:
@@ -80,16 +81,24 @@ def accumulation_rows() -> list[dict[str, Any]]:
         config = LlamaTaskConfig(seq_len=256, batch_size=8, fsdp=fsdp, loss_parallel=True)
         for k, reduce in ((1, None), (4, "per_step"), (4, "per_micro_batch")):
             compiled, mesh = abstract_llama_step(
-                config, (2, 4), jax.devices(), accumulate=k, grad_reduce=reduce,
+                config,
+                (2, 4),
+                jax.devices(),
+                accumulate=k,
+                grad_reduce=reduce,
                 model_config=model,
-            )  # fmt: skip
+            )
             by_axes = bytes_by_axes(collectives(compiled, mesh))
-            rows.append({
-                "fsdp": fsdp, "k": k, "grad_reduce": reduce or "-",
-                "memory_bytes": peak_memory_per_device(compiled),
-                "data_bytes_per_step": by_axes.get("data", 0),
-                "tensor_bytes_per_step": by_axes.get("tensor", 0),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "fsdp": fsdp,
+                    "k": k,
+                    "grad_reduce": reduce or "-",
+                    "memory_bytes": peak_memory_per_device(compiled),
+                    "data_bytes_per_step": by_axes.get("data", 0),
+                    "tensor_bytes_per_step": by_axes.get("tensor", 0),
+                }
+            )
             print(f"  fsdp={fsdp} k={k} {reduce}", file=sys.stderr)
     return rows
 
@@ -122,10 +131,13 @@ def multihost(args: argparse.Namespace) -> dict[str, Any]:
 
     select_devices(8)
     payload = {
-        "benchmark": "multihost", "machine": machine(), "calls": args.calls,
-        "agreement_ms": agreement_ms(args.calls), "model": ACCUM_MODEL,
+        "benchmark": "multihost",
+        "machine": machine(),
+        "calls": args.calls,
+        "agreement_ms": agreement_ms(args.calls),
+        "model": ACCUM_MODEL,
         "rows": accumulation_rows(),
-    }  # fmt: skip
+    }
     print(format_multihost(payload))
     write_result(args, payload)
     return payload

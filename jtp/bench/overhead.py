@@ -35,9 +35,14 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
 
     def trainer_run() -> float:
         trainer = Trainer(
-            strategy, max_epochs=1, enable_progress_bar=False, report_memory=False, logger="csv",
-            default_root_dir=tempfile.mkdtemp(), log_every_n_steps=50,
-        )  # fmt: skip
+            strategy,
+            max_epochs=1,
+            enable_progress_bar=False,
+            report_memory=False,
+            logger="csv",
+            default_root_dir=tempfile.mkdtemp(),
+            log_every_n_steps=50,
+        )
         trainer.fit(FeedForwardTask(config))
         return trainer.steps_per_second
 

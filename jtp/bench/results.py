@@ -70,8 +70,9 @@ def at_commit(commit: str, root: Path = REPO) -> Reader:
     provenance existed, whose commit only git history knows)."""
 
     def read(path: str) -> str | None:
-        out = subprocess.run(["git", "-C", str(root), "show", f"{commit}:{path}"],
-                             capture_output=True, text=True)  # fmt: skip
+        out = subprocess.run(
+            ["git", "-C", str(root), "show", f"{commit}:{path}"], capture_output=True, text=True
+        )
         return out.stdout if out.returncode == 0 else None
 
     return read
@@ -115,16 +116,19 @@ def source_files(benchmark: str, read: Reader = _worktree) -> list[str]:
 
 def source_hashes(benchmark: str, read: Reader = _worktree) -> dict[str, Any]:
     """``{"sha256": one hash of every file, "files": {path: first 12 hex of its hash}}``."""
-    files = {p: hashlib.sha256((read(p) or "").encode()).hexdigest()[:12]
-             for p in source_files(benchmark, read)}  # fmt: skip
+    files = {
+        p: hashlib.sha256((read(p) or "").encode()).hexdigest()[:12]
+        for p in source_files(benchmark, read)
+    }
     whole = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
     return {"sha256": whole, "files": files}
 
 
 def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
-                             timeout=30)  # fmt: skip
+        out = subprocess.run(
+            ["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=30
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -207,8 +211,10 @@ def _keep_gpu_result(path: Path, platform: str) -> None:
     except ValueError:
         return
     if old.get("platform") == "gpu":
-        _refuse(f"{path} holds a GPU result; a {platform} run never replaces it "
-                "(write elsewhere: --json PATH, or leave --record out)")  # fmt: skip
+        _refuse(
+            f"{path} holds a GPU result; a {platform} run never replaces it "
+            "(write elsewhere: --json PATH, or leave --record out)"
+        )
 
 
 def write_result(args: Any, payload: dict[str, Any]) -> None:

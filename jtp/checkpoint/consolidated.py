@@ -134,9 +134,10 @@ def load_consolidated(
                 value = jax.numpy.asarray(f.get_tensor(name))
             else:
                 value = jax.make_array_from_callback(
-                    current.shape, current.sharding,
+                    current.shape,
+                    current.sharding,
                     lambda idx, n=name: f.get_slice(n)[idx],
-                )  # fmt: skip
+                )
             updates.append((p, var.replace(value.astype(current.dtype))))
     nnx.update(model, nnx.from_flat_state(updates))
     return model

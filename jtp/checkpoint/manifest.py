@@ -44,9 +44,13 @@ def _files(step_dir: str) -> list[str]:
 def write_manifest(step_dir: str) -> None:
     """Record every file of the committed step ``step_dir`` (atomically: a reader sees the
     whole manifest or none)."""
-    files = {rel: {"bytes": os.path.getsize(os.path.join(step_dir, rel)),
-                   "sha256": _digest(os.path.join(step_dir, rel))}
-             for rel in _files(step_dir)}  # fmt: skip
+    files = {
+        rel: {
+            "bytes": os.path.getsize(os.path.join(step_dir, rel)),
+            "sha256": _digest(os.path.join(step_dir, rel)),
+        }
+        for rel in _files(step_dir)
+    }
     tmp = os.path.join(step_dir, f".{NAME}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
         json.dump({"format": "jtp-checkpoint-manifest/1", "files": files}, f, indent=0)

@@ -112,9 +112,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         add_compilation_cache_flags(sub_parser)
         if name != "docs":
             sub_parser.add_argument(
-                "--record", action="store_true",
+                "--record",
+                action="store_true",
                 help="write the committed result, bench_results/" + results.result_name(name),
-            )  # fmt: skip
+            )
     args = p.parse_args(argv)
     if args.which != "docs":
         args.command = " ".join(["python -m jtp.bench", *(sys.argv[1:] if argv is None else argv)])

@@ -59,14 +59,23 @@ def add_mesh_flags(parser: Any, title: str = "mesh (as python -m jtp.train)") ->
     that runs a model on it (``python -m jtp.eval``, ``python -m jtp.generate``)."""
     m = parser.add_argument_group(title)
     m.add_argument(
-        "--devices", type=int, default=None, metavar="N",
+        "--devices",
+        type=int,
+        default=None,
+        metavar="N",
         help="devices to use; on CPU, force this many host devices (before jax starts)",
-    )  # fmt: skip
+    )
     m.add_argument(
-        "--data-parallel", type=axis_size, default="auto", metavar="N",
+        "--data-parallel",
+        type=axis_size,
+        default="auto",
+        metavar="N",
         help="size of the 'data' mesh axis, or 'auto'",
-    )  # fmt: skip
+    )
     m.add_argument(
-        "--tensor-parallel", type=axis_size, default="auto", metavar="N",
+        "--tensor-parallel",
+        type=axis_size,
+        default="auto",
+        metavar="N",
         help="size of the 'tensor' mesh axis, or 'auto'",
-    )  # fmt: skip
+    )

@@ -63,9 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
 # EvalConfig's fields with a derived flag (--hf, --checkpoint and --data are added by hand:
 # one of the first two is required, and --data always is).
 _FIELDS = (
-    "step", "split", "seq_len", "batch_size", "precision", "fsdp", "sequence_parallel",
-    "loss_parallel", "attention",
-)  # fmt: skip
+    "step",
+    "split",
+    "seq_len",
+    "batch_size",
+    "precision",
+    "fsdp",
+    "sequence_parallel",
+    "loss_parallel",
+    "attention",
+)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -92,9 +99,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     task.mesh = strategy.mesh
     batches = len(task.val_dataloader())  # its refusals (batch vs the data axis) too
     trainer = Trainer(
-        strategy, precision=precision, enable_progress_bar=False, logger=None,
+        strategy,
+        precision=precision,
+        enable_progress_bar=False,
+        logger=None,
         report_memory=False,
-    )  # fmt: skip
+    )
     t0 = time.perf_counter()
     trainer.setup(task)  # load or restore the sharded model
     t1 = time.perf_counter()

@@ -125,9 +125,12 @@ class FieldFlags:
             group.add_argument(*positive, action=argparse.BooleanOptionalAction, **kwargs)
             for spelling in negative:
                 group.add_argument(
-                    spelling, dest=f.name, action="store_false", default=argparse.SUPPRESS,
+                    spelling,
+                    dest=f.name,
+                    action="store_false",
+                    default=argparse.SUPPRESS,
                     help=f"the same as --no-{positive[0][2:]}",
-                )  # fmt: skip
+                )
             return
         choices = f.metadata.get("choices")
         if choices is not None and None in choices:  # spelt "none" on the command line
@@ -142,10 +145,13 @@ class FieldFlags:
         group.add_argument(*spellings, **kwargs)
         if "negated" in f.metadata:  # "--no-remat" means "--remat none"
             group.add_argument(
-                "--no-" + flag(f.name)[2:], dest=f.name, action="store_const",
-                const=f.metadata["negated"], default=argparse.SUPPRESS,
+                "--no-" + flag(f.name)[2:],
+                dest=f.name,
+                action="store_const",
+                const=f.metadata["negated"],
+                default=argparse.SUPPRESS,
                 help=f"the same as {flag(f.name)} {f.metadata['negated']}",
-            )  # fmt: skip
+            )
 
 
 def field_values(cls: type, args: argparse.Namespace) -> dict[str, Any]:
@@ -172,9 +178,12 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def number(
-    kind: type = float, *, low: float | None = None, above: float | None = None,
+    kind: type = float,
+    *,
+    low: float | None = None,
+    above: float | None = None,
     high: float | None = None,
-) -> Callable[[str], Any]:  # fmt: skip
+) -> Callable[[str], Any]:
     """An argparse ``type``: a finite ``kind`` (int or float) ``>= low``, ``> above`` and
     ``<= high`` where given; anything else is argparse's one-line error (exit 2), before
     any work (``--temperature nan`` once generated token 0 forever)."""
@@ -187,8 +196,11 @@ def number(
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number")
-        for bound, ok, say in ((low, lambda b: value >= b, ">="), (above, lambda b: value > b, ">"),
-                               (high, lambda b: value <= b, "<=")):  # fmt: skip
+        for bound, ok, say in (
+            (low, lambda b: value >= b, ">="),
+            (above, lambda b: value > b, ">"),
+            (high, lambda b: value <= b, "<="),
+        ):
             if bound is not None and not ok(bound):
                 raise argparse.ArgumentTypeError(f"{text}: must be {say} {bound}")
         return value

@@ -57,9 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", type=number(above=0, high=1), default=None)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument(
-        "--eos-token-id", type=int, default=None,
+        "--eos-token-id",
+        type=int,
+        default=None,
         help="stop a sequence here (default: --hf DIR's config.json eos_token_id)",
-    )  # fmt: skip
+    )
     p.add_argument("--fsdp", action="store_true", help="also shard parameters over 'data'")
     add_mesh_flags(p)
     p.add_argument("--json", default=None, metavar="PATH", help="write the results here")
@@ -162,9 +164,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = load_model(args, strategy.mesh, max(map(len, prompts)) + args.max_new_tokens)
     t1 = time.perf_counter()
     run = dict(
-        max_new_tokens=args.max_new_tokens, eos_token_id=_eos(args), seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        eos_token_id=_eos(args),
+        seed=args.seed,
         sampling=Sampling(args.temperature, args.top_k, args.top_p),
-    )  # fmt: skip
+    )
     _, first = generate_timed(model, prompts, **run)  # compiles prefill and decode
     new, timing = generate_timed(model, prompts, **run)
     n_dev = strategy.mesh.size

@@ -39,9 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     meta = prepare(
-        args.files, args.out, byte_level=args.bytes, tokenizer=args.tokenizer,
-        val_fraction=args.val_fraction, overwrite=args.overwrite, progress=not args.no_progress,
-    )  # fmt: skip
+        args.files,
+        args.out,
+        byte_level=args.bytes,
+        tokenizer=args.tokenizer,
+        val_fraction=args.val_fraction,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
     print(
         f"{args.out}: train.bin {meta['train_tokens']:,} tokens, val.bin "
         f"{meta['val_tokens']:,} tokens ({meta['dtype']}, vocabulary {meta['vocab_size']:,}, "

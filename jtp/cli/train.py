@@ -76,9 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--explain", action="store_true", help="print every parameter's layout before training"
     )
     p.add_argument(
-        "--metrics-json", default=None, metavar="PATH",
+        "--metrics-json",
+        default=None,
+        metavar="PATH",
         help="write mesh, losses, memory, ... as JSON here",
-    )  # fmt: skip
+    )
     flags = FieldFlags(aliases=ALIASES, metavars=METAVARS)
     flags.add(p.add_argument_group("both models"), TaskConfig)
     flags.add(p.add_argument_group("--model feedforward"), FeedForwardConfig)
@@ -87,31 +89,46 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("checkpoints")
     flags.add(g, TrainerOptions, ("checkpoint_dir", "checkpoint_every_n_steps", "keep_last"))
     g.add_argument(
-        "--resume", nargs="?", const=True, default=False, metavar="if-any", type=_resume,
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="if-any",
+        type=_resume,
         help="continue from the newest checkpoint of --checkpoint-dir (which must exist); "
         "--resume if-any: also start afresh when it does not (a self-restarting job)",
-    )  # fmt: skip
+    )
     g.add_argument(
-        "--export", default=None, metavar="PATH",
+        "--export",
+        default=None,
+        metavar="PATH",
         help="after training, write consolidated params (safetensors)",
-    )  # fmt: skip
+    )
     g.add_argument(
         # "--export-" spelt out: before --export-peft it was an unambiguous prefix of this.
-        "--export-hf", "--export-", default=None, metavar="DIR",
+        "--export-hf",
+        "--export-",
+        default=None,
+        metavar="DIR",
         help="after training, write a Hugging Face checkpoint here",
-    )  # fmt: skip
+    )
     g.add_argument(
-        "--export-peft", default=None, metavar="DIR",
+        "--export-peft",
+        default=None,
+        metavar="DIR",
         help="after LoRA training (--lora-rank), write the adapters as a PEFT adapter here",
-    )  # fmt: skip
+    )
     d = p.add_argument_group("multiple processes (jax.distributed)")
     d.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
     d.add_argument("--num-processes", type=int, metavar="N", help="processes in the job")
     d.add_argument("--process-id", type=int, metavar="I", help="this process's index")
     d.add_argument(
-        "--heartbeat-timeout", type=int, default=20, metavar="SECONDS",
+        "--heartbeat-timeout",
+        type=int,
+        default=20,
+        metavar="SECONDS",
         help="seconds without a heartbeat before a peer counts as dead (then all exit)",
-    )  # fmt: skip
+    )
     flags.add(d, TrainerOptions, ("stop_check_every_n_steps",))
     add_compilation_cache_flags(p.add_argument_group("compilation (process setup)"))
     flags.add(trainer, TrainerOptions)  # the others
@@ -145,9 +162,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     apply_gpu_flags(sequence_parallel=getattr(args, "sequence_parallel", False))
     # Each process's devices are forced inside init_distributed; there all devices are used.
     distributed = init_distributed(
-        args.devices, coordinator=args.coordinator, num_processes=args.num_processes,
-        process_id=args.process_id, heartbeat_timeout=args.heartbeat_timeout,
-    )  # fmt: skip
+        args.devices,
+        coordinator=args.coordinator,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+        heartbeat_timeout=args.heartbeat_timeout,
+    )
     devices = None if distributed or args.devices is None else select_devices(args.devices)
 
     import jax

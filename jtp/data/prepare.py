@@ -206,9 +206,12 @@ class _BytesProgress:
         from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
         self.bar = Progress(
-            "tokenizing", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+            "tokenizing",
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
             console=Console(stderr=True),
-        )  # fmt: skip
+        )
         self.bar.start()
         task = self.bar.add_task("", total=self.total)
         return lambda n: self.bar.advance(task, n)

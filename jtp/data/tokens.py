@@ -45,8 +45,9 @@ def read_meta(directory: str) -> dict[str, Any]:
             "make one with: python -m jtp.prepare FILES... --out DIR --bytes"
         ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"{path} is not valid JSON ({err}); rewrite it with python -m "
-                         "jtp.prepare") from None  # fmt: skip
+        raise InputError(
+            f"{path} is not valid JSON ({err}); rewrite it with python -m jtp.prepare"
+        ) from None
     if not isinstance(meta, dict):
         raise InputError(f"{path} is not a JSON object; rewrite it with python -m jtp.prepare")
     missing = [k for k in ("vocab_size", "dtype") if k not in meta]

@@ -132,9 +132,13 @@ def generate(
       new = jtp.generate(model, [[128000, 791, 6864], [128000, 40]], max_new_tokens=32)
     """
     tokens, _ = generate_timed(
-        model, prompts, max_new_tokens=max_new_tokens, sampling=Sampling(temperature, top_k, top_p),
-        eos_token_id=eos_token_id, seed=seed,
-    )  # fmt: skip
+        model,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        sampling=Sampling(temperature, top_k, top_p),
+        eos_token_id=eos_token_id,
+        seed=seed,
+    )
     return tokens
 
 
@@ -185,8 +189,15 @@ def generate_timed(
     t2 = time.perf_counter()
     cache = carry[2]
     per_device = sum(x.addressable_shards[0].data.nbytes for x in (cache.k, cache.v))
-    timing = Timing(t1 - t0, t2 - t1, int(steps) - 1, b, sum(len(p) for p in prompts),
-                    cache.k.nbytes + cache.v.nbytes, per_device)  # fmt: skip
+    timing = Timing(
+        t1 - t0,
+        t2 - t1,
+        int(steps) - 1,
+        b,
+        sum(len(p) for p in prompts),
+        cache.k.nbytes + cache.v.nbytes,
+        per_device,
+    )
     result = []
     for row in np.asarray(jax.device_get(out))[:n]:
         row = [int(x) for x in row[:max_new_tokens]]

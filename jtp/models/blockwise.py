@@ -138,8 +138,12 @@ def _forward(static, q_nbqkre, k_mbcke, v_mbcke):
                 m_new = jnp.maximum(m, s_bkrqc.max(-1))
                 p_bkrqc = jnp.where(mask_qc, jnp.exp(s_bkrqc - m_new[..., None]), 0.0)
                 scale = jnp.exp(m - m_new)
-                pv = jnp.einsum("bkrqc,bcke->bkrqe", p_bkrqc.astype(v_bcke.dtype), v_bcke,
-                                preferred_element_type=jnp.float32)  # fmt: skip
+                pv = jnp.einsum(
+                    "bkrqc,bcke->bkrqe",
+                    p_bkrqc.astype(v_bcke.dtype),
+                    v_bcke,
+                    preferred_element_type=jnp.float32,
+                )
                 return m_new, total * scale + p_bkrqc.sum(-1), acc * scale[..., None] + pv
 
             return jax.lax.cond(any_, update, lambda c: c, carry), None
@@ -171,8 +175,9 @@ def _attend_bwd(static, residuals, dout_nbqkre):
     q_nbqkre, k_mbcke, v_mbcke, out_nbqkre, lse_nbkrq = residuals
     scale, softcap = jnp.float32(static[-1]), static[-2]
     # D = rowsum(dO * O): the softmax backward's correction, (N, B, K, R, Q) float32.
-    d_nbkrq = jnp.einsum("nbqkre,nbqkre->nbkrq", dout_nbqkre.astype(jnp.float32),
-                         out_nbqkre.astype(jnp.float32))  # fmt: skip
+    d_nbkrq = jnp.einsum(
+        "nbqkre,nbqkre->nbkrq", dout_nbqkre.astype(jnp.float32), out_nbqkre.astype(jnp.float32)
+    )
     n = q_nbqkre.shape[0]
 
     def key_block(dq_acc, xs):
@@ -186,20 +191,27 @@ def _attend_bwd(static, residuals, dout_nbqkre):
                 dk, dv = carry
                 s_bkrqc = _scores(static, q_bqkre, k_bcke, mask_qc)
                 p_bkrqc = jnp.where(mask_qc, jnp.exp(s_bkrqc - lse_bkrq[..., None]), 0.0)
-                dv = dv + jnp.einsum("bkrqc,bqkre->bcke", p_bkrqc.astype(do_bqkre.dtype),
-                                     do_bqkre, preferred_element_type=jnp.float32)  # fmt: skip
-                dp_bkrqc = jnp.einsum("bqkre,bcke->bkrqc", do_bqkre, v_bcke,
-                                      preferred_element_type=jnp.float32)  # fmt: skip
+                dv = dv + jnp.einsum(
+                    "bkrqc,bqkre->bcke",
+                    p_bkrqc.astype(do_bqkre.dtype),
+                    do_bqkre,
+                    preferred_element_type=jnp.float32,
+                )
+                dp_bkrqc = jnp.einsum(
+                    "bqkre,bcke->bkrqc", do_bqkre, v_bcke, preferred_element_type=jnp.float32
+                )
                 ds_bkrqc = p_bkrqc * (dp_bkrqc - d_bkrq[..., None])  # d loss / d capped score
                 if softcap is not None:  # d tanh(u / c) * c / du = 1 - tanh^2 = 1 - (capped / c)^2
                     # (masked entries hold a huge finite score whose square overflows: 0 there)
                     dcap_bkrqc = jnp.where(mask_qc, 1.0 - jnp.square(s_bkrqc / softcap), 0.0)
                     ds_bkrqc = ds_bkrqc * dcap_bkrqc
                 ds_bkrqc = (ds_bkrqc * scale).astype(q_bqkre.dtype)
-                dk = dk + jnp.einsum("bkrqc,bqkre->bcke", ds_bkrqc, q_bqkre,
-                                     preferred_element_type=jnp.float32)  # fmt: skip
-                dq = jnp.einsum("bkrqc,bcke->bqkre", ds_bkrqc, k_bcke,
-                                preferred_element_type=jnp.float32)  # fmt: skip
+                dk = dk + jnp.einsum(
+                    "bkrqc,bqkre->bcke", ds_bkrqc, q_bqkre, preferred_element_type=jnp.float32
+                )
+                dq = jnp.einsum(
+                    "bkrqc,bcke->bqkre", ds_bkrqc, k_bcke, preferred_element_type=jnp.float32
+                )
                 return (dk, dv), dq
 
             def skip(carry):

@@ -73,9 +73,15 @@ def layer_attention(
 
     def run(local_window_size: tuple[int, int] | None) -> jax.Array:
         return attention(
-            q_bthe, k_bske, v_bske, implementation=implementation, is_causal=True,
-            local_window_size=local_window_size, scale=scale, softcap=softcap,
-        )  # fmt: skip
+            q_bthe,
+            k_bske,
+            v_bske,
+            implementation=implementation,
+            is_causal=True,
+            local_window_size=local_window_size,
+            scale=scale,
+            softcap=softcap,
+        )
 
     if local is None:
         return run(None)

@@ -28,9 +28,14 @@ from jtp.parallel.names import path_str
 
 # PEFT's short name -> the adapted module inside a block (jtp.models.decoder.TransformerBlock).
 TARGETS = {
-    "q": "attention.wq", "k": "attention.wk", "v": "attention.wv", "o": "attention.wo",
-    "gate": "feed_forward.w1", "up": "feed_forward.w3", "down": "feed_forward.w2",
-}  # fmt: skip
+    "q": "attention.wq",
+    "k": "attention.wk",
+    "v": "attention.wv",
+    "o": "attention.wo",
+    "gate": "feed_forward.w1",
+    "up": "feed_forward.w3",
+    "down": "feed_forward.w2",
+}
 LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_targets")  # of DecoderConfig
 
 
@@ -73,10 +78,16 @@ class LoRALinear(nnx.LoRALinear):
         **kwargs: Any,
     ):
         super().__init__(
-            in_features, out_features, lora_rank=lora_rank, lora_dtype=dtype,
-            lora_param_dtype=param_dtype, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            in_features,
+            out_features,
+            lora_rank=lora_rank,
+            lora_dtype=dtype,
+            lora_param_dtype=param_dtype,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
             **kwargs,
-        )  # fmt: skip
+        )
         self.scale = float(lora_alpha) / lora_rank  # static: part of the graph, not a param
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -39,9 +39,13 @@ class OffsetRMSNorm(nnx.RMSNorm):
         rngs: nnx.Rngs,
     ):
         super().__init__(
-            num_features, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
-            scale_init=nnx.initializers.zeros, rngs=rngs,
-        )  # fmt: skip
+            num_features,
+            epsilon=epsilon,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            scale_init=nnx.initializers.zeros,
+            rngs=rngs,
+        )
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         if mask is not None:

@@ -67,9 +67,10 @@ def check_heads(
     would cut a head (the plan's divisibility checks see only the dimension's size)."""
     if heads is not None and (shape[dim] % heads or heads % n):
         why = (
-            f"is not {heads} equal heads" if shape[dim] % heads
+            f"is not {heads} equal heads"
+            if shape[dim] % heads
             else f"holds {heads} heads, not divisible by mesh axis {TENSOR!r} of size {n}"
-        )  # fmt: skip
+        )
         raise ValueError(
             f"{label}: parameter {name!r} of shape {shape}: dimension {dim} of size "
             f"{shape[dim]} {why}; each device must hold whole heads (use a tensor size "

@@ -69,10 +69,11 @@ class _LayerStyle(ParallelStyle):
         if self.heads is None:
             return layout
         return {
-            name: rule if rule is None or TENSOR not in tuple(rule.spec)
+            name: rule
+            if rule is None or TENSOR not in tuple(rule.spec)
             else dataclasses.replace(rule, blocks=self.heads)
             for name, rule in layout.items()
-        }  # fmt: skip
+        }
 
     def supports(self, module: Any) -> bool:
         return layout_fn(module) is not None

@@ -64,11 +64,16 @@ def train_step(
     tx = optimizer(module, options)
     state.init_optimizer(tx)
     return make_train_step(
-        state.graphdef, shardings(state.params), module.training_step, tx,
-        precision=options.precision, track_grad_norm=options.track_grad_norm,
-        accumulate=options.accumulate_grad_batches, grad_reduce=options.grad_reduce_for(fsdp=fsdp),
+        state.graphdef,
+        shardings(state.params),
+        module.training_step,
+        tx,
+        precision=options.precision,
+        track_grad_norm=options.track_grad_norm,
+        accumulate=options.accumulate_grad_batches,
+        grad_reduce=options.grad_reduce_for(fsdp=fsdp),
         trainable=state.trainable,
-    )  # fmt: skip
+    )
 
 
 FLOAT32_DOT_WARNING = 0.05  # share of matmul FLOPs in float32 that a bf16 policy flags

@@ -109,9 +109,12 @@ class TrainerOptions:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         optional = (
-            "stop_check_every_n_steps", "checkpoint_every_n_steps", "val_check_interval",
-            "check_val_every_n_epoch", "limit_val_batches",
-        )  # fmt: skip
+            "stop_check_every_n_steps",
+            "checkpoint_every_n_steps",
+            "val_check_interval",
+            "check_val_every_n_epoch",
+            "limit_val_batches",
+        )
         if not isinstance(self.val_check_interval, int | None):
             raise ValueError(
                 f"val_check_interval={self.val_check_interval!r} must be an int number of "

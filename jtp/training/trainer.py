@@ -170,9 +170,12 @@ class Trainer:
         self.global_step = step
         with watching("the stop agreement (an all-gather over processes)", step):
             decision = policy.after_step(
-                step, stopper, len(run.metrics),
-                epoch_end=s.index + 1 == s.total, epoch_ended=s.epoch_ended,
-            )  # fmt: skip
+                step,
+                stopper,
+                len(run.metrics),
+                epoch_end=s.index + 1 == s.total,
+                epoch_ended=s.epoch_ended,
+            )
         if decision.validate:  # the fit's first validation compiles the eval step: untimed
             compiles = not run.metrics.validations
             what = "validation (every process evaluates the same batches)"
@@ -209,9 +212,12 @@ class Trainer:
             self.log_dir = next_run_dir(o.default_root_dir)
         val_loader = self._module.val_dataloader() if o.validates_in_fit else None
         return FitRun(
-            o, ckpt, log_dir=self.log_dir if logs else None,
-            val_loader=val_loader, show_progress=self.is_global_zero,
-        )  # fmt: skip
+            o,
+            ckpt,
+            log_dir=self.log_dir if logs else None,
+            val_loader=val_loader,
+            show_progress=self.is_global_zero,
+        )
 
     def _step_batches(self, loader: Any, policy: Policy) -> Iterator[StepBatches]:
         """The k global batches of each optimizer step, with where they sit in the epochs.
@@ -261,9 +267,14 @@ class Trainer:
             "module": self._module.checkpoint_metadata(),
         }
         save_train_state(
-            ckpt, self._state.tree(), loader, step=self.global_step, epoch=self.current_epoch,
-            facts=facts, only_if_new=only_if_new,
-        )  # fmt: skip
+            ckpt,
+            self._state.tree(),
+            loader,
+            step=self.global_step,
+            epoch=self.current_epoch,
+            facts=facts,
+            only_if_new=only_if_new,
+        )
 
     def _finish_fit(self, run: FitRun) -> None:
         self.model = self._state.model()

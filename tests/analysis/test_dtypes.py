@@ -63,8 +63,11 @@ def test_hlo_parser_reads_tuples_and_async_starts():
         "%b = f32[16]{0} all-gather-start(%z), dimensions={0}\n"
         "%c = bf16[2,2]{1,0} add(%p, %q)\n"
     )
-    assert collective_dtypes(text) == {("all-reduce", "bf16"): 1, ("all-reduce", "f32"): 1,
-                                       ("all-gather", "f32"): 1}  # fmt: skip
+    assert collective_dtypes(text) == {
+        ("all-reduce", "bf16"): 1,
+        ("all-reduce", "f32"): 1,
+        ("all-gather", "f32"): 1,
+    }
     assert collective_bytes(text)[("all-reduce", "bf16")] == 4 * 8 * 2
 
 

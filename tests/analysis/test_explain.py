@@ -125,8 +125,22 @@ def test_trainer_checks_replicas_for_first_steps():
 def test_cli_explain_prints_the_table(tmp_path, capsys):
     from jtp.cli.train import main
 
-    main(["--devices", "8", "--dim", "32", "--hidden-dim", "64", "--samples", "16",
-          "--no-progress", "--explain", "--root-dir", str(tmp_path)])  # fmt: skip
+    main(
+        [
+            "--devices",
+            "8",
+            "--dim",
+            "32",
+            "--hidden-dim",
+            "64",
+            "--samples",
+            "16",
+            "--no-progress",
+            "--explain",
+            "--root-dir",
+            str(tmp_path),
+        ]
+    )
     out = capsys.readouterr().out
     assert "| w2.kernel | (64, 32)" in out and "w2 -> RowwiseParallel" in out
     assert out.index("plan key -> style") < out.index("Peak memory usage")  # before training

@@ -126,9 +126,21 @@ def test_literal_hlo_kinds_bytes_groups_axes():
 
 @pytest.mark.parametrize(
     ("dtype", "size"),
-    [("pred", 1), ("s8", 1), ("u16", 2), ("bf16", 2), ("f16", 2), ("s32", 4), ("u64", 8),
-     ("f64", 8), ("f8e4m3fn", 1), ("f8e5m2", 1), ("c64", 8), ("c128", 16)],
-)  # fmt: skip
+    [
+        ("pred", 1),
+        ("s8", 1),
+        ("u16", 2),
+        ("bf16", 2),
+        ("f16", 2),
+        ("s32", 4),
+        ("u64", 8),
+        ("f64", 8),
+        ("f8e4m3fn", 1),
+        ("f8e5m2", 1),
+        ("c64", 8),
+        ("c128", 16),
+    ],
+)
 def test_element_sizes(dtype, size):
     line = f"%r = {dtype}[3,5]{{1,0}} all-reduce(%x), replica_groups={{{{0,1}}}}, to_apply=%f"
     assert parse_hlo(line)[0].bytes == 15 * size
@@ -154,8 +166,11 @@ def test_groups_match_what_the_devices_actually_reduce(shape, order):
     for axis in (DATA, TENSOR):
         f = jax.shard_map(
             lambda b, axis=axis: jax.lax.psum(b, axis),
-            mesh=mesh, in_specs=P(DATA, TENSOR), out_specs=P(DATA, TENSOR), check_vma=False,
-        )  # fmt: skip
+            mesh=mesh,
+            in_specs=P(DATA, TENSOR),
+            out_specs=P(DATA, TENSOR),
+            check_vma=False,
+        )
         compiled = _compile(f, x)
         (coll,) = collectives(compiled, mesh)
         assert coll.kind == "all-reduce" and coll.axes == (axis,), coll

@@ -52,13 +52,25 @@ def _fake_repo(tmp_path, payload_extra=None, platform="cpu"):
         p = tmp_path / path
         return p.read_text() if p.is_file() else None
 
-    payload = {"benchmark": "overhead", "machine": "m", "platform": platform, "dim": 8,
-               "steps": 2, "repeats": 1, "best_steps_per_second": {"bare": 10.0, "trainer": 9.9},
-               "ratio": 0.99, "check_replicas_ms_per_batch": 0.1,
-               "provenance": {"commit": "abc1234def", "platform": platform, "machine": "m",
-                              "sources": results.source_hashes("overhead", read),
-                              "command": "python -m jtp.bench overhead --record",
-                              **(payload_extra or {})}}  # fmt: skip
+    payload = {
+        "benchmark": "overhead",
+        "machine": "m",
+        "platform": platform,
+        "dim": 8,
+        "steps": 2,
+        "repeats": 1,
+        "best_steps_per_second": {"bare": 10.0, "trainer": 9.9},
+        "ratio": 0.99,
+        "check_replicas_ms_per_batch": 0.1,
+        "provenance": {
+            "commit": "abc1234def",
+            "platform": platform,
+            "machine": "m",
+            "sources": results.source_hashes("overhead", read),
+            "command": "python -m jtp.bench overhead --record",
+            **(payload_extra or {}),
+        },
+    }
     (tmp_path / "bench_results" / "o.json").write_text(json.dumps(payload))
     doc = tmp_path / "docs" / "b.md"
     doc.write_text("<!-- bench:overhead bench_results/o.json -->\n```\nold\n```\n<!-- /bench -->\n")
@@ -135,8 +147,12 @@ def test_source_set_is_the_import_closure():
     from jtp.bench.results import NOT_MEASURED, source_files
 
     gen = source_files("generate")
-    assert {"jtp/bench/generate.py", "jtp/generation/generate.py", "jtp/models/llama.py",
-            "jtp/parallel/parallelize.py"} <= set(gen)  # fmt: skip
+    assert {
+        "jtp/bench/generate.py",
+        "jtp/generation/generate.py",
+        "jtp/models/llama.py",
+        "jtp/parallel/parallelize.py",
+    } <= set(gen)
     assert "jtp/training/trainer.py" not in gen
     assert {"jtp/cli/train.py", "jtp/training/trainer.py"} <= set(source_files("memory"))
     assert "jtp/capacity/planner.py" in source_files("plan")
@@ -246,9 +262,23 @@ def test_compile_benchmark_code_path_at_tiny_sizes(tmp_path, capsys):
     from jtp.bench.docs import RENDERERS
 
     out = tmp_path / "compile.json"
-    payload = bench_main(["compile", "--depths", "2", "--dim", "128", "--seq", "16",
-                          "--policy-layers", "2", "--remat", "none,full",
-                          "--json", str(out)])  # fmt: skip
+    payload = bench_main(
+        [
+            "compile",
+            "--depths",
+            "2",
+            "--dim",
+            "128",
+            "--seq",
+            "16",
+            "--policy-layers",
+            "2",
+            "--remat",
+            "none,full",
+            "--json",
+            str(out),
+        ]
+    )
     assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
     assert [r["layers"] for r in payload["rows"]] == [2]
     assert all(r["scanned_s"] > 0 and r["unrolled_s"] > 0 for r in payload["rows"])
@@ -268,8 +298,23 @@ def test_generate_benchmark_code_path_at_tiny_sizes(tmp_path):
     from jtp.bench.docs import RENDERERS
 
     out = tmp_path / "generate.json"
-    payload = bench_main(["generate", "--dim", "64", "--layers", "2", "--prompt", "8",
-                          "--new", "8", "--batches", "1,8", "--json", str(out)])  # fmt: skip
+    payload = bench_main(
+        [
+            "generate",
+            "--dim",
+            "64",
+            "--layers",
+            "2",
+            "--prompt",
+            "8",
+            "--new",
+            "8",
+            "--batches",
+            "1,8",
+            "--json",
+            str(out),
+        ]
+    )
     assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
     for r in payload["rows"]:
         assert r["rows_computed"] == r["batch"] and r["decode_tokens_per_s"] > 0
@@ -288,16 +333,35 @@ def test_a_result_records_what_it_measured(tmp_path):
     from jtp.bench.results import REPO, source_hashes
 
     out = tmp_path / "g.json"
-    payload = bench_main(["generate", "--dim", "32", "--layers", "1", "--prompt", "4",
-                          "--new", "2", "--batches", "1", "--json", str(out)])  # fmt: skip
+    payload = bench_main(
+        [
+            "generate",
+            "--dim",
+            "32",
+            "--layers",
+            "1",
+            "--prompt",
+            "4",
+            "--new",
+            "2",
+            "--batches",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
     prov = json.loads(out.read_text())["provenance"]
     assert prov == payload["provenance"]
-    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()  # fmt: skip
+    head = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     assert prov["commit"] == head and isinstance(prov["dirty"], bool)
     assert prov["sources"] == source_hashes("generate")
     assert prov["versions"]["jax"] == jax.__version__ and set(prov["versions"]) == {
-        "jax", "jaxlib", "flax"}  # fmt: skip
+        "jax",
+        "jaxlib",
+        "flax",
+    }
     assert prov["platform"] == "cpu" and prov["device_kind"] == "cpu" and "cores" in prov["machine"]
     assert prov["date"].endswith("Z") and prov["command"].startswith("python -m jtp.bench generate")
 
@@ -308,8 +372,9 @@ def test_lora_benchmark_code_path_on_the_tiny_preset(tmp_path):
     from jtp.bench.docs import RENDERERS
 
     out = tmp_path / "lora.json"
-    payload = bench_main(["lora", "--preset", "tiny", "--rank", "4", "--seq-len", "16",
-                          "--json", str(out)])  # fmt: skip
+    payload = bench_main(
+        ["lora", "--preset", "tiny", "--rank", "4", "--seq-len", "16", "--json", str(out)]
+    )
     full, adapted = payload["rows"]
     assert (full["lora_rank"], adapted["lora_rank"]) == (0, 4)
     assert adapted["arguments_gib"] < full["arguments_gib"]

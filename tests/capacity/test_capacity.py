@@ -29,13 +29,23 @@ def test_planner_equals_the_trainers_compiled_step(fsdp, k):
     config = Layout(2, 4, fsdp=fsdp, sequence_parallel=True, remat="none")
     planned = measure(config, "tiny", 2, SEQ, 4, "32-true", jax.devices(), k)
     task = LlamaTask(
-        LlamaTaskConfig(seq_len=SEQ, batch_size=8, samples=8 * k, fsdp=fsdp,
-                        sequence_parallel=True, loss_parallel=True)
-    )  # fmt: skip
+        LlamaTaskConfig(
+            seq_len=SEQ,
+            batch_size=8,
+            samples=8 * k,
+            fsdp=fsdp,
+            sequence_parallel=True,
+            loss_parallel=True,
+        )
+    )
     trainer = jtp.Trainer(
-        jtp.ModelParallelStrategy(2, 4, fsdp=fsdp), max_steps=1, logger=None,
-        enable_progress_bar=False, report_memory=False, accumulate_grad_batches=k,
-    )  # fmt: skip
+        jtp.ModelParallelStrategy(2, 4, fsdp=fsdp),
+        max_steps=1,
+        logger=None,
+        enable_progress_bar=False,
+        report_memory=False,
+        accumulate_grad_batches=k,
+    )
     trainer.fit(task)
     assert trainer.global_step == 1
     assert planned["memory"] == trainer.peak_memory_bytes_per_device
@@ -145,17 +155,38 @@ def test_layouts_respect_heads_hosts_and_batch():
     assert not [c for c in configs if c.tensor == 1 and c.sequence_parallel]
     assert len(configs) == 56  # 14 layouts x 4 remat policies
     assert {c.remat for c in configs} == {"none", "full", "dots", "minimal"}
-    assert [c.label() for c in configs[:4]] == ["64x1 -", "64x1 remat", "64x1 remat=dots",
-                                                 "64x1 remat=minimal"]  # fmt: skip
+    assert [c.label() for c in configs[:4]] == [
+        "64x1 -",
+        "64x1 remat",
+        "64x1 remat=dots",
+        "64x1 remat=minimal",
+    ]
     assert Layout(8, 8, True, True, True) == Layout(8, 8, True, True, "full")  # old booleans
     assert {c.tensor for c in layouts(8, 8, n_heads=12, n_kv=6, batch=8, seq=64)} == {1, 2}
 
 
 def test_planner_end_to_end_tiny(tmp_path, capsys):
     out = tmp_path / "plan.json"
-    payload = main(["--model", "tiny", "--devices", "8", "--global-batch", "16", "--seq-len",
-                    str(SEQ), "--precision", "32-true", "--tensor", "4,8", "--remat",
-                    "dots", "--json", str(out)])  # fmt: skip
+    payload = main(
+        [
+            "--model",
+            "tiny",
+            "--devices",
+            "8",
+            "--global-batch",
+            "16",
+            "--seq-len",
+            str(SEQ),
+            "--precision",
+            "32-true",
+            "--tensor",
+            "4,8",
+            "--remat",
+            "dots",
+            "--json",
+            str(out),
+        ]
+    )
     saved = json.loads(out.read_text())
     assert saved["rows"] and saved["recommended"] == payload["recommended"]
     best = payload["recommended"]
@@ -178,14 +209,35 @@ def test_fits_compares_with_the_usable_memory(tmp_path, monkeypatch):
 
     def fake_measure(config, *args, **kwargs):
         return dict.fromkeys(
-            ("flops", "flops_bf16", "bytes_tensor", "bytes_data", "bytes_both",
-             "wire_tensor", "wire_data", "wire_both"), 1.0,
-        ) | {"memory": 70e9}  # fmt: skip
+            (
+                "flops",
+                "flops_bf16",
+                "bytes_tensor",
+                "bytes_data",
+                "bytes_both",
+                "wire_tensor",
+                "wire_data",
+                "wire_both",
+            ),
+            1.0,
+        ) | {"memory": 70e9}
 
     monkeypatch.setattr(planner, "measure", fake_measure)
     monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
-    args = ["--model", "tiny", "--devices", "8", "--global-batch", "8", "--seq-len", str(SEQ),
-            "--tensor", "8", "--json", str(tmp_path / "p.json")]  # fmt: skip
+    args = [
+        "--model",
+        "tiny",
+        "--devices",
+        "8",
+        "--global-batch",
+        "8",
+        "--seq-len",
+        str(SEQ),
+        "--tensor",
+        "8",
+        "--json",
+        str(tmp_path / "p.json"),
+    ]
     default = main(args)
     assert default["usable_bytes_per_device"] == 60e9 and default["recommended"] is None
     assert not any(r["fits"] for r in default["rows"])
@@ -200,14 +252,33 @@ def test_the_library_function_returns_the_table_the_program_prints(capsys):
     from jtp.capacity import Request, search
 
     request = Request(
-        model="tiny", devices=8, global_batch=8, seq_len=SEQ, precision="32-true",
-        tensor=(8,), remat=("none",),
-    )  # fmt: skip
+        model="tiny",
+        devices=8,
+        global_batch=8,
+        seq_len=SEQ,
+        precision="32-true",
+        tensor=(8,),
+        remat=("none",),
+    )
     table = search(request, devices=jax.devices())
     payload = main(
-        ["--model", "tiny", "--devices", "8", "--global-batch", "8", "--seq-len", str(SEQ),
-         "--precision", "32-true", "--tensor", "8", "--remat", "none"]
-    )  # fmt: skip
+        [
+            "--model",
+            "tiny",
+            "--devices",
+            "8",
+            "--global-batch",
+            "8",
+            "--seq-len",
+            str(SEQ),
+            "--precision",
+            "32-true",
+            "--tensor",
+            "8",
+            "--remat",
+            "none",
+        ]
+    )
     printed = capsys.readouterr().out
     assert [r["label"] for r in table.rows] == [r["label"] for r in payload["rows"]]
     assert [r["memory_bytes"] for r in table.rows] == [r["memory_bytes"] for r in payload["rows"]]

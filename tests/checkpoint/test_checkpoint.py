@@ -17,8 +17,19 @@ from helpers import FF_PLAN, ff_factory, rel_err
 import jtp
 from jtp.cli.train import main
 
-BASE = ["--devices", "8", "--dim", "32", "--hidden-dim", "64", "--samples", "64",
-        "--max-epochs", "2", "--no-progress"]  # fmt: skip
+BASE = [
+    "--devices",
+    "8",
+    "--dim",
+    "32",
+    "--hidden-dim",
+    "64",
+    "--samples",
+    "64",
+    "--max-epochs",
+    "2",
+    "--no-progress",
+]
 
 
 def run(tmp_path, *flags, mesh=(2, 4)):
@@ -123,10 +134,13 @@ def _truncate(f: Path) -> None:
 
 @pytest.mark.parametrize(
     "harm,says",
-    [(_flip_16_bytes, "does not match its checksum"), (_truncate, "(truncated?)"),
-     (Path.unlink, "is missing")],
+    [
+        (_flip_16_bytes, "does not match its checksum"),
+        (_truncate, "(truncated?)"),
+        (Path.unlink, "is missing"),
+    ],
     ids=["bit-rot", "truncated", "deleted"],
-)  # fmt: skip
+)
 def test_a_damaged_step_is_named_skipped_and_the_run_resumes_before_it(
     tmp_path, caplog, harm, says
 ):
@@ -187,9 +201,14 @@ class Exploding(jtp.TrainModule):
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     ck = tmp_path / "ck"
     trainer = jtp.Trainer(
-        jtp.ModelParallelStrategy(2, 4), checkpoint_dir=str(ck), checkpoint_every_n_steps=2,
-        logger=None, enable_progress_bar=False, report_memory=False, log_every_n_steps=100,
-    )  # fmt: skip
+        jtp.ModelParallelStrategy(2, 4),
+        checkpoint_dir=str(ck),
+        checkpoint_every_n_steps=2,
+        logger=None,
+        enable_progress_bar=False,
+        report_memory=False,
+        log_every_n_steps=100,
+    )
     with pytest.raises(
         FloatingPointError, match=r"non-finite loss nan at step 5 .*last good checkpoint"
     ):
@@ -303,9 +322,13 @@ def test_a_checkpoint_written_before_the_round_3_layout_restores_and_continues(t
     shutil.copytree(R2 / "ckpt", ck)
     config = FeedForwardConfig(dim=16, hidden_dim=32, samples=32, batch_size=8)
     trainer = jtp.Trainer(
-        jtp.ModelParallelStrategy(2, 4), max_steps=2, checkpoint_dir=str(ck), logger=None,
-        enable_progress_bar=False, report_memory=False,
-    )  # fmt: skip
+        jtp.ModelParallelStrategy(2, 4),
+        max_steps=2,
+        checkpoint_dir=str(ck),
+        logger=None,
+        enable_progress_bar=False,
+        report_memory=False,
+    )
     trainer.fit(FeedForwardTask(config), resume=True)
     assert trainer.first_step == trainer.global_step == 2 and trainer.losses == []
     exported = jtp.load_consolidated(
@@ -317,18 +340,55 @@ def test_a_checkpoint_written_before_the_round_3_layout_restores_and_continues(t
     ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
-    flags = ["--data-parallel", "2", "--tensor-parallel", "4", "--dim", "16", "--hidden-dim",
-             "32", "--samples", "32", "--batch-size", "8"]  # fmt: skip
+    flags = [
+        "--data-parallel",
+        "2",
+        "--tensor-parallel",
+        "4",
+        "--dim",
+        "16",
+        "--hidden-dim",
+        "32",
+        "--samples",
+        "32",
+        "--batch-size",
+        "8",
+    ]
     out = main(
-        ["--devices", "8", *flags, "--max-steps", "4", "--checkpoint-dir", str(ck), "--resume",
-         "--no-progress", "--root-dir", str(tmp_path / "runs")]
-    )  # fmt: skip
+        [
+            "--devices",
+            "8",
+            *flags,
+            "--max-steps",
+            "4",
+            "--checkpoint-dir",
+            str(ck),
+            "--resume",
+            "--no-progress",
+            "--root-dir",
+            str(tmp_path / "runs"),
+        ]
+    )
     assert out["first_step"] == 2 and out["steps"] == 2
     np.testing.assert_allclose(out["losses"], expected["resumed_losses_steps_3_4"], rtol=1e-5)
 
 
-LLAMA = ["--devices", "8", "--model", "llama", "--data-parallel", "2", "--tensor-parallel", "4",
-         "--fsdp", "--samples", "32", "--seq-len", "16", "--no-progress"]  # fmt: skip
+LLAMA = [
+    "--devices",
+    "8",
+    "--model",
+    "llama",
+    "--data-parallel",
+    "2",
+    "--tensor-parallel",
+    "4",
+    "--fsdp",
+    "--samples",
+    "32",
+    "--seq-len",
+    "16",
+    "--no-progress",
+]
 
 
 def test_llama_checkpoints_restore_across_unrolled_and_scanned_layers(tmp_path):
@@ -345,7 +405,7 @@ def test_llama_checkpoints_restore_across_unrolled_and_scanned_layers(tmp_path):
     second = main(LLAMA + root + ["--max-steps", "3", "--checkpoint-dir", ck, "--resume"])
     third = main(
         LLAMA + root + ["--no-scan-layers", "--max-steps", "4", "--checkpoint-dir", ck, "--resume"]
-    )  # fmt: skip
+    )
     assert (second["first_step"], third["first_step"]) == (2, 3)
     losses = first["losses"] + second["losses"] + third["losses"]
     np.testing.assert_allclose(losses, full, rtol=1e-5)

@@ -35,9 +35,11 @@ def test_restore_model_reads_params_and_rest_only(tmp_path):
     want = nnx.state(model, nnx.Param)
     got = nnx.state(restored, nnx.Param)
     for a, b, target in zip(
-        jax.tree.leaves(want), jax.tree.leaves(got), jax.tree.leaves(nnx.state(abstract)),
+        jax.tree.leaves(want),
+        jax.tree.leaves(got),
+        jax.tree.leaves(nnx.state(abstract)),
         strict=True,
-    ):  # fmt: skip
+    ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         assert b.sharding == target.sharding and b.sharding.mesh == other
     _, params_like, rest_like = nnx.split(abstract, nnx.Param, ...)

@@ -25,8 +25,19 @@ from jtp.cli.train import main as train_main
 
 HERE = Path(__file__).parent
 HF = HERE.parent / "fixtures" / "hf" / "llama3"
-TINY = ["--devices", "8", "--dim", "32", "--hidden-dim", "64", "--samples", "16",
-        "--max-steps", "2", "--no-progress"]  # fmt: skip
+TINY = [
+    "--devices",
+    "8",
+    "--dim",
+    "32",
+    "--hidden-dim",
+    "64",
+    "--samples",
+    "16",
+    "--max-steps",
+    "2",
+    "--no-progress",
+]
 
 
 def _user_files(t: Path) -> None:
@@ -89,80 +100,228 @@ def _garbage_meta(t: Path) -> None:
 
 # (id, setup, program, argv with {t} for the test directory, the culprit the message names)
 CASES = [
-    ("export-hf-into-users-directory", _user_files, "train",
-     ["--model", "llama", "--preset", "tiny", "--export-hf", "{t}/mine"],
-     "files jtp did not write"),
-    ("export-hf-onto-checkpoint-dir", _checkpoints, "train",
-     ["--model", "llama", "--preset", "tiny", "--checkpoint-dir", "{t}/ck", "--resume",
-      "--export-hf", "{t}/ck"], "overlaps --checkpoint-dir"),
-    ("export-hf-onto-a-file", _a_file, "train",
-     ["--model", "llama", "--preset", "tiny", "--export-hf", "{t}/weights.txt"],
-     "is a file, not a directory"),
-    ("export-hf-missing-parent", None, "train",
-     ["--model", "llama", "--preset", "tiny", "--export-hf", "{t}/no/such/dir"], "does not exist"),
-    ("export-hf-of-the-feedforward", None, "train", ["--export-hf", "{t}/out"],
-     "add --model llama"),
-    ("export-hf-into-the-hf-source", _hf_copy, "train",
-     ["--model", "llama", "--hf", "{t}/hf", "--export-hf", "{t}/hf"], "overlaps --hf"),
-    ("export-onto-a-directory", _user_files, "train", ["--export", "{t}/mine"],
-     "is a directory"),
-    ("export-onto-a-users-file", _a_file, "train", ["--export", "{t}/weights.txt"],
-     "is not a consolidated parameter file written by jtp"),
-    ("export-peft-into-users-directory", _user_files, "train",
-     ["--model", "llama", "--preset", "tiny", "--lora-rank", "2", "--export-peft", "{t}/mine"],
-     "files jtp did not write"),
-    ("metrics-json-onto-a-directory", _user_files, "train", ["--metrics-json", "{t}/mine"],
-     "--metrics-json"),
-    ("resume-from-a-misspelt-directory", None, "train",
-     ["--checkpoint-dir", "{t}/chekpoints", "--resume"], "does not exist (misspelt?)"),
-    ("new-run-into-another-runs-checkpoints", _checkpoints, "train",
-     ["--checkpoint-dir", "{t}/ck"], "pass --resume"),
-    ("checkpoint-dir-is-the-data", None, "train",
-     ["--model", "llama", "--data", "{t}/data", "--checkpoint-dir", "{t}/data/ck"],
-     "--checkpoint-dir"),
-    ("prepare-onto-its-sources", _texts, "prepare",
-     ["{t}/texts", "--bytes", "--out", "{t}/texts", "--overwrite"], "overlaps FILES"),
-    ("prepare-over-users-directory", _user_files, "prepare",
-     ["{t}/mine/notes.txt", "--bytes", "--out", "{t}/mine", "--overwrite"], "overlaps FILES"),
-    ("prepare-over-another-users-directory", lambda t: (_user_files(t), _texts(t)), "prepare",
-     ["{t}/texts", "--bytes", "--out", "{t}/mine", "--overwrite"], "files jtp did not write"),
-    ("prepare-onto-a-file", lambda t: (_a_file(t), _texts(t)), "prepare",
-     ["{t}/texts", "--bytes", "--out", "{t}/weights.txt", "--overwrite"], "is a file"),
+    (
+        "export-hf-into-users-directory",
+        _user_files,
+        "train",
+        ["--model", "llama", "--preset", "tiny", "--export-hf", "{t}/mine"],
+        "files jtp did not write",
+    ),
+    (
+        "export-hf-onto-checkpoint-dir",
+        _checkpoints,
+        "train",
+        [
+            "--model",
+            "llama",
+            "--preset",
+            "tiny",
+            "--checkpoint-dir",
+            "{t}/ck",
+            "--resume",
+            "--export-hf",
+            "{t}/ck",
+        ],
+        "overlaps --checkpoint-dir",
+    ),
+    (
+        "export-hf-onto-a-file",
+        _a_file,
+        "train",
+        ["--model", "llama", "--preset", "tiny", "--export-hf", "{t}/weights.txt"],
+        "is a file, not a directory",
+    ),
+    (
+        "export-hf-missing-parent",
+        None,
+        "train",
+        ["--model", "llama", "--preset", "tiny", "--export-hf", "{t}/no/such/dir"],
+        "does not exist",
+    ),
+    (
+        "export-hf-of-the-feedforward",
+        None,
+        "train",
+        ["--export-hf", "{t}/out"],
+        "add --model llama",
+    ),
+    (
+        "export-hf-into-the-hf-source",
+        _hf_copy,
+        "train",
+        ["--model", "llama", "--hf", "{t}/hf", "--export-hf", "{t}/hf"],
+        "overlaps --hf",
+    ),
+    ("export-onto-a-directory", _user_files, "train", ["--export", "{t}/mine"], "is a directory"),
+    (
+        "export-onto-a-users-file",
+        _a_file,
+        "train",
+        ["--export", "{t}/weights.txt"],
+        "is not a consolidated parameter file written by jtp",
+    ),
+    (
+        "export-peft-into-users-directory",
+        _user_files,
+        "train",
+        ["--model", "llama", "--preset", "tiny", "--lora-rank", "2", "--export-peft", "{t}/mine"],
+        "files jtp did not write",
+    ),
+    (
+        "metrics-json-onto-a-directory",
+        _user_files,
+        "train",
+        ["--metrics-json", "{t}/mine"],
+        "--metrics-json",
+    ),
+    (
+        "resume-from-a-misspelt-directory",
+        None,
+        "train",
+        ["--checkpoint-dir", "{t}/chekpoints", "--resume"],
+        "does not exist (misspelt?)",
+    ),
+    (
+        "new-run-into-another-runs-checkpoints",
+        _checkpoints,
+        "train",
+        ["--checkpoint-dir", "{t}/ck"],
+        "pass --resume",
+    ),
+    (
+        "checkpoint-dir-is-the-data",
+        None,
+        "train",
+        ["--model", "llama", "--data", "{t}/data", "--checkpoint-dir", "{t}/data/ck"],
+        "--checkpoint-dir",
+    ),
+    (
+        "prepare-onto-its-sources",
+        _texts,
+        "prepare",
+        ["{t}/texts", "--bytes", "--out", "{t}/texts", "--overwrite"],
+        "overlaps FILES",
+    ),
+    (
+        "prepare-over-users-directory",
+        _user_files,
+        "prepare",
+        ["{t}/mine/notes.txt", "--bytes", "--out", "{t}/mine", "--overwrite"],
+        "overlaps FILES",
+    ),
+    (
+        "prepare-over-another-users-directory",
+        lambda t: (_user_files(t), _texts(t)),
+        "prepare",
+        ["{t}/texts", "--bytes", "--out", "{t}/mine", "--overwrite"],
+        "files jtp did not write",
+    ),
+    (
+        "prepare-onto-a-file",
+        lambda t: (_a_file(t), _texts(t)),
+        "prepare",
+        ["{t}/texts", "--bytes", "--out", "{t}/weights.txt", "--overwrite"],
+        "is a file",
+    ),
     # Accepted silently, or refused only after a compile and a NaN step, before:
     ("negative-lr", None, "train", ["--lr", "-1"], "lr=-1.0 (--lr): must be > 0"),
     ("nan-lr", None, "train", ["--lr", "nan"], "(--lr): must be a finite number"),
     ("zero-seq-len", None, "train", ["--model", "llama", "--seq-len", "0"], "(--seq-len)"),
     ("negative-seq-len", None, "train", ["--model", "llama", "--seq-len", "-16"], "(--seq-len)"),
-    ("seq-len-beyond-the-checkpoint", None, "train",
-     ["--model", "llama", "--hf", str(HF), "--seq-len", "4096"],
-     "max_position_embeddings in"),
-    ("truncated-train-bin", _truncated_data, "train",
-     ["--model", "llama", "--data", "{t}/data"], "meta.json says"),
-    ("garbage-meta-json", _garbage_meta, "train",
-     ["--model", "llama", "--data", "{t}/data"], "meta.json is not valid JSON"),
-    ("config-hidden-size-a-string", _hf_with(hidden_size="32"), "train",
-     ["--model", "llama", "--hf", "{t}/hf"], "hidden_size='32' must be an integer"),
-    ("config-layers-a-fraction", _hf_with(num_hidden_layers=2.5), "train",
-     ["--model", "llama", "--hf", "{t}/hf"], "num_hidden_layers=2.5 must be an integer"),
-    ("config-negative-norm-eps", _hf_with(rms_norm_eps=-1), "train",
-     ["--model", "llama", "--hf", "{t}/hf"], "rms_norm_eps=-1 must be a finite number > 0"),
-    ("config-rope-theta-a-word", _hf_with(rope_theta="abc"), "train",
-     ["--model", "llama", "--hf", "{t}/hf"], "rope_theta='abc' must be a number"),
-    ("config-not-json", lambda t: (_hf_copy(t), (t / "hf" / "config.json").write_text("{x")),
-     "train", ["--model", "llama", "--hf", "{t}/hf"], "config.json is not valid JSON"),
-    ("truncated-safetensors", _truncated_weights, "train",
-     ["--model", "llama", "--hf", "{t}/hf"], "is not a readable safetensors file"),
-    ("eval-json-onto-a-directory", _user_files, "eval",
-     ["--hf", str(HF), "--data", "{t}/data", "--json", "{t}/mine"], "--json"),
-    ("eval-step-of-an-hf-model", None, "eval",
-     ["--hf", str(HF), "--data", "{t}/data", "--step", "3"], "--step"),
-    ("capacity-tensor-that-cuts-heads", None, "capacity", ["--devices", "8", "--tensor", "3"],
-     "valid sizes: [1, 2, 4, 8]"),
-    ("tensor-size-that-does-not-divide-the-devices", None, "train",
-     ["--tensor-parallel", "3"], "valid sizes: 1, 2, 4, 8"),
+    (
+        "seq-len-beyond-the-checkpoint",
+        None,
+        "train",
+        ["--model", "llama", "--hf", str(HF), "--seq-len", "4096"],
+        "max_position_embeddings in",
+    ),
+    (
+        "truncated-train-bin",
+        _truncated_data,
+        "train",
+        ["--model", "llama", "--data", "{t}/data"],
+        "meta.json says",
+    ),
+    (
+        "garbage-meta-json",
+        _garbage_meta,
+        "train",
+        ["--model", "llama", "--data", "{t}/data"],
+        "meta.json is not valid JSON",
+    ),
+    (
+        "config-hidden-size-a-string",
+        _hf_with(hidden_size="32"),
+        "train",
+        ["--model", "llama", "--hf", "{t}/hf"],
+        "hidden_size='32' must be an integer",
+    ),
+    (
+        "config-layers-a-fraction",
+        _hf_with(num_hidden_layers=2.5),
+        "train",
+        ["--model", "llama", "--hf", "{t}/hf"],
+        "num_hidden_layers=2.5 must be an integer",
+    ),
+    (
+        "config-negative-norm-eps",
+        _hf_with(rms_norm_eps=-1),
+        "train",
+        ["--model", "llama", "--hf", "{t}/hf"],
+        "rms_norm_eps=-1 must be a finite number > 0",
+    ),
+    (
+        "config-rope-theta-a-word",
+        _hf_with(rope_theta="abc"),
+        "train",
+        ["--model", "llama", "--hf", "{t}/hf"],
+        "rope_theta='abc' must be a number",
+    ),
+    (
+        "config-not-json",
+        lambda t: (_hf_copy(t), (t / "hf" / "config.json").write_text("{x")),
+        "train",
+        ["--model", "llama", "--hf", "{t}/hf"],
+        "config.json is not valid JSON",
+    ),
+    (
+        "truncated-safetensors",
+        _truncated_weights,
+        "train",
+        ["--model", "llama", "--hf", "{t}/hf"],
+        "is not a readable safetensors file",
+    ),
+    (
+        "eval-json-onto-a-directory",
+        _user_files,
+        "eval",
+        ["--hf", str(HF), "--data", "{t}/data", "--json", "{t}/mine"],
+        "--json",
+    ),
+    (
+        "eval-step-of-an-hf-model",
+        None,
+        "eval",
+        ["--hf", str(HF), "--data", "{t}/data", "--step", "3"],
+        "--step",
+    ),
+    (
+        "capacity-tensor-that-cuts-heads",
+        None,
+        "capacity",
+        ["--devices", "8", "--tensor", "3"],
+        "valid sizes: [1, 2, 4, 8]",
+    ),
+    (
+        "tensor-size-that-does-not-divide-the-devices",
+        None,
+        "train",
+        ["--tensor-parallel", "3"],
+        "valid sizes: 1, 2, 4, 8",
+    ),
     ("nan-temperature", None, "generate", ["--temperature", "nan"], "--temperature"),
     ("mem-fraction-above-one", None, "capacity", ["--mem-fraction", "2"], "--mem-fraction"),
-]  # fmt: skip
+]
 
 
 def _snapshot(root: Path) -> dict[str, str]:
@@ -174,8 +333,12 @@ def _snapshot(root: Path) -> dict[str, str]:
 
 def _run(program: str, argv: list[str]) -> int:
     """The program's own entry point, as ``python -m jtp.<program>`` runs it."""
-    runs = {"prepare": prepare_cli.run, "generate": generate_cli.run, "capacity": capacity_cli.run,
-            "eval": eval_cli.run}  # fmt: skip
+    runs = {
+        "prepare": prepare_cli.run,
+        "generate": generate_cli.run,
+        "capacity": capacity_cli.run,
+        "eval": eval_cli.run,
+    }
     saved = sys.argv
     try:
         if program == "train":
@@ -231,7 +394,8 @@ def test_an_export_replaces_only_its_own_kind(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p or ".old" in p]
     (tmp_path / "t.txt").write_text("the cat sat on the mat. " * 100)
     prepare_cli.main([str(tmp_path / "t.txt"), "--out", str(tmp_path / "d"), "--bytes"])
-    prepare_cli.main([str(tmp_path / "t.txt"), "--out", str(tmp_path / "d"), "--bytes",
-                      "--overwrite"])  # fmt: skip
+    prepare_cli.main(
+        [str(tmp_path / "t.txt"), "--out", str(tmp_path / "d"), "--bytes", "--overwrite"]
+    )
     code = _run("train", [*args, "--export-hf", str(tmp_path / "d")])
     assert code == 2 and (tmp_path / "d" / "train.bin").is_file()

@@ -39,17 +39,35 @@ def test_help_and_an_unknown_subcommand(capsys):
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        args, capture_output=True, text=True, timeout=300, cwd=ROOT,
+        args,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
         env={"PATH": str(Path(sys.executable).parent), "JTP_COMPILATION_CACHE": "off"},
-    )  # fmt: skip
+    )
 
 
 def test_the_script_runs_a_subcommand_as_its_module_does():
     """``jtp capacity ...`` and ``python -m jtp.capacity ...`` print the same table (the
     script as a user runs it: a process, found on the PATH); usage lines name the form
     that was typed."""
-    args = ["--model", "tiny", "--devices", "8", "--global-batch", "8", "--seq-len", "32",
-            "--tensor", "8", "--remat", "none", "--precision", "32-true"]  # fmt: skip
+    args = [
+        "--model",
+        "tiny",
+        "--devices",
+        "8",
+        "--global-batch",
+        "8",
+        "--seq-len",
+        "32",
+        "--tensor",
+        "8",
+        "--remat",
+        "none",
+        "--precision",
+        "32-true",
+    ]
     by_script = _run("jtp", "capacity", *args)
     by_module = _run(sys.executable, "-m", "jtp.capacity", *args)
     assert by_script.returncode == by_module.returncode == 0, by_script.stderr

@@ -38,10 +38,17 @@ MESHES = {  # name: (flags, (data, tensor))
     "1x8": (["--tensor-parallel", "8"], (1, 8)),
     "2x4-fsdp": (["--data-parallel", "2", "--tensor-parallel", "4", "--fsdp"], (2, 4)),
     "4x2-sp-lp": (
-        ["--data-parallel", "4", "--tensor-parallel", "2", "--sequence-parallel",
-         "--loss-parallel"], (4, 2),
+        [
+            "--data-parallel",
+            "4",
+            "--tensor-parallel",
+            "2",
+            "--sequence-parallel",
+            "--loss-parallel",
+        ],
+        (4, 2),
     ),
-}  # fmt: skip
+}
 CASES = [  # (fixture, split, seq_len, mesh)
     ("llama3", "val", 16, "1x1"),
     ("llama3", "val", 16, "1x8"),
@@ -62,9 +69,14 @@ def reference(name: str, split: str, seq_len: int) -> dict:
 
 def hf_args(name: str, *extra: str) -> list[str]:
     return [
-        "--hf", os.path.join(ROOT, "hf", name), "--data", os.path.join(ROOT, "eval", name),
-        "--batch-size", str(BATCH), *extra,
-    ]  # fmt: skip
+        "--hf",
+        os.path.join(ROOT, "hf", name),
+        "--data",
+        os.path.join(ROOT, "eval", name),
+        "--batch-size",
+        str(BATCH),
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("name,split,seq_len,mesh", CASES)
@@ -106,12 +118,35 @@ def trained(text, tmp_path_factory):
     """A tiny Llama trained 4 steps on 2 x 4 with fsdp, validated and saved at step 4."""
     tmp = tmp_path_factory.mktemp("run")
     ck = str(tmp / "ck")
-    metrics = train_main([
-        "--devices", "8", "--model", "llama", "--data", text, "--seq-len", "16",
-        "--batch-size", "8", "--data-parallel", "2", "--tensor-parallel", "4", "--fsdp",
-        "--max-steps", "4", "--val-check-interval", "4", "--checkpoint-dir", ck,
-        "--no-progress", "--logger", "none", "--no-report-memory",
-    ])  # fmt: skip
+    metrics = train_main(
+        [
+            "--devices",
+            "8",
+            "--model",
+            "llama",
+            "--data",
+            text,
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "8",
+            "--data-parallel",
+            "2",
+            "--tensor-parallel",
+            "4",
+            "--fsdp",
+            "--max-steps",
+            "4",
+            "--val-check-interval",
+            "4",
+            "--checkpoint-dir",
+            ck,
+            "--no-progress",
+            "--logger",
+            "none",
+            "--no-report-memory",
+        ]
+    )
     assert [v["step"] for v in metrics["val_history"]] == [4]
     return ck, metrics["val_loss"]
 
@@ -126,8 +161,20 @@ def test_checkpoint_scores_as_the_trainer_validated(text, trained):
     assert r["loss"] == val_loss
     assert r["source"] == {"checkpoint": ck, "step": 4}
     assert (r["seq_len"], r["batch_size"], r["precision"]) == (16, 8, "32-true")  # the run's
-    other = eval_main(["--checkpoint", ck, "--data", text, "--tensor-parallel", "8",
-                       "--step", "4", "--batch-size", "16"])  # fmt: skip
+    other = eval_main(
+        [
+            "--checkpoint",
+            ck,
+            "--data",
+            text,
+            "--tensor-parallel",
+            "8",
+            "--step",
+            "4",
+            "--batch-size",
+            "16",
+        ]
+    )
     assert other["mesh"] == {"data": 1, "tensor": 8}
     assert abs(other["loss"] - val_loss) <= RTOL * val_loss
     train = eval_main(["--checkpoint", ck, "--data", text, "--split", "train"])
@@ -149,16 +196,25 @@ def test_refusals_before_loading(tmp_path, text, trained, no_load, capsys):
     llama3 = os.path.join(ROOT, "hf", "llama3")
     with pytest.raises(ValueError, match=r"meta.json not found: /nonexistent is not a prepared"):
         eval_main(["--hf", llama3, "--data", "/nonexistent"])
-    with pytest.raises(ValueError, match=r"vocabulary 256 \(tokenizer bytes\) but the model's "
-                       r"is 128; prepare the text with the model's tokenizer"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"vocabulary 256 \(tokenizer bytes\) but the model's "
+        r"is 128; prepare the text with the model's tokenizer",
+    ):
         eval_main(["--hf", llama3, "--data", text, "--seq-len", "16"])
     with pytest.raises(ValueError, match=r"vocabulary 128 .* but the model's is 256"):
         eval_main(["--checkpoint", ck, "--data", os.path.join(ROOT, "eval", "llama3")])
-    with pytest.raises(ValueError, match=r"--seq-len 600 is longer than the model allows: 512 "
-                       r"positions \(max_position_embeddings in"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"--seq-len 600 is longer than the model allows: 512 "
+        r"positions \(max_position_embeddings in",
+    ):
         eval_main(hf_args("llama3", "--seq-len", "600"))
-    with pytest.raises(ValueError, match=r"--seq-len 65 is longer than the model allows: 64 "
-                       r"positions \(the max_seq_len it was built with\)"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"--seq-len 65 is longer than the model allows: 64 "
+        r"positions \(the max_seq_len it was built with\)",
+    ):
         eval_main(["--checkpoint", ck, "--data", text, "--seq-len", "65"])
     with pytest.raises(ValueError, match=r"val.bin holds 88 tokens, fewer than one window"):
         eval_main(hf_args("llama3", "--seq-len", "100"))

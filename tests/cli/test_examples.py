@@ -54,8 +54,20 @@ def test_04_llama_text(tmp_path):
     import sysconfig
 
     files = os.path.join(sysconfig.get_paths()["stdlib"], "[a-b]*.py")
-    out = _run("04_llama_text.py", "--files", files, "--steps", "16", "--val-every", "8",
-               "--seq-len", "32", "--batch-size", "16", cwd=tmp_path)  # fmt: skip
+    out = _run(
+        "04_llama_text.py",
+        "--files",
+        files,
+        "--steps",
+        "16",
+        "--val-every",
+        "8",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "16",
+        cwd=tmp_path,
+    )
     first = float(re.search(r"first loss (\S+),", out).group(1))
     val = [float(v) for v in re.findall(r"step (?:8|16): (\S+?)(?:,|$)", out, re.M)]
     assert len(val) == 2, out

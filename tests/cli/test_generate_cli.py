@@ -20,9 +20,21 @@ def test_hf_fixture_gives_transformers_tokens(tmp_path):
         ref = json.load(f)
     ids = [",".join(map(str, p)) for p in ref["prompts"]]
     out = tmp_path / "g.json"
-    r = main(["--hf", os.path.join(FIXTURES, "qwen3"), "--devices", "8", "--tensor-parallel",
-              "8", *[a for i in ids for a in ("--prompt-ids", i)], "--max-new-tokens",
-              str(ref["max_new_tokens"]), "--json", str(out)])  # fmt: skip
+    r = main(
+        [
+            "--hf",
+            os.path.join(FIXTURES, "qwen3"),
+            "--devices",
+            "8",
+            "--tensor-parallel",
+            "8",
+            *[a for i in ids for a in ("--prompt-ids", i)],
+            "--max-new-tokens",
+            str(ref["max_new_tokens"]),
+            "--json",
+            str(out),
+        ]
+    )
     assert r["new_tokens"] == ref["new_tokens"]  # eos (2) from config.json stops prompt 3
     assert json.loads(out.read_text())["new_tokens"] == ref["new_tokens"]
     assert r["mesh"] == {"data": 1, "tensor": 8} and r["prefill_tokens_per_s"] > 0
@@ -38,17 +50,52 @@ def test_checkpoint_and_text_prompt(tmp_path, capsys):
     from tokenizers.pre_tokenizers import Whitespace
 
     ck = str(tmp_path / "ck")
-    train_main(["--devices", "8", "--model", "llama", "--seq-len", "16", "--batch-size", "8",
-                "--data-parallel", "2", "--tensor-parallel", "4", "--fsdp", "--max-steps", "2",
-                "--checkpoint-dir", ck, "--no-progress", "--logger", "none",
-                "--no-report-memory"])  # fmt: skip
+    train_main(
+        [
+            "--devices",
+            "8",
+            "--model",
+            "llama",
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "8",
+            "--data-parallel",
+            "2",
+            "--tensor-parallel",
+            "4",
+            "--fsdp",
+            "--max-steps",
+            "2",
+            "--checkpoint-dir",
+            ck,
+            "--no-progress",
+            "--logger",
+            "none",
+            "--no-report-memory",
+        ]
+    )
     words = {f"w{i}": i for i in range(512)} | {"[UNK]": 0}
     tok = Tokenizer(WordLevel(words, unk_token="[UNK]"))
     tok.pre_tokenizer = Whitespace()
     tok.save(str(tmp_path / "tokenizer.json"))
-    args = ["--checkpoint", ck, "--devices", "8", "--data-parallel", "2", "--tensor-parallel",
-            "4", "--fsdp", "--tokenizer", str(tmp_path / "tokenizer.json"), "--prompt",
-            "w5 w9 w3", "--max-new-tokens", "6"]  # fmt: skip
+    args = [
+        "--checkpoint",
+        ck,
+        "--devices",
+        "8",
+        "--data-parallel",
+        "2",
+        "--tensor-parallel",
+        "4",
+        "--fsdp",
+        "--tokenizer",
+        str(tmp_path / "tokenizer.json"),
+        "--prompt",
+        "w5 w9 w3",
+        "--max-new-tokens",
+        "6",
+    ]
     r = main(args)
     from jtp.cli.generate import build_parser, load_model
 

@@ -22,8 +22,18 @@ import pytest
 from launch_envs import LAUNCH, PORT_RANGE_START, command_args, jobset_env, mpirun_env, slurm_env
 from processes import clean_env, free_port, start_process, wait_all
 
-SMALL = ["--dim", "64", "--hidden-dim", "128", "--samples", "64", "--max-steps", "3",
-         "--no-progress", "--no-compilation-cache"]  # fmt: skip
+SMALL = [
+    "--dim",
+    "64",
+    "--hidden-dim",
+    "128",
+    "--samples",
+    "64",
+    "--max-steps",
+    "3",
+    "--no-progress",
+    "--no-compilation-cache",
+]
 DNS = """import socket
 _getaddrinfo = socket.getaddrinfo
 NAMES = {names!r}
@@ -78,10 +88,13 @@ def _check(got: list[dict], reference: list[float], launcher: str, coordinator: 
     for i, metrics in enumerate(got):
         assert metrics["mesh"] == {"data": 2, "tensor": 2} and metrics["process_count"] == 2
         assert metrics["launch"] == {
-            "launcher": launcher, "coordinator": coordinator, "num_processes": 2,
-            "process_id": i, "local_device_ids": None,
+            "launcher": launcher,
+            "coordinator": coordinator,
+            "num_processes": 2,
+            "process_id": i,
+            "local_device_ids": None,
             "jax_cuda_visible_devices": "all",  # jax's SLURM/MPI default would have made it "0"
-        }  # fmt: skip
+        }
     assert got[0]["losses"] == got[1]["losses"]
     atol = 1e-5 * max(abs(x) for x in reference)
     np.testing.assert_allclose(got[0]["losses"], reference, rtol=0, atol=atol)
@@ -112,8 +125,10 @@ def test_openmpi_mpirun(tmp_path, reference):
 
 def test_kubernetes_jobset(tmp_path, reference):
     port = free_port()
-    envs = [{**jobset_env(LAUNCH / "jobset.yaml", i, 0), "JAX_COORDINATOR_PORT": str(port)}
-            for i in range(2)]  # fmt: skip
+    envs = [
+        {**jobset_env(LAUNCH / "jobset.yaml", i, 0), "JAX_COORDINATOR_PORT": str(port)}
+        for i in range(2)
+    ]
     host = "jtp-train-workers-0-0.jtp-train"
     got = _train_two(tmp_path, envs, [], {host})
     _check(got, reference, "jobset", f"{host}:{port}", tmp_path)

@@ -22,16 +22,25 @@ LR, WARMUP, STEPS = 3e-3, 2, 6
 
 
 TRAINER_FLAGS = [  # (old spelling, Lightning's) with the values they set
-    ("--log-every", "--log-every-n-steps", "5"), ("--no-progress", "--no-enable-progress-bar"),
-    ("--root-dir", "--default-root-dir", "out"), ("--checkpoint-dir", "--checkpoint-dir", "ck"),
-    ("--checkpoint-every", "--checkpoint-every-n-steps", "3"), ("--keep-last", "--keep-last", "2"),
-    ("--stop-check-every", "--stop-check-every-n-steps", "2"), ("--logger", "--logger", "none"),
-    ("--check-replicas", "--check-replicas", "1"), ("--max-steps", "--max-steps", "4"),
-    ("--max-epochs", "--max-epochs", "2"), ("--precision", "--precision", "bf16-mixed"),
-    ("--accumulate-grad-batches", "--accumulate-grad-batches", "2"), ("--seed", "--seed", "3"),
-    ("--val-check-interval", "--val-check-interval", "2"), ("--fsdp", "--fsdp"),
-    ("--limit-val-batches", "--limit-val-batches", "1"), ("--lr", "--lr", "0.01"),
-]  # fmt: skip
+    ("--log-every", "--log-every-n-steps", "5"),
+    ("--no-progress", "--no-enable-progress-bar"),
+    ("--root-dir", "--default-root-dir", "out"),
+    ("--checkpoint-dir", "--checkpoint-dir", "ck"),
+    ("--checkpoint-every", "--checkpoint-every-n-steps", "3"),
+    ("--keep-last", "--keep-last", "2"),
+    ("--stop-check-every", "--stop-check-every-n-steps", "2"),
+    ("--logger", "--logger", "none"),
+    ("--check-replicas", "--check-replicas", "1"),
+    ("--max-steps", "--max-steps", "4"),
+    ("--max-epochs", "--max-epochs", "2"),
+    ("--precision", "--precision", "bf16-mixed"),
+    ("--accumulate-grad-batches", "--accumulate-grad-batches", "2"),
+    ("--seed", "--seed", "3"),
+    ("--val-check-interval", "--val-check-interval", "2"),
+    ("--fsdp", "--fsdp"),
+    ("--limit-val-batches", "--limit-val-batches", "1"),
+    ("--lr", "--lr", "0.01"),
+]
 MODELS = {
     "feedforward": ["--dim", "64", "--hidden-dim", "64"],
     "llama": ["--model", "llama", "--seq-len", "16", "--sequence-parallel", "--remat"],
@@ -57,12 +66,23 @@ def test_old_and_lightning_flags_give_the_same_trainer_and_task(fits, tmp_path, 
     (old_trainer, old_task), (new_trainer, new_task) = fits
     assert old_trainer.options == new_trainer.options and old_task.config == new_task.config
     assert old_trainer.options == TrainerOptions(
-        log_every_n_steps=5, enable_progress_bar=False, default_root_dir="out",
-        checkpoint_dir="ck", checkpoint_every_n_steps=3, keep_last=2,
-        stop_check_every_n_steps=2, logger=None, check_replicas=1, max_steps=4, max_epochs=2,
-        precision="bf16-mixed", accumulate_grad_batches=2, seed=3, val_check_interval=2,
+        log_every_n_steps=5,
+        enable_progress_bar=False,
+        default_root_dir="out",
+        checkpoint_dir="ck",
+        checkpoint_every_n_steps=3,
+        keep_last=2,
+        stop_check_every_n_steps=2,
+        logger=None,
+        check_replicas=1,
+        max_steps=4,
+        max_epochs=2,
+        precision="bf16-mixed",
+        accumulate_grad_batches=2,
+        seed=3,
+        val_check_interval=2,
         limit_val_batches=1,
-    )  # fmt: skip
+    )
     assert (new_task.config.lr, new_task.config.seed, new_task.config.fsdp) == (0.01, 3, True)
     assert new_trainer.strategy.fsdp
     old_config, new_config = (json.loads(p.read_text())["config"] for p in paths)
@@ -91,10 +111,27 @@ def data(tmp_path_factory):
 
 def _args(data, tmp, *extra):
     return [
-        "--devices", "8", "--model", "llama", "--data", data, "--seq-len", "16",
-        "--batch-size", "8", "--data-parallel", "2", "--tensor-parallel", "4",
-        "--max-steps", str(STEPS), "--no-progress", "--root-dir", str(tmp), *extra,
-    ]  # fmt: skip
+        "--devices",
+        "8",
+        "--model",
+        "llama",
+        "--data",
+        data,
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "8",
+        "--data-parallel",
+        "2",
+        "--tensor-parallel",
+        "4",
+        "--max-steps",
+        str(STEPS),
+        "--no-progress",
+        "--root-dir",
+        str(tmp),
+        *extra,
+    ]
 
 
 def cosine(step: int, total: int) -> float:
@@ -109,8 +146,9 @@ def cosine(step: int, total: int) -> float:
 def test_validation_in_the_metrics_json_and_the_cosine_lrs(data, tmp_path):
     sched = ["--lr-schedule", "cosine", "--warmup-steps", str(WARMUP), "--lr", str(LR)]
     path = tmp_path / "m.json"
-    m = train_main(_args(data, tmp_path, *sched, "--val-check-interval", "3",
-                         "--metrics-json", str(path)))  # fmt: skip
+    m = train_main(
+        _args(data, tmp_path, *sched, "--val-check-interval", "3", "--metrics-json", str(path))
+    )
     assert json.loads(path.read_text()) == json.loads(json.dumps(m))
     assert m["config"]["val_check_interval"] == 3 and m["config"]["data"] == data
     assert [v["step"] for v in m["val_history"]] == [3, 6]
@@ -204,8 +242,10 @@ def test_plan_auto_is_the_ready_layout(tmp_path):
 
     mesh = jtp.make_mesh(2, 4)
     for fsdp in (False, True):
-        ff = [FeedForwardTask(FeedForwardConfig(dim=64, hidden_dim=64, fsdp=fsdp, plan=p))
-              for p in ("ready", "auto")]  # fmt: skip
+        ff = [
+            FeedForwardTask(FeedForwardConfig(dim=64, hidden_dim=64, fsdp=fsdp, plan=p))
+            for p in ("ready", "auto")
+        ]
         assert _layout(ff[0], mesh) == _layout(ff[1], mesh)
         lm = [LlamaTask(LlamaTaskConfig(seq_len=16, fsdp=fsdp, plan=p)) for p in ("ready", "auto")]
         assert _layout(lm[0], mesh) == _layout(lm[1], mesh)

@@ -190,8 +190,10 @@ def test_jtp_matches_jax_where_jax_is_right(monkeypatch):
         ours = detect_launch(env)
         theirs = cluster.get_coordinator_address(None, None)
         assert (ours.coordinator, ours.num_processes, ours.process_id) == (
-            theirs, cluster.get_process_count(), cluster.get_process_id()
-        )  # fmt: skip
+            theirs,
+            cluster.get_process_count(),
+            cluster.get_process_id(),
+        )
         assert cluster.get_local_process_id() == 0 and ours.local_device_ids is None
         for key in env:
             monkeypatch.delenv(key)

@@ -84,10 +84,28 @@ def test_a_stopped_peer_ends_every_process_within_the_timeout(tmp_path):
     1, let run again, ends too. Before the watchdog both waited forever (only SIGKILL ended
     them)."""
     port, timeout = free_port(), 8
-    args = ["--devices", "4", "--data-parallel", "2", "--tensor-parallel", "4", "--dim", "32",
-            "--hidden-dim", "64", "--samples", "64", "--max-epochs", "100000",
-            "--log-every-n-steps", "1", "--collective-timeout", str(timeout),
-            "--root-dir", str(tmp_path / "runs")]  # fmt: skip
+    args = [
+        "--devices",
+        "4",
+        "--data-parallel",
+        "2",
+        "--tensor-parallel",
+        "4",
+        "--dim",
+        "32",
+        "--hidden-dim",
+        "64",
+        "--samples",
+        "64",
+        "--max-epochs",
+        "100000",
+        "--log-every-n-steps",
+        "1",
+        "--collective-timeout",
+        str(timeout),
+        "--root-dir",
+        str(tmp_path / "runs"),
+    ]
     procs = [
         start_process(
             [
@@ -100,7 +118,7 @@ def test_a_stopped_peer_ends_every_process_within_the_timeout(tmp_path):
                 *args,
             ],
             tmp_path / f"p{i}.log",
-        )  # fmt: skip
+        )
         for i in range(2)
     ]
     try:

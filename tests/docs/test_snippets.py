@@ -35,9 +35,13 @@ def test_every_block_runs_or_says_why_not(page, tmp_path):
         if block.language == "python":
             command = [sys.executable, "-c", block.code]
         done = subprocess.run(
-            command, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True,
+            command,
+            cwd=tmp_path,
+            env=_env(tmp_path),
+            capture_output=True,
+            text=True,
             timeout=TIMEOUT,
-        )  # fmt: skip
+        )
         assert done.returncode == 0, (
             f"{block.where} ({block.language}) exited {done.returncode}:\n"
             f"{done.stdout[-2000:]}\n{done.stderr[-4000:]}"

@@ -31,18 +31,33 @@ TIE = 1e-4  # logit units: 50x the largest jtp/transformers difference seen
 CASES = [(name, "1x8") for name in ["llama3", "llama_tied", "mistral", "qwen2", "qwen3", "phi3"]]
 CASES += [(name, "2x4-fsdp") for name in ["llama3", "mistral", "qwen3"]]
 CASES += [("llama3", "1x1"), ("qwen2", "4x2"), ("llama_kv2", "1x8"), ("llama_kv2", "2x4-fsdp")]
-MESHES = {"1x1": ((1, 1), False), "1x8": ((1, 8), False), "2x4-fsdp": ((2, 4), True),
-          "4x2": ((4, 2), False)}  # fmt: skip
-SMALL = LlamaConfig(vocab_size=128, dim=64, n_layers=2, n_heads=8, n_kv_heads=4,
-                    ffn_hidden=128, max_seq_len=64)  # fmt: skip
+MESHES = {
+    "1x1": ((1, 1), False),
+    "1x8": ((1, 8), False),
+    "2x4-fsdp": ((2, 4), True),
+    "4x2": ((4, 2), False),
+}
+SMALL = LlamaConfig(
+    vocab_size=128, dim=64, n_layers=2, n_heads=8, n_kv_heads=4, ffn_hidden=128, max_seq_len=64
+)
 # Gemma-like: three layers, sliding (window 4, shorter than the 9-token sequences), global,
 # sliding, each kind with its RoPE base; soft-caps, a score scalar, Gemma's norms, tied.
 GEMMA_SMALL = dataclasses.replace(
-    SMALL, n_layers=3, sliding_window=4, sliding_layers=(True, False), local_rope_theta=50.0,
-    attn_softcap=4.0, final_softcap=8.0, query_pre_attn_scalar=12.0, norm_offset=True,
-    sandwich_norms=True, embed_scale=True, activation="gelu_tanh", qk_norm=True,
+    SMALL,
+    n_layers=3,
+    sliding_window=4,
+    sliding_layers=(True, False),
+    local_rope_theta=50.0,
+    attn_softcap=4.0,
+    final_softcap=8.0,
+    query_pre_attn_scalar=12.0,
+    norm_offset=True,
+    sandwich_norms=True,
+    embed_scale=True,
+    activation="gelu_tanh",
+    qk_norm=True,
     tie_embeddings=True,
-)  # fmt: skip
+)
 
 
 def mesh_of(shape):
@@ -66,13 +81,19 @@ def test_greedy_equals_transformers(name, mesh_case):
     with open(os.path.join(FIXTURES, name, "generate.json")) as f:
         ref = json.load(f)
     shape, fsdp = MESHES[mesh_case]
-    model = jtp.hf.load_pretrained(os.path.join(FIXTURES, name), mesh_of(shape), fsdp=fsdp,
-                                   max_seq_len=32)  # fmt: skip
-    got = jtp.generate(model, ref["prompts"], max_new_tokens=ref["max_new_tokens"],
-                       eos_token_id=ref["eos_token_id"])  # fmt: skip
+    model = jtp.hf.load_pretrained(
+        os.path.join(FIXTURES, name), mesh_of(shape), fsdp=fsdp, max_seq_len=32
+    )
+    got = jtp.generate(
+        model,
+        ref["prompts"],
+        max_new_tokens=ref["max_new_tokens"],
+        eos_token_id=ref["eos_token_id"],
+    )
     for ours, theirs, gaps in zip(got, ref["new_tokens"], ref["top2_gaps"], strict=True):
-        first = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b),
-                     None)  # fmt: skip
+        first = next(
+            (i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), None
+        )
         if first is None:
             assert ours == theirs
         else:
@@ -134,8 +155,12 @@ def test_a_model_fresh_from_fit_generates_as_its_forward_does():
     from jtp.recipes import LlamaTask, LlamaTaskConfig
 
     task = LlamaTask(LlamaTaskConfig(seq_len=16, batch_size=8, samples=16, fsdp=True))
-    trainer = jtp.Trainer(jtp.ModelParallelStrategy(2, 4, fsdp=True), max_steps=2,
-                          logger=None, enable_progress_bar=False)  # fmt: skip
+    trainer = jtp.Trainer(
+        jtp.ModelParallelStrategy(2, 4, fsdp=True),
+        max_steps=2,
+        logger=None,
+        enable_progress_bar=False,
+    )
     trainer.fit(task)
     prompts = [[5, 9, 3], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
     got = jtp.generate(trainer.model, prompts, max_new_tokens=3)
@@ -222,17 +247,18 @@ def test_a_decode_step_costs_one_all_reduce_per_column_row_pair():
 
     from jtp.generation.generate import generate_timed
 
-    config = LlamaConfig(vocab_size=128, dim=64, n_layers=3, n_heads=8, n_kv_heads=8,
-                         ffn_hidden=128, max_seq_len=64)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=128, dim=64, n_layers=3, n_heads=8, n_kv_heads=8, ffn_hidden=128, max_seq_len=64
+    )
     mesh = jtp.make_mesh(1, 8)
-    model = jtp.sharded_init(lambda: Llama(config, rngs=nnx.Rngs(0)), mesh,
-                             jtp.plans.llama(config))  # fmt: skip
+    model = jtp.sharded_init(lambda: Llama(config, rngs=nnx.Rngs(0)), mesh, jtp.plans.llama(config))
     generate_timed(model, [[1, 2, 3]], max_new_tokens=4)
     graphdef, state = nnx.split(model)
     prefill, decode = _compiled(graphdef, mesh, Sampling(), 16, None)
     lengths = jtp.shard_batch(np.ones((1,), np.int32), mesh)
-    carry = prefill(state, jtp.shard_batch(np.zeros((1, 8), np.int32), mesh), lengths,
-                    jax.random.key(0))  # fmt: skip
+    carry = prefill(
+        state, jtp.shard_batch(np.zeros((1, 8), np.int32), mesh), lengths, jax.random.key(0)
+    )
     compiled = decode.lower(state, carry, lengths, jnp.int32(4)).compile()
     colls = jtp.collectives(compiled, mesh)
     assert all(c.axes == ("tensor",) for c in colls)

@@ -26,8 +26,11 @@ GPU = {"platform": "gpu", "compute_capability": "9.0"}
         ("auto", dict(GPU, dtype=jnp.bfloat16, head_dim=256), "cudnn"),  # Hopper: up to 256
         ("auto", dict(GPU, dtype=jnp.float32, head_dim=128), "xla"),  # cuDNN refuses fp32
         ("auto", dict(GPU, dtype=jnp.bfloat16, head_dim=100), "xla"),  # not a multiple of 8
-        ("auto", dict(platform="gpu", compute_capability="8.0", dtype=jnp.bfloat16,
-                      head_dim=256), "xla"),  # Ampere: up to 128
+        (
+            "auto",
+            dict(platform="gpu", compute_capability="8.0", dtype=jnp.bfloat16, head_dim=256),
+            "xla",
+        ),  # Ampere: up to 128
         ("auto", dict(platform="cpu", dtype=jnp.bfloat16, head_dim=128), "xla"),
         ("xla", dict(GPU, dtype=jnp.bfloat16, head_dim=128), "xla"),
         ("cudnn", dict(GPU, dtype=jnp.bfloat16, head_dim=128), "cudnn"),
@@ -35,7 +38,7 @@ GPU = {"platform": "gpu", "compute_capability": "9.0"}
         ("auto", dict(GPU, dtype=jnp.bfloat16, head_dim=128, softcap=50.0), "xla"),
         ("blockwise", dict(GPU, dtype=jnp.bfloat16, head_dim=128, softcap=50.0), "blockwise"),
     ],
-)  # fmt: skip
+)
 def test_choice(requested, facts, expected):
     impl, why = choose_attention(requested, **facts)
     assert impl == expected and why
@@ -98,8 +101,9 @@ def test_soft_capped_scores_never_reach_jax_kernels(monkeypatch):
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 512, (2, 8)), jnp.int32)
     auto = _tiny(dtype="bfloat16", attn_softcap=20.0)(tokens)
     assert calls == []
-    np.testing.assert_array_equal(auto, _tiny(dtype="bfloat16", attn_softcap=20.0,
-                                              attention="xla")(tokens))  # fmt: skip
+    np.testing.assert_array_equal(
+        auto, _tiny(dtype="bfloat16", attn_softcap=20.0, attention="xla")(tokens)
+    )
 
 
 def test_lowering_for_cuda_without_a_gpu():

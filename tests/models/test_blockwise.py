@@ -89,9 +89,9 @@ def test_softcap_and_scale_equal_the_xla_einsum_path():
     want = both(lambda *a: softcapped_attention(*a, softcap=2.0, **opts))
     for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(g, r, atol=1e-5, rtol=0)
-    uncapped = jax.jit(lambda *a: (
-        softcapped_attention(*a, softcap=1e9, **opts), _xla(*a, **opts)
-    ))(q, k, v)  # fmt: skip
+    uncapped = jax.jit(
+        lambda *a: (softcapped_attention(*a, softcap=1e9, **opts), _xla(*a, **opts))
+    )(q, k, v)
     assert float(jnp.abs(want[0] - uncapped[1]).max()) > 0.5
     np.testing.assert_allclose(uncapped[0], uncapped[1], atol=1e-6, rtol=0)
 

@@ -71,9 +71,14 @@ def mesh_of(shape):
 def load(name, shape=(1, 1), fsdp=False, sp=False, lp=False, **kw):
     mesh = mesh_of(shape)
     model = jtp.hf.load_pretrained(
-        fixture(name) if os.sep not in name else name, mesh, fsdp=fsdp,
-        sequence_parallel=sp, loss_parallel=lp, max_seq_len=T, **kw,
-    )  # fmt: skip
+        fixture(name) if os.sep not in name else name,
+        mesh,
+        fsdp=fsdp,
+        sequence_parallel=sp,
+        loss_parallel=lp,
+        max_seq_len=T,
+        **kw,
+    )
     return model, mesh
 
 
@@ -274,16 +279,25 @@ def test_gemma_config_spellings(tmp_path):
     g2 = jtp.hf.config_of(fixture("gemma2"), max_seq_len=T)
     got = (g2.sliding_window, g2.sliding_layers, g2.attn_softcap, g2.final_softcap)
     assert got == (8, (True, False), 3.0, 8.0)
-    v5 = {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}, "rope_theta": None,
-          "rope_scaling": None, "layer_types": ["sliding_attention", "full_attention"]}  # fmt: skip
+    v5 = {
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1e4},
+        "rope_theta": None,
+        "rope_scaling": None,
+        "layer_types": ["sliding_attention", "full_attention"],
+    }
     assert jtp.hf.config_of(edited(tmp_path, "gemma2", v5), max_seq_len=T) == g2
     g3 = jtp.hf.config_of(fixture("gemma3"), max_seq_len=T)
     got = (g3.rope_theta, g3.rope_scaling, g3.local_rope_theta, g3.sliding_layers)
     assert got == (1e4, LinearRopeScaling(4.0), 10.0, (True, False))
     assert g3.qk_norm and g3.tie_embeddings and g3.attn_softcap is None
-    hub = {"rope_parameters": None, "layer_types": None, "rope_theta": 1e4,
-           "rope_scaling": {"rope_type": "linear", "factor": 4.0}, "rope_local_base_freq": 10.0,
-           "sliding_window_pattern": 2}  # fmt: skip
+    hub = {
+        "rope_parameters": None,
+        "layer_types": None,
+        "rope_theta": 1e4,
+        "rope_scaling": {"rope_type": "linear", "factor": 4.0},
+        "rope_local_base_freq": 10.0,
+        "sliding_window_pattern": 2,
+    }
     assert jtp.hf.config_of(edited(tmp_path, "gemma3", hub), max_seq_len=T) == g3
 
 
@@ -394,65 +408,95 @@ def edited(tmp_path, name, config=None, tensors=None):
 
 REFUSALS = {
     "architecture": (
-        "qwen3", {"architectures": ["GemmaForCausalLM"]}, None,
+        "qwen3",
+        {"architectures": ["GemmaForCausalLM"]},
+        None,
         r"GemmaForCausalLM.*not supported.*LlamaForCausalLM, MistralForCausalLM, "
         r"Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM",
     ),
     "gemma3-multimodal": (
-        "gemma3", {"architectures": ["Gemma3ForConditionalGeneration"]}, None,
+        "gemma3",
+        {"architectures": ["Gemma3ForConditionalGeneration"]},
+        None,
         r"Gemma3ForConditionalGeneration.*not supported.*multimodal.*Gemma3ForCausalLM",
     ),
     "gemma-bidirectional": (
-        "gemma3", {"use_bidirectional_attention": True}, None,
+        "gemma3",
+        {"use_bidirectional_attention": True},
+        None,
         r"use_bidirectional_attention=True is not supported",
     ),
     "gemma-activation": (
-        "gemma2", {"hidden_activation": "gelu"}, None,
+        "gemma2",
+        {"hidden_activation": "gelu"},
+        None,
         r"hidden_activation='gelu' is not supported.*gelu_pytorch_tanh",
     ),
     "layer-type": (
-        "gemma3", {"layer_types": ["sliding_attention", "chunked_attention", "full_attention"]},
-        None, r"layer_types=.*chunked_attention.*is not supported",
+        "gemma3",
+        {"layer_types": ["sliding_attention", "chunked_attention", "full_attention"]},
+        None,
+        r"layer_types=.*chunked_attention.*is not supported",
     ),
     "gemma3-flat-rope": (
-        "gemma3", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}, None,
+        "gemma3",
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}},
+        None,
         r"Gemma 3's rope_parameters must be nested by layer type",
     ),
     "gemma3-scaled-local-rope": (
-        "gemma3", {"rope_parameters": {
-            "full_attention": {"rope_type": "default", "rope_theta": 1e4},
-            "sliding_attention": {"rope_type": "linear", "rope_theta": 10.0, "factor": 2.0},
-        }}, None, r"rope_parameters.sliding_attention has a rope_type other than 'default'",
+        "gemma3",
+        {
+            "rope_parameters": {
+                "full_attention": {"rope_type": "default", "rope_theta": 1e4},
+                "sliding_attention": {"rope_type": "linear", "rope_theta": 10.0, "factor": 2.0},
+            }
+        },
+        None,
+        r"rope_parameters.sliding_attention has a rope_type other than 'default'",
     ),
     "rope-type-hub": (
-        "llama3", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, None,
+        "llama3",
+        {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+        None,
         r"rope_scaling.rope_type='yarn' is not supported",
     ),
     "rope-type-v5": (
-        "qwen3", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e6, "factor": 2.0}},
-        None, r"rope_parameters.rope_type='dynamic' is not supported",
+        "qwen3",
+        {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e6, "factor": 2.0}},
+        None,
+        r"rope_parameters.rope_type='dynamic' is not supported",
     ),
     "attention-bias": (
-        "llama3", {"attention_bias": True}, None, r"attention_bias=True is not supported.*o_proj"
+        "llama3",
+        {"attention_bias": True},
+        None,
+        r"attention_bias=True is not supported.*o_proj",
     ),
     "mlp-bias": ("llama3", {"mlp_bias": True}, None, r"mlp_bias=True is not supported"),
     "activation": ("qwen2", {"hidden_act": "gelu"}, None, r"hidden_act='gelu' is not supported"),
     "missing-field": ("qwen2", {"hidden_size": None}, None, r"field 'hidden_size' is missing"),
     "unexpected-bias": (
-        "llama3", None, {"model.layers.1.self_attn.o_proj.bias": np.zeros(32, np.float32)},
+        "llama3",
+        None,
+        {"model.layers.1.self_attn.o_proj.bias": np.zeros(32, np.float32)},
         r"tensor 'model.layers.1.self_attn.o_proj.bias' has no place",
     ),
     "missing-tensor": (
-        "qwen3", None, {"model.layers.1.self_attn.k_norm.weight": None},
+        "qwen3",
+        None,
+        {"model.layers.1.self_attn.k_norm.weight": None},
         r"tensor 'model.layers.1.self_attn.k_norm.weight' is missing.*"
         r"layers.attention.k_norm.scale\[1\]",
     ),
     "wrong-shape": (
-        "qwen2", {"intermediate_size": 96}, None,
+        "qwen2",
+        {"intermediate_size": 96},
+        None,
         r"tensor 'model.layers.0.mlp.gate_proj.weight' has shape \(64, 64\), config.json "
         r"implies \(96, 64\)",
     ),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", list(REFUSALS))
@@ -527,11 +571,37 @@ def test_cli_fine_tunes_and_exports(tmp_path):
 
     src, out, flat = fixture("qwen2"), str(tmp_path / "hf"), str(tmp_path / "flat.safetensors")
     metrics = main(
-        ["--devices", "8", "--model", "llama", "--hf", src, "--data-parallel", "2",
-         "--tensor-parallel", "4", "--fsdp", "--sequence-parallel", "--loss-parallel",
-         "--seq-len", str(T), "--samples", "8", "--max-epochs", "3", "--lr", "1e-3",
-         "--no-progress", "--root-dir", str(tmp_path), "--export", flat, "--export-hf", out]
-    )  # fmt: skip
+        [
+            "--devices",
+            "8",
+            "--model",
+            "llama",
+            "--hf",
+            src,
+            "--data-parallel",
+            "2",
+            "--tensor-parallel",
+            "4",
+            "--fsdp",
+            "--sequence-parallel",
+            "--loss-parallel",
+            "--seq-len",
+            str(T),
+            "--samples",
+            "8",
+            "--max-epochs",
+            "3",
+            "--lr",
+            "1e-3",
+            "--no-progress",
+            "--root-dir",
+            str(tmp_path),
+            "--export",
+            flat,
+            "--export-hf",
+            out,
+        ]
+    )
     losses = metrics["losses"]
     assert len(losses) == 3 and losses[0] > losses[1] > losses[2]
     model, mesh = load("qwen2", (2, 4), fsdp=True)
@@ -586,9 +656,23 @@ def test_planner_plans_for_the_checkpoint_shapes(tmp_path, monkeypatch, name, pr
 
     monkeypatch.setattr(planner, "layouts", one_configuration)
     out = main(
-        ["--hf", str(src), "--devices", "8", "--devices-per-host", "8", "--global-batch", "8",
-         "--seq-len", str(T), "--precision", precision, "--json", str(tmp_path / "plan.json")]
-    )  # fmt: skip
+        [
+            "--hf",
+            str(src),
+            "--devices",
+            "8",
+            "--devices-per-host",
+            "8",
+            "--global-batch",
+            "8",
+            "--seq-len",
+            str(T),
+            "--precision",
+            precision,
+            "--json",
+            str(tmp_path / "plan.json"),
+        ]
+    )
     assert out["request"]["attention_compiled"] == kernel
     # devices, per host, heads, kv heads, batch, seq, remat policies
     assert asked == [(8, 8, 16, 8, 8, T, ("none", "full", "dots", "minimal"))]

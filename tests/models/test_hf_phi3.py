@@ -117,39 +117,62 @@ def test_phi3_defaults_and_what_it_accepts(tmp_path):
 
 REFUSALS = {
     "longrope": (
-        {"rope_parameters": None, "rope_scaling": {
-            "type": "longrope", "short_factor": [1.0, 1.0], "long_factor": [4.0, 4.0]}},
-        None, r"rope_scaling.rope_type='longrope' is not supported: it is Phi-3's LongRoPE",
+        {
+            "rope_parameters": None,
+            "rope_scaling": {
+                "type": "longrope",
+                "short_factor": [1.0, 1.0],
+                "long_factor": [4.0, 4.0],
+            },
+        },
+        None,
+        r"rope_scaling.rope_type='longrope' is not supported: it is Phi-3's LongRoPE",
     ),
     "su": (  # Phi-3-mini-128k's first configs
-        {"rope_parameters": None, "rope_scaling": {
-            "type": "su", "short_factor": [1.0, 1.0], "long_factor": [4.0, 4.0]}},
-        None, r"rope_scaling.rope_type='su' is not supported: it is Phi-3's LongRoPE",
+        {
+            "rope_parameters": None,
+            "rope_scaling": {"type": "su", "short_factor": [1.0, 1.0], "long_factor": [4.0, 4.0]},
+        },
+        None,
+        r"rope_scaling.rope_type='su' is not supported: it is Phi-3's LongRoPE",
     ),
     "rope-type": (
-        {"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}}, None,
+        {"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}},
+        None,
         r"rope_parameters.rope_type='llama3' is not supported for Phi3ForCausalLM",
     ),
     "partial-rotary": (  # Phi-4-mini rotates 3/4 of each head
-        {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
-                             "partial_rotary_factor": 0.75}},
-        None, r"partial_rotary_factor=0.75 is not supported",
+        {
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 1e4,
+                "partial_rotary_factor": 0.75,
+            }
+        },
+        None,
+        r"partial_rotary_factor=0.75 is not supported",
     ),
     "resid-pdrop": ({"resid_pdrop": 0.1}, None, r"resid_pdrop=0.1 is not supported"),
     "attention-dropout": (
-        {"attention_dropout": 0.1}, None, r"attention_dropout=0.1 is not supported"
+        {"attention_dropout": 0.1},
+        None,
+        r"attention_dropout=0.1 is not supported",
     ),
     "unfused-checkpoint": (
-        None, {"model.layers.0.self_attn.qkv_proj.weight": None,
-               "model.layers.0.self_attn.q_proj.weight": np.zeros((64, 64), np.float32)},
+        None,
+        {
+            "model.layers.0.self_attn.qkv_proj.weight": None,
+            "model.layers.0.self_attn.q_proj.weight": np.zeros((64, 64), np.float32),
+        },
         r"tensor 'model.layers.0.self_attn.qkv_proj.weight' is missing",
     ),
     "fused-shape": (
-        {"num_key_value_heads": 16}, None,
+        {"num_key_value_heads": 16},
+        None,
         r"tensor 'model.layers.0.self_attn.qkv_proj.weight' has shape \(128, 64\), "
         r"config.json implies \(192, 64\)",
     ),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", list(REFUSALS))
@@ -170,8 +193,22 @@ def test_peft_adapters_are_refused(tmp_path):
     with pytest.raises(ValueError, match="save_peft onto .*" + why):
         jtp.hf.save_peft(model, str(tmp_path / "adapter"), base_model_name_or_path=fixture("phi3"))
     with pytest.raises(ValueError, match="--export-peft: " + why):
-        main(["--devices", "8", "--model", "llama", "--hf", fixture("phi3"), "--lora-rank", "2",
-              "--seq-len", str(T), "--export-peft", str(tmp_path / "adapter")])  # fmt: skip
+        main(
+            [
+                "--devices",
+                "8",
+                "--model",
+                "llama",
+                "--hf",
+                fixture("phi3"),
+                "--lora-rank",
+                "2",
+                "--seq-len",
+                str(T),
+                "--export-peft",
+                str(tmp_path / "adapter"),
+            ]
+        )
     assert sorted(os.listdir(tmp_path)) == []
 
 
@@ -194,10 +231,23 @@ def test_planner_plans_a_phi3_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(planner, "layouts", one_configuration)
     out = main(
-        ["--hf", fixture("phi3"), "--devices", "8", "--devices-per-host", "8",
-         "--global-batch", "8", "--seq-len", str(T), "--precision", "32-true",
-         "--json", str(tmp_path / "plan.json")]
-    )  # fmt: skip
+        [
+            "--hf",
+            fixture("phi3"),
+            "--devices",
+            "8",
+            "--devices-per-host",
+            "8",
+            "--global-batch",
+            "8",
+            "--seq-len",
+            str(T),
+            "--precision",
+            "32-true",
+            "--json",
+            str(tmp_path / "plan.json"),
+        ]
+    )
     config = jtp.hf.config_of(fixture("phi3"), max_seq_len=T)
     (row,) = out["rows"]
     assert row["floor_bytes"] == config.num_params() * 16 / 8 and not config.tie_embeddings

@@ -31,8 +31,9 @@ from jtp.capacity.measure import analytic_floor
 from jtp.models.cache import init_cache
 from jtp.models.llama import Llama, LlamaConfig, cross_entropy
 
-CFG = LlamaConfig(vocab_size=128, dim=64, n_layers=2, n_heads=16, n_kv_heads=2,
-                  ffn_hidden=128, max_seq_len=32)  # fmt: skip
+CFG = LlamaConfig(
+    vocab_size=128, dim=64, n_layers=2, n_heads=16, n_kv_heads=2, ffn_hidden=128, max_seq_len=32
+)
 B, T = 4, 16
 TOKENS = np.random.default_rng(0).integers(0, CFG.vocab_size, (B, T + 1), dtype=np.int32)
 
@@ -101,8 +102,9 @@ def test_forward_one_all_reduce_per_pair_and_the_cache_holds_one_kv_head():
     mesh = jtp.make_mesh(1, 8)
     config = jtp.plans.replicate_kv(CFG, mesh)
     plan = jtp.plans.llama(config)
-    graphdef, state = nnx.split(jtp.sharded_init(lambda: Llama(config, rngs=nnx.Rngs(0)), mesh,
-                                                 plan))  # fmt: skip
+    graphdef, state = nnx.split(
+        jtp.sharded_init(lambda: Llama(config, rngs=nnx.Rngs(0)), mesh, plan)
+    )
     with jtp.activation_rules(mesh, plan.activations):
         compiled = (
             jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
@@ -145,8 +147,9 @@ def test_planner_offers_wider_tensor_and_counts_the_copies():
     assert {c.tensor for c in layouts(12, 12, 12, 3, 12, 12, ("none",))} == {1, 3, 6, 12}
 
     def floor(t, fsdp=False):
-        config = next(c for c in layouts(8, 8, 16, 2, 8, 16, ("none",))
-                      if c.tensor == t and c.fsdp == fsdp)  # fmt: skip
+        config = next(
+            c for c in layouts(8, 8, 16, 2, 8, 16, ("none",)) if c.tensor == t and c.fsdp == fsdp
+        )
         return analytic_floor(CFG, 8, config, "32-true")
 
     kv = CFG.n_layers * 2 * CFG.n_kv_heads * CFG.head_dim * CFG.dim  # wk + wv parameters

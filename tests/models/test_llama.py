@@ -52,8 +52,15 @@ def reference():
         adamw_step, sgd_steps = make_fns(graphdef, loss_fn)
         loss, logits, grads, new, opt = jax.jit(adamw_step)(params, adamw().init(params), TOKENS)
         sgd_new, sgd_opt = jax.jit(sgd_steps)(params, momentum_sgd().init(params), TOKENS)
-        _REF.update(params=params, loss=loss, logits=logits, grads=grads, new=new, adam=opt[0],
-                    sgd=dict(params=params, new=sgd_new, trace=sgd_opt[0].trace))  # fmt: skip
+        _REF.update(
+            params=params,
+            loss=loss,
+            logits=logits,
+            grads=grads,
+            new=new,
+            adam=opt[0],
+            sgd=dict(params=params, new=sgd_new, trace=sgd_opt[0].trace),
+        )
     return _REF
 
 
@@ -136,10 +143,18 @@ def test_tp_forward_two_all_reduces_per_layer(scan):
 # The tiny preset made Gemma-like: sliding (window 8 of 32 tokens) and global layers in one
 # scan, soft-caps, (1 + w) norms, a norm on each region's output before the residual add.
 GEMMA_CFG = dataclasses.replace(
-    CFG, sliding_window=8, sliding_layers=(True, False), local_rope_theta=100.0,
-    attn_softcap=20.0, final_softcap=30.0, query_pre_attn_scalar=16.0, norm_offset=True,
-    sandwich_norms=True, embed_scale=True, activation="gelu_tanh",
-)  # fmt: skip
+    CFG,
+    sliding_window=8,
+    sliding_layers=(True, False),
+    local_rope_theta=100.0,
+    attn_softcap=20.0,
+    final_softcap=30.0,
+    query_pre_attn_scalar=16.0,
+    norm_offset=True,
+    sandwich_norms=True,
+    embed_scale=True,
+    activation="gelu_tanh",
+)
 
 
 @pytest.mark.parametrize("config", [CFG, GEMMA_CFG], ids=["llama", "gemma"])
@@ -175,9 +190,13 @@ def test_bf16_mixed_close_to_fp32_and_keeps_fp32_state():
     losses = {}
     for precision in ("32-true", "bf16-mixed", "bf16-true"):
         trainer = jtp.Trainer(
-            jtp.ModelParallelStrategy(2, 4), max_steps=3, precision=precision,
-            enable_progress_bar=False, logger=None, report_memory=False,
-        )  # fmt: skip
+            jtp.ModelParallelStrategy(2, 4),
+            max_steps=3,
+            precision=precision,
+            enable_progress_bar=False,
+            logger=None,
+            report_memory=False,
+        )
         trainer.fit(LlamaTask(LlamaTaskConfig(samples=32)))
         losses[precision] = trainer.losses
         dtypes = {p.dtype for p in jax.tree.leaves(nnx.state(trainer.model, nnx.Param))}
@@ -242,11 +261,30 @@ def test_cli_llama_2d(tmp_path):
 
     path = tmp_path / "m.json"
     metrics = main(
-        ["--devices", "8", "--model", "llama", "--data-parallel", "2", "--tensor-parallel", "4",
-         "--fsdp", "--sequence-parallel", "--loss-parallel", "--remat", "--precision",
-         "bf16-mixed", "--samples", "32", "--no-progress", "--root-dir", str(tmp_path),
-         "--metrics-json", str(path)]
-    )  # fmt: skip
+        [
+            "--devices",
+            "8",
+            "--model",
+            "llama",
+            "--data-parallel",
+            "2",
+            "--tensor-parallel",
+            "4",
+            "--fsdp",
+            "--sequence-parallel",
+            "--loss-parallel",
+            "--remat",
+            "--precision",
+            "bf16-mixed",
+            "--samples",
+            "32",
+            "--no-progress",
+            "--root-dir",
+            str(tmp_path),
+            "--metrics-json",
+            str(path),
+        ]
+    )
     assert metrics["mesh"] == {"data": 2, "tensor": 4} and metrics["steps"] == 4
     assert all(np.isfinite(metrics["losses"])) and metrics["losses"][0] > 5.0  # ~ln(512)
 
@@ -258,15 +296,21 @@ def test_abstract_step_is_the_trainers_step():
 
     config = LlamaTaskConfig(samples=16, fsdp=True, sequence_parallel=True, loss_parallel=True)
     trainer = jtp.Trainer(
-        jtp.ModelParallelStrategy(2, 4), max_steps=1, enable_progress_bar=False, logger=None,
+        jtp.ModelParallelStrategy(2, 4),
+        max_steps=1,
+        enable_progress_bar=False,
+        logger=None,
         report_memory=False,
-    )  # fmt: skip
+    )
     trainer.fit(LlamaTask(config))
     task = LlamaTask(config)
     compiled = abstract_train_step(
-        task, jtp.ModelParallelStrategy(2, 4, fsdp=True), jax.ShapeDtypeStruct((8, 33), np.int32),
-        factory=task.model_factory(), plan=task.plan,
-    )  # fmt: skip
+        task,
+        jtp.ModelParallelStrategy(2, 4, fsdp=True),
+        jax.ShapeDtypeStruct((8, 33), np.int32),
+        factory=task.model_factory(),
+        plan=task.plan,
+    )
     assert jtp.memory_breakdown(compiled) == jtp.memory_breakdown(trainer.compiled_step)
     mesh = trainer.mesh
     key = lambda cs: sorted((c.kind, c.axes, c.bytes) for c in cs)  # noqa: E731

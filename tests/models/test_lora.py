@@ -128,8 +128,9 @@ def test_merged_export_gives_the_adapter_logits(name, tmp_path):
     """save_pretrained of a LoRA model writes W + (alpha / r) A B (q/k permuted back): an
     HF checkpoint without adapters whose logits are PEFT's."""
     model, mesh = load(name, (2, 4), True)
-    jtp.hf.save_pretrained(model, str(tmp_path / "merged"), source=os.path.join(HF, name),
-                           dtype="float32")  # fmt: skip
+    jtp.hf.save_pretrained(
+        model, str(tmp_path / "merged"), source=os.path.join(HF, name), dtype="float32"
+    )
     merged = jtp.hf.load_pretrained(str(tmp_path / "merged"), mesh, max_seq_len=16)
     assert merged.config.lora_rank == 0 and not adapted(merged)
     tokens, want = reference(name)
@@ -169,8 +170,10 @@ def test_adapter_layouts_in_the_scanned_model():
     assert shard(att.wo.lora.lora_a) == (L, 128 // 4, r)  # row: A like the kernel's rows
     assert shard(att.wo.lora.lora_b) == (L, r, D)  # B whole
     assert shard(ffn.w1.lora.lora_b) == (L, r, 64 // 4) and shard(ffn.w2.lora.lora_a) == (
-        L, 64 // 4, r
-    )  # fmt: skip
+        L,
+        64 // 4,
+        r,
+    )
     fsdp_model, _ = load("llama3", (2, 4), True)
     assert shard(fsdp_model.layers.attention.wq.lora.lora_a) == (L, D // 2, r)
     assert shard(fsdp_model.layers.attention.wo.lora.lora_b) == (L, r, D // 2)
@@ -209,8 +212,9 @@ def test_fresh_adapters_compute_the_base_model():
     """B starts at zero: a freshly adapted checkpoint gives the checkpoint's logits exactly."""
     tokens = reference("llama3")[0]
     plain, mesh = load("llama3", (1, 8), adapter=None)
-    fresh, _ = load("llama3", (1, 8), adapter=None, lora_rank=8, lora_alpha=16.0,
-                    lora_targets="q,v")  # fmt: skip
+    fresh, _ = load(
+        "llama3", (1, 8), adapter=None, lora_rank=8, lora_alpha=16.0, lora_targets="q,v"
+    )
     assert [p for p, _ in adapted(fresh)] == ["layers.attention.wq", "layers.attention.wv"]
     np.testing.assert_array_equal(logits_of(fresh, mesh, tokens), logits_of(plain, mesh, tokens))
 
@@ -228,8 +232,9 @@ def test_generation_with_adapters_equals_the_merged_model():
     equal token for token, and differ from the base's (the adapter is not a no-op)."""
     mesh = mesh_of((2, 4))
     path = os.path.join(HF, "llama3")
-    model = jtp.hf.load_pretrained(path, mesh, fsdp=True, max_seq_len=32,
-                                   adapter=os.path.join(LORA, "llama3"))  # fmt: skip
+    model = jtp.hf.load_pretrained(
+        path, mesh, fsdp=True, max_seq_len=32, adapter=os.path.join(LORA, "llama3")
+    )
     prompts = [[1, 17, 99, 5], [1, 64]]
     adapted_tokens = jtp.generate(model, prompts, max_new_tokens=6)
     assert adapted_tokens == jtp.generate(jtp.hf.merge_lora(model), prompts, max_new_tokens=6)

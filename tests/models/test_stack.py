@@ -82,11 +82,22 @@ def test_scanned_equals_unrolled_with_the_same_weights():
 # Gemma-like: sliding layers (window 5 of 16 tokens, local RoPE base) and global ones in
 # one scan, with soft-caps, a score scalar and Gemma's norms (narrower: compiles faster).
 MIXED = dataclasses.replace(
-    CFG, dim=64, n_heads=8, n_kv_heads=4, ffn_hidden=128, sliding_window=5,
-    sliding_layers=(True, False), local_rope_theta=100.0, attn_softcap=5.0, final_softcap=10.0,
-    query_pre_attn_scalar=32.0, norm_offset=True, sandwich_norms=True, embed_scale=True,
+    CFG,
+    dim=64,
+    n_heads=8,
+    n_kv_heads=4,
+    ffn_hidden=128,
+    sliding_window=5,
+    sliding_layers=(True, False),
+    local_rope_theta=100.0,
+    attn_softcap=5.0,
+    final_softcap=10.0,
+    query_pre_attn_scalar=32.0,
+    norm_offset=True,
+    sandwich_norms=True,
+    embed_scale=True,
     activation="gelu_tanh",
-)  # fmt: skip
+)
 
 
 def test_layers_of_two_kinds_in_one_scan():
@@ -100,8 +111,12 @@ def test_layers_of_two_kinds_in_one_scan():
     assert abs(float(loss_s) - float(loss_u)) <= 1e-6 * float(loss_u)
     assert rel_err(logits_s, logits_u) <= 1e-6
     names = sorted(grads_s)
-    restacked = [np.stack([grads_u[n] for n in layer_names(name, 3, grads_u)])
-                 if layer_names(name, 3, grads_u) else grads_u[name] for name in names]  # fmt: skip
+    restacked = [
+        np.stack([grads_u[n] for n in layer_names(name, 3, grads_u)])
+        if layer_names(name, 3, grads_u)
+        else grads_u[name]
+        for name in names
+    ]
     assert rel_err(restacked, [grads_s[n] for n in names]) <= 1e-6
     graphdef, state = nnx.split(scanned)
     jaxpr = str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(TOKENS[:, :-1]))(state))

@@ -47,13 +47,22 @@ TOKENS = np.random.default_rng(0).integers(0, 128, (2, 16)).astype(np.int32)
 RTOL = 1e-5  # of the largest logit: see the module docstring
 WINDOW = 4  # shorter than the 16 tokens: the window changes the logits
 COMMON = dict(
-    vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-)  # fmt: skip
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=32,
+)
 LLAMA3_ROPE = dict(
-    rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
-    high_freq_factor=4.0, original_max_position_embeddings=16,
-)  # fmt: skip
+    rope_type="llama3",
+    rope_theta=500000.0,
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=16,
+)
 # name -> (transformers config class, its arguments beyond COMMON)
 CASES = {
     "llama": ("LlamaConfig", dict(rope_parameters=LLAMA3_ROPE)),
@@ -62,36 +71,63 @@ CASES = {
     "mistral_no_window": ("MistralConfig", dict(sliding_window=None)),
     # transformers' default Qwen2: use_sliding_window=False (the window field is then null)
     "qwen2": ("Qwen2Config", dict()),
-    "qwen2_window": ("Qwen2Config", dict(
-        use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1,
-        num_hidden_layers=3, tie_word_embeddings=True,
-    )),
+    "qwen2_window": (
+        "Qwen2Config",
+        dict(
+            use_sliding_window=True,
+            sliding_window=WINDOW,
+            max_window_layers=1,
+            num_hidden_layers=3,
+            tie_word_embeddings=True,
+        ),
+    ),
     "qwen3": ("Qwen3Config", dict(head_dim=16, tie_word_embeddings=True)),
-    "qwen3_window": ("Qwen3Config", dict(
-        use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1,
-        num_hidden_layers=3,
-    )),
+    "qwen3_window": (
+        "Qwen3Config",
+        dict(
+            use_sliding_window=True,
+            sliding_window=WINDOW,
+            max_window_layers=1,
+            num_hidden_layers=3,
+        ),
+    ),
     "phi3": ("Phi3Config", dict(pad_token_id=None)),
     "phi3_window": ("Phi3Config", dict(pad_token_id=None, sliding_window=WINDOW)),
     "gemma2": ("Gemma2Config", dict(head_dim=8, sliding_window=WINDOW)),
-    "gemma2_untied": ("Gemma2Config", dict(
-        head_dim=8, sliding_window=WINDOW, tie_word_embeddings=False,
-        attn_logit_softcapping=3.0, final_logit_softcapping=8.0, query_pre_attn_scalar=4,
-    )),
-    "gemma3": ("Gemma3TextConfig", dict(
-        head_dim=8, num_hidden_layers=3, sliding_window=WINDOW,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-        rope_parameters={
-            "sliding_attention": dict(rope_type="default", rope_theta=10.0),
-            "full_attention": dict(rope_type="linear", rope_theta=1e4, factor=4.0),
-        },
-    )),
+    "gemma2_untied": (
+        "Gemma2Config",
+        dict(
+            head_dim=8,
+            sliding_window=WINDOW,
+            tie_word_embeddings=False,
+            attn_logit_softcapping=3.0,
+            final_logit_softcapping=8.0,
+            query_pre_attn_scalar=4,
+        ),
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        dict(
+            head_dim=8,
+            num_hidden_layers=3,
+            sliding_window=WINDOW,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={
+                "sliding_attention": dict(rope_type="default", rope_theta=10.0),
+                "full_attention": dict(rope_type="linear", rope_theta=1e4, factor=4.0),
+            },
+        ),
+    ),
     # no layer slides: layer_types all global (the window field keeps its default, which
     # Gemma's attention reads though no layer uses it)
-    "gemma3_no_window": ("Gemma3TextConfig", dict(
-        head_dim=8, layer_types=["full_attention", "full_attention"],
-    )),
-}  # fmt: skip
+    "gemma3_no_window": (
+        "Gemma3TextConfig",
+        dict(
+            head_dim=8,
+            layer_types=["full_attention", "full_attention"],
+        ),
+    ),
+}
 # Cases also run with LoRA adapters: their targets (jtp's short names). Phi-3 is refused by
 # save_peft (its fused projections take one PEFT adapter each, jtp has one per projection).
 LORA = {

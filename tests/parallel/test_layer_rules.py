@@ -260,8 +260,15 @@ def test_natural_fsdp_dim_not_divisible():
             r"lay out any other module with jtp\.ParamSharding",
         ),
     ],
-    ids=["einsum-batch-dim", "einsum-no-column", "einsum-no-row", "einsum-ellipsis",
-         "einsum-flat-bias", "grouped-conv", "unsupported"],
-)  # fmt: skip
+    ids=[
+        "einsum-batch-dim",
+        "einsum-no-column",
+        "einsum-no-row",
+        "einsum-ellipsis",
+        "einsum-flat-bias",
+        "grouped-conv",
+        "unsupported",
+    ],
+)
 def test_layers_without_an_unambiguous_layout(make, style, match):
     _raises(make, style, match)

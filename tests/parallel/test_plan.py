@@ -221,8 +221,10 @@ def test_stacked_layers_sharded_compute_what_one_device_does():
     tokens = np.arange(32, dtype=np.int32).reshape(4, 8) % 32
     np.testing.assert_allclose(
         np.asarray(jax.jit(lambda m, t: m(t))(model, jtp.shard_batch(tokens, mesh))),
-        np.asarray(whole(tokens)), rtol=1e-5, atol=1e-6,
-    )  # fmt: skip
+        np.asarray(whole(tokens)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_a_key_for_one_stacked_layer_is_an_error_listing_the_stacked_names():

@@ -111,10 +111,12 @@ def test_fsdp_default_reduces_per_micro_batch_as_documented():
 
     def reductions(compiled):  # gradient reductions: not the parameters' all-gathers
         return [
-            r for r in jtp.collectives(compiled, mesh)
-            if r.axes == ("data",) and r.kind in ("reduce-scatter", "all-reduce")
+            r
+            for r in jtp.collectives(compiled, mesh)
+            if r.axes == ("data",)
+            and r.kind in ("reduce-scatter", "all-reduce")
             and r.op_bytes > 64
-        ]  # fmt: skip
+        ]
 
     assert reductions(per_micro) and all(r.trips == K for r in reductions(per_micro))
     grad_shard_bytes = 4 * (2 * DIM * HIDDEN + HIDDEN * DIM) // 4  # fp32, tensor-sharded
@@ -129,9 +131,25 @@ def test_resume_mid_epoch_when_k_does_not_divide_the_epoch(tmp_path):
     Stopping after it and resuming continues bitwise (same mesh) with the next group."""
     from jtp.cli.train import main
 
-    common = ["--dim", "16", "--hidden-dim", "64", "--samples", "40", "--batch-size", "8",
-              "--max-epochs", "2", "--accumulate-grad-batches", "2", "--no-progress",
-              "--root-dir", str(tmp_path / "runs"), "--data-parallel", "2"]  # fmt: skip
+    common = [
+        "--dim",
+        "16",
+        "--hidden-dim",
+        "64",
+        "--samples",
+        "40",
+        "--batch-size",
+        "8",
+        "--max-epochs",
+        "2",
+        "--accumulate-grad-batches",
+        "2",
+        "--no-progress",
+        "--root-dir",
+        str(tmp_path / "runs"),
+        "--data-parallel",
+        "2",
+    ]
     ck = ["--checkpoint-dir", str(tmp_path / "ck")]
     a = main([*common, *ck, "--max-steps", "3"])
     assert jtp.Checkpointer(str(tmp_path / "ck")).all_steps() == [3]

@@ -88,8 +88,12 @@ def _stock_mixed():
     return module, jtp.ModelParallelStrategy(2, 4), (x, x)
 
 
-MODELS = {"llama": _llama, "feedforward": _feedforward, "stock_lm": _stock_lm,
-          "stock_mixed": _stock_mixed}  # fmt: skip
+MODELS = {
+    "llama": _llama,
+    "feedforward": _feedforward,
+    "stock_lm": _stock_lm,
+    "stock_mixed": _stock_mixed,
+}
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -9,9 +9,24 @@ from processes import clean_env, start_process, stop_all
 from jtp.cli.train import build_parser
 from jtp.training import compilation_cache
 
-RUN = ["--devices", "8", "--model", "llama", "--preset", "tiny", "--data-parallel", "2",
-       "--tensor-parallel", "4", "--fsdp", "--sequence-parallel", "--loss-parallel",
-       "--max-steps", "2", "--no-progress"]  # fmt: skip
+RUN = [
+    "--devices",
+    "8",
+    "--model",
+    "llama",
+    "--preset",
+    "tiny",
+    "--data-parallel",
+    "2",
+    "--tensor-parallel",
+    "4",
+    "--fsdp",
+    "--sequence-parallel",
+    "--loss-parallel",
+    "--max-steps",
+    "2",
+    "--no-progress",
+]
 
 
 def test_directory_from_the_environment_and_flags(monkeypatch, tmp_path):
@@ -30,8 +45,11 @@ def test_directory_from_the_environment_and_flags(monkeypatch, tmp_path):
 
 def _run(tmp_path, tag, cache):
     metrics = tmp_path / f"{tag}.json"
-    proc = start_process([*RUN, "--compilation-cache", str(cache), "--metrics-json",
-                          str(metrics)], tmp_path / f"{tag}.log", env=clean_env())  # fmt: skip
+    proc = start_process(
+        [*RUN, "--compilation-cache", str(cache), "--metrics-json", str(metrics)],
+        tmp_path / f"{tag}.log",
+        env=clean_env(),
+    )
     try:
         assert proc.wait(timeout=300) == 0, (tmp_path / f"{tag}.log").read_text()[-3000:]
     finally:

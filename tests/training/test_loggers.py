@@ -21,10 +21,14 @@ def test_tensorboard_event_file_read_back(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     trainer = jtp.Trainer(
-        jtp.ModelParallelStrategy(2, 4), max_epochs=1, logger="tensorboard",
-        default_root_dir=str(tmp_path), val_check_interval=2, enable_progress_bar=False,
+        jtp.ModelParallelStrategy(2, 4),
+        max_epochs=1,
+        logger="tensorboard",
+        default_root_dir=str(tmp_path),
+        val_check_interval=2,
+        enable_progress_bar=False,
         report_memory=False,
-    )  # fmt: skip
+    )
     trainer.fit(Scheduled())
     events = EventAccumulator(trainer.log_dir)
     events.Reload()
@@ -164,10 +168,15 @@ def test_wandb_offline_run_read_back(tmp_path):
     the steps it followed, exactly as the trainer recorded them (JSON numbers round-trip a
     float64); the Trainer's options as its config; a clean exit."""
     trainer = jtp.Trainer(
-        jtp.ModelParallelStrategy(2, 4), max_epochs=1, logger="wandb", log_every_n_steps=2,
-        default_root_dir=str(tmp_path / "runs"), val_check_interval=2,
-        enable_progress_bar=False, report_memory=False,
-    )  # fmt: skip
+        jtp.ModelParallelStrategy(2, 4),
+        max_epochs=1,
+        logger="wandb",
+        log_every_n_steps=2,
+        default_root_dir=str(tmp_path / "runs"),
+        val_check_interval=2,
+        enable_progress_bar=False,
+        report_memory=False,
+    )
     trainer.fit(Scheduled())
     records = _offline_run(tmp_path)
     history = _history(records)
@@ -226,10 +235,13 @@ def test_wandb_run_of_a_failed_fit_is_finished_as_failed(tmp_path, module, log_e
     """A fit that raises still finishes its run, with exit code 1 (wandb's "failed"), and
     the steps it logged are in it."""
     trainer = jtp.Trainer(
-        jtp.ModelParallelStrategy(2, 4), logger="wandb", log_every_n_steps=log_every,
-        default_root_dir=str(tmp_path / "runs"), enable_progress_bar=False,
+        jtp.ModelParallelStrategy(2, 4),
+        logger="wandb",
+        log_every_n_steps=log_every,
+        default_root_dir=str(tmp_path / "runs"),
+        enable_progress_bar=False,
         report_memory=False,
-    )  # fmt: skip
+    )
     with pytest.raises((RuntimeError, FloatingPointError), match=error):
         trainer.fit(module())
     records = _offline_run(tmp_path)

@@ -18,13 +18,17 @@ TASK = dict(hf=HF, seq_len=16, batch_size=8, samples=32, lr=1e-2)
 
 
 def fit(lora_rank=4, mesh=(2, 4), fsdp=True, batch_size=8, **options):
-    config = LlamaTaskConfig(**{**TASK, "batch_size": batch_size}, lora_rank=lora_rank,
-                             lora_alpha=8.0, fsdp=fsdp)  # fmt: skip
+    config = LlamaTaskConfig(
+        **{**TASK, "batch_size": batch_size}, lora_rank=lora_rank, lora_alpha=8.0, fsdp=fsdp
+    )
     task = LlamaTask(config)
     trainer = jtp.Trainer(
-        jtp.ModelParallelStrategy(*mesh, fsdp=fsdp), logger=None, enable_progress_bar=False,
-        report_memory=False, **{"max_steps": 3, **options},
-    )  # fmt: skip
+        jtp.ModelParallelStrategy(*mesh, fsdp=fsdp),
+        logger=None,
+        enable_progress_bar=False,
+        report_memory=False,
+        **{"max_steps": 3, **options},
+    )
     trainer.fit(task)
     return trainer
 
@@ -48,9 +52,10 @@ def test_only_adapters_train_and_have_moments():
         if k.endswith("lora_b"):
             assert np.abs(np.asarray(params[k].get_value())).max() > 0, k
     moments = [
-        s for s in jax.tree.leaves(trainer.opt_state, is_leaf=lambda x: hasattr(x, "mu"))
+        s
+        for s in jax.tree.leaves(trainer.opt_state, is_leaf=lambda x: hasattr(x, "mu"))
         if hasattr(s, "mu")
-    ]  # fmt: skip
+    ]
     assert moments, "no Adam state found"
     for s in moments:
         for tree in (s.mu, s.nu):
@@ -93,20 +98,50 @@ def test_resume_with_lora_is_bitwise(tmp_path):
     """2x4 fsdp, LoRA: 2 steps + checkpoint, then --resume to 4, equals 4 straight steps
     bit for bit (the frozen base is in the checkpoint's params, the adapters' moments in
     its optimizer state); the PEFT export after resuming is written."""
-    flags = ["--devices", "8", "--model", "llama", "--hf", HF, "--lora-rank", "4",
-             "--lora-alpha", "8", "--seq-len", "16", "--samples", "32", "--data-parallel",
-             "2", "--tensor-parallel", "4", "--fsdp", "--no-progress",
-             "--root-dir", str(tmp_path / "runs")]  # fmt: skip
+    flags = [
+        "--devices",
+        "8",
+        "--model",
+        "llama",
+        "--hf",
+        HF,
+        "--lora-rank",
+        "4",
+        "--lora-alpha",
+        "8",
+        "--seq-len",
+        "16",
+        "--samples",
+        "32",
+        "--data-parallel",
+        "2",
+        "--tensor-parallel",
+        "4",
+        "--fsdp",
+        "--no-progress",
+        "--root-dir",
+        str(tmp_path / "runs"),
+    ]
     full = main(flags + ["--max-steps", "4"])["losses"]
     ck = str(tmp_path / "ck")
     first = main(flags + ["--checkpoint-dir", ck, "--max-steps", "2"])
     second = main(
-        flags + ["--checkpoint-dir", ck, "--max-steps", "4", "--resume",
-                 "--export-peft", str(tmp_path / "adapter")]
-    )  # fmt: skip
+        flags
+        + [
+            "--checkpoint-dir",
+            ck,
+            "--max-steps",
+            "4",
+            "--resume",
+            "--export-peft",
+            str(tmp_path / "adapter"),
+        ]
+    )
     assert first["losses"] == full[:2]
     assert second["first_step"] == 2 and second["losses"] == full[2:]
     # The marker: jtp wrote the directory, so jtp may replace it.
     assert sorted(os.listdir(tmp_path / "adapter")) == [
-        ".jtp-artifact.json", "adapter_config.json", "adapter_model.safetensors"
-    ]  # fmt: skip
+        ".jtp-artifact.json",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]

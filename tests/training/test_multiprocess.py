@@ -48,7 +48,7 @@ def _launch(
             ],
             tmp / f"{tag}{i}.log",
             program=program,
-        )  # fmt: skip
+        )
         for i in range(n)
     ]
 
@@ -77,9 +77,26 @@ def test_two_processes_equal_one(tmp_path, mesh):
 
 def test_sigterm_saves_and_resume_continues(tmp_path):
     ck = tmp_path / "ck"
-    args = ["--devices", "8", "--dim", "256", "--hidden-dim", "1024", "--samples", "2048",
-            "--tensor-parallel", "8", "--log-every", "1", "--root-dir", str(tmp_path / "runs"),
-            "--checkpoint-dir", str(ck), "--metrics-json", str(tmp_path / "a.json")]  # fmt: skip
+    args = [
+        "--devices",
+        "8",
+        "--dim",
+        "256",
+        "--hidden-dim",
+        "1024",
+        "--samples",
+        "2048",
+        "--tensor-parallel",
+        "8",
+        "--log-every",
+        "1",
+        "--root-dir",
+        str(tmp_path / "runs"),
+        "--checkpoint-dir",
+        str(ck),
+        "--metrics-json",
+        str(tmp_path / "a.json"),
+    ]
     proc = start_process(args, tmp_path / "a.log")
     try:
         deadline = time.time() + 120
@@ -105,8 +122,18 @@ def test_sigterm_saves_and_resume_continues(tmp_path):
 
 def test_kill_9_during_async_save_resumes_from_previous(tmp_path):
     ck = tmp_path / "ck"
-    args = ["--devices", "8", *SMALL, "--no-progress", "--root-dir", str(tmp_path / "runs"),
-            "--checkpoint-dir", str(ck), "--checkpoint-every", "3"]  # fmt: skip
+    args = [
+        "--devices",
+        "8",
+        *SMALL,
+        "--no-progress",
+        "--root-dir",
+        str(tmp_path / "runs"),
+        "--checkpoint-dir",
+        str(ck),
+        "--checkpoint-every",
+        "3",
+    ]
     killer = [str(Path(__file__).with_name("fault_kill_during_save.py")), "6"]
     proc = start_process(args, tmp_path / "a.log", program=killer)
     assert wait_all([proc]) == [-signal.SIGKILL], _log(tmp_path, "a.log")
@@ -120,9 +147,22 @@ def test_kill_9_during_async_save_resumes_from_previous(tmp_path):
 
 
 def test_dead_peer_ends_the_survivor(tmp_path):
-    args = ["--dim", "64", "--hidden-dim", "256", "--samples", "100000", "--log-every", "1",
-            "--data-parallel", "2", "--tensor-parallel", "4",
-            "--heartbeat-timeout", "10"]  # fmt: skip
+    args = [
+        "--dim",
+        "64",
+        "--hidden-dim",
+        "256",
+        "--samples",
+        "100000",
+        "--log-every",
+        "1",
+        "--data-parallel",
+        "2",
+        "--tensor-parallel",
+        "4",
+        "--heartbeat-timeout",
+        "10",
+    ]
     procs = _launch(tmp_path, 2, args, "p")
     try:
         deadline = time.time() + 120
@@ -153,8 +193,19 @@ def test_check_replicas_across_processes(tmp_path, mode):
             assert "(process 0)" in log and "(process 1)" in log
 
 
-MP_ARGS = ["--dim", "64", "--hidden-dim", "256", "--data-parallel", "2", "--tensor-parallel", "4",
-           "--no-progress", "--log-every", "1"]  # fmt: skip
+MP_ARGS = [
+    "--dim",
+    "64",
+    "--hidden-dim",
+    "256",
+    "--data-parallel",
+    "2",
+    "--tensor-parallel",
+    "4",
+    "--no-progress",
+    "--log-every",
+    "1",
+]
 
 
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
@@ -247,8 +298,15 @@ def test_two_processes_share_one_compilation_cache(tmp_path):
     second adds no entry and its process 0 loads the train step (jax's cache-hit event), and
     both give the same losses, those of the one-process run within 1e-5 of their scale."""
     cache = tmp_path / "cache"
-    layout = ["--data-parallel", "2", "--tensor-parallel", "4", "--no-progress",
-              "--compilation-cache", str(cache)]  # fmt: skip
+    layout = [
+        "--data-parallel",
+        "2",
+        "--tensor-parallel",
+        "4",
+        "--no-progress",
+        "--compilation-cache",
+        str(cache),
+    ]
     assert wait_all(_launch(tmp_path, 1, [*SMALL, *layout], "one")) == [0], _log(
         tmp_path, "one0.log"
     )
@@ -276,10 +334,12 @@ def test_two_processes_share_one_compilation_cache(tmp_path):
 
 @pytest.mark.parametrize(
     "name,tensor",
-    [("mistral", "model.layers.1.mlp.up_proj.weight"),
-     ("phi3", "model.layers.1.self_attn.qkv_proj.weight")],
+    [
+        ("mistral", "model.layers.1.mlp.up_proj.weight"),
+        ("phi3", "model.layers.1.self_attn.qkv_proj.weight"),
+    ],
     ids=["mistral", "phi3"],
-)  # fmt: skip
+)
 def test_stacked_hf_save_from_two_processes_is_the_source_bitwise(name, tensor, tmp_path):
     """A bf16 Mistral checkpoint loaded by two processes onto 2 x 4 with fsdp, layers
     scanned (each stacked tensor split across both processes), and saved back with several
@@ -319,9 +379,25 @@ def test_two_processes_on_text_validate_at_the_same_steps(tmp_path):
 
     (tmp_path / "a.txt").write_text("the cat sat on the mat. " * 200)
     prepare_main([str(tmp_path / "a.txt"), "--out", str(tmp_path / "d"), "--bytes"])
-    args = ["--model", "llama", "--data", str(tmp_path / "d"), "--seq-len", "16",
-            "--batch-size", "8", "--data-parallel", "2", "--tensor-parallel", "4",
-            "--max-steps", "6", "--no-progress", "--val-check-interval", "2"]  # fmt: skip
+    args = [
+        "--model",
+        "llama",
+        "--data",
+        str(tmp_path / "d"),
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "8",
+        "--data-parallel",
+        "2",
+        "--tensor-parallel",
+        "4",
+        "--max-steps",
+        "6",
+        "--no-progress",
+        "--val-check-interval",
+        "2",
+    ]
     two = _launch(tmp_path, 2, args, "two")
     try:  # the one-process reference, in this process while the two start
         ref = train_main(["--devices", "8", *args, "--root-dir", str(tmp_path / "one")])

@@ -16,11 +16,13 @@ from jtp.training.precision import PRECISIONS, compute_params, policy, stored_pa
 def test_the_three_names_and_what_they_mean():
     assert PRECISIONS == ("32-true", "bf16-mixed", "bf16-true")
     assert (policy("32-true").param_dtype, policy("32-true").compute_dtype) == (
-        jnp.float32, jnp.float32,
-    )  # fmt: skip
+        jnp.float32,
+        jnp.float32,
+    )
     assert (policy("bf16-mixed").param_dtype, policy("bf16-mixed").compute_dtype) == (
-        jnp.float32, jnp.bfloat16,
-    )  # fmt: skip
+        jnp.float32,
+        jnp.bfloat16,
+    )
     assert policy("bf16-true").param_dtype == policy("bf16-true").compute_dtype == jnp.bfloat16
 
 

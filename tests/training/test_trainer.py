@@ -245,10 +245,26 @@ def test_strategy_sizes():
 def test_cli_writes_metrics_json(tmp_path):
     path = tmp_path / "m.json"
     metrics = train_main(
-        ["--devices", "8", "--data-parallel", "2", "--tensor-parallel", "4", "--dim", "32",
-         "--hidden-dim", "64", "--samples", "32", "--no-progress", "--root-dir", str(tmp_path),
-         "--metrics-json", str(path)]
-    )  # fmt: skip
+        [
+            "--devices",
+            "8",
+            "--data-parallel",
+            "2",
+            "--tensor-parallel",
+            "4",
+            "--dim",
+            "32",
+            "--hidden-dim",
+            "64",
+            "--samples",
+            "32",
+            "--no-progress",
+            "--root-dir",
+            str(tmp_path),
+            "--metrics-json",
+            str(path),
+        ]
+    )
     saved = json.loads(path.read_text())
     assert saved["mesh"] == {"data": 2, "tensor": 4}
     assert saved["steps"] == 4 and len(saved["losses"]) == 4 and saved["first_step"] == 0
@@ -299,9 +315,11 @@ def test_configure_model_may_return_factory_and_plan():
             return ff_factory(DIM, HIDDEN), FF_PLAN
 
     trainer = jtp.Trainer(
-        jtp.ModelParallelStrategy(2, 4, fsdp=True), logger=None, enable_progress_bar=False,
+        jtp.ModelParallelStrategy(2, 4, fsdp=True),
+        logger=None,
+        enable_progress_bar=False,
         report_memory=False,
-    )  # fmt: skip
+    )
     trainer.fit(FactoryAndPlan(optimizer="sgd"))
     assert trainer.model.w1.kernel[...].sharding.spec == jax.sharding.PartitionSpec(
         "data", "tensor"
@@ -359,8 +377,14 @@ def test_validation_counts_wrapped_rows_once():
     rows = np.stack([ds[i] for i in range(samples)])
     per_row = np.mean(np.asarray(model(rows)) ** 2, axis=1)
     assert val["val_loss"] == pytest.approx(float(per_row.mean()), rel=1e-5)  # as above
-    loader = jtp.DataLoader(jtp.RandomDataset(DIM, samples, seed=7), 8, mesh=trainer.mesh,
-                            shuffle=True, seed=1, drop_last=False)  # fmt: skip
+    loader = jtp.DataLoader(
+        jtp.RandomDataset(DIM, samples, seed=7),
+        8,
+        mesh=trainer.mesh,
+        shuffle=True,
+        seed=1,
+        drop_last=False,
+    )
     repeats = loader.batch_indices(0, 2)[4:]
     wrapped = np.mean(np.concatenate([per_row, per_row[repeats]]))  # counting repeats
     assert abs(val["val_loss"] - wrapped) > 1e-3 * abs(wrapped)  # the test can tell them apart

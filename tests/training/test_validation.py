@@ -34,9 +34,12 @@ def test_validation_on_schedule_never_changes_training(tmp_path):
     each epoch's end: steps 3, 4, 6, 8. The losses are bitwise those of a fit without."""
     plain, module = _fit(Scheduled()), Scheduled()
     checked = _fit(
-        module, val_check_interval=3, check_val_every_n_epoch=1, logger="csv",
+        module,
+        val_check_interval=3,
+        check_val_every_n_epoch=1,
+        logger="csv",
         default_root_dir=str(tmp_path),
-    )  # fmt: skip
+    )
     assert checked.losses == plain.losses and len(plain.losses) == 8
     assert [v["step"] for v in checked.val_history] == [3, 4, 6, 8]
     assert [v["epoch"] for v in checked.val_history] == [0, 0, 1, 1]
@@ -108,9 +111,13 @@ def test_policy_decides_validation_from_step_and_epoch_only(options, expected):
 
 def test_val_metrics_reach_the_progress_bar(capsys):
     trainer = jtp.Trainer(
-        jtp.ModelParallelStrategy(2, 4), max_steps=4, val_check_interval=2, log_every_n_steps=1,
-        logger=None, report_memory=False,
-    )  # fmt: skip
+        jtp.ModelParallelStrategy(2, 4),
+        max_steps=4,
+        val_check_interval=2,
+        log_every_n_steps=1,
+        logger=None,
+        report_memory=False,
+    )
     trainer.fit(Scheduled())
     lines = capsys.readouterr().err.splitlines()
     assert "val_loss" not in lines[0] and "lr 0.01 " in lines[0]

@@ -59,25 +59,51 @@ ARCHITECTURES: dict[str, Architecture] = {
     "LlamaForCausalLM": Architecture("llama", False, False, 2048, window_layers="none"),
     "MistralForCausalLM": Architecture("mistral", False, False, 4096 * 32, sliding_window=4096),
     "Qwen2ForCausalLM": Architecture(
-        "qwen2", True, False, 32768, sliding_window=4096, sliding_needs_flag=True,
-        window_layers="max_window_layers", head_dim_field=False,
+        "qwen2",
+        True,
+        False,
+        32768,
+        sliding_window=4096,
+        sliding_needs_flag=True,
+        window_layers="max_window_layers",
+        head_dim_field=False,
     ),
     "Qwen3ForCausalLM": Architecture(
-        "qwen3", False, True, 32768, 128, sliding_window=4096, sliding_needs_flag=True,
+        "qwen3",
+        False,
+        True,
+        32768,
+        128,
+        sliding_window=4096,
+        sliding_needs_flag=True,
         window_layers="max_window_layers",
     ),
     "Gemma2ForCausalLM": Architecture(
-        "gemma2", False, False, 8192, 256, sliding_window=4096, window_layers="pattern",
-        gemma=2, tied=True,
+        "gemma2",
+        False,
+        False,
+        8192,
+        256,
+        sliding_window=4096,
+        window_layers="pattern",
+        gemma=2,
+        tied=True,
     ),
     "Gemma3ForCausalLM": Architecture(
-        "gemma3_text", False, True, 131072, 256, sliding_window=4096, window_layers="pattern",
-        gemma=3, tied=True,
+        "gemma3_text",
+        False,
+        True,
+        131072,
+        256,
+        sliding_window=4096,
+        window_layers="pattern",
+        gemma=3,
+        tied=True,
     ),
     # Phi-3: fused qkv_proj / gate_up_proj (split on load: jtp.models.hf.phi3); its window,
     # when config.json sets one, applies to every layer.
     phi3.ARCHITECTURE: Architecture("phi3", False, False, 4096, rms_norm_eps=1e-5),
-}  # fmt: skip
+}
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 # Known, and refused with the reason (they are not a text-only causal LM jtp computes).
 REFUSED_ARCHITECTURES = {
@@ -159,9 +185,11 @@ def llama_config(
         act = hf.get("hidden_act", "silu")
         _refuse_if(hf, "hidden_act", act != "silu", "jtp's feed-forward is SwiGLU (silu)")
     _refuse_if(
-        hf, "attention_bias", bool(hf.get("attention_bias")),
+        hf,
+        "attention_bias",
+        bool(hf.get("attention_bias")),
         "it also puts a bias on o_proj, and jtp's attention output has none",
-    )  # fmt: skip
+    )
     _refuse_if(hf, "mlp_bias", bool(hf.get("mlp_bias")), "jtp's feed-forward has no biases")
     _refuse_if(
         hf, "attention_dropout", bool(hf.get("attention_dropout")), "jtp's Llama has no dropout"

@@ -58,11 +58,14 @@ def config_fields(hf: Mapping[str, Any], version: int) -> dict[str, Any]:
     cap = hf.get("final_logit_softcapping", FINAL_SOFTCAP[version])
     attn_cap = hf.get("attn_logit_softcapping", ATTN_SOFTCAP) if version == 2 else None
     return dict(
-        activation="gelu_tanh", norm_offset=True, embed_scale=True, sandwich_norms=True,
+        activation="gelu_tanh",
+        norm_offset=True,
+        embed_scale=True,
+        sandwich_norms=True,
         query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", QUERY_PRE_ATTN_SCALAR)),
         attn_softcap=None if attn_cap is None else float(attn_cap),
         final_softcap=None if cap is None else float(cap),
-    )  # fmt: skip
+    )
 
 
 def sliding_pattern(hf: Mapping[str, Any], version: int) -> int:

@@ -48,9 +48,10 @@ def pattern_of(flags: tuple[bool, ...]) -> tuple[bool, ...] | None:
     if all(flags):
         return None
     period = next(
-        p for p in range(1, len(flags) + 1)
+        p
+        for p in range(1, len(flags) + 1)
         if all(flags[i] == flags[i % p] for i in range(len(flags)))
-    )  # fmt: skip
+    )
     return flags[:period]
 
 

@@ -31,7 +31,7 @@ from jtp.models.hf.names import (
     TensorMap,
     lora_tensor_map,
     read_jtp_slice,
-)  # fmt: skip
+)
 from jtp.models.hf.peft import ADAPTER_CONFIG, ADAPTER_FILE
 from jtp.models.llama import Llama, LlamaConfig
 from jtp.models.lora import TARGETS, parse_targets
@@ -60,9 +60,10 @@ def check_tensors(files: CheckpointFiles, maps: list[TensorMap], shapes: dict[st
             raise ValueError(f"{files.path}: tensor {t.hf!r} is {files.dtype[t.hf]}, not float")
     tied_head = {"lm_head.weight"} if "output.kernel" not in shapes else set()
     extra = sorted(
-        n for n in files.shape
+        n
+        for n in files.shape
         if n not in expected and n not in tied_head and not n.endswith(IGNORED_SUFFIXES)
-    )  # fmt: skip
+    )
     if extra:
         raise ValueError(
             f"{files.path}: tensor {extra[0]!r} has no place in jtp's Llama for this "
@@ -154,9 +155,15 @@ def load_pretrained(
         phi3.refuse_peft(hf, f"load_pretrained(adapter={adapter!r})")
         lora_rank, lora_alpha, lora_targets = read_adapter_config(adapter)
     config = config_of(
-        path, max_seq_len=max_seq_len, remat=remat, attention=attention, scan_layers=scan_layers,
-        lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
-    )  # fmt: skip
+        path,
+        max_seq_len=max_seq_len,
+        remat=remat,
+        attention=attention,
+        scan_layers=scan_layers,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_targets=lora_targets,
+    )
     if dtype is not None:  # the modules then compute in it too (flax derives their dtype)
         config = dataclasses.replace(config, param_dtype=jnp.dtype(dtype).name)
     config = replicate_kv(config, mesh)  # a tensor axis wider than the kv heads
@@ -222,11 +229,14 @@ def read_adapter_config(adapter: str) -> tuple[int, float, tuple[str, ...]]:
     with open(os.path.join(adapter, ADAPTER_CONFIG)) as f:
         c = json.load(f)
     unsupported = {
-        "peft_type": c.get("peft_type") != "LORA", "use_rslora": c.get("use_rslora"),
-        "use_dora": c.get("use_dora"), "fan_in_fan_out": c.get("fan_in_fan_out"),
-        "rank_pattern": c.get("rank_pattern"), "alpha_pattern": c.get("alpha_pattern"),
+        "peft_type": c.get("peft_type") != "LORA",
+        "use_rslora": c.get("use_rslora"),
+        "use_dora": c.get("use_dora"),
+        "fan_in_fan_out": c.get("fan_in_fan_out"),
+        "rank_pattern": c.get("rank_pattern"),
+        "alpha_pattern": c.get("alpha_pattern"),
         "bias": c.get("bias", "none") != "none",
-    }  # fmt: skip
+    }
     bad = [k for k, v in unsupported.items() if v]
     if bad:
         raise ValueError(f"{adapter}: {ADAPTER_CONFIG} sets {bad}: jtp loads plain LoRA only")
@@ -264,6 +274,10 @@ def config_of(
     shapes for planning, the config :func:`load_pretrained` builds."""
     config = llama_config(read_config(path), max_seq_len=max_seq_len, remat=remat)
     return dataclasses.replace(
-        config, attention=attention, scan_layers=scan_layers, lora_rank=lora_rank,
-        lora_alpha=lora_alpha, lora_targets=parse_targets(lora_targets),
-    )  # fmt: skip
+        config,
+        attention=attention,
+        scan_layers=scan_layers,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_targets=parse_targets(lora_targets),
+    )

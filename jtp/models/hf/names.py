@@ -107,10 +107,14 @@ def tensor_map(config: LlamaConfig) -> list[TensorMap]:
 
 # PEFT's short target name -> the HF module inside model.layers.{i} (jtp's: jtp.models.lora).
 HF_MODULES = {
-    "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-    "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
     "down": "mlp.down_proj",
-}  # fmt: skip
+}
 PEFT_PREFIX = "base_model.model."  # PEFT's wrapper around the HF model's own names
 
 

@@ -40,10 +40,12 @@ ARCHITECTURE = "Phi3ForCausalLM"
 # names) whose rows it stacks, in HF's row order.
 FUSED = {
     "self_attn.qkv_proj.weight": (
-        "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+        "self_attn.q_proj.weight",
+        "self_attn.k_proj.weight",
+        "self_attn.v_proj.weight",
     ),
     "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
-}  # fmt: skip
+}
 # rope types transformers' Phi-3 maps onto LongRoPE (Phi3Config.convert_rope_params_to_dict)
 LONGROPE = ("longrope", "su", "yarn")
 _LAYER = re.compile(r"(model\.layers\.\d+\.)(.+)")
@@ -54,9 +56,12 @@ def _part_rows(config: LlamaConfig) -> dict[str, int]:
     e, f = config.head_dim, config.ffn_hidden
     q, kv = config.n_heads * e, config.n_kv_heads * e
     return {
-        "self_attn.q_proj.weight": q, "self_attn.k_proj.weight": kv,
-        "self_attn.v_proj.weight": kv, "mlp.gate_proj.weight": f, "mlp.up_proj.weight": f,
-    }  # fmt: skip
+        "self_attn.q_proj.weight": q,
+        "self_attn.k_proj.weight": kv,
+        "self_attn.v_proj.weight": kv,
+        "mlp.gate_proj.weight": f,
+        "mlp.up_proj.weight": f,
+    }
 
 
 def tensor_map(config: LlamaConfig, architecture: str) -> list[TensorMap]:

@@ -71,13 +71,15 @@ def gemma3_rope(
     (scaled or not) and the sliding layers' (never scaled; None when it is the same)."""
     by_type = gemma.rope_parameters_by_type(hf)
     theta, scaling = rope(
-        {**hf, "rope_parameters": by_type["full_attention"]}, max_positions,
+        {**hf, "rope_parameters": by_type["full_attention"]},
+        max_positions,
         "rope_parameters.full_attention",
-    )  # fmt: skip
+    )
     local, local_scaling = rope(
-        {**hf, "rope_parameters": by_type["sliding_attention"]}, max_positions,
+        {**hf, "rope_parameters": by_type["sliding_attention"]},
+        max_positions,
         "rope_parameters.sliding_attention",
-    )  # fmt: skip
+    )
     if (local, local_scaling) == (theta, scaling):
         return theta, scaling, None
     if local_scaling is not None:

@@ -39,9 +39,14 @@ from jtp.parallel.names import path_str
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size, "5GB"
 # Files of a source directory carried over: the tokenizer and the generation defaults.
 _SIDE_FILES = (
-    "generation_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-    "merges.txt", "chat_template.jinja", "chat_template.json",
-)  # fmt: skip
+    "generation_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
 def _shards(sizes: list[int], limit: int) -> list[list[int]]:

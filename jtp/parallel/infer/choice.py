@@ -67,9 +67,12 @@ def cost(groups: Sequence[Group], members: Sequence[int]) -> tuple[int, int]:
 
 
 def _best(
-    groups: Sequence[Group], nodes: Sequence[int], conflicts: dict[int, set[int]],
-    forced: int | None, max_states: int,
-) -> tuple[int, ...]:  # fmt: skip
+    groups: Sequence[Group],
+    nodes: Sequence[int],
+    conflicts: dict[int, set[int]],
+    forced: int | None,
+    max_states: int,
+) -> tuple[int, ...]:
     """The cheapest complete plan over ``nodes`` (in program order) that holds ``forced``.
 
     A dynamic program over ``nodes`` in order. A group only matters to the groups it
@@ -97,8 +100,12 @@ def _best(
             options = []
             if not conflicts[k] & taken and k not in banned:
                 opened = {a: t for a, t in state if not (not t and a in conflicts[k])}
-                value = (total + g.forward + g.backward, math.gcd(heads, g.heads or 0),
-                         sharded + g.sharded, (*members, k))  # fmt: skip
+                value = (
+                    total + g.forward + g.backward,
+                    math.gcd(heads, g.heads or 0),
+                    sharded + g.sharded,
+                    (*members, k),
+                )
                 options.append(({**opened, k: True}, value))
             if k != forced:
                 opened = dict(state)

@@ -41,22 +41,100 @@ from jtp.parallel.names import leaf_names
 PARAM, DATA_INPUT = 1, 2  # dependency bits of a value
 # Ops whose every output is its operand, unchanged in shape and layout.
 IDENTITY = frozenset(
-    {"convert_element_type", "copy", "copy_p", "name", "stop_gradient", "reduce_precision",
-     "sharding_constraint", "pvary", "mesh_cast", "optimization_barrier"}
-)  # fmt: skip
+    {
+        "convert_element_type",
+        "copy",
+        "copy_p",
+        "name",
+        "stop_gradient",
+        "reduce_precision",
+        "sharding_constraint",
+        "pvary",
+        "mesh_cast",
+        "optimization_barrier",
+    }
+)
 ELEMENTWISE = frozenset(
-    {"abs", "acos", "acosh", "add", "add_any", "and", "asin", "asinh", "atan", "atan2", "atanh",
-     "cbrt", "ceil", "clamp", "conj", "cos", "cosh", "digamma", "div", "eq", "erf", "erf_inv",
-     "erfc", "exp", "exp2", "expm1", "floor", "ge", "gt", "imag", "integer_pow", "is_finite",
-     "le", "lgamma", "log", "log1p", "logistic", "lt", "max", "min", "mul", "ne", "neg",
-     "nextafter", "not", "or", "population_count", "pow", "real", "rem", "round", "rsqrt",
-     "select_n", "shift_left", "shift_right_arithmetic", "shift_right_logical", "sign", "sin",
-     "sinh", "sqrt", "square", "sub", "tan", "tanh", "xor"}
-)  # fmt: skip
+    {
+        "abs",
+        "acos",
+        "acosh",
+        "add",
+        "add_any",
+        "and",
+        "asin",
+        "asinh",
+        "atan",
+        "atan2",
+        "atanh",
+        "cbrt",
+        "ceil",
+        "clamp",
+        "conj",
+        "cos",
+        "cosh",
+        "digamma",
+        "div",
+        "eq",
+        "erf",
+        "erf_inv",
+        "erfc",
+        "exp",
+        "exp2",
+        "expm1",
+        "floor",
+        "ge",
+        "gt",
+        "imag",
+        "integer_pow",
+        "is_finite",
+        "le",
+        "lgamma",
+        "log",
+        "log1p",
+        "logistic",
+        "lt",
+        "max",
+        "min",
+        "mul",
+        "ne",
+        "neg",
+        "nextafter",
+        "not",
+        "or",
+        "population_count",
+        "pow",
+        "real",
+        "rem",
+        "round",
+        "rsqrt",
+        "select_n",
+        "shift_left",
+        "shift_right_arithmetic",
+        "shift_right_logical",
+        "sign",
+        "sin",
+        "sinh",
+        "sqrt",
+        "square",
+        "sub",
+        "tan",
+        "tanh",
+        "xor",
+    }
+)
 REDUCTIONS = frozenset(
-    {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or",
-     "argmax", "argmin"}
-)  # fmt: skip
+    {
+        "reduce_sum",
+        "reduce_max",
+        "reduce_min",
+        "reduce_prod",
+        "reduce_and",
+        "reduce_or",
+        "argmax",
+        "argmin",
+    }
+)
 CUMULATIVE = frozenset({"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"})
 _CALL_JAXPRS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 _OPAQUE = frozenset({"while", "cond", "shard_map", "scan"})  # cond, scan: their own rules
@@ -129,9 +207,16 @@ class _Builder:
         self.itemsizes.append(itemsize)
         return len(self.shapes) - 1
 
-    def op(self, prim: str, ins: Sequence[int], out_shapes: Sequence[Sequence[int]],
-           params: Mapping[str, Any], scope: tuple[str, ...], where: str,
-           itemsizes: Sequence[int] | None = None) -> list[int]:  # fmt: skip
+    def op(
+        self,
+        prim: str,
+        ins: Sequence[int],
+        out_shapes: Sequence[Sequence[int]],
+        params: Mapping[str, Any],
+        scope: tuple[str, ...],
+        where: str,
+        itemsizes: Sequence[int] | None = None,
+    ) -> list[int]:
         deps = 0
         for v in ins:
             deps |= self.deps[v]

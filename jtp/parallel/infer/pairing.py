@@ -109,8 +109,10 @@ class Search:
             op = g.ops[i]
             r = propagate(op, [states.get(v) for v in op.ins], g, sliced)
             if isinstance(r, Moved) and r.event == "reduce" and not allow_reduce:
-                r = Stop("is reduced over the split axis (a norm, softmax or mean over the "
-                         "split features)")  # fmt: skip
+                r = Stop(
+                    "is reduced over the split axis (a norm, softmax or mean over the "
+                    "split features)"
+                )
             if not isinstance(r, Moved):
                 return (i, r), states, trail
             for v, s in zip(op.outs, r.outs, strict=True):
@@ -138,8 +140,13 @@ class Search:
             i, r = blocked
             reduced = next((j for j, m in trail if m.event == "reduce"), None)
             if reduced is not None:  # allowed only at the very end of a lone head
-                r, i = Stop("is reduced over the split axis (a norm, softmax or mean over the "
-                            "split features)"), reduced  # fmt: skip
+                r, i = (
+                    Stop(
+                        "is reduced over the split axis (a norm, softmax or mean over the "
+                        "split features)"
+                    ),
+                    reduced,
+                )
             if isinstance(r, Stop):
                 return Why(f"its split output {esc(r.reason)} ({self.at(i)})")
             joined = self.join(assign, r, i)
@@ -164,8 +171,10 @@ class Search:
         else:
             src = column_source(self.g, need.value, need.dim)
             if src is None and need.value in views:
-                return Why(f"its split output meets parameter {esc(views[need.value][0])}, "
-                           f"which no layer splits with it ({self.at(i)})")  # fmt: skip
+                return Why(
+                    f"its split output meets parameter {esc(views[need.value][0])}, "
+                    f"which no layer splits with it ({self.at(i)})"
+                )
             if src is None:
                 what = "contracted with" if need.contracted else "combined with"
                 return Why(
@@ -176,14 +185,17 @@ class Search:
                 maker = column_source(self.g, src.value, src.dim)
                 layer = None if maker is None or maker.repeat else views[maker.value][0]
                 if layer not in self.owner:
-                    return Why(f"its split output meets heads repeated from no layer "
-                               f"({self.at(i)})")  # fmt: skip
+                    return Why(
+                        f"its split output meets heads repeated from no layer ({self.at(i)})"
+                    )
                 return self.owner[layer]
             style, (param, dims), at = "column", views[src.value], src.dim
         m, pdim = self.owner.get(param), dims[at]
         if m is None:
-            return Why(f"its split output meets parameter {esc(param)}, which belongs to no "
-                        f"layer with a column/row layout ({self.at(i)})")  # fmt: skip
+            return Why(
+                f"its split output meets parameter {esc(param)}, which belongs to no "
+                f"layer with a column/row layout ({self.at(i)})"
+            )
         taken = assign.get(m)
         if taken is not None or (style == "column" and self.layers[m].embed):
             role = f"a {taken} layer in this group" if taken else "an embedding"
@@ -193,8 +205,11 @@ class Search:
             )
         split = self.layers[m].splits[style]
         if isinstance(split, str):
-            return Why(f"its split output needs {{0}} as a {style} layer, which it cannot be: "
-                        f"{esc(split)}", (m,))  # fmt: skip
+            return Why(
+                f"its split output needs {{0}} as a {style} layer, which it cannot be: "
+                f"{esc(split)}",
+                (m,),
+            )
         if split.get(param) != pdim:
             return Why(
                 f"its split output meets {{0}} on dimension {pdim} of {esc(param)}, which "
@@ -214,9 +229,11 @@ class Search:
                 if math.prod(shape) > math.prod(pairs.get(m, ())):
                     pairs[m] = shape
         lookups = [g.shapes[g.ops[i].outs[0]] for i, r in trail if r.event == "lookup"]
-        ends = [f"is returned as output {n} of the forward" for n, v in enumerate(g.outputs)
-                if v in states] + [f"is reduced over by {self.at(i)}" for i, r in trail
-                                   if r.event == "reduce"]  # fmt: skip
+        ends = [
+            f"is returned as output {n} of the forward"
+            for n, v in enumerate(g.outputs)
+            if v in states
+        ] + [f"is reduced over by {self.at(i)}" for i, r in trail if r.event == "reduce"]
         rows = [m for m, s in assign.items() if s == "row" and not self.layers[m].embed]
         for m in rows:
             if m not in pairs:
@@ -248,16 +265,24 @@ class Search:
         # Bytes XLA all-reduces: forward, each row matmul's (and lookup's) result; backward,
         # the gradient of each column matmul's input unless no parameter made it (q, k and v
         # each: XLA reduces them before adding); a scan body's ops once per trip.
-        forward = sum(g.nbytes(g.ops[i].outs[0]) * g.ops[i].trips for i, r in trail
-                      if r.event in ("pair", "lookup"))  # fmt: skip
+        forward = sum(
+            g.nbytes(g.ops[i].outs[0]) * g.ops[i].trips
+            for i, r in trail
+            if r.event in ("pair", "lookup")
+        )
         backward = sum(
-            g.nbytes(u) * g.ops[i].trips for i, r in trail if r.event == "column"
-            for u in g.ops[i].ins[:2] if u != r.value and g.deps[u] & PARAM
-        )  # fmt: skip
-        sharded = sum(g.nbytes(self.value_of[p]) for m, s in assign.items()
-                      for p in self.layers[m].splits[s])  # fmt: skip
-        return Group(assign, heads, trail, pairs, lookup, head, end, tied, copied,
-                     forward, backward, sharded)  # fmt: skip
+            g.nbytes(u) * g.ops[i].trips
+            for i, r in trail
+            if r.event == "column"
+            for u in g.ops[i].ins[:2]
+            if u != r.value and g.deps[u] & PARAM
+        )
+        sharded = sum(
+            g.nbytes(self.value_of[p]) for m, s in assign.items() for p in self.layers[m].splits[s]
+        )
+        return Group(
+            assign, heads, trail, pairs, lookup, head, end, tied, copied, forward, backward, sharded
+        )
 
     def candidates(self) -> tuple[list[Group], dict[str, Why]]:
         """Every group one layer starts (a column layer; an embedding as a row layer), each

@@ -86,8 +86,10 @@ def _layers(model: nnx.Module, used: set[str]) -> tuple[dict[str, Layer], dict[s
     """Candidate layers (modules with a layout that own a used parameter), each with the
     tensor-split dimension of each of its parameters per style; and parameter -> layer."""
     roots = stack_roots(model)
-    params = {path_str(p): tuple(v.get_value().shape)
-              for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}  # fmt: skip
+    params = {
+        path_str(p): tuple(v.get_value().shape)
+        for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
     supported = {path_str(p): m for p, m in nnx.iter_modules(model) if p and layout_fn(m)}
     layers, owner = {}, {}
     for path, module in supported.items():
@@ -130,10 +132,13 @@ def _others(model: nnx.Module, owner: Mapping[str, str], used: set[str]) -> dict
         if not module:  # plan keys name sub-modules: the model's own parameters stay whole
             out[name] = Why(f"replicated: a parameter of {kind} itself, outside any layer")
             continue
-        out.setdefault(module, Why(
-            f"replicated: {kind} has no column/row layout (norms and scales are small and "
-            "needed whole; lay out any other module by hand with jtp.ParamSharding)"
-        ))  # fmt: skip
+        out.setdefault(
+            module,
+            Why(
+                f"replicated: {kind} has no column/row layout (norms and scales are small and "
+                "needed whole; lay out any other module by hand with jtp.ParamSharding)"
+            ),
+        )
     return out
 
 
@@ -153,8 +158,11 @@ def _keys(model: nnx.Module, entries: Mapping[str, tuple[Any, Why]]) -> dict[str
     for pattern, members in groups.items():
         if len(members) < 2:
             continue
-        hits = {p for p in paths if fnmatch.fnmatchcase(names[p], pattern)
-                or fnmatch.fnmatchcase(p, pattern)}  # fmt: skip
+        hits = {
+            p
+            for p in paths
+            if fnmatch.fnmatchcase(names[p], pattern) or fnmatch.fnmatchcase(p, pattern)
+        }
         if hits != set(members):
             continue
 
@@ -238,8 +246,12 @@ def infer_plan(model: nnx.Module | Callable[[], nnx.Module], *example_args: Any)
             entries[m] = (None, lost or whys[m])
     entries |= {m: (None, why) for m, why in _others(model, owner, used).items()}
     if not layers:
-        entries[""] = (None, Why("replicated: the forward has no parameterised matmul, so "
-                                  "there is nothing to split"))  # fmt: skip
+        entries[""] = (
+            None,
+            Why(
+                "replicated: the forward has no parameterised matmul, so there is nothing to split"
+            ),
+        )
     keys = _keys(model, {m: e for m, e in entries.items() if m})
     keys[""] = "(model)"
     plan_styles, reasons = {}, {}

@@ -53,13 +53,18 @@ def explain_group(m: str, style: str, group: Group, layers: Mapping[str, Layer],
         )
         if group.tied:
             out, inner = group.head
-            text += (f"; its transposed use (tied output projection, {inner} -> {out}) "
-                     f"makes logits split on the vocabulary, whose split {group.end}")  # fmt: skip
+            text += (
+                f"; its transposed use (tied output projection, {inner} -> {out}) "
+                f"makes logits split on the vocabulary, whose split {group.end}"
+            )
         return Why(text, refs)
     if style == "row":
         shape = group.pair_shapes[m]
-        return Why(f"row: contracts the split output of {{0}}; one all-reduce of its "
-                    f"{shape} result{heads}", refs)  # fmt: skip
+        return Why(
+            f"row: contracts the split output of {{0}}; one all-reduce of its "
+            f"{shape} result{heads}",
+            refs,
+        )
     partners = " (with {2})" if refs[2] else ""
     if not rows:
         out, inner = group.head
@@ -120,8 +125,10 @@ def chosen_over(why: Why, k: int, found: Sequence[Group], choice: Choice) -> Why
     for plan, swapped in plans.items():
         phrase, more = _pairing([found[o] for o in swapped])
         phrase = phrase.format(*("{" + str(len(refs) + n) + "}" for n in range(len(more))))
-        text += (f"; {phrase} instead would all-reduce {_bytes(*cost(found, plan))} "
-                 f"({_ratio(found, plan, choice.best_with[k])})")  # fmt: skip
+        text += (
+            f"; {phrase} instead would all-reduce {_bytes(*cost(found, plan))} "
+            f"({_ratio(found, plan, choice.best_with[k])})"
+        )
         refs += more
     return why.then(text, refs)
 

@@ -167,9 +167,10 @@ def _gather(op: Op, states: Sequence[State], g: Graph) -> Moved | Stop:
     if s.dim in dn.collapsed_slice_dims and sizes[s.dim] == 1 and operand in g.views:
         return Moved((None,), event="lookup")  # rows of a table: partial rows, all-reduced
     offset = [
-        i for i in range(len(g.shapes[operand]))
+        i
+        for i in range(len(g.shapes[operand]))
         if i not in dn.collapsed_slice_dims and i not in dn.operand_batching_dims
-    ]  # fmt: skip
+    ]
     if s.dim in offset and sizes[s.dim] == g.shapes[operand][s.dim]:
         return Moved((Split(dn.offset_dims[offset.index(s.dim)], s.blocks),))
     return Stop("is indexed along the split axis (gather)")

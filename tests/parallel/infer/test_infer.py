@@ -141,14 +141,25 @@ IDS = np.random.default_rng(1).integers(0, 64, (4, 8), dtype=np.int32)
 UNSEEN = {
     "mlp-stack": (MLPStack, X, (1, 8), {"l0": C, "l1": R, "l2": C, "l3": R}, 2, 8 * 16 * 4),
     "transformer": (
-        Transformer, IDS, (2, 4),
-        {"embed": R, "blocks.*.attn.query": C, "blocks.*.attn.key": C, "blocks.*.attn.value": C,
-         "blocks.*.attn.out": R, "blocks.*.up": C, "blocks.*.down": R, "head": C},
-        4 + 1, 4 * 8 * 32 * 4 // 2,  # the batch is split on "data" (2)
+        Transformer,
+        IDS,
+        (2, 4),
+        {
+            "embed": R,
+            "blocks.*.attn.query": C,
+            "blocks.*.attn.key": C,
+            "blocks.*.attn.value": C,
+            "blocks.*.attn.out": R,
+            "blocks.*.up": C,
+            "blocks.*.down": R,
+            "head": C,
+        },
+        4 + 1,
+        4 * 8 * 32 * 4 // 2,  # the batch is split on "data" (2)
     ),
     # The row LoRA's rank-4 partial sums (x @ lora_a: (8, 4)) ride in the pair's all-reduce.
     "lora-mlp": (LoRAMLP, X, (1, 8), {"up": C, "down": R}, 1, 8 * 16 * 4 + 8 * 4 * 4),
-}  # fmt: skip
+}
 
 
 def test_gemma_layers_of_two_kinds_in_one_scan_get_the_hand_written_plan():
@@ -157,11 +168,20 @@ def test_gemma_layers_of_two_kinds_in_one_scan_get_the_hand_written_plan():
     q/k norms): each branch of the cond carries the heads' split to ``wo``, so the plan is
     jtp.plans.llama's."""
     config = LlamaConfig(
-        n_layers=3, sliding_window=8, sliding_layers=(True, False, True),
-        local_rope_theta=10000.0, activation="gelu_tanh", norm_offset=True, embed_scale=True,
-        sandwich_norms=True, query_pre_attn_scalar=16.0, attn_softcap=50.0,
-        final_softcap=30.0, qk_norm=True, tie_embeddings=True,
-    )  # fmt: skip
+        n_layers=3,
+        sliding_window=8,
+        sliding_layers=(True, False, True),
+        local_rope_theta=10000.0,
+        activation="gelu_tanh",
+        norm_offset=True,
+        embed_scale=True,
+        sandwich_norms=True,
+        query_pre_attn_scalar=16.0,
+        attn_softcap=50.0,
+        final_softcap=30.0,
+        qk_norm=True,
+        tie_embeddings=True,
+    )
     plan = _inferred_equals_hand_plan(config)
     assert plan.reasons["layers.*.attention.wo"].startswith("row: contracts the split output")
 

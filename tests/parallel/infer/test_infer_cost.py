@@ -142,10 +142,13 @@ def test_the_greedy_plan_past_the_state_budget(monkeypatch):
     monkeypatch.setattr(inferring, "choose", functools.partial(choice.choose, max_states=1))
     plan = jtp.infer_plan(MODELS["inverted-bottleneck-chain"][0](), X)
     assert {k: type(v) for k, v in plan.styles.items()} == {
-        "inp": jtp.ColwiseParallel, "ups.0": jtp.RowwiseParallel,
-        "downs.0": jtp.ColwiseParallel, "ups.1": jtp.RowwiseParallel,
-        "downs.1": jtp.ColwiseParallel, "head": jtp.RowwiseParallel,
-    }  # fmt: skip
+        "inp": jtp.ColwiseParallel,
+        "ups.0": jtp.RowwiseParallel,
+        "downs.0": jtp.ColwiseParallel,
+        "ups.1": jtp.RowwiseParallel,
+        "downs.1": jtp.ColwiseParallel,
+        "head": jtp.RowwiseParallel,
+    }
 
 
 def test_reasons_say_what_the_alternative_would_move():
@@ -165,8 +168,11 @@ def test_reasons_say_what_the_alternative_would_move():
         "against 2,048 B forward + 2,048 B backward for the chosen one (8.2x)"
     )
     assert why["inp"] == replicated and why["head"] == replicated
-    text = str(jtp.explain(nnx.eval_shape(MODELS["residual-inverted-bottleneck"][0]),
-                           jtp.make_mesh(1, 8), plan))  # fmt: skip
+    text = str(
+        jtp.explain(
+            nnx.eval_shape(MODELS["residual-inverted-bottleneck"][0]), jtp.make_mesh(1, 8), plan
+        )
+    )
     assert "inp: replicated: it pairs as inp, downs.* (column)" in text
 
 
