@@ -36,7 +36,7 @@ from typing import Any
 
 from jtp.checkpoint.outputs import write_json
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]  # jtp/bench/results.py -> the repository
 RECORD_DIR = REPO / "bench_results"  # what --record writes (tests point it elsewhere)
 # The committed file of each benchmark, when it is not NAME.json.
 RESULT_FILES = {"lora": "lora_memory.json"}

@@ -335,9 +335,9 @@ class Decoder(nnx.Module):
         """
         c = self.config
         t = tokens_bt.shape[1]
-        if t > c.max_seq_len:
-            raise ValueError(f"sequence length {t} > max_seq_len {c.max_seq_len}")
         if cache is None:
+            if t > c.max_seq_len:
+                raise ValueError(f"sequence length {t} > max_seq_len {c.max_seq_len}")
             if positions_bt is not None or valid_bs is not None:
                 raise ValueError("positions_bt and valid_bs describe cache slots: pass a cache")
             cos, sin = rope_tables(c.head_dim, t, c.rope_theta, c.rope_scaling)  # (T, E/2) x 2

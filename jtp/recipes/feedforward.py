@@ -37,7 +37,8 @@ class FeedForwardTask(TrainModule):
             batch = jax.ShapeDtypeStruct((c.batch_size, c.dim), jnp.float32)
             self.plan = infer_plan(self.model_factory(), batch)
 
-    def model_factory(self) -> Callable[[], FeedForward]:
+    def model_factory(self, mesh: Mesh | None = None) -> Callable[[], FeedForward]:
+        """The model's factory (any mesh: the plan applies to every one that divides it)."""
         c = self.config
         return lambda: FeedForward(c.dim, c.hidden_dim, rngs=nnx.Rngs(c.seed))
 

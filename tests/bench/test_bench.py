@@ -155,8 +155,8 @@ def test_source_set_is_the_import_closure():
     } <= set(gen)
     assert "jtp/training/trainer.py" not in gen
     assert {"jtp/cli/train.py", "jtp/training/trainer.py"} <= set(source_files("memory"))
-    assert "jtp/capacity/planner.py" in source_files("plan")
-    for kind in ("generate", "memory", "gpu", "text", "plan"):
+    assert "jtp/capacity/planner.py" in source_files("capacity")
+    for kind in ("generate", "memory", "gpu", "text", "capacity"):
         assert not NOT_MEASURED & set(source_files(kind))
 
 

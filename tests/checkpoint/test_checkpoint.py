@@ -17,19 +17,7 @@ from helpers import FF_PLAN, ff_factory, rel_err
 import jtp
 from jtp.cli.train import main
 
-BASE = [
-    "--devices",
-    "8",
-    "--dim",
-    "32",
-    "--hidden-dim",
-    "64",
-    "--samples",
-    "64",
-    "--max-epochs",
-    "2",
-    "--no-progress",
-]
+BASE = "--devices 8 --dim 32 --hidden-dim 64 --samples 64 --max-epochs 2 --no-progress".split()
 
 
 def run(tmp_path, *flags, mesh=(2, 4)):
@@ -340,20 +328,9 @@ def test_a_checkpoint_written_before_the_round_3_layout_restores_and_continues(t
     ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
-    flags = [
-        "--data-parallel",
-        "2",
-        "--tensor-parallel",
-        "4",
-        "--dim",
-        "16",
-        "--hidden-dim",
-        "32",
-        "--samples",
-        "32",
-        "--batch-size",
-        "8",
-    ]
+    flags = (
+        "--data-parallel 2 --tensor-parallel 4 --dim 16 --hidden-dim 32 --samples 32 --batch-size 8"
+    ).split()
     out = main(
         [
             "--devices",
@@ -373,22 +350,10 @@ def test_a_checkpoint_written_before_the_round_3_layout_restores_and_continues(t
     np.testing.assert_allclose(out["losses"], expected["resumed_losses_steps_3_4"], rtol=1e-5)
 
 
-LLAMA = [
-    "--devices",
-    "8",
-    "--model",
-    "llama",
-    "--data-parallel",
-    "2",
-    "--tensor-parallel",
-    "4",
-    "--fsdp",
-    "--samples",
-    "32",
-    "--seq-len",
-    "16",
-    "--no-progress",
-]
+LLAMA = (
+    "--devices 8 --model llama --data-parallel 2 --tensor-parallel 4 --fsdp --samples 32"
+    " --seq-len 16 --no-progress"
+).split()
 
 
 def test_llama_checkpoints_restore_across_unrolled_and_scanned_layers(tmp_path):

@@ -25,19 +25,7 @@ from jtp.cli.train import main as train_main
 
 HERE = Path(__file__).parent
 HF = HERE.parent / "fixtures" / "hf" / "llama3"
-TINY = [
-    "--devices",
-    "8",
-    "--dim",
-    "32",
-    "--hidden-dim",
-    "64",
-    "--samples",
-    "16",
-    "--max-steps",
-    "2",
-    "--no-progress",
-]
+TINY = "--devices 8 --dim 32 --hidden-dim 64 --samples 16 --max-steps 2 --no-progress".split()
 
 
 def _user_files(t: Path) -> None:
@@ -111,17 +99,7 @@ CASES = [
         "export-hf-onto-checkpoint-dir",
         _checkpoints,
         "train",
-        [
-            "--model",
-            "llama",
-            "--preset",
-            "tiny",
-            "--checkpoint-dir",
-            "{t}/ck",
-            "--resume",
-            "--export-hf",
-            "{t}/ck",
-        ],
+        ("--model llama --preset tiny --checkpoint-dir {t}/ck --resume --export-hf {t}/ck").split(),
         "overlaps --checkpoint-dir",
     ),
     (

@@ -52,22 +52,10 @@ def test_the_script_runs_a_subcommand_as_its_module_does():
     """``jtp capacity ...`` and ``python -m jtp.capacity ...`` print the same table (the
     script as a user runs it: a process, found on the PATH); usage lines name the form
     that was typed."""
-    args = [
-        "--model",
-        "tiny",
-        "--devices",
-        "8",
-        "--global-batch",
-        "8",
-        "--seq-len",
-        "32",
-        "--tensor",
-        "8",
-        "--remat",
-        "none",
-        "--precision",
-        "32-true",
-    ]
+    args = (
+        "--model tiny --devices 8 --global-batch 8 --seq-len 32 --tensor 8 --remat none"
+        " --precision 32-true"
+    ).split()
     by_script = _run("jtp", "capacity", *args)
     by_module = _run(sys.executable, "-m", "jtp.capacity", *args)
     assert by_script.returncode == by_module.returncode == 0, by_script.stderr

@@ -22,18 +22,9 @@ import pytest
 from launch_envs import LAUNCH, PORT_RANGE_START, command_args, jobset_env, mpirun_env, slurm_env
 from processes import clean_env, free_port, start_process, wait_all
 
-SMALL = [
-    "--dim",
-    "64",
-    "--hidden-dim",
-    "128",
-    "--samples",
-    "64",
-    "--max-steps",
-    "3",
-    "--no-progress",
-    "--no-compilation-cache",
-]
+SMALL = (
+    "--dim 64 --hidden-dim 128 --samples 64 --max-steps 3 --no-progress --no-compilation-cache"
+).split()
 DNS = """import socket
 _getaddrinfo = socket.getaddrinfo
 NAMES = {names!r}

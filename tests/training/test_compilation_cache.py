@@ -9,24 +9,10 @@ from processes import clean_env, start_process, stop_all
 from jtp.cli.train import build_parser
 from jtp.training import compilation_cache
 
-RUN = [
-    "--devices",
-    "8",
-    "--model",
-    "llama",
-    "--preset",
-    "tiny",
-    "--data-parallel",
-    "2",
-    "--tensor-parallel",
-    "4",
-    "--fsdp",
-    "--sequence-parallel",
-    "--loss-parallel",
-    "--max-steps",
-    "2",
-    "--no-progress",
-]
+RUN = (
+    "--devices 8 --model llama --preset tiny --data-parallel 2 --tensor-parallel 4 --fsdp"
+    " --sequence-parallel --loss-parallel --max-steps 2 --no-progress"
+).split()
 
 
 def test_directory_from_the_environment_and_flags(monkeypatch, tmp_path):

@@ -147,22 +147,10 @@ def test_kill_9_during_async_save_resumes_from_previous(tmp_path):
 
 
 def test_dead_peer_ends_the_survivor(tmp_path):
-    args = [
-        "--dim",
-        "64",
-        "--hidden-dim",
-        "256",
-        "--samples",
-        "100000",
-        "--log-every",
-        "1",
-        "--data-parallel",
-        "2",
-        "--tensor-parallel",
-        "4",
-        "--heartbeat-timeout",
-        "10",
-    ]
+    args = (
+        "--dim 64 --hidden-dim 256 --samples 100000 --log-every 1 --data-parallel 2"
+        " --tensor-parallel 4 --heartbeat-timeout 10"
+    ).split()
     procs = _launch(tmp_path, 2, args, "p")
     try:
         deadline = time.time() + 120
@@ -193,19 +181,9 @@ def test_check_replicas_across_processes(tmp_path, mode):
             assert "(process 0)" in log and "(process 1)" in log
 
 
-MP_ARGS = [
-    "--dim",
-    "64",
-    "--hidden-dim",
-    "256",
-    "--data-parallel",
-    "2",
-    "--tensor-parallel",
-    "4",
-    "--no-progress",
-    "--log-every",
-    "1",
-]
+MP_ARGS = (
+    "--dim 64 --hidden-dim 256 --data-parallel 2 --tensor-parallel 4 --no-progress --log-every 1"
+).split()
 
 
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
