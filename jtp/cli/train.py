@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("--export-peft writes LoRA adapters: add --lora-rank R (R > 0)")
     if args.export_peft and args.hf:  # refused now rather than after training (Phi-3)
         from jtp.models.hf.config import read_config
-        from jtp.models.hf.phi3 import refuse_peft
+        from jtp.models.hf.families import refuse_peft
 
         refuse_peft(read_config(args.hf), "--export-peft")
     if args.data and args.model != "llama":

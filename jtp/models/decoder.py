@@ -24,8 +24,8 @@ interleaving); and Gemma 2 / 3: GeGLU, (1 + w) RMSNorms, the embedding scaled by
 sandwich norms around attention and the feed-forward, a score scale from
 ``query_pre_attn_scalar``, soft-capped scores and logits, and a second RoPE base for the
 sliding layers. RoPE rotates interleaved feature pairs, as Meta's reference does; the HF
-adapter permutes q/k rows on the way in and out (:mod:`jtp.models.hf.names`); Phi-3's fused
-projections are split there too.
+adapter permutes q/k rows on the way in and out (:mod:`jtp.models.hf.names`) and splits
+Phi-3's fused projections (:mod:`jtp.models.hf.families.phi3`).
 
 Dimension letters in names and comments: B batch, T query positions (the new tokens), S key
 positions (cache slots when cached), D model width, H query heads, K kv heads, R = H / K

@@ -38,7 +38,8 @@ from safetensors.numpy import load_file, save_file
 import jtp
 from jtp.models.hf import config as hf_config_module
 from jtp.models.hf import files as hf_files
-from jtp.models.hf.names import tensor_map, to_hf
+from jtp.models.hf.families import default_architecture, tensor_map
+from jtp.models.hf.names import to_hf
 from jtp.models.llama import Llama, LlamaConfig
 from jtp.models.rope import LinearRopeScaling
 from jtp.parallel.names import path_str
@@ -319,7 +320,7 @@ def test_derived_config_describes_the_model(name):
     same config (what describes() checks, as save does); a model no architecture computes
     (a Llama with GeGLU) is refused by name."""
     config = jtp.hf.config_of(fixture(name), max_seq_len=T)
-    arch = hf_config_module.default_architecture(config)
+    arch = default_architecture(config)
     hf = hf_config_module.hf_config(config, arch, "float32")
     with open(os.path.join(fixture(name), "config.json")) as f:
         assert hf["model_type"] == json.load(f)["model_type"]
@@ -615,7 +616,7 @@ def test_cli_fine_tunes_and_exports(tmp_path):
     assert losses[0] == pytest.approx(want, rel=1e-5) and want > 1.5 * np.log(128)
     trained = load_file(flat)
     exported = _tensors(out)
-    for t in tensor_map(model.config):
+    for t in tensor_map(model.config, "Qwen2ForCausalLM"):
         want = to_hf(t, t.take(trained[t.jtp])).astype(exported[t.hf].dtype)
         assert np.array_equal(exported[t.hf], want), t.hf
     assert exported["model.norm.weight"].dtype == jnp.bfloat16  # the source's dtype

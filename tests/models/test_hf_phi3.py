@@ -27,7 +27,7 @@ from test_hf import (
 
 import jtp
 from jtp.models.hf import files as hf_files
-from jtp.models.hf.phi3 import FUSED, tensor_map
+from jtp.models.hf.families.phi3 import FUSED, tensor_map
 
 D, H, K, E, F = 64, 16, 8, 4, 64  # the fixture: hidden, heads, kv heads, head_dim, ffn
 PART_ROWS = {"q_proj": H * E, "k_proj": K * E, "v_proj": K * E, "gate_proj": F, "up_proj": F}

@@ -4,15 +4,15 @@
   and the refusals (what jtp would compute differently); its RoPE fields
   (:mod:`~jtp.models.hf.rope_config`) and which layers slide
   (:mod:`~jtp.models.hf.layer_types`)
+- :mod:`~jtp.models.hf.families`: one module per family (Llama, Mistral, Qwen, Gemma,
+  Phi-3) with its architectures, the config fields it reads and writes, its tensor names
+  and its refusals; the generic modules here consult it instead of naming a family
 - :mod:`~jtp.models.hf.names`: the tensor name map, transposes and the RoPE permutation
 - :mod:`~jtp.models.hf.files`: safetensors reading by block, streamed writing
 - :mod:`~jtp.models.hf.load`: :func:`load_pretrained`, born sharded (:func:`load_weights`
   under a config and plan worked out elsewhere)
 - :mod:`~jtp.models.hf.save`: :func:`save_pretrained`, one tensor at a time
 - :mod:`~jtp.models.hf.peft`: :func:`save_peft`, LoRA adapters as PEFT loads them
-- :mod:`~jtp.models.hf.phi3`: Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` as row blocks,
-  and its refusals
-- :mod:`~jtp.models.hf.gemma`: Gemma 2 / 3's config fields and four norms per block
 """
 
 from jtp.models.hf.config import SUPPORTED_ARCHITECTURES

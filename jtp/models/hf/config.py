@@ -11,8 +11,9 @@ lists them. Anything jtp's Llama would compute differently from transformers is 
 outside :data:`SUPPORTED_ARCHITECTURES` (the multimodal Gemma 3 included), another RoPE
 scaling type, biases where jtp's Llama has none, another activation, dropout, bidirectional
 attention. RoPE fields: :mod:`jtp.models.hf.rope_config`; which layers slide:
-:mod:`jtp.models.hf.layer_types`; Gemma's fields: :mod:`jtp.models.hf.gemma`; Phi-3's own
-refusals (LongRoPE, residual dropout) are :func:`jtp.models.hf.phi3.check_config`'s.
+:mod:`jtp.models.hf.layer_types`; what one family reads, writes or refuses beyond this
+(Gemma's fields, Phi-3's LongRoPE): its module in :mod:`jtp.models.hf.families`, consulted
+here through that package's functions.
 """
 
 from __future__ import annotations
@@ -24,94 +25,18 @@ from collections.abc import Mapping
 from typing import Any
 
 from jtp.errors import InputError
-from jtp.models.hf import gemma, phi3
+from jtp.models.hf import families
+from jtp.models.hf.families import ARCHITECTURES, REFUSED
+from jtp.models.hf.families.architecture import Architecture
 from jtp.models.hf.fields import positive_float, positive_int
 from jtp.models.hf.layer_types import pattern_of, sliding_layers, window_fields
-from jtp.models.hf.rope_config import gemma3_rope, rope, rope_parameters
+from jtp.models.hf.rope_config import rope, rope_parameters
 from jtp.models.llama import LlamaConfig
 
-
-@dataclasses.dataclass(frozen=True)
-class Architecture:
-    """What one HF ``*ForCausalLM`` class adds to jtp's Llama, and its config defaults
-    (transformers' own, used when config.json omits a field)."""
-
-    model_type: str  # config.json "model_type"
-    qkv_bias: bool  # q/k/v projections always carry a bias (Qwen2)
-    qk_norm: bool  # per-head RMSNorm of q and k (Qwen3)
-    max_position_embeddings: int  # transformers' default
-    head_dim: int | None = None  # default when absent (Qwen3: 128); None: hidden / heads
-    sliding_window: int | None = None  # default when absent (Mistral: 4096)
-    sliding_needs_flag: bool = False  # the window applies only with use_sliding_window (Qwen)
-    rms_norm_eps: float = 1e-6  # default when absent (Phi-3: 1e-5)
-    # Which layers the window is on when config.json has no layer_types: "none" (no window
-    # at all: Llama), "all" (layer_types ignored: Mistral), "max_window_layers" (Qwen: from
-    # that layer on), "pattern" (Gemma: one global layer in every gemma.sliding_pattern).
-    window_layers: str = "all"
-    gemma: int = 0  # 2 or 3: Gemma's features (jtp.models.hf.gemma); 0: none
-    tied: bool = False  # tie_word_embeddings' default
-    # The config class has a head_dim field (Qwen2's has none: its attention takes
-    # hidden_size // num_attention_heads unless config.json sets one).
-    head_dim_field: bool = True
-
-
-ARCHITECTURES: dict[str, Architecture] = {
-    "LlamaForCausalLM": Architecture("llama", False, False, 2048, window_layers="none"),
-    "MistralForCausalLM": Architecture("mistral", False, False, 4096 * 32, sliding_window=4096),
-    "Qwen2ForCausalLM": Architecture(
-        "qwen2",
-        True,
-        False,
-        32768,
-        sliding_window=4096,
-        sliding_needs_flag=True,
-        window_layers="max_window_layers",
-        head_dim_field=False,
-    ),
-    "Qwen3ForCausalLM": Architecture(
-        "qwen3",
-        False,
-        True,
-        32768,
-        128,
-        sliding_window=4096,
-        sliding_needs_flag=True,
-        window_layers="max_window_layers",
-    ),
-    "Gemma2ForCausalLM": Architecture(
-        "gemma2",
-        False,
-        False,
-        8192,
-        256,
-        sliding_window=4096,
-        window_layers="pattern",
-        gemma=2,
-        tied=True,
-    ),
-    "Gemma3ForCausalLM": Architecture(
-        "gemma3_text",
-        False,
-        True,
-        131072,
-        256,
-        sliding_window=4096,
-        window_layers="pattern",
-        gemma=3,
-        tied=True,
-    ),
-    # Phi-3: fused qkv_proj / gate_up_proj (split on load: jtp.models.hf.phi3); its window,
-    # when config.json sets one, applies to every layer.
-    phi3.ARCHITECTURE: Architecture("phi3", False, False, 4096, rms_norm_eps=1e-5),
-}
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
-# Known, and refused with the reason (they are not a text-only causal LM jtp computes).
-REFUSED_ARCHITECTURES = {
-    "Gemma3ForConditionalGeneration": (
-        "it is Gemma 3's multimodal model (a vision tower, text under text_config); jtp "
-        "loads the text model, Gemma3ForCausalLM (model_type gemma3_text)"
-    ),
-}
+# Known, and refused with the reason (not a text-only causal LM jtp computes): each family's
+# REFUSED (Gemma 3's multimodal model).
+REFUSED_ARCHITECTURES = REFUSED
 
 
 def read_config(path: str) -> dict[str, Any]:
@@ -178,10 +103,10 @@ def llama_config(
         ``max_position_embeddings``).
       remat: the remat policy (:mod:`jtp.models.stack`; True / False: "full" / "none").
     """
-    arch = ARCHITECTURES[architecture(hf)]
-    if arch.model_type == "phi3":
-        phi3.check_config(hf)
-    if not arch.gemma:  # Gemma reads hidden_activation instead (jtp.models.hf.gemma)
+    name = architecture(hf)
+    arch = ARCHITECTURES[name]
+    families.check_config(hf, name)
+    if arch.hidden_act:  # Gemma reads hidden_activation instead (its config_fields)
         act = hf.get("hidden_act", "silu")
         _refuse_if(hf, "hidden_act", act != "silu", "jtp's feed-forward is SwiGLU (silu)")
     _refuse_if(
@@ -199,16 +124,16 @@ def llama_config(
     max_positions = max_positions_of(hf)
     positions = max_seq_len or max_positions
     n_layers = positive_int(hf, "num_hidden_layers")
-    extra = gemma.config_fields(hf, arch.gemma) if arch.gemma else {}
-    local_theta = None
-    if arch.gemma == 3:
-        theta, scaling, local_theta = gemma3_rope(hf, max_positions)
-    else:
-        theta, scaling = rope(hf, max_positions)
+    extra = families.config_fields(hf, name, max_positions)
+    if "rope_theta" not in extra:  # the family did not read its own RoPE (Gemma 3 does)
+        extra["rope_theta"], extra["rope_scaling"] = rope(hf, max_positions)
     window = sliding_window(hf, arch)
-    flags = sliding_layers(hf, arch.window_layers, n_layers, arch.gemma)
+    flags = sliding_layers(
+        hf, arch.window_layers, n_layers, lambda: families.sliding_pattern(hf, name)
+    )
     if not any(flags):  # no sliding layer: the window is on none
         window = None
+    local_theta = extra.get("local_rope_theta")
     layers = None if window is None and local_theta is None else pattern_of(flags)
     return LlamaConfig(
         vocab_size=positive_int(hf, "vocab_size"),
@@ -218,60 +143,40 @@ def llama_config(
         n_kv_heads=positive_int(hf, "num_key_value_heads", n_heads),
         ffn_hidden=positive_int(hf, "intermediate_size"),
         max_seq_len=positions,
-        rope_theta=theta,
         norm_eps=positive_float(hf, "rms_norm_eps", arch.rms_norm_eps),
         remat=remat,
         explicit_head_dim=None if head_dim * n_heads == dim else int(head_dim),
         qkv_bias=arch.qkv_bias,
         qk_norm=arch.qk_norm,
         tie_embeddings=bool(hf.get("tie_word_embeddings", arch.tied)),
-        rope_scaling=scaling,
         sliding_window=window,
         sliding_layers=layers,
-        local_rope_theta=local_theta,
         **extra,
     )
-
-
-def default_architecture(config: LlamaConfig) -> str:
-    """The HF class that computes what ``config`` does (for a model that came from no file);
-    :func:`describes` then checks that it does."""
-    if config.sandwich_norms:  # Gemma's block
-        return "Gemma3ForCausalLM" if config.qk_norm else "Gemma2ForCausalLM"
-    if config.qkv_bias and config.qk_norm:
-        raise InputError("no supported HF architecture has both q/k/v biases and q/k norms")
-    if config.qk_norm:
-        return "Qwen3ForCausalLM"
-    if config.qkv_bias:
-        return "Qwen2ForCausalLM"
-    return "LlamaForCausalLM" if config.sliding_window is None else "MistralForCausalLM"
 
 
 def hf_config(config: LlamaConfig, arch: str, dtype: str) -> dict[str, Any]:
     """A transformers-5 ``config.json`` for ``config`` as architecture ``arch``."""
     a = ARCHITECTURES[arch]
-    rope = rope_parameters(config.rope_theta, config.rope_scaling)
-    extra: dict[str, Any] = {}
-    if a.gemma:
-        extra.update(gemma.hf_fields(config, a.gemma))
-    if a.gemma == 3:  # one RoPE per layer type; the sliding layers' as the others' if unset
-        local = config.local_rope_theta
-        sliding = rope if local is None else rope_parameters(local, None)
-        rope = {"full_attention": rope, "sliding_attention": sliding}
-    needs_window = a.sliding_window if a.gemma else None  # Gemma's attention reads one
+    extra = families.hf_fields(config, arch)
+    # The family's own rope_parameters (Gemma 3's, by layer type) in the generic one's place.
+    rope = extra.pop("rope_parameters", None) or rope_parameters(
+        config.rope_theta, config.rope_scaling
+    )
+    needs_window = a.sliding_window if a.window_always_read else None
     extra.update(window_fields(config, a.window_layers, a.sliding_needs_flag, needs_window))
     if config.head_dim != config.dim // config.n_heads or a.head_dim_field:
         extra["head_dim"] = config.head_dim
     return {
         "architectures": [arch],
-        "model_type": ARCHITECTURES[arch].model_type,
+        "model_type": a.model_type,
         "vocab_size": config.vocab_size,
         "hidden_size": config.dim,
         "intermediate_size": config.ffn_hidden,
         "num_hidden_layers": config.n_layers,
         "num_attention_heads": config.n_heads,
         "num_key_value_heads": config.n_kv_heads,
-        **({} if a.gemma else {"hidden_act": "silu"}),
+        **({"hidden_act": "silu"} if a.hidden_act else {}),
         "max_position_embeddings": config.max_seq_len,
         "rms_norm_eps": config.norm_eps,
         "rope_parameters": rope,

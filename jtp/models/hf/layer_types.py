@@ -3,17 +3,16 @@
 transformers gives the window to every layer (Mistral, Phi-3: ``layer_types`` ignored), to
 those ``layer_types`` names ``"sliding_attention"``, or, without ``layer_types``, to the
 layers its config class assigns: Qwen from ``max_window_layers`` on, Gemma all but every
-``sliding_pattern``-th (:mod:`jtp.models.hf.gemma`). jtp's ``LlamaConfig.sliding_layers``
-holds the shortest pattern that repeats to them.
+``sliding_pattern``-th (:func:`jtp.models.hf.families.gemma.sliding_pattern`). jtp's
+``LlamaConfig.sliding_layers`` holds the shortest pattern that repeats to them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from jtp.errors import InputError
-from jtp.models.hf import gemma
 from jtp.models.llama import LlamaConfig
 
 LAYER_TYPES = ("sliding_attention", "full_attention")  # HF layer_types jtp computes
@@ -21,10 +20,14 @@ MAX_WINDOW_LAYERS = 28  # Qwen's max_window_layers default
 
 
 def sliding_layers(
-    hf: Mapping[str, Any], how: str, n_layers: int, gemma_version: int = 0
+    hf: Mapping[str, Any],
+    how: str,
+    n_layers: int,
+    pattern: Callable[[], int] | None = None,
 ) -> tuple[bool, ...]:
     """Whether transformers makes each layer a sliding one: by ``layer_types``, or as the
-    architecture assigns them without it (``how``: an ``Architecture.window_layers``)."""
+    architecture assigns them without it (``how``: an ``Architecture.window_layers``;
+    ``pattern``: for "pattern", every how many layers one is global, asked only then)."""
     if how in ("none", "all"):  # Mistral's attention ignores layer_types
         return (how == "all",) * n_layers
     types = hf.get("layer_types")
@@ -38,7 +41,7 @@ def sliding_layers(
     if how == "max_window_layers":
         first = int(hf.get("max_window_layers", MAX_WINDOW_LAYERS))
         return tuple(i >= first for i in range(n_layers))
-    every = gemma.sliding_pattern(hf, gemma_version)
+    every = pattern()
     return tuple((i + 1) % every != 0 for i in range(n_layers))
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jtp.models.hf import phi3
+from jtp.models.hf import families
 from jtp.models.hf.config import architecture, llama_config, read_config
 from jtp.models.hf.files import CheckpointFiles
 from jtp.models.hf.names import (
@@ -145,14 +145,14 @@ def load_pretrained(
       adapter: a PEFT LoRA adapter directory (``adapter_model.safetensors`` +
         ``adapter_config.json``, e.g. :func:`jtp.hf.save_peft`'s) to load onto the
         checkpoint; its ``r``, ``lora_alpha`` and ``target_modules`` replace the three
-        ``lora_*`` arguments. Refused for Phi-3 (:func:`jtp.models.hf.phi3.refuse_peft`).
+        ``lora_*`` arguments. Refused for Phi-3 (:func:`jtp.models.hf.families.phi3.refuse_peft`).
 
     Returns:
       The model; ``model.config`` is its :class:`~jtp.models.llama.LlamaConfig`.
     """
     hf = read_config(path)
     if adapter is not None:
-        phi3.refuse_peft(hf, f"load_pretrained(adapter={adapter!r})")
+        families.refuse_peft(hf, f"load_pretrained(adapter={adapter!r})")
         lora_rank, lora_alpha, lora_targets = read_adapter_config(adapter)
     config = config_of(
         path,
@@ -194,7 +194,7 @@ def load_weights(
     graphdef, state = nnx.split(abstract)
     flat = dict((path_str(p), v) for p, v in nnx.to_flat_state(state))
     adapters = {n for n, v in flat.items() if isinstance(v, nnx.LoRAParam)}  # not in the file
-    maps = phi3.tensor_map(config, architecture(hf))  # Phi-3: parts of fused tensors
+    maps = families.tensor_map(config, architecture(hf))  # Phi-3: parts of fused tensors
     by_jtp: dict[str, list[TensorMap]] = {}  # in layer order when stacked
     for t in maps:
         by_jtp.setdefault(t.jtp, []).append(t)

@@ -1,8 +1,9 @@
 """The name map between Hugging Face tensors and jtp's Llama parameters, with the layout changes.
 
-One table serves Llama, Mistral, Qwen2, Qwen3, Gemma 2 and Gemma 3: they name their tensors
-alike, and a config field decides whether the optional rows (q/k/v biases, q/k norms,
-Gemma's four norms per block, an untied ``lm_head``) exist. A scanned model
+Llama's names are every family's: :data:`BLOCK` is one block's rows, and a family adds or
+renames rows (Qwen's q/k/v biases and q/k norms, Gemma's four norms per block: their
+modules in :mod:`jtp.models.hf.families`) and passes them to :func:`tensor_map`; an untied
+``lm_head`` is a config field's. A scanned model
 (``scan_layers``, the default) holds each block parameter once for all layers, stacked on a
 leading layer axis (``layers.attention.wq.kernel`` of shape ``(L, D, H * E)``): HF's
 ``model.layers.{i}.*`` tensor is its slice ``i``, so the exported names stay HF's per-layer
@@ -27,7 +28,6 @@ from collections.abc import Callable
 
 import numpy as np
 
-from jtp.models.hf import gemma
 from jtp.models.llama import LlamaConfig
 from jtp.models.lora import TARGETS
 
@@ -61,8 +61,10 @@ class TensorMap:
         return value if self.layer is None else value[self.layer]
 
 
-# (jtp path inside layers.{i}, HF path inside model.layers.{i}, transpose, RoPE-permuted)
-_BLOCK = (
+# One row of a block: (jtp path inside layers.{i}, HF path inside model.layers.{i},
+# transpose, RoPE-permuted).
+Row = tuple[str, str, bool, bool]
+BLOCK: tuple[Row, ...] = (
     ("attention_norm.scale", "input_layernorm.weight", False, False),
     ("attention.wq.kernel", "self_attn.q_proj.weight", True, True),
     ("attention.wk.kernel", "self_attn.k_proj.weight", True, True),
@@ -73,25 +75,15 @@ _BLOCK = (
     ("feed_forward.w3.kernel", "mlp.up_proj.weight", True, False),
     ("feed_forward.w2.kernel", "mlp.down_proj.weight", True, False),
 )
-_QKV_BIAS = (  # Qwen2
-    ("attention.wq.bias", "self_attn.q_proj.bias", False, True),
-    ("attention.wk.bias", "self_attn.k_proj.bias", False, True),
-    ("attention.wv.bias", "self_attn.v_proj.bias", False, False),
-)
-_QK_NORM = (  # Qwen3: (E,) scales, in the same within-head order as q and k
-    ("attention.q_norm.scale", "self_attn.q_norm.weight", False, True),
-    ("attention.k_norm.scale", "self_attn.k_norm.weight", False, True),
-)
 # Tensors some checkpoints carry that hold no parameter: ignored, as transformers does.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
-def tensor_map(config: LlamaConfig) -> list[TensorMap]:
-    """Every tensor of an HF checkpoint of ``config``, in HF's order."""
+def tensor_map(config: LlamaConfig, rows: tuple[Row, ...] = BLOCK) -> list[TensorMap]:
+    """Every tensor of an HF checkpoint of ``config`` whose blocks hold ``rows`` (a family's:
+    :func:`jtp.models.hf.families.tensor_map`), in HF's order."""
     e = config.head_dim
     out = [TensorMap("model.embed_tokens.weight", "tok_embeddings.embedding", False, None)]
-    block = gemma.block_rows(_BLOCK) if config.sandwich_norms else _BLOCK  # Gemma's 4 norms
-    rows = block + (_QKV_BIAS if config.qkv_bias else ()) + (_QK_NORM if config.qk_norm else ())
     for i in range(config.n_layers):
         for jtp, hf, transpose, permuted in rows:
             rope, hf = e if permuted else None, f"model.layers.{i}.{hf}"

@@ -8,7 +8,7 @@ lora_tensor_map`'s. As :func:`~jtp.models.hf.save.save_pretrained`, one tensor a
 gathered to process 0, which writes into a temporary directory renamed onto ``path``: the
 adapter there is complete or absent. A Phi-3 base is refused: its fused ``qkv_proj`` and
 ``gate_up_proj`` take one PEFT adapter each, jtp has one per projection
-(:func:`jtp.models.hf.phi3.refuse_peft`).
+(:func:`jtp.models.hf.families.phi3.refuse_peft`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from jtp.checkpoint.consolidated import gathered_on_process_0
-from jtp.models.hf import phi3
+from jtp.models.hf import families
 from jtp.models.hf.files import staged_directory, write_safetensors
 from jtp.models.hf.names import HF_MODULES, lora_tensor_map, to_hf
 from jtp.models.llama import Llama
@@ -63,7 +63,7 @@ def save_peft(model: Llama, path: str, *, base_model_name_or_path: str | None = 
     base = base_model_name_or_path
     if base is not None and os.path.isfile(os.path.join(base, "config.json")):
         with open(os.path.join(base, "config.json")) as f:
-            phi3.refuse_peft(json.load(f), f"save_peft onto {base}")
+            families.refuse_peft(json.load(f), f"save_peft onto {base}")
     params = {path_str(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     maps = lora_tensor_map(model.config)
     by_hf = {t.hf: t for t in maps}

@@ -4,7 +4,7 @@ The hub's files put ``rope_theta`` and ``rope_scaling`` at top level, transforme
 ``rope_parameters`` (with ``rope_theta`` inside), and Gemma 3 has one RoPE per layer type:
 ``rope_parameters`` nested under ``"full_attention"`` / ``"sliding_attention"``, or the hub's
 ``rope_theta`` + ``rope_scaling`` (global layers) and ``rope_local_base_freq`` (sliding
-ones; :func:`jtp.models.hf.gemma.rope_parameters_by_type`). jtp computes the ``default``,
+ones; :func:`jtp.models.hf.families.gemma.gemma3_rope`). jtp computes the ``default``,
 ``llama3`` and ``linear`` types on every rotated feature; anything else is a ``ValueError``
 naming the field.
 """
@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from jtp.errors import InputError
-from jtp.models.hf import gemma
 from jtp.models.hf.fields import positive_float
 from jtp.models.rope import LinearRopeScaling, Llama3RopeScaling, RopeScaling
 
@@ -62,32 +61,6 @@ def rope(
     if missing:
         raise InputError(f"config.json: {field} of rope_type 'llama3' lacks {missing}")
     return theta, Llama3RopeScaling(**{k: params[k] for k in _LLAMA3_KEYS})
-
-
-def gemma3_rope(
-    hf: Mapping[str, Any], max_positions: int
-) -> tuple[float, RopeScaling | None, float | None]:
-    """``(theta, scaling, local theta or None)`` of Gemma 3's two RoPEs: the global layers'
-    (scaled or not) and the sliding layers' (never scaled; None when it is the same)."""
-    by_type = gemma.rope_parameters_by_type(hf)
-    theta, scaling = rope(
-        {**hf, "rope_parameters": by_type["full_attention"]},
-        max_positions,
-        "rope_parameters.full_attention",
-    )
-    local, local_scaling = rope(
-        {**hf, "rope_parameters": by_type["sliding_attention"]},
-        max_positions,
-        "rope_parameters.sliding_attention",
-    )
-    if (local, local_scaling) == (theta, scaling):
-        return theta, scaling, None
-    if local_scaling is not None:
-        raise InputError(
-            "config.json: rope_parameters.sliding_attention has a rope_type other than "
-            "'default' and differs from full_attention; jtp scales the global layers' RoPE only"
-        )
-    return theta, scaling, local
 
 
 def rope_parameters(theta: float, scaling: RopeScaling | None) -> dict[str, Any]:

@@ -5,7 +5,7 @@ One parameter (one layer of a stacked parameter) at a time is gathered to proces
 HF's layout (transposed,
 RoPE-permuted back, :mod:`jtp.models.hf.names`), cast, and appended to its safetensors
 shard, so the writer holds one whole tensor at a time (a Phi-3 fused tensor is its parts,
-gathered in turn and stacked: :mod:`jtp.models.hf.phi3`). Every process takes part in each
+gathered in turn and stacked: :mod:`jtp.models.hf.families.phi3`). Every process takes part in each
 gather; process 0 writes, into a temporary directory renamed onto ``path`` at the end: the
 checkpoint there is complete or absent.
 """
@@ -22,14 +22,8 @@ import numpy as np
 from flax import nnx
 
 from jtp.checkpoint.consolidated import gathered_on_process_0
-from jtp.models.hf import phi3
-from jtp.models.hf.config import (
-    architecture,
-    default_architecture,
-    describes,
-    hf_config,
-    read_config,
-)
+from jtp.models.hf import families
+from jtp.models.hf.config import architecture, describes, hf_config, read_config
 from jtp.models.hf.files import INDEX, SINGLE, staged_directory, write_safetensors
 from jtp.models.hf.names import TensorMap, to_hf
 from jtp.models.llama import Llama
@@ -111,7 +105,7 @@ def save_pretrained(
     name = name or str(next(iter(params.values())).dtype)
     out_dtype = np.dtype(name)  # "bfloat16" resolves through ml_dtypes (imported by jax)
     if not hf:
-        arch = default_architecture(config)
+        arch = families.default_architecture(config)
         hf = hf_config(config, arch, name)
         try:  # what transformers would read back must be this model
             describes(hf, config)
@@ -124,7 +118,7 @@ def save_pretrained(
     hf["torch_dtype" if "torch_dtype" in hf else "dtype"] = name
 
     tensors: dict[str, list[TensorMap]] = {}  # HF name -> its parts (fused: several), in order
-    for t in phi3.tensor_map(config, architecture(hf)):
+    for t in families.tensor_map(config, architecture(hf)):
         tensors.setdefault(t.hf, []).append(t)
     names = list(tensors)
     shapes = [p[0].hf_shape(tuple(params[p[0].jtp].shape)) for p in tensors.values()]

@@ -31,11 +31,16 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from jtp.models.hf.families.architecture import Architecture
 from jtp.models.hf.names import TensorMap
 from jtp.models.hf.names import tensor_map as unfused_tensor_map
 from jtp.models.llama import LlamaConfig
 
 ARCHITECTURE = "Phi3ForCausalLM"
+# Its window, when config.json sets one, applies to every layer. No claim() function: a
+# model that came from no file is never called Phi-3 (save_pretrained without source=
+# writes Llama's separate projections).
+ARCHITECTURES = {ARCHITECTURE: Architecture("phi3", False, False, 4096, rms_norm_eps=1e-5)}
 # Each fused tensor inside model.layers.{i}, and the per-projection tensors (names.py's
 # names) whose rows it stacks, in HF's row order.
 FUSED = {
@@ -65,13 +70,11 @@ def _part_rows(config: LlamaConfig) -> dict[str, int]:
 
 
 def tensor_map(config: LlamaConfig, architecture: str) -> list[TensorMap]:
-    """Every (part of an) HF tensor of a checkpoint of ``config`` as ``architecture``, in
-    HF's order: :func:`jtp.models.hf.names.tensor_map`'s, with Phi-3's q/k/v and gate/up
-    rows renamed to the fused tensor holding them, at their row offsets. Several entries
-    then share one ``hf`` name (in row order); each is still one jtp parameter."""
+    """Every (part of an) HF tensor of a Phi-3 checkpoint of ``config``, in HF's order:
+    :func:`jtp.models.hf.names.tensor_map`'s, with the q/k/v and gate/up rows renamed to
+    the fused tensor holding them, at their row offsets. Several entries then share one
+    ``hf`` name (in row order); each is still one jtp parameter."""
     maps = unfused_tensor_map(config)
-    if architecture != ARCHITECTURE:
-        return maps
     rows = _part_rows(config)
     place = {}  # part -> (fused name, first row, rows of the fused tensor)
     for fused, parts in FUSED.items():
@@ -88,7 +91,7 @@ def tensor_map(config: LlamaConfig, architecture: str) -> list[TensorMap]:
     return out
 
 
-def check_config(hf: Mapping[str, Any]) -> None:
+def check_config(hf: Mapping[str, Any], architecture: str = ARCHITECTURE) -> None:
     """A ``ValueError`` for what a Phi-3 ``config.json`` asks of transformers that jtp's
     Llama does not compute (the fields all architectures share are checked by
     :func:`jtp.models.hf.config.llama_config`).
