@@ -14,7 +14,6 @@ with 2 kv heads equal transformers' on 1x8 and 2x4 in ``test_hf.py`` (fixture
 
 import collections
 import dataclasses
-import os
 import re
 
 import jax
@@ -157,20 +156,6 @@ def test_planner_offers_wider_tensor_and_counts_the_copies():
     assert floor(2) == 16 * (rest + kv) / 2  # kv heads split: nothing replicated
     assert floor(8) == 16 * (rest / 8 + kv)  # a whole wk / wv on each tensor rank
     assert floor(4, fsdp=True) == 16 * (rest / 8 + kv / 2)  # split on "data" only
-
-
-def test_the_cli_task_fits_the_model_and_plan_to_the_mesh():
-    """``python -m jtp.train --hf DIR``'s task: the checkpoint's 2 kv heads on tensor 8 get 4
-    copies and a plan that leaves wk / wv whole; back on tensor 2, neither."""
-    from jtp.recipes import LlamaTask, LlamaTaskConfig
-
-    src = os.path.join(os.path.dirname(__file__), "..", "fixtures", "hf", "llama_kv2")
-    task = LlamaTask(LlamaTaskConfig(hf=src, seq_len=T))
-    task.model_factory(jtp.make_mesh(1, 8))
-    assert task.model_config.kv_replicas == 4
-    assert "layers.*.attention.wk" not in task.plan
-    task.model_factory(jtp.make_mesh(4, 2))
-    assert task.model_config.kv_replicas == 1 and "layers.*.attention.wk" in task.plan
 
 
 def test_sequence_and_loss_parallel_with_replicated_kv_heads_give_transformers_logits():
