@@ -57,12 +57,18 @@ def test_a_recorded_or_cut_model_replaces_the_shapes_without_reading_them(monkey
     config = LlamaTaskConfig(hf=str(FIXTURES / "llama3"), seq_len=T)
     shapes = dataclasses.replace(model_shapes(config), n_layers=1)
     reads = []
-    monkeypatch.setattr(
-        "jtp.models.hf.config.read_config", lambda path: reads.append(path) or read_config(path)
-    )
+
+    def counted(path):
+        reads.append(path)
+        return read_config(path)
+
+    for module in ("jtp.recipes.llama", "jtp.models.hf.load"):  # where it is called from
+        monkeypatch.setattr(f"{module}.read_config", counted)
     traced, mesh = trace_llama_step(config, (1, 8), jax.devices(), model_config=shapes)
     assert reads == [] and mesh.shape == {"data": 1, "tensor": 8}
     assert traced.jaxpr is not None
+    trace_llama_step(config, (1, 8), jax.devices(), n_layers=1)  # the shapes from the file
+    assert reads  # (the count above would see them)
 
 
 def test_plan_auto_refuses_the_activation_rules_it_cannot_infer():
