@@ -7,13 +7,16 @@ tensor-parallel group on the same batch. This file only re-exports the public AP
 - ``jtp.mesh``: axis names, :func:`make_mesh`, :class:`ModelParallelStrategy`
 - ``jtp.parallel``: styles, plans, ``sharded_init`` / ``parallelize``, batches, replicas,
   :func:`infer_plan` (a plan read off the model's forward)
-- ``jtp.models``: single-device NNX models and their plans (``jtp.plans``)
-- ``jtp.hf``: Hugging Face Llama / Mistral / Qwen checkpoints in and out
+- ``jtp.models``: single-device NNX models (FeedForward; the decoder, ``Llama``, with an
+  optional KV cache) and their plans (``jtp.plans``)
+- ``jtp.hf``: Hugging Face Llama / Mistral / Qwen / Phi-3 / Gemma checkpoints in and out
 - ``jtp.data``: :class:`DataLoader` (global batches, the same rows per tensor group), datasets
 - ``jtp.checkpoint``: sharded orbax checkpoints, consolidated safetensors export
 - ``jtp.training``: :class:`TrainModule`, :class:`Trainer`
 - ``jtp.generation``: :func:`generate` (a sharded KV cache)
 - ``jtp.analysis``: collectives, memory and dtypes of a compiled step, :func:`explain`
+- ``jtp.recipes``: the ready-made tasks the programs run (``LlamaTask``, ...)
+- ``jtp.capacity``: the capacity planner (:func:`jtp.capacity.search`)
 - ``jtp.xla_flags``: the XLA flags jtp sets on GPUs (:func:`apply_gpu_flags`)
 """
 
