@@ -25,7 +25,7 @@ import pytest
 from flax import nnx
 from helpers import rel_err
 
-from jtp.analysis.dtypes import dots
+from jtp.analysis.dtypes import dot_flops_by_dtype, dots
 from jtp.models.decoder import cross_entropy
 from jtp.models.llama import PRESETS, Llama
 from jtp.models.moe import (
@@ -247,6 +247,30 @@ def test_forward_matmul_flops_grow_with_k_not_with_the_experts(capacity_factor):
     every_expert = 3 * 2 * n * e * D * F + router
     assert top_k <= flops <= 1.2 * top_k
     assert every_expert > 6 * flops
+
+
+@pytest.mark.parametrize(
+    "gating, weighting", [("mixtral", "float32"), ("softmax_topk", "bfloat16")]
+)
+def test_bf16_experts_in_bf16_router_in_float32_weighting_as_each_family(gating, weighting):
+    """With a bf16 compute dtype the experts' grouped matmuls are bf16 and the router's is
+    float32 (read off the jaxpr); each expert output is weighted in float32 (Mixtral) or in
+    bf16 (the others, weights cast first), as transformers does; the output is bf16."""
+    moe = MoEFeedForward(D, F, E, K, rngs=nnx.Rngs(0), gating=gating, dtype=jnp.bfloat16)
+    x = X.astype(jnp.bfloat16)
+    jaxpr = jax.make_jaxpr(lambda x: moe(x)[0])(x)
+    n = 24
+    assert dot_flops_by_dtype(jaxpr) == {
+        "float32": 2 * n * D * E,
+        "bfloat16": 3 * 2 * n * K * D * F,
+    }
+    weighted = [  # the (N, K, D) products of expert outputs and their weights
+        e.outvars[0].aval.dtype.name
+        for e in jaxpr.jaxpr.eqns
+        if e.primitive.name == "mul" and e.outvars[0].aval.shape == (n, K, D)
+    ]
+    assert weighted == [weighting]
+    assert moe(x)[0].dtype == jnp.bfloat16
 
 
 def moe_config(**kw):
