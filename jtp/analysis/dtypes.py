@@ -62,19 +62,38 @@ def _where(eqn: Any) -> str:
         return ""
 
 
+def _ragged_size(eqn: Any, lhs: Any) -> float:
+    """Products per output element of a ``ragged_dot_general`` (a grouped matmul: each row
+    of the ragged dimension meets one group). Ragged in a free dimension (the forward,
+    ``(M, K) x (G, K, N) -> (M, N)``): the contracted size, as a dot. Ragged in the
+    contracted dimension (a weight's gradient, ``(M, K) x (M, N) -> (G, K, N)``): each
+    output group sums only its own rows, ``M / G`` of them on average, so the ``G`` output
+    groups together cost what one dense ``(K, M) x (M, N)`` does."""
+    numbers = eqn.params["ragged_dot_dimension_numbers"]
+    (contract, _), _ = numbers.dot_dimension_numbers
+    size = math.prod(lhs.shape[d] for d in contract)
+    if set(numbers.lhs_ragged_dimensions) & set(contract):
+        size /= eqn.invars[2].aval.shape[-1]  # G groups in the output, each its rows only
+    return size
+
+
 def dots(jaxpr: Any, trips: float = 1.0) -> list[Dot]:
-    """Every ``dot_general`` and convolution of ``jaxpr`` (a ``ClosedJaxpr`` or ``Jaxpr``, e.g.
-    ``jax.make_jaxpr(step)(...)`` or ``jitted.trace(...).jaxpr``), nested ones included; a
-    dot inside a ``scan`` counts once per trip."""
+    """Every ``dot_general``, grouped matmul (``ragged_dot_general``) and convolution of
+    ``jaxpr`` (a ``ClosedJaxpr`` or ``Jaxpr``, e.g. ``jax.make_jaxpr(step)(...)`` or
+    ``jitted.trace(...).jaxpr``), nested ones included; a dot inside a ``scan`` counts once
+    per trip. A grouped matmul counts the work of its groups, not the dense product the CPU
+    backend lowers it to (each row times all G groups' weights, masked)."""
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
     found: list[Dot] = []
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+        if eqn.primitive.name in ("dot_general", "conv_general_dilated", "ragged_dot_general"):
             lhs, rhs = (v.aval for v in eqn.invars[:2])
             out = eqn.outvars[0].aval
             if eqn.primitive.name == "dot_general":
                 (contract, _), _ = eqn.params["dimension_numbers"]
                 size = math.prod(lhs.shape[d] for d in contract)
+            elif eqn.primitive.name == "ragged_dot_general":
+                size = _ragged_size(eqn, lhs)
             else:  # each output element sums kernel-window x input-features products
                 out_features = rhs.shape[eqn.params["dimension_numbers"].rhs_spec[0]]
                 size = math.prod(rhs.shape) // out_features

@@ -1,7 +1,8 @@
 """Example models: plain single-device Flax NNX code, sharded from outside by a plan.
 
 :class:`Decoder` (also ``Llama``) is the decoder of Llama, Mistral, Qwen2/3, Phi-3 and
-Gemma 2/3, with an optional key/value cache (:mod:`jtp.models.cache`).
+Gemma 2/3, with an optional key/value cache (:mod:`jtp.models.cache`), and with
+mixture-of-experts feed-forwards (:class:`MoEFeedForward`) of Mixtral, Qwen2/3-MoE and OLMoE.
 """
 
 from jtp.models.cache import KVCache, init_cache
@@ -9,6 +10,7 @@ from jtp.models.decoder import Decoder
 from jtp.models.decoder_config import DecoderConfig
 from jtp.models.feedforward import FeedForward
 from jtp.models.llama import Llama, LlamaConfig
+from jtp.models.moe import MoEFeedForward, RouterStats
 
 __all__ = [
     "Decoder",
@@ -17,5 +19,7 @@ __all__ = [
     "KVCache",
     "Llama",
     "LlamaConfig",
+    "MoEFeedForward",
+    "RouterStats",
     "init_cache",
 ]

@@ -23,7 +23,10 @@ attention on all layers (Mistral) or on some (Qwen's ``max_window_layers``, Gemm
 interleaving); and Gemma 2 / 3: GeGLU, (1 + w) RMSNorms, the embedding scaled by sqrt(D),
 sandwich norms around attention and the feed-forward, a score scale from
 ``query_pre_attn_scalar``, soft-capped scores and logits, and a second RoPE base for the
-sliding layers. RoPE rotates interleaved feature pairs, as Meta's reference does; the HF
+sliding layers. Mixtral, Qwen2/3-MoE and OLMoE: a mixture-of-experts feed-forward
+(:mod:`jtp.models.moe`) in the sparse layers (``n_experts``, ``moe_layers``), whose router
+stats ride along with the residual through the blocks (``Decoder(..., router_stats=True)``
+returns them summed). RoPE rotates interleaved feature pairs, as Meta's reference does; the HF
 adapter permutes q/k rows on the way in and out (:mod:`jtp.models.hf.names`) and splits
 Phi-3's fused projections (:mod:`jtp.models.hf.families.phi3`).
 
@@ -35,6 +38,7 @@ queries per kv head, E head dim, V vocab.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +51,7 @@ from jtp.models.decoder_config import DecoderConfig
 from jtp.models.feedforward import FeedForward
 from jtp.models.layer_kinds import by_kind, layer_attention, layer_kinds
 from jtp.models.lora import LoRALinear
+from jtp.models.moe import MoEFeedForward, RouterStats
 from jtp.models.norm import OffsetRMSNorm
 from jtp.models.rope import apply_rope, rope_at, rope_tables
 from jtp.models.stack import ATTENTION_OUT, run_blocks
@@ -219,9 +224,15 @@ def _gathered(normed_btd: jax.Array) -> jax.Array:
 
 class TransformerBlock(nnx.Module):
     """A pre-norm block: ``x + attention(norm(x))``, then ``h + feed_forward(norm(h))``, the
-    two outputs normed once more before their adds in Gemma's sandwich."""
+    two outputs normed once more before their adds in Gemma's sandwich.
 
-    def __init__(self, c: DecoderConfig, *, rngs: nnx.Rngs):
+    ``sparse``: the feed-forward is a mixture of experts (:class:`MoEFeedForward`). In a
+    model with experts (``n_experts > 0``) every block, dense or sparse, takes and returns
+    ``(x, RouterStats)``: the router stats summed over the layers so far ride along with
+    ``x`` (a scan's carry; :mod:`jtp.models.moe` says why they are returned, not sown).
+    """
+
+    def __init__(self, c: DecoderConfig, *, rngs: nnx.Rngs, sparse: bool = False):
         self.attention_norm = _norm(c.dim, c, rngs)
         self.attention = Attention(c, rngs=rngs)
         self.ffn_norm = _norm(c.dim, c, rngs)
@@ -230,9 +241,26 @@ class TransformerBlock(nnx.Module):
         def linear(name: str, n_in: int, n_out: int) -> nnx.Linear:
             return _linear(n_in, n_out, c, rngs, target=names[name])
 
-        self.feed_forward = FeedForward(
-            c.dim, c.ffn_hidden, rngs=rngs, linear=linear, activation=c.activation
-        )
+        self.carries_stats, self.sparse = c.n_experts > 0, sparse
+        if sparse:
+            self.feed_forward = MoEFeedForward(
+                c.dim,
+                c.moe_ffn_hidden or c.ffn_hidden,
+                c.n_experts,
+                c.experts_per_token,
+                rngs=rngs,
+                gating=c.gating,
+                norm_topk_prob=c.norm_topk_prob,
+                shared_hidden_dim=c.shared_expert_hidden,
+                capacity_factor=c.capacity_factor,
+                activation=c.activation,
+                linear=linear,
+                **_dtypes(c),
+            )
+        else:
+            self.feed_forward = FeedForward(
+                c.dim, c.ffn_hidden, rngs=rngs, linear=linear, activation=c.activation
+            )
         # Gemma's sandwich: the attention and feed-forward outputs normed before each add
         # (HF's post_attention_layernorm / post_feedforward_layernorm; its pre-FFN norm,
         # pre_feedforward_layernorm, is ffn_norm, which Llama's files call post_attention).
@@ -244,19 +272,22 @@ class TransformerBlock(nnx.Module):
 
     def __call__(
         self,
-        x_btd: jax.Array,
+        x_btd: jax.Array | tuple[jax.Array, RouterStats],
         cos: jax.Array,
         sin: jax.Array,
         local_rope: tuple[jax.Array, jax.Array] | None = None,
         sliding: bool | jax.Array = True,
         cache: KVCache | None = None,
         slots: Slots | None = None,
-    ) -> jax.Array | tuple[jax.Array, KVCache]:
+    ) -> Any:
         """The block on ``x`` (B, T, D). ``cos``/``sin``: the RoPE tables; ``local_rope``:
         the sliding layers' own (Gemma 3), None: the same; ``sliding``: whether this layer is
         a sliding one (traced inside a scan over both kinds). ``cache``, ``slots``: this
         layer's key/value cache and where the tokens go (:class:`Attention`); with them,
-        returns ``(x, the layer's new cache)``."""
+        returns ``(x, the layer's new cache)``. In a model with experts ``x`` is
+        ``(x, stats)`` in and out, this layer's router stats added."""
+        if self.carries_stats:
+            x_btd, stats = x_btd
         if local_rope is not None:
             cos, sin = by_kind(sliding, local_rope, (cos, sin))
         # "residual" is where sequence parallelism splits T: the norms run on a T shard.
@@ -267,9 +298,15 @@ class TransformerBlock(nnx.Module):
         else:
             attn_btd, cache = self.attention(a_btd, cos, sin, sliding, cache, slots)
         h_btd = shard_activation(x_btd + self._post(self.post_attention_norm, attn_btd), "residual")
-        f_btd = self._post(self.post_ffn_norm, self.feed_forward(_gathered(self.ffn_norm(h_btd))))
-        out_btd = shard_activation(h_btd + f_btd, "residual")
-        return out_btd if cache is None else (out_btd, cache)
+        f_btd = self.feed_forward(_gathered(self.ffn_norm(h_btd)))
+        if self.sparse:
+            f_btd, own = f_btd
+            stats = stats + own
+        f_btd = self._post(self.post_ffn_norm, f_btd)
+        out = shard_activation(h_btd + f_btd, "residual")
+        if self.carries_stats:
+            out = (out, stats)
+        return out if cache is None else (out, cache)
 
     @staticmethod
     def _post(norm: nnx.RMSNorm | None, y_btd: jax.Array) -> jax.Array:
@@ -297,13 +334,15 @@ class Decoder(nnx.Module):
         self.config = config
         self.tok_embeddings = nnx.Embed(config.vocab_size, config.dim, rngs=rngs, **_dtypes(config))
 
-        def block(layer_rngs: nnx.Rngs) -> TransformerBlock:
-            return TransformerBlock(config, rngs=layer_rngs)
+        sparse = config.layer_moe()  # all alike when scanned (DecoderConfig refuses a mix)
+
+        def block(layer_rngs: nnx.Rngs, i: int = 0) -> TransformerBlock:
+            return TransformerBlock(config, rngs=layer_rngs, sparse=sparse[i])
 
         if config.scan_layers:  # layers.attention.wq.kernel: (n_layers, D, H * E)
             self.layers = stack(block, config.n_layers, rngs)
         else:  # layers.0.attention.wq.kernel: (D, H * E), ...
-            self.layers = nnx.List([block(rngs) for _ in range(config.n_layers)])
+            self.layers = nnx.List([block(rngs, i) for i in range(config.n_layers)])
         self.norm = _norm(config.dim, config, rngs)
         # Tied: no output layer; the logits use the embedding table (one array, one gradient).
         self.output = (
@@ -318,7 +357,8 @@ class Decoder(nnx.Module):
         positions_bt: jax.Array | None = None,
         cache_index: jax.Array | int = 0,
         valid_bs: jax.Array | None = None,
-    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        router_stats: bool = False,
+    ) -> jax.Array | tuple[jax.Array, KVCache] | tuple[jax.Array, RouterStats]:
         """Logits (B, T, V) of ``tokens_bt``, each attending to itself and every earlier token.
 
         With ``cache`` (:func:`jtp.models.cache.init_cache`: S slots per sequence) the tokens
@@ -332,8 +372,14 @@ class Decoder(nnx.Module):
         Returns ``(logits, the new cache)``: for every position of the unpadded sequence
         the logits of the cache-free forward (:mod:`jtp.models.cache` says how windows are
         counted). No backward runs through the cached forward: it takes no remat.
+
+        ``router_stats`` (a model with experts, no cache): return ``(logits, stats)``, the
+        :class:`RouterStats` of every sparse layer summed (the auxiliary losses are taken
+        from them: :func:`jtp.models.moe.load_balancing_loss`); otherwise they are dropped.
         """
         c = self.config
+        if router_stats and (not c.n_experts or cache is not None):
+            raise ValueError("router_stats needs a model with experts (n_experts > 0), no cache")
         t = tokens_bt.shape[1]
         if cache is None:
             if t > c.max_seq_len:
@@ -368,12 +414,17 @@ class Decoder(nnx.Module):
         x_btd = scale_embeddings(c, x_btd)
         x_btd = shard_activation(shard_activation(x_btd, "embedding"), "residual")  # (B, T, D)
         kinds, per_layer = layer_kinds(c)
-        args = (self.layers, x_btd, cos, sin, local_rope, *kinds)
+        # With experts the blocks' carry is (x, router stats summed over the layers so far).
+        carry = (x_btd, RouterStats.zeros(c.n_experts)) if c.n_experts else x_btd
+        args = (self.layers, carry, cos, sin, local_rope, *kinds)
         if cache is None:
-            x_btd = run_blocks(*args, remat=c.remat, xs=per_layer)  # (B, T, D)
+            carry = run_blocks(*args, remat=c.remat, xs=per_layer)  # (B, T, D)
         else:  # each layer reads and replaces its slice of the cache
-            x_btd, cache = run_blocks(*args, xs=per_layer, cache=cache, slots=slots)
+            carry, cache = run_blocks(*args, xs=per_layer, cache=cache, slots=slots)
+        x_btd, stats = carry if c.n_experts else (carry, None)
         logits_btv = shard_activation(self.head(_gathered(self.norm(x_btd))), "logits")
+        if router_stats:
+            return logits_btv, stats
         return logits_btv if cache is None else (logits_btv, cache)
 
     def head(self, h_btd: jax.Array) -> jax.Array:

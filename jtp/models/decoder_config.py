@@ -1,7 +1,8 @@
 """The decoder's config (:class:`DecoderConfig`, also known as ``LlamaConfig``): what the
 model computes and how it is run, as one frozen dataclass with a comment per field. Its
 defaults are Llama 3's; the fields after ``kv_replicas`` grow it into Mistral, Qwen2/3,
-Phi-3 and Gemma 2/3. :mod:`jtp.models.decoder` builds the model from it; the plans, the HF
+Phi-3 and Gemma 2/3, and the MoE fields (``n_experts`` ...) into Mixtral, Qwen2/3-MoE and
+OLMoE. :mod:`jtp.models.decoder` builds the model from it; the plans, the HF
 adapter (:mod:`jtp.models.hf.config`) and the CLI read it; :mod:`jtp.models.llama` holds
 the presets and the Llama names.
 """
@@ -13,6 +14,7 @@ import dataclasses
 from jtp.models.attention import ATTENTION
 from jtp.models.feedforward import ACTIVATIONS
 from jtp.models.lora import parse_targets
+from jtp.models.moe import GATINGS
 from jtp.models.rope import RopeScaling
 from jtp.models.stack import remat_name
 
@@ -75,6 +77,29 @@ class DecoderConfig:
     query_pre_attn_scalar: float | None = None  # scores times this ** -0.5; None: head_dim's
     attn_softcap: float | None = None  # scores -> tanh(s / cap) * cap before the mask (Gemma 2)
     final_softcap: float | None = None  # logits -> tanh(l / cap) * cap (Gemma 2)
+    # Mixture of experts (jtp.models.moe): Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE.
+    n_experts: int = 0  # E experts in each sparse layer's feed-forward; 0: every layer dense
+    experts_per_token: int = 2  # k experts each token is sent to (num_experts_per_tok)
+    moe_ffn_hidden: int = 0  # F of each expert (moe_intermediate_size); 0: ffn_hidden (Mixtral)
+    # "softmax_topk" only: the k routing weights renormalised to sum 1 (Qwen3-30B-A3B's
+    # checkpoint sets it; transformers' default and OLMoE's are False). Mixtral's always are.
+    norm_topk_prob: bool = False
+    # How the router's logits become weights: "mixtral" (softmax over the top-k logits,
+    # weighted in float32) or "softmax_topk" (Qwen2/3-MoE, OLMoE: softmax over E, top-k,
+    # weights in the hidden dtype); jtp.models.moe says exactly.
+    gating: str = "softmax_topk"
+    shared_expert_hidden: int = 0  # Qwen2-MoE's sigmoid-gated shared expert width; 0: none
+    # Which layers are sparse, a pattern repeated over the layers as sliding_layers (layer i
+    # is sparse iff moe_layers[i % len]); None: all, when n_experts > 0. Expresses Qwen's
+    # decoder_sparse_step and mlp_only_layers. Mixed layers need scan_layers=False.
+    moe_layers: tuple[bool, ...] | None = None
+    # Load-balancing loss coefficient (transformers' default for Mixtral and Qwen-MoE; it
+    # adds the term only with output_router_logits); applied by the training step.
+    router_aux_loss_coef: float = 0.001
+    router_z_loss_coef: float = 0.0  # ST-MoE's router z-loss coefficient; 0: off
+    # None: dropless (grouped matmuls); else each expert takes ceil(factor * N * k / E)
+    # (token, expert) pairs of a batch's N tokens and drops the rest (counted).
+    capacity_factor: float | None = None
 
     @property
     def head_dim(self) -> int:  # E
@@ -116,6 +141,7 @@ class DecoderConfig:
                 raise ValueError(
                     "DecoderConfig: sliding_layers is empty; give None for every layer"
                 )
+        self._check_moe()
         positive = {
             "sliding_window": self.sliding_window,
             "local_rope_theta": self.local_rope_theta,
@@ -126,6 +152,61 @@ class DecoderConfig:
         for name, value in positive.items():
             if value is not None and not value > 0:
                 raise ValueError(f"DecoderConfig: {name}={value!r} must be > 0 (or None: off)")
+
+    def _check_moe(self) -> None:
+        """The mixture-of-experts fields make sense together (``__post_init__``)."""
+        if self.moe_layers is not None:  # a checkpoint's JSON record holds a list
+            object.__setattr__(self, "moe_layers", tuple(bool(x) for x in self.moe_layers))
+        if self.n_experts < 0:
+            raise ValueError(f"DecoderConfig: n_experts {self.n_experts} must be >= 0 (0: dense)")
+        if not self.n_experts:
+            moe_only = {"moe_layers": None, "shared_expert_hidden": 0, "capacity_factor": None}
+            for name, off in moe_only.items():
+                if getattr(self, name) != off:
+                    raise ValueError(f"DecoderConfig: {name} needs n_experts > 0 (a MoE model)")
+            return
+        if not 1 <= self.experts_per_token <= self.n_experts:
+            raise ValueError(
+                f"DecoderConfig: experts_per_token {self.experts_per_token} must be in 1 .. "
+                f"n_experts ({self.n_experts})"
+            )
+        if self.gating not in GATINGS:
+            raise ValueError(f"DecoderConfig: gating={self.gating!r} must be one of {GATINGS}")
+        if self.moe_layers == ():
+            raise ValueError("DecoderConfig: moe_layers is empty; give None for every layer")
+        for name in ("moe_ffn_hidden", "shared_expert_hidden"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"DecoderConfig: {name} {getattr(self, name)} must be >= 0")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"DecoderConfig: {name} {getattr(self, name)} must be >= 0")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(
+                f"DecoderConfig: capacity_factor {self.capacity_factor} must be > 0 "
+                "(or None: dropless)"
+            )
+        if self.scan_layers and len(set(self.layer_moe())) > 1:
+            raise ValueError(
+                "DecoderConfig: moe_layers mixes dense and sparse layers, and scanned layers "
+                "share one structure (one parameter set per layer): build them unrolled "
+                "(scan_layers=False, --no-scan-layers)"
+            )
+        adapted = {"gate", "up", "down"} & set(self.lora_targets)
+        if self.lora_rank and adapted:
+            raise ValueError(
+                f"DecoderConfig: LoRA on the feed-forward ({sorted(adapted)}) of a MoE model "
+                "is not supported yet (the experts are stacked weights); adapt the attention "
+                "projections only (lora_targets q, k, v, o)"
+            )
+
+    def layer_moe(self) -> tuple[bool, ...]:
+        """Whether each of the ``n_layers`` layers has a mixture-of-experts feed-forward
+        (``moe_layers`` repeated over the layers; every layer when it is None; none when
+        ``n_experts`` is 0)."""
+        if not self.n_experts:
+            return (False,) * self.n_layers
+        pattern = self.moe_layers or (True,)
+        return tuple(pattern[i % len(pattern)] for i in range(self.n_layers))
 
     @property
     def cached_kv_heads(self) -> int:
@@ -143,6 +224,10 @@ class DecoderConfig:
         attn = d * h * e * 2 + d * kv * e * 2
         attn += (h + 2 * kv) * e if self.qkv_bias else 0
         attn += 2 * e if self.qk_norm else 0
-        block = attn + 3 * d * self.ffn_hidden + (4 if self.sandwich_norms else 2) * d
+        block = attn + (4 if self.sandwich_norms else 2) * d
+        dense = 3 * d * self.ffn_hidden
+        f, s = self.moe_ffn_hidden or self.ffn_hidden, self.shared_expert_hidden
+        sparse = d * self.n_experts + 3 * self.n_experts * d * f + (3 * d * s + d if s else 0)
+        ffns = sum(sparse if moe else dense for moe in self.layer_moe())
         tables = 1 if self.tie_embeddings else 2
-        return tables * self.vocab_size * d + self.n_layers * block + d
+        return tables * self.vocab_size * d + self.n_layers * block + ffns + d

@@ -41,6 +41,23 @@ def test_convolution_flops():
     assert d.flops == 2 * (2 * 7 * 5) * (3 * 3)  # out elements x (window x in features)
 
 
+def test_grouped_matmul_flops_count_the_groups_work_not_the_dense_product():
+    """``ragged_dot`` (M, K) x (G, K, N): each row meets one group, 2 * M * K * N FLOPs; its
+    gradients too: d lhs is another such grouped matmul, d rhs (G, K, N) sums each group's
+    own rows only (the CPU backend computes G times that, masked: not what is counted)."""
+    m, k, n, g = 12, 8, 6, 4
+    x, w = jnp.ones((m, k)), jnp.ones((g, k, n))
+    sizes = jnp.array([3, 0, 5, 4], jnp.int32)
+
+    def f(x, w):
+        return jnp.sum(jax.lax.ragged_dot(x, w, sizes))
+
+    (forward,) = dots(jax.make_jaxpr(f)(x, w))
+    assert forward.flops == 2 * m * k * n
+    backward = dots(jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(x, w))
+    assert [d.flops for d in backward] == [2 * m * k * n] * 3  # forward, d lhs, d rhs
+
+
 def test_collectives_after_partitioning_keep_bf16():
     """The same program after SPMD partitioning (bf16 all-reduce) and after the CPU's
     optimisation (promoted to float32): only the first tells what a GPU runs."""

@@ -1,0 +1,333 @@
+"""A mixture-of-experts feed-forward in plain single-device Flax NNX (:class:`MoEFeedForward`):
+a router chooses ``k`` of ``E`` SwiGLU experts per token, each token's output is the
+routing-weighted sum of its experts' outputs, plus Qwen2-MoE's gated shared expert.
+
+Dropless by default: the ``N * k`` (token, expert) pairs are sorted by expert and multiplied
+with grouped matmuls (``jax.lax.ragged_dot``), so the matmul work is that of ``k`` dense
+feed-forwards whatever ``E`` (:func:`jtp.analysis.dtypes.dots` counts it from the program).
+That is the program's work and a TPU's (or a GPU's grouped-matmul kernel's); the CPU
+backend lowers ``ragged_dot`` to a dense product masked per group (jax 0.12: each row times
+every expert's weights), measured 15.8x the top-k FLOPs at E = 16, k = 2 in the compiled
+forward's cost analysis. The capacity path's batched matmuls compile to 1.09x there.
+With a capacity factor each expert takes at most ``C`` pairs in fixed-shape buffers (the
+pairs past it are dropped and counted), the layout that plain batched matmuls and fixed
+all-to-alls want.
+
+Each family's gating as transformers 5.25 computes it (``gating``):
+
+- ``"mixtral"``: the top-k logits, softmaxed over the k chosen (transformers computes it as
+  a softmax over E, top-k, renormalised: the same numbers, the common denominator cancels);
+  the routing weights stay float32, each expert's output is weighted in float32 and cast
+  back to the hidden dtype before the sum over k (``MixtralExperts``).
+- ``"softmax_topk"`` (Qwen2-MoE, Qwen3-MoE, OLMoE): softmax over E in float32, the top-k
+  probabilities, renormalised to sum 1 where ``norm_topk_prob``; the weights are cast to the
+  hidden dtype first and the weighting is done there (``Qwen2MoeTopKRouter``).
+
+The router's logits are float32 whatever the compute dtype (its matmul is taken in float32:
+routing decisions are discrete, and bf16 logits flip near-ties; ST-MoE's "selective
+precision"). transformers takes the router's matmul in the model's dtype: under a bf16
+policy the two may choose differently on near-ties.
+
+What leaves the layer besides its output: :class:`RouterStats`, sums over the tokens, so
+that stats of several layers (or a scan's trips) add up and the losses are taken once from
+the sums: transformers' load-balancing loss over all layers is that of the *concatenated*
+router logits (:func:`load_balancing_loss`), which is not the sum of per-layer losses.
+Returned, not sown: ``jax.lax.scan`` over stacked layers (:mod:`jtp.models.stack`) merges a
+fresh block each trip and keeps only what the body returns, so a sown ``nnx.Intermediate``
+inside it would be lost; returned stats ride the scan's carry, under remat too.
+
+Dimension letters: N tokens (B * T), M = N * k (token, expert) pairs, D model width, E
+experts, F an expert's hidden width, C capacity (pairs per expert), K = k (experts per token).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jtp.models.feedforward import ACTIVATIONS, FeedForward
+
+GATINGS = ("mixtral", "softmax_topk")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RouterStats:
+    """What a MoE layer's routing did, as sums over its tokens (so stats add across layers,
+    scan trips and micro-batches: ``a + b``). All float32 but ``dropped``."""
+
+    tokens: jax.Array  # () tokens routed: N per layer
+    expert_tokens: jax.Array  # (E,) (token, expert) pairs sent to each expert: the load
+    expert_probs: jax.Array  # (E,) sum over tokens of the router's softmax probabilities
+    z_loss: jax.Array  # () sum over tokens of logsumexp(logits) ** 2 (ST-MoE's z-loss)
+    dropped: jax.Array  # () int32, pairs past an expert's capacity (0 when dropless)
+
+    @classmethod
+    def zeros(cls, n_experts: int) -> RouterStats:
+        """Stats of no tokens: the start of a sum over layers."""
+        scalar, per_expert = jnp.zeros((), jnp.float32), jnp.zeros((n_experts,), jnp.float32)
+        return cls(scalar, per_expert, per_expert, scalar, jnp.zeros((), jnp.int32))
+
+    def __add__(self, other: RouterStats) -> RouterStats:
+        return jax.tree.map(jnp.add, self, other)
+
+
+def load_balancing_loss(stats: RouterStats) -> jax.Array:
+    """transformers' ``load_balancing_loss_func`` (Switch Transformer's, eqs. 4-6) from summed
+    stats: ``E * sum_e f_e * P_e``, with ``f_e`` the (token, expert) pairs routed to ``e``
+    per token (summed over the k choices) and ``P_e`` the mean router probability of ``e``.
+
+    Over stats summed across layers it equals transformers' loss on the layers' logits
+    concatenated (every layer sees the same tokens, so its means are means over the
+    concatenation). Its coefficient (``router_aux_loss_coef``) is the caller's.
+    """
+    n_experts = stats.expert_tokens.shape[-1]
+    f_e = stats.expert_tokens / stats.tokens  # (E,)
+    p_e = stats.expert_probs / stats.tokens  # (E,)
+    return n_experts * jnp.sum(f_e * p_e)
+
+
+def router_z_loss(stats: RouterStats) -> jax.Array:
+    """ST-MoE's router z-loss: the mean over tokens (and summed layers) of
+    ``logsumexp(logits) ** 2``, which keeps the router's logits small."""
+    return stats.z_loss / stats.tokens
+
+
+def route(
+    logits_ne: jax.Array, k: int, gating: str, norm_topk_prob: bool
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Each token's ``k`` experts and their float32 routing weights, from float32 logits
+    (N, E). Returns ``(weights (N, K), experts (N, K) int32, probs (N, E), lse (N,))``:
+    ``probs`` the softmax over all experts and ``lse`` its log-normaliser (for the losses)."""
+    lse_n = jax.nn.logsumexp(logits_ne, axis=-1)  # (N,)
+    probs_ne = jnp.exp(logits_ne - lse_n[:, None])  # (N, E)
+    if gating == "mixtral":  # softmax over the k chosen logits
+        top_nk, experts_nk = jax.lax.top_k(logits_ne, k)  # (N, K) x 2
+        weights_nk = jax.nn.softmax(top_nk, axis=-1)  # (N, K)
+    elif gating == "softmax_topk":
+        weights_nk, experts_nk = jax.lax.top_k(probs_ne, k)  # (N, K) x 2
+        if norm_topk_prob:
+            weights_nk = weights_nk / jnp.sum(weights_nk, axis=-1, keepdims=True)
+    else:
+        raise ValueError(f"gating={gating!r} must be one of {GATINGS}")
+    return weights_nk, experts_nk.astype(jnp.int32), probs_ne, lse_n
+
+
+def capacity(n_tokens: int, k: int, n_experts: int, factor: float) -> int:
+    """Pairs each expert takes under a capacity ``factor``: ``ceil(factor * N * k / E)``
+    (factor 1: an even share), at least 1. ``factor >= E / k`` never drops."""
+    return max(1, math.ceil(factor * n_tokens * k / n_experts))
+
+
+class Experts(nnx.Module):
+    """``E`` SwiGLU feed-forwards as stacked weights: ``w1`` (gate) and ``w3`` (up) are
+    (E, D, F), ``w2`` (down) is (E, F, D), each expert's slice laid out as a Flax kernel
+    ``(in, out)``: jtp's :class:`FeedForward` names, so plans read alike."""
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        n_experts: int,
+        *,
+        rngs: nnx.Rngs,
+        activation: str = "silu",
+        dtype: jnp.dtype | None = None,
+        param_dtype: jnp.dtype = jnp.float32,
+    ):
+        # Flax's Linear default (lecun normal over the input features), one per expert.
+        init = nnx.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
+        e, d, f = n_experts, dim, hidden_dim
+        self.w1 = nnx.Param(init(rngs.params(), (e, d, f), param_dtype))
+        self.w2 = nnx.Param(init(rngs.params(), (e, f, d), param_dtype))
+        self.w3 = nnx.Param(init(rngs.params(), (e, d, f), param_dtype))
+        self.activation, self.dtype = activation, dtype
+
+    def _weights(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        """``x`` and the three weights in the compute dtype (``dtype``, else promoted, as
+        ``nnx.Linear`` does)."""
+        w1, w2, w3 = self.w1.get_value(), self.w2.get_value(), self.w3.get_value()
+        dtype = self.dtype or jnp.result_type(x, w1)
+        return x.astype(dtype), w1.astype(dtype), w2.astype(dtype), w3.astype(dtype)
+
+    def grouped(self, x_md: jax.Array, group_sizes_e: jax.Array) -> jax.Array:
+        """Rows of ``x`` (M, D) sorted by expert, ``group_sizes`` (E,) of them per expert,
+        each through its expert: (M, D). Grouped matmuls: each row meets one expert's
+        weights, so the work is ``M`` rows' whatever ``E``."""
+        x_md, w1, w2, w3 = self._weights(x_md)
+        gate_mf = jax.lax.ragged_dot(x_md, w1, group_sizes_e)  # (M, D) x (E, D, F) -> (M, F)
+        up_mf = jax.lax.ragged_dot(x_md, w3, group_sizes_e)  # (M, F)
+        h_mf = ACTIVATIONS[self.activation](gate_mf) * up_mf  # (M, F)
+        return jax.lax.ragged_dot(h_mf, w2, group_sizes_e)  # (M, F) x (E, F, D) -> (M, D)
+
+    def batched(self, x_ecd: jax.Array) -> jax.Array:
+        """Each expert on its own fixed-size buffer of rows: (E, C, D) -> (E, C, D)."""
+        x_ecd, w1, w2, w3 = self._weights(x_ecd)
+        gate_ecf = jnp.einsum("ecd,edf->ecf", x_ecd, w1)  # (E, C, F)
+        up_ecf = jnp.einsum("ecd,edf->ecf", x_ecd, w3)  # (E, C, F)
+        h_ecf = ACTIVATIONS[self.activation](gate_ecf) * up_ecf  # (E, C, F)
+        return jnp.einsum("ecf,efd->ecd", h_ecf, w2)  # (E, C, D)
+
+
+class Router(nnx.Module):
+    """The router: a bias-free linear D -> E whose logits are float32 whatever the compute
+    dtype (its matmul is taken in float32; the module docstring says why). Its ``kernel``
+    is (D, E), as an ``nnx.Linear``'s (HF's ``gate.weight`` transposed)."""
+
+    def __init__(self, dim: int, n_experts: int, *, rngs: nnx.Rngs, param_dtype: jnp.dtype):
+        init = nnx.initializers.lecun_normal()
+        self.kernel = nnx.Param(init(rngs.params(), (dim, n_experts), param_dtype))
+
+    def __call__(self, x_nd: jax.Array) -> jax.Array:
+        kernel_de = self.kernel.get_value().astype(jnp.float32)
+        return x_nd.astype(jnp.float32) @ kernel_de  # (N, D) x (D, E) -> (N, E)
+
+
+class MoEFeedForward(nnx.Module):
+    """A mixture-of-experts feed-forward: ``x (B, T, D) -> (y (B, T, D), RouterStats)``.
+
+    Args:
+      dim: D, input and output features.
+      hidden_dim: F, each expert's hidden width.
+      n_experts: E.
+      experts_per_token: k, experts each token is sent to.
+      rngs: random streams for the initialisers (keyword-only, as in ``nnx.Linear``).
+      gating: ``"mixtral"`` or ``"softmax_topk"`` (the module docstring says each).
+      norm_topk_prob: ``"softmax_topk"`` only: renormalise the k weights to sum 1.
+      shared_hidden_dim: Qwen2-MoE's shared expert, a dense SwiGLU of this width every token
+        goes through, scaled by ``sigmoid(shared_expert_gate(x))``; 0: none.
+      capacity_factor: None: dropless (grouped matmuls); else each expert takes at most
+        :func:`capacity` pairs, in order of token, the rest dropped (their weight lost, the
+        token keeps its other experts' output) and counted in ``RouterStats.dropped``.
+      activation: the experts' gate, a name in ``ACTIVATIONS``.
+      dtype, param_dtype: compute and parameter dtypes (the router computes in float32).
+      linear: builds the shared expert's linears, as :class:`FeedForward`'s ``linear``.
+
+    Example::
+
+      moe = MoEFeedForward(64, 128, 8, 2, rngs=nnx.Rngs(0))
+      y, stats = moe(jnp.ones((2, 16, 64)))  # (2, 16, 64); stats.expert_tokens: (8,)
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        n_experts: int,
+        experts_per_token: int,
+        *,
+        rngs: nnx.Rngs,
+        gating: str = "softmax_topk",
+        norm_topk_prob: bool = False,
+        shared_hidden_dim: int = 0,
+        capacity_factor: float | None = None,
+        activation: str = "silu",
+        dtype: jnp.dtype | None = None,
+        param_dtype: jnp.dtype = jnp.float32,
+        linear: Callable[[str, int, int], nnx.Module] | None = None,
+    ):
+        if gating not in GATINGS:
+            raise ValueError(f"MoEFeedForward: gating={gating!r} must be one of {GATINGS}")
+        if not 1 <= experts_per_token <= n_experts:
+            raise ValueError(
+                f"MoEFeedForward: experts_per_token {experts_per_token} must be in 1 .. "
+                f"n_experts ({n_experts})"
+            )
+        self.n_experts, self.k = n_experts, experts_per_token
+        self.gating, self.norm_topk_prob = gating, norm_topk_prob
+        self.capacity_factor, self.dtype = capacity_factor, dtype
+        self.router = Router(dim, n_experts, rngs=rngs, param_dtype=param_dtype)
+        self.experts = Experts(
+            dim,
+            hidden_dim,
+            n_experts,
+            rngs=rngs,
+            activation=activation,
+            dtype=dtype,
+            param_dtype=param_dtype,
+        )
+        if shared_hidden_dim:
+            self.shared_expert = FeedForward(
+                dim,
+                shared_hidden_dim,
+                rngs=rngs,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                linear=linear,
+                activation=activation,
+            )
+            self.shared_expert_gate = nnx.Linear(
+                dim, 1, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+            )
+        else:
+            self.shared_expert = self.shared_expert_gate = None
+
+    def __call__(self, x_btd: jax.Array) -> tuple[jax.Array, RouterStats]:
+        b, t, d = x_btd.shape
+        n, k, e = b * t, self.k, self.n_experts
+        x_nd = x_btd.reshape(n, d)  # (B, T, D) -> (N, D)
+        logits_ne = self.router(x_nd)  # (N, E) float32
+        weights_nk, experts_nk, probs_ne, lse_n = route(
+            logits_ne, k, self.gating, self.norm_topk_prob
+        )
+        # The N * k (token, expert) pairs, pair m = token m // k's choice m % k, sorted by
+        # expert (stable: within an expert in token order, which is who a capacity keeps).
+        expert_m = experts_nk.reshape(n * k)  # (M,)
+        order_m = jnp.argsort(expert_m, stable=True)  # (M,) sorted position -> pair
+        expert_sorted_m = expert_m[order_m]  # (M,) ascending
+        x_sorted_md = x_nd[order_m // k]  # (M, D) each pair's token, in expert order
+        group_sizes_e = jnp.bincount(expert_m, length=e).astype(jnp.int32)  # (E,)
+        if self.capacity_factor is None:
+            y_sorted_md = self.experts.grouped(x_sorted_md, group_sizes_e)  # (M, D)
+            dropped = jnp.zeros((), jnp.int32)
+        else:
+            y_sorted_md, dropped = self._with_capacity(
+                x_sorted_md, expert_sorted_m, group_sizes_e, n
+            )
+        # Unsort: pair m's output sits where argsort put it.
+        inverse_m = jnp.zeros_like(order_m).at[order_m].set(jnp.arange(n * k))  # (M,)
+        y_nkd = y_sorted_md[inverse_m].reshape(n, k, d)  # (M, D) -> (N, K, D)
+        y_nd = self._combine(y_nkd, weights_nk)  # (N, D)
+        if self.shared_expert is not None:  # Qwen2-MoE: sigmoid(gate(x)) * shared(x)
+            gate_n1 = jax.nn.sigmoid(self.shared_expert_gate(x_nd))  # (N, 1)
+            y_nd = y_nd + gate_n1 * self.shared_expert(x_nd)  # (N, D)
+        stats = RouterStats(
+            tokens=jnp.asarray(n, jnp.float32),
+            expert_tokens=group_sizes_e.astype(jnp.float32),
+            expert_probs=jnp.sum(probs_ne, axis=0),  # (E,)
+            z_loss=jnp.sum(jnp.square(lse_n)),
+            dropped=dropped,
+        )
+        return y_nd.reshape(b, t, d), stats  # (N, D) -> (B, T, D)
+
+    def _combine(self, y_nkd: jax.Array, weights_nk: jax.Array) -> jax.Array:
+        """Each token's k expert outputs (N, K, D) weighted and summed: (N, D), in the
+        hidden dtype, each family's weighting dtype as transformers (module docstring)."""
+        w_nk1 = weights_nk[..., None]  # (N, K, 1) float32
+        if self.gating == "mixtral":  # weighted in float32, cast back per expert output
+            weighted_nkd = (y_nkd.astype(jnp.float32) * w_nk1).astype(y_nkd.dtype)
+        else:  # the weights cast to the hidden dtype first
+            weighted_nkd = y_nkd * w_nk1.astype(y_nkd.dtype)
+        return jnp.sum(weighted_nkd, axis=1)  # (N, D)
+
+    def _with_capacity(
+        self, x_md: jax.Array, expert_m: jax.Array, group_sizes_e: jax.Array, n: int
+    ) -> tuple[jax.Array, jax.Array]:
+        """Sorted pairs (M, D) through the experts with at most C pairs each: scattered
+        into (E, C, D) buffers (pairs at a position >= C fall off), batched matmuls,
+        gathered back (a dropped pair's output is 0). Returns ``(y (M, D), dropped)``."""
+        e = self.n_experts
+        c = capacity(n, self.k, e, self.capacity_factor)
+        starts_e = jnp.cumsum(group_sizes_e) - group_sizes_e  # (E,) first sorted index
+        position_m = jnp.arange(expert_m.shape[0]) - starts_e[expert_m]  # (M,) rank in expert
+        buffers_ecd = jnp.zeros((e, c, x_md.shape[-1]), x_md.dtype)
+        buffers_ecd = buffers_ecd.at[expert_m, position_m].set(x_md, mode="drop")  # (E, C, D)
+        y_ecd = self.experts.batched(buffers_ecd)  # (E, C, D)
+        y_md = y_ecd.at[expert_m, position_m].get(mode="fill", fill_value=0)  # (M, D)
+        dropped = jnp.sum(position_m >= c).astype(jnp.int32)
+        return y_md, dropped
