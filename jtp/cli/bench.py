@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ge.add_argument("--prompt", type=int, default=64, help="tokens per prompt")
     ge.add_argument("--new", type=int, default=64, help="new tokens per prompt")
     ge.add_argument("--batches", default="1,8,32", help="prompts per batch")
+    ge.add_argument("--repeats", type=int, default=5, help="timed runs per batch; best counts")
     ge.add_argument("--json", default=None, help=JSON_HELP)
     lo = sub.add_parser("lora", help="LoRA train-step memory against full fine-tuning")
     lo.add_argument("--preset", default="llama3-8b", help="a jtp.models.llama preset")
