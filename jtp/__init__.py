@@ -2,7 +2,8 @@
 
 A plan outside the model names column- and row-wise layers; parameters are born sharded on a
 ``("data", "tensor")`` mesh; XLA inserts the collectives; the trainer keeps every
-tensor-parallel group on the same batch. This file only re-exports the public API:
+tensor-parallel group on the same batch. This file only re-exports the public API (the
+last two packages below are imported by name: ``import jtp.capacity``):
 
 - ``jtp.mesh``: axis names, :func:`make_mesh`, :class:`ModelParallelStrategy`
 - ``jtp.parallel``: styles, plans, ``sharded_init`` / ``parallelize``, batches, replicas,

@@ -1,16 +1,18 @@
 """``jtp bench`` (``python -m jtp.bench``): the figures the docs quote, re-measured, as a
 table and JSON.
 
-    python -m jtp.bench memory   [--dim 8192] [--json PATH] [--plot PNG]
-    python -m jtp.bench overhead [--dim 1024] [--steps 200] [--json PATH]
-    python -m jtp.bench llama    [--json PATH] [--no-8b]
-    python -m jtp.bench text     [--steps 300] [--json PATH] [--plot PNG]
-    python -m jtp.bench gpu      [--steps 20] [--json PATH] [--smoke]
+    python -m jtp.bench memory    [--dim 8192] [--json PATH] [--plot PNG]
+    python -m jtp.bench overhead  [--dim 512] [--steps 200] [--repeats 3] [--json PATH]
+    python -m jtp.bench llama     [--json PATH] [--no-8b]
+    python -m jtp.bench multihost [--calls 200] [--json PATH]
+    python -m jtp.bench text      [--steps 300] [--json PATH] [--plot PNG]
+    python -m jtp.bench gpu       [--steps 20] [--json PATH] [--smoke]
     python -m jtp.bench attention [--json PATH] [--smoke]
-    python -m jtp.bench compile  [--depths 2,8,32,80] [--dim 256] [--json PATH]
-    python -m jtp.bench cache    [--json PATH]
-    python -m jtp.bench generate [--batches 1,8,32] [--json PATH]
-    python -m jtp.bench lora     [--preset llama3-8b] [--rank 16] [--json PATH]
+    python -m jtp.bench compile   [--depths 2,8,32,80] [--dim 256] [--json PATH]
+    python -m jtp.bench cache     [--json PATH]
+    python -m jtp.bench generate  [--batches 1,8,32] [--repeats 5] [--json PATH]
+    python -m jtp.bench lora      [--preset llama3-8b] [--rank 16] [--json PATH]
+    python -m jtp.bench docs      [--check]
 
 Every benchmark also takes ``--record``, and every sub-command
 ``--compilation-cache DIR`` / ``--no-compilation-cache``

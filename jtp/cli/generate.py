@@ -16,6 +16,7 @@ what it writes as JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from typing import Any
@@ -119,7 +120,6 @@ def load_model(args: argparse.Namespace, mesh: Any, positions: int) -> Any:
     from flax import nnx
 
     from jtp.models.llama import Llama
-    from jtp.models.plans import llama as llama_plan
     from jtp.parallel.abstract import abstract_sharded
 
     if args.hf is not None:
@@ -127,12 +127,25 @@ def load_model(args: argparse.Namespace, mesh: Any, positions: int) -> Any:
 
         return load_pretrained(args.hf, mesh, fsdp=args.fsdp, max_seq_len=positions)
     from jtp.checkpoint.model import llama_record, restore_model
-    from jtp.recipes.llama import model_config_of
+    from jtp.recipes import LlamaTaskConfig, resolve
+    from jtp.recipes.llama import from_record, model_config_of
 
     module, _, step = llama_record(args.checkpoint, args.step, "jtp.generate runs")
-    config = model_config_of(module["model_config"])
-    factory = lambda: Llama(config, rngs=nnx.Rngs(0))  # noqa: E731
-    abstract = abstract_sharded(nnx.eval_shape(factory), mesh, llama_plan(config), fsdp=args.fsdp)
+    # The recorded model fitted to THIS mesh (its kv replicas are the training mesh's) and
+    # laid out by the ready plan, as training resolves a task; activations: generate's own.
+    trained = from_record(LlamaTaskConfig, module["config"])
+    here = dataclasses.replace(
+        trained,
+        hf=None,
+        data=None,
+        fsdp=args.fsdp,
+        sequence_parallel=False,
+        loss_parallel=False,
+        plan="ready",
+    )
+    setup = resolve(here, model_config_of(module["model_config"]), mesh)
+    factory = lambda: Llama(setup.model, rngs=nnx.Rngs(0))  # noqa: E731
+    abstract = abstract_sharded(nnx.eval_shape(factory), mesh, setup.plan, fsdp=args.fsdp)
     model, _, _ = restore_model(args.checkpoint, abstract, step=step)
     return model
 

@@ -54,6 +54,10 @@ def main(argv: list[str] | None = None) -> None:
             print("jtp (not installed)")
         return
     name, rest = argv[0], argv[1:]
+    if name == "plan":  # the capacity planner's old name: say where it went, run nothing
+        again = " ".join(["jtp capacity", *rest])
+        print(f"jtp: the capacity planner is jtp capacity (same flags): {again}", file=sys.stderr)
+        sys.exit(2)
     if name not in COMMANDS:
         print(f"jtp: unknown subcommand {name!r}\n\n{usage()}", file=sys.stderr)
         sys.exit(2)

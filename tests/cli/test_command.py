@@ -34,7 +34,7 @@ def test_help_and_an_unknown_subcommand(capsys):
     assert done.value.code == 0 and "capacity" in capsys.readouterr().out
     with pytest.raises(SystemExit) as done:
         command.main(["plan"])
-    assert done.value.code == 2 and "unknown subcommand 'plan'" in capsys.readouterr().err
+    assert done.value.code == 2 and "jtp capacity" in capsys.readouterr().err
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

@@ -5,6 +5,7 @@ anything."""
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -119,3 +120,29 @@ def test_checkpoint_and_text_prompt(tmp_path, capsys):
 def test_refusals_before_jax_runs(tmp_path, args, message):
     with pytest.raises(ValueError, match=message):
         main(["--hf", str(tmp_path), *args])
+
+
+def test_a_checkpoint_generates_on_another_tensor_size(tmp_path):
+    """A training checkpoint records its mesh's kv replicas (2 kv heads on tensor 4: 2
+    copies); generating on tensor 8 needs 4 and on tensor 2 none. The restored model is
+    resolved for the generating mesh as training resolves a task, and gives the same greedy
+    tokens on all three meshes (greedy argmax of equal float32 logits up to summation order:
+    the fixture's logits are far from ties)."""
+    import jtp
+    from jtp.cli.generate import build_parser, load_model
+
+    hf = str(Path(__file__).resolve().parents[1] / "fixtures" / "hf" / "llama_kv2")
+    ck = str(tmp_path / "ck")
+    train_main(
+        "--devices 8 --model llama --seq-len 16 --batch-size 8 --data-parallel 2 "
+        f"--tensor-parallel 4 --max-steps 1 --checkpoint-dir {ck} --no-progress "
+        f"--logger none --no-report-memory --hf {hf}".split()
+    )
+    tokens, copies = [], []
+    for d, t in ((2, 4), (1, 8), (4, 2)):
+        args = build_parser().parse_args(["--checkpoint", ck, "--prompt-ids", "5,9,3"])
+        model = load_model(args, jtp.make_mesh(d, t), 16)
+        copies.append(model.config.kv_replicas)
+        tokens.append(jtp.generate(model, [[5, 9, 3]], max_new_tokens=6))
+    assert copies == [2, 4, 1]
+    assert tokens[0] == tokens[1] == tokens[2]
