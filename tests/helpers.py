@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 
 import jax
@@ -13,6 +14,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import jtp
+from jtp.parallel.names import path_str
+from jtp.parallel.stacked import stacked_name
 
 FF_PLAN = {"w1": jtp.ColwiseParallel(), "w2": jtp.RowwiseParallel(), "w3": jtp.ColwiseParallel()}
 
@@ -308,3 +311,17 @@ def backend_compiles() -> Iterator[list[str]]:
         yield events
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def unrolled_copy(model: jtp.models.Llama) -> jtp.models.Llama:
+    """An unrolled decoder holding the scanned ``model``'s weights (layer i: slice i)."""
+    config = dataclasses.replace(model.config, scan_layers=False)
+    out = nnx.eval_shape(lambda: jtp.models.Llama(config, rngs=nnx.Rngs(0)))
+    stacked = {path_str(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
+    updates = []
+    for p, var in nnx.to_flat_state(nnx.state(out)):
+        found = stacked_name(path_str(p), stacked)
+        value = stacked[found[0]][found[1]] if found else stacked[path_str(p)]
+        updates.append((p, var.replace(value)))
+    nnx.update(out, nnx.from_flat_state(updates))
+    return out

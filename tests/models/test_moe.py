@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import rel_err
+from helpers import rel_err, unrolled_copy
 
 from jtp.analysis.dtypes import dot_flops_by_dtype, dots
 from jtp.models.decoder import cross_entropy
@@ -36,7 +36,7 @@ from jtp.models.moe import (
     router_z_loss,
 )
 from jtp.parallel.names import path_str
-from jtp.parallel.stacked import layer_names, stacked_name
+from jtp.parallel.stacked import layer_names
 
 D, F, E, K = 16, 32, 8, 2
 X = jax.random.normal(jax.random.key(1), (2, 12, D))  # (B, T, D): N = 24 tokens
@@ -277,20 +277,6 @@ def moe_config(**kw):
     return dataclasses.replace(
         PRESETS["tiny"], n_layers=3, n_experts=4, experts_per_token=2, moe_ffn_hidden=64, **kw
     )
-
-
-def unrolled_copy(model: Llama) -> Llama:
-    """An unrolled model holding the scanned ``model``'s weights (layer i: slice i)."""
-    config = dataclasses.replace(model.config, scan_layers=False)
-    out = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
-    stacked = {path_str(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
-    updates = []
-    for p, var in nnx.to_flat_state(nnx.state(out)):
-        found = stacked_name(path_str(p), stacked)
-        value = stacked[found[0]][found[1]] if found else stacked[path_str(p)]
-        updates.append((p, var.replace(value)))
-    nnx.update(out, nnx.from_flat_state(updates))
-    return out
 
 
 def loss_and_grads(model: Llama, tokens):

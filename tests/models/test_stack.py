@@ -15,31 +15,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import rel_err
+from helpers import rel_err, unrolled_copy
 
 import jtp
 from jtp.analysis.dtypes import dots
 from jtp.models.llama import Llama, LlamaConfig, cross_entropy
 from jtp.models.stack import REMAT_POLICIES, remat_name
 from jtp.parallel.names import path_str
-from jtp.parallel.stacked import layer_names, stacked_name
+from jtp.parallel.stacked import layer_names
 
 CFG = LlamaConfig(n_layers=3)
 TOKENS = np.random.default_rng(0).integers(0, CFG.vocab_size, (4, 17), dtype=np.int32)
-
-
-def unrolled_copy(model: Llama) -> Llama:
-    """An unrolled Llama holding the scanned ``model``'s weights (layer i: slice i)."""
-    config = dataclasses.replace(model.config, scan_layers=False)
-    out = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
-    stacked = {path_str(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
-    updates = []
-    for p, var in nnx.to_flat_state(nnx.state(out)):
-        found = stacked_name(path_str(p), stacked)
-        value = stacked[found[0]][found[1]] if found else stacked[path_str(p)]
-        updates.append((p, var.replace(value)))
-    nnx.update(out, nnx.from_flat_state(updates))
-    return out
 
 
 def loss_and_grads(model: Llama, tokens=TOKENS):
