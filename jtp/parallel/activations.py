@@ -78,6 +78,18 @@ def per_data_rank() -> Iterator[None]:
         active.data_mapped = previous
 
 
+def active_rule(name: str) -> tuple[Mesh, P, bool] | None:
+    """The active rule for ``name`` as ``(mesh, spec, data_mapped)``, marking it used; None
+    outside ``activation_rules`` or without that rule. For marks that do more than
+    constrain a layout (:func:`jtp.parallel.experts.place_experts`)."""
+    active = _ACTIVE.get()
+    if active is None:
+        return None
+    active.used.add(name)
+    spec = active.rules.get(name)
+    return None if spec is None else (active.mesh, spec, active.data_mapped)
+
+
 def shard_activation(x: jax.Array, name: str) -> jax.Array:
     """Constrain ``x`` to the active rule for ``name``; a no-op without one."""
     active = _ACTIVE.get()
