@@ -210,3 +210,20 @@ def test_placed_experts_run_per_data_rank():
         assert abs(float(losses[r]) - float(want_loss)) <= RTOL * abs(float(want_loss))
         got = {k: v[r] for k, v in flat(grads).items()}
         assert_grads_close(got, flat(want_grads))
+
+
+@pytest.mark.parametrize(
+    "n_experts, shape", [(8, (2, 4)), (2, (1, 8))], ids=["E-split-2x4", "F-split-tensor8"]
+)
+def test_generation_with_placed_experts_gives_one_devices_tokens(n_experts, shape):
+    """jtp.generate applies the "experts" rule in prefill and decode (a MoE layer on a
+    mesh without it would sort every sequence's pairs together): greedy tokens as on one
+    device."""
+    config = moe_config(n_experts)
+    prompts = [[1, 5, 9, 3], [2, 7], [4, 4, 4, 4, 4, 8], [9]]
+    want = jtp.generate(Llama(config, rngs=nnx.Rngs(0)), prompts, max_new_tokens=6)
+    mesh = jtp.make_mesh(data=shape[0], tensor=shape[1])
+    model = jtp.sharded_init(
+        lambda: Llama(config, rngs=nnx.Rngs(0)), mesh, llama(config, mesh=mesh)
+    )
+    assert jtp.generate(model, prompts, max_new_tokens=6) == want
