@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from jtp.errors import InputError
 from jtp.models.attention import ATTENTION
 from jtp.models.feedforward import ACTIVATIONS
 from jtp.models.lora import parse_targets
@@ -204,10 +205,12 @@ class DecoderConfig:
             )
         adapted = {"gate", "up", "down"} & set(self.lora_targets)
         if self.lora_rank and adapted:
-            raise ValueError(
-                f"DecoderConfig: LoRA on the feed-forward ({sorted(adapted)}) of a MoE model "
-                "is not supported yet (the experts are stacked weights); adapt the attention "
-                "projections only (lora_targets q, k, v, o)"
+            raise InputError(
+                f"DecoderConfig: LoRA on the feed-forward ({','.join(sorted(adapted))}) of a MoE "
+                "model is not supported: its experts are stacked (E, D, F) weights, and PEFT's "
+                "layout for adapters on fused 3-D experts is each family's own, which jtp does "
+                "not write; adapt the attention projections only (lora_targets / "
+                "--lora-targets q,k,v,o)"
             )
 
     def layer_moe(self) -> tuple[bool, ...]:
