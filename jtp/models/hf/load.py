@@ -119,8 +119,8 @@ def load_pretrained(
     seed: int = 0,
     adapter: str | None = None,
 ) -> Llama:
-    """Load a Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma 2 / Gemma 3
-    checkpoint onto ``mesh``.
+    """Load a Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma 2 / Gemma 3 /
+    Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE checkpoint onto ``mesh``.
 
     The model is jtp's :class:`~jtp.models.llama.Llama` under :func:`jtp.plans.llama`, born
     sharded: each device reads only its slice of each tensor. Its logits match transformers'
@@ -146,12 +146,14 @@ def load_pretrained(
       attention: the attention kernel (:mod:`jtp.models.attention`): ``"auto"`` takes
         cuDNN's fused attention on a GPU with bf16/fp16 inputs, XLA's path otherwise.
       scan_layers: the blocks stacked on a layer axis, run by one scan (HF's per-layer
-        tensors are stacked on the way in); False: unrolled, one parameter per tensor.
+        tensors are stacked on the way in); False: unrolled, one parameter per tensor (a
+        MoE checkpoint with dense and sparse layers needs it).
       lora_rank: > 0 adds LoRA adapters of this rank (:mod:`jtp.models.lora`) to the
         ``lora_targets`` linears (PEFT's names: "q", "k", "v", "o", "gate", "up", "down",
-        or "q,v"), scaled by ``lora_alpha / lora_rank``; ``A`` is drawn from ``seed``, ``B``
-        is zero, so the model computes the checkpoint's logits until it is trained. The
-        trainer then trains only the adapters (:meth:`jtp.TrainModule.trainable`).
+        or "q,v"; of a MoE model the attention's only), scaled by ``lora_alpha /
+        lora_rank``; ``A`` is drawn from ``seed``, ``B`` is zero, so the model computes the
+        checkpoint's logits until it is trained. The trainer then trains only the adapters
+        (:meth:`jtp.TrainModule.trainable`).
       adapter: a PEFT LoRA adapter directory (``adapter_model.safetensors`` +
         ``adapter_config.json``, e.g. :func:`jtp.hf.save_peft`'s) to load onto the
         checkpoint; its ``r``, ``lora_alpha`` and ``target_modules`` replace the three

@@ -7,7 +7,11 @@ modules in :mod:`jtp.models.hf.families`) and passes them to :func:`tensor_map`;
 (``scan_layers``, the default) holds each block parameter once for all layers, stacked on a
 leading layer axis (``layers.attention.wq.kernel`` of shape ``(L, D, H * E)``): HF's
 ``model.layers.{i}.*`` tensor is its slice ``i``, so the exported names stay HF's per-layer
-names. Two layout changes, each done here and nowhere else:
+names. A mixture-of-experts layer's experts are stacked too, on the axis after the layer
+axis (``layers.feed_forward.experts.w1`` of shape ``(L, E, D, F)``), and the hub's one
+tensor per expert, ``...experts.{e}.gate_proj.weight``, is its slice ``[i, e]``
+(:attr:`TensorMap.expert`; :mod:`jtp.models.hf.families.experts`). Two layout changes,
+each done here and nowhere else:
 
 - **transpose**: ``torch.nn.Linear`` stores ``weight`` as ``(out_features, in_features)`` and
   computes ``x @ W.T``; Flax's ``nnx.Linear`` stores ``kernel`` as ``(in, out)`` and computes

@@ -83,10 +83,11 @@ def save_pretrained(
         describes this model; a directory's tokenizer and generation files are copied.
         Without it, a config for ``LlamaForCausalLM`` / ``MistralForCausalLM`` /
         ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` / ``Gemma2ForCausalLM`` /
-        ``Gemma3ForCausalLM`` (by the model's features) is derived from ``model.config``,
-        and a model none of them computes is a ``ValueError`` (nothing there says Phi-3: a
-        Phi-3 source's fused tensors come back only with ``source=``; without, they are
-        written as Llama's separate projections).
+        ``Gemma3ForCausalLM`` / ``MixtralForCausalLM`` / ``Qwen2MoeForCausalLM`` /
+        ``Qwen3MoeForCausalLM`` / ``OlmoeForCausalLM`` (by the model's features) is derived
+        from ``model.config``, and a model none of them computes is a ``ValueError``
+        (nothing there says Phi-3: a Phi-3 source's fused tensors come back only with
+        ``source=``; without, they are written as Llama's separate projections).
       dtype: dtype of the saved tensors; default the source's ``dtype`` / ``torch_dtype``,
         else the parameters' own. A bf16 checkpoint loaded into float32 and saved back
         without training is bitwise the original.

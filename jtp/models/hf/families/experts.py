@@ -130,9 +130,19 @@ def qwen_moe_layers(hf: Mapping[str, Any], n_layers: int) -> tuple[bool, ...] | 
 
 def qwen_layer_fields(config: LlamaConfig) -> dict[str, Any]:
     """``decoder_sparse_step`` and ``mlp_only_layers`` from which transformers builds
-    ``config``'s sparse layers (the inverse of :func:`qwen_moe_layers`)."""
-    dense = [i for i, sparse in enumerate(config.layer_moe()) if not sparse]
-    return {"decoder_sparse_step": 1, "mlp_only_layers": dense}
+    ``config``'s sparse layers (the inverse of :func:`qwen_moe_layers`): the step that
+    leaves the fewest layers to list (the smallest such), the others listed."""
+    flags = config.layer_moe()
+    best = None
+    for step in range(1, len(flags) + 1):
+        steps = [(i + 1) % step == 0 for i in range(len(flags))]
+        if any(f and not s for f, s in zip(flags, steps, strict=True)):
+            continue  # a sparse layer the step leaves dense: no list makes it sparse
+        dense = [i for i, (f, s) in enumerate(zip(flags, steps, strict=True)) if s and not f]
+        if best is None or len(dense) < len(best[1]):
+            best = (step, dense)
+    step, dense = best  # step 1 always fits
+    return {"decoder_sparse_step": step, "mlp_only_layers": dense}
 
 
 def moe_hf_fields(config: LlamaConfig, experts_field: str) -> dict[str, Any]:

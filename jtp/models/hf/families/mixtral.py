@@ -27,7 +27,11 @@ from jtp.models.llama import LlamaConfig
 
 ARCHITECTURE = "MixtralForCausalLM"
 ARCHITECTURES = {
-    ARCHITECTURE: Architecture("mixtral", False, False, 4096 * 32, rms_norm_eps=1e-5),
+    # head_dim: MixtralConfig's stays null (the attention takes hidden / heads), so a
+    # derived config.json writes one only where it is not that.
+    ARCHITECTURE: Architecture(
+        "mixtral", False, False, 4096 * 32, rms_norm_eps=1e-5, head_dim_field=False
+    ),
 }
 DEFAULTS = {"num_experts": 8, "num_experts_per_tok": 2, "router_aux_loss_coef": 0.001}
 
