@@ -8,14 +8,17 @@ tests/conftest.py leaves this directory out when it is unset) runs
 
 1. ``build``: one source checkpoint per case of :data:`CASES`, made by transformers from a
    tiny config (every supported architecture; with and without sliding windows where the
-   family has them, the window shorter than the sequence; tied and untied embeddings);
+   family has them, the window shorter than the sequence; tied and untied embeddings; the
+   MoE families with shared experts and dense layers among the sparse ones);
 2. here, under jtp: each source loaded sharded on a (1, 2) mesh, jtp's logits, and two
    exports: ``save_pretrained(source=...)`` (the source's config.json written back) and
    ``save_pretrained()`` (config.json derived from the model alone); for :data:`LORA`
    cases a model with random rank-4 adapters, its logits, ``save_peft`` and the merged
    ``save_pretrained``;
 3. ``run``: transformers loads every source and export (PEFT every adapter onto its
-   source) and writes its float32 logits and ``AutoConfig(...).to_dict()``.
+   source) and writes its float32 logits and ``AutoConfig(...).to_dict()``; of each MoE
+   source also its training ``loss`` and ``aux_loss`` with ``output_router_logits=True``,
+   which jtp's loss with the router term must equal (:func:`jtp_loss`).
 
 Tolerance: max |transformers - jtp| / max |jtp| <= 1e-5. Both sides compute in float32
 (unit roundoff 6e-8) on models two or three layers deep with reductions of at most 64
