@@ -13,12 +13,12 @@ biases, a sigmoid-gated shared expert, layers sparse / dense / sparse through
 mlp_only_layers: built unrolled); OLMoE (q/k norms over the whole projection).
 
 Tolerances, as tests/models/test_hf.py's: float32 logits, max |jtp - transformers| / max
-|transformers| <= 1e-4 and mean KL(transformers || jtp) <= 1e-6; seen <= 1.4e-6 and
-<= 1e-12 (both compute in float32 and choose the same experts; the reduction order
-differs). A wrong expert, router transpose, gating or norm width is O(1): the routing
-alone moves the logits by ~1 of the largest. Greedy tokens: transformers' exactly, or a
-first difference at a top-2 gap under TIE (the gaps of these fixtures are >= 8.8e-4, so
-none is a tie).
+|transformers| <= 1e-4 and mean KL(transformers || jtp) <= 1e-6 on (1, 1), (1, 8), (2, 4),
+(2, 4) + FSDP and (4, 2) + sequence + loss parallel; seen <= 1.5e-6 and <= 1e-12 (both
+compute in float32 and choose the same experts; the reduction order differs). A wrong
+expert, router transpose, gating or norm width is O(1): the routing alone moves the logits
+by ~1 of the largest. Greedy tokens: transformers' exactly, or a first difference at a
+top-2 gap under TIE (the gaps of these fixtures are >= 8.8e-4, so none is a tie).
 """
 
 import dataclasses
@@ -51,6 +51,7 @@ ARCHITECTURES = {
 }
 MESHES = {"1x1": ((1, 1), False), "1x8": ((1, 8), False), "2x4": ((2, 4), False)}
 MESHES["2x4-fsdp"] = ((2, 4), True)
+SP_LP = "4x2-sp-lp"  # also sequence + loss parallel (the router sees the gathered tokens)
 TIE = 1e-4  # logit units, as tests/generation/test_generate.py's
 
 
@@ -66,13 +67,14 @@ def load(name, shape=(1, 1), fsdp=False, **kw):
     return jtp.hf.load_pretrained(path, mesh, fsdp=fsdp, max_seq_len=T, **kw), mesh
 
 
-@pytest.mark.parametrize("mesh_case", list(MESHES))
+@pytest.mark.parametrize("mesh_case", [*MESHES, SP_LP])
 @pytest.mark.parametrize("name", NAMES)
 def test_logits_match_transformers(name, mesh_case):
-    shape, fsdp = MESHES[mesh_case]
-    model, mesh = load(name, shape, fsdp)
+    sp = mesh_case == SP_LP
+    shape, fsdp = ((4, 2), False) if sp else MESHES[mesh_case]
+    model, mesh = load(name, shape, fsdp, sequence_parallel=sp, loss_parallel=sp)
     tokens, want = reference(name)
-    rel, kl = errors(logits_of(model, mesh, tokens), want)
+    rel, kl = errors(logits_of(model, mesh, tokens, sp, sp), want)
     assert rel <= 1e-4 and kl <= 1e-6, (rel, kl)
 
 
