@@ -88,13 +88,12 @@ def config_fields(hf: Mapping[str, Any], architecture: str, max_positions: int) 
         moe_layers=experts.qwen_moe_layers(hf, positive_int(hf, "num_hidden_layers")),
     )
     if fields["moe_layers"] is not None:  # dense and sparse layers: not one scanned body
-        fields["scan_layers"] = False
+        fields["scan_layers"] = False  # how jtp runs it (describes() ignores it): the config
+        # must build; load_pretrained(scan_layers=True) then says to unroll
     if architecture == QWEN2_MOE:
-        field = "shared_expert_intermediate_size"
-        fields[field.replace("_intermediate_size", "_hidden")] = positive_int(
-            hf, field, defaults[field]
-        )
-        fields["qkv_bias"] = bool(hf.get("qkv_bias", True))
+        shared = "shared_expert_intermediate_size"
+        fields["shared_expert_hidden"] = positive_int(hf, shared, defaults[shared])
+        fields["qkv_bias"] = bool(hf.get("qkv_bias", True))  # Qwen2MoeConfig's field
     return fields
 
 
