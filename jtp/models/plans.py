@@ -114,11 +114,9 @@ def experts(n_experts: int, mesh: Mesh | None) -> P:
 def _with_experts(
     config: DecoderConfig, styles: dict, activations: dict, mesh: Mesh | None
 ) -> tuple[dict, dict]:
-    """The plan's entries for a model with experts (:func:`llama`)."""
+    """The plan's entries for a model with experts (:func:`llama`): the stacked experts,
+    the "experts" rule, and the shared expert laid out as a dense feed-forward."""
     spec = experts(config.n_experts, mesh)
-    dense = config.moe_layers is not None and not all(config.moe_layers)
-    if not dense:  # no layer has a dense feed-forward: its entries would match nothing
-        styles = {k: v for k, v in styles.items() if not k.startswith("layers.*.feed_forward.")}
     styles["layers.*.feed_forward.experts"] = ParamSharding(
         {"w1": spec, "w3": spec, "w2": P(spec[0], spec[2], spec[1])}
     )
@@ -128,8 +126,7 @@ def _with_experts(
             "layers.*.feed_forward.shared_expert.w3": ColwiseParallel(),
             "layers.*.feed_forward.shared_expert.w2": RowwiseParallel(),
         }
-    if not dense and not config.shared_expert_hidden:  # no dense feed-forward marks it
-        activations = {k: v for k, v in activations.items() if k != "ffn_hidden"}
+        activations = activations | {"ffn_hidden": P(DATA, None, TENSOR)}
     return styles, activations | {EXPERTS: spec}
 
 
