@@ -185,6 +185,13 @@ class LlamaTask(TrainModule):
     def plan(self) -> Plan:
         return self.setup.plan
 
+    @property
+    def per_rank_step(self) -> bool:
+        """A dropless mixture of experts' grouped matmuls (``jax.lax.ragged_dot``) cannot
+        be vmapped over data ranks (jax 0.12), so its accumulation reduces per micro-batch."""
+        c = self.model_config
+        return not c.n_experts or c.capacity_factor is not None
+
     def model_factory(self, mesh: Mesh | None = None) -> Callable[[], Llama]:
         """The model's factory; given ``mesh``, the task is first resolved for it
         (:func:`resolve`: kv replicas, the plan checked there)."""
