@@ -26,7 +26,7 @@ from jtp.data.datasets import RandomTokenDataset
 from jtp.data.loader import DataLoader
 from jtp.data.tokens import TokenDataset, read_meta
 from jtp.errors import InputError
-from jtp.mesh import ModelParallelStrategy
+from jtp.mesh import TENSOR, ModelParallelStrategy
 from jtp.models.hf import config_of, load_weights
 from jtp.models.hf.config import max_positions_of, read_config
 from jtp.models.llama import PRESETS, Llama, LlamaConfig
@@ -146,7 +146,8 @@ def resolve(config: LlamaTaskConfig, shapes: LlamaConfig, mesh: Mesh | None = No
         check_llama(model, mesh, seq_len=config.seq_len, sequence_parallel=config.sequence_parallel)
     if config.plan == "auto":  # parameters only (no activation rules: config.py refuses them)
         tokens = jax.ShapeDtypeStruct((config.batch_size, config.seq_len), jnp.int32)
-        plan = infer_plan(lambda: Llama(model, rngs=nnx.Rngs(0)), tokens)
+        tensor = None if mesh is None else int(mesh.shape[TENSOR])  # experts' split
+        plan = infer_plan(lambda: Llama(model, rngs=nnx.Rngs(0)), tokens, tensor=tensor)
     else:
         plan = llama(
             model,
