@@ -1,6 +1,7 @@
 """Training a mixture-of-experts model (jtp.recipes.objective through LlamaTask): the loss
 with the router's auxiliary terms against a hand computation, the train step's gradients
-on meshes against one device's, and the CLI's presets, options and recorded metrics.
+on meshes against one device's (the experts split over "tensor" on E, or on F where the
+tensor size does not divide E), and the CLI's presets, options and recorded metrics.
 
 Tolerances. The hand computation: 1e-6 relative; the same float32 numbers summed in another
 order (transformers' formula on the layers' logits concatenated, in float64 here, vs
@@ -20,6 +21,7 @@ import optax
 import pytest
 from flax import nnx
 from helpers import GRAD_TOL, rel_err
+from jax.sharding import PartitionSpec as P
 
 import jtp
 from jtp.models import moe
@@ -133,6 +135,8 @@ MESHES = {  # (data, tensor, fsdp, scan_layers, accumulate, capacity_factor)
     # per step: each rank runs its rows, the routing counts psummed over the ranks
     # (batch_total); capacity 4 = E / k never drops, so the step is the dropless one's
     "2x4-per-step-accumulate2": (2, 4, False, True, 2, 4.0),
+    # 4 experts on tensor 8: each expert's F split instead of E
+    "tensor8-4-experts": (1, 8, False, True, 1, None),
 }
 
 
@@ -149,13 +153,17 @@ def test_train_step_gradients_on_meshes_equal_one_device(name):
         router_z_loss_coef=0.01,
         capacity_factor=capacity_factor,
     )
-    shapes = None
+    shapes = LlamaTask(config).shapes
     if not scan:  # unrolled with a dense layer first
-        shapes = dataclasses.replace(LlamaTask(config).shapes, n_layers=3, moe_layers=(False, True))
+        shapes = dataclasses.replace(shapes, n_layers=3, moe_layers=(False, True))
+    if "4-experts" in name:
+        shapes = dataclasses.replace(shapes, n_experts=4)
     task = LlamaTask(config, model_config=shapes)
     strategy = jtp.ModelParallelStrategy(data, tensor, fsdp=fsdp)
     options = TrainerOptions(accumulate_grad_batches=k)
     state, rules = build_state(task, strategy, options)
+    experts = task.plan.styles["layers.*.feed_forward.experts"].specs["w1"]
+    assert experts == (P(None, None, "tensor") if "4-experts" in name else P("tensor", None, None))
     if k > 1:
         reduce = options.grad_reduce_for(fsdp=fsdp, per_rank=task.per_rank_step)
         assert reduce == ("per_step" if capacity_factor and not fsdp else "per_micro_batch")
