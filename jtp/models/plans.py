@@ -71,14 +71,10 @@ def llama(
         "tok_embeddings": RowwiseParallel(),
         "layers.*.attention.wq": ColwiseParallel(),
         "layers.*.attention.wo": RowwiseParallel(),
+        "layers.*.feed_forward.w1": ColwiseParallel(),
+        "layers.*.feed_forward.w3": ColwiseParallel(),
+        "layers.*.feed_forward.w2": RowwiseParallel(),
     }
-    dense_mlp = config is None or not all(config.layer_moe())  # some layer has one
-    if dense_mlp:
-        styles |= {
-            "layers.*.feed_forward.w1": ColwiseParallel(),
-            "layers.*.feed_forward.w3": ColwiseParallel(),
-            "layers.*.feed_forward.w2": RowwiseParallel(),
-        }
     if config is None or config.kv_replicas == 1:
         styles |= {
             "layers.*.attention.wk": ColwiseParallel(),
@@ -90,10 +86,9 @@ def llama(
         "residual": P(DATA, TENSOR, None) if sequence_parallel else P(DATA, None, None),
         "tp_input": P(DATA, None, None),  # normed input of attention / MLP / output: whole T
         "heads": P(DATA, None, TENSOR, None),  # q, k, v, out: (B, T, heads, E) split by head
+        "ffn_hidden": P(DATA, None, TENSOR),  # SwiGLU hidden (B, T, F) split like w1/w3
         "logits": P(DATA, None, TENSOR) if loss_parallel else P(DATA, None, None),
     }
-    if dense_mlp:
-        activations["ffn_hidden"] = P(DATA, None, TENSOR)  # SwiGLU hidden (B, T, F) like w1/w3
     if fsdp:  # the lookup's layout under the table's (V on "tensor", D on "data") split
         activations |= {"tokens": P(None, None), "embedding": P(None, None, DATA)}
     if config is not None and config.n_experts:

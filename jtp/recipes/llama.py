@@ -34,7 +34,6 @@ from jtp.models.lora import parse_targets
 from jtp.models.plans import check_llama, llama, replicate_kv
 from jtp.models.rope import rope_scaling_of
 from jtp.parallel.infer import infer_plan
-from jtp.parallel.infer.experts import expert_style
 from jtp.parallel.parallelize import sharded_init
 from jtp.parallel.plan import Plan
 from jtp.recipes.config import LlamaTaskConfig
@@ -157,24 +156,7 @@ def resolve(config: LlamaTaskConfig, shapes: LlamaConfig, mesh: Mesh | None = No
             fsdp=config.fsdp,
             mesh=mesh,
         )
-        plan = _with_experts(plan, model, mesh)
     return LlamaSetup(model, plan)
-
-
-EXPERTS_KEY = "layers.*.feed_forward.experts"
-
-
-def _with_experts(plan: Plan, model: LlamaConfig, mesh: Mesh | None) -> Plan:
-    """The ready plan with the stacked experts laid out where it has no rule for them yet:
-    split on E over "tensor" when the tensor size divides E, else on each expert's F
-    (:mod:`jtp.parallel.infer.experts`, the rule ``--plan auto`` applies). Without a mesh,
-    on E (the plan is refined once the mesh is known)."""
-    if not model.n_experts or any("experts" in key for key in plan.styles):
-        return plan
-    tensor = None if mesh is None else int(mesh.shape[TENSOR])
-    f = model.moe_ffn_hidden or model.ffn_hidden
-    style, _ = expert_style((model.n_experts, model.dim, f), tensor)
-    return plan | {EXPERTS_KEY: style}
 
 
 class LlamaTask(TrainModule):
@@ -203,13 +185,6 @@ class LlamaTask(TrainModule):
     @property
     def plan(self) -> Plan:
         return self.setup.plan
-
-    @property
-    def per_rank_step(self) -> bool:
-        """A dropless mixture of experts' grouped matmuls (``jax.lax.ragged_dot``) cannot
-        be vmapped over data ranks (jax 0.12), so its accumulation reduces per micro-batch."""
-        c = self.model_config
-        return not c.n_experts or c.capacity_factor is not None
 
     def model_factory(self, mesh: Mesh | None = None) -> Callable[[], Llama]:
         """The model's factory; given ``mesh``, the task is first resolved for it

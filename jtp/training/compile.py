@@ -71,7 +71,7 @@ def train_step(
         precision=options.precision,
         track_grad_norm=options.track_grad_norm,
         accumulate=options.accumulate_grad_batches,
-        grad_reduce=options.grad_reduce_for(fsdp=fsdp, per_rank=module.per_rank_step),
+        grad_reduce=options.grad_reduce_for(fsdp=fsdp),
         trainable=state.trainable,
     )
 

@@ -73,10 +73,6 @@ class TrainModule:
 
     mesh: Mesh
     trainer: TrainerView
-    # Whether training_step can run once per data rank under jax.vmap, as gradient
-    # accumulation's grad_reduce="per_step" runs it; False (a dropless mixture of experts:
-    # jax.lax.ragged_dot has no batching rule in jax 0.12) makes it "per_micro_batch".
-    per_rank_step: bool = True
 
     def configure_model(
         self, mesh: Mesh

@@ -31,8 +31,7 @@ class TrainerOptions:
         per optimizer step, whatever k; holds one unreduced param-sized gradient per
         device) or ``"per_micro_batch"`` (k times; the accumulator keeps the parameters'
         layout). ``None``: per_step, but per_micro_batch under fsdp (whose point is to not
-        hold whole gradients), as torchtitan does, and for a module whose step cannot run
-        per rank under jax.vmap (a dropless mixture of experts).
+        hold whole gradients), as torchtitan does.
       log_every_n_steps: fetch metrics from the devices, log and refresh the progress bar
         every this many optimizer steps (the only host syncs in the loop).
       stop_check_every_n_steps: in a multi-process run, agree on stop requests (SIGTERM,
@@ -145,20 +144,8 @@ class TrainerOptions:
     def validates_in_fit(self) -> bool:
         return self.val_check_interval is not None or self.check_val_every_n_epoch is not None
 
-    def grad_reduce_for(self, *, fsdp: bool, per_rank: bool = True) -> str:
-        """The gradient reduction in force (see ``grad_reduce``). ``per_rank``: whether the
-        module's step can run once per data rank under ``jax.vmap`` (what ``"per_step"``
-        does with k > 1; :attr:`jtp.TrainModule.per_rank_step`); if not, the default is
-        ``"per_micro_batch"`` and ``"per_step"`` is refused."""
-        if not per_rank and self.accumulate_grad_batches > 1:
-            if self.grad_reduce == "per_step":
-                raise ValueError(
-                    "grad_reduce='per_step' runs the step once per data rank under jax.vmap, "
-                    "which this module's step cannot take (a dropless mixture of experts: "
-                    "jax.lax.ragged_dot has no batching rule); use per_micro_batch (the "
-                    "default for it) or a capacity factor"
-                )
-            return "per_micro_batch"
+    def grad_reduce_for(self, *, fsdp: bool) -> str:
+        """The gradient reduction in force (see ``grad_reduce``)."""
         if self.grad_reduce is not None:
             return self.grad_reduce
         return "per_micro_batch" if fsdp else "per_step"

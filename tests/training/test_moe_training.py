@@ -129,12 +129,13 @@ MESHES = {  # (data, tensor, fsdp, scan_layers, accumulate, capacity_factor)
     "2x4": (2, 4, False, True, 1, None),
     "2x4-fsdp": (2, 4, True, True, 1, None),
     "tensor8-unrolled-mixed": (1, 8, False, False, 1, None),
-    # dropless: per micro-batch (ragged_dot cannot be vmapped over data ranks)
+    # per step: each data rank runs its rows alone (a vmap over the ranks), the routing
+    # counts psummed over them (batch_total)
     "2x4-unrolled-mixed-accumulate2": (2, 4, False, False, 2, None),
+    # per micro-batch (fsdp's default): the global micro-batch, no per-rank loop
     "2x4-fsdp-accumulate2": (2, 4, True, True, 2, None),
-    # per step: each rank runs its rows, the routing counts psummed over the ranks
-    # (batch_total); capacity 4 = E / k never drops, so the step is the dropless one's
-    "2x4-per-step-accumulate2": (2, 4, False, True, 2, 4.0),
+    # per step with a capacity: 4 = E / k never drops, so the step is the dropless one's
+    "2x4-per-step-capacity-accumulate2": (2, 4, False, True, 2, 4.0),
     # 4 experts on tensor 8: each expert's F split instead of E
     "tensor8-4-experts": (1, 8, False, True, 1, None),
 }
@@ -164,9 +165,9 @@ def test_train_step_gradients_on_meshes_equal_one_device(name):
     state, rules = build_state(task, strategy, options)
     experts = task.plan.styles["layers.*.feed_forward.experts"].specs["w1"]
     assert experts == (P(None, None, "tensor") if "4-experts" in name else P("tensor", None, None))
-    if k > 1:
-        reduce = options.grad_reduce_for(fsdp=fsdp, per_rank=task.per_rank_step)
-        assert reduce == ("per_step" if capacity_factor and not fsdp else "per_micro_batch")
+    if k > 1:  # per step: the rows of each data rank alone, their counts psummed
+        reduce = options.grad_reduce_for(fsdp=fsdp)
+        assert reduce == ("per_micro_batch" if fsdp else "per_step")
     step = train_step(task, state, options, fsdp=fsdp)
     rows = [tokens(i) for i in range(k)]
     batches = [jtp.shard_batch(r, strategy.mesh) for r in rows]
@@ -255,13 +256,6 @@ def test_the_cli_trains_a_moe_preset_and_records_router_metrics_per_step(tmp_pat
     (csv,) = (tmp_path / "runs").rglob("metrics.csv")
     header = csv.read_text().splitlines()[0].split(",")
     assert set(router) <= set(header)
-
-
-def test_per_step_accumulation_of_a_dropless_moe_is_refused():
-    task = LlamaTask(LlamaTaskConfig(preset="tiny-moe"))
-    options = TrainerOptions(accumulate_grad_batches=2, grad_reduce="per_step")
-    with pytest.raises(ValueError, match="ragged_dot has no batching rule"):
-        options.grad_reduce_for(fsdp=False, per_rank=task.per_rank_step)
 
 
 def test_moe_options_on_a_dense_model_are_refused():
