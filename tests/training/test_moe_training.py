@@ -4,10 +4,11 @@ on meshes against one device's (the experts split over "tensor" on E, or on F wh
 tensor size does not divide E), and the CLI's presets, options and recorded metrics.
 
 Tolerances. The hand computation: 1e-6 relative; the same float32 numbers summed in another
-order (transformers' formula on the layers' logits concatenated, in float64 here, vs
-jtp's sums of per-layer stats): seen 1e-7. The meshes: ``helpers.GRAD_TOL`` (1e-5
-norm-relative, the dense models' parity tolerance: per-shard partial sums all-reduced,
-rows reduced over "data" in another order; seen <= 1.2e-6 here), and the routing itself
+order (transformers' formula on the layers' logits concatenated, in float64 here, vs jtp's
+sums of per-layer stats): seen 2.1e-7 (loss), 1.2e-7 (aux). The meshes:
+``helpers.GRAD_TOL`` (1e-5 norm-relative, the dense models' parity tolerance: per-shard
+partial sums all-reduced, rows reduced over "data" in another order; seen 1.3e-6 to
+1.5e-6 on the 8 meshes), and the routing itself
 must be the same: the expert loads (integers) equal exactly, so no near-tie flipped.
 """
 
@@ -87,6 +88,9 @@ def test_the_loss_adds_the_router_losses_as_computed_by_hand(monkeypatch, capaci
     all_logits = np.concatenate(seen).astype(np.float64)
     z = float(np.mean(np.log(np.sum(np.exp(all_logits), -1)) ** 2))
     want = ce + 0.3 * aux + 0.01 * z
+    print(
+        f"loss {abs(float(loss) - want) / want:.1e} aux {abs(metrics['aux_loss'] - aux) / aux:.1e}"
+    )
     assert abs(float(loss) - want) <= 1e-6 * want
     assert abs(float(metrics["lm_loss"]) - ce) <= 1e-6 * ce
     assert abs(float(metrics["aux_loss"]) - aux) <= 1e-6 * aux
