@@ -234,6 +234,24 @@ class DecoderConfig:
         return tuple(pattern[i % len(pattern)] for i in range(self.n_layers))
 
     def num_params(self) -> int:
+        """Every parameter of the model (with experts: all experts of every sparse layer)."""
+        return self._params(self.n_experts)
+
+    def num_active_params(self) -> int:
+        """The parameters one token's forward uses: with experts, ``experts_per_token`` of
+        each sparse layer's ``n_experts`` (the router and any shared expert whole); a dense
+        model's are all of them. Mixtral-8x7B: 12.9B of 46.7B; Qwen3-30B-A3B: 3.3B of 30.5B
+        (the embedding table counted, as the model cards do)."""
+        return self._params(self.experts_per_token if self.n_experts else 0)
+
+    def num_expert_params(self) -> int:
+        """The stacked experts' parameters (``w1``, ``w2``, ``w3`` of every sparse layer);
+        0 for a dense model."""
+        f = self.moe_ffn_hidden or self.ffn_hidden
+        return sum(self.layer_moe()) * 3 * self.n_experts * self.dim * f
+
+    def _params(self, experts: int) -> int:
+        """Parameters with ``experts`` experts counted per sparse layer."""
         d, h, kv, e = self.dim, self.n_heads, self.n_kv_heads, self.head_dim
         attn = d * h * e * 2 + d * kv * e * 2
         attn += (h + 2 * kv) * e if self.qkv_bias else 0
@@ -242,7 +260,7 @@ class DecoderConfig:
         block = attn + (4 if self.sandwich_norms else 2) * d
         dense = 3 * d * self.ffn_hidden
         f, s = self.moe_ffn_hidden or self.ffn_hidden, self.shared_expert_hidden
-        sparse = d * self.n_experts + 3 * self.n_experts * d * f + (3 * d * s + d if s else 0)
+        sparse = d * self.n_experts + 3 * experts * d * f + (3 * d * s + d if s else 0)
         ffns = sum(sparse if moe else dense for moe in self.layer_moe())
         tables = 1 if self.tie_embeddings else 2
         return tables * self.vocab_size * d + self.n_layers * block + ffns + d
