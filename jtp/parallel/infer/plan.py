@@ -51,6 +51,7 @@ from typing import Any
 from flax import nnx
 
 from jtp.mesh import TENSOR
+from jtp.parallel.experts import EXPERTS
 from jtp.parallel.infer.choice import STYLES, PlanCost, choose, plan_cost, whole_plan
 from jtp.parallel.infer.dataflow import trace
 from jtp.parallel.infer.experts import ROUTER_WHY, expert_style, router_of, stacked_experts
@@ -255,9 +256,12 @@ def infer_plan(
         else:
             lost = None if m in copies else left_out(m, found, choice)
             entries[m] = (None, lost or whys[m])
+    rules = {}
     for path, shape in stacked_experts(model).items():  # a mixture of experts' own rule
         entries[path] = expert_style(shape, tensor)
         entries[router_of(path)] = (None, Why(ROUTER_WHY.text, (path,)))
+        # Where their tokens meet them: each device on its own (jtp.parallel.experts).
+        rules[EXPERTS] = entries[path][0].specs["w1"]
     others = _others(model, owner, used)
     entries |= {m: (None, why) for m, why in others.items() if m not in entries}
     if not layers:
@@ -281,5 +285,5 @@ def infer_plan(
         if plan != choice.chosen:
             alternatives.setdefault(plan, plan_cost(found, plan))
     return InferredPlan(
-        plan_styles, {}, reasons, plan_cost(found, choice.chosen), tuple(alternatives.values())
+        plan_styles, rules, reasons, plan_cost(found, choice.chosen), tuple(alternatives.values())
     )

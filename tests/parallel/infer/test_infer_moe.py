@@ -55,11 +55,16 @@ def test_stacked_experts_split_on_e_or_on_f(tensor, n_experts, want):
     config = dataclasses.replace(PRESETS["tiny-moe"], n_experts=n_experts)
     plan = jtp.infer_plan(factory(config), TOKENS, tensor=tensor)
     assert specs(plan, "layers.*.feed_forward.experts") == want
+    # ... and the "experts" rule that runs each device's tokens on its experts, as the
+    # hand plan's (jtp.plans.llama on that mesh).
+    mesh = jtp.make_mesh(8 // tensor, tensor)
+    assert dict(plan.activations) == {
+        "experts": jtp.plans.llama(config, mesh=mesh).activations["experts"]
+    }
     assert "layers.*.feed_forward.router" not in plan.styles
     assert plan.reasons["layers.*.feed_forward.router"].startswith("replicated: the router")
     why = plan.reasons["layers.*.feed_forward.experts"]
     assert ("split on E" in why) == (want is E_SPLIT), why
-    mesh = jtp.make_mesh(8 // tensor, tensor)
     model = jtp.sharded_init(factory(config), mesh, plan)
     w1, w2 = model.layers.feed_forward.experts.w1, model.layers.feed_forward.experts.w2
     n, e, d, f = w1.shape  # scanned: (L, E, D, F)
