@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jtp.errors import InputError
-from jtp.mesh import DATA, TENSOR
+from jtp.mesh import DATA, EXPERT, TENSOR
 from jtp.models.decoder_config import DecoderConfig
 from jtp.parallel.plan import TPPlan
 from jtp.parallel.styles import ColwiseParallel, RowwiseParallel
@@ -111,6 +111,21 @@ def check_llama(
     sequence_parallel: bool = False,
 ) -> None:
     """Raise a ``ValueError`` naming the numbers when the Llama plan cannot apply."""
+    if EXPERT in mesh.shape:
+        x = int(mesh.shape[EXPERT])
+        if not config.n_experts:
+            raise InputError(
+                f"llama plan: mesh axis 'expert' of size {x} splits a mixture-of-experts "
+                "model's experts, but this model is dense (n_experts=0); drop the expert axis "
+                "(--expert-parallel 1) or use a MoE model"
+            )
+        if config.n_experts % x:
+            sizes = [k for k in range(1, config.n_experts + 1) if config.n_experts % k == 0]
+            raise InputError(
+                f"llama plan: n_experts={config.n_experts} is not divisible by mesh axis "
+                f"'expert' of size {x}; each device must hold whole experts (use an expert "
+                f"size in {sizes})"
+            )
     t = int(mesh.shape[TENSOR])
     if config.n_heads % t:
         raise InputError(

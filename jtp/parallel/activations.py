@@ -7,6 +7,10 @@ trainer enters it while tracing its steps). Without rules, or for a name without
 ``shard_activation`` returns its input unchanged, so the model runs as plain single-device
 code.
 
+``DATA`` in a rule means the batch axes: on a mesh with an expert axis, a rule's ``"data"``
+entry is applied as ``("data", "expert")`` (outside the MoE layers "expert" splits the batch
+as "data" does), so one plan serves meshes with and without it.
+
 A rule that no mark used while tracing is an error: a typo in a rule name (``"logit"`` for
 ``"logits"``) must not silently switch sequence or loss parallelism off.
 """
@@ -22,7 +26,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jtp.mesh import DATA
+from jtp.mesh import DATA, batch_axes
 
 
 @dataclasses.dataclass
@@ -78,6 +82,23 @@ def per_data_rank() -> Iterator[None]:
         active.data_mapped = previous
 
 
+def batch_spec(spec: P, mesh: Mesh) -> P:
+    """``spec`` with each ``"data"`` (alone or in a tuple entry) standing for the batch
+    axes of ``mesh``: unchanged on a mesh without an expert axis."""
+    axes = batch_axes(mesh)
+    if axes == DATA:
+        return spec
+
+    def entry(e):
+        if e == DATA:
+            return axes
+        if isinstance(e, tuple) and DATA in e:
+            return tuple(a for x in e for a in (axes if x == DATA else (x,)))
+        return e
+
+    return P(*(entry(e) for e in spec))
+
+
 def shard_activation(x: jax.Array, name: str) -> jax.Array:
     """Constrain ``x`` to the active rule for ``name``; a no-op without one."""
     active = _ACTIVE.get()
@@ -92,6 +113,8 @@ def shard_activation(x: jax.Array, name: str) -> jax.Array:
             f"activation rule {name!r}: spec {spec} has {len(spec)} dims but the marked array "
             f"has {x.ndim} (shape {x.shape}); give the rule one entry per dimension"
         )
-    if active.data_mapped:
+    if active.data_mapped:  # the vmap's spmd_axis_name holds every batch axis
         spec = P(*(None if axis == DATA else axis for axis in spec))
+    else:
+        spec = batch_spec(spec, active.mesh)
     return jax.lax.with_sharding_constraint(x, NamedSharding(active.mesh, spec))
