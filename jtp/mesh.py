@@ -130,6 +130,13 @@ def batch_axis_names(mesh: Mesh) -> tuple[str, ...]:
     return (DATA, EXPERT) if EXPERT in mesh.shape else (DATA,)
 
 
+def batch_axes_text(mesh: Mesh) -> str:
+    """How an error names the batch axes: ``mesh axis 'data'`` or ``mesh axes ('data',
+    'expert')``."""
+    axes = batch_axes(mesh)
+    return f"mesh axis {axes!r}" if isinstance(axes, str) else f"mesh axes {axes!r}"
+
+
 def batch_ranks(mesh: Mesh) -> int:
     """How many ways a batch's rows are split: ``data`` (x ``expert``)."""
     return math.prod(int(mesh.shape[a]) for a in batch_axis_names(mesh))

@@ -27,7 +27,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jtp.errors import InputError
-from jtp.mesh import batch_axes, batch_grid, batch_ranks
+from jtp.mesh import batch_axes_text, batch_grid, batch_ranks
 from jtp.parallel.batch import batch_sharding
 
 
@@ -111,8 +111,8 @@ class DataLoader:
             raise InputError(f"DataLoader: batch_size={batch_size!r} must be a positive int")
         if batch_size % n_data:
             raise InputError(
-                f"DataLoader: global batch_size={batch_size} is not divisible by mesh axes "
-                f"{batch_axes(mesh)!r} of size {n_data}; use a multiple of {n_data}"
+                f"DataLoader: global batch_size={batch_size} is not divisible by "
+                f"{batch_axes_text(mesh)} of size {n_data}; use a multiple of {n_data}"
             )
         if n < batch_size and drop_last:
             raise InputError(

@@ -10,7 +10,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jtp.mesh import batch_axes, batch_ranks
+from jtp.mesh import batch_axes, batch_axes_text, batch_ranks
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
@@ -35,7 +35,7 @@ def shard_batch(x: Any, mesh: Mesh) -> Any:
         if arr.shape[0] % n_data:
             raise ValueError(
                 f"shard_batch: batch dimension {arr.shape[0]} (shape {arr.shape}) is not "
-                f"divisible by mesh axes {batch_axes(mesh)!r} of size {n_data}"
+                f"divisible by {batch_axes_text(mesh)} of size {n_data}"
             )
         sharding = batch_sharding(mesh, arr.ndim)
         return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
