@@ -92,3 +92,16 @@ def test_checkpoint_from_expert2_restores_elsewhere(tmp_path, target):
         assert second.mesh.axis_names == ("data", "tensor")
     w1 = restored["w1"]["kernel"].get_value()
     assert w1.sharding.mesh == second.mesh
+
+
+def test_llama_plan_refuses_an_expert_axis_it_cannot_split():
+    from jtp.models.llama import LlamaConfig
+    from jtp.models.plans import check_llama
+
+    mesh = jtp.make_mesh(data=2, expert=2, tensor=2)
+    with pytest.raises(ValueError, match=r"this model is dense \(n_experts=0\)"):
+        check_llama(LlamaConfig(), mesh)
+    moe = LlamaConfig(n_experts=6, experts_per_token=2)
+    with pytest.raises(ValueError, match=r"n_experts=6 is not divisible by mesh axis 'expert' of"):
+        check_llama(moe, jtp.make_mesh(expert=4, tensor=2))
+    check_llama(moe, mesh)  # 6 experts over 2: three each
