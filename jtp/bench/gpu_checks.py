@@ -315,10 +315,15 @@ def expert_exchange_check(devices: list, platform: str, smoke: bool = False) -> 
 
     def program(ragged: bool):
         def body(x, weights, experts, w1, w2, w3):
-            return exchange(
-                x, weights, experts, w1, w2, w3, grouped=swiglu, combine=combine,
-                axis=EXPERT, n_experts=e, ragged=ragged,
-            )[0]  # fmt: skip
+            y, _ = exchange(
+                *(x, weights, experts, w1, w2, w3),
+                grouped=swiglu,
+                combine=combine,
+                axis=EXPERT,
+                n_experts=e,
+                ragged=ragged,
+            )
+            return y
 
         run = jax.shard_map(
             body, mesh=mesh, in_specs=(P(EXPERT),) * 6, out_specs=P(EXPERT), check_vma=False

@@ -42,12 +42,11 @@ rows.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-
-from jtp.models.moe import capacity
 
 Grouped = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 Combine = Callable[[jax.Array, jax.Array], jax.Array]
@@ -115,7 +114,7 @@ def exchange(
     counts_e = jnp.bincount(expert_m, length=n_experts).astype(jnp.int32)  # (E,)
     weights = (w1, w2, w3)
     if capacity_factor is not None:
-        c = capacity(n, k, n_experts, capacity_factor)
+        c = capacity(n, k, n_experts, capacity_factor)  # as the model's
         y_sorted_md, dropped = _with_capacity(
             x_sorted_md, expert_sorted_m, counts_e, weights, grouped, axis, c
         )
@@ -129,6 +128,13 @@ def exchange(
     inverse_m = jnp.zeros_like(order_m).at[order_m].set(jnp.arange(m))  # (M,)
     y_nkd = y_sorted_md[inverse_m].reshape(n, k, d)  # (M, D) -> (N, K, D)
     return combine(y_nkd, weights_nk), dropped
+
+
+def capacity(n_tokens: int, k: int, n_experts: int, factor: float) -> int:
+    """Pairs of one device each expert takes: :func:`jtp.models.moe.capacity`'s formula,
+    ``ceil(factor * N * k / E)``, at least 1 (spelt again here: jtp.parallel sits below
+    jtp.models; a test checks the two agree)."""
+    return max(1, math.ceil(factor * n_tokens * k / n_experts))
 
 
 def _exclusive_cumsum(x: jax.Array, axis: int = -1) -> jax.Array:

@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 import jtp
 from jtp.analysis.collectives import collectives
 from jtp.models.feedforward import ACTIVATIONS
-from jtp.models.moe import MoEFeedForward, route
+from jtp.models.moe import MoEFeedForward, capacity, route
 from jtp.parallel import expert_exchange
 from jtp.parallel.expert_exchange import exchange
 
@@ -77,9 +77,13 @@ def sharded(mesh, combine, **kw):
 
     def body(x, weights, experts, w1, w2, w3):
         y, dropped = exchange(
-            x, weights, experts, w1, w2, w3, grouped=swiglu, combine=combine,
-            axis="expert", n_experts=E, **kw,
-        )  # fmt: skip
+            *(x, weights, experts, w1, w2, w3),
+            grouped=swiglu,
+            combine=combine,
+            axis="expert",
+            n_experts=E,
+            **kw,
+        )
         return jax.lax.psum(y, "tensor"), jax.lax.psum(dropped, "data")
 
     col, row = P("expert", None, "tensor"), P("expert", "tensor", None)
@@ -214,7 +218,7 @@ def test_capacity_drops_match_the_model_on_each_devices_tokens(shape):
     want = sum(int(out[1].dropped) for out in per_rank)
     assert want > 0 and int(dropped) == want
     assert _err(y, y_ref) < TOL
-    c = expert_exchange.capacity(N // ranks, K, E, 1.0)
+    c = capacity(N // ranks, K, E, 1.0)
     a2a = [r for r in collectives(f.lower(x, weights, experts, *ws).compile(), mesh)]
     a2a = [r for r in a2a if r.kind == "all-to-all"]
     assert len(a2a) == 2 and all(r.bytes == E * c * D * 4 for r in a2a)
@@ -223,16 +227,19 @@ def test_capacity_drops_match_the_model_on_each_devices_tokens(shape):
 def test_local_experts_must_divide():
     mesh = jtp.make_mesh(expert=4, tensor=2)
     moe, x, weights, experts, ws = _setup()
-    f = jax.shard_map(
-        lambda x, w, e, w1, w2, w3: exchange(
-            x, w, e, w1, w2, w3, grouped=swiglu, combine=moe._combine, axis="expert",
-            n_experts=2 * E,
-        )[0],
-        mesh=mesh,
-        in_specs=(P(("data", "expert")),) * 3 + (P("expert"),) * 3,
-        out_specs=P(("data", "expert")),
-    )  # fmt: skip
+
+    def body(*args):
+        kw = dict(grouped=swiglu, combine=moe._combine, axis="expert", n_experts=2 * E)
+        return exchange(*args, **kw)[0]
+
+    b = ("data", "expert")
+    f = jax.shard_map(body, mesh=mesh, in_specs=(P(b),) * 3 + (P("expert"),) * 3, out_specs=P(b))
     with pytest.raises(
         ValueError, match="2 local experts x axis 'expert' of size 4 != n_experts 16"
     ):
         f(x, weights, experts, *ws)
+
+
+def test_capacity_is_the_models():
+    for n, k, e, f in [(32, 2, 8, 1.0), (7, 3, 8, 1.25), (1, 1, 64, 0.5), (64, 8, 128, 2.0)]:
+        assert expert_exchange.capacity(n, k, e, f) == capacity(n, k, e, f)
