@@ -38,7 +38,7 @@ from jtp.parallel.activations import activation_rules
 from jtp.parallel.batch import shard_batch
 
 MIN_BUCKET = 8
-DECODE_MARKS = ("heads", "ffn_hidden")  # the activation rules generation applies
+DECODE_MARKS = ("heads", "ffn_hidden", "experts")  # the activation rules generation applies
 
 
 def bucket(n: int, multiple: int = 1, minimum: int = MIN_BUCKET) -> int:
@@ -227,7 +227,11 @@ def _program(fn, graphdef, mesh, sampling, slots, eos, state, *args):
     # (sampling reduces across the shards; the "logits" rule would gather them), and under
     # fsdp a decode step all-reduces its few (B, 1, D) activations over "data" where the
     # "residual" rule would make XLA all-gather the row-parallel weights every step.
-    rules = {k: v for k, v in llama_plan(model.config).activations.items() if k in DECODE_MARKS}
+    rules = {
+        k: v
+        for k, v in llama_plan(model.config, mesh=mesh).activations.items()
+        if k in DECODE_MARKS
+    }
     with activation_rules(mesh, rules, check_unused=False):
         return fn(model, sampling, slots, eos, mesh, *args)
 

@@ -43,6 +43,7 @@ experts, F an expert's hidden width, C capacity (pairs per expert), K = k (exper
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -51,6 +52,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jtp.models.feedforward import ACTIVATIONS, FeedForward
+from jtp.models.grouped import grouped_dot
+from jtp.parallel.experts import ExpertMath, place_experts
 
 GATINGS = ("mixtral", "softmax_topk")
 
@@ -148,30 +151,12 @@ class Experts(nnx.Module):
         self.w3 = nnx.Param(init(rngs.params(), (e, d, f), param_dtype))
         self.activation, self.dtype = activation, dtype
 
-    def _weights(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    def weights(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         """``x`` and the three weights in the compute dtype (``dtype``, else promoted, as
         ``nnx.Linear`` does)."""
         w1, w2, w3 = self.w1.get_value(), self.w2.get_value(), self.w3.get_value()
         dtype = self.dtype or jnp.result_type(x, w1)
         return x.astype(dtype), w1.astype(dtype), w2.astype(dtype), w3.astype(dtype)
-
-    def grouped(self, x_md: jax.Array, group_sizes_e: jax.Array) -> jax.Array:
-        """Rows of ``x`` (M, D) sorted by expert, ``group_sizes`` (E,) of them per expert,
-        each through its expert: (M, D). Grouped matmuls: each row meets one expert's
-        weights, so the work is ``M`` rows' whatever ``E``."""
-        x_md, w1, w2, w3 = self._weights(x_md)
-        gate_mf = jax.lax.ragged_dot(x_md, w1, group_sizes_e)  # (M, D) x (E, D, F) -> (M, F)
-        up_mf = jax.lax.ragged_dot(x_md, w3, group_sizes_e)  # (M, F)
-        h_mf = ACTIVATIONS[self.activation](gate_mf) * up_mf  # (M, F)
-        return jax.lax.ragged_dot(h_mf, w2, group_sizes_e)  # (M, F) x (E, F, D) -> (M, D)
-
-    def batched(self, x_ecd: jax.Array) -> jax.Array:
-        """Each expert on its own fixed-size buffer of rows: (E, C, D) -> (E, C, D)."""
-        x_ecd, w1, w2, w3 = self._weights(x_ecd)
-        gate_ecf = jnp.einsum("ecd,edf->ecf", x_ecd, w1)  # (E, C, F)
-        up_ecf = jnp.einsum("ecd,edf->ecf", x_ecd, w3)  # (E, C, F)
-        h_ecf = ACTIVATIONS[self.activation](gate_ecf) * up_ecf  # (E, C, F)
-        return jnp.einsum("ecf,efd->ecd", h_ecf, w2)  # (E, C, D)
 
 
 class Router(nnx.Module):
@@ -275,59 +260,135 @@ class MoEFeedForward(nnx.Module):
         weights_nk, experts_nk, probs_ne, lse_n = route(
             logits_ne, k, self.gating, self.norm_topk_prob
         )
-        # The N * k (token, expert) pairs, pair m = token m // k's choice m % k, sorted by
-        # expert (stable: within an expert in token order, which is who a capacity keeps).
-        expert_m = experts_nk.reshape(n * k)  # (M,)
-        order_m = jnp.argsort(expert_m, stable=True)  # (M,) sorted position -> pair
-        expert_sorted_m = expert_m[order_m]  # (M,) ascending
-        x_sorted_md = x_nd[order_m // k]  # (M, D) each pair's token, in expert order
-        group_sizes_e = jnp.bincount(expert_m, length=e).astype(jnp.int32)  # (E,)
-        if self.capacity_factor is None:
-            y_sorted_md = self.experts.grouped(x_sorted_md, group_sizes_e)  # (M, D)
-            dropped = jnp.zeros((), jnp.int32)
-        else:
-            y_sorted_md, dropped = self._with_capacity(
-                x_sorted_md, expert_sorted_m, group_sizes_e, n
-            )
-        # Unsort: pair m's output sits where argsort put it.
-        inverse_m = jnp.zeros_like(order_m).at[order_m].set(jnp.arange(n * k))  # (M,)
-        y_nkd = y_sorted_md[inverse_m].reshape(n, k, d)  # (M, D) -> (N, K, D)
-        y_nd = self._combine(y_nkd, weights_nk)  # (N, D)
+        x_nd, w1, w2, w3 = self.experts.weights(x_nd)
+        # The expert work, placed by the plan's "experts" rule (jtp.parallel.experts):
+        # here, on every token; under a plan, on each device's own tokens and experts.
+        y_nd, dropped = place_experts(self._math(n), x_nd, weights_nk, experts_nk, w1, w2, w3)
         if self.shared_expert is not None:  # Qwen2-MoE: sigmoid(gate(x)) * shared(x)
             gate_n1 = jax.nn.sigmoid(self.shared_expert_gate(x_nd))  # (N, 1)
             y_nd = y_nd + gate_n1 * self.shared_expert(x_nd)  # (N, D)
         stats = RouterStats(
             tokens=jnp.asarray(n, jnp.float32),
-            expert_tokens=group_sizes_e.astype(jnp.float32),
+            expert_tokens=jnp.bincount(experts_nk.reshape(n * k), length=e).astype(jnp.float32),
             expert_probs=jnp.sum(probs_ne, axis=0),  # (E,)
             z_loss=jnp.sum(jnp.square(lse_n)),
             dropped=dropped,
         )
         return y_nd.reshape(b, t, d), stats  # (N, D) -> (B, T, D)
 
-    def _combine(self, y_nkd: jax.Array, weights_nk: jax.Array) -> jax.Array:
-        """Each token's k expert outputs (N, K, D) weighted and summed: (N, D), in the
-        hidden dtype, each family's weighting dtype as transformers (module docstring)."""
-        w_nk1 = weights_nk[..., None]  # (N, K, 1) float32
-        if self.gating == "mixtral":  # weighted in float32, cast back per expert output
-            weighted_nkd = (y_nkd.astype(jnp.float32) * w_nk1).astype(y_nkd.dtype)
-        else:  # the weights cast to the hidden dtype first
-            weighted_nkd = y_nkd * w_nk1.astype(y_nkd.dtype)
-        return jnp.sum(weighted_nkd, axis=1)  # (N, D)
+    def _math(self, n: int) -> ExpertMath:
+        """The layer's expert work as pure functions of the weights (what
+        :func:`jtp.parallel.experts.place_experts` runs on each device's slice)."""
+        combine = functools.partial(combine_outputs, gating=self.gating)
+        grouped = functools.partial(grouped_experts, activation=self.experts.activation)
+        local = functools.partial(
+            local_experts,
+            k=self.k,
+            n_experts=self.n_experts,
+            capacity_factor=self.capacity_factor,
+            activation=self.experts.activation,
+            combine=combine,
+        )
+        return ExpertMath(local, grouped, combine, self.n_experts, self.capacity_factor)
 
-    def _with_capacity(
-        self, x_md: jax.Array, expert_m: jax.Array, group_sizes_e: jax.Array, n: int
-    ) -> tuple[jax.Array, jax.Array]:
-        """Sorted pairs (M, D) through the experts with at most C pairs each: scattered
-        into (E, C, D) buffers (pairs at a position >= C fall off), batched matmuls,
-        gathered back (a dropped pair's output is 0). Returns ``(y (M, D), dropped)``."""
-        e = self.n_experts
-        c = capacity(n, self.k, e, self.capacity_factor)
-        starts_e = jnp.cumsum(group_sizes_e) - group_sizes_e  # (E,) first sorted index
-        position_m = jnp.arange(expert_m.shape[0]) - starts_e[expert_m]  # (M,) rank in expert
-        buffers_ecd = jnp.zeros((e, c, x_md.shape[-1]), x_md.dtype)
-        buffers_ecd = buffers_ecd.at[expert_m, position_m].set(x_md, mode="drop")  # (E, C, D)
-        y_ecd = self.experts.batched(buffers_ecd)  # (E, C, D)
-        y_md = y_ecd.at[expert_m, position_m].get(mode="fill", fill_value=0)  # (M, D)
-        dropped = jnp.sum(position_m >= c).astype(jnp.int32)
-        return y_md, dropped
+
+def grouped_experts(
+    x_md: jax.Array,
+    group_sizes_e: jax.Array,
+    w1: jax.Array,
+    w2: jax.Array,
+    w3: jax.Array,
+    *,
+    activation: str,
+) -> jax.Array:
+    """Rows of ``x`` (M, D) sorted by expert, ``group_sizes`` (E,) of them per expert, each
+    through its expert: (M, D); rows past ``sum(group_sizes)`` give 0. Grouped matmuls: each
+    row meets one expert's weights, so the work is ``M`` rows' whatever ``E``."""
+    gate_mf = grouped_dot(x_md, w1, group_sizes_e)  # (M, D) x (E, D, F) -> (M, F)
+    up_mf = grouped_dot(x_md, w3, group_sizes_e)  # (M, F)
+    h_mf = ACTIVATIONS[activation](gate_mf) * up_mf  # (M, F)
+    return grouped_dot(h_mf, w2, group_sizes_e)  # (M, F) x (E, F, D) -> (M, D)
+
+
+def batched_experts(
+    x_ecd: jax.Array, w1: jax.Array, w2: jax.Array, w3: jax.Array, *, activation: str
+) -> jax.Array:
+    """Each expert on its own fixed-size buffer of rows: (E, C, D) -> (E, C, D)."""
+    gate_ecf = jnp.einsum("ecd,edf->ecf", x_ecd, w1)  # (E, C, F)
+    up_ecf = jnp.einsum("ecd,edf->ecf", x_ecd, w3)  # (E, C, F)
+    h_ecf = ACTIVATIONS[activation](gate_ecf) * up_ecf  # (E, C, F)
+    return jnp.einsum("ecf,efd->ecd", h_ecf, w2)  # (E, C, D)
+
+
+def combine_outputs(y_nkd: jax.Array, weights_nk: jax.Array, *, gating: str) -> jax.Array:
+    """Each token's k expert outputs (N, K, D) weighted and summed: (N, D), in the hidden
+    dtype, each family's weighting dtype as transformers (module docstring)."""
+    w_nk1 = weights_nk[..., None]  # (N, K, 1) float32
+    if gating == "mixtral":  # weighted in float32, cast back per expert output
+        weighted_nkd = (y_nkd.astype(jnp.float32) * w_nk1).astype(y_nkd.dtype)
+    else:  # the weights cast to the hidden dtype first
+        weighted_nkd = y_nkd * w_nk1.astype(y_nkd.dtype)
+    return jnp.sum(weighted_nkd, axis=1)  # (N, D)
+
+
+def _argsort(key_m: jax.Array) -> jax.Array:
+    """A stable argsort whose index operand is made from ``key_m`` (``jnp.argsort``'s iota
+    is not): under a per-data-rank ``vmap`` of a ``shard_map`` (jax 0.12) sort refuses
+    operands that vary over different manual axes."""
+    iota_m = jnp.arange(key_m.shape[0], dtype=jnp.int32) + key_m * 0  # (M,) varies as key_m
+    return jax.lax.sort((key_m, iota_m), num_keys=1, is_stable=True)[1]
+
+
+def local_experts(
+    x_nd: jax.Array,
+    weights_nk: jax.Array,
+    experts_nk: jax.Array,
+    w1: jax.Array,
+    w2: jax.Array,
+    w3: jax.Array,
+    first_expert: jax.Array | int,
+    *,
+    k: int,
+    n_experts: int,
+    capacity_factor: float | None,
+    activation: str,
+    combine: Callable[[jax.Array, jax.Array], jax.Array],
+) -> tuple[jax.Array, jax.Array]:
+    """Every token (N, D) through those of its k experts numbered ``first_expert ..
+    first_expert + L - 1`` (``L = w1.shape[0]``: this device's experts, all ``n_experts`` on
+    one device), weighted and summed: ``(y (N, D), dropped pairs)``; pairs routed to other
+    experts contribute 0 (another device adds them).
+
+    The ``N * k`` (token, expert) pairs, pair m = token m // k's choice m % k, are sorted by
+    expert (stable: within an expert in token order, which is who a capacity keeps), the
+    others after them, multiplied with grouped matmuls (or, with a capacity, batched ones on
+    fixed buffers) and unsorted.
+    """
+    n, d = x_nd.shape
+    m, n_local = n * k, w1.shape[0]
+    local_m = experts_nk.reshape(m) - first_expert  # (M,) this device's expert number
+    mine_m = (local_m >= 0) & (local_m < n_local)  # (M,)
+    key_m = jnp.where(mine_m, local_m, n_local)  # (M,) other devices' pairs sort last
+    order_m = _argsort(key_m)  # (M,) sorted position -> pair
+    key_sorted_m = key_m[order_m]  # (M,) ascending
+    x_sorted_md = x_nd[order_m // k]  # (M, D) each pair's token, in expert order
+    group_sizes_e = jnp.bincount(key_m, length=n_local + 1)[:n_local].astype(jnp.int32)  # (L,)
+    if capacity_factor is None:
+        y_sorted_md = grouped_experts(x_sorted_md, group_sizes_e, w1, w2, w3, activation=activation)
+        dropped = jnp.zeros((), jnp.int32)
+    else:
+        c = capacity(n, k, n_experts, capacity_factor)
+        starts_e = jnp.cumsum(group_sizes_e) - group_sizes_e  # (L,) first sorted index
+        mine_sorted_m = key_sorted_m < n_local  # (M,)
+        expert_m = jnp.where(mine_sorted_m, key_sorted_m, 0)  # (M,) safe index
+        position_m = jnp.arange(m) - starts_e[expert_m]  # (M,) rank within its expert
+        position_m = jnp.where(mine_sorted_m, position_m, c)  # others: past every buffer
+        buffers_lcd = jnp.zeros((n_local, c, d), x_nd.dtype)
+        buffers_lcd = buffers_lcd.at[expert_m, position_m].set(x_sorted_md, mode="drop")
+        y_lcd = batched_experts(buffers_lcd, w1, w2, w3, activation=activation)
+        y_sorted_md = y_lcd.at[expert_m, position_m].get(mode="fill", fill_value=0)  # (M, D)
+        dropped = jnp.sum(mine_sorted_m & (position_m >= c)).astype(jnp.int32)
+    # Unsort: pair m's output sits where argsort put it.
+    inverse_m = jnp.zeros_like(order_m).at[order_m].set(jnp.arange(m))  # (M,)
+    y_nkd = y_sorted_md[inverse_m].reshape(n, k, d)  # (M, D) -> (N, K, D)
+    return combine(y_nkd, weights_nk), dropped  # (N, D)

@@ -15,8 +15,9 @@ from jax.sharding import PartitionSpec as P
 from jtp.errors import InputError
 from jtp.mesh import DATA, EXPERT, TENSOR
 from jtp.models.decoder_config import DecoderConfig
+from jtp.parallel.experts import EXPERTS
 from jtp.parallel.plan import TPPlan
-from jtp.parallel.styles import ColwiseParallel, RowwiseParallel
+from jtp.parallel.styles import ColwiseParallel, ParamSharding, RowwiseParallel
 
 
 def feedforward() -> dict[str, ColwiseParallel | RowwiseParallel]:
@@ -31,6 +32,7 @@ def llama(
     sequence_parallel: bool = False,
     loss_parallel: bool = False,
     fsdp: bool = False,
+    mesh: Mesh | None = None,
 ) -> TPPlan:
     """The Llama 3 plan.
 
@@ -57,6 +59,13 @@ def llama(
         to the batch split is spelled out (one all-to-all each way; without it XLA's
         partitioner of the backward scatter-add can fall back to all-gathering the whole
         (B, T, D) gradient over "data": "Involuntary full rematerialization").
+      mesh: the mesh it will run on, for a model with experts: E/T whole experts per device
+        of a tensor group where its tensor size divides E, else each expert's hidden width
+        split (:func:`experts`); without it, E over "tensor".
+
+    With experts (``config.n_experts``) the dense feed-forward entries are those of the
+    dense layers, the shared expert (Qwen2-MoE) is laid out like one, the router is
+    replicated, and the stacked experts and the "experts" rule follow :func:`experts`.
     """
     styles = {
         "tok_embeddings": RowwiseParallel(),
@@ -82,7 +91,49 @@ def llama(
     }
     if fsdp:  # the lookup's layout under the table's (V on "tensor", D on "data") split
         activations |= {"tokens": P(None, None), "embedding": P(None, None, DATA)}
+    if config is not None and config.n_experts:
+        styles, activations = _with_experts(config, styles, activations, mesh)
     return TPPlan(styles, activations)
+
+
+def experts(n_experts: int, mesh: Mesh | None) -> P:
+    """Where the stacked experts go, as the layout of ``w1`` (E, D, F): ``P("tensor", None,
+    None)`` (each device of a tensor group holds E/T whole experts) where the tensor size
+    divides E or no mesh is given, else ``P(None, None, "tensor")`` (every expert's hidden
+    width split, as a dense feed-forward's). Either way a MoE layer's forward costs one
+    all-reduce over "tensor" (:mod:`jtp.parallel.experts`).
+
+    On a mesh with an "expert" axis: ``P("expert", None, "tensor")`` (``P("expert", None,
+    None)`` without a tensor split): E/X whole experts per device along "expert", their
+    hidden width split over "tensor"; each pair travels to its expert's device and back by
+    two all-to-alls over "expert" (:mod:`jtp.parallel.expert_exchange`), the partial
+    outputs meet in the same one all-reduce over "tensor"."""
+    t = 1 if mesh is None else int(mesh.shape[TENSOR])
+    if mesh is not None and EXPERT in mesh.shape:
+        return P(EXPERT, None, TENSOR if t > 1 else None)
+    return P(TENSOR, None, None) if n_experts % t == 0 else P(None, None, TENSOR)
+
+
+def _with_experts(
+    config: DecoderConfig, styles: dict, activations: dict, mesh: Mesh | None
+) -> tuple[dict, dict]:
+    """The plan's entries for a model with experts (:func:`llama`)."""
+    spec = experts(config.n_experts, mesh)
+    dense = config.moe_layers is not None and not all(config.moe_layers)
+    if not dense:  # no layer has a dense feed-forward: its entries would match nothing
+        styles = {k: v for k, v in styles.items() if not k.startswith("layers.*.feed_forward.")}
+    styles["layers.*.feed_forward.experts"] = ParamSharding(
+        {"w1": spec, "w3": spec, "w2": P(spec[0], spec[2], spec[1])}
+    )
+    if config.shared_expert_hidden:
+        styles |= {
+            "layers.*.feed_forward.shared_expert.w1": ColwiseParallel(),
+            "layers.*.feed_forward.shared_expert.w3": ColwiseParallel(),
+            "layers.*.feed_forward.shared_expert.w2": RowwiseParallel(),
+        }
+    if not dense and not config.shared_expert_hidden:  # no dense feed-forward marks it
+        activations = {k: v for k, v in activations.items() if k != "ffn_hidden"}
+    return styles, activations | {EXPERTS: spec}
 
 
 def replicate_kv(config: DecoderConfig, mesh: Mesh | int) -> DecoderConfig:

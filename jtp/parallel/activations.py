@@ -26,7 +26,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jtp.mesh import DATA, batch_axes
+from jtp.mesh import DATA, batch_axis_names
 
 
 @dataclasses.dataclass
@@ -70,7 +70,8 @@ def activation_rules(
 @contextlib.contextmanager
 def per_data_rank() -> Iterator[None]:
     """Inside: code runs once per data-parallel rank under ``jax.vmap(...,
-    spmd_axis_name="data")``, which puts "data" on the mapped axis; rules drop "data"."""
+    spmd_axis_name="data")``, which puts "data" on the mapped axis; rules drop "data" (on a
+    mesh with an expert axis a rank's rows stay split over "expert": :func:`batch_spec`)."""
     active = _ACTIVE.get()
     if active is None:
         yield
@@ -82,21 +83,37 @@ def per_data_rank() -> Iterator[None]:
         active.data_mapped = previous
 
 
-def batch_spec(spec: P, mesh: Mesh) -> P:
+def batch_spec(spec: P, mesh: Mesh, *, data_mapped: bool = False) -> P:
     """``spec`` with each ``"data"`` (alone or in a tuple entry) standing for the batch
-    axes of ``mesh``: unchanged on a mesh without an expert axis."""
-    axes = batch_axes(mesh)
-    if axes == DATA:
+    axes of ``mesh`` (unchanged on a mesh without an expert axis); ``data_mapped``: inside
+    the per-data-rank vmap, where "data" is the mapped axis and a rank's rows are split
+    over the rest ("expert", or nothing)."""
+    axes = batch_axis_names(mesh)
+    if data_mapped:
+        axes = tuple(a for a in axes if a != DATA)
+    elif axes == (DATA,):
         return spec
 
     def entry(e):
-        if e == DATA:
-            return axes
-        if isinstance(e, tuple) and DATA in e:
-            return tuple(a for x in e for a in (axes if x == DATA else (x,)))
-        return e
+        names = e if isinstance(e, tuple) else (e,)
+        if DATA not in names:
+            return e
+        out = tuple(a for x in names for a in (axes if x == DATA else (x,)))
+        return None if not out else out[0] if len(out) == 1 else out
 
     return P(*(entry(e) for e in spec))
+
+
+def active_rule(name: str) -> tuple[Mesh, P, bool] | None:
+    """The active rule for ``name`` as ``(mesh, spec, data_mapped)``, marking it used; None
+    outside ``activation_rules`` or without that rule. For marks that do more than
+    constrain a layout (:func:`jtp.parallel.experts.place_experts`)."""
+    active = _ACTIVE.get()
+    if active is None:
+        return None
+    active.used.add(name)
+    spec = active.rules.get(name)
+    return None if spec is None else (active.mesh, spec, active.data_mapped)
 
 
 def shard_activation(x: jax.Array, name: str) -> jax.Array:
@@ -113,8 +130,5 @@ def shard_activation(x: jax.Array, name: str) -> jax.Array:
             f"activation rule {name!r}: spec {spec} has {len(spec)} dims but the marked array "
             f"has {x.ndim} (shape {x.shape}); give the rule one entry per dimension"
         )
-    if active.data_mapped:  # the vmap's spmd_axis_name holds every batch axis
-        spec = P(*(None if axis == DATA else axis for axis in spec))
-    else:
-        spec = batch_spec(spec, active.mesh)
+    spec = batch_spec(spec, active.mesh, data_mapped=active.data_mapped)
     return jax.lax.with_sharding_constraint(x, NamedSharding(active.mesh, spec))

@@ -137,6 +137,7 @@ def resolve(config: LlamaTaskConfig, shapes: LlamaConfig, mesh: Mesh | None = No
             sequence_parallel=config.sequence_parallel,
             loss_parallel=config.loss_parallel,
             fsdp=config.fsdp,
+            mesh=mesh,
         )
     return LlamaSetup(model, plan)
 

@@ -8,11 +8,13 @@ one optimizer step and loops over them in the compiled program. How the gradient
 "data" axis is the choice that matters (see :data:`GRAD_REDUCE`):
 
 - ``"per_step"``: each data rank accumulates its own gradient over the k micro-batches
-  (a ``jax.vmap`` over data ranks with ``spmd_axis_name="data"``, ``("data", "expert")``
-  on a mesh with an expert axis: nothing crosses them inside the loop), then one all-reduce
-  (or reduce-scatter) after it. Data-axis bytes per
+  (a ``jax.vmap`` over data ranks with ``spmd_axis_name="data"``: nothing crosses "data"
+  inside the loop), then one all-reduce (or reduce-scatter) after it. Data-axis bytes per
   optimizer step are those of k = 1, whatever k; the cost is one unreduced, param-sized
-  gradient per device, which under fsdp is larger than the fsdp shard.
+  gradient per device, which under fsdp is larger than the fsdp shard. On a mesh with an
+  expert axis a data rank's rows stay split over "expert" inside the loop (a MoE layer
+  exchanges its tokens over that axis, so it cannot be a vmapped one): the gradients of
+  the parameters not split on "expert" are reduced over it per micro-batch.
 - ``"per_micro_batch"``: every micro-batch's gradient is reduced into the parameters'
   layout inside the loop (k reductions per step); under fsdp the accumulator then stays
   fsdp-sharded, which is why it is fsdp's default (as in torchtitan).
@@ -20,7 +22,6 @@ one optimizer step and loops over them in the compiled program. How the gradient
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,7 +32,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jtp.mesh import batch_axis_names
+from jtp.mesh import DATA
 from jtp.parallel.activations import per_data_rank
 from jtp.training.module import StepOutput
 from jtp.training.precision import apply_compute_dtype, cast_batch, cast_floats, compute_params
@@ -66,12 +67,9 @@ def _mean0(tree: Any) -> Any:
 
 def _per_rank_spec(sharding: NamedSharding) -> NamedSharding:
     """A per-data-rank gradient ``(d, *param)``: rank on "data", the rest like the param
-    without "data" (each device holds its rank's whole tensor-shard of the gradient). On a
-    mesh with an expert axis the ranks are the (data, expert) pairs: every device that holds
-    different rows of the batch."""
-    axes = batch_axis_names(sharding.mesh)
-    rest = (_without(a, axes) for a in sharding.spec)
-    return NamedSharding(sharding.mesh, P(axes[0] if len(axes) == 1 else axes, *rest))
+    without "data" (each device holds its rank's whole tensor-shard of the gradient)."""
+    rest = (_without(a, (DATA,)) for a in sharding.spec)
+    return NamedSharding(sharding.mesh, P(DATA, *rest))
 
 
 def _without(entry: Any, axes: tuple[str, ...]) -> Any:
@@ -152,9 +150,7 @@ def make_train_step(
             with per_data_rank():
                 return accumulated(params, frozen, rest, rank_micro)
 
-        axes = batch_axis_names(jax.tree.leaves(param_shardings)[0].mesh)
-        spmd_axis = axes[0] if len(axes) == 1 else axes
-        acc_d, metric_d, rest_d = jax.vmap(rank_step, spmd_axis_name=spmd_axis)(by_rank)
+        acc_d, metric_d, rest_d = jax.vmap(rank_step, spmd_axis_name=DATA)(by_rank)
         acc_d = jax.lax.with_sharding_constraint(
             acc_d, jax.tree.map(_per_rank_spec, param_shardings)
         )
@@ -203,8 +199,8 @@ def _scaled(tree: Any, factor: float) -> Any:
 
 
 def _data_size(param_shardings: Any) -> int:
-    mesh = jax.tree.leaves(param_shardings)[0].mesh
-    return math.prod(int(mesh.shape[a]) for a in batch_axis_names(mesh))
+    leaf = jax.tree.leaves(param_shardings)[0]
+    return int(leaf.mesh.shape[DATA])
 
 
 def make_eval_step(

@@ -19,13 +19,13 @@ from flax import nnx
 from helpers import rel_err
 
 import jtp
+from jtp.analysis.collectives import collectives
 from jtp.models.decoder import cross_entropy
 from jtp.models.llama import PRESETS, Llama
 from jtp.models.moe import load_balancing_loss
 from jtp.models.plans import llama as llama_plan
 from jtp.parallel.activations import activation_rules
 from jtp.parallel.names import path_str
-from jtp.parallel.plan import TPPlan
 
 TOL = 2e-6
 CONFIG = dataclasses.replace(
@@ -61,10 +61,7 @@ def _one_device():
 
 def _sharded(mesh):
     """Loss, expert loads, gradients and the compiled step on ``mesh``."""
-    plan = llama_plan(CONFIG)
-    dense = {k: v for k, v in plan.styles.items() if "feed_forward" not in k}
-    rules = {k: v for k, v in plan.activations.items() if k != "ffn_hidden"}
-    plan = TPPlan(dense, rules)  # main's plan names the dense MLP of every layer
+    plan = llama_plan(CONFIG, mesh=mesh)
     model = jtp.sharded_init(lambda: Llama(CONFIG, rngs=nnx.Rngs(0)), mesh, plan)
     graphdef, params = nnx.split(model, nnx.Param)
     tokens = jtp.shard_batch(TOKENS, mesh)
@@ -89,3 +86,67 @@ def test_training_step_equals_one_device(shape, reference):
     assert abs(loss - ref_loss) <= TOL * abs(ref_loss)
     errors = {name: rel_err(grads[name], ref_grads[name]) for name in ref_grads}
     assert max(errors.values()) <= TOL, errors
+
+
+def _expert_groups(mesh):
+    ids = np.arange(mesh.devices.size).reshape(mesh.devices.shape)
+    x = mesh.axis_names.index("expert")
+    return sorted(tuple(sorted(g)) for g in np.moveaxis(ids, x, -1).reshape(-1, ids.shape[x]))
+
+
+@pytest.mark.parametrize("shape", list(MESHES.values()), ids=list(MESHES))
+def test_compiled_step_exchanges_tokens_and_never_gathers_an_expert(shape):
+    """The step (forward + backward, layers scanned: one body, ``trips`` = layers): exactly
+    two all-to-alls over "expert" in the forward and two in the backward, each of the
+    padded exchange's X * M rows of D (M = this device's tokens x k), replica groups the
+    expert groups; every expert weight stays a (E/X, D, F/T) shard; nothing the size of an
+    expert shard is all-gathered over "expert" (over it, besides the exchange, only small
+    routing tensors: the (X, E) int32 counts and the router's per-token statistics)."""
+    mesh = jtp.make_mesh(**shape)
+    _, _, _, compiled, params = _sharded(mesh)
+    x, t = mesh.shape["expert"], mesh.shape["tensor"]
+    w1 = params["layers"]["feed_forward"]["experts"]["w1"].get_value()
+    local = (CONFIG.n_layers, CONFIG.n_experts // x, CONFIG.dim, CONFIG.moe_ffn_hidden // t)
+    assert w1.sharding.shard_shape(w1.shape) == local
+    records = collectives(compiled, mesh)
+    a2a = [c for c in records if c.kind == "all-to-all"]
+    m = TOKENS.shape[0] * (TOKENS.shape[1] - 1) // jtp.mesh.batch_ranks(mesh) * 2  # k = 2
+    assert len(a2a) == 4, a2a
+    assert sum("transpose" not in c.op_name for c in a2a) == 2  # the forward's pair
+    for c in a2a:
+        assert c.axes == ("expert",) and c.trips == CONFIG.n_layers
+        assert sorted(tuple(sorted(g)) for g in c.groups) == _expert_groups(mesh)
+        assert c.bytes == x * m * CONFIG.dim * 4 * c.trips
+    shard_elems = int(np.prod(local[1:]))
+    gathers = [c for c in records if c.kind == "all-gather" and "expert" in (c.axes or ())]
+    for c in gathers:
+        assert all(int(np.prod(s)) < shard_elems for s in c.shapes), c
+
+
+def test_cli_trains_a_moe_llama_with_expert_parallel(tmp_path, monkeypatch):
+    """``python -m jtp.train --expert-parallel 2`` on (2, 2, 2): the losses of the same run
+    on ("data", "tensor") = (4, 2), within 2e-6 relative (the step test's tolerance)."""
+    from jtp.cli.train import main
+
+    monkeypatch.setitem(PRESETS, "test-moe", CONFIG)
+    common = "--devices 8 --model llama --preset test-moe --max-steps 3 --no-progress".split()
+    common += ["--seq-len", "16", "--batch-size", "8", "--root-dir", str(tmp_path / "runs")]
+    ep = main([*common, "--data-parallel", "2", "--expert-parallel", "2", "--tensor-parallel", "2"])
+    dp = main([*common, "--data-parallel", "4", "--tensor-parallel", "2"])
+    assert ep["mesh"] == {"data": 2, "expert": 2, "tensor": 2}
+    assert dp["mesh"] == {"data": 4, "tensor": 2}
+    assert len(ep["losses"]) == 3 and all(np.isfinite(ep["losses"]))
+    np.testing.assert_allclose(ep["losses"], dp["losses"], rtol=TOL)
+
+
+def test_cli_refuses_an_expert_size_that_does_not_divide_the_experts(tmp_path, monkeypatch):
+    from helpers import backend_compiles
+
+    from jtp.cli.train import main
+    from jtp.errors import InputError
+
+    monkeypatch.setitem(PRESETS, "test-moe6", dataclasses.replace(CONFIG, n_experts=6))
+    argv = "--devices 8 --model llama --preset test-moe6 --expert-parallel 4 --max-steps 1"
+    with backend_compiles() as compiles, pytest.raises(InputError, match="n_experts=6 is not"):
+        main([*argv.split(), "--no-progress", "--root-dir", str(tmp_path / "runs")])
+    assert compiles == []

@@ -168,7 +168,9 @@ def load_pretrained(
         config = dataclasses.replace(config, param_dtype=jnp.dtype(dtype).name)
     config = replicate_kv(config, mesh)  # a tensor axis wider than the kv heads
     check_llama(config, mesh, seq_len=config.max_seq_len, sequence_parallel=sequence_parallel)
-    plan = llama(config, sequence_parallel=sequence_parallel, loss_parallel=loss_parallel)
+    plan = llama(
+        config, sequence_parallel=sequence_parallel, loss_parallel=loss_parallel, mesh=mesh
+    )
     return load_weights(path, mesh, config, plan, fsdp=fsdp, seed=seed, adapter=adapter)
 
 

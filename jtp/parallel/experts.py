@@ -1,0 +1,136 @@
+"""Where a mixture-of-experts layer's experts run: the "experts" activation rule.
+
+A MoE layer (:class:`jtp.models.moe.MoEFeedForward`) is single-device code: it routes its
+tokens and hands the expert work to :func:`place_experts`, with the pure functions that do
+it (:class:`ExpertMath`). Outside a plan that function just runs them on every token. Under
+a plan whose activation rules carry ``"experts"`` (the ``PartitionSpec`` of the stacked
+``w1`` (E, D, F), as the plan lays out the parameters), it runs them inside one
+``jax.shard_map`` over the whole mesh, each device on its own tokens:
+
+- tokens stay split over the batch axes (:data:`BATCH_AXES` present in the mesh, "data"
+  left to the enclosing ``vmap`` inside :func:`jtp.parallel.activations.per_data_rank`);
+  without this, the routing's sort over all tokens would make XLA gather every token of
+  the batch onto every device;
+- ``P("tensor", None, None)``: each device of a tensor group holds E/T whole experts and
+  multiplies only the (token, expert) pairs routed to them (its group's tokens, replicated
+  over "tensor"); the partial outputs meet in one ``psum`` over "tensor", the all-reduce a
+  dense row-parallel feed-forward also costs; no expert weight moves;
+- ``P(None, None, "tensor")`` (fewer experts than devices in the group): every device holds
+  every expert's F/T slice of the hidden width and multiplies every pair with it; the same
+  one ``psum``;
+- an "expert" axis on E (``P("expert", ...)``): each pair goes to the device holding its
+  expert and back by two all-to-alls over "expert" (:mod:`jtp.parallel.expert_exchange`).
+
+Dropped pairs (a capacity factor) are counted per device and summed. A capacity then
+applies per device's tokens (GShard's groups), not per global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from jtp.mesh import DATA, EXPERT, TENSOR
+from jtp.parallel.activations import active_rule
+
+EXPERTS = "experts"  # the activation rule's name
+BATCH_AXES = (DATA, EXPERT)  # the axes a batch's rows are split over, where present
+
+# The model's pure pieces (jtp.models.moe): each takes the weights as arguments so that
+# they run unchanged on a device's own slice of them.
+Local = Callable[..., tuple[jax.Array, jax.Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertMath:
+    """What a MoE layer computes, as functions of arrays (no module state).
+
+    ``local(x_nd, weights_nk, experts_nk, w1, w2, w3, first_expert) -> (y_nd, dropped)``:
+    every token through those of its experts numbered ``first_expert ..
+    first_expert + w1.shape[0] - 1`` (the others contribute 0), weighted and summed over k;
+    ``grouped(x_md, group_sizes_e, w1, w2, w3) -> y_md``: rows sorted by expert through
+    their experts; ``combine(y_nkd, weights_nk) -> y_nd``: the weighting and sum over k.
+    """
+
+    local: Local
+    grouped: Callable[..., jax.Array]
+    combine: Callable[[jax.Array, jax.Array], jax.Array]
+    n_experts: int
+    capacity_factor: float | None
+
+
+def place_experts(
+    math: ExpertMath,
+    x_nd: jax.Array,
+    weights_nk: jax.Array,
+    experts_nk: jax.Array,
+    w1: jax.Array,
+    w2: jax.Array,
+    w3: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """The layer's expert output (N, D) and dropped pairs (int32), placed by the active
+    "experts" rule (module docstring); without one, ``math.local`` on every token."""
+    found = active_rule(EXPERTS)
+    if found is None:
+        return math.local(x_nd, weights_nk, experts_nk, w1, w2, w3, 0)
+    mesh, spec, data_mapped = found
+    if len(spec) != 3:
+        raise ValueError(
+            f"activation rule {EXPERTS!r}: spec {spec} must have 3 entries, the layout of "
+            "the stacked w1 (E, D, F)"
+        )
+    e_axes, d_axes, f_axes = (_axes(entry) for entry in spec)
+    if d_axes:
+        raise ValueError(f"activation rule {EXPERTS!r}: {spec} splits D; only E and F may be")
+    batch = tuple(a for a in BATCH_AXES if a in mesh.axis_names and not (data_mapped and a == DATA))
+    if data_mapped:
+        # Under the per-data-rank vmap an unbatched operand of shard_map counts as
+        # replicated over "data", and its gradient comes back summed over the ranks (jax
+        # 0.12), where each rank's own is meant: tie the weights to this rank's tokens so
+        # they are batched like them (a copy of the device's slice; no data moves).
+        zero = (x_nd[0, 0] * 0).astype(w1.dtype)
+        w1, w2, w3 = w1 + zero, w2 + zero, w3 + zero
+    w13_spec, w2_spec = P(*spec), P(spec[0], spec[2], spec[1])
+    tokens = P(batch or None)
+
+    def body(x_nd, weights_nk, experts_nk, w1, w2, w3):
+        if EXPERT in e_axes:
+            from jtp.parallel.expert_exchange import exchange  # the expert axis's all-to-alls
+
+            y_nd, dropped = exchange(
+                x_nd,
+                weights_nk,
+                experts_nk,
+                w1,
+                w2,
+                w3,
+                grouped=math.grouped,
+                combine=math.combine,
+                axis=EXPERT,
+                n_experts=math.n_experts,
+                capacity_factor=math.capacity_factor,
+            )
+        else:
+            first = jax.lax.axis_index(TENSOR) * w1.shape[0] if TENSOR in e_axes else 0
+            y_nd, dropped = math.local(x_nd, weights_nk, experts_nk, w1, w2, w3, first)
+        if TENSOR in e_axes + f_axes:  # partial sums of a tensor group's pairs
+            y_nd = jax.lax.psum(y_nd, TENSOR)
+        if TENSOR in e_axes:  # each device dropped pairs of its own experts only
+            dropped = jax.lax.psum(dropped, TENSOR)
+        return y_nd, dropped.reshape(1)
+
+    y_nd, dropped = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(tokens, tokens, tokens, w13_spec, w2_spec, w13_spec),
+        out_specs=(tokens, P(batch or None)),
+    )(x_nd, weights_nk, experts_nk, w1, w2, w3)
+    return y_nd, jnp.sum(dropped)
+
+
+def _axes(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    return () if entry is None else entry if isinstance(entry, tuple) else (entry,)
