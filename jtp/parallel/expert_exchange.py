@@ -108,7 +108,7 @@ def exchange(
         )
     m = n * k
     expert_m = experts_nk.reshape(m)  # (M,) pair m = token m // k's choice m % k
-    order_m = jnp.argsort(expert_m, stable=True)  # (M,) sorted position -> pair
+    order_m = _argsort(expert_m)  # (M,) sorted position -> pair
     expert_sorted_m = expert_m[order_m]  # (M,) ascending: grouped by destination device
     x_sorted_md = x_nd[order_m // k]  # (M, D)
     counts_e = jnp.bincount(expert_m, length=n_experts).astype(jnp.int32)  # (E,)
@@ -135,6 +135,15 @@ def capacity(n_tokens: int, k: int, n_experts: int, factor: float) -> int:
     ``ceil(factor * N * k / E)``, at least 1 (spelt again here: jtp.parallel sits below
     jtp.models; a test checks the two agree)."""
     return max(1, math.ceil(factor * n_tokens * k / n_experts))
+
+
+def _argsort(key: jax.Array) -> jax.Array:
+    """A stable argsort whose index operand is made from ``key`` (``jnp.argsort``'s iota is
+    not): under the trainer's per-data-rank ``vmap`` of the placement's ``shard_map`` (jax
+    0.12) sort refuses operands that vary over different manual axes. As
+    ``jtp.models.moe``'s, which this package may not import."""
+    iota = jnp.arange(key.shape[0], dtype=jnp.int32) + key * 0  # varies as key
+    return jax.lax.sort((key, iota), num_keys=1, is_stable=True)[1]
 
 
 def _exclusive_cumsum(x: jax.Array, axis: int = -1) -> jax.Array:
@@ -166,12 +175,14 @@ def _through_local_experts(
     n_local = counts_sl.shape[1]
     seg_len = counts_sl.reshape(-1)  # (S * L,) segments (source, expert), in row order
     seg_start = (starts_s[:, None] + _exclusive_cumsum(counts_sl, axis=1)).reshape(-1)
-    rows_r = jnp.arange(r)
-    seg_r = jnp.searchsorted(seg_start, rows_r, side="right") - 1  # last segment starting <= r
-    seg_r = jnp.clip(seg_r, 0, seg_len.shape[0] - 1)
+    rows_r = jnp.arange(r, dtype=jnp.int32) + seg_start[0] * 0  # varies as the counts do
+    # The last segment starting at or before each row (empty segments share a start with
+    # the next one): a count of segment starts, summed along the rows.
+    starts_r = jnp.zeros((r + 1,), jnp.int32).at[seg_start].add(1)[:r]  # (R,)
+    seg_r = jnp.clip(jnp.cumsum(starts_r) - 1, 0, seg_len.shape[0] - 1)  # (R,)
     valid_r = (rows_r >= seg_start[seg_r]) & (rows_r < seg_start[seg_r] + seg_len[seg_r])
     key_r = jnp.where(valid_r, seg_r % n_local, n_local)  # (R,) local expert; padding: L
-    order_r = jnp.argsort(key_r, stable=True)  # (R,)
+    order_r = _argsort(key_r)  # (R,)
     group_sizes_l = jnp.sum(counts_sl, axis=0).astype(jnp.int32)  # (L,)
     y_rd = grouped(rows_rd[order_r], group_sizes_l, *weights)  # (R, D), padding rows 0
     inverse_r = jnp.zeros_like(order_r).at[order_r].set(jnp.arange(r))

@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 import jtp
 from jtp.analysis.collectives import collectives
 from jtp.models.feedforward import ACTIVATIONS
-from jtp.models.moe import MoEFeedForward, capacity, route
+from jtp.models.moe import MoEFeedForward, capacity, combine_outputs, route
 from jtp.parallel import expert_exchange
 from jtp.parallel.expert_exchange import exchange
 
@@ -50,6 +50,10 @@ def swiglu(x_md, group_sizes, w1, w2, w3):
     gate_mf = jax.lax.ragged_dot(x_md, w1, group_sizes)
     up_mf = jax.lax.ragged_dot(x_md, w3, group_sizes)
     return jax.lax.ragged_dot(ACTIVATIONS["silu"](gate_mf) * up_mf, w2, group_sizes)
+
+
+def _combine(moe):
+    return partial(combine_outputs, gating=moe.gating)
 
 
 def _setup(capacity_factor=None, seed=1):
@@ -100,9 +104,9 @@ def _err(a, b):
 def _check_values_and_grads(mesh, **kw):
     moe, x, weights, experts, ws = _setup()
     y_ref = moe(x[None])[0][0]  # the model's own forward
-    ref = partial(reference, combine=moe._combine)
+    ref = partial(reference, combine=_combine(moe))
     assert _err(ref(x, weights, experts, *ws), y_ref) < 1e-7
-    f = sharded(mesh, moe._combine, **kw)
+    f = sharded(mesh, _combine(moe), **kw)
     y, dropped = jax.jit(f)(x, weights, experts, *ws)
     assert int(dropped) == 0
     errors = {"y": _err(y, y_ref)}
@@ -161,7 +165,7 @@ def test_compiled_exchange_is_two_all_to_alls_over_expert(shape):
     Forward + backward: four all-to-alls, still no weight gathered."""
     mesh = jtp.make_mesh(**shape)
     moe, x, weights, experts, ws = _setup()
-    f = sharded(mesh, moe._combine, ragged=False)
+    f = sharded(mesh, _combine(moe), ragged=False)
     compiled = jax.jit(f).lower(x, weights, experts, *ws).compile()
     records = collectives(compiled, mesh)
     a2a = [c for c in records if c.kind == "all-to-all"]
@@ -190,7 +194,7 @@ def test_ragged_choice_lowers_to_two_ragged_all_to_alls():
     padded exchange."""
     mesh = jtp.make_mesh(expert=4, tensor=2)
     moe, x, weights, experts, ws = _setup()
-    text = jax.jit(sharded(mesh, moe._combine, ragged=True)).lower(x, weights, experts, *ws)
+    text = jax.jit(sharded(mesh, _combine(moe), ragged=True)).lower(x, weights, experts, *ws)
     lines = [ln for ln in text.as_text().splitlines() if "ragged_all_to_all" in ln]
     m = N // jtp.mesh.batch_ranks(mesh) * K  # 32 pairs per device
     assert len(lines) == 2
@@ -198,7 +202,7 @@ def test_ragged_choice_lowers_to_two_ragged_all_to_alls():
     assert f"(tensor<{4 * m}x{D}xf32>, tensor<{m}x{D}xf32>," in lines[1]
     assert all("replica_groups = dense<[[0, 2, 4, 6], [1, 3, 5, 7]]>" in ln for ln in lines)
     assert "all_to_all" not in text.as_text().replace("ragged_all_to_all", "")
-    default = jax.jit(sharded(mesh, moe._combine)).lower(x, weights, experts, *ws).as_text()
+    default = jax.jit(sharded(mesh, _combine(moe))).lower(x, weights, experts, *ws).as_text()
     assert "ragged_all_to_all" not in default and "all_to_all" in default
 
 
@@ -210,7 +214,7 @@ def test_capacity_drops_match_the_model_on_each_devices_tokens(shape):
     fixed (E * C, D) buffers."""
     mesh = jtp.make_mesh(**shape)
     moe, x, weights, experts, ws = _setup(capacity_factor=1.0)
-    f = jax.jit(sharded(mesh, moe._combine, capacity_factor=1.0))
+    f = jax.jit(sharded(mesh, _combine(moe), capacity_factor=1.0))
     y, dropped = f(x, weights, experts, *ws)
     ranks = jtp.mesh.batch_ranks(mesh)
     per_rank = [moe(xs[None]) for xs in np.split(np.asarray(x), ranks)]
@@ -229,7 +233,7 @@ def test_local_experts_must_divide():
     moe, x, weights, experts, ws = _setup()
 
     def body(*args):
-        kw = dict(grouped=swiglu, combine=moe._combine, axis="expert", n_experts=2 * E)
+        kw = dict(grouped=swiglu, combine=_combine(moe), axis="expert", n_experts=2 * E)
         return exchange(*args, **kw)[0]
 
     b = ("data", "expert")

@@ -123,14 +123,22 @@ def test_compiled_step_exchanges_tokens_and_never_gathers_an_expert(shape):
         assert all(int(np.prod(s)) < shard_elems for s in c.shapes), c
 
 
-def test_cli_trains_a_moe_llama_with_expert_parallel(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["--fsdp"], ["--accumulate-grad-batches", "2", "--grad-reduce", "per_step"]],
+    ids=["plain", "fsdp", "per-rank-accumulation"],
+)
+def test_cli_trains_a_moe_llama_with_expert_parallel(tmp_path, monkeypatch, extra):
     """``python -m jtp.train --expert-parallel 2`` on (2, 2, 2): the losses of the same run
-    on ("data", "tensor") = (4, 2), within 2e-6 relative (the step test's tolerance)."""
+    on ("data", "tensor") = (4, 2), within 2e-6 relative (the step test's tolerance); with
+    fsdp (expert weights split over "data" besides "expert") and with the per-data-rank
+    accumulation loop (the exchange inside its vmap)."""
     from jtp.cli.train import main
 
     monkeypatch.setitem(PRESETS, "test-moe", CONFIG)
     common = "--devices 8 --model llama --preset test-moe --max-steps 3 --no-progress".split()
     common += ["--seq-len", "16", "--batch-size", "8", "--root-dir", str(tmp_path / "runs")]
+    common += extra
     ep = main([*common, "--data-parallel", "2", "--expert-parallel", "2", "--tensor-parallel", "2"])
     dp = main([*common, "--data-parallel", "4", "--tensor-parallel", "2"])
     assert ep["mesh"] == {"data": 2, "expert": 2, "tensor": 2}
