@@ -7,7 +7,9 @@ test_moe's decoder tolerance (the same float32 ops on the same values, summed in
 order: the batch split over data x expert sums each gradient's rows per device then over
 devices, the tensor split sums partial products, the exchange reorders nothing but rows);
 routing is computed from the same numbers on both sides, and the same expert loads are
-asserted, so no near-tie flipped.
+asserted, so no near-tie flipped. Seen: gradients <= 1.4e-6 (the router's kernel, then wq and
+wk), loss <= 7e-8, with AVX-512 and with XLA_FLAGS=--xla_cpu_max_isa=AVX2 alike; the same
+1.4e-6 as on ("data", "tensor") = (4, 2) without the axis: the exchange adds no error.
 """
 
 import dataclasses
