@@ -53,7 +53,7 @@ from flax import nnx
 
 from jtp.models.feedforward import ACTIVATIONS, FeedForward
 from jtp.models.grouped import grouped_dot
-from jtp.parallel.experts import ExpertMath, place_experts
+from jtp.parallel.experts import ExpertMath, per_token, place_experts
 
 GATINGS = ("mixtral", "softmax_topk")
 
@@ -257,8 +257,10 @@ class MoEFeedForward(nnx.Module):
         n, k, e = b * t, self.k, self.n_experts
         x_nd = x_btd.reshape(n, d)  # (B, T, D) -> (N, D)
         logits_ne = self.router(x_nd)  # (N, E) float32
-        weights_nk, experts_nk, probs_ne, lse_n = route(
-            logits_ne, k, self.gating, self.norm_topk_prob
+        # Per token, where the tokens are (a top-k over token-split logits would gather).
+        weights_nk, experts_nk, probs_ne, lse_n = per_token(
+            functools.partial(route, k=k, gating=self.gating, norm_topk_prob=self.norm_topk_prob),
+            logits_ne,
         )
         x_nd, w1, w2, w3 = self.experts.weights(x_nd)
         # The expert work, placed by the plan's "experts" rule (jtp.parallel.experts):

@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jtp.mesh import DATA, EXPERT, TENSOR
@@ -61,6 +63,31 @@ class ExpertMath:
     combine: Callable[[jax.Array, jax.Array], jax.Array]
     n_experts: int
     capacity_factor: float | None
+
+
+def per_token(fn: Callable[..., Any], *arrays: jax.Array) -> Any:
+    """``fn`` of arrays whose leading dimension is the tokens (N, ...), computed where the
+    tokens are under the "experts" rule: each device on its own (XLA's partitioner gathers
+    the whole batch for a top-k over a token-split (N, E): seen on CPU); ``fn(*arrays)``
+    without the rule."""
+    found = active_rule(EXPERTS)
+    if found is None:
+        return fn(*arrays)
+    mesh, _, data_mapped = found
+    tokens = P(_batch_axes(mesh, data_mapped) or None)
+    out = jax.eval_shape(fn, *arrays)
+    return jax.shard_map(
+        fn,
+        mesh=mesh,
+        in_specs=tuple(tokens for _ in arrays),
+        out_specs=jax.tree.map(lambda _: tokens, out),
+    )(*arrays)
+
+
+def _batch_axes(mesh: Mesh, data_mapped: bool) -> tuple[str, ...]:
+    """The token batch's axes in ``mesh`` (:data:`BATCH_AXES`), "data" left to an
+    enclosing per-data-rank vmap."""
+    return tuple(a for a in BATCH_AXES if a in mesh.axis_names and not (data_mapped and a == DATA))
 
 
 def place_experts(

@@ -140,8 +140,8 @@ def test_without_the_rule_the_routing_gathers_the_batch():
     """Why the plan places the experts even with no tensor split: on data 8 without the
     "experts" rule, the sort over all (token, expert) pairs makes XLA assemble every pair's
     token row (M, D) on every device (an all-reduce over "data" in the forward: seen
-    (256, 128) f32 per layer); with it each device sorts its own, and no (·, D) rows cross
-    "data" in the forward."""
+    (256, 128) f32 per layer; and the top-k gathers the (N, E) probabilities); with it each
+    device routes and sorts its own tokens, and only (E,) sums cross "data"."""
     config = moe_config(8)
     mesh = jtp.make_mesh(data=8, tensor=1)
     plan = llama(config, mesh=mesh)
@@ -149,17 +149,16 @@ def test_without_the_rule_the_routing_gathers_the_batch():
     graphdef, params = nnx.split(model, nnx.Param)
     tokens = jax.device_put(TOKENS, jax.sharding.NamedSharding(mesh, jax.P("data")))
 
-    def rows_over_data(rules):
+    def over_data(rules):
         with activation_rules(mesh, rules, check_unused=False):
             compiled = jax.jit(loss_fn(graphdef)).lower(params, tokens).compile()
-        return [
-            r
-            for r in collectives(compiled, mesh)
-            if r.axes == ("data",) and any(len(s) == 2 and s[-1] == config.dim for s in r.shapes)
-        ]
+        return [r for r in collectives(compiled, mesh) if r.axes == ("data",)]
 
-    assert rows_over_data({k: v for k, v in plan.activations.items() if k != "experts"})
-    assert not rows_over_data(plan.activations)
+    without = over_data({k: v for k, v in plan.activations.items() if k != "experts"})
+    assert any(len(s) == 2 and s[-1] == config.dim for r in without for s in r.shapes)
+    # With it: only the router stats' per-expert sums and the loss's mean cross "data".
+    for r in over_data(plan.activations):
+        assert all(int(np.prod(s)) <= config.n_experts for s in r.shapes), r
 
 
 def test_capacity_on_a_tensor_group_drops_what_one_device_drops():
@@ -210,3 +209,20 @@ def test_placed_experts_run_per_data_rank():
         assert abs(float(losses[r]) - float(want_loss)) <= RTOL * abs(float(want_loss))
         got = {k: v[r] for k, v in flat(grads).items()}
         assert_grads_close(got, flat(want_grads))
+
+
+@pytest.mark.parametrize(
+    "n_experts, shape", [(8, (2, 4)), (2, (1, 8))], ids=["E-split-2x4", "F-split-tensor8"]
+)
+def test_generation_with_placed_experts_gives_one_devices_tokens(n_experts, shape):
+    """jtp.generate applies the "experts" rule in prefill and decode (a MoE layer on a
+    mesh without it would sort every sequence's pairs together): greedy tokens as on one
+    device."""
+    config = moe_config(n_experts)
+    prompts = [[1, 5, 9, 3], [2, 7], [4, 4, 4, 4, 4, 8], [9]]
+    want = jtp.generate(Llama(config, rngs=nnx.Rngs(0)), prompts, max_new_tokens=6)
+    mesh = jtp.make_mesh(data=shape[0], tensor=shape[1])
+    model = jtp.sharded_init(
+        lambda: Llama(config, rngs=nnx.Rngs(0)), mesh, llama(config, mesh=mesh)
+    )
+    assert jtp.generate(model, prompts, max_new_tokens=6) == want
