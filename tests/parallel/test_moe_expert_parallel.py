@@ -1,6 +1,7 @@
 """A whole MoE Llama on meshes with an "expert" axis against one device: one training
-step's loss and gradients, the compiled step's all-to-alls over "expert", and
-``python -m jtp.train --expert-parallel``.
+step's loss and gradients, the compiled step's all-to-alls over "expert",
+``python -m jtp.train --expert-parallel`` (with fsdp and per-rank accumulation), and two
+processes whose expert groups span both.
 
 Tolerance 2e-6, norm-relative (``rel_err``) for the gradients, 2e-6 relative for the loss:
 test_moe's decoder tolerance (the same float32 ops on the same values, summed in another
@@ -13,12 +14,15 @@ wk), loss <= 7e-8, with AVX-512 and with XLA_FLAGS=--xla_cpu_max_isa=AVX2 alike;
 """
 
 import dataclasses
+import json
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 from helpers import rel_err
+from processes import free_port, start_process, wait_all
 
 import jtp
 from jtp.analysis.collectives import collectives
@@ -159,3 +163,38 @@ def test_cli_refuses_an_expert_size_that_does_not_divide_the_experts(tmp_path, m
     with backend_compiles() as compiles, pytest.raises(InputError, match="n_experts=6 is not"):
         main([*argv.split(), "--no-progress", "--root-dir", str(tmp_path / "runs")])
     assert compiles == []
+
+
+def test_two_processes_with_the_expert_axis_across_them_equal_one(tmp_path):
+    """Mesh (1, 4, 2) over two processes of 4 devices: each expert group spans both, so
+    the exchange's all-to-alls cross processes (gloo), and each process's loader reads the
+    rows of its own batch ranks. Losses equal the one-process run's within 1e-5 relative
+    (test_multiprocess's tolerance: gloo may sum in another order)."""
+    worker = [str(Path(__file__).parent / "mp_moe_train_worker.py")]
+    flags = "--model llama --preset test-moe --max-steps 2 --seq-len 16 --batch-size 8".split()
+    flags += "--expert-parallel 4 --tensor-parallel 2 --no-progress".split()
+    flags += ["--root-dir", str(tmp_path / "runs")]
+
+    def launch(n, tag):
+        port = free_port()
+        multi = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n)]
+        return [
+            start_process(
+                [*flags, *(multi + ["--process-id", str(i)] if n > 1 else [])]
+                + ["--devices", str(8 // n), "--metrics-json", str(tmp_path / f"{tag}{i}.json")],
+                tmp_path / f"{tag}{i}.log",
+                program=worker,
+            )
+            for i in range(n)
+        ]
+
+    def logs(tag, n):
+        return "".join((tmp_path / f"{tag}{i}.log").read_text()[-2000:] for i in range(n))
+
+    assert wait_all(launch(1, "one")) == [0], logs("one", 1)
+    assert wait_all(launch(2, "two")) == [0, 0], logs("two", 2)
+    ref = json.loads((tmp_path / "one0.json").read_text())
+    got = [json.loads((tmp_path / f"two{i}.json").read_text()) for i in range(2)]
+    assert got[0]["mesh"] == {"data": 1, "expert": 4, "tensor": 2}
+    assert got[0]["losses"] == got[1]["losses"]
+    np.testing.assert_allclose(got[0]["losses"], ref["losses"], rtol=1e-5)
