@@ -32,10 +32,14 @@ def main() -> None:
     import jax
 
     import jtp
+    from jtp.models.hf.config import llama_config, read_config
 
     tokens = np.load(os.path.join(TOKENS, "reference.npz"))["tokens"]
     mesh = jtp.make_mesh(1, 1, devices=jax.devices()[:1])
-    model = jtp.hf.load_pretrained(args.path, mesh, max_seq_len=tokens.shape[1])
+    # scanned unless the checkpoint mixes dense and sparse (MoE) layers, which llama_config
+    # then builds unrolled
+    scan = llama_config(read_config(args.path)).scan_layers
+    model = jtp.hf.load_pretrained(args.path, mesh, max_seq_len=tokens.shape[1], scan_layers=scan)
     logits = np.asarray(jax.jit(lambda t: model(t))(tokens), np.float32)
     np.savez(args.out, tokens=tokens, logits=logits)
     print(f"{args.path}: logits {logits.shape}, max |logit| {np.abs(logits).max():.3f}")

@@ -25,7 +25,19 @@ import torch
 import transformers
 
 HERE = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "hf")
-NAMES = ["llama3", "llama_tied", "mistral", "qwen2", "qwen3", "phi3", "llama_kv2"]
+NAMES = [
+    "llama3",
+    "llama_tied",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "llama_kv2",
+    "mixtral",
+    "qwen3_moe",
+    "qwen2_moe",
+    "olmoe",
+]
 PROMPTS = [[1, 17, 99, 5], [1, 64], [1, 3, 120, 77, 45, 8, 90, 11, 2, 33], [1]]
 NEW_TOKENS = 8
 EOS = 2

@@ -175,7 +175,59 @@ FIXTURES = {
             "full_attention": dict(rope_type="linear", rope_theta=1e4, factor=4.0),
         },
     ),
+    # Mixtral: Mistral's attention, 8 experts of width 32 (intermediate_size), top 2, the
+    # hub's per-expert block_sparse_moe tensors (transformers 5 writes them so).
+    "mixtral": dict(
+        cls="MixtralConfig",
+        dtype="bfloat16",
+        hidden_size=64,
+        intermediate_size=32,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        router_aux_loss_coef=0.02,
+        rope_parameters=dict(rope_type="default", rope_theta=1e6),
+    ),
+    # Qwen3-MoE: per-head q/k norms, head_dim 8 at hidden 32, 8 experts of width 16, top 2,
+    # renormalised (norm_topk_prob, as Qwen3-30B-A3B).
+    "qwen3_moe": dict(
+        cls="Qwen3MoeConfig",
+        dtype="bfloat16",
+        hidden_size=32,
+        head_dim=8,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        norm_topk_prob=True,
+        rope_parameters=dict(rope_type="default", rope_theta=1e6),
+    ),
+    # Qwen2-MoE: q/k/v biases, a sigmoid-gated shared expert (width 32), 8 experts of
+    # width 16, top 2 not renormalised; 3 layers, the middle one dense (mlp_only_layers).
+    "qwen2_moe": dict(
+        cls="Qwen2MoeConfig",
+        dtype="bfloat16",
+        hidden_size=64,
+        num_hidden_layers=3,
+        mlp_only_layers=[1],
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=32,
+        rope_parameters=dict(rope_type="default", rope_theta=1e6),
+    ),
+    # OLMoE: q/k RMSNorm over the whole projection (64 and 32 features), 8 experts of
+    # width 32, top 2, not renormalised. pad_token_id: OlmoeConfig's 1 is bos here.
+    "olmoe": dict(
+        cls="OlmoeConfig",
+        dtype="bfloat16",
+        hidden_size=64,
+        intermediate_size=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        pad_token_id=None,
+        rope_parameters=dict(rope_type="default", rope_theta=1e4),
+    ),
 }
+MOE_FIXTURES = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe")
 # Config changes that switch one feature off, each of which must move transformers' logits
 # by at least MIN_EFFECT of the largest (the tests check jtp's logits move with them).
 MATTERS = {
@@ -356,6 +408,41 @@ def make(name: str, spec: dict, seed: int) -> None:
         assert moved >= MIN_EFFECT, (name, feature, moved)
     if name == "gemma3":
         check_gemma3_hub_spelling(path, logits)
+    if name in MOE_FIXTURES:
+        check_routing(path, logits)
+
+
+def check_routing(path: str, logits: np.ndarray) -> None:
+    """The routing matters and is not fragile: in every sparse layer most experts are
+    chosen and tokens choose different sets; the k-th and (k+1)-th router probabilities of
+    every token are apart (no near-tie that float32 rounding could flip between libraries);
+    and shifting each router's rows by one expert (every token to other experts) moves the
+    logits by at least MIN_EFFECT of the largest."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager"
+    )
+    tokens = torch.from_numpy(TOKENS).long()
+    with torch.no_grad():
+        out = model(tokens, output_router_logits=True)
+    k = model.config.num_experts_per_tok
+    for layer, router_logits in enumerate(out.router_logits):
+        probs = torch.softmax(router_logits.float(), dim=-1)  # (N, E)
+        top = torch.topk(probs, k + 1, dim=-1)
+        experts = top.indices[:, :k]
+        chosen = len(set(experts.flatten().tolist()))
+        sets = len({tuple(sorted(r)) for r in experts.tolist()})
+        gap = float((top.values[:, k - 1] - top.values[:, k]).min())
+        print(f"  router {layer}: {chosen} experts chosen, {sets} distinct sets, min gap {gap:.1e}")
+        assert chosen >= probs.shape[-1] - 1 and sets >= 10, (path, layer, chosen, sets)
+        assert gap > 1e-5, (path, layer, gap)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):
+                p.copy_(torch.roll(p, 1, dims=0))
+        moved = model(tokens).logits.float().numpy()
+    effect = np.abs(moved - logits).max() / np.abs(logits).max()
+    print(f"  routing shifted by one expert: logits move by {effect:.3f} of the largest")
+    assert effect >= MIN_EFFECT, (path, effect)
 
 
 def check_gemma3_hub_spelling(path: str, logits: np.ndarray) -> None:

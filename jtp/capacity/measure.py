@@ -138,3 +138,14 @@ def analytic_floor(model: Any, n_devices: int, layout: Any, precision: str) -> f
         kv = model.n_layers * 2 * model.n_kv_heads * model.head_dim * (model.dim + model.qkv_bias)
     split = model.num_params() - kv
     return (split / shards + kv * layout.tensor / shards) * per_param
+
+
+def expert_floor(model: Any, n_devices: int, layout: Any, precision: str) -> float:
+    """The stacked experts' share of :func:`analytic_floor`: their (params + grads + 2 AdamW
+    moments) bytes per device, fp32 state, under the placement the plans give them (split
+    on E over "tensor" when it divides E, else on each expert's F: ``tensor`` ways either
+    way; and ``data`` ways with fsdp). 0 for a dense model. The "expert" mesh axis
+    (experts over data ranks, tokens exchanged by all-to-all) is not sized here yet."""
+    per_param = 16 if precision != "bf16-true" else 8
+    shards = n_devices if layout.fsdp else layout.tensor
+    return model.num_expert_params() / shards * per_param

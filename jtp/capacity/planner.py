@@ -8,6 +8,13 @@
     print(table.format())          # the program's table
     table.recommended["label"]     # "8x8 fsdp,sp,remat=dots", say
 
+A mixture of experts (``mixtral-8x7b``, ``qwen3-30b-a3b``, an HF MoE config) is sized the
+same way, its experts laid out as the plans lay them (on E over "tensor", else on each
+expert's F); the JSON adds ``moe`` (total, active and expert parameters) and each row
+``expert_floor_bytes``. Hook, not done yet: expert parallelism over an "expert" mesh axis
+(its all-to-all bytes, and whether it pays against splitting experts over "tensor") joins
+:func:`layouts` and :func:`jtp.capacity.measure.measure` once that placement exists.
+
 It needs one jax device per device of the cluster (forced CPU devices stand in for GPUs:
 ``JAX_NUM_CPU_DEVICES=64`` before jax starts; the program does that itself).
 """
@@ -21,7 +28,7 @@ from typing import Any
 
 import jax
 
-from jtp.capacity.measure import analytic_floor, compiled_attention, measure
+from jtp.capacity.measure import analytic_floor, compiled_attention, expert_floor, measure
 from jtp.capacity.report import format_table
 from jtp.capacity.roofline import Hardware, estimate
 from jtp.errors import InputError
@@ -137,8 +144,10 @@ class CapacityTable:
         request = dataclasses.asdict(self.request)
         request["label"] = self.request.model_label()
         request["attention_compiled"] = self.attention_compiled
+        moe = moe_summary(self.request.model_config())
         return {
             "request": request,
+            **({"moe": moe} if moe else {}),
             "hardware": dataclasses.asdict(self.hardware),
             "usable_bytes_per_device": self.hardware.usable_bytes,
             "rows": self.rows,
@@ -148,6 +157,21 @@ class CapacityTable:
 
     def format(self) -> str:
         return format_table(self.to_json())
+
+
+def moe_summary(model: LlamaConfig) -> dict[str, Any] | None:
+    """A mixture of experts' parameter counts (None for a dense model): ``params`` (all),
+    ``active_params`` (what one token's forward uses: k of E experts per sparse layer),
+    ``expert_params`` (the stacked experts), ``n_experts``, ``experts_per_token``."""
+    if not model.n_experts:
+        return None
+    return {
+        "params": model.num_params(),
+        "active_params": model.num_active_params(),
+        "expert_params": model.num_expert_params(),
+        "n_experts": model.n_experts,
+        "experts_per_token": model.experts_per_token,
+    }
 
 
 def _chosen(request: Request, model: LlamaConfig) -> list[Layout]:
@@ -228,6 +252,7 @@ def search(
                 "accumulate": accumulate,
                 "memory_bytes": m["memory"],
                 "floor_bytes": analytic_floor(model, r.devices, layout, r.precision),
+                "expert_floor_bytes": expert_floor(model, r.devices, layout, r.precision),
                 "fits": m["memory"] <= hw.usable_bytes,
                 "flops_per_step": m["flops"],
                 "bf16_flops_per_step": m["flops_bf16"],

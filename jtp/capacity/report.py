@@ -54,6 +54,26 @@ def _row(row: dict[str, Any], mark: str) -> str:
     return f"| {mark} | " + " | ".join(cells) + " |"
 
 
+def _moe_line(payload: dict[str, Any]) -> str:
+    """A mixture of experts' parameters, and its experts' share of the best row's floor."""
+    moe = payload.get("moe")
+    if not moe:
+        return ""
+    best = payload["recommended"] or (payload["rows"] or [None])[0]
+    share = ""
+    if best is not None and "expert_floor_bytes" in best:
+        share = (
+            f"; the experts' state is {best['expert_floor_bytes'] / GB:.2f} of the "
+            f"{best['floor_bytes'] / GB:.2f} GB floor at {best['label'].split()[0]}"
+        )
+    return (
+        f"Mixture of experts: {moe['params'] / 1e9:.1f}B parameters, "
+        f"{moe['active_params'] / 1e9:.1f}B active per token ({moe['experts_per_token']} of "
+        f"{moe['n_experts']} experts per layer), experts {moe['expert_params'] / 1e9:.1f}B, "
+        f'split over "tensor" on E (on F where the tensor size does not divide E){share}.\n'
+    )
+
+
 def format_table(payload: dict[str, Any]) -> str:
     """The table of a planner JSON: one row per layout, the recommended one starred."""
     best = payload["recommended"]
@@ -65,4 +85,5 @@ def format_table(payload: dict[str, Any]) -> str:
     for row in payload["rows"]:
         lines.append(_row(row, "*" if best is not None and row["label"] == best["label"] else " "))
     tail = f"\n* recommended: {best['label']}" if best else "\nno configuration fits"
-    return _header(payload["request"], payload["hardware"]) + "\n".join(lines) + tail
+    head = _header(payload["request"], payload["hardware"]) + _moe_line(payload)
+    return head + "\n".join(lines) + tail

@@ -44,6 +44,7 @@ from jtp.cli.output import one_line_errors, program
 from jtp.errors import InputError
 from jtp.mesh import select_devices
 from jtp.recipes import FeedForwardConfig, LlamaTaskConfig, TaskConfig
+from jtp.recipes.objective import ROUTER_METRICS
 from jtp.training import compilation_cache
 from jtp.training.options import TrainerOptions
 from jtp.xla_flags import apply_gpu_flags
@@ -297,11 +298,22 @@ def _launch_metrics(launch: Any) -> dict[str, Any] | None:
 
 
 def _fit_metrics(trainer: Any) -> dict[str, Any]:
-    """``val_history`` (``[{"step", "val_loss"}]``), ``val_loss`` (the last, or None) and
-    ``lrs`` (the lr each step applied, when the optimizer keeps it in its state)."""
-    val = [{"step": v["step"], "val_loss": v["val_loss"]} for v in trainer.val_history]
+    """``val_history`` (``[{"step", "val_loss", other val_* means}]``), ``val_loss`` (the
+    last, or None), ``lrs`` (the lr each step applied, when the optimizer keeps it in its
+    state) and, for a mixture of experts, ``router`` (its losses and expert loads, one value
+    per step)."""
+    # every val_* mean (a mixture of experts' val_lm_loss, val_aux_loss, ...), by step
+    val = [
+        {"step": v["step"], **{k: x for k, x in v.items() if k.startswith("val_")}}
+        for v in trainer.val_history
+    ]
     lrs = [row["lr"] for row in trainer.metrics_history if "lr" in row]
-    return {"val_history": val, "val_loss": val[-1]["val_loss"] if val else None, "lrs": lrs}
+    out = {"val_history": val, "val_loss": val[-1]["val_loss"] if val else None, "lrs": lrs}
+    # A mixture of experts' per-step metrics (jtp.recipes.objective): {name: [one per step]}
+    names = [n for n in ROUTER_METRICS if any(n in row for row in trainer.metrics_history)]
+    if names:
+        out["router"] = {n: [row.get(n) for row in trainer.metrics_history] for n in names}
+    return out
 
 
 def _run_and_exit(argv: list[str]) -> None:

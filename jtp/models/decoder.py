@@ -134,7 +134,11 @@ class Attention(nnx.Module):
         self.wk = _linear(c.dim, c.n_kv_heads * c.head_dim, c, rngs, bias=c.qkv_bias, target="k")
         self.wv = _linear(c.dim, c.n_kv_heads * c.head_dim, c, rngs, bias=c.qkv_bias, target="v")
         self.wo = _linear(c.n_heads * c.head_dim, c.dim, c, rngs, target="o")
-        if c.qk_norm:  # one (E,) scale shared by all heads, as Qwen3's q_norm / k_norm
+        self.qk_norm_all = c.qk_norm and c.qk_norm_scope == "all"
+        if self.qk_norm_all:  # OLMoE: (H * E,) and (K * E,) scales, over the whole projection
+            self.q_norm = _norm(c.n_heads * c.head_dim, c, rngs)
+            self.k_norm = _norm(c.n_kv_heads * c.head_dim, c, rngs)
+        elif c.qk_norm:  # one (E,) scale shared by all heads, as Qwen3's q_norm / k_norm
             self.q_norm, self.k_norm = _norm(c.head_dim, c, rngs), _norm(c.head_dim, c, rngs)
         else:
             self.q_norm = self.k_norm = None
@@ -195,8 +199,11 @@ class Attention(nnx.Module):
         applied, split by head."""
         b, t, _ = x_btd.shape
         h, k, e = self.n_heads, self.n_kv_heads, self.head_dim
-        q_bthe = self.wq(x_btd).reshape(b, t, h, e)  # (B, T, H, E)
-        k_bske = self.wk(x_btd).reshape(b, t, k, e)  # (B, S, K, E), S = T
+        q_btf, k_btf = self.wq(x_btd), self.wk(x_btd)  # (B, T, H * E), (B, T, K * E)
+        if self.qk_norm_all:  # OLMoE: statistics over all heads' features, before the split
+            q_btf, k_btf = self.q_norm(q_btf), self.k_norm(k_btf)
+        q_bthe = q_btf.reshape(b, t, h, e)  # (B, T, H, E)
+        k_bske = k_btf.reshape(b, t, k, e)  # (B, S, K, E), S = T
         v_bske = self.wv(x_btd).reshape(b, t, k, e)  # (B, S, K, E)
         if self.kv_replicas > 1:
             # (B, S, K, E) -> (B, S, K * r, E), head j's copies at j*r .. j*r + r - 1, so query
@@ -204,7 +211,7 @@ class Attention(nnx.Module):
             # below, each device computes, ropes and caches just the kv head its queries use.
             k_bske = jnp.repeat(k_bske, self.kv_replicas, axis=2)
             v_bske = jnp.repeat(v_bske, self.kv_replicas, axis=2)
-        if self.q_norm is not None:  # normalises each head's E features
+        if self.q_norm is not None and not self.qk_norm_all:  # each head's E features
             q_bthe, k_bske = self.q_norm(q_bthe), self.k_norm(k_bske)
         # "heads": tensor parallelism splits attention by heads (q, k, v alike).
         q_bthe = shard_activation(apply_rope(q_bthe, cos, sin), "heads")

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 
+from jtp.errors import InputError
 from jtp.models.attention import ATTENTION
 from jtp.models.feedforward import ACTIVATIONS
 from jtp.models.lora import parse_targets
 from jtp.models.moe import GATINGS
 from jtp.models.rope import RopeScaling
 from jtp.models.stack import remat_name
+
+QK_NORM_SCOPES = ("head", "all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +46,10 @@ class DecoderConfig:
     explicit_head_dim: int | None = None  # E when it is not dim // n_heads (Qwen3: 128 at 1024/16)
     qkv_bias: bool = False  # biases on wq, wk, wv (Qwen2)
     qk_norm: bool = False  # RMSNorm over E of each query and key head, before RoPE (Qwen3)
+    # What qk_norm normalises: "head" (each head's E features: Qwen3, Gemma 3) or "all" (the
+    # whole projection at once, H * E features of q and K * E of k, one scale per feature:
+    # OLMoE's q_norm / k_norm, taken before the split into heads).
+    qk_norm_scope: str = "head"
     tie_embeddings: bool = False  # the output projection is the embedding table, transposed
     # Llama 3.1's long-context RoPE scaling, or a linear one (Gemma 3's global layers)
     rope_scaling: RopeScaling | None = None
@@ -116,6 +123,11 @@ class DecoderConfig:
         if self.attention not in ATTENTION:
             raise ValueError(
                 f"DecoderConfig: attention={self.attention!r} must be one of {ATTENTION}"
+            )
+        if self.qk_norm_scope not in QK_NORM_SCOPES:
+            raise ValueError(
+                f"DecoderConfig: qk_norm_scope={self.qk_norm_scope!r} must be one of "
+                f"{QK_NORM_SCOPES}"
             )
         object.__setattr__(self, "lora_targets", parse_targets(self.lora_targets))
         if self.lora_rank < 0:
@@ -193,10 +205,12 @@ class DecoderConfig:
             )
         adapted = {"gate", "up", "down"} & set(self.lora_targets)
         if self.lora_rank and adapted:
-            raise ValueError(
-                f"DecoderConfig: LoRA on the feed-forward ({sorted(adapted)}) of a MoE model "
-                "is not supported yet (the experts are stacked weights); adapt the attention "
-                "projections only (lora_targets q, k, v, o)"
+            raise InputError(
+                f"DecoderConfig: LoRA on the feed-forward ({','.join(sorted(adapted))}) of a MoE "
+                "model is not supported: its experts are stacked (E, D, F) weights, and PEFT's "
+                "layout for adapters on fused 3-D experts is each family's own, which jtp does "
+                "not write; adapt the attention projections only (lora_targets / "
+                "--lora-targets q,k,v,o)"
             )
 
     def layer_moe(self) -> tuple[bool, ...]:
@@ -220,14 +234,33 @@ class DecoderConfig:
         return tuple(pattern[i % len(pattern)] for i in range(self.n_layers))
 
     def num_params(self) -> int:
+        """Every parameter of the model (with experts: all experts of every sparse layer)."""
+        return self._params(self.n_experts)
+
+    def num_active_params(self) -> int:
+        """The parameters one token's forward uses: with experts, ``experts_per_token`` of
+        each sparse layer's ``n_experts`` (the router and any shared expert whole); a dense
+        model's are all of them. Mixtral-8x7B: 12.9B of 46.7B; Qwen3-30B-A3B: 3.3B of 30.5B
+        (the embedding table counted, as the model cards do)."""
+        return self._params(self.experts_per_token if self.n_experts else 0)
+
+    def num_expert_params(self) -> int:
+        """The stacked experts' parameters (``w1``, ``w2``, ``w3`` of every sparse layer);
+        0 for a dense model."""
+        f = self.moe_ffn_hidden or self.ffn_hidden
+        return sum(self.layer_moe()) * 3 * self.n_experts * self.dim * f
+
+    def _params(self, experts: int) -> int:
+        """Parameters with ``experts`` experts counted per sparse layer."""
         d, h, kv, e = self.dim, self.n_heads, self.n_kv_heads, self.head_dim
         attn = d * h * e * 2 + d * kv * e * 2
         attn += (h + 2 * kv) * e if self.qkv_bias else 0
-        attn += 2 * e if self.qk_norm else 0
+        if self.qk_norm:
+            attn += 2 * e if self.qk_norm_scope == "head" else (h + kv) * e
         block = attn + (4 if self.sandwich_norms else 2) * d
         dense = 3 * d * self.ffn_hidden
         f, s = self.moe_ffn_hidden or self.ffn_hidden, self.shared_expert_hidden
-        sparse = d * self.n_experts + 3 * self.n_experts * d * f + (3 * d * s + d if s else 0)
+        sparse = d * self.n_experts + 3 * experts * d * f + (3 * d * s + d if s else 0)
         ffns = sum(sparse if moe else dense for moe in self.layer_moe())
         tables = 1 if self.tie_embeddings else 2
         return tables * self.vocab_size * d + self.n_layers * block + ffns + d

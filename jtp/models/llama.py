@@ -44,6 +44,55 @@ PRESETS = {
         ffn_hidden=28672,
         max_seq_len=8192,
     ),
+    # Mixtures of experts (jtp.models.moe; docs/moe.md). The tiny ones train on CPU in
+    # seconds: 8 experts, top-2, every layer sparse (heads and experts divisible by 8).
+    # Qwen3-MoE's routing: softmax over the experts, top-k, renormalised.
+    "tiny-moe": LlamaConfig(
+        n_experts=8,
+        experts_per_token=2,
+        moe_ffn_hidden=128,
+        norm_topk_prob=True,
+        gating="softmax_topk",
+    ),
+    # Mixtral's routing (softmax over the top-k logits), experts as wide as ffn_hidden.
+    "tiny-mixtral": LlamaConfig(n_experts=8, experts_per_token=2, gating="mixtral"),
+    # Shapes only, from the Hub's config.json (mistralai/Mixtral-8x7B-v0.1; 46.7B
+    # parameters, 12.9B active per token).
+    "mixtral-8x7b": LlamaConfig(
+        vocab_size=32000,
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        ffn_hidden=14336,  # each expert's (intermediate_size)
+        max_seq_len=32768,
+        rope_theta=1e6,
+        n_experts=8,  # num_local_experts
+        experts_per_token=2,
+        gating="mixtral",
+        router_aux_loss_coef=0.02,
+    ),
+    # Qwen/Qwen3-30B-A3B's config.json (30.5B parameters, 3.3B active): q/k norms, head dim
+    # 128 (not 2048 / 32), 128 experts of width 768, 8 per token renormalised, all sparse.
+    "qwen3-30b-a3b": LlamaConfig(
+        vocab_size=151936,
+        dim=2048,
+        n_layers=48,
+        n_heads=32,
+        n_kv_heads=4,
+        explicit_head_dim=128,
+        qk_norm=True,
+        ffn_hidden=6144,  # intermediate_size: no dense layer uses it (mlp_only_layers: [])
+        max_seq_len=40960,
+        rope_theta=1e6,
+        norm_eps=1e-6,
+        n_experts=128,
+        experts_per_token=8,
+        moe_ffn_hidden=768,
+        norm_topk_prob=True,
+        gating="softmax_topk",
+        router_aux_loss_coef=0.001,
+    ),
 }
 
 __all__ = [

@@ -268,7 +268,9 @@ class MoEFeedForward(nnx.Module):
         y_nd, dropped = place_experts(self._math(n), x_nd, weights_nk, experts_nk, w1, w2, w3)
         if self.shared_expert is not None:  # Qwen2-MoE: sigmoid(gate(x)) * shared(x)
             gate_n1 = jax.nn.sigmoid(self.shared_expert_gate(x_nd))  # (N, 1)
-            y_nd = y_nd + gate_n1 * self.shared_expert(x_nd)  # (N, D)
+            # On (B, T, D), as a dense layer's FeedForward: its "ffn_hidden" mark is 3-D.
+            shared_nd = self.shared_expert(x_btd).reshape(n, d)  # (B, T, D) -> (N, D)
+            y_nd = y_nd + gate_n1 * shared_nd  # (N, D)
         stats = RouterStats(
             tokens=jnp.asarray(n, jnp.float32),
             expert_tokens=jnp.bincount(experts_nk.reshape(n * k), length=e).astype(jnp.float32),

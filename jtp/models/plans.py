@@ -71,10 +71,14 @@ def llama(
         "tok_embeddings": RowwiseParallel(),
         "layers.*.attention.wq": ColwiseParallel(),
         "layers.*.attention.wo": RowwiseParallel(),
-        "layers.*.feed_forward.w1": ColwiseParallel(),
-        "layers.*.feed_forward.w3": ColwiseParallel(),
-        "layers.*.feed_forward.w2": RowwiseParallel(),
     }
+    dense_mlp = config is None or not all(config.layer_moe())  # some layer has one
+    if dense_mlp:
+        styles |= {
+            "layers.*.feed_forward.w1": ColwiseParallel(),
+            "layers.*.feed_forward.w3": ColwiseParallel(),
+            "layers.*.feed_forward.w2": RowwiseParallel(),
+        }
     if config is None or config.kv_replicas == 1:
         styles |= {
             "layers.*.attention.wk": ColwiseParallel(),
@@ -86,9 +90,10 @@ def llama(
         "residual": P(DATA, TENSOR, None) if sequence_parallel else P(DATA, None, None),
         "tp_input": P(DATA, None, None),  # normed input of attention / MLP / output: whole T
         "heads": P(DATA, None, TENSOR, None),  # q, k, v, out: (B, T, heads, E) split by head
-        "ffn_hidden": P(DATA, None, TENSOR),  # SwiGLU hidden (B, T, F) split like w1/w3
         "logits": P(DATA, None, TENSOR) if loss_parallel else P(DATA, None, None),
     }
+    if dense_mlp:
+        activations["ffn_hidden"] = P(DATA, None, TENSOR)  # SwiGLU hidden (B, T, F) like w1/w3
     if fsdp:  # the lookup's layout under the table's (V on "tensor", D on "data") split
         activations |= {"tokens": P(None, None), "embedding": P(None, None, DATA)}
     if config is not None and config.n_experts:
@@ -117,11 +122,9 @@ def experts(n_experts: int, mesh: Mesh | None) -> P:
 def _with_experts(
     config: DecoderConfig, styles: dict, activations: dict, mesh: Mesh | None
 ) -> tuple[dict, dict]:
-    """The plan's entries for a model with experts (:func:`llama`)."""
+    """The plan's entries for a model with experts (:func:`llama`): the stacked experts,
+    the "experts" rule, and the shared expert laid out as a dense feed-forward."""
     spec = experts(config.n_experts, mesh)
-    dense = config.moe_layers is not None and not all(config.moe_layers)
-    if not dense:  # no layer has a dense feed-forward: its entries would match nothing
-        styles = {k: v for k, v in styles.items() if not k.startswith("layers.*.feed_forward.")}
     styles["layers.*.feed_forward.experts"] = ParamSharding(
         {"w1": spec, "w3": spec, "w2": P(spec[0], spec[2], spec[1])}
     )
@@ -131,8 +134,7 @@ def _with_experts(
             "layers.*.feed_forward.shared_expert.w3": ColwiseParallel(),
             "layers.*.feed_forward.shared_expert.w2": RowwiseParallel(),
         }
-    if not dense and not config.shared_expert_hidden:  # no dense feed-forward marks it
-        activations = {k: v for k, v in activations.items() if k != "ffn_hidden"}
+        activations = activations | {"ffn_hidden": P(DATA, None, TENSOR)}
     return styles, activations | {EXPERTS: spec}
 
 

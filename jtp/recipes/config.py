@@ -7,6 +7,7 @@ import dataclasses
 
 from jtp.errors import check_fields
 from jtp.models.attention import ATTENTION
+from jtp.models.llama import PRESETS
 from jtp.models.lora import TARGETS
 from jtp.models.stack import REMAT_POLICIES, remat_name
 from jtp.training.optimizers import LR_SCHEDULES
@@ -66,8 +67,8 @@ class LlamaTaskConfig(TaskConfig):
     """Next-token prediction with a Llama (``--model llama``).
 
     Attributes:
-      preset: the model's shape: a key of jtp.models.llama.PRESETS (tiny, llama3-8b,
-        llama3-70b).
+      preset: the model's shape: a key of jtp.models.llama.PRESETS (the tiny ones train on
+        CPU; the others are real models' shapes, for planning or GPUs).
       seq_len: tokens per sample fed to the model (the dataset adds one for the labels).
       data: DIR written by python -m jtp.prepare: train on DIR/train.bin, validate on
         DIR/val.bin, the vocabulary from DIR/meta.json (instead of random tokens).
@@ -89,9 +90,16 @@ class LlamaTaskConfig(TaskConfig):
       lora_alpha: LoRA's alpha: the adapters add ``(lora_alpha / lora_rank) B A x``, as PEFT.
       lora_targets: the adapted linears, PEFT's names comma-separated: q,k,v,o (attention),
         gate,up,down (MLP).
+      capacity_factor: a mixture-of-experts model only: each expert takes at most
+        ``ceil(factor * tokens * k / experts)`` (token, expert) pairs of a forward and drops
+        the rest (counted in the metrics); default: dropless.
+      router_aux_loss_coef: a mixture-of-experts model only: weight of the load-balancing
+        loss added to the training loss; none: the model's (its preset or config.json).
+      router_z_loss_coef: a mixture-of-experts model only: weight of the router z-loss (0:
+        off); none: the model's.
     """
 
-    preset: str = "tiny"
+    preset: str = dataclasses.field(default="tiny", metadata={"choices": tuple(PRESETS)})
     seq_len: int = dataclasses.field(default=32, metadata={"min": 1})
     data: str | None = None
     sequence_parallel: bool = False
@@ -105,6 +113,9 @@ class LlamaTaskConfig(TaskConfig):
     lora_rank: int = dataclasses.field(default=0, metadata={"min": 0})
     lora_alpha: float = dataclasses.field(default=16.0, metadata={"above": 0})
     lora_targets: str = ",".join(TARGETS)
+    capacity_factor: float | None = dataclasses.field(default=None, metadata={"above": 0})
+    router_aux_loss_coef: float | None = dataclasses.field(default=None, metadata={"min": 0})
+    router_z_loss_coef: float | None = dataclasses.field(default=None, metadata={"min": 0})
 
     def __post_init__(self) -> None:
         super().__post_init__()

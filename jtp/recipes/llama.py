@@ -26,10 +26,10 @@ from jtp.data.datasets import RandomTokenDataset
 from jtp.data.loader import DataLoader
 from jtp.data.tokens import TokenDataset, read_meta
 from jtp.errors import InputError
-from jtp.mesh import ModelParallelStrategy
+from jtp.mesh import TENSOR, ModelParallelStrategy
 from jtp.models.hf import config_of, load_weights
 from jtp.models.hf.config import max_positions_of, read_config
-from jtp.models.llama import PRESETS, Llama, LlamaConfig, cross_entropy
+from jtp.models.llama import PRESETS, Llama, LlamaConfig
 from jtp.models.lora import parse_targets
 from jtp.models.plans import check_llama, llama, replicate_kv
 from jtp.models.rope import rope_scaling_of
@@ -37,8 +37,9 @@ from jtp.parallel.infer import infer_plan
 from jtp.parallel.parallelize import sharded_init
 from jtp.parallel.plan import Plan
 from jtp.recipes.config import LlamaTaskConfig
+from jtp.recipes.objective import next_token_loss
 from jtp.training.compile import trace_abstract_step
-from jtp.training.module import TrainModule
+from jtp.training.module import StepOutput, TrainModule
 from jtp.training.optimizers import adamw
 
 
@@ -82,11 +83,25 @@ def _lora(config: LlamaTaskConfig) -> dict[str, Any]:
     }
 
 
+def _moe(config: LlamaTaskConfig, shapes: LlamaConfig) -> LlamaConfig:
+    """``shapes`` with the task's mixture-of-experts options (capacity factor, loss
+    coefficients) where it sets them; refused for a dense model."""
+    given = {
+        name: getattr(config, name)
+        for name in ("capacity_factor", "router_aux_loss_coef", "router_z_loss_coef")
+        if getattr(config, name) is not None
+    }
+    if given and not shapes.n_experts:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise InputError(f"{flags}: the model has no experts (a mixture-of-experts option)")
+    return dataclasses.replace(shapes, **given) if given else shapes
+
+
 def model_shapes(config: LlamaTaskConfig) -> LlamaConfig:
     """The model a task config names, before any mesh: ``config.hf``'s config.json (its
     positions checked against ``seq_len``) or ``config.preset``'s, with the task's remat
-    policy, attention kernel, layer scan and LoRA; the vocabulary of ``config.data`` for a
-    preset, or checked against it for a checkpoint."""
+    policy, attention kernel, layer scan, LoRA and mixture-of-experts options; the
+    vocabulary of ``config.data`` for a preset, or checked against it for a checkpoint."""
     run = {"remat": config.remat, "attention": config.attention, "scan_layers": config.scan_layers}
     if config.hf:  # positions used: seq_len (sliding windows)
         positions = max_positions_of(read_config(config.hf))
@@ -95,15 +110,16 @@ def model_shapes(config: LlamaTaskConfig) -> LlamaConfig:
         shapes = config_of(config.hf, max_seq_len=config.seq_len, **run, **_lora(config))
         if config.data:  # token ids must come from the checkpoint's own tokenizer
             data_vocab(config.data, shapes.vocab_size)
-        return shapes
+        return _moe(config, shapes)
     preset = preset_config(config.preset)
-    return dataclasses.replace(
+    shapes = dataclasses.replace(
         preset,
         vocab_size=data_vocab(config.data) if config.data else preset.vocab_size,
         max_seq_len=max(preset.max_seq_len, config.seq_len),
         **run,
         **_lora(config),
     )
+    return _moe(config, shapes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +146,8 @@ def resolve(config: LlamaTaskConfig, shapes: LlamaConfig, mesh: Mesh | None = No
         check_llama(model, mesh, seq_len=config.seq_len, sequence_parallel=config.sequence_parallel)
     if config.plan == "auto":  # parameters only (no activation rules: config.py refuses them)
         tokens = jax.ShapeDtypeStruct((config.batch_size, config.seq_len), jnp.int32)
-        plan = infer_plan(lambda: Llama(model, rngs=nnx.Rngs(0)), tokens)
+        tensor = None if mesh is None else int(mesh.shape[TENSOR])  # experts' split
+        plan = infer_plan(lambda: Llama(model, rngs=nnx.Rngs(0)), tokens, tensor=tensor)
     else:
         plan = llama(
             model,
@@ -195,9 +212,10 @@ class LlamaTask(TrainModule):
             "plan": {k: type(v).__name__ for k, v in self.plan.items()},
         }
 
-    def training_step(self, model: nnx.Module, batch: jax.Array) -> jax.Array:
-        inputs_bt, labels_bt = batch[:, :-1], batch[:, 1:]
-        return cross_entropy(model(inputs_bt), labels_bt)
+    def training_step(self, model: nnx.Module, batch: jax.Array) -> StepOutput:
+        """Next-token cross-entropy; with experts also the router's auxiliary losses, and
+        routing metrics (:mod:`jtp.recipes.objective`)."""
+        return next_token_loss(model, batch)
 
     validation_step = training_step
 

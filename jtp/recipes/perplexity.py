@@ -19,6 +19,7 @@ import dataclasses
 import os
 from typing import Any
 
+import jax
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -32,6 +33,7 @@ from jtp.models.llama import LlamaConfig
 from jtp.parallel.abstract import abstract_sharded
 from jtp.recipes.config import LlamaTaskConfig
 from jtp.recipes.llama import LlamaTask, check_positions, from_record, model_config_of
+from jtp.recipes.objective import lm_loss
 from jtp.training.precision import PRECISIONS
 
 SPLITS = ("val", "train")
@@ -107,6 +109,11 @@ class PerplexityTask(LlamaTask):
         abstract = abstract_sharded(nnx.eval_shape(factory), mesh, self.plan, fsdp=self.config.fsdp)
         model, _, _ = restore_model(self.checkpoint, abstract, step=self.step)
         return model
+
+    def validation_step(self, model: nnx.Module, batch: jax.Array) -> jax.Array:
+        """The language-model loss alone: a MoE model's auxiliary losses are a training
+        objective, not part of what perplexity measures."""
+        return lm_loss(model, batch)
 
     def val_dataloader(self) -> DataLoader:
         """Every window once, in order; the last batch completed by wrapping (counted once)."""

@@ -18,11 +18,19 @@ one optimizer step and loops over them in the compiled program. How the gradient
 - ``"per_micro_batch"``: every micro-batch's gradient is reduced into the parameters'
   layout inside the loop (k reductions per step); under fsdp the accumulator then stays
   fsdp-sharded, which is why it is fsdp's default (as in torchtitan).
+
+A loss that is not a mean over rows (a mixture of experts' load-balancing loss, taken from
+the routing counts of the whole batch) asks for its counts with :func:`batch_total`: under
+``"per_step"`` each data rank runs its rows alone, and the counts are summed over the ranks
+there, so every micro-batch's loss is that of its whole global batch, as without the
+per-rank loop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -39,6 +47,11 @@ from jtp.training.precision import apply_compute_dtype, cast_batch, cast_floats,
 
 GRAD_REDUCE = ("per_step", "per_micro_batch")
 
+# The vmap axis of the per-data-rank loop ("per_step" accumulation), and whether the code
+# being traced runs inside it (then batch_total sums over it).
+_RANKS = "data_ranks"
+_PER_RANK = contextvars.ContextVar("jtp_per_rank", default=False)
+
 Step = Callable[[Any, Any, Any, Sequence[Any]], tuple[Any, Any, Any, dict[str, jax.Array]]]
 
 
@@ -47,6 +60,26 @@ def _compute_model(graphdef: nnx.GraphDef, params: Any, rest: Any, precision: st
     layer told to compute in it (:mod:`jtp.training.precision`)."""
     model = nnx.merge(graphdef, compute_params(params, precision), rest)
     return apply_compute_dtype(model, precision)
+
+
+def batch_total(tree: Any) -> Any:
+    """Sums over the rows a step's hook sees (a pytree of them) made sums over the whole
+    global (micro-)batch: inside the per-data-rank loop of ``grad_reduce="per_step"``
+    accumulation, where each rank traces its own rows, a ``psum`` over the ranks (whose
+    gradient is the whole batch's too); elsewhere the hook already sees the global batch,
+    and ``tree`` is returned as it is. For losses that are not means over rows, e.g.
+    :func:`jtp.models.moe.load_balancing_loss` of summed router stats."""
+    return jax.lax.psum(tree, _RANKS) if _PER_RANK.get() else tree
+
+
+@contextlib.contextmanager
+def _per_rank() -> Iterator[None]:
+    token = _PER_RANK.set(True)
+    try:
+        with per_data_rank():
+            yield
+    finally:
+        _PER_RANK.reset(token)
 
 
 def split_output(out: StepOutput) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -147,10 +180,12 @@ def make_train_step(
         )
 
         def rank_step(rank_micro):
-            with per_data_rank():
+            with _per_rank():
                 return accumulated(params, frozen, rest, rank_micro)
 
-        acc_d, metric_d, rest_d = jax.vmap(rank_step, spmd_axis_name=DATA)(by_rank)
+        acc_d, metric_d, rest_d = jax.vmap(rank_step, spmd_axis_name=DATA, axis_name=_RANKS)(
+            by_rank
+        )
         acc_d = jax.lax.with_sharding_constraint(
             acc_d, jax.tree.map(_per_rank_spec, param_shardings)
         )

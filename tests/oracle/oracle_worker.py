@@ -15,7 +15,10 @@ float32 at ``DIR/name``.
 ``run``: JOBS.json is ``{"tokens": NPY, "out": DIR, "jobs": [{"id": ..., "model": PATH,
 "adapter": PATH or null}]}``. For each job: ``AutoConfig.from_pretrained(model).to_dict()``
 to ``DIR/id.json``, and the float32 logits (eager attention) of the model, or of
-``PeftModel.from_pretrained(model, adapter)``, on the tokens to ``DIR/id.npy``. A job that
+``PeftModel.from_pretrained(model, adapter)``, on the tokens to ``DIR/id.npy``; a job with
+``"loss": true`` (a MoE model) also writes ``DIR/id.loss.json``: ``{"loss", "aux_loss"}`` of
+``model(tokens, labels=tokens, output_router_logits=True)`` (the cross-entropy plus
+``router_aux_loss_coef`` times the load-balancing loss, as training computes it). A job that
 fails records its error in ``DIR/results.json`` and the others go on: the test of that
 export then fails with transformers' own message.
 
@@ -65,6 +68,13 @@ def run_job(job: dict, tokens: np.ndarray, out: str) -> None:
 
         model = peft.PeftModel.from_pretrained(model, job["adapter"])
     np.save(os.path.join(out, job["id"] + ".npy"), logits_of(model, tokens))
+    if job.get("loss"):
+        ids = torch.from_numpy(tokens).long()
+        with torch.no_grad():
+            result = model(ids, labels=ids, output_router_logits=True)
+        losses = {"loss": float(result.loss), "aux_loss": float(result.aux_loss)}
+        with open(os.path.join(out, job["id"] + ".loss.json"), "w") as f:
+            json.dump(losses, f)
 
 
 def run(jobs: dict) -> None:

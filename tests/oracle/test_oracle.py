@@ -8,14 +8,17 @@ tests/conftest.py leaves this directory out when it is unset) runs
 
 1. ``build``: one source checkpoint per case of :data:`CASES`, made by transformers from a
    tiny config (every supported architecture; with and without sliding windows where the
-   family has them, the window shorter than the sequence; tied and untied embeddings);
+   family has them, the window shorter than the sequence; tied and untied embeddings; the
+   MoE families with shared experts and dense layers among the sparse ones);
 2. here, under jtp: each source loaded sharded on a (1, 2) mesh, jtp's logits, and two
    exports: ``save_pretrained(source=...)`` (the source's config.json written back) and
    ``save_pretrained()`` (config.json derived from the model alone); for :data:`LORA`
    cases a model with random rank-4 adapters, its logits, ``save_peft`` and the merged
    ``save_pretrained``;
 3. ``run``: transformers loads every source and export (PEFT every adapter onto its
-   source) and writes its float32 logits and ``AutoConfig(...).to_dict()``.
+   source) and writes its float32 logits and ``AutoConfig(...).to_dict()``; of each MoE
+   source also its training ``loss`` and ``aux_loss`` with ``output_router_logits=True``,
+   which jtp's loss with the router term must equal (:func:`jtp_loss`).
 
 Tolerance: max |transformers - jtp| / max |jtp| <= 1e-5. Both sides compute in float32
 (unit roundoff 6e-8) on models two or three layers deep with reductions of at most 64
@@ -39,8 +42,10 @@ import pytest
 from flax import nnx
 
 import jtp
+from jtp.models.decoder import cross_entropy
 from jtp.models.hf.config import ARCHITECTURES
 from jtp.models.lora import adapted
+from jtp.models.moe import load_balancing_loss
 
 WORKER = os.path.join(os.path.dirname(__file__), "oracle_worker.py")
 TOKENS = np.random.default_rng(0).integers(0, 128, (2, 16)).astype(np.int32)
@@ -127,7 +132,47 @@ CASES = {
             layer_types=["full_attention", "full_attention"],
         ),
     ),
+    # Mixture of experts: 4 experts, top 2; Mixtral with a window on every layer.
+    "mixtral": (
+        "MixtralConfig",
+        dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW),
+    ),
+    # Qwen2-MoE: shared expert, q/k/v biases, layers sparse / dense / sparse (unrolled)
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        dict(
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=32,
+            num_hidden_layers=3,
+            mlp_only_layers=[1],
+            router_aux_loss_coef=0.05,
+        ),
+    ),
+    # Qwen3-MoE: renormalised top 2, a window on every layer
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        dict(
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            norm_topk_prob=True,
+            head_dim=16,
+            use_sliding_window=True,
+            sliding_window=WINDOW,
+        ),
+    ),
+    # decoder_sparse_step 2: layer 0 dense, layer 1 sparse (unrolled)
+    "qwen3_moe_step": (
+        "Qwen3MoeConfig",
+        dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=2),
+    ),
+    "olmoe": ("OlmoeConfig", dict(num_experts=4, num_experts_per_tok=2)),
 }
+# Cases of dense and sparse layers: built unrolled (one scanned body holds one kind).
+UNROLLED = ("qwen2_moe", "qwen3_moe_step")
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "qwen3_moe_step", "olmoe")
 # Cases also run with LoRA adapters: their targets (jtp's short names). Phi-3 is refused by
 # save_peft (its fused projections take one PEFT adapter each, jtp has one per projection).
 LORA = {
@@ -137,6 +182,7 @@ LORA = {
     "mistral": "q,k,v,o,gate,up,down",
     "gemma2": "q,k,v,o,gate,up,down",
     "gemma3": "o,gate,down",
+    "qwen3_moe": "q,k,v,o",  # LoRA on a MoE model's experts is refused (test_hf_moe.py)
 }
 RANK, ALPHA, FACTOR_STD = 4, 8.0, 0.1
 # to_dict() fields an export may legitimately differ from its source in:
@@ -171,6 +217,27 @@ def jtp_logits(model, mesh):
     return np.asarray(out, np.float32)
 
 
+def jtp_loss(model, mesh):
+    """The training loss of a MoE model with its auxiliary term, as transformers computes
+    ``loss`` with ``labels=tokens`` and ``output_router_logits=True``: the mean next-token
+    cross-entropy (labels shifted left by one, the last position scoring nothing) plus
+    ``router_aux_loss_coef`` times the load-balancing loss over every position's routing
+    in every sparse layer (the layers' router logits concatenated). Returns ``(loss,
+    load-balancing loss)``."""
+    plan = jtp.plans.llama(model.config)
+    graphdef, state = nnx.split(model)
+
+    def loss(s, tokens):
+        logits, stats = nnx.merge(graphdef, s)(tokens, router_stats=True)
+        aux = load_balancing_loss(stats)
+        ce = cross_entropy(logits[:, :-1], tokens[:, 1:])
+        return ce + model.config.router_aux_loss_coef * aux, aux
+
+    with jtp.activation_rules(mesh, plan.activations):
+        total, aux = jax.jit(loss)(state, jtp.shard_batch(TOKENS, mesh))
+    return float(total), float(aux)
+
+
 def randomize_adapters(model, seed):
     """A and B drawn at random (a fresh B is zero: its export would test nothing), in each
     factor's own sharding."""
@@ -201,22 +268,25 @@ def oracle(tmp_path_factory):
     mesh = jtp.make_mesh(1, 2, devices=jax.devices()[:2])
     ours, dirs, jobs = {}, {}, []
 
-    def job(id_, model, adapter=None):
+    def job(id_, model, adapter=None, loss=False):
         dirs[id_] = model
-        jobs.append({"id": id_, "model": model, "adapter": adapter})
+        jobs.append({"id": id_, "model": model, "adapter": adapter, "loss": loss})
 
     for name in CASES:
         source = str(src / name)
-        job(f"{name}.source", source)
-        model = jtp.hf.load_pretrained(source, mesh)
+        job(f"{name}.source", source, loss=name in MOE)
+        scan = {"scan_layers": name not in UNROLLED}
+        model = jtp.hf.load_pretrained(source, mesh, **scan)
         ours[name] = jtp_logits(model, mesh)
+        if name in MOE:
+            ours[f"{name}.loss"] = jtp_loss(model, mesh)
         jtp.hf.save_pretrained(model, str(root / name / "export"), source=source)
         job(f"{name}.export", str(root / name / "export"))
         jtp.hf.save_pretrained(model, str(root / name / "derived"))
         job(f"{name}.derived", str(root / name / "derived"))
         if name in LORA:
             lora = jtp.hf.load_pretrained(
-                source, mesh, lora_rank=RANK, lora_alpha=ALPHA, lora_targets=LORA[name]
+                source, mesh, lora_rank=RANK, lora_alpha=ALPHA, lora_targets=LORA[name], **scan
             )
             randomize_adapters(lora, seed=len(ours))
             ours[f"{name}.lora"] = jtp_logits(lora, mesh)
@@ -232,8 +302,11 @@ def oracle(tmp_path_factory):
     run_worker(python, "run", spec, root / "run.json")
     with open(out / "results.json") as f:
         results = json.load(f)
-    hf = {}
+    hf, losses = {}, {}
     for j in jobs:
+        loss = out / (j["id"] + ".loss.json")
+        if loss.exists():
+            losses[j["id"]] = json.loads(loss.read_text())
         logits = out / (j["id"] + ".npy")
         config = out / (j["id"] + ".json")
         hf[j["id"]] = (
@@ -241,7 +314,13 @@ def oracle(tmp_path_factory):
             json.loads(config.read_text()) if config.exists() else None,
             results[j["id"]]["error"],
         )
-    return {"jtp": ours, "hf": hf, "dirs": dirs, "versions": results["_versions"]}
+    return {
+        "jtp": ours,
+        "hf": hf,
+        "losses": losses,
+        "dirs": dirs,
+        "versions": results["_versions"],
+    }
 
 
 def rel(got, want):
@@ -318,6 +397,21 @@ def test_qwen2_without_a_window_exports_no_sliding_layer(oracle):
         written = json.load(f)
     assert written["use_sliding_window"] is False
     assert set(written["layer_types"]) == {"full_attention"}
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_training_loss_with_the_router_term(oracle, name):
+    """jtp's training loss of a MoE model, cross-entropy + router_aux_loss_coef x
+    load_balancing_loss(stats) (:func:`jtp_loss`), is transformers' ``loss`` with
+    ``output_router_logits=True``, and its load-balancing term transformers' ``aux_loss``.
+    Both float32 means over 32 tokens (30 scored); relative 1e-5 as the logits. The term
+    is >= 1 (E * sum f_e P_e, 1 at perfect balance), checked alone, and its coefficient
+    (0.001 to 0.05) moves the loss by >= 2e-4 relative: a missed term is 20x the bound."""
+    total, aux = oracle["jtp"][f"{name}.loss"]
+    theirs = oracle["losses"].get(f"{name}.source")
+    assert theirs is not None, oracle["hf"][f"{name}.source"][2]
+    assert abs(aux - theirs["aux_loss"]) <= RTOL * abs(theirs["aux_loss"]), (aux, theirs)
+    assert abs(total - theirs["loss"]) <= RTOL * abs(theirs["loss"]), (total, theirs)
 
 
 def test_every_supported_architecture_is_a_case():

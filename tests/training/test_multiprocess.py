@@ -315,15 +315,17 @@ def test_two_processes_share_one_compilation_cache(tmp_path):
     [
         ("mistral", "model.layers.1.mlp.up_proj.weight"),
         ("phi3", "model.layers.1.self_attn.qkv_proj.weight"),
+        ("mixtral", "model.layers.1.block_sparse_moe.experts.7.w2.weight"),
     ],
-    ids=["mistral", "phi3"],
+    ids=["mistral", "phi3", "mixtral"],
 )
 def test_stacked_hf_save_from_two_processes_is_the_source_bitwise(name, tensor, tmp_path):
     """A bf16 Mistral checkpoint loaded by two processes onto 2 x 4 with fsdp, layers
     scanned (each stacked tensor split across both processes), and saved back with several
     files: the export is the source, every tensor bit for bit, under the per-layer names.
     Phi-3: each fused tensor is its parts (q, k, v; gate, up), gathered by both processes
-    in the same order and stacked by process 0."""
+    in the same order and stacked by process 0. Mixtral: each layer's stacked experts
+    gathered once by both processes and written as the hub's one tensor per expert."""
     from safetensors.numpy import load_file
 
     source = str(HERE.parent / "fixtures" / "hf" / name)

@@ -5,9 +5,11 @@
   (:mod:`~jtp.models.hf.rope_config`) and which layers slide
   (:mod:`~jtp.models.hf.layer_types`)
 - :mod:`~jtp.models.hf.families`: one module per family (Llama, Mistral, Qwen, Gemma,
-  Phi-3) with its architectures, the config fields it reads and writes, its tensor names
-  and its refusals; the generic modules here consult it instead of naming a family
-- :mod:`~jtp.models.hf.names`: the tensor name map, transposes and the RoPE permutation
+  Phi-3, Mixtral, Qwen-MoE, OLMoE) with its architectures, the config fields it reads and
+  writes, its tensor names and its refusals; the generic modules here consult it instead
+  of naming a family
+- :mod:`~jtp.models.hf.names`: the tensor name map, transposes, the RoPE permutation and
+  the stacking of per-layer (and per-expert) tensors
 - :mod:`~jtp.models.hf.files`: safetensors reading by block, streamed writing
 - :mod:`~jtp.models.hf.load`: :func:`load_pretrained`, born sharded (:func:`load_weights`
   under a config and plan worked out elsewhere)

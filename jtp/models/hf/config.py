@@ -146,7 +146,7 @@ def llama_config(
         norm_eps=positive_float(hf, "rms_norm_eps", arch.rms_norm_eps),
         remat=remat,
         explicit_head_dim=None if head_dim * n_heads == dim else int(head_dim),
-        qkv_bias=arch.qkv_bias,
+        qkv_bias=extra.pop("qkv_bias", arch.qkv_bias),  # Qwen2-MoE's config has a field
         qk_norm=arch.qk_norm,
         tie_embeddings=bool(hf.get("tie_word_embeddings", arch.tied)),
         sliding_window=window,

@@ -84,7 +84,8 @@ def window_fields(
     if needs_flag:
         out["use_sliding_window"] = window is not None
         first = kinds.index(True) if True in kinds else len(kinds)
-        if window is not None and all(kinds[first:]):
+        # Qwen3-MoE's window is on every layer: its config has no max_window_layers
+        if how == "max_window_layers" and window is not None and all(kinds[first:]):
             out["max_window_layers"] = first
     if how not in ("none", "all"):
         out["layer_types"] = [LAYER_TYPES[0] if k else LAYER_TYPES[1] for k in kinds]

@@ -13,6 +13,7 @@ weight is read (:mod:`jtp.models.hf.config`, :func:`check_tensors`).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 from typing import Any
@@ -74,17 +75,26 @@ def check_tensors(files: CheckpointFiles, maps: list[TensorMap], shapes: dict[st
 
 def _load_param(maps: list[TensorMap], files: CheckpointFiles, abstract: Any) -> jax.Array:
     """One parameter, created shard by shard on the devices of its sharding, from its HF
-    tensor (or, stacked, its layers' tensors in layer order)."""
+    tensor (or, stacked, its layers' and experts' tensors: a device reads only the layers
+    and experts its block holds, whatever axis the sharding splits)."""
     shape = tuple(abstract.shape)
+    lead = maps[0].stacked_axes  # leading axes (layer, expert) that index HF tensors
+    by_slice = {tuple(i for i in (t.layer, t.expert) if i is not None): t for t in maps}
     blocks: dict[tuple, np.ndarray] = {}  # replicas of a block are read once
 
     def block(index: tuple[slice, ...]) -> np.ndarray:
         key = tuple(s.indices(n) for s, n in zip(index, shape, strict=True))
         if key not in blocks:
             # No copy here: a transposed view is made contiguous by the transfer itself.
-            layers = maps[index[0]] if maps[0].layer is not None else maps
-            value = [read_jtp_slice(t, index, shape, files.reader(t.hf)) for t in layers]
-            value = np.stack(value) if maps[0].layer is not None else value[0]
+            ranges = [range(*k) for k in key[:lead]]  # the layers / experts of the block
+            value = [
+                read_jtp_slice(by_slice[at], index, shape, files.reader(by_slice[at].hf))
+                for at in itertools.product(*ranges)
+            ]
+            if lead:  # (layers, experts, *the block of one tensor)
+                value = np.stack(value).reshape(*map(len, ranges), *value[0].shape)
+            else:
+                value = value[0]
             blocks[key] = value.astype(abstract.dtype, copy=False)
         return blocks[key]
 
@@ -109,8 +119,8 @@ def load_pretrained(
     seed: int = 0,
     adapter: str | None = None,
 ) -> Llama:
-    """Load a Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma 2 / Gemma 3
-    checkpoint onto ``mesh``.
+    """Load a Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma 2 / Gemma 3 /
+    Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE checkpoint onto ``mesh``.
 
     The model is jtp's :class:`~jtp.models.llama.Llama` under :func:`jtp.plans.llama`, born
     sharded: each device reads only its slice of each tensor. Its logits match transformers'
@@ -136,12 +146,14 @@ def load_pretrained(
       attention: the attention kernel (:mod:`jtp.models.attention`): ``"auto"`` takes
         cuDNN's fused attention on a GPU with bf16/fp16 inputs, XLA's path otherwise.
       scan_layers: the blocks stacked on a layer axis, run by one scan (HF's per-layer
-        tensors are stacked on the way in); False: unrolled, one parameter per tensor.
+        tensors are stacked on the way in); False: unrolled, one parameter per tensor (a
+        MoE checkpoint with dense and sparse layers needs it).
       lora_rank: > 0 adds LoRA adapters of this rank (:mod:`jtp.models.lora`) to the
         ``lora_targets`` linears (PEFT's names: "q", "k", "v", "o", "gate", "up", "down",
-        or "q,v"), scaled by ``lora_alpha / lora_rank``; ``A`` is drawn from ``seed``, ``B``
-        is zero, so the model computes the checkpoint's logits until it is trained. The
-        trainer then trains only the adapters (:meth:`jtp.TrainModule.trainable`).
+        or "q,v"; of a MoE model the attention's only), scaled by ``lora_alpha /
+        lora_rank``; ``A`` is drawn from ``seed``, ``B`` is zero, so the model computes the
+        checkpoint's logits until it is trained. The trainer then trains only the adapters
+        (:meth:`jtp.TrainModule.trainable`).
       adapter: a PEFT LoRA adapter directory (``adapter_model.safetensors`` +
         ``adapter_config.json``, e.g. :func:`jtp.hf.save_peft`'s) to load onto the
         checkpoint; its ``r``, ``lora_alpha`` and ``target_modules`` replace the three

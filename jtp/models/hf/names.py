@@ -7,7 +7,11 @@ modules in :mod:`jtp.models.hf.families`) and passes them to :func:`tensor_map`;
 (``scan_layers``, the default) holds each block parameter once for all layers, stacked on a
 leading layer axis (``layers.attention.wq.kernel`` of shape ``(L, D, H * E)``): HF's
 ``model.layers.{i}.*`` tensor is its slice ``i``, so the exported names stay HF's per-layer
-names. Two layout changes, each done here and nowhere else:
+names. A mixture-of-experts layer's experts are stacked too, on the axis after the layer
+axis (``layers.feed_forward.experts.w1`` of shape ``(L, E, D, F)``), and the hub's one
+tensor per expert, ``...experts.{e}.gate_proj.weight``, is its slice ``[i, e]``
+(:attr:`TensorMap.expert`; :mod:`jtp.models.hf.families.experts`). Two layout changes,
+each done here and nowhere else:
 
 - **transpose**: ``torch.nn.Linear`` stores ``weight`` as ``(out_features, in_features)`` and
   computes ``x @ W.T``; Flax's ``nnx.Linear`` stores ``kernel`` as ``(in, out)`` and computes
@@ -41,29 +45,42 @@ class TensorMap:
     transpose: bool  # HF (out, in) <-> Flax (in, out)
     rope_head_dim: int | None  # E: permute HF axis 0 within heads of E rows (q and k only)
     layer: int | None = None  # scanned: the slice of the stacked jtp parameter it is
+    # MoE: the expert (the slice of the (E, ...) expert axis, after the layer axis when
+    # scanned) of the stacked experts this per-expert HF tensor is
+    expert: int | None = None
     row_offset: int = 0  # fused HF tensor (Phi-3's qkv_proj): this parameter's first row
     hf_rows: int | None = None  # fused HF tensor: all its rows; None: the tensor is all ours
 
     def hf_shape(self, jtp_shape: tuple[int, ...]) -> tuple[int, ...]:
         """The HF tensor's shape, given its jtp parameter's (stacked or not); of a fused
         tensor, the whole tensor's, of which the parameter is ``hf_rows`` rows."""
-        shape = tuple(jtp_shape[1:] if self.layer is not None else jtp_shape)
+        shape = tuple(jtp_shape[self.stacked_axes :])
         shape = tuple(reversed(shape)) if self.transpose else shape
         return shape if self.hf_rows is None else (self.hf_rows, *shape[1:])
 
     @property
+    def stacked_axes(self) -> int:
+        """Leading axes of the jtp parameter this tensor is one slice of (layer, expert)."""
+        return (self.layer is not None) + (self.expert is not None)
+
+    @property
     def label(self) -> str:
-        """The jtp parameter, with the layer when stacked: ``layers.attention.wq.kernel[3]``."""
-        return self.jtp if self.layer is None else f"{self.jtp}[{self.layer}]"
+        """The jtp parameter, with the layer (and expert) when stacked:
+        ``layers.attention.wq.kernel[3]``, ``layers.feed_forward.experts.w1[3, 5]``."""
+        at = [str(i) for i in (self.layer, self.expert) if i is not None]
+        return f"{self.jtp}[{', '.join(at)}]" if at else self.jtp
 
     def take(self, value: np.ndarray) -> np.ndarray:
-        """This tensor's part of its jtp parameter's ``value`` (its layer, when stacked)."""
-        return value if self.layer is None else value[self.layer]
+        """This tensor's part of its jtp parameter's ``value`` (its layer and expert, when
+        stacked)."""
+        value = value if self.layer is None else value[self.layer]
+        return value if self.expert is None else value[self.expert]
 
 
 # One row of a block: (jtp path inside layers.{i}, HF path inside model.layers.{i},
-# transpose, RoPE-permuted).
-Row = tuple[str, str, bool, bool]
+# transpose, RoPE-permuted). An expert row (MoE) has a fifth entry, E: the jtp parameter
+# stacks E experts on its leading axis and the HF path holds "{e}", one tensor per expert.
+Row = tuple[str, str, bool, bool] | tuple[str, str, bool, bool, int]
 BLOCK: tuple[Row, ...] = (
     ("attention_norm.scale", "input_layernorm.weight", False, False),
     ("attention.wq.kernel", "self_attn.q_proj.weight", True, True),
@@ -79,18 +96,28 @@ BLOCK: tuple[Row, ...] = (
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
-def tensor_map(config: LlamaConfig, rows: tuple[Row, ...] = BLOCK) -> list[TensorMap]:
+def tensor_map(
+    config: LlamaConfig,
+    rows: tuple[Row, ...] = BLOCK,
+    *,
+    layer_rows: Callable[[int], tuple[Row, ...]] | None = None,
+) -> list[TensorMap]:
     """Every tensor of an HF checkpoint of ``config`` whose blocks hold ``rows`` (a family's:
-    :func:`jtp.models.hf.families.tensor_map`), in HF's order."""
+    :func:`jtp.models.hf.families.tensor_map`), or layer ``i`` ``layer_rows(i)`` (MoE
+    models with dense layers), in HF's order; an expert row gives one tensor per expert."""
     e = config.head_dim
     out = [TensorMap("model.embed_tokens.weight", "tok_embeddings.embedding", False, None)]
     for i in range(config.n_layers):
-        for jtp, hf, transpose, permuted in rows:
+        for row in layer_rows(i) if layer_rows else rows:
+            jtp, hf, transpose, permuted = row[:4]
             rope, hf = e if permuted else None, f"model.layers.{i}.{hf}"
-            if config.scan_layers:  # slice i of the stacked parameter
-                out.append(TensorMap(hf, f"layers.{jtp}", transpose, rope, layer=i))
-            else:
-                out.append(TensorMap(hf, f"layers.{i}.{jtp}", transpose, rope))
+            # scanned: slice i of the stacked parameter
+            jtp, layer = (f"layers.{jtp}", i) if config.scan_layers else (f"layers.{i}.{jtp}", None)
+            if len(row) == 4:
+                out.append(TensorMap(hf, jtp, transpose, rope, layer=layer))
+            else:  # one tensor per expert, each a slice of the stacked experts
+                for x in range(row[4]):
+                    out.append(TensorMap(hf.format(e=x), jtp, transpose, rope, layer, expert=x))
     out.append(TensorMap("model.norm.weight", "norm.scale", False, None))
     if not config.tie_embeddings:  # tied: lm_head is embed_tokens, stored once
         out.append(TensorMap("lm_head.weight", "output.kernel", True, None))
@@ -164,15 +191,16 @@ def read_jtp_slice(
     """The block ``index`` of the jtp parameter, reading only what it needs of the HF tensor.
 
     ``read(hf_index)`` returns that block of the HF tensor; of a stacked parameter, the block
-    of layer ``t.layer`` (``index[0]``, the layer axis, is the caller's). A permuted axis is
+    of layer ``t.layer`` and expert ``t.expert`` (the leading axes of ``index``, these, are
+    the caller's). A permuted axis is
     read in whole heads (a tensor-parallel shard holds whole heads, so that is exactly its
     rows), put in jtp's order, and trimmed to ``index``. Of a fused HF tensor only the
     parameter's own rows (from ``t.row_offset``) are read.
     """
     if t.row_offset:  # a part of a fused tensor: its rows, counted from the part's first
         read = _rows_from(read, t.row_offset)
-    if t.layer is not None:  # a stacked parameter: this tensor is one layer of it
-        index, shape = index[1:], shape[1:]
+    if t.stacked_axes:  # a stacked parameter: this tensor is one layer (expert) of it
+        index, shape = index[t.stacked_axes :], shape[t.stacked_axes :]
     bounds = [s.indices(n)[:2] for s, n in zip(index, shape, strict=True)]  # [(start, stop)]
     hf_bounds = list(reversed(bounds)) if t.transpose else list(bounds)
     if t.rope_head_dim is None:

@@ -1,11 +1,11 @@
 """``save_pretrained``: a (sharded) jtp Llama as an HF checkpoint transformers loads.
 
 One parameter (one layer of a stacked parameter) at a time is gathered to process 0's host
-(the others hold none), put in
-HF's layout (transposed,
-RoPE-permuted back, :mod:`jtp.models.hf.names`), cast, and appended to its safetensors
-shard, so the writer holds one whole tensor at a time (a Phi-3 fused tensor is its parts,
-gathered in turn and stacked: :mod:`jtp.models.hf.families.phi3`). Every process takes part in each
+(the others hold none), put in HF's layout (transposed, RoPE-permuted back,
+:mod:`jtp.models.hf.names`), cast, and appended to its safetensors shard, so the writer
+holds one whole tensor at a time (a Phi-3 fused tensor is its parts, gathered in turn and
+stacked: :mod:`jtp.models.hf.families.phi3`; an MoE layer's experts, one parameter gathered
+once and written as the hub's one tensor per expert). Every process takes part in each
 gather; process 0 writes, into a temporary directory renamed onto ``path`` at the end: the
 checkpoint there is complete or absent.
 """
@@ -83,10 +83,11 @@ def save_pretrained(
         describes this model; a directory's tokenizer and generation files are copied.
         Without it, a config for ``LlamaForCausalLM`` / ``MistralForCausalLM`` /
         ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` / ``Gemma2ForCausalLM`` /
-        ``Gemma3ForCausalLM`` (by the model's features) is derived from ``model.config``,
-        and a model none of them computes is a ``ValueError`` (nothing there says Phi-3: a
-        Phi-3 source's fused tensors come back only with ``source=``; without, they are
-        written as Llama's separate projections).
+        ``Gemma3ForCausalLM`` / ``MixtralForCausalLM`` / ``Qwen2MoeForCausalLM`` /
+        ``Qwen3MoeForCausalLM`` / ``OlmoeForCausalLM`` (by the model's features) is derived
+        from ``model.config``, and a model none of them computes is a ``ValueError``
+        (nothing there says Phi-3: a Phi-3 source's fused tensors come back only with
+        ``source=``; without, they are written as Llama's separate projections).
       dtype: dtype of the saved tensors; default the source's ``dtype`` / ``torch_dtype``,
         else the parameters' own. A bf16 checkpoint loaded into float32 and saved back
         without training is bitwise the original.
@@ -130,12 +131,11 @@ def save_pretrained(
         else [f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors" for k in range(len(groups))]
     )
 
+    gather = _Gather(params)
+
     def produce(hf_name: str) -> np.ndarray:
-        parts = [
-            to_hf(t, gathered_on_process_0(params[t.jtp], t.layer)).astype(out_dtype)
-            for t in tensors[hf_name]
-        ]  # fused: HF's rows in order (q, k, v; gate, up)
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        parts = [to_hf(t, gather(t)).astype(out_dtype) for t in tensors[hf_name]]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)  # fused: HF's row order
 
     inputs = [("source", src_dir)]
     with staged_directory(path, "jtp.hf.save_pretrained", "hf-checkpoint", inputs) as tmp:
@@ -146,9 +146,28 @@ def save_pretrained(
             else:  # take part in the same gathers, in the same order
                 for hf_name, _, _ in entries:
                     for t in tensors[hf_name]:
-                        gathered_on_process_0(params[t.jtp], t.layer)
+                        gather(t)
         if tmp is not None:
             _finish(tmp, hf, src_dir, files, groups, names, sizes)
+
+
+class _Gather:
+    """Each tensor's slice of its parameter on process 0 (None elsewhere), gathered one
+    parameter (one layer of a stacked one) at a time. An MoE layer's per-expert tensors
+    come in a row from one gather: the last gathered is kept while its experts are
+    written (every process calls in the same order, so all make the same gathers)."""
+
+    def __init__(self, params: dict[str, Any]):
+        self.params, self.key, self.value = params, None, None
+
+    def __call__(self, t: TensorMap) -> np.ndarray | None:
+        if (t.jtp, t.layer) != self.key:
+            self.key, self.value = None, None  # the previous one dropped before the next
+            self.value = gathered_on_process_0(self.params[t.jtp], t.layer)
+            self.key = (t.jtp, t.layer)
+        if self.value is None or t.expert is None:
+            return self.value
+        return self.value[t.expert]
 
 
 def _finish(tmp, hf, src_dir, files, groups, names, sizes) -> None:

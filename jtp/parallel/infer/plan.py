@@ -14,6 +14,10 @@ projection). Anything that would mix features across the split (a norm or softma
 them, a reshape cutting a head, a contraction outside a layer, an op the rules do not know)
 abandons the attempt: the layer stays replicated, with that reason.
 
+Stacked experts (a mixture of experts' 3-D ``w1``/``w2``/``w3``) follow the hand plan's
+rule by their shapes (:mod:`jtp.parallel.infer.experts`): split on the expert dimension, or
+on each expert's hidden features when the tensor size does not divide the experts.
+
 Two rules beyond pairs reproduce the hand-written Llama plan (:func:`jtp.plans.llama`):
 
 - an ``nnx.Embed`` is tried as a *row* layer (its table split on vocabulary rows, as torch
@@ -49,6 +53,7 @@ from flax import nnx
 from jtp.mesh import TENSOR
 from jtp.parallel.infer.choice import STYLES, PlanCost, choose, plan_cost, whole_plan
 from jtp.parallel.infer.dataflow import trace
+from jtp.parallel.infer.experts import ROUTER_WHY, expert_style, router_of, stacked_experts
 from jtp.parallel.infer.pairing import Layer, Search, Why
 from jtp.parallel.infer.reasons import chosen_over, explain_group, left_out
 from jtp.parallel.layer_rules import layout_fn
@@ -179,7 +184,9 @@ def _keys(model: nnx.Module, entries: Mapping[str, tuple[Any, Why]]) -> dict[str
     return keys
 
 
-def infer_plan(model: nnx.Module | Callable[[], nnx.Module], *example_args: Any) -> InferredPlan:
+def infer_plan(
+    model: nnx.Module | Callable[[], nnx.Module], *example_args: Any, tensor: int | None = None
+) -> InferredPlan:
     """Infer a tensor-parallel plan by tracing ``model(*example_args)``.
 
     Finds the parameterised matmuls of the forward and pairs column -> row layers through
@@ -193,6 +200,10 @@ def infer_plan(model: nnx.Module | Callable[[], nnx.Module], *example_args: Any)
         zero-argument factory (evaluated abstractly: nothing is allocated).
       example_args: the forward's inputs, arrays or ``jax.ShapeDtypeStruct``s (only shapes
         and dtypes are used).
+      tensor: the tensor size the plan is for, where a layout depends on it: stacked
+        experts (a mixture of experts, :mod:`jtp.parallel.infer.experts`) are split on the
+        expert dimension when ``tensor`` divides it (or is None), else on each expert's
+        hidden features.
 
     Example::
 
@@ -244,7 +255,11 @@ def infer_plan(model: nnx.Module | Callable[[], nnx.Module], *example_args: Any)
         else:
             lost = None if m in copies else left_out(m, found, choice)
             entries[m] = (None, lost or whys[m])
-    entries |= {m: (None, why) for m, why in _others(model, owner, used).items()}
+    for path, shape in stacked_experts(model).items():  # a mixture of experts' own rule
+        entries[path] = expert_style(shape, tensor)
+        entries[router_of(path)] = (None, Why(ROUTER_WHY.text, (path,)))
+    others = _others(model, owner, used)
+    entries |= {m: (None, why) for m, why in others.items() if m not in entries}
     if not layers:
         entries[""] = (
             None,

@@ -8,6 +8,12 @@ functions through which the generic code (:mod:`jtp.models.hf.config`, ``load``,
 - :mod:`~jtp.models.hf.families.gemma`: Gemma 2 / 3's fields, four norms per block, RoPE
   by layer type
 - :mod:`~jtp.models.hf.families.phi3`: Phi-3's fused projections, its refusals
+- :mod:`~jtp.models.hf.families.mixtral`: Mixtral, Mistral with experts in every layer
+- :mod:`~jtp.models.hf.families.qwen_moe`: Qwen2-MoE (shared expert) and Qwen3-MoE, dense
+  and sparse layers
+- :mod:`~jtp.models.hf.families.olmoe`: OLMoE, experts and whole-projection q/k norms
+
+(:mod:`~jtp.models.hf.families.experts` holds what the three MoE modules share.)
 
 A family module declares ``ARCHITECTURES`` (name -> :class:`Architecture`: plain data the
 generic code reads) and, where the family needs them, these functions, each taking the
@@ -37,14 +43,15 @@ from types import ModuleType
 from typing import Any
 
 from jtp.models.hf import names
-from jtp.models.hf.families import gemma, llama, mistral, phi3, qwen
+from jtp.models.hf.families import gemma, llama, mistral, mixtral, olmoe, phi3, qwen, qwen_moe
 from jtp.models.hf.families.architecture import Architecture
 from jtp.models.hf.names import TensorMap
 from jtp.models.llama import LlamaConfig
 
 # In the order jtp.hf lists them; a family comes after those it builds on, so claim() asks
-# the last first (a Qwen3 model is also a Llama with extras; Llama claims what is left).
-FAMILIES: tuple[ModuleType, ...] = (llama, mistral, qwen, gemma, phi3)
+# the last first (a Qwen3 model is also a Llama with extras; Llama claims what is left; the
+# MoE families claim only models with experts).
+FAMILIES: tuple[ModuleType, ...] = (llama, mistral, qwen, gemma, phi3, mixtral, qwen_moe, olmoe)
 ARCHITECTURES: dict[str, Architecture] = {
     name: arch for family in FAMILIES for name, arch in family.ARCHITECTURES.items()
 }
