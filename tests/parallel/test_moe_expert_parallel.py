@@ -15,7 +15,6 @@ wk), loss <= 7e-8, with AVX-512 and with XLA_FLAGS=--xla_cpu_max_isa=AVX2 alike;
 
 import dataclasses
 import json
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -133,15 +132,14 @@ def test_compiled_step_exchanges_tokens_and_never_gathers_an_expert(shape):
     [[], ["--fsdp"], ["--accumulate-grad-batches", "2", "--grad-reduce", "per_step"]],
     ids=["plain", "fsdp", "per-rank-accumulation"],
 )
-def test_cli_trains_a_moe_llama_with_expert_parallel(tmp_path, monkeypatch, extra):
+def test_cli_trains_a_moe_llama_with_expert_parallel(tmp_path, extra):
     """``python -m jtp.train --expert-parallel 2`` on (2, 2, 2): the losses of the same run
     on ("data", "tensor") = (4, 2), within 2e-6 relative (the step test's tolerance); with
     fsdp (expert weights split over "data" besides "expert") and with the per-data-rank
     accumulation loop (the exchange inside its vmap)."""
     from jtp.cli.train import main
 
-    monkeypatch.setitem(PRESETS, "test-moe", CONFIG)
-    common = "--devices 8 --model llama --preset test-moe --max-steps 3 --no-progress".split()
+    common = "--devices 8 --model llama --preset tiny-moe --max-steps 3 --no-progress".split()
     common += ["--seq-len", "16", "--batch-size", "8", "--root-dir", str(tmp_path / "runs")]
     common += extra
     ep = main([*common, "--data-parallel", "2", "--expert-parallel", "2", "--tensor-parallel", "2"])
@@ -152,15 +150,14 @@ def test_cli_trains_a_moe_llama_with_expert_parallel(tmp_path, monkeypatch, extr
     np.testing.assert_allclose(ep["losses"], dp["losses"], rtol=TOL)
 
 
-def test_cli_refuses_an_expert_size_that_does_not_divide_the_experts(tmp_path, monkeypatch):
+def test_cli_refuses_an_expert_size_that_does_not_divide_the_experts(tmp_path):
     from helpers import backend_compiles
 
     from jtp.cli.train import main
     from jtp.errors import InputError
 
-    monkeypatch.setitem(PRESETS, "test-moe6", dataclasses.replace(CONFIG, n_experts=6))
-    argv = "--devices 8 --model llama --preset test-moe6 --expert-parallel 4 --max-steps 1"
-    with backend_compiles() as compiles, pytest.raises(InputError, match="n_experts=6 is not"):
+    argv = "--devices 6 --model llama --preset tiny-moe --expert-parallel 3 --max-steps 1"
+    with backend_compiles() as compiles, pytest.raises(InputError, match="n_experts=8 is not"):
         main([*argv.split(), "--no-progress", "--root-dir", str(tmp_path / "runs")])
     assert compiles == []
 
@@ -170,8 +167,7 @@ def test_two_processes_with_the_expert_axis_across_them_equal_one(tmp_path):
     the exchange's all-to-alls cross processes (gloo), and each process's loader reads the
     rows of its own batch ranks. Losses equal the one-process run's within 1e-5 relative
     (test_multiprocess's tolerance: gloo may sum in another order)."""
-    worker = [str(Path(__file__).parent / "mp_moe_train_worker.py")]
-    flags = "--model llama --preset test-moe --max-steps 2 --seq-len 16 --batch-size 8".split()
+    flags = "--model llama --preset tiny-moe --max-steps 2 --seq-len 16 --batch-size 8".split()
     flags += "--expert-parallel 4 --tensor-parallel 2 --no-progress".split()
     flags += ["--root-dir", str(tmp_path / "runs")]
 
@@ -183,7 +179,6 @@ def test_two_processes_with_the_expert_axis_across_them_equal_one(tmp_path):
                 [*flags, *(multi + ["--process-id", str(i)] if n > 1 else [])]
                 + ["--devices", str(8 // n), "--metrics-json", str(tmp_path / f"{tag}{i}.json")],
                 tmp_path / f"{tag}{i}.log",
-                program=worker,
             )
             for i in range(n)
         ]
