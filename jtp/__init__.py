@@ -34,7 +34,7 @@ from jtp.data.loader import DataLoader, local_data_ranks
 from jtp.data.tokens import TokenDataset
 from jtp.errors import InputError
 from jtp.generation import generate
-from jtp.mesh import DATA, TENSOR, ModelParallelStrategy, make_mesh, mesh_shape
+from jtp.mesh import DATA, EXPERT, TENSOR, ModelParallelStrategy, make_mesh, mesh_shape
 from jtp.parallel.activations import activation_rules, shard_activation
 from jtp.parallel.batch import batch_sharding, shard_batch
 from jtp.parallel.infer import InferredPlan, PlanCost, infer_plan
@@ -55,6 +55,7 @@ except PackageNotFoundError:  # a source tree that is not installed
 __all__ = [
     "InputError",
     "DATA",
+    "EXPERT",
     "TENSOR",
     "Checkpointer",
     "Collective",

@@ -1,12 +1,22 @@
-"""The ("data", "tensor") device mesh, and ModelParallelStrategy that sizes it.
+"""The ("data", ["expert",] "tensor") device mesh, and ModelParallelStrategy that sizes it.
 
-The only file that spells the mesh axis names; everything else imports ``DATA`` and ``TENSOR``.
-The tensor axis is innermost so that one tensor-parallel group is a run of consecutive devices,
-i.e. sits on one host with its fast links, while the data axis spans hosts (Lightning's "auto").
+The only file that spells the mesh axis names; everything else imports ``DATA``, ``EXPERT``
+and ``TENSOR``. The tensor axis is innermost so that one tensor-parallel group is a run of
+consecutive devices, i.e. sits on one host with its fast links, while the data axis spans
+hosts (Lightning's "auto"). The expert axis sits between them: its all-to-alls (the MoE
+layers' token exchange, :mod:`jtp.parallel.expert_exchange`) move more bytes than the data
+axis' once-per-step gradient reduction, so it gets the nearer devices.
+
+Outside the MoE layers "expert" is data-like: a batch's rows are split over
+``("data", "expert")`` (:func:`batch_axes`), each (data, expert) pair of indices is one
+*batch rank* (data major), and gradients are means over all of them. A mesh built without
+an expert axis (or with ``expert=1``) has exactly the axes ``("data", "tensor")`` it always
+had, so its programs do not change.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import cached_property
 
@@ -17,8 +27,9 @@ from jax.sharding import AxisType, Mesh
 from jtp.errors import InputError
 
 DATA = "data"
+EXPERT = "expert"
 TENSOR = "tensor"
-AXES = (DATA, TENSOR)
+AXES = (DATA, TENSOR)  # the axes of a mesh without an expert axis
 
 
 def select_devices(n: int) -> list[jax.Device]:
@@ -39,34 +50,42 @@ def select_devices(n: int) -> list[jax.Device]:
     return devices[:n]
 
 
-def _resolve_sizes(data: int, tensor: int, n_devices: int) -> tuple[int, int]:
-    for name, size in (("data", data), ("tensor", tensor)):
+def _resolve_sizes(sizes: dict[str, int], n_devices: int) -> dict[str, int]:
+    """``sizes`` (axis -> size, at most one ``-1``) with the ``-1`` filled from the devices."""
+    for name, size in sizes.items():
         if not isinstance(size, int | np.integer) or (size < 1 and size != -1):
             raise InputError(f"make_mesh: {name}={size!r} must be a positive int or -1 (fill)")
-    if data == -1 and tensor == -1:
-        raise InputError("make_mesh: only one of data and tensor may be -1")
-    if data == -1 or tensor == -1:
-        known = tensor if data == -1 else data
+    fill = [name for name, size in sizes.items() if size == -1]
+    if len(fill) > 1:
+        raise InputError(f"make_mesh: only one of {' and '.join(fill)} may be -1")
+    known = math.prod(int(size) for size in sizes.values() if size != -1)
+    shown = {n: v for n, v in sizes.items() if v != -1 and (n != EXPERT or v != 1)}
+    given = " x ".join(f"{name}={size}" for name, size in shown.items())
+    if fill:
         if n_devices % known:
-            sizes = ", ".join(str(k) for k in range(1, n_devices + 1) if n_devices % k == 0)
+            valid = ", ".join(str(k) for k in range(1, n_devices + 1) if n_devices % k == 0)
             raise InputError(
-                f"make_mesh: {n_devices} devices are not divisible by "
-                f"{'tensor' if data == -1 else 'data'}={known}; valid sizes: {sizes}"
+                f"make_mesh: {n_devices} devices are not divisible by {given} = {known}; "
+                f"valid sizes: {valid}"
             )
-        return (n_devices // known, tensor) if data == -1 else (data, n_devices // known)
-    if data * tensor != n_devices:
+        return {name: n_devices // known if size == -1 else size for name, size in sizes.items()}
+    if known != n_devices:
         raise InputError(
-            f"make_mesh: data={data} x tensor={tensor} = {data * tensor} devices, "
-            f"but {n_devices} devices are available; pass sizes whose product is {n_devices} "
-            "or -1 for one of them"
+            f"make_mesh: {given} = {known} devices, but {n_devices} devices are available; "
+            f"pass sizes whose product is {n_devices} or -1 for one of them"
         )
-    return data, tensor
+    return dict(sizes)
 
 
 def make_mesh(
-    data: int = -1, tensor: int = 1, *, devices: Sequence[jax.Device] | None = None
+    data: int = -1,
+    tensor: int = 1,
+    *,
+    expert: int = 1,
+    devices: Sequence[jax.Device] | None = None,
 ) -> Mesh:
-    """Build a ``("data", "tensor")`` mesh with Auto axis types.
+    """Build a ``("data", "tensor")`` mesh, or ``("data", "expert", "tensor")`` with
+    ``expert > 1``, with Auto axis types.
 
     Auto (not jax's new Explicit default) axes let GSPMD/Shardy insert the collectives a
     row-parallel matmul needs, which is the whole point of a plan-based API.
@@ -74,21 +93,58 @@ def make_mesh(
     Args:
       data: size of the data-parallel axis; ``-1`` takes the remaining devices.
       tensor: size of the tensor-parallel axis; ``-1`` takes the remaining devices.
+      expert: size of the expert-parallel axis (a MoE layer's experts are split over it,
+        its tokens exchanged by all-to-all; elsewhere it splits the batch like "data");
+        ``1`` (the default) leaves the axis out; ``-1`` takes the remaining devices.
       devices: devices to lay out (default ``jax.devices()``), row-major, tensor innermost.
 
     Example::
 
       mesh = jtp.make_mesh(data=2, tensor=4)   # 8 devices: 2 groups of 4
+      mesh = jtp.make_mesh(data=2, expert=2, tensor=2)  # ("data", "expert", "tensor")
     """
     devs = list(jax.devices() if devices is None else devices)
-    d, t = _resolve_sizes(data, tensor, len(devs))
-    grid = np.asarray(devs, dtype=object).reshape(d, t)  # (data, tensor)
-    return Mesh(grid, AXES, axis_types=(AxisType.Auto, AxisType.Auto))
+    sizes = _resolve_sizes({DATA: data, EXPERT: expert, TENSOR: tensor}, len(devs))
+    if sizes[EXPERT] == 1:  # no expert axis: the mesh (and every program) of before
+        grid = np.asarray(devs, dtype=object).reshape(sizes[DATA], sizes[TENSOR])
+        return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * 2)
+    shape = (sizes[DATA], sizes[EXPERT], sizes[TENSOR])
+    grid = np.asarray(devs, dtype=object).reshape(shape)  # (data, expert, tensor)
+    return Mesh(grid, (DATA, EXPERT, TENSOR), axis_types=(AxisType.Auto,) * 3)
 
 
 def mesh_shape(mesh: Mesh) -> dict[str, int]:
-    """``{"data": d, "tensor": t}`` for a jtp mesh."""
-    return {DATA: int(mesh.shape[DATA]), TENSOR: int(mesh.shape[TENSOR])}
+    """``{"data": d, "tensor": t}`` for a jtp mesh, ``{"data": d, "expert": x, "tensor": t}``
+    for one with an expert axis."""
+    return {name: int(size) for name, size in mesh.shape.items()}
+
+
+def batch_axes(mesh: Mesh) -> str | tuple[str, ...]:
+    """The ``PartitionSpec`` entry of a batch's rows: ``"data"``, or ``("data", "expert")``
+    on a mesh with an expert axis (data major: batch rank ``d * expert + x``)."""
+    return (DATA, EXPERT) if EXPERT in mesh.shape else DATA
+
+
+def batch_axis_names(mesh: Mesh) -> tuple[str, ...]:
+    """The data-like axes of ``mesh`` as a tuple: ``("data",)`` or ``("data", "expert")``."""
+    return (DATA, EXPERT) if EXPERT in mesh.shape else (DATA,)
+
+
+def batch_axes_text(mesh: Mesh) -> str:
+    """How an error names the batch axes: ``mesh axis 'data'`` or ``mesh axes ('data',
+    'expert')``."""
+    axes = batch_axes(mesh)
+    return f"mesh axis {axes!r}" if isinstance(axes, str) else f"mesh axes {axes!r}"
+
+
+def batch_ranks(mesh: Mesh) -> int:
+    """How many ways a batch's rows are split: ``data`` (x ``expert``)."""
+    return math.prod(int(mesh.shape[a]) for a in batch_axis_names(mesh))
+
+
+def batch_grid(mesh: Mesh) -> np.ndarray:
+    """``mesh.devices`` as ``(batch rank, tensor)``: row r holds the devices of batch rank r."""
+    return np.asarray(mesh.devices).reshape(batch_ranks(mesh), -1)
 
 
 Size = int | str
@@ -102,15 +158,18 @@ def _check_size(name: str, value: Size) -> None:
 
 
 class ModelParallelStrategy:
-    """Data x tensor parallelism on a ``("data", "tensor")`` mesh.
+    """Data x tensor (x expert) parallelism on a ``("data", ["expert",] "tensor")`` mesh.
 
     Args:
       data_parallel_size: data-parallel groups; "auto" = number of processes, or the devices
         left over when ``tensor_parallel_size`` is given.
-      tensor_parallel_size: devices per tensor-parallel group; "auto" = devices per process,
-        or the devices left over when ``data_parallel_size`` is given.
-      fsdp: also shard parameters and optimizer state over ``"data"`` (2D parallelism) when
-        the module's ``configure_model`` returns ``(factory, plan)``.
+      tensor_parallel_size: devices per tensor-parallel group; "auto" = devices per process
+        (over ``expert_parallel_size``), or the devices left over when
+        ``data_parallel_size`` is given.
+      expert_parallel_size: size of the "expert" axis (a MoE model's experts split over it;
+        elsewhere it splits the batch as "data" does); 1: no expert axis.
+      fsdp: also shard parameters and optimizer state over ``"data"`` (and ``"expert"``)
+        (2D parallelism) when the module's ``configure_model`` returns ``(factory, plan)``.
       devices: the devices to use (default: all of ``jax.devices()``).
     """
 
@@ -119,42 +178,59 @@ class ModelParallelStrategy:
         data_parallel_size: Size = "auto",
         tensor_parallel_size: Size = "auto",
         *,
+        expert_parallel_size: int = 1,
         fsdp: bool = False,
         devices: Sequence[jax.Device] | None = None,
     ):
         _check_size("data_parallel_size", data_parallel_size)
         _check_size("tensor_parallel_size", tensor_parallel_size)
+        if expert_parallel_size == "auto":
+            raise InputError("ModelParallelStrategy: expert_parallel_size must be an int >= 1")
+        _check_size("expert_parallel_size", expert_parallel_size)
         self.data_parallel_size = data_parallel_size
         self.tensor_parallel_size = tensor_parallel_size
+        self.expert_parallel_size = expert_parallel_size
         self.fsdp = fsdp
         self.devices = list(devices) if devices is not None else None
 
     def _sizes(self) -> tuple[int, int]:
+        """(data, tensor) sizes, ``-1`` where make_mesh fills in the rest."""
         n = len(self.devices) if self.devices is not None else jax.device_count()
         data, tensor = self.data_parallel_size, self.tensor_parallel_size
+        x = self.expert_parallel_size
         if data == "auto" and tensor == "auto":
             processes = jax.process_count()
-            return processes, n // processes
+            return processes, -1
         if data == "auto":
             return -1, tensor
         if tensor == "auto":
             return data, -1
-        if data * tensor != n:
+        if data * x * tensor != n:
+            shown = f" x expert_parallel_size={x}" if x > 1 else ""
             raise InputError(
-                f"ModelParallelStrategy: data_parallel_size={data} x tensor_parallel_size="
-                f"{tensor} = {data * tensor}, but there are {n} devices; make the product {n}"
+                f"ModelParallelStrategy: data_parallel_size={data}{shown} x "
+                f"tensor_parallel_size={tensor} = {data * x * tensor}, but there are {n} "
+                f"devices; make the product {n}"
             )
         return data, tensor
 
     @cached_property
     def mesh(self) -> Mesh:
-        """The ``("data", "tensor")`` mesh over all devices (built on first use)."""
+        """The ``("data", ["expert",] "tensor")`` mesh over all devices (built on first use)."""
         data, tensor = self._sizes()
-        return make_mesh(data=data, tensor=tensor, devices=self.devices)
+        return make_mesh(
+            data=data, tensor=tensor, expert=self.expert_parallel_size, devices=self.devices
+        )
 
     def __repr__(self) -> str:
         shape = mesh_shape(self.mesh) if "mesh" in self.__dict__ else None
+        expert = (
+            f", expert_parallel_size={self.expert_parallel_size}"
+            if self.expert_parallel_size > 1
+            else ""
+        )
         return (
             f"ModelParallelStrategy(data_parallel_size={self.data_parallel_size!r}, "
-            f"tensor_parallel_size={self.tensor_parallel_size!r}, fsdp={self.fsdp}, mesh={shape})"
+            f"tensor_parallel_size={self.tensor_parallel_size!r}{expert}, fsdp={self.fsdp}, "
+            f"mesh={shape})"
         )

@@ -15,9 +15,11 @@ compiled whole; if XLA's figure for that whole program does not fit, the next on
 (recorded). If none fits, the layer count is halved until one does, and the table and JSON
 say so.
 
-Beside the run, two checks only a GPU can make: cuDNN's fused attention against XLA's in
-float32 (outputs and gradients; time of each kernel), and the CPU planner's memory for the
-chosen layout (``python -m jtp.capacity`` without a GPU) against XLA's for the GPU.
+Beside the run, three checks only a GPU can make: cuDNN's fused attention against XLA's in
+float32 (outputs and gradients; time of each kernel), the CPU planner's memory for the
+chosen layout (``python -m jtp.capacity`` without a GPU) against XLA's for the GPU, and the
+expert-parallel exchange's ragged all-to-all against its padded stand-in (the one the CPU
+tests run) over an "expert" axis of all the GPUs (values, gradients, time, bytes).
 
 MFU = (6 N + attention) FLOPs per token x tokens/s / (devices x peak), torchtitan's
 formula: N parameters without the embedding table, attention 12 x layers x heads x head dim
@@ -41,6 +43,7 @@ from jtp.bench.gpu_checks import (
     ATTENTION_SHAPE,
     SMOKE_ATTENTION_SHAPE,
     attention_check,
+    expert_exchange_check,
     planner_check,
 )
 from jtp.bench.results import machine, write_result
@@ -258,6 +261,7 @@ def gpu(args: argparse.Namespace) -> dict[str, Any]:
     attention_rows = attention_check(
         SMOKE_ATTENTION_SHAPE if args.smoke else ATTENTION_SHAPE, platform
     )
+    exchange_row = expert_exchange_check(devices, platform, smoke=args.smoke)
     arrays = state.arrays()
     times = []
     for i in range(args.warmup + args.steps):
@@ -310,6 +314,7 @@ def gpu(args: argparse.Namespace) -> dict[str, Any]:
         "planner_check": cpu_plan,
         "attention_shape": SMOKE_ATTENTION_SHAPE if args.smoke else ATTENTION_SHAPE,
         "attention_check": attention_rows,
+        "expert_exchange_check": exchange_row,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "versions": _versions(),
         "anchors": {"torchtitan": TORCHTITAN, "maxtext": MAXTEXT},
@@ -379,6 +384,20 @@ def format_gpu(r: dict[str, Any]) -> str:
         lines.append(
             f"| {a['implementation']} | {err} | {a['within_tolerance']} | "
             f"{a['forward_backward_ms']:.2f} |"
+        )
+    ex = r.get("expert_exchange_check")
+    if ex is not None:
+        v = ex["variants"]
+        err = ex["relative_error"]
+        lines.append(
+            f"\nexpert exchange over {ex['shape']['expert_axis']} device(s): padded "
+            f"{v['padded']['forward_backward_ms']:.2f} ms"
+            + (
+                f", ragged {v['ragged']['forward_backward_ms']:.2f} ms, max rel. difference "
+                f"{max(err.values()):.1e} (within tol.: {ex['within_tolerance']})"
+                if "ragged" in v
+                else " (ragged: not on CPU)"
+            )
         )
     plan = r["planner_check"]
     if plan is not None:

@@ -265,3 +265,103 @@ def gemma_model_check(platform: str, smoke: bool = False) -> dict[str, Any]:
         "conditional_in_program": " conditional(" in hlo,
         "forward_backward_ms": 1e3 * statistics.median(times),
     }
+
+
+# The expert-parallel exchange (jtp.parallel.expert_exchange): tokens per device, width,
+# expert hidden width, local experts per device, experts per token.
+EXCHANGE_SHAPE = {"tokens": 4096, "dim": 1024, "hidden": 2048, "local_experts": 4, "k": 2}
+SMOKE_EXCHANGE_SHAPE = {"tokens": 64, "dim": 16, "hidden": 32, "local_experts": 2, "k": 2}
+# ragged vs padded: the same rows meet the same experts in the same order (received rows
+# are put in expert order, source after source, in both), so only a kernel's tiling of a
+# different-length buffer could change a float32 sum (matmuls at "highest" precision).
+EXCHANGE_RTOL = 1e-5
+
+
+def expert_exchange_check(devices: list, platform: str, smoke: bool = False) -> dict[str, Any]:
+    """The exchange's two variants on an "expert" axis over ``devices``: ragged
+    (``jax.lax.ragged_all_to_all``, only on a GPU or TPU: XLA:CPU has no thunk for it)
+    against padded (fixed worst-case buffers), outputs and the gradients of the tokens and
+    the experts' weights (max |difference| / max |padded|), the median forward + backward
+    time of each, and the bytes each all-to-all sends per device (from the compiled HLO)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    from jtp.analysis.collectives import collectives
+    from jtp.mesh import EXPERT
+    from jtp.models.feedforward import ACTIVATIONS
+    from jtp.parallel.expert_exchange import exchange
+
+    shape = SMOKE_EXCHANGE_SHAPE if smoke else EXCHANGE_SHAPE
+    x_size = len(devices)
+    n, d, f, k = (shape[key] for key in ("tokens", "dim", "hidden", "k"))
+    e = shape["local_experts"] * x_size
+    mesh = Mesh(np.asarray(devices).reshape(x_size), (EXPERT,))  # an axis even of size 1
+    keys = jax.random.split(jax.random.key(0), 6)
+    x = jax.random.normal(keys[0], (x_size * n, d), jnp.float32)
+    experts = jax.random.randint(keys[1], (x_size * n, k), 0, e, jnp.int32)
+    weights = jax.nn.softmax(jax.random.normal(keys[2], (x_size * n, k)), axis=-1)
+    w1, w3 = (jax.random.normal(key, (e, d, f)) * d**-0.5 for key in keys[3:5])
+    w2 = jax.random.normal(keys[5], (e, f, d)) * f**-0.5
+
+    def swiglu(x_md, sizes, w1, w2, w3):
+        h = ACTIVATIONS["silu"](jax.lax.ragged_dot(x_md, w1, sizes))
+        return jax.lax.ragged_dot(h * jax.lax.ragged_dot(x_md, w3, sizes), w2, sizes)
+
+    def combine(y_nkd, w_nk):
+        return jnp.sum(y_nkd * w_nk[..., None], axis=1)
+
+    def program(ragged: bool):
+        def body(x, weights, experts, w1, w2, w3):
+            y, _ = exchange(
+                *(x, weights, experts, w1, w2, w3),
+                grouped=swiglu,
+                combine=combine,
+                axis=EXPERT,
+                n_experts=e,
+                ragged=ragged,
+            )
+            return y
+
+        run = jax.shard_map(
+            body, mesh=mesh, in_specs=(P(EXPERT),) * 6, out_specs=P(EXPERT), check_vma=False
+        )
+        loss = lambda *a: jnp.sum(run(*a) ** 2)  # noqa: E731
+        fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 3, 4, 5)))
+        with jax.default_matmul_precision("highest"):
+            return fn.lower(x, weights, experts, w1, w2, w3).compile()
+
+    args = (x, weights, experts, w1, w2, w3)
+    variants = {"padded": False} | ({"ragged": True} if platform != "cpu" else {})
+    results, rows = {}, {}
+    for name, ragged in variants.items():
+        fn = program(ragged)
+        results[name] = jax.block_until_ready(fn(*args))
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times.append(time.perf_counter() - t0)
+        a2a = [c for c in collectives(fn, mesh) if c.kind == "all-to-all"]
+        rows[name] = {
+            "forward_backward_ms": 1e3 * statistics.median(times),
+            "all_to_all_buffer_bytes": [c.bytes for c in a2a],  # ragged: moves only its pairs
+            "ragged_all_to_all_in_program": "ragged-all-to-all" in fn.as_text(),
+        }
+    errors = None
+    if "ragged" in results:
+        (_, want), (_, got) = results["padded"], results["ragged"]
+        errors = {
+            name: float(jnp.max(jnp.abs(g - w)) / jnp.max(jnp.abs(w)))
+            for name, g, w in zip(("dx", "dw1", "dw2", "dw3"), got, want, strict=True)
+        }
+        loss_p, loss_r = results["padded"][0], results["ragged"][0]
+        errors["loss"] = float(abs(loss_r - loss_p) / abs(loss_p))
+    return {
+        "shape": {**shape, "experts": e, "expert_axis": x_size},
+        "variants": rows,
+        "relative_error": errors,  # None where ragged cannot run (CPU)
+        "within_tolerance": None if errors is None else max(errors.values()) <= EXCHANGE_RTOL,
+    }

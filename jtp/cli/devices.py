@@ -54,9 +54,23 @@ def init_distributed(
     return launch
 
 
-def add_mesh_flags(parser: Any, title: str = "mesh (as python -m jtp.train)") -> None:
-    """``--devices``, ``--data-parallel``, ``--tensor-parallel``: the mesh of a program
-    that runs a model on it (``python -m jtp.eval``, ``python -m jtp.generate``)."""
+def positive_int(value: str) -> int:
+    """An argparse type for a positive int."""
+    try:
+        size = int(value)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive integer")
+    return size
+
+
+def add_mesh_flags(
+    parser: Any, title: str = "mesh (as python -m jtp.train)", *, expert: bool = False
+) -> None:
+    """``--devices``, ``--data-parallel``, ``--tensor-parallel`` (and with ``expert``,
+    ``--expert-parallel``): the mesh of a program that runs a model on it (``python -m
+    jtp.eval``, ``python -m jtp.generate``)."""
     m = parser.add_argument_group(title)
     m.add_argument(
         "--devices",
@@ -79,3 +93,12 @@ def add_mesh_flags(parser: Any, title: str = "mesh (as python -m jtp.train)") ->
         metavar="N",
         help="size of the 'tensor' mesh axis, or 'auto'",
     )
+    if expert:
+        m.add_argument(
+            "--expert-parallel",
+            type=positive_int,
+            default=1,
+            metavar="X",
+            help="size of the 'expert' mesh axis: a MoE model's experts split over X devices "
+            "(tokens exchanged by all-to-all), the batch split over data x X; 1: no such axis",
+        )

@@ -10,6 +10,8 @@ prints the peak memory per device at the end.
     python -m jtp.train --devices 8 --dim 256 --hidden-dim 1024 --metrics-json m.json
     python -m jtp.train --devices 8 --model llama --preset tiny --data-parallel 2 \
         --tensor-parallel 4 --fsdp --sequence-parallel --loss-parallel --precision bf16-mixed
+    python -m jtp.train --devices 8 --model llama --preset MOE --expert-parallel 4 \
+        --tensor-parallel 2                               # MoE experts over "expert"
     python -m jtp.train --devices 8 --model llama --hf DIR --lora-rank 8 --lora-alpha 16 \
         --export-peft ADAPTER --export-hf MERGED          # LoRA: only the adapters train
     python -m jtp.train --devices 8 --model llama --data DIR --seq-len 128 --batch-size 32 \
@@ -69,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         + ") still work.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add_mesh_flags(p, "mesh")
+    add_mesh_flags(p, "mesh", expert=True)
     p.add_argument(
         "--model", choices=("feedforward", "llama"), default="feedforward", help="what to train"
     )
@@ -156,6 +158,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         refuse_peft(read_config(args.hf), "--export-peft")
     if args.data and args.model != "llama":
         raise InputError("--data DIR trains a language model: add --model llama")
+    if args.expert_parallel > 1 and args.model != "llama":
+        raise InputError(
+            f"--expert-parallel {args.expert_parallel} splits a mixture-of-experts model's "
+            "experts: --model feedforward has none (use --model llama with a MoE preset or "
+            "--hf checkpoint)"
+        )
     check_paths(args)
     # Before the first compile: a repeated or resumed run loads its steps from this cache.
     compilation_cache.enable(args.compilation_cache)
@@ -183,7 +191,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from jtp.training.trainer import Trainer
 
     strategy = ModelParallelStrategy(
-        args.data_parallel, args.tensor_parallel, fsdp=args.fsdp, devices=devices
+        args.data_parallel,
+        args.tensor_parallel,
+        expert_parallel_size=args.expert_parallel,
+        fsdp=args.fsdp,
+        devices=devices,
     )
     if args.model == "llama":
         task = LlamaTask(options_from_args(LlamaTaskConfig, args))

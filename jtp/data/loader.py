@@ -9,6 +9,9 @@ sees is a pure function of (seed, epoch, batch index, its data-parallel rank):
 - global batch b is ``order[b*B:(b+1)*B]``; data rank r holds its r-th slice of B/d rows;
 - a process reads only the rows of the data ranks its own devices belong to, derived from
   the mesh (never from the process index alone: a tensor group may span processes).
+
+On a mesh with an expert axis the data ranks are the (data, expert) pairs, data major
+(rank ``i * expert + j``): outside the MoE layers "expert" splits the batch as "data" does.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jtp.errors import InputError
-from jtp.mesh import DATA
+from jtp.mesh import batch_axes_text, batch_grid, batch_ranks
 from jtp.parallel.batch import batch_sharding
 
 
@@ -41,9 +44,10 @@ def default_collate(samples: Sequence[Any]) -> Any:
 def local_data_ranks(device_grid: np.ndarray, process_index: int) -> list[int]:
     """Data-parallel ranks (mesh rows) that hold at least one device of ``process_index``.
 
-    ``device_grid`` is ``mesh.devices`` (shape ``(data, tensor)``). With mesh (1, 8) over two
-    processes of 4 devices, both own rank 0 and read the same rows; with (2, 4), process p
-    owns rank p; with (4, 2), each owns two ranks.
+    ``device_grid`` is ``mesh.devices`` as ``(data rank, tensor)``
+    (:func:`jtp.mesh.batch_grid`). With mesh (1, 8) over two processes of 4 devices, both
+    own rank 0 and read the same rows; with (2, 4), process p owns rank p; with (4, 2), each
+    owns two ranks.
     """
     rows = {r for (r, _), d in np.ndenumerate(device_grid) if d.process_index == process_index}
     return sorted(rows)
@@ -101,14 +105,14 @@ class DataLoader:
         prefetch: int = 2,
         collate: Callable[[Sequence[Any]], Any] | None = None,
     ):
-        n_data = int(mesh.shape[DATA])
+        n_data = batch_ranks(mesh)
         n = check_map_dataset(dataset)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"DataLoader: batch_size={batch_size!r} must be a positive int")
         if batch_size % n_data:
             raise InputError(
-                f"DataLoader: global batch_size={batch_size} is not divisible by mesh axis "
-                f"'data' of size {n_data}; use a multiple of {n_data}"
+                f"DataLoader: global batch_size={batch_size} is not divisible by "
+                f"{batch_axes_text(mesh)} of size {n_data}; use a multiple of {n_data}"
             )
         if n < batch_size and drop_last:
             raise InputError(
@@ -125,7 +129,7 @@ class DataLoader:
         self._start_batch = 0  # set by load_state_dict: resume inside an epoch
         self._position = 0  # batches of the current epoch handed to the consumer
         self.rows_per_rank = batch_size // n_data
-        self.local_ranks = local_data_ranks(mesh.devices, jax.process_index())
+        self.local_ranks = local_data_ranks(batch_grid(mesh), jax.process_index())
 
     def __len__(self) -> int:
         n, b = len(self.dataset), self.batch_size

@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from jtp.errors import InputError
 from jtp.generation.sampling import sample
-from jtp.mesh import DATA
+from jtp.mesh import batch_ranks
 from jtp.models.cache import init_cache
 from jtp.models.plans import llama as llama_plan
 from jtp.parallel.activations import activation_rules
@@ -167,7 +167,7 @@ def generate_timed(
     """:func:`generate`, also saying how long prefill and decoding took."""
     _check(model, prompts, max_new_tokens, sampling)
     mesh = _mesh_of(model)
-    n_data = int(mesh.shape[DATA]) if mesh is not None else 1
+    n_data = batch_ranks(mesh) if mesh is not None else 1
     n, longest = len(prompts), max(len(p) for p in prompts)
     b, t = bucket(n, n_data, minimum=1), bucket(longest)  # rows: no more than needed
     slots = bucket(t + max_new_tokens)

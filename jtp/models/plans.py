@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jtp.errors import InputError
-from jtp.mesh import DATA, TENSOR
+from jtp.mesh import DATA, EXPERT, TENSOR
 from jtp.models.decoder_config import DecoderConfig
 from jtp.parallel.experts import EXPERTS
 from jtp.parallel.plan import TPPlan
@@ -106,8 +106,16 @@ def experts(n_experts: int, mesh: Mesh | None) -> P:
     None)`` (each device of a tensor group holds E/T whole experts) where the tensor size
     divides E or no mesh is given, else ``P(None, None, "tensor")`` (every expert's hidden
     width split, as a dense feed-forward's). Either way a MoE layer's forward costs one
-    all-reduce over "tensor" (:mod:`jtp.parallel.experts`)."""
+    all-reduce over "tensor" (:mod:`jtp.parallel.experts`).
+
+    On a mesh with an "expert" axis: ``P("expert", None, "tensor")`` (``P("expert", None,
+    None)`` without a tensor split): E/X whole experts per device along "expert", their
+    hidden width split over "tensor"; each pair travels to its expert's device and back by
+    two all-to-alls over "expert" (:mod:`jtp.parallel.expert_exchange`), the partial
+    outputs meet in the same one all-reduce over "tensor"."""
     t = 1 if mesh is None else int(mesh.shape[TENSOR])
+    if mesh is not None and EXPERT in mesh.shape:
+        return P(EXPERT, None, TENSOR if t > 1 else None)
     return P(TENSOR, None, None) if n_experts % t == 0 else P(None, None, TENSOR)
 
 
@@ -156,6 +164,21 @@ def check_llama(
     sequence_parallel: bool = False,
 ) -> None:
     """Raise a ``ValueError`` naming the numbers when the Llama plan cannot apply."""
+    if EXPERT in mesh.shape:
+        x = int(mesh.shape[EXPERT])
+        if not config.n_experts:
+            raise InputError(
+                f"llama plan: mesh axis 'expert' of size {x} splits a mixture-of-experts "
+                "model's experts, but this model is dense (n_experts=0); drop the expert axis "
+                "(--expert-parallel 1) or use a MoE model"
+            )
+        if config.n_experts % x:
+            sizes = [k for k in range(1, config.n_experts + 1) if config.n_experts % k == 0]
+            raise InputError(
+                f"llama plan: n_experts={config.n_experts} is not divisible by mesh axis "
+                f"'expert' of size {x}; each device must hold whole experts (use an expert "
+                f"size in {sizes})"
+            )
     t = int(mesh.shape[TENSOR])
     if config.n_heads % t:
         raise InputError(

@@ -7,6 +7,10 @@ trainer enters it while tracing its steps). Without rules, or for a name without
 ``shard_activation`` returns its input unchanged, so the model runs as plain single-device
 code.
 
+``DATA`` in a rule means the batch axes: on a mesh with an expert axis, a rule's ``"data"``
+entry is applied as ``("data", "expert")`` (outside the MoE layers "expert" splits the batch
+as "data" does), so one plan serves meshes with and without it.
+
 A rule that no mark used while tracing is an error: a typo in a rule name (``"logit"`` for
 ``"logits"``) must not silently switch sequence or loss parallelism off.
 """
@@ -22,7 +26,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jtp.mesh import DATA
+from jtp.mesh import DATA, batch_axis_names
 
 
 @dataclasses.dataclass
@@ -66,7 +70,8 @@ def activation_rules(
 @contextlib.contextmanager
 def per_data_rank() -> Iterator[None]:
     """Inside: code runs once per data-parallel rank under ``jax.vmap(...,
-    spmd_axis_name="data")``, which puts "data" on the mapped axis; rules drop "data"."""
+    spmd_axis_name="data")``, which puts "data" on the mapped axis; rules drop "data" (on a
+    mesh with an expert axis a rank's rows stay split over "expert": :func:`batch_spec`)."""
     active = _ACTIVE.get()
     if active is None:
         yield
@@ -76,6 +81,27 @@ def per_data_rank() -> Iterator[None]:
         yield
     finally:
         active.data_mapped = previous
+
+
+def batch_spec(spec: P, mesh: Mesh, *, data_mapped: bool = False) -> P:
+    """``spec`` with each ``"data"`` (alone or in a tuple entry) standing for the batch
+    axes of ``mesh`` (unchanged on a mesh without an expert axis); ``data_mapped``: inside
+    the per-data-rank vmap, where "data" is the mapped axis and a rank's rows are split
+    over the rest ("expert", or nothing)."""
+    axes = batch_axis_names(mesh)
+    if data_mapped:
+        axes = tuple(a for a in axes if a != DATA)
+    elif axes == (DATA,):
+        return spec
+
+    def entry(e):
+        names = e if isinstance(e, tuple) else (e,)
+        if DATA not in names:
+            return e
+        out = tuple(a for x in names for a in (axes if x == DATA else (x,)))
+        return None if not out else out[0] if len(out) == 1 else out
+
+    return P(*(entry(e) for e in spec))
 
 
 def active_rule(name: str) -> tuple[Mesh, P, bool] | None:
@@ -104,6 +130,5 @@ def shard_activation(x: jax.Array, name: str) -> jax.Array:
             f"activation rule {name!r}: spec {spec} has {len(spec)} dims but the marked array "
             f"has {x.ndim} (shape {x.shape}); give the rule one entry per dimension"
         )
-    if active.data_mapped:
-        spec = P(*(None if axis == DATA else axis for axis in spec))
+    spec = batch_spec(spec, active.mesh, data_mapped=active.data_mapped)
     return jax.lax.with_sharding_constraint(x, NamedSharding(active.mesh, spec))

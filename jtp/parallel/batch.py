@@ -1,4 +1,5 @@
-"""Global batches: rows split on "data", replicated across each tensor-parallel group."""
+"""Global batches: rows split on "data" (and "expert"), replicated across each tensor-parallel
+group."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jtp.mesh import DATA
+from jtp.mesh import batch_axes, batch_axes_text, batch_ranks
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    """``P("data", None, ...)``: rows on the data axis, everything else whole."""
-    return NamedSharding(mesh, P(DATA, *([None] * (ndim - 1))))
+    """``P("data", None, ...)``: rows on the data axis (``P(("data", "expert"), ...)`` on a
+    mesh with an expert axis), everything else whole."""
+    return NamedSharding(mesh, P(batch_axes(mesh), *([None] * (ndim - 1))))
 
 
 def shard_batch(x: Any, mesh: Mesh) -> Any:
@@ -24,7 +26,7 @@ def shard_batch(x: Any, mesh: Mesh) -> Any:
     rows its own devices hold (``make_array_from_callback``), so this is also correct when a
     tensor group spans processes. Every device of one tensor group receives the same rows.
     """
-    n_data = int(mesh.shape[DATA])
+    n_data = batch_ranks(mesh)
 
     def place(leaf: Any) -> jax.Array:
         arr = np.asarray(leaf)
@@ -33,7 +35,7 @@ def shard_batch(x: Any, mesh: Mesh) -> Any:
         if arr.shape[0] % n_data:
             raise ValueError(
                 f"shard_batch: batch dimension {arr.shape[0]} (shape {arr.shape}) is not "
-                f"divisible by mesh axis 'data' of size {n_data}"
+                f"divisible by {batch_axes_text(mesh)} of size {n_data}"
             )
         sharding = batch_sharding(mesh, arr.ndim)
         return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])

@@ -36,11 +36,10 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from jtp.mesh import DATA, TENSOR
+from jtp.mesh import DATA, EXPERT, TENSOR
 from jtp.parallel.activations import active_rule
 
 EXPERTS = "experts"  # the activation rule's name
-EXPERT = "expert"  # the expert mesh axis's name (jtp.mesh spells it once the axis exists)
 BATCH_AXES = (DATA, EXPERT)  # the axes a batch's rows are split over, where present
 
 # The model's pure pieces (jtp.models.moe): each takes the weights as arguments so that

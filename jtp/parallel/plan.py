@@ -20,6 +20,11 @@ belongs to the nearest matched module above it whose layout names it (so a ``LoR
 The *unplanned rule* under ``fsdp=True``: an ``nnx.Param`` no style shards is split on
 ``"data"`` along its largest dimension divisible by the data size (the first such on ties),
 and stays replicated if none is. Non-parameter state (RNG keys, counters) is replicated.
+
+On a mesh with an expert axis, fsdp's "data" is every data-like axis the spec leaves free:
+``("data", "expert")`` (or "data" alone for a parameter already split on "expert", e.g. a
+MoE layer's stacked experts), so a parameter is split over all the devices holding different
+rows of the batch, as without the axis.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jtp.errors import InputError
-from jtp.mesh import DATA, TENSOR
+from jtp.mesh import DATA, TENSOR, batch_axis_names
 from jtp.parallel.layer_rules import LARGEST, Layout, Rule, check_heads
 from jtp.parallel.names import path_str
 from jtp.parallel.stacked import layer_axes, match_name, one_layer, stack_roots, with_layer_axes
@@ -226,17 +231,26 @@ def _place(label: str, name: str, shape: tuple[int, ...], rule: Rule, mesh: Mesh
         n = math.prod(int(mesh.shape[a]) for a in axes)
         _check_divisible(label, name, shape, dim, axes[0] if len(axes) == 1 else axes, n)
         check_heads(label, name, shape, dim, rule.blocks if TENSOR in axes else None, n)
-    if not fsdp or DATA in used or rule.fsdp_dim is None:
+    fsdp_axes = _fsdp_axes(mesh, used)
+    if not fsdp or not fsdp_axes or rule.fsdp_dim is None:
         return spec
-    n_data = int(mesh.shape[DATA])
+    n_data = math.prod(int(mesh.shape[a]) for a in fsdp_axes)
+    entry = fsdp_axes[0] if len(fsdp_axes) == 1 else fsdp_axes
     dim = rule.fsdp_dim
     if dim == LARGEST:
         dim = _largest_divisible_dim(shape, n_data, [d for d in range(len(shape)) if not spec[d]])
         if dim is None:
             return spec
     else:
-        _check_divisible(label + " with fsdp=True", name, shape, dim, DATA, n_data)
-    return P(*(DATA if d == dim else e for d, e in enumerate(spec)))
+        _check_divisible(label + " with fsdp=True", name, shape, dim, entry, n_data)
+    return P(*(entry if d == dim else e for d, e in enumerate(spec)))
+
+
+def _fsdp_axes(mesh: Mesh, used: Iterable[str] = ()) -> tuple[str, ...]:
+    """The data-like axes fsdp splits a parameter over: those of the batch not in ``used``
+    (``()`` when "data" is used: a spec naming "data" is laid out by hand)."""
+    used = set(used)
+    return () if DATA in used else tuple(a for a in batch_axis_names(mesh) if a not in used)
 
 
 def _owner(
@@ -270,8 +284,11 @@ def resolve(model: nnx.Module, mesh: Mesh, plan: Plan, *, fsdp: bool = False) ->
         if rule is not None:
             spec = _place(f"plan[{key!r}]", name, shape[axes:], rule, mesh, fsdp)
         elif fsdp and isinstance(var, nnx.Param):
-            dim = _largest_divisible_dim(shape[axes:], int(mesh.shape[DATA]))
-            spec = P(*(DATA if d == dim else None for d in range(len(shape) - axes)))
+            fsdp_axes = _fsdp_axes(mesh)
+            entry = fsdp_axes[0] if len(fsdp_axes) == 1 else fsdp_axes
+            n_data = math.prod(int(mesh.shape[a]) for a in fsdp_axes)
+            dim = _largest_divisible_dim(shape[axes:], n_data)
+            spec = P(*(entry if d == dim else None for d in range(len(shape) - axes)))
         else:
             spec = P(*(None,) * (len(shape) - axes))
         spec = with_layer_axes(spec, axes)

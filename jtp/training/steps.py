@@ -11,7 +11,10 @@ one optimizer step and loops over them in the compiled program. How the gradient
   (a ``jax.vmap`` over data ranks with ``spmd_axis_name="data"``: nothing crosses "data"
   inside the loop), then one all-reduce (or reduce-scatter) after it. Data-axis bytes per
   optimizer step are those of k = 1, whatever k; the cost is one unreduced, param-sized
-  gradient per device, which under fsdp is larger than the fsdp shard.
+  gradient per device, which under fsdp is larger than the fsdp shard. On a mesh with an
+  expert axis a data rank's rows stay split over "expert" inside the loop (a MoE layer
+  exchanges its tokens over that axis, so it cannot be a vmapped one): the gradients of
+  the parameters not split on "expert" are reduced over it per micro-batch.
 - ``"per_micro_batch"``: every micro-batch's gradient is reduced into the parameters'
   layout inside the loop (k reductions per step); under fsdp the accumulator then stays
   fsdp-sharded, which is why it is fsdp's default (as in torchtitan).
@@ -98,8 +101,15 @@ def _mean0(tree: Any) -> Any:
 def _per_rank_spec(sharding: NamedSharding) -> NamedSharding:
     """A per-data-rank gradient ``(d, *param)``: rank on "data", the rest like the param
     without "data" (each device holds its rank's whole tensor-shard of the gradient)."""
-    rest = (None if a == DATA else a for a in sharding.spec)
+    rest = (_without(a, (DATA,)) for a in sharding.spec)
     return NamedSharding(sharding.mesh, P(DATA, *rest))
+
+
+def _without(entry: Any, axes: tuple[str, ...]) -> Any:
+    """A spec entry with the rank axes taken out (``None`` when nothing is left)."""
+    names = () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+    kept = tuple(a for a in names if a not in axes)
+    return None if not kept else kept[0] if len(kept) == 1 else kept
 
 
 def make_train_step(

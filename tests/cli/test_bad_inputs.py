@@ -297,6 +297,20 @@ CASES = [
         ["--tensor-parallel", "3"],
         "valid sizes: 1, 2, 4, 8",
     ),
+    (
+        "expert-parallel-on-a-dense-llama",
+        None,
+        "train",
+        ["--model", "llama", "--expert-parallel", "2"],
+        "this model is dense (n_experts=0)",
+    ),
+    (
+        "expert-parallel-on-the-feedforward",
+        None,
+        "train",
+        ["--expert-parallel", "2"],
+        "--model feedforward has none",
+    ),
     ("nan-temperature", None, "generate", ["--temperature", "nan"], "--temperature"),
     ("mem-fraction-above-one", None, "capacity", ["--mem-fraction", "2"], "--mem-fraction"),
 ]

@@ -140,6 +140,10 @@ def test_local_data_ranks_from_mesh_positions():
     assert local_data_ranks(_grid((2, 4)), 1) == [1]
     assert local_data_ranks(_grid((4, 2)), 0) == [0, 1]
     assert local_data_ranks(_grid((4, 2)), 1) == [2, 3]
+    # ("data", "expert", "tensor") = (2, 2, 2) seen as (batch rank, tensor) = (4, 2)
+    # (jtp.mesh.batch_grid): rank d * 2 + x; process p holds ranks 2p and 2p + 1.
+    grid = _grid((4, 2)).reshape(2, 2, 2).reshape(4, 2)
+    assert local_data_ranks(grid, 0) == [0, 1] and local_data_ranks(grid, 1) == [2, 3]
 
 
 def test_random_dataset_is_deterministic():

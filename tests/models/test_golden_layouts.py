@@ -1,7 +1,8 @@
 """Golden layouts: every parameter's PartitionSpec for llama3-8b under ``jtp.plans.llama()``
 at data 8 x tensor 8, with and without fsdp (as MaxText's sharding dumps do), for the
 scanned model (the default: each block parameter stacked on a leading layer axis) and the
-unrolled one (``scan_layers=False``: ``layers.0`` ... ``layers.31``).
+unrolled one (``scan_layers=False``: ``layers.0`` ... ``layers.31``); and Mixtral-8x7B's
+with fsdp on data 4 x expert 8 x tensor 2 (expert parallelism).
 
 Shapes only: the model comes from ``nnx.eval_shape`` and the mesh is a ``jax.sharding.
 AbstractMesh``, so nothing is allocated and no 64 devices are needed. A change to a plan, a
@@ -85,3 +86,42 @@ def test_a_stacked_parameter_is_every_layer_laid_out_alike(fsdp):
             shape, spec = re.fullmatch(r"\((.*)\) P\((.*)\)", one).groups()
             one = f"(32, {shape.rstrip(',')}) P(None, {spec.rstrip(',')})"
         assert row == one, (path, row, one)
+
+
+# Mixtral-8x7B's shapes (the Hub's config.json) on data 4 x expert 8 x tensor 2 with fsdp:
+# each device holds one expert (E over "expert"), its hidden width split over "tensor" and
+# its model width over "data"; everything else split over ("data", "expert") by fsdp.
+MIXTRAL = dict(
+    vocab_size=32000,
+    dim=4096,
+    n_layers=32,
+    n_heads=32,
+    n_kv_heads=8,
+    ffn_hidden=14336,
+    max_seq_len=32768,
+    n_experts=8,
+    experts_per_token=2,
+    gating="mixtral",
+)
+
+
+def test_mixtral_expert_parallel_layouts_match_golden():
+    mesh = AbstractMesh((4, 8, 2), (jtp.DATA, jtp.EXPERT, jtp.TENSOR))
+    config = dataclasses.replace(PRESETS["tiny"], **MIXTRAL)
+    abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+    plan = jtp.plans.llama(config, fsdp=True, mesh=mesh)
+    got = {
+        p.path: f"{p.shape} P{tuple(p.spec)!r}"
+        for p in jtp.resolve(abstract, mesh, plan, fsdp=True)
+    }
+    path = GOLDEN / "mixtral_8x7b_4x8x2_scan_fsdp.json"
+    if os.environ.get("JTP_UPDATE_GOLDEN"):
+        path.write_text(json.dumps(got, indent=0, sort_keys=True) + "\n")
+    want = json.loads(path.read_text())
+    assert got == want
+    assert want["layers.feed_forward.experts.w1"] == (
+        "(32, 8, 4096, 14336) P(None, 'expert', 'data', 'tensor')"
+    )
+    assert want["layers.attention.wq.kernel"] == (
+        "(32, 4096, 4096) P(None, ('data', 'expert'), 'tensor')"
+    )
