@@ -87,6 +87,12 @@ def _lora(p: dict[str, Any]) -> str:
     return format_lora(p)
 
 
+def _moe(p: dict[str, Any]) -> str:
+    from jtp.bench.moe import format_moe
+
+    return format_moe(p)
+
+
 def _gpu(p: dict[str, Any]) -> str:
     from jtp.bench.gpu import format_gpu
 
@@ -111,6 +117,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "gpu": _gpu,
     "generate": _generate,
     "lora": _lora,
+    "moe": _moe,
 }
 
 

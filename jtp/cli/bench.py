@@ -12,6 +12,7 @@ table and JSON.
     python -m jtp.bench cache     [--json PATH]
     python -m jtp.bench generate  [--batches 1,8,32] [--repeats 5] [--json PATH]
     python -m jtp.bench lora      [--preset llama3-8b] [--rank 16] [--json PATH]
+    python -m jtp.bench moe       [--layers 4] [--seq-len 256] [--repeats 5] [--json PATH]
     python -m jtp.bench docs      [--check]
 
 Every benchmark also takes ``--record``, and every sub-command
@@ -106,6 +107,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lo.add_argument("--batch-size", type=int, default=8, help="global batch")
     lo.add_argument("--precision", default="bf16-mixed", help="a jtp precision")
     lo.add_argument("--json", default=None, help=JSON_HELP)
+    mo = sub.add_parser("moe", help="MoE step vs its dense twin; dropless, capacity; placements")
+    mo.add_argument("--layers", type=int, default=4, help="blocks")
+    mo.add_argument("--batch-size", type=int, default=8, help="global batch")
+    mo.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    mo.add_argument("--repeats", type=int, default=5, help="timed steps per layout; best counts")
+    mo.add_argument("--json", default=None, help=JSON_HELP)
     ca = sub.add_parser("cache", help="a repeated run's compile with the persistent cache")
     ca.add_argument("--json", default=None, help=JSON_HELP)
     dc = sub.add_parser("docs", help="re-render the docs' figure tables from bench_results JSON")

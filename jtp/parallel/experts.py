@@ -38,6 +38,7 @@ from jax.sharding import PartitionSpec as P
 
 from jtp.mesh import DATA, EXPERT, TENSOR
 from jtp.parallel.activations import active_rule
+from jtp.parallel.expert_exchange import exchange
 
 EXPERTS = "experts"  # the activation rule's name
 BATCH_AXES = (DATA, EXPERT)  # the axes a batch's rows are split over, where present
@@ -126,8 +127,6 @@ def place_experts(
 
     def body(x_nd, weights_nk, experts_nk, w1, w2, w3):
         if EXPERT in e_axes:
-            from jtp.parallel.expert_exchange import exchange  # the expert axis's all-to-alls
-
             y_nd, dropped = exchange(
                 x_nd,
                 weights_nk,
@@ -141,6 +140,8 @@ def place_experts(
                 n_experts=math.n_experts,
                 capacity_factor=math.capacity_factor,
             )
+            # The exchange returns its axis's total on every device of it: count it once.
+            dropped = jnp.where(jax.lax.axis_index(EXPERT) == 0, dropped, 0)
         else:
             first = jax.lax.axis_index(TENSOR) * w1.shape[0] if TENSOR in e_axes else 0
             y_nd, dropped = math.local(x_nd, weights_nk, experts_nk, w1, w2, w3, first)

@@ -379,3 +379,27 @@ def test_lora_benchmark_code_path_on_the_tiny_preset(tmp_path):
     assert (full["lora_rank"], adapted["lora_rank"]) == (0, 4)
     assert adapted["arguments_gib"] < full["arguments_gib"]
     assert "LoRA r = 4" in RENDERERS["lora"](payload)
+
+
+def test_moe_benchmark_code_path_at_tiny_sizes(tmp_path):
+    """``bench moe`` end to end on one block (its figures: bench_results/moe.json): only
+    capacity rows drop pairs; the expert axis moves, per device and step, the padded
+    exchange's worst-case buffers (2 all-to-alls forward, 2 backward, each X x M rows of
+    D float32: M = 16 tokens x k 2 on each device, X = 4, D = 256) plus the (X, E) int32
+    counts, and the capacity rows C pairs per expert."""
+    from jtp.bench.docs import RENDERERS
+
+    out = tmp_path / "moe.json"
+    args = "moe --layers 1 --seq-len 16 --repeats 1 --json".split()
+    payload = bench_main([*args, str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
+    rows = {(r["layout"], tuple(r["mesh"].values())): r for r in payload["rows"]}
+    for (layout, _), r in rows.items():
+        assert (r["dropped_fraction"] > 0) == ("capacity" in layout), layout
+        assert 0 <= r["dropped_fraction"] <= 1 and r["step_seconds"] > 0
+    x, m, d = 4, 16 * 2, 256
+    dropless = rows[("MoE dropless", (2, 4, 1))]["bytes_by_axes"]
+    assert dropless["expert"] == 4 * x * m * d * 4 + x * 8 * 4
+    assert "tensor" not in dropless
+    assert "expert" not in rows[("MoE dropless", (2, 1, 4))]["bytes_by_axes"]
+    assert "| MoE capacity 1.25, data 2 x expert 4 |" in RENDERERS["moe"](payload)

@@ -226,3 +226,35 @@ def test_generation_with_placed_experts_gives_one_devices_tokens(n_experts, shap
         lambda: Llama(config, rngs=nnx.Rngs(0)), mesh, llama(config, mesh=mesh)
     )
     assert jtp.generate(model, prompts, max_new_tokens=6) == want
+
+
+@pytest.mark.parametrize(
+    "shape", [(2, 1, 4), (2, 4, 1), (1, 4, 2)], ids=["2x4-tensor", "2x4-expert", "expert4-tensor2"]
+)
+def test_a_capacity_counts_each_devices_tokens_once(shape):
+    """With a capacity factor the mesh computes what one device computes on each batch
+    shard's rows alone (the capacity applies to a device's tokens): logits equal those
+    per-shard runs', and the dropped pairs their sum, counted once however many devices
+    of a tensor group or an expert exchange saw them."""
+    data, expert, tensor = shape
+    config = moe_config(8, capacity_factor=0.5)
+    graphdef, params = nnx.split(Llama(config, rngs=nnx.Rngs(0)), nnx.Param)
+
+    def run(params, tokens):
+        logits, stats = nnx.merge(graphdef, params)(tokens, router_stats=True)
+        return logits, stats.dropped
+
+    shards = data * expert  # batch rows split over data x expert
+    rows = TOKENS[:, :-1].reshape(shards, -1, TOKENS.shape[1] - 1)
+    per_shard = [jax.jit(run)(params, r) for r in rows]
+    want_logits = np.concatenate([np.asarray(logits) for logits, _ in per_shard])
+    want_dropped = sum(int(d) for _, d in per_shard)
+    assert want_dropped > 0
+    mesh = jtp.make_mesh(data=data, tensor=tensor, expert=expert)
+    plan = llama(config, mesh=mesh)
+    model = jtp.sharded_init(lambda: Llama(config, rngs=nnx.Rngs(0)), mesh, plan)
+    graphdef, params = nnx.split(model, nnx.Param)
+    with activation_rules(mesh, plan.activations):
+        logits, dropped = jax.jit(run)(params, TOKENS[:, :-1])
+    assert int(dropped) == want_dropped
+    np.testing.assert_allclose(logits, want_logits, rtol=0, atol=1e-5 * np.abs(want_logits).max())
