@@ -80,9 +80,11 @@ def peak_tflops(device_kind: str) -> float | None:
 
 def flops_per_token(config: Any, seq_len: int) -> float:
     """torchtitan's training FLOPs per token: 6 x non-embedding parameters + 12 x layers x
-    heads x head dim x sequence length (attention scores and values, forward + backward)."""
+    heads x head dim x sequence length (attention scores and values, forward + backward).
+    With experts, the *active* parameters (k of E experts per sparse layer): the MFU of a
+    MoE model counts the work its tokens need, as MaxText's and torchtitan's do."""
     embedding = config.vocab_size * config.dim
-    n = config.num_params() - embedding
+    n = config.num_active_params() - embedding
     attention = 12 * config.n_layers * config.n_heads * config.head_dim * seq_len
     return 6.0 * n + attention
 

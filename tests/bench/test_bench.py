@@ -403,3 +403,19 @@ def test_moe_benchmark_code_path_at_tiny_sizes(tmp_path):
     assert "tensor" not in dropless
     assert "expert" not in rows[("MoE dropless", (2, 1, 4))]["bytes_by_axes"]
     assert "| MoE capacity 1.25, data 2 x expert 4 |" in RENDERERS["moe"](payload)
+
+
+def test_gpu_mfu_of_a_moe_model_counts_its_active_parameters():
+    """``bench gpu``'s FLOPs per token take a MoE model's active parameters (k of E experts):
+    Mixtral-8x7B's 12.9B of 46.7B, so 6 x (active - embedding) + the attention term; a
+    dense model's are all of them."""
+    from jtp.bench.gpu import flops_per_token
+    from jtp.models.llama import PRESETS
+
+    for name in ("mixtral-8x7b", "llama3-8b"):
+        c = PRESETS[name]
+        attention = 12 * c.n_layers * c.n_heads * c.head_dim * 4096
+        want = 6.0 * (c.num_active_params() - c.vocab_size * c.dim) + attention
+        assert flops_per_token(c, 4096) == want
+    mixtral = PRESETS["mixtral-8x7b"]
+    assert 12.8e9 < mixtral.num_active_params() < 13.0e9 < 46e9 < mixtral.num_params()
