@@ -114,7 +114,7 @@ def place_experts(
     e_axes, d_axes, f_axes = (_axes(entry) for entry in spec)
     if d_axes:
         raise ValueError(f"activation rule {EXPERTS!r}: {spec} splits D; only E and F may be")
-    batch = tuple(a for a in BATCH_AXES if a in mesh.axis_names and not (data_mapped and a == DATA))
+    batch = _batch_axes(mesh, data_mapped)
     if data_mapped:
         # Under the per-data-rank vmap an unbatched operand of shard_map counts as
         # replicated over "data", and its gradient comes back summed over the ranks (jax
