@@ -17,12 +17,9 @@ def axis_size(value: str) -> int | str:
     if value == "auto":
         return value
     try:
-        size = int(value)
-    except ValueError:
-        size = 0
-    if size < 1:
-        raise argparse.ArgumentTypeError(f"{value!r} is not 'auto' or a positive integer")
-    return size
+        return positive_int(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not 'auto' or a positive integer") from None
 
 
 def init_distributed(

@@ -105,6 +105,17 @@ CACHED = {
     "llama-unrolled": dataclasses.replace(SMALL, scan_layers=False),
     "gemma": GEMMA_SMALL,
     "gemma-unrolled": dataclasses.replace(GEMMA_SMALL, scan_layers=False),
+    # Mixtral's routing in sparse, dense, sparse layers (test_generate_moe.py: the tokens)
+    "moe-unrolled-mixed": dataclasses.replace(
+        SMALL,
+        n_layers=3,
+        n_experts=8,
+        experts_per_token=2,
+        moe_ffn_hidden=32,
+        moe_layers=(True, False),
+        scan_layers=False,
+        gating="mixtral",
+    ),
 }
 
 

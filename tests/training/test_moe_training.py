@@ -267,3 +267,21 @@ def test_moe_options_on_a_dense_model_are_refused():
         LlamaTask(LlamaTaskConfig(preset="tiny", capacity_factor=1.0))
     task = LlamaTask(LlamaTaskConfig(preset="tiny-moe", router_aux_loss_coef=0.5))
     assert task.shapes.router_aux_loss_coef == 0.5 and task.shapes.capacity_factor is None
+
+
+def test_a_bf16_moe_step_multiplies_in_bf16_and_routes_in_float32():
+    """Under bf16-mixed the placed MoE step's matmuls (the experts' grouped ones inside
+    the placement's shard_map included) are bf16 but for the router's, which stays
+    float32 by design (jtp.models.moe): >= 95% of the step's matmul FLOPs in bf16, read
+    from the traced program, and float32 FLOPs no more than the routers' (2 D E per token
+    and layer, forward and two backward products)."""
+    from jtp.analysis.dtypes import dot_flops_by_dtype
+    from jtp.recipes.llama import trace_llama_step
+
+    task = LlamaTaskConfig(preset="tiny-moe", seq_len=32, batch_size=8)
+    traced, _ = trace_llama_step(task, (2, 4), jax.devices(), precision="bf16-mixed")
+    flops = dot_flops_by_dtype(traced.jaxpr)
+    assert flops["bfloat16"] / sum(flops.values()) >= 0.95, flops
+    c = PRESETS["tiny-moe"]
+    router = 3 * 2 * (8 * 32) * c.dim * c.n_experts * c.n_layers
+    assert flops.get("float32", 0.0) <= router, flops
