@@ -66,7 +66,13 @@ AVX2_TESTS := \
 	'tests/generation/test_generate.py::test_greedy_equals_transformers[llama3-1x8]' \
 	'tests/generation/test_generate.py::test_greedy_equals_transformers[qwen3-2x4-fsdp]' \
 	tests/cli/test_eval.py::test_loss_equals_transformers \
-	'tests/models/test_kv_replicas.py::test_training_step_equals_the_unsharded_model[shape0-False-4]'
+	'tests/models/test_kv_replicas.py::test_training_step_equals_the_unsharded_model[shape0-False-4]' \
+	'tests/models/test_hf_moe.py::test_logits_match_transformers[mixtral-2x4-fsdp]' \
+	'tests/models/test_hf_moe.py::test_logits_match_transformers[qwen2_moe-4x2-sp-lp]' \
+	'tests/parallel/test_experts.py::test_placed_experts_equal_one_device[E-split-2x4-sp]' \
+	'tests/parallel/test_experts.py::test_placed_experts_equal_one_device[F-split-2x4]' \
+	'tests/parallel/test_moe_expert_parallel.py::test_training_step_equals_one_device[d2e2t2]' \
+	'tests/parallel/test_expert_exchange.py::test_padded_exchange_matches_one_device[d2e2t2]'
 test-avx2: $(STAMP)
 	@if [ "$$(uname -m)" != x86_64 ]; then echo "test-avx2: x86-64 only"; exit 0; fi; \
 	echo "XLA_FLAGS=$$XLA_FLAGS --xla_cpu_max_isa=AVX2"; \
