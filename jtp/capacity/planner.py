@@ -11,9 +11,11 @@
 A mixture of experts (``mixtral-8x7b``, ``qwen3-30b-a3b``, an HF MoE config) is sized the
 same way, its experts laid out as the plans lay them (on E over "tensor", else on each
 expert's F); the JSON adds ``moe`` (total, active and expert parameters) and each row
-``expert_floor_bytes``. Hook, not done yet: expert parallelism over an "expert" mesh axis
-(its all-to-all bytes, and whether it pays against splitting experts over "tensor") joins
-:func:`layouts` and :func:`jtp.capacity.measure.measure` once that placement exists.
+``expert_floor_bytes``. It also gets layouts with an "expert" mesh axis of every size X
+dividing E with X x tensor in one host (:func:`layouts`; ``Request.expert`` restricts
+them): experts split on E over it, tokens exchanged by all-to-alls, whose bytes each MoE row
+carries (``expert_bytes_per_step``) and the roofline charges at the link the group spans;
+the table says whether the axis pays (:func:`jtp.capacity.report.format_table`).
 
 It needs one jax device per device of the cluster (forced CPU devices stand in for GPUs:
 ``JAX_NUM_CPU_DEVICES=64`` before jax starts; the program does that itself).
