@@ -44,13 +44,13 @@ def _header(r: dict[str, Any], hw: dict[str, Any]) -> str:
 def _columns(payload: dict[str, Any]) -> tuple[tuple[str, int], ...]:
     if not payload.get("moe") or not any("expert_bytes_per_step" in r for r in payload["rows"]):
         return COLUMNS
-    return (("d x [e x] t, options", 22),) + COLUMNS[1:7] + (EXPERT_COLUMN,) + COLUMNS[7:]
+    return (("d x [e x] t, options", 26),) + COLUMNS[1:7] + (EXPERT_COLUMN,) + COLUMNS[7:]
 
 
 def _row(row: dict[str, Any], mark: str, expert: bool) -> str:
     a2a = (f"{row.get('expert_bytes_per_step', 0.0) / GB:>11.1f}",) if expert else ()
     cells = (
-        f"{row['label']:<22}",
+        f"{row['label']:<{26 if expert else 22}}",
         f"{row['accumulate']:>5}",
         f"{row['memory_bytes'] / GB:>9.2f}",
         f"{row['floor_bytes'] / GB:>8.2f}",
