@@ -1,5 +1,6 @@
-"""The capacity planner: which (data, tensor) split, fsdp, sequence parallelism and remat
-policy a model needs on a cluster, and what each costs.
+"""The capacity planner: which (data, tensor) split (and, for a mixture of experts, which
+"expert" axis), fsdp, sequence parallelism and remat policy a model needs on a cluster, and
+what each costs.
 
 For each valid layout it compiles jtp's real Llama train step *abstractly*
 (:mod:`jtp.training.compile`: shapes and shardings only, nothing allocated) for as many

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from jtp.analysis.collectives import axes_key, bytes_by_axes, collectives
+from jtp.analysis.collectives import axes_key, collectives
 from jtp.analysis.dtypes import dot_flops_by_dtype
 from jtp.analysis.memory import KEEP_BF16, peak_memory_per_device
 from jtp.capacity.roofline import ring_factor
@@ -37,6 +37,26 @@ from jtp.training.precision import policy
 
 # axes_key -> the planner's names; a collective over no axis (1-device groups) is free.
 AXES_KEYS = {"tensor": "tensor", "data": "data", "data+tensor": "both", "-": "tensor"}
+# With an "expert" axis: the MoE layers' all-to-alls over it are "expert" (charged at the
+# bandwidth its group spans: :func:`jtp.capacity.roofline.estimate`); any other collective
+# over it is data-like ("expert" splits the batch as "data" does outside the MoE layers:
+# gradient reductions, fsdp's gathers), so it joins "data" or "both".
+EXPERT_KEYS = {
+    "expert": "data",
+    "data+expert": "data",
+    "expert+tensor": "both",
+    "data+expert+tensor": "both",
+}
+BUCKETS = ("tensor", "data", "both", "expert")
+
+
+def bucket(record: Any) -> str:
+    """The planner's name for a collective's traffic: ``"expert"`` (an all-to-all over axes
+    holding "expert"), else ``"tensor"``, ``"data"`` or ``"both"`` by its axes."""
+    key = axes_key(record)
+    if "expert" in (record.axes or ()) and record.kind == "all-to-all":
+        return "expert"
+    return AXES_KEYS.get(key) or EXPERT_KEYS[key]
 
 
 def compiled_attention(
@@ -74,7 +94,8 @@ def measure(
     """Compile one :class:`~jtp.capacity.planner.Layout` with ``n_layers`` scanned blocks and
     ``accumulate`` micro-batches per optimizer step (as the trainer runs it); figures per
     device and per optimizer step: memory (accumulation buffer included), collective bytes
-    (loop bodies counted once per trip), and the matmul FLOPs of the traced step (scan
+    by :func:`bucket` (``bytes_expert``: the MoE layers' all-to-alls over an "expert" axis;
+    loop bodies counted once per trip), and the matmul FLOPs of the traced step (scan
     bodies once per trip; the backward and remat's recomputation included), all and those
     with 16-bit operands
     (``flops_bf16``). Elementwise FLOPs are left out: they are memory-bound, and XLA's cost
@@ -85,12 +106,13 @@ def measure(
     instead of ``preset``'s.
     """
     platform = devices[0].platform
+    expert = getattr(layout, "expert", 1)
     model = config_of(hf, max_seq_len=seq) if hf else preset_config(preset)
     task_config = LlamaTaskConfig(
         preset=preset,
         hf=hf,
         seq_len=seq,
-        batch_size=micro_batch * layout.data,
+        batch_size=micro_batch * layout.data * expert,
         fsdp=layout.fsdp,
         sequence_parallel=layout.sequence_parallel,
         loss_parallel=layout.tensor > 1,
@@ -106,14 +128,16 @@ def measure(
         precision=precision,
         n_layers=n_layers,
         accumulate=accumulate,
+        expert=expert,
     )
     compiled = traced.lower().compile(KEEP_BF16 if platform == "cpu" else None)
     records = collectives(compiled, mesh)
-    by_axis = {AXES_KEYS[k]: float(v) for k, v in bytes_by_axes(records).items()}
-    wire = dict.fromkeys(AXES_KEYS.values(), 0.0)
+    by_axis = dict.fromkeys(BUCKETS, 0.0)
+    wire = dict.fromkeys(BUCKETS, 0.0)
     for c in records:
         n = int(np.prod([mesh.shape[a] for a in c.axes or ()]))
-        wire[AXES_KEYS[axes_key(c)]] += c.bytes * ring_factor(c.kind, n)
+        by_axis[bucket(c)] += float(c.bytes)
+        wire[bucket(c)] += c.bytes * ring_factor(c.kind, n)
     # The jaxpr is the global program: every Llama matmul is split over all devices (batch
     # over "data"; heads, features or vocabulary over "tensor"), so a device does 1 / n.
     flops = {k: v / mesh.size for k, v in dot_flops_by_dtype(traced.jaxpr).items()}
@@ -121,7 +145,7 @@ def measure(
         "memory": float(peak_memory_per_device(compiled)),
         "flops": float(sum(flops.values())),
         "flops_bf16": float(sum(v for k, v in flops.items() if k in ("bfloat16", "float16"))),
-        **{f"bytes_{k}": by_axis.get(k, 0.0) for k in AXES_KEYS.values()},
+        **{f"bytes_{k}": v for k, v in by_axis.items()},
         **{f"wire_{k}": v for k, v in wire.items()},
     }
 
@@ -136,16 +160,20 @@ def analytic_floor(model: Any, n_devices: int, layout: Any, precision: str) -> f
     kv = 0
     if layout.tensor > model.n_kv_heads:  # wk, wv (and their biases) on every tensor rank
         kv = model.n_layers * 2 * model.n_kv_heads * model.head_dim * (model.dim + model.qkv_bias)
-    split = model.num_params() - kv
-    return (split / shards + kv * layout.tensor / shards) * per_param
+    split = model.num_params() - kv - model.num_expert_params()
+    dense = (split / shards + kv * layout.tensor / shards) * per_param
+    return dense + expert_floor(model, n_devices, layout, precision)
 
 
 def expert_floor(model: Any, n_devices: int, layout: Any, precision: str) -> float:
     """The stacked experts' share of :func:`analytic_floor`: their (params + grads + 2 AdamW
     moments) bytes per device, fp32 state, under the placement the plans give them (split
     on E over "tensor" when it divides E, else on each expert's F: ``tensor`` ways either
-    way; and ``data`` ways with fsdp). 0 for a dense model. The "expert" mesh axis
-    (experts over data ranks, tokens exchanged by all-to-all) is not sized here yet."""
+    way; and ``data`` ways with fsdp). 0 for a dense model. With an "expert" mesh axis of
+    size X the experts are split on E over it too (``P("expert", None, "tensor")``: E / X
+    experts per device, each F / tensor wide), so X times less; fsdp shards them over all
+    devices either way."""
     per_param = 16 if precision != "bf16-true" else 8
-    shards = n_devices if layout.fsdp else layout.tensor
+    expert = getattr(layout, "expert", 1)
+    shards = n_devices if layout.fsdp else layout.tensor * expert
     return model.num_expert_params() / shards * per_param

@@ -11,9 +11,11 @@
 A mixture of experts (``mixtral-8x7b``, ``qwen3-30b-a3b``, an HF MoE config) is sized the
 same way, its experts laid out as the plans lay them (on E over "tensor", else on each
 expert's F); the JSON adds ``moe`` (total, active and expert parameters) and each row
-``expert_floor_bytes``. Hook, not done yet: expert parallelism over an "expert" mesh axis
-(its all-to-all bytes, and whether it pays against splitting experts over "tensor") joins
-:func:`layouts` and :func:`jtp.capacity.measure.measure` once that placement exists.
+``expert_floor_bytes``. It also gets layouts with an "expert" mesh axis of every size X
+dividing E with X x tensor in one host (:func:`layouts`; ``Request.expert`` restricts
+them): experts split on E over it, tokens exchanged by all-to-alls, whose bytes each MoE row
+carries (``expert_bytes_per_step``) and the roofline charges at the link the group spans;
+the table says whether the axis pays (:func:`jtp.capacity.report.format_table`).
 
 It needs one jax device per device of the cluster (forced CPU devices stand in for GPUs:
 ``JAX_NUM_CPU_DEVICES=64`` before jax starts; the program does that itself).
@@ -47,6 +49,7 @@ class Layout:
     fsdp: bool
     sequence_parallel: bool
     remat: str  # a policy of jtp.models.stack ("none", "full", ...); True / False: full / none
+    expert: int = 1  # the "expert" mesh axis (a MoE's experts split over it); 1: none
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "remat", remat_name(self.remat))
@@ -54,8 +57,13 @@ class Layout:
     def label(self) -> str:
         flags = [f for f in ("fsdp", "sequence_parallel") if getattr(self, f)]
         flags += [] if self.remat == "none" else [f"remat={self.remat}".replace("=full", "")]
-        return f"{self.data}x{self.tensor} " + (
-            ",".join(f.replace("sequence_parallel", "sp") for f in flags) or "-"
+        axes = (
+            (self.data, self.tensor) if self.expert == 1 else (self.data, self.expert, self.tensor)
+        )
+        return (
+            "x".join(map(str, axes))
+            + " "
+            + (",".join(f.replace("sequence_parallel", "sp") for f in flags) or "-")
         )
 
 
@@ -67,22 +75,33 @@ def layouts(
     batch: int,
     seq: int,
     remat: tuple[str, ...] = REMAT_POLICIES,
+    n_experts: int = 0,
 ) -> list[Layout]:
     """Valid splits: tensor divides the query heads and divides the kv heads or is a
     multiple of them (each kv head then replicated, :func:`jtp.plans.replicate_kv`: the
     compiled step the planner sizes holds the copies), fits in one host; data divides the
-    batch; each with every remat policy in ``remat``."""
+    batch; each with every remat policy in ``remat``.
+
+    A mixture of experts (``n_experts`` > 0) also gets every "expert" axis size X > 1 that
+    divides ``n_experts`` with X x tensor inside one host (its all-to-alls want the fast
+    links); data is the rest, and the batch is split data x X ways. A dense model gets
+    none: its layouts are those of before."""
     out = []
     for t in range(1, min(per_host, n_devices) + 1):
         if n_devices % t or n_heads % t or (n_kv % t and t % n_kv):
             continue
-        d = n_devices // t
-        if batch % d:
-            continue
-        for fsdp in (False, True) if d > 1 else (False,):  # fsdp over 1 device is a no-op
-            for sp in (False, True) if t > 1 and seq % t == 0 else (False,):
-                for policy in remat:
-                    out.append(Layout(d, t, fsdp, sp, policy))
+        experts = [x for x in range(1, n_experts + 1) if n_experts % x == 0] if n_experts else [1]
+        for x in experts:
+            if x * t > per_host or n_devices % (x * t):
+                continue
+            d = n_devices // (x * t)
+            if batch % (d * x):
+                continue
+            ranks = d * x  # fsdp shards over the batch axes: over 1 device it is a no-op
+            for fsdp in (False, True) if ranks > 1 else (False,):
+                for sp in (False, True) if t > 1 and seq % t == 0 else (False,):
+                    for policy in remat:
+                        out.append(Layout(d, t, fsdp, sp, policy, expert=x))
     return out
 
 
@@ -103,6 +122,8 @@ class Request:
         blockwise kernel stands for cuDNN's fused one).
       tensor: only these tensor sizes; None: every valid one.
       remat: the remat policies to try.
+      expert: only these "expert" axis sizes (1: none); None: every valid one (a MoE
+        model's; a dense model has only 1).
     """
 
     model: str = "llama3-8b"
@@ -116,6 +137,7 @@ class Request:
     attention: str = "auto"
     tensor: tuple[int, ...] | None = None
     remat: tuple[str, ...] = REMAT_POLICIES
+    expert: tuple[int, ...] | None = None
 
     def model_config(self) -> LlamaConfig:
         """The model's shapes: ``hf``'s config.json, else the preset's."""
@@ -185,7 +207,10 @@ def _chosen(request: Request, model: LlamaConfig) -> list[Layout]:
         r.global_batch,
         r.seq_len,
         tuple(remat_name(p) for p in r.remat),
+        model.n_experts or 0,
     )
+    if r.expert:
+        found = [c for c in found if c.expert in r.expert]
     if not r.tensor:
         return found
     valid = sorted({c.tensor for c in found})
@@ -229,9 +254,10 @@ def search(
     t0 = time.perf_counter()
     rows = []
     for layout in _chosen(r, model):
-        if r.global_batch % (layout.data * r.micro_batch):
+        ranks = layout.data * layout.expert  # the batch's rows split over data x expert
+        if r.global_batch % (ranks * r.micro_batch):
             continue
-        accumulate = r.global_batch // (layout.data * r.micro_batch)
+        accumulate = r.global_batch // (ranks * r.micro_batch)
         m = measure(
             layout,
             r.model,
@@ -258,6 +284,7 @@ def search(
                 "bf16_flops_per_step": m["flops_bf16"],
                 "tensor_bytes_per_step": m["bytes_tensor"],
                 "data_bytes_per_step": m["bytes_data"] + m["bytes_both"],
+                **({"expert_bytes_per_step": m["bytes_expert"]} if model.n_experts else {}),
                 **est,
                 "tokens_per_s_per_device": r.global_batch * r.seq_len / est["step_s"] / r.devices,
             }

@@ -20,6 +20,8 @@ COLUMNS = (  # (title, width)
     ("step s (est)", 12),
     ("tok/s/dev (est)", 15),
 )
+# A mixture of experts' table adds its all-to-all bytes (over an "expert" axis) after "data".
+EXPERT_COLUMN = ("a2a GB/step", 11)
 
 
 def _header(r: dict[str, Any], hw: dict[str, Any]) -> str:
@@ -39,15 +41,23 @@ def _header(r: dict[str, Any], hw: dict[str, Any]) -> str:
     )
 
 
-def _row(row: dict[str, Any], mark: str) -> str:
+def _columns(payload: dict[str, Any]) -> tuple[tuple[str, int], ...]:
+    if not payload.get("moe") or not any("expert_bytes_per_step" in r for r in payload["rows"]):
+        return COLUMNS
+    return (("d x [e x] t, options", 26),) + COLUMNS[1:7] + (EXPERT_COLUMN,) + COLUMNS[7:]
+
+
+def _row(row: dict[str, Any], mark: str, expert: bool) -> str:
+    a2a = (f"{row.get('expert_bytes_per_step', 0.0) / GB:>11.1f}",) if expert else ()
     cells = (
-        f"{row['label']:<22}",
+        f"{row['label']:<{26 if expert else 22}}",
         f"{row['accumulate']:>5}",
         f"{row['memory_bytes'] / GB:>9.2f}",
         f"{row['floor_bytes'] / GB:>8.2f}",
         f"{'yes' if row['fits'] else 'no':>4}",
         f"{row['tensor_bytes_per_step'] / GB:>14.1f}",
         f"{row['data_bytes_per_step'] / GB:>12.1f}",
+        *a2a,
         f"{row['step_s']:>12.2f}",
         f"{row['tokens_per_s_per_device']:>15,.0f}",
     )
@@ -66,24 +76,54 @@ def _moe_line(payload: dict[str, Any]) -> str:
             f"; the experts' state is {best['expert_floor_bytes'] / GB:.2f} of the "
             f"{best['floor_bytes'] / GB:.2f} GB floor at {best['label'].split()[0]}"
         )
+    axis = ""
+    if any(r["config"].get("expert", 1) > 1 for r in payload["rows"]):
+        axis = '; with an "expert" axis e, on E over it and on F over "tensor"'
     return (
         f"Mixture of experts: {moe['params'] / 1e9:.1f}B parameters, "
         f"{moe['active_params'] / 1e9:.1f}B active per token ({moe['experts_per_token']} of "
         f"{moe['n_experts']} experts per layer), experts {moe['expert_params'] / 1e9:.1f}B, "
-        f'split over "tensor" on E (on F where the tensor size does not divide E){share}.\n'
+        f'split over "tensor" on E (on F where the tensor size does not divide E{axis}){share}.\n'
+    )
+
+
+def _expert_verdict(payload: dict[str, Any]) -> str:
+    """Whether an "expert" axis pays: the fastest fitting row with one against the fastest
+    without (rows are sorted best first). Empty for a dense model or without expert rows."""
+    if not payload.get("moe"):
+        return ""
+    fits = [r for r in payload["rows"] if r["fits"]]
+    with_axis = next((r for r in fits if r["config"].get("expert", 1) > 1), None)
+    without = next((r for r in fits if r["config"].get("expert", 1) == 1), None)
+    if not any(r["config"].get("expert", 1) > 1 for r in payload["rows"]):
+        return ""
+    if with_axis is None:
+        return '\nexpert axis: no layout with an "expert" axis fits'
+    if without is None:
+        return f"\nexpert axis: pays (only layouts with one fit; best {with_axis['label']})"
+    verdict = "pays" if with_axis is fits[0] else "does not pay"
+    return (
+        f"\nexpert axis: {verdict} ({with_axis['label']}: "
+        f"{with_axis['tokens_per_s_per_device']:,.0f} tok/s/dev against "
+        f"{without['label']}: {without['tokens_per_s_per_device']:,.0f})"
     )
 
 
 def format_table(payload: dict[str, Any]) -> str:
-    """The table of a planner JSON: one row per layout, the recommended one starred."""
+    """The table of a planner JSON: one row per layout, the recommended one starred; a
+    mixture of experts' adds its all-to-all bytes and whether an "expert" axis pays."""
     best = payload["recommended"]
-    cells = [f"{n:<{w}}" if i == 0 else f"{n:>{w}}" for i, (n, w) in enumerate(COLUMNS)]
+    columns = _columns(payload)
+    expert = columns is not COLUMNS
+    cells = [f"{n:<{w}}" if i == 0 else f"{n:>{w}}" for i, (n, w) in enumerate(columns)]
     lines = [
         "|   | " + " | ".join(cells) + " |",
-        "|---|" + "|".join("-" * (w + 2) for _, w in COLUMNS) + "|",
+        "|---|" + "|".join("-" * (w + 2) for _, w in columns) + "|",
     ]
     for row in payload["rows"]:
-        lines.append(_row(row, "*" if best is not None and row["label"] == best["label"] else " "))
+        mark = "*" if best is not None and row["label"] == best["label"] else " "
+        lines.append(_row(row, mark, expert))
     tail = f"\n* recommended: {best['label']}" if best else "\nno configuration fits"
+    tail += _expert_verdict(payload)
     head = _header(payload["request"], payload["hardware"]) + _moe_line(payload)
     return head + "\n".join(lines) + tail

@@ -64,12 +64,20 @@ def estimate(m: dict[str, float], config: Any, hw: Hardware, per_host: int) -> d
     """Roofline seconds per optimizer step (``m`` is per optimizer step already): matmul
     FLOPs with 16-bit operands (``flops_bf16``) at the bf16 peak, the others at
     ``fp32_ratio`` of it, both at ``compute_efficiency``; plus the wire bytes of the tensor
-    axis at the in-host bandwidth and of the data axis at the bandwidth it spans; no overlap."""
+    axis at the in-host bandwidth, of the data axis (data-like collectives over "expert"
+    included) at the bandwidth it spans, and of the MoE all-to-alls over an "expert" axis
+    (``wire_expert``) at the in-host bandwidth when an expert x tensor group fits in a host,
+    else the across-host one; no overlap."""
     rate = hw.peak_tflops * 1e12 * hw.compute_efficiency
     low = m.get("flops_bf16", 0.0)
     compute = low / rate + (m["flops"] - low) / (rate * hw.fp32_ratio)
-    data_bw = hw.inter_host_gbps if config.data * config.tensor > per_host else hw.intra_host_gbps
-    comm = m["wire_tensor"] / (hw.intra_host_gbps * 1e9) + (m["wire_data"] + m["wire_both"]) / (
-        data_bw * 1e9
+    expert = getattr(config, "expert", 1)
+    spans = config.data * expert * config.tensor > per_host
+    data_bw = hw.inter_host_gbps if spans else hw.intra_host_gbps
+    expert_bw = hw.inter_host_gbps if expert * config.tensor > per_host else hw.intra_host_gbps
+    comm = (
+        m["wire_tensor"] / (hw.intra_host_gbps * 1e9)
+        + (m["wire_data"] + m["wire_both"]) / (data_bw * 1e9)
+        + m.get("wire_expert", 0.0) / (expert_bw * 1e9)
     )
     return {"compute_s": compute, "comm_s": comm, "step_s": compute + comm}

@@ -18,14 +18,14 @@ from jtp.training import compilation_cache
 PROG = "python -m jtp.capacity"
 
 
-def _tensor_sizes(text: str) -> tuple[int, ...]:
-    """``--tensor 4,8`` as sizes (a word or a size below 1: an InputError)."""
+def _tensor_sizes(text: str, flag: str = "--tensor") -> tuple[int, ...]:
+    """``--tensor 4,8`` (or ``flag``'s) as sizes (a word or a size below 1: an InputError)."""
     try:
         sizes = tuple(sorted({int(t) for t in text.split(",")}))
     except ValueError:
-        raise InputError(f"--tensor {text}: give sizes separated by commas, e.g. 4,8") from None
+        raise InputError(f"{flag} {text}: give sizes separated by commas, e.g. 4,8") from None
     if min(sizes) < 1:
-        raise InputError(f"--tensor {text}: sizes are >= 1")
+        raise InputError(f"{flag} {text}: sizes are >= 1")
     return sizes
 
 
@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="GB/s/device across",
     )
     add("--tensor", default=None, help="only these tensor sizes, e.g. 4,8")
+    add(
+        "--expert",
+        default=None,
+        help='only these "expert" axis sizes of a MoE (1: none), e.g. 1,8; default: all valid',
+    )
     add("--remat", default=",".join(REMAT_POLICIES), help="remat policies to try, e.g. none,full")
     add("--json", default=None, metavar="PATH", help="also write the table as JSON here")
     add_compilation_cache_flags(p)
@@ -122,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         attention=args.attention,
         tensor=_tensor_sizes(args.tensor) if args.tensor else None,
         remat=tuple(args.remat.split(",")),
+        expert=_tensor_sizes(args.expert, "--expert") if args.expert else None,
     )
     hardware = Hardware(
         peak_tflops=args.peak_tflops,

@@ -268,9 +268,12 @@ def trace_llama_step(
     accumulate: int = 1,
     grad_reduce: str | None = None,
     model_config: LlamaConfig | None = None,
+    expert: int = 1,
 ) -> tuple[jax.stages.Traced, Mesh]:
     """The traced Llama train step for ``config`` on a (data, tensor) mesh over the first
-    devices, optionally with ``n_layers`` blocks; and that mesh.
+    devices (``("data", "expert", "tensor")`` with ``expert`` > 1; ``config.batch_size``
+    then counts the rows of all data x expert ranks), optionally with ``n_layers`` blocks;
+    and that mesh.
 
     One optimizer step over ``accumulate`` global batches of ``config.batch_size``
     sequences of ``config.seq_len + 1`` tokens. ``model_config`` replaces the shapes
@@ -281,7 +284,10 @@ def trace_llama_step(
         shapes = dataclasses.replace(shapes, n_layers=n_layers)
     task = LlamaTask(config, model_config=shapes)
     strategy = ModelParallelStrategy(
-        *shape, fsdp=config.fsdp, devices=devices[: shape[0] * shape[1]]
+        *shape,
+        fsdp=config.fsdp,
+        expert_parallel_size=expert,
+        devices=devices[: shape[0] * shape[1] * expert],
     )
     batch = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1), jnp.int32)
     factory = task.model_factory(strategy.mesh)  # resolved for this mesh: plan below follows
