@@ -66,7 +66,10 @@ def reference(name):
 
 
 def mesh_of(shape):
-    return jtp.make_mesh(*shape, devices=jax.devices()[: shape[0] * shape[1]])
+    """(data, tensor) or (data, expert, tensor) over the first devices."""
+    data, *expert, tensor = shape
+    n = data * tensor * (expert[0] if expert else 1)
+    return jtp.make_mesh(data, tensor, expert=expert[0] if expert else 1, devices=jax.devices()[:n])
 
 
 def load(name, shape=(1, 1), fsdp=False, sp=False, lp=False, **kw):
@@ -84,7 +87,7 @@ def load(name, shape=(1, 1), fsdp=False, sp=False, lp=False, **kw):
 
 
 def logits_of(model, mesh, tokens, sp=False, lp=False):
-    plan = jtp.plans.llama(model.config, sequence_parallel=sp, loss_parallel=lp)
+    plan = jtp.plans.llama(model.config, sequence_parallel=sp, loss_parallel=lp, mesh=mesh)
     graphdef, state = nnx.split(model)
     with jtp.activation_rules(mesh, plan.activations):
         out = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, jtp.shard_batch(tokens, mesh))

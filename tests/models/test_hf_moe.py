@@ -49,8 +49,8 @@ ARCHITECTURES = {
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "olmoe": "OlmoeForCausalLM",
 }
-MESHES = {"1x1": ((1, 1), False), "1x8": ((1, 8), False), "2x4": ((2, 4), False)}
-MESHES["2x4-fsdp"] = ((2, 4), True)
+MESHES = {"1x1": ((1, 1), False), "1x8": ((1, 8), False), "2x4-fsdp": ((2, 4), True)}
+MESHES["2x2x2-expert"] = ((2, 2, 2), False)  # data 2, expert 2, tensor 2: the exchange
 SP_LP = "4x2-sp-lp"  # also sequence + loss parallel (the router sees the gathered tokens)
 TIE = 1e-4  # logit units, as tests/generation/test_generate.py's
 
