@@ -679,7 +679,8 @@ def test_planner_plans_for_the_checkpoint_shapes(tmp_path, monkeypatch, name, pr
     )
     assert out["request"]["attention_compiled"] == kernel
     # devices, per host, heads, kv heads, batch, seq, remat policies
-    assert asked == [(8, 8, 16, 8, 8, T, ("none", "full", "dots", "minimal"))]
+    remats = ("none", "full", "dots", "minimal")
+    assert asked == [(8, 8, 16, 8, 8, T, remats, 0)]  # 0 experts: a dense checkpoint
     config = jtp.hf.config_of(str(src))
     (row,) = out["rows"]
     assert row["floor_bytes"] == config.num_params() * 16 / 8 and config.tie_embeddings

@@ -105,3 +105,31 @@ def test_llama_plan_refuses_an_expert_axis_it_cannot_split():
     with pytest.raises(ValueError, match=r"n_experts=6 is not divisible by mesh axis 'expert' of"):
         check_llama(moe, jtp.make_mesh(expert=4, tensor=2))
     check_llama(moe, mesh)  # 6 experts over 2: three each
+
+
+@pytest.mark.parametrize("target", [(1, 4, 2), (2, 1, 4)], ids=["to-expert4", "to-no-expert"])
+def test_a_moe_checkpoint_from_expert2_restores_elsewhere(tmp_path, target):
+    """A MoE Llama (tiny-moe) trained on data 2 x expert 2 x tensor 2 with fsdp, its stacked
+    experts split (E over "expert", F over "tensor", the rest over "data"), restored onto
+    expert 4 and onto a mesh without the axis (experts then over "tensor"): every parameter
+    bitwise, each laid out as the new mesh's plan says."""
+    from jtp.models.plans import experts
+    from jtp.recipes import LlamaTask, LlamaTaskConfig
+
+    def task(fsdp):
+        return LlamaTask(LlamaTaskConfig(preset="tiny-moe", seq_len=16, batch_size=8, fsdp=fsdp))
+
+    ck = str(tmp_path / "ck")
+    common = dict(default_root_dir=str(tmp_path / "runs"), checkpoint_dir=ck)
+    first = _trainer((2, 2, 2), max_steps=2, fsdp=True, **common)
+    first.fit(task(True))
+    saved = nnx.state(first.model, nnx.Param)
+    second = _trainer(target, max_steps=2, **common)
+    second.fit(task(False), resume=True)
+    assert second.first_step == 2 and not second.losses
+    restored = nnx.state(second.model, nnx.Param)
+    assert rel_err(restored, saved) == 0.0
+    w1 = restored["layers"]["feed_forward"]["experts"]["w1"].get_value()
+    spec = tuple(w1.sharding.spec)[1:]  # behind the scanned layer axis
+    want = ("expert", None, "tensor") if target[1] > 1 else tuple(experts(8, second.mesh))
+    assert spec[: len(want)] == want[: len(spec)] and w1.sharding.mesh == second.mesh
