@@ -1,7 +1,8 @@
-"""The ("data", ["expert",] "tensor") device mesh, and ModelParallelStrategy that sizes it.
+"""The ("data", ["expert",] ["context",] "tensor") device mesh, and ModelParallelStrategy
+that sizes it.
 
-The only file that spells the mesh axis names; everything else imports ``DATA``, ``EXPERT``
-and ``TENSOR``. The tensor axis is innermost so that one tensor-parallel group is a run of
+The only file that spells the mesh axis names; everything else imports ``DATA``, ``EXPERT``,
+``CONTEXT`` and ``TENSOR``. The tensor axis is innermost so that one tensor-parallel group is a run of
 consecutive devices, i.e. sits on one host with its fast links, while the data axis spans
 hosts (Lightning's "auto"). The expert axis sits between them: its all-to-alls (the MoE
 layers' token exchange, :mod:`jtp.parallel.expert_exchange`) move more bytes than the data
@@ -12,6 +13,12 @@ Outside the MoE layers "expert" is data-like: a batch's rows are split over
 *batch rank* (data major), and gradients are means over all of them. A mesh built without
 an expert axis (or with ``expert=1``) has exactly the axes ``("data", "tensor")`` it always
 had, so its programs do not change.
+
+The context axis (context parallelism, :mod:`jtp.parallel.context`) splits every sequence
+into pieces: a batch's rows are NOT split over it (each device of a context group holds the
+same rows, a different piece of each), and the parameters are replicated over it as over
+"data". It sits next to "tensor": attention gathers keys and values over it in every layer,
+more often than "data" or "expert" move anything, so its groups get the nearer devices.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from jtp.errors import InputError
 
 DATA = "data"
 EXPERT = "expert"
+CONTEXT = "context"
 TENSOR = "tensor"
 AXES = (DATA, TENSOR)  # the axes of a mesh without an expert axis
 
@@ -59,7 +67,7 @@ def _resolve_sizes(sizes: dict[str, int], n_devices: int) -> dict[str, int]:
     if len(fill) > 1:
         raise InputError(f"make_mesh: only one of {' and '.join(fill)} may be -1")
     known = math.prod(int(size) for size in sizes.values() if size != -1)
-    shown = {n: v for n, v in sizes.items() if v != -1 and (n != EXPERT or v != 1)}
+    shown = {n: v for n, v in sizes.items() if v != -1 and (n in (DATA, TENSOR) or v != 1)}
     given = " x ".join(f"{name}={size}" for name, size in shown.items())
     if fill:
         if n_devices % known:
@@ -82,10 +90,12 @@ def make_mesh(
     tensor: int = 1,
     *,
     expert: int = 1,
+    context: int = 1,
     devices: Sequence[jax.Device] | None = None,
 ) -> Mesh:
-    """Build a ``("data", "tensor")`` mesh, or ``("data", "expert", "tensor")`` with
-    ``expert > 1``, with Auto axis types.
+    """Build a ``("data", "tensor")`` mesh, with an ``"expert"`` axis after "data" when
+    ``expert > 1`` and a ``"context"`` axis before "tensor" when ``context > 1``, with Auto
+    axis types.
 
     Auto (not jax's new Explicit default) axes let GSPMD/Shardy insert the collectives a
     row-parallel matmul needs, which is the whole point of a plan-based API.
@@ -96,27 +106,36 @@ def make_mesh(
       expert: size of the expert-parallel axis (a MoE layer's experts are split over it,
         its tokens exchanged by all-to-all; elsewhere it splits the batch like "data");
         ``1`` (the default) leaves the axis out; ``-1`` takes the remaining devices.
+      context: size of the context-parallel axis (each sequence split into that many
+        pieces; :mod:`jtp.parallel.context`); ``1`` (the default) leaves the axis out.
       devices: devices to lay out (default ``jax.devices()``), row-major, tensor innermost.
 
     Example::
 
       mesh = jtp.make_mesh(data=2, tensor=4)   # 8 devices: 2 groups of 4
       mesh = jtp.make_mesh(data=2, expert=2, tensor=2)  # ("data", "expert", "tensor")
+      mesh = jtp.make_mesh(data=2, context=2, tensor=2)  # ("data", "context", "tensor")
     """
     devs = list(jax.devices() if devices is None else devices)
-    sizes = _resolve_sizes({DATA: data, EXPERT: expert, TENSOR: tensor}, len(devs))
-    if sizes[EXPERT] == 1:  # no expert axis: the mesh (and every program) of before
-        grid = np.asarray(devs, dtype=object).reshape(sizes[DATA], sizes[TENSOR])
-        return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * 2)
-    shape = (sizes[DATA], sizes[EXPERT], sizes[TENSOR])
-    grid = np.asarray(devs, dtype=object).reshape(shape)  # (data, expert, tensor)
-    return Mesh(grid, (DATA, EXPERT, TENSOR), axis_types=(AxisType.Auto,) * 3)
+    requested = {DATA: data, EXPERT: expert, CONTEXT: context, TENSOR: tensor}
+    sizes = _resolve_sizes(requested, len(devs))
+    # Axes of size 1 beyond ("data", "tensor") are left out: the mesh (and every program)
+    # of before.
+    names = tuple(n for n in (DATA, EXPERT, CONTEXT, TENSOR) if n in AXES or sizes[n] > 1)
+    shape = tuple(sizes[n] for n in names)
+    grid = np.asarray(devs, dtype=object).reshape(shape)  # (data, [expert,] [context,] tensor)
+    return Mesh(grid, names, axis_types=(AxisType.Auto,) * len(names))
 
 
 def mesh_shape(mesh: Mesh) -> dict[str, int]:
     """``{"data": d, "tensor": t}`` for a jtp mesh, ``{"data": d, "expert": x, "tensor": t}``
-    for one with an expert axis."""
+    for one with an expert axis (and ``"context": c`` with a context axis)."""
     return {name: int(size) for name, size in mesh.shape.items()}
+
+
+def context_size(mesh: Mesh) -> int:
+    """How many pieces each sequence is split into: the context axis' size, 1 without one."""
+    return int(mesh.shape.get(CONTEXT, 1))
 
 
 def batch_axes(mesh: Mesh) -> str | tuple[str, ...]:
@@ -143,7 +162,8 @@ def batch_ranks(mesh: Mesh) -> int:
 
 
 def batch_grid(mesh: Mesh) -> np.ndarray:
-    """``mesh.devices`` as ``(batch rank, tensor)``: row r holds the devices of batch rank r."""
+    """``mesh.devices`` as ``(batch rank, context x tensor)``: row r holds the devices of
+    batch rank r (the same rows; each device its piece of the sequence under context)."""
     return np.asarray(mesh.devices).reshape(batch_ranks(mesh), -1)
 
 
@@ -158,7 +178,8 @@ def _check_size(name: str, value: Size) -> None:
 
 
 class ModelParallelStrategy:
-    """Data x tensor (x expert) parallelism on a ``("data", ["expert",] "tensor")`` mesh.
+    """Data x tensor (x expert x context) parallelism on a ``("data", ["expert",] ["context",]
+    "tensor")`` mesh.
 
     Args:
       data_parallel_size: data-parallel groups; "auto" = number of processes, or the devices
@@ -168,6 +189,8 @@ class ModelParallelStrategy:
         ``data_parallel_size`` is given.
       expert_parallel_size: size of the "expert" axis (a MoE model's experts split over it;
         elsewhere it splits the batch as "data" does); 1: no expert axis.
+      context_parallel_size: size of the "context" axis (each sequence split into that many
+        pieces, :mod:`jtp.parallel.context`); 1: no context axis.
       fsdp: also shard parameters and optimizer state over ``"data"`` (and ``"expert"``)
         (2D parallelism) when the module's ``configure_model`` returns ``(factory, plan)``.
       devices: the devices to use (default: all of ``jax.devices()``).
@@ -179,6 +202,7 @@ class ModelParallelStrategy:
         tensor_parallel_size: Size = "auto",
         *,
         expert_parallel_size: int = 1,
+        context_parallel_size: int = 1,
         fsdp: bool = False,
         devices: Sequence[jax.Device] | None = None,
     ):
@@ -187,6 +211,10 @@ class ModelParallelStrategy:
         if expert_parallel_size == "auto":
             raise InputError("ModelParallelStrategy: expert_parallel_size must be an int >= 1")
         _check_size("expert_parallel_size", expert_parallel_size)
+        if context_parallel_size == "auto":
+            raise InputError("ModelParallelStrategy: context_parallel_size must be an int >= 1")
+        _check_size("context_parallel_size", context_parallel_size)
+        self.context_parallel_size = context_parallel_size
         self.data_parallel_size = data_parallel_size
         self.tensor_parallel_size = tensor_parallel_size
         self.expert_parallel_size = expert_parallel_size
@@ -197,7 +225,7 @@ class ModelParallelStrategy:
         """(data, tensor) sizes, ``-1`` where make_mesh fills in the rest."""
         n = len(self.devices) if self.devices is not None else jax.device_count()
         data, tensor = self.data_parallel_size, self.tensor_parallel_size
-        x = self.expert_parallel_size
+        x = self.expert_parallel_size * self.context_parallel_size
         if data == "auto" and tensor == "auto":
             processes = jax.process_count()
             return processes, -1
@@ -206,7 +234,14 @@ class ModelParallelStrategy:
         if tensor == "auto":
             return data, -1
         if data * x * tensor != n:
-            shown = f" x expert_parallel_size={x}" if x > 1 else ""
+            shown = "".join(
+                f" x {name}={size}"
+                for name, size in (
+                    ("expert_parallel_size", self.expert_parallel_size),
+                    ("context_parallel_size", self.context_parallel_size),
+                )
+                if size > 1
+            )
             raise InputError(
                 f"ModelParallelStrategy: data_parallel_size={data}{shown} x "
                 f"tensor_parallel_size={tensor} = {data * x * tensor}, but there are {n} "
@@ -216,18 +251,26 @@ class ModelParallelStrategy:
 
     @cached_property
     def mesh(self) -> Mesh:
-        """The ``("data", ["expert",] "tensor")`` mesh over all devices (built on first use)."""
+        """The ``("data", ["expert",] ["context",] "tensor")`` mesh over all devices (built on
+        first use)."""
         data, tensor = self._sizes()
         return make_mesh(
-            data=data, tensor=tensor, expert=self.expert_parallel_size, devices=self.devices
+            data=data,
+            tensor=tensor,
+            expert=self.expert_parallel_size,
+            context=self.context_parallel_size,
+            devices=self.devices,
         )
 
     def __repr__(self) -> str:
         shape = mesh_shape(self.mesh) if "mesh" in self.__dict__ else None
-        expert = (
-            f", expert_parallel_size={self.expert_parallel_size}"
-            if self.expert_parallel_size > 1
-            else ""
+        expert = "".join(
+            f", {name}={size}"
+            for name, size in (
+                ("expert_parallel_size", self.expert_parallel_size),
+                ("context_parallel_size", self.context_parallel_size),
+            )
+            if size > 1
         )
         return (
             f"ModelParallelStrategy(data_parallel_size={self.data_parallel_size!r}, "

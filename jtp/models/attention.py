@@ -145,6 +145,54 @@ def attention(
     )
 
 
+def positioned_attention(
+    q_bthe: jax.Array,
+    k_bske: jax.Array,
+    v_bske: jax.Array,
+    q_pos_t: jax.Array,
+    k_pos_s: jax.Array,
+    *,
+    implementation: str = "auto",
+    window: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> jax.Array:
+    """Causal attention where query t sits at position ``q_pos_t[t]`` and key s at
+    ``k_pos_s[s]`` ((T,) and (S,) int, in any order, shared by every row): query t sees the
+    keys at positions ``q - window < k <= q`` (``window`` None: every earlier one).
+
+    What context parallelism runs (:mod:`jtp.parallel.context`: a device's pieces of the
+    sequence against every key), and a single device given a batch in that order. The
+    blockwise kernel skips each tile no pair of which attends; XLA's (also for "auto":
+    cuDNN's kernel takes no mask, and its causal mask compares indices) computes the
+    (T, S) scores and masks them. (B, T, H, E) queries, (B, S, K, E) keys and values ->
+    (B, T, H, E)."""
+    left = None if window is None else window - 1
+    if implementation == "blockwise":
+        return blockwise_attention(
+            q_bthe,
+            k_bske,
+            v_bske,
+            is_causal=True,
+            local_window_size=None if left is None else (left, 0),
+            scale=scale,
+            softcap=softcap,
+            q_positions=q_pos_t,
+            k_positions=k_pos_s,
+        )
+    if implementation == "cudnn":
+        raise ValueError(
+            "attention='cudnn' cannot attend by position (context parallelism's pieces): "
+            "cuDNN's causal mask compares indices and its kernel takes no mask; use 'auto', "
+            "'xla' or 'blockwise'"
+        )
+    keep_ts = k_pos_s[None, :] <= q_pos_t[:, None]  # (T, S)
+    if left is not None:
+        keep_ts &= q_pos_t[:, None] - k_pos_s[None, :] <= left
+    mask_bts = jnp.broadcast_to(keep_ts, (q_bthe.shape[0], *keep_ts.shape))
+    return masked_attention(q_bthe, k_bske, v_bske, mask_bts, scale=scale, softcap=softcap)
+
+
 def masked_attention(
     q_bthe: jax.Array,
     k_bske: jax.Array,

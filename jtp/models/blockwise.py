@@ -50,6 +50,8 @@ def blockwise_attention(
     block_k: int = BLOCK,
     scale: float | None = None,
     softcap: float | None = None,
+    q_positions: jax.Array | None = None,
+    k_positions: jax.Array | None = None,
 ) -> jax.Array:
     """Grouped-query attention of (B, T, H, E) queries over (B, S, K, E) keys and values
     (query head h uses kv head h // (H / K)) -> (B, T, H, E), with the masks of
@@ -57,6 +59,12 @@ def blockwise_attention(
     (left, right): t - left <= s <= t + right). Sequences are padded to whole blocks.
     ``scale`` multiplies the scores (None: ``E ** -0.5``); ``softcap``: the scaled scores
     become ``tanh(s / cap) * cap`` before the mask (None: not capped).
+
+    ``q_positions`` (T,) and ``k_positions`` (S,) int: where each query and key sits in
+    its sequence when that is not its index (context parallelism's balanced pieces,
+    :mod:`jtp.parallel.context`): the masks compare positions, and a tile is skipped when no
+    pair of it attends by position, so the work a device does is that of its positions.
+    None: the indices (every row of the batch shares the positions).
 
     Example::
 
@@ -71,7 +79,12 @@ def blockwise_attention(
     static = (is_causal, _window(local_window_size), bq, bk, s, softcap, scale)
     q_nbqkre = _blocks(q_bthe.reshape(b, t, kv, h // kv, e), bq)  # (N, B, Q, K, R, E)
     k_mbcke, v_mbcke = _blocks(k_bske, bk), _blocks(v_bske, bk)  # (M, B, C, K, E)
-    out_nbqkre = _attend(static, q_nbqkre, k_mbcke, v_mbcke)
+    positions = None
+    if q_positions is not None or k_positions is not None:
+        q_pos = jnp.arange(t) if q_positions is None else q_positions
+        k_pos = jnp.arange(s) if k_positions is None else k_positions
+        positions = (_blocks(q_pos[None], bq)[:, 0], _blocks(k_pos[None], bk)[:, 0])  # (N, Q), (M, C)
+    out_nbqkre = _attend(static, q_nbqkre, k_mbcke, v_mbcke, positions)
     return _unblocks(out_nbqkre, t).reshape(b, t, h, e)
 
 
@@ -89,13 +102,15 @@ def _unblocks(x, t):
     return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :t]
 
 
-def _tile_mask(static, i, j):
+def _tile_mask(static, i, j, q_pos_q=None, k_pos_c=None):
     """(Q, C) bool: which (query, key) pairs of query block i and key block j attend, and
-    whether any does (a scalar: the tile can be skipped when not)."""
+    whether any does (a scalar: the tile can be skipped when not). ``q_pos_q``, ``k_pos_c``:
+    the blocks' positions when they are not the indices."""
     is_causal, window, bq, bk, s, _, _ = static
-    q_pos = i * bq + jnp.arange(bq)[:, None]  # (Q, 1)
-    k_pos = j * bk + jnp.arange(bk)[None, :]  # (1, C)
-    mask = k_pos < s  # padded keys never attend
+    k_index = j * bk + jnp.arange(bk)[None, :]  # (1, C)
+    mask = k_index < s  # padded keys never attend
+    q_pos = i * bq + jnp.arange(bq)[:, None] if q_pos_q is None else q_pos_q[:, None]  # (Q, 1)
+    k_pos = k_index if k_pos_c is None else k_pos_c[None, :]  # (1, C)
     if is_causal:
         mask &= k_pos <= q_pos
     if window is not None:
@@ -115,12 +130,13 @@ def _scores(static, q_bqkre, k_bcke, mask_qc):
     return jnp.where(mask_qc, s_bkrqc, _MASKED)
 
 
-def _forward(static, q_nbqkre, k_mbcke, v_mbcke):
+def _forward(static, q_nbqkre, k_mbcke, v_mbcke, positions):
     """Output (N, B, Q, K, R, E) and log-sum-exp (N, B, K, R, Q) float32, by query block."""
     m_blocks = k_mbcke.shape[0]
+    q_pos_nq, k_pos_mc = (None, None) if positions is None else positions
 
     def query_block(_, xs):
-        i, q_bqkre = xs
+        i, q_bqkre, q_pos_q = xs
         b, bq, kv, r, e = q_bqkre.shape
         init = (
             jnp.full((b, kv, r, bq), _MASKED, jnp.float32),  # running max
@@ -129,8 +145,8 @@ def _forward(static, q_nbqkre, k_mbcke, v_mbcke):
         )
 
         def key_block(carry, ys):
-            j, k_bcke, v_bcke = ys
-            mask_qc, any_ = _tile_mask(static, i, j)
+            j, k_bcke, v_bcke, k_pos_c = ys
+            mask_qc, any_ = _tile_mask(static, i, j, q_pos_q, k_pos_c)
 
             def update(carry):
                 m, total, acc = carry
@@ -148,31 +164,33 @@ def _forward(static, q_nbqkre, k_mbcke, v_mbcke):
 
             return jax.lax.cond(any_, update, lambda c: c, carry), None
 
-        (m, total, acc), _ = jax.lax.scan(key_block, init, (jnp.arange(m_blocks), k_mbcke, v_mbcke))
+        ys = (jnp.arange(m_blocks), k_mbcke, v_mbcke, k_pos_mc)
+        (m, total, acc), _ = jax.lax.scan(key_block, init, ys)
         total = jnp.where(total == 0.0, 1.0, total)  # a row with no key to attend: output 0
         out_bkrqe = (acc / total[..., None]).astype(q_bqkre.dtype)
         return None, (jnp.einsum("bkrqe->bqkre", out_bkrqe), m + jnp.log(total))
 
     n = q_nbqkre.shape[0]
-    _, (out, lse) = jax.lax.scan(query_block, None, (jnp.arange(n), q_nbqkre))
+    _, (out, lse) = jax.lax.scan(query_block, None, (jnp.arange(n), q_nbqkre, q_pos_nq))
     return out, lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attend(static, q_nbqkre, k_mbcke, v_mbcke):
-    return _forward(static, q_nbqkre, k_mbcke, v_mbcke)[0]
+def _attend(static, q_nbqkre, k_mbcke, v_mbcke, positions):
+    return _forward(static, q_nbqkre, k_mbcke, v_mbcke, positions)[0]
 
 
-def _attend_fwd(static, q_nbqkre, k_mbcke, v_mbcke):
-    out, lse = _forward(static, q_nbqkre, k_mbcke, v_mbcke)
-    return out, (q_nbqkre, k_mbcke, v_mbcke, out, lse)  # O(T): no (T, S) tile is kept
+def _attend_fwd(static, q_nbqkre, k_mbcke, v_mbcke, positions):
+    out, lse = _forward(static, q_nbqkre, k_mbcke, v_mbcke, positions)
+    return out, (q_nbqkre, k_mbcke, v_mbcke, positions, out, lse)  # O(T): no (T, S) tile
 
 
 def _attend_bwd(static, residuals, dout_nbqkre):
     """FlashAttention-2's backward: for each key block, visit the query blocks, recompute
     the tile's probabilities from the saved log-sum-exp, accumulate dK and dV for the key
     block and add each tile's dQ into a float32 (N, B, Q, K, R, E) accumulator."""
-    q_nbqkre, k_mbcke, v_mbcke, out_nbqkre, lse_nbkrq = residuals
+    q_nbqkre, k_mbcke, v_mbcke, positions, out_nbqkre, lse_nbkrq = residuals
+    q_pos_nq, k_pos_mc = (None, None) if positions is None else positions
     scale, softcap = jnp.float32(static[-1]), static[-2]
     # D = rowsum(dO * O): the softmax backward's correction, (N, B, K, R, Q) float32.
     d_nbkrq = jnp.einsum(
@@ -181,11 +199,11 @@ def _attend_bwd(static, residuals, dout_nbqkre):
     n = q_nbqkre.shape[0]
 
     def key_block(dq_acc, xs):
-        j, k_bcke, v_bcke = xs
+        j, k_bcke, v_bcke, k_pos_c = xs
 
         def query_block(carry, ys):
-            i, q_bqkre, do_bqkre, lse_bkrq, d_bkrq = ys
-            mask_qc, any_ = _tile_mask(static, i, j)
+            i, q_bqkre, do_bqkre, lse_bkrq, d_bkrq, q_pos_q = ys
+            mask_qc, any_ = _tile_mask(static, i, j, q_pos_q, k_pos_c)
 
             def grads(carry):
                 dk, dv = carry
@@ -220,15 +238,15 @@ def _attend_bwd(static, residuals, dout_nbqkre):
             return jax.lax.cond(any_, grads, skip, carry)
 
         zeros = jnp.zeros(k_bcke.shape, jnp.float32)
-        ys = (jnp.arange(n), q_nbqkre, dout_nbqkre, lse_nbkrq, d_nbkrq)
+        ys = (jnp.arange(n), q_nbqkre, dout_nbqkre, lse_nbkrq, d_nbkrq, q_pos_nq)
         (dk, dv), dq_nbqkre = jax.lax.scan(query_block, (zeros, zeros), ys)
         return dq_acc + dq_nbqkre, (dk.astype(k_bcke.dtype), dv.astype(v_bcke.dtype))
 
     m_blocks = k_mbcke.shape[0]
     dq0 = jnp.zeros(q_nbqkre.shape, jnp.float32)
-    xs = (jnp.arange(m_blocks), k_mbcke, v_mbcke)
+    xs = (jnp.arange(m_blocks), k_mbcke, v_mbcke, k_pos_mc)
     dq, (dk, dv) = jax.lax.scan(key_block, dq0, xs)
-    return dq.astype(q_nbqkre.dtype), dk, dv
+    return dq.astype(q_nbqkre.dtype), dk, dv, None  # positions: integers, no cotangent
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)

@@ -151,6 +151,7 @@ class Attention(nnx.Module):
         sliding: bool | jax.Array = True,
         cache: KVCache | None = None,
         slots: Slots | None = None,
+        positions_bt: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         """Attention of ``x`` (B, T, D) -> (B, T, D).
 
@@ -159,7 +160,9 @@ class Attention(nnx.Module):
         scan over layers of both kinds). With ``cache`` (this layer's keys and values,
         (B, S, K, E)) and ``slots`` (where the new tokens go, which slots each may see): the
         new keys and values are written into the cache and the queries attend to the slots
-        ``slots`` allows; returns ``(y, the layer's new cache)``.
+        ``slots`` allows; returns ``(y, the layer's new cache)``. ``positions_bt`` (no
+        cache): where the tokens sit when the sequence is not in order (context
+        parallelism's pieces); the masks compare positions.
         """
         q_bthe, k_bske, v_bske = self._qkv(x_btd, cos, sin)
         if cache is None:
@@ -175,6 +178,7 @@ class Attention(nnx.Module):
                 implementation=self.implementation,
                 scale=self.scale,
                 softcap=self.softcap,
+                positions_bt=positions_bt,
             )
         else:
             cache = cache.write(k_bske, v_bske, slots.index)  # (B, S, K, E) each
@@ -286,13 +290,15 @@ class TransformerBlock(nnx.Module):
         sliding: bool | jax.Array = True,
         cache: KVCache | None = None,
         slots: Slots | None = None,
+        positions_bt: jax.Array | None = None,
     ) -> Any:
         """The block on ``x`` (B, T, D). ``cos``/``sin``: the RoPE tables; ``local_rope``:
         the sliding layers' own (Gemma 3), None: the same; ``sliding``: whether this layer is
         a sliding one (traced inside a scan over both kinds). ``cache``, ``slots``: this
         layer's key/value cache and where the tokens go (:class:`Attention`); with them,
         returns ``(x, the layer's new cache)``. In a model with experts ``x`` is
-        ``(x, stats)`` in and out, this layer's router stats added."""
+        ``(x, stats)`` in and out, this layer's router stats added. ``positions_bt`` (no
+        cache): the tokens' positions when not in order (:class:`Attention`)."""
         if self.carries_stats:
             x_btd, stats = x_btd
         if local_rope is not None:
@@ -301,7 +307,7 @@ class TransformerBlock(nnx.Module):
         # "tp_input" is the input of a tensor-parallel region: whole in T on every device.
         a_btd = _gathered(self.attention_norm(x_btd))
         if cache is None:
-            attn_btd = self.attention(a_btd, cos, sin, sliding)
+            attn_btd = self.attention(a_btd, cos, sin, sliding, positions_bt=positions_bt)
         else:
             attn_btd, cache = self.attention(a_btd, cos, sin, sliding, cache, slots)
         h_btd = shard_activation(x_btd + self._post(self.post_attention_norm, attn_btd), "residual")
@@ -380,6 +386,11 @@ class Decoder(nnx.Module):
         the logits of the cache-free forward (:mod:`jtp.models.cache` says how windows are
         counted). No backward runs through the cached forward: it takes no remat.
 
+        Without a cache, ``positions_bt`` ((B, T) int, every row alike) says where each
+        token sits when the sequence is not in order: context parallelism's balanced pieces
+        (:mod:`jtp.parallel.context`). RoPE is taken there and attention masks by position,
+        so the logits are those of the sequence in order, permuted alike.
+
         ``router_stats`` (a model with experts, no cache): return ``(logits, stats)``, the
         :class:`RouterStats` of every sparse layer summed (the auxiliary losses are taken
         from them: :func:`jtp.models.moe.load_balancing_loss`); otherwise they are dropped.
@@ -391,14 +402,22 @@ class Decoder(nnx.Module):
         if cache is None:
             if t > c.max_seq_len:
                 raise ValueError(f"sequence length {t} > max_seq_len {c.max_seq_len}")
-            if positions_bt is not None or valid_bs is not None:
-                raise ValueError("positions_bt and valid_bs describe cache slots: pass a cache")
-            cos, sin = rope_tables(c.head_dim, t, c.rope_theta, c.rope_scaling)  # (T, E/2) x 2
-            local_rope = (
-                None
-                if c.local_rope_theta is None
-                else rope_tables(c.head_dim, t, c.local_rope_theta)
-            )
+            if valid_bs is not None:
+                raise ValueError("valid_bs describes cache slots: pass a cache")
+            if positions_bt is None:
+                cos, sin = rope_tables(c.head_dim, t, c.rope_theta, c.rope_scaling)  # (T, E/2)
+                local_rope = (
+                    None
+                    if c.local_rope_theta is None
+                    else rope_tables(c.head_dim, t, c.local_rope_theta)
+                )
+            else:  # (B, T, E/2) x 2: the tokens' own positions
+                cos, sin = rope_at(positions_bt, c.head_dim, c.rope_theta, c.rope_scaling)
+                local_rope = (
+                    None
+                    if c.local_rope_theta is None
+                    else rope_at(positions_bt, c.head_dim, c.local_rope_theta)
+                )
         else:
             b, s = tokens_bt.shape[0], cache.k.shape[2]
             if positions_bt is None:  # no padding: a token's position is its slot
@@ -425,7 +444,8 @@ class Decoder(nnx.Module):
         carry = (x_btd, RouterStats.zeros(c.n_experts)) if c.n_experts else x_btd
         args = (self.layers, carry, cos, sin, local_rope, *kinds)
         if cache is None:
-            carry = run_blocks(*args, remat=c.remat, xs=per_layer)  # (B, T, D)
+            pieces = {} if positions_bt is None else {"positions_bt": positions_bt}
+            carry = run_blocks(*args, remat=c.remat, xs=per_layer, **pieces)  # (B, T, D)
         else:  # each layer reads and replaces its slice of the cache
             carry, cache = run_blocks(*args, xs=per_layer, cache=cache, slots=slots)
         x_btd, stats = carry if c.n_experts else (carry, None)

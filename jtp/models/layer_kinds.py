@@ -20,14 +20,16 @@ program it always did.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtp.models.attention import attention
+from jtp.models.attention import attention, positioned_attention
 from jtp.models.decoder_config import DecoderConfig
+from jtp.parallel.context import attend_pieces, context_active
 
 
 def layer_kinds(c: DecoderConfig) -> tuple[tuple[bool, ...], np.ndarray | None]:
@@ -60,6 +62,7 @@ def layer_attention(
     implementation: str = "auto",
     scale: float | None = None,
     softcap: float | None = None,
+    positions_bt: jax.Array | None = None,
 ) -> jax.Array:
     """Causal self-attention of one layer of a model whose sliding layers see keys
     ``t - window < s <= t`` (transformers' window) and whose other layers see every earlier
@@ -67,7 +70,42 @@ def layer_attention(
     a traced bool, and then ``jax.lax.cond`` runs the attention of its kind (each with a
     static window: the module docstring says why). A window at least as long as the
     sequence masks nothing and is left out.
+
+    ``positions_bt`` ((B, T) int, every row alike): where each token sits in its sequence
+    when the batch is not in order (context parallelism's balanced pieces); the masks then
+    compare positions. With it, or on a mesh with a context axis, the attention runs
+    through :func:`jtp.parallel.context.attend_pieces`: each device's pieces of the
+    sequence against every key.
     """
+    if positions_bt is not None or context_active():
+
+        def by_position(q_bthe, k_bske, v_bske, q_pos_t, k_pos_s, *, sliding_window):
+            return positioned_attention(
+                q_bthe,
+                k_bske,
+                v_bske,
+                q_pos_t,
+                k_pos_s,
+                implementation="xla" if implementation == "auto" else implementation,
+                window=sliding_window,
+                scale=scale,
+                softcap=softcap,
+            )
+
+        def run_positioned(w: int | None) -> jax.Array:
+            return attend_pieces(
+                functools.partial(by_position, sliding_window=w),
+                q_bthe,
+                k_bske,
+                v_bske,
+                positions_bt,
+            )
+
+        if window is None:
+            return run_positioned(None)
+        if isinstance(sliding, jax.Array):
+            return jax.lax.cond(sliding, lambda: run_positioned(window), lambda: run_positioned(None))
+        return run_positioned(window if sliding else None)
     t = q_bthe.shape[1]
     local = None if window is None or window >= t else (window - 1, 0)
 

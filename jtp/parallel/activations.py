@@ -11,6 +11,12 @@ code.
 entry is applied as ``("data", "expert")`` (outside the MoE layers "expert" splits the batch
 as "data" does), so one plan serves meshes with and without it.
 
+On a mesh with a context axis (context parallelism, :mod:`jtp.parallel.context`) every mark's
+second dimension is the sequence, and it is split over "context" as well: the rule's entry
+there gains "context" in front (``P("data", "tensor", None)`` for sequence parallelism's
+residual becomes ``P("data", ("context", "tensor"), None)``), so a plan written for a mesh
+without the axis lays the pieces out unchanged on one with it.
+
 A rule that no mark used while tracing is an error: a typo in a rule name (``"logit"`` for
 ``"logits"``) must not silently switch sequence or loss parallelism off.
 """
@@ -26,7 +32,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jtp.mesh import DATA, batch_axis_names
+from jtp.mesh import CONTEXT, DATA, batch_axis_names
 
 
 @dataclasses.dataclass
@@ -104,6 +110,23 @@ def batch_spec(spec: P, mesh: Mesh, *, data_mapped: bool = False) -> P:
     return P(*(entry(e) for e in spec))
 
 
+def sequence_spec(spec: P, mesh: Mesh) -> P:
+    """``spec`` of a (B, T, ...) activation with T also split over "context" on a mesh with
+    that axis (first, before any axis the rule names there); ``spec`` otherwise."""
+    if CONTEXT not in mesh.shape or len(spec) < 2:
+        return spec
+    entry = spec[1]
+    names = () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+    return P(spec[0], (CONTEXT, *names) if names else CONTEXT, *spec[2:])
+
+
+def active_layout() -> tuple[Mesh, Mapping[str, P], bool] | None:
+    """``(mesh, rules, data_mapped)`` inside ``activation_rules``, None outside; marks no
+    rule used (for placements that read the layout of several marks)."""
+    active = _ACTIVE.get()
+    return None if active is None else (active.mesh, active.rules, active.data_mapped)
+
+
 def active_rule(name: str) -> tuple[Mesh, P, bool] | None:
     """The active rule for ``name`` as ``(mesh, spec, data_mapped)``, marking it used; None
     outside ``activation_rules`` or without that rule. For marks that do more than
@@ -130,5 +153,5 @@ def shard_activation(x: jax.Array, name: str) -> jax.Array:
             f"activation rule {name!r}: spec {spec} has {len(spec)} dims but the marked array "
             f"has {x.ndim} (shape {x.shape}); give the rule one entry per dimension"
         )
-    spec = batch_spec(spec, active.mesh, data_mapped=active.data_mapped)
+    spec = sequence_spec(batch_spec(spec, active.mesh, data_mapped=active.data_mapped), active.mesh)
     return jax.lax.with_sharding_constraint(x, NamedSharding(active.mesh, spec))

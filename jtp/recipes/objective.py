@@ -21,6 +21,8 @@ balance, ``E / k`` all pairs on one expert's share); with a capacity factor,
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -73,19 +75,34 @@ def moe_loss(
     return loss, metrics
 
 
-def next_token_loss(model: nnx.Module, batch_bt: jax.Array) -> StepOutput:
-    """The Llama task's step: ``batch`` (B, T + 1) token ids, the model predicting each next
-    one. A dense model: the mean cross-entropy; with experts (``model.config.n_experts``):
-    ``(loss, metrics)`` of :func:`moe_loss`."""
-    inputs_bt, labels_bt = batch_bt[:, :-1], batch_bt[:, 1:]
+Batch = jax.Array | Mapping[str, jax.Array]
+
+
+def split_batch(batch: Batch) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """``(inputs (B, T), labels (B, T), keyword arguments of the model)`` of a next-token
+    batch: (B, T + 1) token ids, or context parallelism's pieces
+    (:func:`jtp.parallel.context.next_token_pieces`: inputs, labels and their positions,
+    in the balanced order)."""
+    if isinstance(batch, Mapping):
+        return batch["inputs"], batch["labels"], {"positions_bt": batch["positions"]}
+    return batch[:, :-1], batch[:, 1:], {}
+
+
+def next_token_loss(model: nnx.Module, batch: Batch) -> StepOutput:
+    """The Llama task's step: ``batch`` (B, T + 1) token ids (or the pieces of
+    :func:`split_batch`), the model predicting each next one. A dense model: the mean
+    cross-entropy; with experts (``model.config.n_experts``): ``(loss, metrics)`` of
+    :func:`moe_loss`."""
+    inputs_bt, labels_bt, kwargs = split_batch(batch)
     config = getattr(model, "config", None)
     if not getattr(config, "n_experts", 0):
-        return cross_entropy(model(inputs_bt), labels_bt)
-    logits_btv, stats = model(inputs_bt, router_stats=True)
+        return cross_entropy(model(inputs_bt, **kwargs), labels_bt)
+    logits_btv, stats = model(inputs_bt, router_stats=True, **kwargs)
     return moe_loss(cross_entropy(logits_btv, labels_bt), batch_total(stats), config)
 
 
-def lm_loss(model: nnx.Module, batch_bt: jax.Array) -> jax.Array:
+def lm_loss(model: nnx.Module, batch: Batch) -> jax.Array:
     """The cross-entropy alone, also of a MoE model (its router stats dropped): what
     perplexity is taken from."""
-    return cross_entropy(model(batch_bt[:, :-1]), batch_bt[:, 1:])
+    inputs_bt, labels_bt, kwargs = split_batch(batch)
+    return cross_entropy(model(inputs_bt, **kwargs), labels_bt)
