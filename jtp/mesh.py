@@ -2,8 +2,8 @@
 that sizes it.
 
 The only file that spells the mesh axis names; everything else imports ``DATA``, ``EXPERT``,
-``CONTEXT`` and ``TENSOR``. The tensor axis is innermost so that one tensor-parallel group is a run of
-consecutive devices, i.e. sits on one host with its fast links, while the data axis spans
+``CONTEXT`` and ``TENSOR``. The tensor axis is innermost so that one tensor-parallel group is
+a run of consecutive devices, i.e. sits on one host with its fast links, while the data axis spans
 hosts (Lightning's "auto"). The expert axis sits between them: its all-to-alls (the MoE
 layers' token exchange, :mod:`jtp.parallel.expert_exchange`) move more bytes than the data
 axis' once-per-step gradient reduction, so it gets the nearer devices.

@@ -83,7 +83,8 @@ def blockwise_attention(
     if q_positions is not None or k_positions is not None:
         q_pos = jnp.arange(t) if q_positions is None else q_positions
         k_pos = jnp.arange(s) if k_positions is None else k_positions
-        positions = (_blocks(q_pos[None], bq)[:, 0], _blocks(k_pos[None], bk)[:, 0])  # (N, Q), (M, C)
+        # (T,) -> (N, Q) and (S,) -> (M, C): the blocks' positions
+        positions = (_blocks(q_pos[None], bq)[:, 0], _blocks(k_pos[None], bk)[:, 0])
     out_nbqkre = _attend(static, q_nbqkre, k_mbcke, v_mbcke, positions)
     return _unblocks(out_nbqkre, t).reshape(b, t, h, e)
 

@@ -104,7 +104,9 @@ def layer_attention(
         if window is None:
             return run_positioned(None)
         if isinstance(sliding, jax.Array):
-            return jax.lax.cond(sliding, lambda: run_positioned(window), lambda: run_positioned(None))
+            return jax.lax.cond(
+                sliding, lambda: run_positioned(window), lambda: run_positioned(None)
+            )
         return run_positioned(window if sliding else None)
     t = q_bthe.shape[1]
     local = None if window is None or window >= t else (window - 1, 0)
