@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
 from typing import Any
@@ -161,11 +162,14 @@ def format_moe(p: dict[str, Any]) -> str:
         "| dropped |",
         "|---|---|---|---|---|---|---|",
     ]
-    dense = {tuple(r["mesh"].values()): r["step_seconds"] for r in p["rows"] if r["dense"]}
+    # the dense twin on as many devices (the first such row) is the baseline
+    dense: dict[int, float] = {}
     for r in p["rows"]:
-        mesh = tuple(r["mesh"].values())
-        same_devices = [s for k, s in dense.items() if _devices(k) == _devices(mesh)]
-        ratio = f"{r['step_seconds'] / same_devices[0]:.2f}x" if same_devices else "-"
+        if r["dense"]:
+            dense.setdefault(math.prod(r["mesh"].values()), r["step_seconds"])
+    for r in p["rows"]:
+        baseline = dense.get(math.prod(r["mesh"].values()))
+        ratio = f"{r['step_seconds'] / baseline:.2f}x" if baseline else "-"
         moved = ", ".join(
             f"{axes} {b / MIB:.1f} MiB" for axes, b in sorted(r["bytes_by_axes"].items())
         )
@@ -175,10 +179,3 @@ def format_moe(p: dict[str, Any]) -> str:
             f"{100 * r['dropped_fraction']:.1f}% |"
         )
     return "\n".join(lines)
-
-
-def _devices(mesh: tuple[int, ...]) -> int:
-    out = 1
-    for size in mesh:
-        out *= size
-    return out

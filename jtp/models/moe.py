@@ -53,6 +53,7 @@ from flax import nnx
 
 from jtp.models.feedforward import ACTIVATIONS, FeedForward
 from jtp.models.grouped import grouped_dot
+from jtp.parallel.expert_exchange import stable_argsort
 from jtp.parallel.experts import ExpertMath, per_token, place_experts
 
 GATINGS = ("mixtral", "softmax_topk")
@@ -335,14 +336,6 @@ def combine_outputs(y_nkd: jax.Array, weights_nk: jax.Array, *, gating: str) -> 
     return jnp.sum(weighted_nkd, axis=1)  # (N, D)
 
 
-def _argsort(key_m: jax.Array) -> jax.Array:
-    """A stable argsort whose index operand is made from ``key_m`` (``jnp.argsort``'s iota
-    is not): under a per-data-rank ``vmap`` of a ``shard_map`` (jax 0.12) sort refuses
-    operands that vary over different manual axes."""
-    iota_m = jnp.arange(key_m.shape[0], dtype=jnp.int32) + key_m * 0  # (M,) varies as key_m
-    return jax.lax.sort((key_m, iota_m), num_keys=1, is_stable=True)[1]
-
-
 def local_experts(
     x_nd: jax.Array,
     weights_nk: jax.Array,
@@ -373,7 +366,7 @@ def local_experts(
     local_m = experts_nk.reshape(m) - first_expert  # (M,) this device's expert number
     mine_m = (local_m >= 0) & (local_m < n_local)  # (M,)
     key_m = jnp.where(mine_m, local_m, n_local)  # (M,) other devices' pairs sort last
-    order_m = _argsort(key_m)  # (M,) sorted position -> pair
+    order_m = stable_argsort(key_m)  # (M,) sorted position -> pair
     key_sorted_m = key_m[order_m]  # (M,) ascending
     x_sorted_md = x_nd[order_m // k]  # (M, D) each pair's token, in expert order
     group_sizes_e = jnp.bincount(key_m, length=n_local + 1)[:n_local].astype(jnp.int32)  # (L,)

@@ -108,7 +108,7 @@ def exchange(
         )
     m = n * k
     expert_m = experts_nk.reshape(m)  # (M,) pair m = token m // k's choice m % k
-    order_m = _argsort(expert_m)  # (M,) sorted position -> pair
+    order_m = stable_argsort(expert_m)  # (M,) sorted position -> pair
     expert_sorted_m = expert_m[order_m]  # (M,) ascending: grouped by destination device
     x_sorted_md = x_nd[order_m // k]  # (M, D)
     counts_e = jnp.bincount(expert_m, length=n_experts).astype(jnp.int32)  # (E,)
@@ -137,12 +137,12 @@ def capacity(n_tokens: int, k: int, n_experts: int, factor: float) -> int:
     return max(1, math.ceil(factor * n_tokens * k / n_experts))
 
 
-def _argsort(key: jax.Array) -> jax.Array:
+def stable_argsort(key: jax.Array) -> jax.Array:
     """A stable argsort whose index operand is made from ``key`` (``jnp.argsort``'s iota is
-    not): under the trainer's per-data-rank ``vmap`` of the placement's ``shard_map`` (jax
-    0.12) sort refuses operands that vary over different manual axes. As
-    ``jtp.models.moe``'s, which this package may not import."""
-    iota = jnp.arange(key.shape[0], dtype=jnp.int32) + key * 0  # varies as key
+    not): under the trainer's per-data-rank ``vmap`` of a placement's ``shard_map`` (jax
+    0.12) sort refuses operands that vary over different manual axes. The exchange's and
+    ``jtp.models.moe``'s sort of pairs by expert."""
+    iota = jnp.arange(key.shape[0], dtype=jnp.int32) + key * 0  # (M,) varies as key
     return jax.lax.sort((key, iota), num_keys=1, is_stable=True)[1]
 
 
@@ -182,7 +182,7 @@ def _through_local_experts(
     seg_r = jnp.clip(jnp.cumsum(starts_r) - 1, 0, seg_len.shape[0] - 1)  # (R,)
     valid_r = (rows_r >= seg_start[seg_r]) & (rows_r < seg_start[seg_r] + seg_len[seg_r])
     key_r = jnp.where(valid_r, seg_r % n_local, n_local)  # (R,) local expert; padding: L
-    order_r = _argsort(key_r)  # (R,)
+    order_r = stable_argsort(key_r)  # (R,)
     group_sizes_l = jnp.sum(counts_sl, axis=0).astype(jnp.int32)  # (L,)
     y_rd = grouped(rows_rd[order_r], group_sizes_l, *weights)  # (R, D), padding rows 0
     inverse_r = jnp.zeros_like(order_r).at[order_r].set(jnp.arange(r))
