@@ -131,8 +131,9 @@ def _scores(static, q_bqkre, k_bcke, mask_qc):
     return jnp.where(mask_qc, s_bkrqc, _MASKED)
 
 
-def _forward(static, q_nbqkre, k_mbcke, v_mbcke, positions):
-    """Output (N, B, Q, K, R, E) and log-sum-exp (N, B, K, R, Q) float32, by query block."""
+def _forward(static, q_nbqkre, k_mbcke, v_mbcke, positions, out_dtype=None):
+    """Output (N, B, Q, K, R, E) (in ``out_dtype``, None: the queries') and log-sum-exp
+    (N, B, K, R, Q) float32, by query block."""
     m_blocks = k_mbcke.shape[0]
     q_pos_nq, k_pos_mc = (None, None) if positions is None else positions
 
@@ -168,7 +169,7 @@ def _forward(static, q_nbqkre, k_mbcke, v_mbcke, positions):
         ys = (jnp.arange(m_blocks), k_mbcke, v_mbcke, k_pos_mc)
         (m, total, acc), _ = jax.lax.scan(key_block, init, ys)
         total = jnp.where(total == 0.0, 1.0, total)  # a row with no key to attend: output 0
-        out_bkrqe = (acc / total[..., None]).astype(q_bqkre.dtype)
+        out_bkrqe = (acc / total[..., None]).astype(out_dtype or q_bqkre.dtype)
         return None, (jnp.einsum("bkrqe->bqkre", out_bkrqe), m + jnp.log(total))
 
     n = q_nbqkre.shape[0]
@@ -187,9 +188,20 @@ def _attend_fwd(static, q_nbqkre, k_mbcke, v_mbcke, positions):
 
 
 def _attend_bwd(static, residuals, dout_nbqkre):
+    """The custom_vjp's backward: :func:`_grads`, each gradient in its operand's dtype."""
+    q_nbqkre, k_mbcke = residuals[:2]
+    dq, dk, dv = _grads(static, residuals, dout_nbqkre)
+    dtype = k_mbcke.dtype
+    return dq.astype(q_nbqkre.dtype), dk.astype(dtype), dv.astype(dtype), None  # positions: ints
+
+
+def _grads(static, residuals, dout_nbqkre):
     """FlashAttention-2's backward: for each key block, visit the query blocks, recompute
     the tile's probabilities from the saved log-sum-exp, accumulate dK and dV for the key
-    block and add each tile's dQ into a float32 (N, B, Q, K, R, E) accumulator."""
+    block and add each tile's dQ into a float32 (N, B, Q, K, R, E) accumulator. Returns
+    dQ, dK, dV in float32. The log-sum-exp and output may be those of a longer key
+    sequence than ``residuals``' keys (ring attention: :mod:`jtp.models.ring`): the
+    gradients are then this key block's share."""
     q_nbqkre, k_mbcke, v_mbcke, positions, out_nbqkre, lse_nbkrq = residuals
     q_pos_nq, k_pos_mc = (None, None) if positions is None else positions
     scale, softcap = jnp.float32(static[-1]), static[-2]
@@ -241,13 +253,13 @@ def _attend_bwd(static, residuals, dout_nbqkre):
         zeros = jnp.zeros(k_bcke.shape, jnp.float32)
         ys = (jnp.arange(n), q_nbqkre, dout_nbqkre, lse_nbkrq, d_nbkrq, q_pos_nq)
         (dk, dv), dq_nbqkre = jax.lax.scan(query_block, (zeros, zeros), ys)
-        return dq_acc + dq_nbqkre, (dk.astype(k_bcke.dtype), dv.astype(v_bcke.dtype))
+        return dq_acc + dq_nbqkre, (dk, dv)
 
     m_blocks = k_mbcke.shape[0]
     dq0 = jnp.zeros(q_nbqkre.shape, jnp.float32)
     xs = (jnp.arange(m_blocks), k_mbcke, v_mbcke, k_pos_mc)
     dq, (dk, dv) = jax.lax.scan(key_block, dq0, xs)
-    return dq.astype(q_nbqkre.dtype), dk, dv, None  # positions: integers, no cotangent
+    return dq, dk, dv
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)

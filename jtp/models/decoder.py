@@ -126,7 +126,7 @@ class Attention(nnx.Module):
     def __init__(self, c: DecoderConfig, *, rngs: nnx.Rngs):
         self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
         self.kv_replicas = c.kv_replicas
-        self.implementation = c.attention
+        self.implementation, self.context_attention = c.attention, c.context_attention
         self.window, self.softcap = c.sliding_window, c.attn_softcap
         # None: jax's default, head_dim ** -0.5 (passing None keeps Llama's program as it was)
         self.scale = None if c.query_pre_attn_scalar is None else c.query_pre_attn_scalar**-0.5
@@ -179,6 +179,7 @@ class Attention(nnx.Module):
                 scale=self.scale,
                 softcap=self.softcap,
                 positions_bt=positions_bt,
+                context_attention=self.context_attention,
             )
         else:
             cache = cache.write(k_bske, v_bske, slots.index)  # (B, S, K, E) each

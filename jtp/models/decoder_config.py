@@ -18,6 +18,7 @@ from jtp.models.lora import parse_targets
 from jtp.models.moe import GATINGS
 from jtp.models.rope import RopeScaling
 from jtp.models.stack import remat_name
+from jtp.parallel.context import STRATEGIES as CONTEXT_STRATEGIES
 
 QK_NORM_SCOPES = ("head", "all")
 
@@ -58,6 +59,9 @@ class DecoderConfig:
     # inputs and parameters promote. The Trainer's precision policy sets it per step.
     dtype: str | None = None
     attention: str = "auto"  # auto (cuDNN on GPU, bf16/fp16), xla, cudnn, blockwise (O(T))
+    # How attention crosses a context axis' pieces (jtp.parallel.context): "all-gather" of
+    # the keys and values, or "ring" (jtp.models.ring). Only read on a mesh with that axis.
+    context_attention: str = "all-gather"
     # LoRA (jtp.models.lora): rank r of the adapters; 0 builds plain linears. The adapted
     # linears compute W x + (lora_alpha / r) B A x, as PEFT does; lora_targets names them as
     # PEFT does (q_proj -> "q", ..., down_proj -> "down").
@@ -123,6 +127,11 @@ class DecoderConfig:
         if self.attention not in ATTENTION:
             raise ValueError(
                 f"DecoderConfig: attention={self.attention!r} must be one of {ATTENTION}"
+            )
+        if self.context_attention not in CONTEXT_STRATEGIES:
+            raise ValueError(
+                f"DecoderConfig: context_attention={self.context_attention!r} must be one of "
+                f"{CONTEXT_STRATEGIES}"
             )
         if self.qk_norm_scope not in QK_NORM_SCOPES:
             raise ValueError(

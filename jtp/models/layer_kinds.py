@@ -29,6 +29,7 @@ import numpy as np
 
 from jtp.models.attention import attention, positioned_attention
 from jtp.models.decoder_config import DecoderConfig
+from jtp.models.ring import ring_attention
 from jtp.parallel.context import attend_pieces, context_active
 
 
@@ -63,6 +64,7 @@ def layer_attention(
     scale: float | None = None,
     softcap: float | None = None,
     positions_bt: jax.Array | None = None,
+    context_attention: str = "all-gather",
 ) -> jax.Array:
     """Causal self-attention of one layer of a model whose sliding layers see keys
     ``t - window < s <= t`` (transformers' window) and whose other layers see every earlier
@@ -75,7 +77,9 @@ def layer_attention(
     when the batch is not in order (context parallelism's balanced pieces); the masks then
     compare positions. With it, or on a mesh with a context axis, the attention runs
     through :func:`jtp.parallel.context.attend_pieces`: each device's pieces of the
-    sequence against every key.
+    sequence against every key, gathered (``context_attention="all-gather"``) or passed
+    around a ring ("ring", :func:`jtp.models.ring.ring_attention`; XLA's kernel there is
+    the ring's with one tile per step).
     """
     if positions_bt is not None or context_active():
 
@@ -92,6 +96,24 @@ def layer_attention(
                 softcap=softcap,
             )
 
+        def by_ring(q_bthe, k_bske, v_bske, q_pos_t, k_pos_s, *, sliding_window, **axis):
+            # "blockwise": its tiles; else one tile per step (XLA's dense arithmetic)
+            block = {} if implementation == "blockwise" else {"block_q": t, "block_k": t}
+            return ring_attention(
+                q_bthe,
+                k_bske,
+                v_bske,
+                q_pos_t,
+                k_pos_s,
+                window=sliding_window,
+                scale=scale,
+                softcap=softcap,
+                **block,
+                **axis,
+            )
+
+        t = q_bthe.shape[1]
+
         def run_positioned(w: int | None) -> jax.Array:
             return attend_pieces(
                 functools.partial(by_position, sliding_window=w),
@@ -99,6 +121,8 @@ def layer_attention(
                 k_bske,
                 v_bske,
                 positions_bt,
+                strategy=context_attention,
+                ring=functools.partial(by_ring, sliding_window=w),
             )
 
         if window is None:

@@ -93,22 +93,33 @@ def context_active() -> bool:
     return layout is not None and CONTEXT in layout[0].shape
 
 
+STRATEGIES = ("all-gather", "ring")
+
+
 def attend_pieces(
     attend: Callable[..., jax.Array],
     q_bthe: jax.Array,
     k_bske: jax.Array,
     v_bske: jax.Array,
     positions_bt: jax.Array | None,
+    *,
+    strategy: str = "all-gather",
+    ring: Callable[..., jax.Array] | None = None,
 ) -> jax.Array:
     """``attend(q, k, v, q_pos_t, k_pos_s) -> (B, T, H, E)``, by position, across the
     context pieces when a mesh with a context axis is active.
 
     There: one ``shard_map`` over the mesh, q, k and v laid out as the "heads" rule says
-    (batch over the batch axes, pieces over "context", heads over "tensor"); each device
-    all-gathers the keys, values and positions of its context group ((B, T, K, E): the whole
-    sequence, in the batch's order) and attends its own queries to them. Elsewhere:
-    ``attend`` on the whole sequence. ``positions_bt``: (B, T) int, every row alike (the
-    batch's order); None: the sequence is in order (a plain split, unbalanced)."""
+    (batch over the batch axes, pieces over "context", heads over "tensor"). ``strategy``
+    "all-gather": each device all-gathers the keys, values and positions of its context
+    group ((B, T, K, E): the whole sequence, in the batch's order) and attends its own
+    queries to them with ``attend``. "ring": ``ring(q, k, v, q_pos_t, k_pos_s, axis_name=,
+    axis_size=)`` (:func:`jtp.models.ring.ring_attention`) passes the blocks around the
+    context group instead. Elsewhere: ``attend`` on the whole sequence. ``positions_bt``:
+    (B, T) int, every row alike (the batch's order); None: the sequence is in order (a
+    plain split, unbalanced)."""
+    if strategy not in STRATEGIES:
+        raise InputError(f"context attention {strategy!r} must be one of {STRATEGIES}")
     b, t = q_bthe.shape[:2]
     if positions_bt is None:
         positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -121,12 +132,17 @@ def attend_pieces(
     spec = sequence_spec(batch_spec(heads, mesh, data_mapped=data_mapped), mesh)
     _check_pieces(mesh, t)
     pos_spec = P(spec[0], spec[1])
+    pieces = int(mesh.shape[CONTEXT])
 
     def body(q_bthe, k_bske, v_bske, pos_bt):
+        q_pos_t = pos_bt[0]  # (T/C,): rows share the order
+        if strategy == "ring":
+            return ring(
+                q_bthe, k_bske, v_bske, q_pos_t, q_pos_t, axis_name=CONTEXT, axis_size=pieces
+            )
         # (B, T/C, K, E) -> (B, T, K, E): the context group's pieces, in mesh order
         k_all = jax.lax.all_gather(k_bske, CONTEXT, axis=1, tiled=True)
         v_all = jax.lax.all_gather(v_bske, CONTEXT, axis=1, tiled=True)
-        q_pos_t = pos_bt[0]  # (T/C,): rows share the order
         k_pos_s = jax.lax.all_gather(q_pos_t, CONTEXT, axis=0, tiled=True)  # (T,)
         return attend(q_bthe, k_all, v_all, q_pos_t, k_pos_s)
 
