@@ -226,6 +226,16 @@ FIXTURES = {
         pad_token_id=None,
         rope_parameters=dict(rope_type="default", rope_theta=1e4),
     ),
+    # Mistral with a window of 5, shorter than the 16 tokens (the "mistral" fixture's 32
+    # masks nothing): what context parallelism's pieces are checked against (a window that
+    # reaches into other devices' pieces; 5 is no multiple of a balanced chunk of 2, 4 or 8).
+    "mistral_window": dict(
+        cls="MistralConfig",
+        dtype="bfloat16",
+        hidden_size=64,
+        sliding_window=5,
+        rope_parameters=dict(rope_type="default", rope_theta=1e4),
+    ),
 }
 MOE_FIXTURES = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe")
 # Config changes that switch one feature off, each of which must move transformers' logits
@@ -253,6 +263,7 @@ MATTERS = {
         ),
         "query_pre_attn_scalar": dict(query_pre_attn_scalar=8),
     },
+    "mistral_window": {"sliding window": dict(sliding_window=4096)},
 }
 MIN_EFFECT = 0.05
 

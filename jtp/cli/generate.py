@@ -23,9 +23,10 @@ from typing import Any
 
 from jtp.bench.results import machine
 from jtp.checkpoint.outputs import check_output_file, write_json
-from jtp.cli.devices import add_mesh_flags, init_distributed
+from jtp.cli.devices import add_mesh_flags, init_distributed, positive_int
 from jtp.cli.flags import add_compilation_cache_flags, number
 from jtp.cli.output import one_line_errors, program
+from jtp.errors import InputError
 from jtp.mesh import select_devices
 from jtp.training import compilation_cache
 from jtp.xla_flags import apply_gpu_flags
@@ -65,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--fsdp", action="store_true", help="also shard parameters over 'data'")
     add_mesh_flags(p)
+    p.add_argument(
+        "--context-parallel",
+        type=positive_int,
+        default=1,
+        metavar="C",
+        help="as python -m jtp.train's, but only 1: generation does not split the sequence "
+        "over a 'context' axis (refused before jax starts)",
+    )
     p.add_argument("--json", default=None, metavar="PATH", help="write the results here")
     add_compilation_cache_flags(p.add_argument_group("compilation (process setup)"))
     return p
@@ -152,6 +161,14 @@ def load_model(args: argparse.Namespace, mesh: Any, positions: int) -> Any:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
+    if args.context_parallel > 1:  # jtp.generate's check_mesh, before jax starts
+        raise InputError(
+            f"--context-parallel {args.context_parallel}: generation does not split the "
+            "sequence over 'context' (context parallelism splits training and evaluation "
+            "sequences; a decode step attends one token to the whole cache, which every "
+            "device would gather at every token): leave it out, and give those devices to "
+            "--data-parallel"
+        )
     if args.step is not None and args.hf is not None:
         raise ValueError("--step picks a step of --checkpoint DIR; --hf has none")
     if args.json:  # before any work: not a directory, in a writable one

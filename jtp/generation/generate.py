@@ -11,6 +11,14 @@ every sequence has met ``eos_token_id`` or ``max_new_tokens`` are made.
 The cache is laid out like attention, by the plan's "heads" rule (kv heads over "tensor",
 batch over "data"), on the mesh the model's parameters live on: a model from
 ``jtp.hf.load_pretrained`` or fresh from ``Trainer.fit`` alike.
+
+Context parallelism (a "context" mesh axis, :mod:`jtp.parallel.context`) is for training
+and evaluation: it splits a long sequence into pieces and gathers the keys and values once
+per layer. Generation keeps its layout: a decode step attends one new token to every cached
+slot, so split slots would be gathered at every token, and prefill would gather the
+prompt's keys all the same. A model on a mesh with a context axis is refused before any
+compile (:func:`check_mesh`), not silently gathered; its parameters are replicated over that
+axis, so ``jtp.parallelize`` onto a mesh without it (or loading there) loses nothing.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from jax.sharding import PartitionSpec as P
 
 from jtp.errors import InputError
 from jtp.generation.sampling import sample
-from jtp.mesh import batch_ranks
+from jtp.mesh import CONTEXT, DATA, batch_ranks, context_size, mesh_shape
 from jtp.models.cache import init_cache
 from jtp.models.plans import llama as llama_plan
 from jtp.parallel.activations import activation_rules
@@ -113,6 +121,25 @@ def _check(model: Any, prompts: list[list[int]], max_new_tokens: int, s: Samplin
         raise InputError(f"jtp.generate: top_p={s.top_p} must be in (0, 1]")
 
 
+def check_mesh(mesh: Mesh | None, where: str = "jtp.generate") -> None:
+    """Refuse a mesh with a context axis (this module's docstring says why) with an
+    :class:`InputError` naming a mesh that works."""
+    if mesh is None or context_size(mesh) == 1:
+        return
+    # The same devices, the context axis' folded into "data" (more rows at once)
+    shape = {k: v for k, v in mesh_shape(mesh).items() if k != CONTEXT}
+    shape[DATA] = shape.get(DATA, 1) * context_size(mesh)
+    sizes = ", ".join(f"{k}={v}" for k, v in shape.items())
+    raise InputError(
+        f"{where}: the model is on a mesh with a '{CONTEXT}' axis ({mesh_shape(mesh)}); "
+        f"generation does not split the sequence over '{CONTEXT}' (context parallelism "
+        "splits training and evaluation sequences; a decode step attends one token to the "
+        "whole cache, which every device would gather at every token): put the model on a "
+        f"mesh without it, e.g. jtp.make_mesh({sizes}) (jtp.parallelize(model, mesh, "
+        "jtp.plans.llama(model.config)), or load the checkpoint there)"
+    )
+
+
 def generate(
     model: nnx.Module,
     prompts: list[list[int]],
@@ -167,6 +194,7 @@ def generate_timed(
     """:func:`generate`, also saying how long prefill and decoding took."""
     _check(model, prompts, max_new_tokens, sampling)
     mesh = _mesh_of(model)
+    check_mesh(mesh)
     n_data = batch_ranks(mesh) if mesh is not None else 1
     n, longest = len(prompts), max(len(p) for p in prompts)
     b, t = bucket(n, n_data, minimum=1), bucket(longest)  # rows: no more than needed

@@ -115,6 +115,10 @@ def test_checkpoint_and_text_prompt(tmp_path, capsys):
         ([], "at least one --prompt"),
         (["--prompt-ids", "1,x"], "comma-separated integers"),
         (["--step", "3", "--prompt-ids", "1"], "--step picks a step"),
+        (
+            ["--context-parallel", "2", "--prompt-ids", "1"],
+            "--context-parallel 2: generation does not split the sequence over 'context'",
+        ),
     ],
 )
 def test_refusals_before_jax_runs(tmp_path, args, message):

@@ -20,15 +20,20 @@ tests/conftest.py leaves this directory out when it is unset) runs
    source also its training ``loss`` and ``aux_loss`` with ``output_router_logits=True``,
    which jtp's loss with the router term must equal (:func:`jtp_loss`).
 
+The cases of :data:`CONTEXT` (windows shorter than the sequence, Gemma's soft-caps and
+interleaved layers with two RoPE bases) are also loaded onto a mesh with a "context" axis
+and run with the sequence split into balanced pieces (:func:`jtp_logits_in_pieces`): the
+same transformers logits of the source are the reference, at the same tolerance.
+
 Tolerance: max |transformers - jtp| / max |jtp| <= 1e-5. Both sides compute in float32
 (unit roundoff 6e-8) on models two or three layers deep with reductions of at most 64
 terms; only the order of the sums differs (and, for a merged export, W + s A B summed
 before the matmul rather than after), so each logit carries a few hundred roundings of
 relative size 6e-8 that mostly cancel: seen <= 2.8e-6 here (Phi-3 with a window; PEFT
-<= 1.5e-6, merged LoRA <= 1.9e-6; the main suite's fixtures <= 2.1e-6). A structural
-mistake (a mask, a RoPE, a norm, an adapter's transpose) moves the logits by O(1e-1) of
-the largest (the adapters themselves move them by 15-84%, >= 5% checked), four orders
-above the bound.
+<= 1.5e-6, merged LoRA <= 1.9e-6, context pieces <= 5.3e-7; the main suite's fixtures
+<= 2.1e-6). A structural mistake (a mask, a RoPE, a norm, an adapter's transpose) moves
+the logits by O(1e-1) of the largest (the adapters themselves move them by 15-84%, >= 5%
+checked), four orders above the bound.
 """
 
 import json
@@ -46,6 +51,7 @@ from jtp.models.decoder import cross_entropy
 from jtp.models.hf.config import ARCHITECTURES
 from jtp.models.lora import adapted
 from jtp.models.moe import load_balancing_loss
+from jtp.parallel.context import balanced_order
 
 WORKER = os.path.join(os.path.dirname(__file__), "oracle_worker.py")
 TOKENS = np.random.default_rng(0).integers(0, 128, (2, 16)).astype(np.int32)
@@ -173,6 +179,10 @@ CASES = {
 # Cases of dense and sparse layers: built unrolled (one scanned body holds one kind).
 UNROLLED = ("qwen2_moe", "qwen3_moe_step")
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "qwen3_moe_step", "olmoe")
+# Cases also run with context parallelism, on CONTEXT_MESH (XLA's kernel; the main suite's
+# tests/models/test_hf_context.py covers the blockwise one and the other layouts).
+CONTEXT = ("mistral", "gemma2_untied", "gemma3")
+CONTEXT_MESH = dict(context=4, tensor=2)
 # Cases also run with LoRA adapters: their targets (jtp's short names). Phi-3 is refused by
 # save_peft (its fused projections take one PEFT adapter each, jtp has one per projection).
 LORA = {
@@ -215,6 +225,27 @@ def jtp_logits(model, mesh):
     with jtp.activation_rules(mesh, plan.activations):
         out = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, jtp.shard_batch(TOKENS, mesh))
     return np.asarray(out, np.float32)
+
+
+def jtp_logits_in_pieces(source):
+    """jtp's logits of ``source`` loaded onto :data:`CONTEXT_MESH`, the tokens in the
+    balanced order of its context size with their positions, put back in order."""
+    mesh = jtp.make_mesh(**CONTEXT_MESH, devices=jax.devices()[:8])
+    model = jtp.hf.load_pretrained(source, mesh)
+    order_t = balanced_order(TOKENS.shape[1], jtp.mesh.context_size(mesh))
+    positions_bt = np.broadcast_to(order_t, TOKENS.shape).astype(np.int32)
+    batch = jtp.shard_batch({"tokens": TOKENS[:, order_t], "positions": positions_bt}, mesh)
+    plan = jtp.plans.llama(model.config, mesh=mesh)
+    graphdef, state = nnx.split(model)
+
+    def forward(state, batch):
+        return nnx.merge(graphdef, state)(batch["tokens"], positions_bt=batch["positions"])
+
+    with jtp.activation_rules(mesh, plan.activations):
+        out_btv = jax.jit(forward)(state, batch)
+    logits_btv = np.empty(out_btv.shape, np.float32)
+    logits_btv[:, order_t] = np.asarray(out_btv)  # piece order -> sequence order
+    return logits_btv
 
 
 def jtp_loss(model, mesh):
@@ -280,6 +311,8 @@ def oracle(tmp_path_factory):
         ours[name] = jtp_logits(model, mesh)
         if name in MOE:
             ours[f"{name}.loss"] = jtp_loss(model, mesh)
+        if name in CONTEXT:
+            ours[f"{name}.context"] = jtp_logits_in_pieces(source)
         jtp.hf.save_pretrained(model, str(root / name / "export"), source=source)
         job(f"{name}.export", str(root / name / "export"))
         jtp.hf.save_pretrained(model, str(root / name / "derived"))
@@ -343,6 +376,14 @@ def config_diff(ours, theirs):
 def test_jtp_computes_the_source(oracle, name):
     """The premise: jtp's model of each source gives transformers' logits on the source."""
     assert rel(oracle["jtp"][name], hf_logits(oracle, f"{name}.source")) <= RTOL
+
+
+@pytest.mark.parametrize("name", CONTEXT)
+def test_context_pieces_compute_the_source(oracle, name):
+    """The source's logits with the sequence split over "context" in balanced pieces
+    (:data:`CONTEXT_MESH`): transformers' on the source, as on one device. A window,
+    soft-cap or RoPE base applied by index rather than position would be O(1e-1)."""
+    assert rel(oracle["jtp"][f"{name}.context"], hf_logits(oracle, f"{name}.source")) <= RTOL
 
 
 @pytest.mark.parametrize("kind", ["export", "derived"])
