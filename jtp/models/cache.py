@@ -19,7 +19,7 @@ could keep a ring of W slots: not done).
 
 The cache is not split over a "context" axis: under the activation rules of a mesh with one
 (context parallelism, training's and evaluation's) a cached forward is refused
-(:meth:`Slots.at`), where it would otherwise gather every piece without saying so.
+(``Decoder.__call__``), where it would otherwise gather every piece without saying so.
 """
 
 from __future__ import annotations
@@ -31,10 +31,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jtp.errors import InputError
 from jtp.models.layer_kinds import by_kind
 from jtp.parallel.activations import shard_activation
-from jtp.parallel.context import context_active
 
 
 @jax.tree_util.register_dataclass
@@ -80,14 +78,7 @@ class Slots:
     def at(cls, index: jax.Array | int, t: int, valid_bs: jax.Array, window: int | None) -> Slots:
         """T new tokens written from slot ``index``; ``valid_bs`` (B, S) bool: which slots
         hold a token of each sequence, the new ones included; ``window``: a sliding layer's
-        W (a query in slot i sees slots i - W < j <= i), None: no window. Refused under
-        a context axis' activation rules (the module docstring)."""
-        if context_active():
-            raise InputError(
-                "a key/value cache is not split over 'context': the cached forward "
-                "(generation) runs under the activation rules of a mesh without a context "
-                "axis (context parallelism splits training and evaluation sequences)"
-            )
+        W (a query in slot i sees slots i - W < j <= i), None: no window."""
         s = valid_bs.shape[1]
         slots_t = index + jnp.arange(t)  # the new tokens' slots
         causal_ts = jnp.arange(s)[None, :] <= slots_t[:, None]  # (T, S)

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from jtp.errors import InputError
 from jtp.models.attention import masked_attention
 from jtp.models.cache import KVCache, Slots
 from jtp.models.decoder_config import DecoderConfig
@@ -56,6 +57,7 @@ from jtp.models.norm import OffsetRMSNorm
 from jtp.models.rope import apply_rope, rope_at, rope_tables
 from jtp.models.stack import ATTENTION_OUT, run_blocks
 from jtp.parallel.activations import shard_activation
+from jtp.parallel.context import context_active
 from jtp.parallel.stacked import stack
 
 __all__ = [
@@ -420,6 +422,12 @@ class Decoder(nnx.Module):
                     else rope_at(positions_bt, c.head_dim, c.local_rope_theta)
                 )
         else:
+            if context_active():
+                raise InputError(
+                    "a key/value cache is not split over 'context': the cached forward "
+                    "(generation) runs under the activation rules of a mesh without a context "
+                    "axis (context parallelism splits training and evaluation sequences)"
+                )
             b, s = tokens_bt.shape[0], cache.k.shape[2]
             if positions_bt is None:  # no padding: a token's position is its slot
                 positions_bt = jnp.broadcast_to(cache_index + jnp.arange(t), (b, t))

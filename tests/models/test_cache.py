@@ -62,4 +62,4 @@ def test_a_prompt_through_an_empty_cache_is_the_forward(config):
 def test_cache_arguments_without_a_cache_are_an_error():
     model = Decoder(SMALL, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="pass a cache"):
-        model(jnp.asarray(TOKENS), positions_bt=jnp.zeros((2, 12), jnp.int32))
+        model(jnp.asarray(TOKENS), valid_bs=jnp.ones((2, 12), bool))
