@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop a sequence here (default: --hf DIR's config.json eos_token_id)",
     )
     p.add_argument("--fsdp", action="store_true", help="also shard parameters over 'data'")
-    add_mesh_flags(p)
+    add_mesh_flags(p, context=True)  # --context-parallel only to be refused by name
     p.add_argument("--json", default=None, metavar="PATH", help="write the results here")
     add_compilation_cache_flags(p.add_argument_group("compilation (process setup)"))
     return p
@@ -154,6 +154,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.step is not None and args.hf is not None:
         raise ValueError("--step picks a step of --checkpoint DIR; --hf has none")
+    if args.context_parallel > 1:
+        raise ValueError(
+            f"--context-parallel {args.context_parallel}: generation does not split sequences "
+            "over a context axis (its KV cache keeps each sequence whole within a tensor "
+            "group); drop it: a checkpoint trained with context parallelism restores onto "
+            "any data x tensor mesh"
+        )
     if args.json:  # before any work: not a directory, in a writable one
         check_output_file(args.json, flag="--json")
     tokenizer = _tokenizer(args)
