@@ -63,11 +63,15 @@ def positive_int(value: str) -> int:
 
 
 def add_mesh_flags(
-    parser: Any, title: str = "mesh (as python -m jtp.train)", *, expert: bool = False
+    parser: Any,
+    title: str = "mesh (as python -m jtp.train)",
+    *,
+    expert: bool = False,
+    context: bool = False,
 ) -> None:
-    """``--devices``, ``--data-parallel``, ``--tensor-parallel`` (and with ``expert``,
-    ``--expert-parallel``): the mesh of a program that runs a model on it (``python -m
-    jtp.eval``, ``python -m jtp.generate``)."""
+    """``--devices``, ``--data-parallel``, ``--tensor-parallel`` (with ``expert``,
+    ``--expert-parallel``; with ``context``, ``--context-parallel``): the mesh of a program
+    that runs a model on it (``python -m jtp.eval``, ``python -m jtp.generate``)."""
     m = parser.add_argument_group(title)
     m.add_argument(
         "--devices",
@@ -98,4 +102,14 @@ def add_mesh_flags(
             metavar="X",
             help="size of the 'expert' mesh axis: a MoE model's experts split over X devices "
             "(tokens exchanged by all-to-all), the batch split over data x X; 1: no such axis",
+        )
+    if context:
+        m.add_argument(
+            "--context-parallel",
+            type=positive_int,
+            default=1,
+            metavar="C",
+            help="size of the 'context' mesh axis: each sequence split into C pieces (two "
+            "chunks each, balanced for the causal mask; --seq-len a multiple of 2C), attention "
+            "gathering keys and values over them; 1: no such axis",
         )

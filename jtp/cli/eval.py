@@ -4,6 +4,7 @@
     python -m jtp.eval --checkpoint runs/ck --data TOKENS --split train --json out.json
     python -m jtp.eval --devices 8 --hf DIR --data TOKENS --seq-len 2048 --batch-size 8 \\
         --data-parallel 2 --tensor-parallel 4 --fsdp --sequence-parallel --loss-parallel
+    python -m jtp.eval --devices 8 --hf DIR --data TOKENS --seq-len 4096 --context-parallel 4
 
 The model is a Hugging Face checkpoint (``jtp.hf.load_pretrained``: each device reads its
 slice) or a ``python -m jtp.train --checkpoint-dir`` directory (parameters restored onto
@@ -34,6 +35,7 @@ from jtp.cli.flags import (
 from jtp.cli.output import one_line_errors, program
 from jtp.errors import InputError
 from jtp.mesh import select_devices
+from jtp.recipes.llama import check_context
 from jtp.recipes.perplexity import EvalConfig, build_task
 from jtp.training import compilation_cache
 from jtp.xla_flags import apply_gpu_flags
@@ -54,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="DIR", help="a python -m jtp.prepare directory")
     flags = FieldFlags(metavars={"precision": "NAME"})
     flags.add(p.add_argument_group("what and how"), EvalConfig, _FIELDS)
-    add_mesh_flags(p)
+    add_mesh_flags(p, context=True)
     p.add_argument("--json", default=None, metavar="PATH", help="write the results here")
     add_compilation_cache_flags(p.add_argument_group("compilation (process setup)"))
     return p
@@ -94,9 +96,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     task, precision, source = build_task(config)  # every refusal before a weight is read
     strategy = ModelParallelStrategy(
-        args.data_parallel, args.tensor_parallel, fsdp=config.fsdp, devices=devices
+        args.data_parallel,
+        args.tensor_parallel,
+        context_parallel_size=args.context_parallel,
+        fsdp=config.fsdp,
+        devices=devices,
     )
     task.mesh = strategy.mesh
+    # each window cut into the context axis' pieces: said before a weight is read
+    check_context(task.config.seq_len, task.mesh, sequence_parallel=config.sequence_parallel)
     batches = len(task.val_dataloader())  # its refusals (batch vs the data axis) too
     trainer = Trainer(
         strategy,

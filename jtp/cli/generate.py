@@ -23,7 +23,7 @@ from typing import Any
 
 from jtp.bench.results import machine
 from jtp.checkpoint.outputs import check_output_file, write_json
-from jtp.cli.devices import add_mesh_flags, init_distributed, positive_int
+from jtp.cli.devices import add_mesh_flags, init_distributed
 from jtp.cli.flags import add_compilation_cache_flags, number
 from jtp.cli.output import one_line_errors, program
 from jtp.errors import InputError
@@ -65,15 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop a sequence here (default: --hf DIR's config.json eos_token_id)",
     )
     p.add_argument("--fsdp", action="store_true", help="also shard parameters over 'data'")
-    add_mesh_flags(p)
-    p.add_argument(
-        "--context-parallel",
-        type=positive_int,
-        default=1,
-        metavar="C",
-        help="as python -m jtp.train's, but only 1: generation does not split the sequence "
-        "over a 'context' axis (refused before jax starts)",
-    )
+    add_mesh_flags(p, context=True)  # --context-parallel only to be refused by name
     p.add_argument("--json", default=None, metavar="PATH", help="write the results here")
     add_compilation_cache_flags(p.add_argument_group("compilation (process setup)"))
     return p

@@ -12,6 +12,8 @@ prints the peak memory per device at the end.
         --tensor-parallel 4 --fsdp --sequence-parallel --loss-parallel --precision bf16-mixed
     python -m jtp.train --devices 8 --model llama --preset MOE --expert-parallel 4 \
         --tensor-parallel 2                               # MoE experts over "expert"
+    python -m jtp.train --devices 8 --model llama --context-parallel 4 --tensor-parallel 2 \
+        --seq-len 256                                     # each sequence in 4 pieces
     python -m jtp.train --devices 8 --model llama --hf DIR --lora-rank 8 --lora-alpha 16 \
         --export-peft ADAPTER --export-hf MERGED          # LoRA: only the adapters train
     python -m jtp.train --devices 8 --model llama --data DIR --seq-len 128 --batch-size 32 \
@@ -71,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         + ") still work.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add_mesh_flags(p, "mesh", expert=True)
+    add_mesh_flags(p, "mesh", expert=True, context=True)
     p.add_argument(
         "--model", choices=("feedforward", "llama"), default="feedforward", help="what to train"
     )
@@ -164,6 +166,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "experts: --model feedforward has none (use --model llama with a MoE preset or "
             "--hf checkpoint)"
         )
+    if args.context_parallel > 1 and args.model != "llama":
+        raise InputError(
+            f"--context-parallel {args.context_parallel} splits each token sequence over "
+            "devices: --model feedforward has no sequence (use --model llama)"
+        )
     check_paths(args)
     # Before the first compile: a repeated or resumed run loads its steps from this cache.
     compilation_cache.enable(args.compilation_cache)
@@ -190,10 +197,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from jtp.recipes import FeedForwardTask, LlamaTask
     from jtp.training.trainer import Trainer
 
+    check_context_devices(args.context_parallel, len(devices or jax.devices()))
     strategy = ModelParallelStrategy(
         args.data_parallel,
         args.tensor_parallel,
         expert_parallel_size=args.expert_parallel,
+        context_parallel_size=args.context_parallel,
         fsdp=args.fsdp,
         devices=devices,
     )
@@ -203,6 +212,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         task = FeedForwardTask(options_from_args(FeedForwardConfig, args))
     trainer = Trainer(strategy, **field_values(TrainerOptions, args))
     mesh = strategy.mesh
+    if args.model == "llama":  # the sequence against the context axis, before any model
+        from jtp.recipes.llama import check_context
+
+        check_context(args.seq_len, mesh, sequence_parallel=args.sequence_parallel)
     if jax.process_index() == 0:
         print(
             f"mesh {mesh_shape(mesh)} on {mesh.devices.size} "
@@ -254,6 +267,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     write_json(args.metrics_json, metrics, announce=False)
     return metrics
+
+
+def check_context_devices(pieces: int, n_devices: int) -> None:
+    """``--context-parallel`` divides the devices (said before any mesh is built)."""
+    if n_devices % pieces:
+        sizes = ", ".join(str(k) for k in range(1, n_devices + 1) if n_devices % k == 0)
+        raise InputError(
+            f"--context-parallel {pieces} does not divide the {n_devices} devices; "
+            f"valid sizes: {sizes}"
+        )
 
 
 def check_paths(args: argparse.Namespace) -> None:

@@ -8,9 +8,15 @@ a plan whose activation rules carry ``"experts"`` (the ``PartitionSpec`` of the 
 ``jax.shard_map`` over the whole mesh, each device on its own tokens:
 
 - tokens stay split over the batch axes (:data:`BATCH_AXES` present in the mesh, "data"
-  left to the enclosing ``vmap`` inside :func:`jtp.parallel.activations.per_data_rank`);
-  without this, the routing's sort over all tokens would make XLA gather every token of
-  the batch onto every device;
+  left to the enclosing ``vmap`` inside :func:`jtp.parallel.activations.per_data_rank`),
+  then over "context" on a mesh with that axis; without this, the routing's sort over all
+  tokens would make XLA gather every token of the batch onto every device. The layer's
+  (B, T) is flattened to N = B * T tokens (B major): with one row per batch rank, N split
+  over (batch axes, "context") is exactly each device's piece of its sequence and nothing
+  moves; with b > 1 rows, a device's piece is b runs of T / C tokens while N's split gives
+  it b / C whole rows, so XLA exchanges the tokens over "context" (an all-to-all) on the
+  way in and out (measured: that, rather than gathers, is what the partitioner emits;
+  splitting (B, T) directly made it gather the router's input instead);
 - ``P("tensor", None, None)``: each device of a tensor group holds E/T whole experts and
   multiplies only the (token, expert) pairs routed to them (its group's tokens, replicated
   over "tensor"); the partial outputs meet in one ``psum`` over "tensor", the all-reduce a
@@ -36,7 +42,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from jtp.mesh import DATA, EXPERT, TENSOR
+from jtp.mesh import CONTEXT, DATA, EXPERT, TENSOR
 from jtp.parallel.activations import active_rule
 from jtp.parallel.expert_exchange import exchange
 
@@ -75,7 +81,7 @@ def per_token(fn: Callable[..., Any], *arrays: jax.Array) -> Any:
     if found is None:
         return fn(*arrays)
     mesh, _, data_mapped = found
-    tokens = P(_batch_axes(mesh, data_mapped) or None)
+    tokens = P(_token_axes(mesh, data_mapped) or None)
     out = jax.eval_shape(fn, *arrays)
     return jax.shard_map(
         fn,
@@ -85,10 +91,12 @@ def per_token(fn: Callable[..., Any], *arrays: jax.Array) -> Any:
     )(*arrays)
 
 
-def _batch_axes(mesh: Mesh, data_mapped: bool) -> tuple[str, ...]:
-    """The token batch's axes in ``mesh`` (:data:`BATCH_AXES`), "data" left to an
-    enclosing per-data-rank vmap."""
-    return tuple(a for a in BATCH_AXES if a in mesh.axis_names and not (data_mapped and a == DATA))
+def _token_axes(mesh: Mesh, data_mapped: bool) -> tuple[str, ...]:
+    """The axes a layer's N = B * T tokens are split over in ``mesh``: the batch axes
+    (:data:`BATCH_AXES`; "data" left to an enclosing per-data-rank vmap), then "context"
+    (each sequence's pieces) where the mesh has it."""
+    batch = (a for a in BATCH_AXES if a in mesh.axis_names and not (data_mapped and a == DATA))
+    return (*batch, *((CONTEXT,) if CONTEXT in mesh.axis_names else ()))
 
 
 def place_experts(
@@ -114,7 +122,7 @@ def place_experts(
     e_axes, d_axes, f_axes = (_axes(entry) for entry in spec)
     if d_axes:
         raise ValueError(f"activation rule {EXPERTS!r}: {spec} splits D; only E and F may be")
-    batch = _batch_axes(mesh, data_mapped)
+    axes = _token_axes(mesh, data_mapped)
     if data_mapped:
         # Under the per-data-rank vmap an unbatched operand of shard_map counts as
         # replicated over "data", and its gradient comes back summed over the ranks (jax
@@ -123,7 +131,7 @@ def place_experts(
         zero = (x_nd[0, 0] * 0).astype(w1.dtype)
         w1, w2, w3 = w1 + zero, w2 + zero, w3 + zero
     w13_spec, w2_spec = P(*spec), P(spec[0], spec[2], spec[1])
-    tokens = P(batch or None)
+    tokens = P(axes or None)
 
     def body(x_nd, weights_nk, experts_nk, w1, w2, w3):
         if EXPERT in e_axes:
@@ -155,7 +163,7 @@ def place_experts(
         body,
         mesh=mesh,
         in_specs=(tokens, tokens, tokens, w13_spec, w2_spec, w13_spec),
-        out_specs=(tokens, P(batch or None)),
+        out_specs=(tokens, tokens),  # dropped: one count per device
     )(x_nd, weights_nk, experts_nk, w1, w2, w3)
     return y_nd, jnp.sum(dropped)
 

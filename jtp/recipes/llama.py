@@ -26,13 +26,14 @@ from jtp.data.datasets import RandomTokenDataset
 from jtp.data.loader import DataLoader
 from jtp.data.tokens import TokenDataset, read_meta
 from jtp.errors import InputError
-from jtp.mesh import TENSOR, ModelParallelStrategy
+from jtp.mesh import TENSOR, ModelParallelStrategy, context_size
 from jtp.models.hf import config_of, load_weights
 from jtp.models.hf.config import max_positions_of, read_config
 from jtp.models.llama import PRESETS, Llama, LlamaConfig
 from jtp.models.lora import parse_targets
 from jtp.models.plans import check_llama, llama, replicate_kv
 from jtp.models.rope import rope_scaling_of
+from jtp.parallel.context import NextTokenPieces
 from jtp.parallel.infer import infer_plan
 from jtp.parallel.parallelize import sharded_init
 from jtp.parallel.plan import Plan
@@ -122,6 +123,31 @@ def model_shapes(config: LlamaTaskConfig) -> LlamaConfig:
     return _moe(config, shapes)
 
 
+def check_context(seq_len: int, mesh: Mesh, *, sequence_parallel: bool = False) -> None:
+    """``seq_len`` fits the context axis of ``mesh`` (none: nothing to check): each sequence
+    is cut into 2C chunks, two per device (the balanced order,
+    :func:`jtp.parallel.context.balanced_order`), and under sequence parallelism a device's
+    piece of T / C tokens is split again over "tensor"."""
+    pieces = context_size(mesh)
+    if pieces == 1:
+        return
+    chunks = 2 * pieces
+    if seq_len % chunks:
+        raise InputError(
+            f"--context-parallel {pieces} cuts each sequence into {chunks} chunks (two per "
+            f"device, balanced for the causal mask): --seq-len {seq_len} is not divisible by "
+            f"{chunks}; pick a multiple of {chunks}"
+        )
+    t = int(mesh.shape[TENSOR])
+    if sequence_parallel and (seq_len // pieces) % t:
+        raise InputError(
+            f"--sequence-parallel with --context-parallel {pieces}: a device's piece of "
+            f"--seq-len {seq_len} / {pieces} = {seq_len // pieces} tokens is not divisible by "
+            f"the tensor axis ({t}); pick a --seq-len that is a multiple of {pieces * t} and "
+            f"of {chunks}"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaSetup:
     """What a Llama task runs: the model's config and the plan that lays it out."""
@@ -136,7 +162,8 @@ def resolve(config: LlamaTaskConfig, shapes: LlamaConfig, mesh: Mesh | None = No
     ``shapes``: :func:`model_shapes`'s result (or a recorded model config). Given ``mesh``,
     kv heads are replicated where its tensor axis is wider (:func:`jtp.plans.replicate_kv`)
     and the plan is checked to apply there (heads, and the sequence under sequence
-    parallelism, divisible by the tensor size). The plan is the model's ready one
+    parallelism, divisible by the tensor size; the sequence by the context axis' chunks,
+    :func:`check_context`). The plan is the model's ready one
     (:func:`jtp.plans.llama` with the task's sequence/loss parallelism and fsdp), or with
     ``plan="auto"`` read off the forward of one global batch (shapes only).
     """
@@ -144,6 +171,7 @@ def resolve(config: LlamaTaskConfig, shapes: LlamaConfig, mesh: Mesh | None = No
     if mesh is not None:
         model = replicate_kv(shapes, mesh)
         check_llama(model, mesh, seq_len=config.seq_len, sequence_parallel=config.sequence_parallel)
+        check_context(config.seq_len, mesh, sequence_parallel=config.sequence_parallel)
     if config.plan == "auto":  # parameters only (no activation rules: config.py refuses them)
         tokens = jax.ShapeDtypeStruct((config.batch_size, config.seq_len), jnp.int32)
         tensor = None if mesh is None else int(mesh.shape[TENSOR])  # experts' split
@@ -227,6 +255,17 @@ class LlamaTask(TrainModule):
         path = os.path.join(c.data, f"{split}.bin")
         return TokenDataset(path, c.seq_len, vocab_size=self.shapes.vocab_size)
 
+    def pieces(self, dataset: Any) -> Any:
+        """``dataset`` (samples of T + 1 token ids) as the mesh's batches take it: on a mesh
+        with a context axis, each sample as ``{"inputs", "labels", "positions"}`` in the
+        balanced order (:class:`jtp.parallel.context.NextTokenPieces`), which the loader
+        splits over "context" and :func:`next_token_loss` takes; elsewhere unchanged."""
+        pieces = context_size(self.mesh)
+        if pieces == 1:
+            return dataset
+        check_context(self.config.seq_len, self.mesh)  # before a sample is read
+        return NextTokenPieces(dataset, pieces)
+
     def train_dataloader(self) -> DataLoader:
         c = self.config
         if c.data:
@@ -234,6 +273,7 @@ class LlamaTask(TrainModule):
         else:
             vocab = self.model_config.vocab_size
             data = RandomTokenDataset(vocab, c.seq_len, c.samples, seed=c.seed)
+        data = self.pieces(data)
         return DataLoader(data, c.batch_size, mesh=self.mesh, shuffle=True, seed=c.seed)
 
     def val_dataloader(self) -> DataLoader:
@@ -241,7 +281,7 @@ class LlamaTask(TrainModule):
         counted once); without ``data``, the training set."""
         if not self.config.data:
             return self.train_dataloader()
-        data = self._tokens("val")
+        data = self.pieces(self._tokens("val"))
         return DataLoader(data, self.config.batch_size, mesh=self.mesh, drop_last=False)
 
 
@@ -269,15 +309,18 @@ def trace_llama_step(
     grad_reduce: str | None = None,
     model_config: LlamaConfig | None = None,
     expert: int = 1,
+    context: int = 1,
 ) -> tuple[jax.stages.Traced, Mesh]:
     """The traced Llama train step for ``config`` on a (data, tensor) mesh over the first
     devices (``("data", "expert", "tensor")`` with ``expert`` > 1; ``config.batch_size``
-    then counts the rows of all data x expert ranks), optionally with ``n_layers`` blocks;
-    and that mesh.
+    then counts the rows of all data x expert ranks; a "context" axis before "tensor" with
+    ``context`` > 1), optionally with ``n_layers`` blocks; and that mesh.
 
     One optimizer step over ``accumulate`` global batches of ``config.batch_size``
-    sequences of ``config.seq_len + 1`` tokens. ``model_config`` replaces the shapes
-    ``config`` names (a model that has no preset). :func:`abstract_llama_step` compiles it.
+    sequences of ``config.seq_len + 1`` tokens (on a context axis, as the loader gives
+    them there: ``{"inputs", "labels", "positions"}`` of ``config.seq_len`` each).
+    ``model_config`` replaces the shapes ``config`` names (a model that has no preset).
+    :func:`abstract_llama_step` compiles it.
     """
     shapes = model_config if model_config is not None else model_shapes(config)
     if n_layers is not None:
@@ -287,9 +330,15 @@ def trace_llama_step(
         *shape,
         fsdp=config.fsdp,
         expert_parallel_size=expert,
-        devices=devices[: shape[0] * shape[1] * expert],
+        context_parallel_size=context,
+        devices=devices[: shape[0] * shape[1] * expert * context],
     )
-    batch = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1), jnp.int32)
+    rows = config.batch_size
+    if context > 1:  # the pieces of jtp.parallel.context.NextTokenPieces, stacked
+        pieces = jax.ShapeDtypeStruct((rows, config.seq_len), jnp.int32)
+        batch: Any = dict.fromkeys(("inputs", "labels", "positions"), pieces)
+    else:
+        batch = jax.ShapeDtypeStruct((rows, config.seq_len + 1), jnp.int32)
     factory = task.model_factory(strategy.mesh)  # resolved for this mesh: plan below follows
     traced = trace_abstract_step(
         task,

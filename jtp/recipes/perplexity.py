@@ -116,8 +116,11 @@ class PerplexityTask(LlamaTask):
         return lm_loss(model, batch)
 
     def val_dataloader(self) -> DataLoader:
-        """Every window once, in order; the last batch completed by wrapping (counted once)."""
-        return DataLoader(self.windows, self.config.batch_size, mesh=self.mesh, drop_last=False)
+        """Every window once, in order; the last batch completed by wrapping (counted once);
+        on a mesh with a context axis, each window in the balanced order (its loss, a mean
+        over tokens, is the same)."""
+        windows = self.pieces(self.windows)
+        return DataLoader(windows, self.config.batch_size, mesh=self.mesh, drop_last=False)
 
 
 def _parallel(e: EvalConfig) -> dict[str, Any]:

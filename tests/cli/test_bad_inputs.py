@@ -25,6 +25,7 @@ from jtp.cli.train import main as train_main
 
 HERE = Path(__file__).parent
 HF = HERE.parent / "fixtures" / "hf" / "llama3"
+HF_TOKENS = HERE.parent / "fixtures" / "eval" / "llama3"  # prepared with HF's tokenizer
 TINY = "--devices 8 --dim 32 --hidden-dim 64 --samples 16 --max-steps 2 --no-progress".split()
 
 
@@ -310,6 +311,49 @@ CASES = [
         "train",
         ["--expert-parallel", "2"],
         "--model feedforward has none",
+    ),
+    (
+        "context-parallel-on-the-feedforward",
+        None,
+        "train",
+        ["--context-parallel", "2"],
+        "--model feedforward has no sequence",
+    ),
+    (
+        "context-parallel-not-dividing-the-devices",
+        None,
+        "train",
+        ["--model", "llama", "--context-parallel", "3"],
+        "--context-parallel 3 does not divide the 8 devices; valid sizes: 1, 2, 4, 8",
+    ),
+    (
+        "seq-len-not-in-2c-chunks",
+        None,
+        "train",
+        ["--model", "llama", "--context-parallel", "4", "--seq-len", "36"],
+        "--seq-len 36 is not divisible by 8",
+    ),
+    (
+        "context-piece-not-divisible-by-tensor-under-sequence-parallel",
+        None,
+        "train",
+        ["--model", "llama", "--context-parallel", "2", "--tensor-parallel", "4"]
+        + ["--sequence-parallel", "--seq-len", "36"],
+        "a device's piece of --seq-len 36 / 2 = 18 tokens is not divisible by the tensor",
+    ),
+    (
+        "eval-seq-len-not-in-2c-chunks",
+        None,
+        "eval",
+        ["--hf", str(HF), "--data", str(HF_TOKENS), "--context-parallel", "4", "--seq-len", "12"],
+        "--seq-len 12 is not divisible by 8",
+    ),
+    (
+        "generate-with-context-parallel",
+        None,
+        "generate",
+        ["--hf", str(HF), "--prompt-ids", "1,2", "--context-parallel", "2"],
+        "generation does not split the sequence over 'context'",
     ),
     ("nan-temperature", None, "generate", ["--temperature", "nan"], "--temperature"),
     ("mem-fraction-above-one", None, "capacity", ["--mem-fraction", "2"], "--mem-fraction"),
