@@ -7,7 +7,7 @@ a plan whose activation rules carry ``"experts"`` (the ``PartitionSpec`` of the 
 ``w1`` (E, D, F), as the plan lays out the parameters), it runs them inside one
 ``jax.shard_map`` over the whole mesh, each device on its own tokens:
 
-- tokens stay split over the batch axes (:data:`BATCH_AXES` present in the mesh, "data"
+- tokens stay split over the batch axes (:func:`jtp.mesh.batch_axis_names`, "data"
   left to the enclosing ``vmap`` inside :func:`jtp.parallel.activations.per_data_rank`),
   then over "context" on a mesh with that axis; without this, the routing's sort over all
   tokens would make XLA gather every token of the batch onto every device. The layer's
@@ -42,12 +42,11 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from jtp.mesh import CONTEXT, DATA, EXPERT, TENSOR
+from jtp.mesh import CONTEXT, DATA, EXPERT, TENSOR, batch_axis_names
 from jtp.parallel.activations import active_rule
 from jtp.parallel.expert_exchange import exchange
 
 EXPERTS = "experts"  # the activation rule's name
-BATCH_AXES = (DATA, EXPERT)  # the axes a batch's rows are split over, where present
 
 # The model's pure pieces (jtp.models.moe): each takes the weights as arguments so that
 # they run unchanged on a device's own slice of them.
@@ -93,9 +92,9 @@ def per_token(fn: Callable[..., Any], *arrays: jax.Array) -> Any:
 
 def _token_axes(mesh: Mesh, data_mapped: bool) -> tuple[str, ...]:
     """The axes a layer's N = B * T tokens are split over in ``mesh``: the batch axes
-    (:data:`BATCH_AXES`; "data" left to an enclosing per-data-rank vmap), then "context"
-    (each sequence's pieces) where the mesh has it."""
-    batch = (a for a in BATCH_AXES if a in mesh.axis_names and not (data_mapped and a == DATA))
+    ("data" left to an enclosing per-data-rank vmap), then "context" (each sequence's
+    pieces) where the mesh has it."""
+    batch = (a for a in batch_axis_names(mesh) if not (data_mapped and a == DATA))
     return (*batch, *((CONTEXT,) if CONTEXT in mesh.axis_names else ()))
 
 
