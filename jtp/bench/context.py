@@ -3,9 +3,10 @@ memory per device, step time, the attention work each device does, and the longe
 a memory budget trains.
 
 The model: the tiny Llama's widths (dim 128, SwiGLU 384, vocabulary 512) with 4 heads of 32
-(2 kv heads), ``--layers`` blocks unrolled; batch 1 x ``--seq-len`` tokens (8192) in the
-balanced order (:func:`jtp.parallel.context.next_token_pieces`), float32, AdamW, the
-trainer's own step (``jtp.training.compile``), on forced CPU devices, a context-only mesh of
+(2 kv heads), ``--layers`` blocks unrolled; batch 1 x ``--seq-len`` tokens (4096: at 8192
+XLA's one-device step takes ~40 s on two cores) in the balanced order
+(:func:`jtp.parallel.context.next_token_pieces`), float32, AdamW, the trainer's own step
+(``jtp.training.compile``), on forced CPU devices, a context-only mesh of
 C = 1, 2, 4, 8 devices (``--sizes``). Each attention kernel (``--kernels``: XLA's, which
 masks a (T / C, T) score matrix per device, and the blockwise one, which skips the tiles no
 pair of which attends) gives a row per C:

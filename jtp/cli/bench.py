@@ -13,7 +13,7 @@ table and JSON.
     python -m jtp.bench generate  [--batches 1,8,32] [--repeats 5] [--json PATH]
     python -m jtp.bench lora      [--preset llama3-8b] [--rank 16] [--json PATH]
     python -m jtp.bench moe       [--layers 4] [--seq-len 256] [--repeats 5] [--json PATH]
-    python -m jtp.bench context   [--seq-len 8192] [--sizes 1,2,4,8] [--budget-mib 512]
+    python -m jtp.bench context   [--seq-len 4096] [--sizes 1,2,4,8] [--budget-mib 512]
     python -m jtp.bench docs      [--check]
 
 Every benchmark also takes ``--record``, and every sub-command
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     mo.add_argument("--repeats", type=int, default=5, help="timed steps per layout; best counts")
     mo.add_argument("--json", default=None, help=JSON_HELP)
     cx = sub.add_parser("context", help="context parallelism: memory, time, balance, longest T")
-    cx.add_argument("--seq-len", type=int, default=8192, help="tokens per sequence (batch 1)")
+    cx.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (batch 1)")
     cx.add_argument("--layers", type=int, default=2, help="blocks")
     cx.add_argument("--repeats", type=int, default=3, help="timed steps per row; median counts")
     cx.add_argument("--sizes", default="1,2,4,8", help="context sizes C")
