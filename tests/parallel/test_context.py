@@ -29,11 +29,12 @@ from jtp.training.module import TrainModule
 
 T = 2048  # the issue's sequence: a 2048-token step on context 8
 # The tiny preset's widths (dim 128, SwiGLU 384, vocabulary 512, 2 blocks) with 4 heads of
-# 32 (2 kv heads) instead of 16 of 8: the blockwise kernel's tiles hold (heads, 512, 512)
-# scores whatever the head dim, so 16 heads of 8 would make its fixed tile working set
-# (32 MiB, more than the activations of 2 blocks at T = 2048) the whole story. Layers
-# unrolled: a scanned body currently makes the blockwise kernel's forward keep every tile
-# (O(T^2); see the report of this change), which would flatter the ratio.
+# 32 (2 kv heads) instead of 16 of 8: the blockwise kernel's tiles hold (heads, Q, 512)
+# scores whatever the head dim, and with 16 heads its four live tiles (32 MiB per device on
+# context 8) outweigh the activations a device holds there (measured: 112.5 -> 48.5 MiB,
+# 0.43). Layers unrolled: differentiated inside a scan, the blockwise kernel currently
+# keeps its forward's tiles (two scanned calls at T = 1024, 16 heads: 317 MiB of
+# temporaries, unrolled 70), an O(T^2) that would flatter the one-device figure.
 CONFIG = dataclasses.replace(
     PRESETS["tiny"], n_heads=4, n_kv_heads=2, max_seq_len=T, scan_layers=False
 )
@@ -149,12 +150,12 @@ def test_memory_per_device_falls_with_the_context_size():
     512 on one device, 256 = T / 8 on eight), which no split of the sequence shrinks
     further. XLA's attention has no W: its (heads, T, T) scores are activations.
 
-    Measured (jax 0.12.1, CPU): XLA 365.3 -> 60.7 MiB (0.166; ideal 52.7, the rest is the
-    gathered K and V of each layer and their gradients, O(T) per device); blockwise 78.9 ->
-    24.5 MiB (0.310; ideal 8 + 54.9 / 8 + 8 = 22.9). Asserted: XLA at most a quarter (the
-    issue's bound), blockwise at most a third, both within 1.25x of the ideal. The
-    blockwise ratio reaches a quarter on longer sequences, where the activations dwarf W
-    (``python -m jtp.bench context``)."""
+    Measured (jax 0.12.1, CPU): XLA 365.3 -> 60.7 MiB (0.166; ideal 52.7: what stays
+    O(T) per device, the gathered K and V of each layer and their gradients among it);
+    blockwise 78.9 -> 24.5 MiB (0.310; ideal 8 + 54.9 / 8 + 8 = 22.9). Asserted: XLA at
+    most a quarter (the issue's bound), blockwise at most a third, both within 1.25x of the
+    ideal. The blockwise ratio reaches a quarter at 4096 tokens, where the activations
+    outweigh W more (``python -m jtp.bench context``: 165.0 -> 41.2 MiB)."""
     state = 4 * param_bytes()
     for attention in ("xla", "blockwise"):
         one = memory_breakdown(compiled_step(attention, 1)[0])["total"]
