@@ -93,6 +93,12 @@ def _moe(p: dict[str, Any]) -> str:
     return format_moe(p)
 
 
+def _context(p: dict[str, Any]) -> str:
+    from jtp.bench.context import format_context
+
+    return format_context(p)
+
+
 def _gpu(p: dict[str, Any]) -> str:
     from jtp.bench.gpu import format_gpu
 
@@ -118,6 +124,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "generate": _generate,
     "lora": _lora,
     "moe": _moe,
+    "context": _context,
 }
 
 

@@ -13,6 +13,7 @@ table and JSON.
     python -m jtp.bench generate  [--batches 1,8,32] [--repeats 5] [--json PATH]
     python -m jtp.bench lora      [--preset llama3-8b] [--rank 16] [--json PATH]
     python -m jtp.bench moe       [--layers 4] [--seq-len 256] [--repeats 5] [--json PATH]
+    python -m jtp.bench context   [--seq-len 4096] [--sizes 1,2,4,8] [--budget-mib 512]
     python -m jtp.bench docs      [--check]
 
 Every benchmark also takes ``--record``, and every sub-command
@@ -113,6 +114,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     mo.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
     mo.add_argument("--repeats", type=int, default=5, help="timed steps per layout; best counts")
     mo.add_argument("--json", default=None, help=JSON_HELP)
+    cx = sub.add_parser("context", help="context parallelism: memory, time, balance, longest T")
+    cx.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (batch 1)")
+    cx.add_argument("--layers", type=int, default=2, help="blocks")
+    cx.add_argument("--repeats", type=int, default=3, help="timed steps per row; median counts")
+    cx.add_argument("--sizes", default="1,2,4,8", help="context sizes C")
+    cx.add_argument("--kernels", default="xla,blockwise", help="attention kernels")
+    cx.add_argument("--budget-mib", type=int, default=512, help="memory per device, longest T")
+    cx.add_argument("--search-from", type=int, default=1024, help="shortest T searched")
+    cx.add_argument("--max-seq-len", type=int, default=131072, help="longest T searched")
+    cx.add_argument("--json", default=None, help=JSON_HELP)
     ca = sub.add_parser("cache", help="a repeated run's compile with the persistent cache")
     ca.add_argument("--json", default=None, help=JSON_HELP)
     dc = sub.add_parser("docs", help="re-render the docs' figure tables from bench_results JSON")

@@ -159,3 +159,78 @@ def _check_pieces(mesh: Mesh, seq_len: int) -> None:
         raise InputError(
             f"sequence length {seq_len} is not divisible by the context axis ({pieces} pieces)"
         )
+
+
+# Per-device attention work (what the balanced order balances), for tests and benchmarks.
+
+ORDERS = ("balanced", "plain")  # the sequence in balanced_order, or split as it comes
+TILE = 512  # the blockwise kernel's tile (jtp.models.blockwise.BLOCK; a test checks they agree)
+
+
+def piece_positions(seq_len: int, pieces: int, order: str = "balanced") -> np.ndarray:
+    """(C, T / C) int32: the positions each device of a context group holds, device c the
+    c-th row; ``order`` "balanced" (:func:`balanced_order`) or "plain" (``arange(T)`` cut in
+    C consecutive pieces: what an unbalanced split gives)."""
+    if order not in ORDERS:
+        raise ValueError(f"order={order!r} must be one of {ORDERS}")
+    if seq_len % pieces:
+        raise InputError(f"sequence length {seq_len} is not divisible by {pieces} pieces")
+    if order == "plain":
+        return np.arange(seq_len, dtype=np.int32).reshape(pieces, -1)
+    return balanced_order(seq_len, pieces).reshape(pieces, -1)
+
+
+def attention_tiles(
+    seq_len: int,
+    pieces: int,
+    *,
+    block: int = TILE,
+    order: str = "balanced",
+    window: int | None = None,
+) -> np.ndarray:
+    """(C,) int: how many (query block, key block) tiles the blockwise kernel computes on
+    each device of a context group, causal attention of one sequence of ``seq_len`` tokens.
+
+    The rule of :func:`jtp.models.blockwise.blockwise_attention` (its ``_tile_mask``, which
+    ``lax.cond`` skips on): device c attends its T / C queries (positions
+    :func:`piece_positions` row c) to the T gathered keys (every piece, in mesh order), in
+    blocks of ``min(block, T / C)`` queries and ``min(block, T)`` keys, padded blocks holding
+    position 0 (padded keys never attend); a tile is computed when some query at q and key
+    at k of it attend: ``k <= q`` and, with a sliding ``window`` W, ``q - W < k``. The
+    backward visits the same tiles."""
+    q_tn = piece_positions(seq_len, pieces, order)  # (C, T/C)
+    k_s = q_tn.reshape(-1)  # (T,): the gathered keys, pieces in mesh order
+    bq, bk = min(block, q_tn.shape[1]), min(block, seq_len)
+    n, m = -(-q_tn.shape[1] // bq), -(-seq_len // bk)
+    q_cnq = np.pad(q_tn, [(0, 0), (0, n * bq - q_tn.shape[1])]).reshape(pieces, n, bq)
+    left = seq_len if window is None else window - 1  # keys q - left <= k <= q attend
+    tiles = np.zeros(pieces, dtype=np.int64)
+    for j in range(m):
+        keys = np.sort(k_s[j * bk : (j + 1) * bk])  # the valid keys of block j
+        # for each query, whether some key of the block lies in [q - left, q]
+        attends = np.searchsorted(keys, q_cnq, side="right") > np.searchsorted(
+            keys, q_cnq - left, side="left"
+        )
+        tiles += attends.any(axis=-1).sum(axis=-1)  # (C,): query blocks that compute tile j
+    return tiles
+
+
+def attention_work(
+    seq_len: int,
+    pieces: int,
+    *,
+    block: int = TILE,
+    order: str = "balanced",
+    window: int | None = None,
+    heads: int = 1,
+    head_dim: int = 1,
+) -> np.ndarray:
+    """(C,) float: forward attention FLOPs each device of a context group computes for one
+    sequence with the blockwise kernel: :func:`attention_tiles` times a tile's
+    ``4 * block_q * block_k * heads * head_dim`` (the scores and the weighted values; the
+    backward's five tile matmuls follow the same tiles). ``max / min`` over the devices is
+    the imbalance the balanced order removes: with ``order="plain"`` the last device
+    computes every tile below the diagonal, the first almost none."""
+    bq, bk = min(block, seq_len // pieces), min(block, seq_len)
+    tiles = attention_tiles(seq_len, pieces, block=block, order=order, window=window)
+    return tiles * 4.0 * bq * bk * heads * head_dim

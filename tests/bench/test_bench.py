@@ -419,3 +419,34 @@ def test_gpu_mfu_of_a_moe_model_counts_its_active_parameters():
         assert flops_per_token(c, 4096) == want
     mixtral = PRESETS["mixtral-8x7b"]
     assert 12.8e9 < mixtral.num_active_params() < 13.0e9 < 46e9 < mixtral.num_params()
+
+
+def test_context_benchmark_code_path_at_tiny_sizes(tmp_path):
+    """``bench context`` end to end on one block at 256 tokens, blockwise, C = 1 and 2 (its
+    figures: bench_results/context.json). The first step's loss is the same on both (one
+    sequence, cut in pieces: float32 sums in another order, 1e-5); each device of C = 2
+    moves over "context" exactly the K and V gathers (2 x (1, 256, 2, 32) float32), their
+    reduce-scatters, the (256,) int32 positions and the gradients' all-reduce (the
+    parameters' bytes + the loss's 4); the balanced tiles are equal; the search for the
+    longest sequence stops at its cap."""
+    import jax
+    from flax import nnx
+
+    from jtp.bench.context import model_config
+    from jtp.bench.docs import RENDERERS
+    from jtp.models.llama import Llama
+
+    out = tmp_path / "context.json"
+    args = "context --seq-len 256 --layers 1 --repeats 1 --sizes 1,2 --kernels blockwise"
+    args += " --budget-mib 64 --search-from 256 --max-seq-len 256 --json"
+    payload = bench_main([*args.split(), str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
+    one, two = payload["rows"]
+    assert abs(one["loss"] - two["loss"]) <= 1e-5 and one["context_mib"] == 0
+    model = nnx.eval_shape(lambda: Llama(model_config(1, 256, "xla"), rngs=nnx.Rngs(0)))
+    params = sum(v.size * 4 for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    kv = 256 * 2 * 32 * 4
+    assert two["context_mib"] * 2**20 == 4 * kv + 256 * 4 + params + 4
+    assert payload["balance"][1]["tiles_balanced"] == [1, 1]
+    assert [r["seq_len"] for r in payload["longest"]] == [256, 256]
+    assert "| blockwise | 2 |" in RENDERERS["context"](payload)
