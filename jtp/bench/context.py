@@ -7,9 +7,11 @@ The model: the tiny Llama's widths (dim 128, SwiGLU 384, vocabulary 512) with 4 
 XLA's one-device step takes ~40 s on two cores) in the balanced order
 (:func:`jtp.parallel.context.next_token_pieces`), float32, AdamW, the trainer's own step
 (``jtp.training.compile``), on forced CPU devices, a context-only mesh of
-C = 1, 2, 4, 8 devices (``--sizes``). Each attention kernel (``--kernels``: XLA's, which
+C = 1, 2, 4, 8 devices (``--sizes``). Each attention (``--kernels``: XLA's kernel, which
 masks a (T / C, T) score matrix per device, and the blockwise one, which skips the tiles no
-pair of which attends) gives a row per C:
+pair of which attends, both after an all-gather of the keys and values; "blockwise ring":
+the blockwise kernel on the ring strategy, blocks passed around the context group) gives a
+row per C:
 
 - peak memory per device (XLA's buffer analysis of the compiled step: arguments + outputs +
   temporaries - aliases), the bytes each device moves over "context" per step (from the
@@ -97,15 +99,19 @@ def context(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def model_config(layers: int, seq_len: int, attention: str):
+    """The bench's model; ``attention``: a kernel ("xla", "blockwise") with the all-gather
+    strategy, or ``"KERNEL ring"`` for the ring (:mod:`jtp.models.ring`)."""
     from jtp.models.llama import PRESETS
 
+    kernel, _, strategy = attention.partition(" ")
     return dataclasses.replace(
         PRESETS["tiny"],
         n_layers=layers,
         n_heads=HEADS,
         n_kv_heads=KV_HEADS,
         max_seq_len=seq_len,
-        attention=attention,
+        attention=kernel,
+        context_attention=strategy or "all-gather",
         scan_layers=False,
     )
 

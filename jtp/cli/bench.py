@@ -119,7 +119,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cx.add_argument("--layers", type=int, default=2, help="blocks")
     cx.add_argument("--repeats", type=int, default=3, help="timed steps per row; median counts")
     cx.add_argument("--sizes", default="1,2,4,8", help="context sizes C")
-    cx.add_argument("--kernels", default="xla,blockwise", help="attention kernels")
+    cx.add_argument(
+        "--kernels",
+        default="xla,blockwise,blockwise ring",
+        help='attention kernels ("KERNEL ring": on the ring strategy)',
+    )
     cx.add_argument("--budget-mib", type=int, default=512, help="memory per device, longest T")
     cx.add_argument("--search-from", type=int, default=1024, help="shortest T searched")
     cx.add_argument("--max-seq-len", type=int, default=131072, help="longest T searched")
