@@ -7,6 +7,7 @@ import dataclasses
 
 from jtp.errors import check_fields
 from jtp.models.attention import ATTENTION
+from jtp.parallel.context import STRATEGIES as CONTEXT_STRATEGIES
 from jtp.models.llama import PRESETS
 from jtp.models.lora import TARGETS
 from jtp.models.stack import REMAT_POLICIES, remat_name
@@ -85,6 +86,9 @@ class LlamaTaskConfig(TaskConfig):
       attention: the attention kernel: ``auto`` (cuDNN's fused attention on a GPU with
         bf16/fp16 inputs, XLA's elsewhere), ``xla``, ``cudnn`` (an error where it cannot
         run), or ``blockwise`` (jtp's flash-style attention in JAX: O(T) memory anywhere).
+      context_attention: how attention crosses the pieces of a context axis
+        (``--context-parallel``): ``all-gather`` of the keys and values, or ``ring``
+        (blocks passed around the context group; docs/context.md says which to take).
       lora_rank: > 0: LoRA fine-tuning: adapters of this rank on the ``lora_targets``
         linears, the base frozen (no gradients, no optimizer state); 0: train everything.
       lora_alpha: LoRA's alpha: the adapters add ``(lora_alpha / lora_rank) B A x``, as PEFT.
@@ -110,6 +114,9 @@ class LlamaTaskConfig(TaskConfig):
     scan_layers: bool = True
     hf: str | None = None
     attention: str = dataclasses.field(default="auto", metadata={"choices": ATTENTION})
+    context_attention: str = dataclasses.field(
+        default="all-gather", metadata={"choices": CONTEXT_STRATEGIES}
+    )
     lora_rank: int = dataclasses.field(default=0, metadata={"min": 0})
     lora_alpha: float = dataclasses.field(default=16.0, metadata={"above": 0})
     lora_targets: str = ",".join(TARGETS)

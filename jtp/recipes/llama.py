@@ -103,7 +103,12 @@ def model_shapes(config: LlamaTaskConfig) -> LlamaConfig:
     positions checked against ``seq_len``) or ``config.preset``'s, with the task's remat
     policy, attention kernel, layer scan, LoRA and mixture-of-experts options; the
     vocabulary of ``config.data`` for a preset, or checked against it for a checkpoint."""
-    run = {"remat": config.remat, "attention": config.attention, "scan_layers": config.scan_layers}
+    run = {
+        "remat": config.remat,
+        "attention": config.attention,
+        "context_attention": config.context_attention,
+        "scan_layers": config.scan_layers,
+    }
     if config.hf:  # positions used: seq_len (sliding windows)
         positions = max_positions_of(read_config(config.hf))
         where = f"max_position_embeddings in {config.hf}/config.json"

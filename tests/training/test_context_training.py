@@ -299,8 +299,9 @@ def test_the_loader_lays_out_pieces_and_check_replicas_catches_a_corrupted_one()
 
 
 def test_the_cli_trains_bf16_mixed_with_context_parallel(one_device, tmp_path):
-    """``python -m jtp.train --context-parallel 2 --precision bf16-mixed`` on data 2 x
-    context 2 x tensor 2, with the reference's data, remat and accumulation: the metrics
+    """``python -m jtp.train --context-parallel 2 --context-attention ring --precision
+    bf16-mixed`` on data 2 x context 2 x tensor 2, with the reference's data, remat and
+    accumulation (the Trainer test above takes the default all-gather): the metrics
     name the mesh, two steps train, every batch's replicas are checked (dict batches of
     pieces), and the first loss (taken before any update, so the CLI's AdamW does not
     enter it) is within 1e-3 relative of one device's float32 one.
@@ -318,11 +319,12 @@ def test_the_cli_trains_bf16_mixed_with_context_parallel(one_device, tmp_path):
         "2", "--tensor-parallel", "2", "--seq-len", str(T), "--batch-size", "4",
         "--samples", "16", "--remat", "--accumulate-grad-batches", "2",
         "--grad-reduce", "per_step", "--precision", "bf16-mixed", "--max-steps", "2",
-        "--check-replicas", "1", "--no-progress",
+        "--check-replicas", "1", "--no-progress", "--context-attention", "ring",
         "--default-root-dir", str(tmp_path / "runs"), "--metrics-json", str(out),
     ]  # fmt: skip
     metrics = main(argv)
     assert metrics["mesh"] == {"data": 2, "context": 2, "tensor": 2}
+    assert metrics["config"]["context_attention"] == "ring"
     assert metrics["config"]["context_parallel"] == 2
     assert metrics["steps"] == 2 and all(np.isfinite(metrics["losses"]))
     want = one_device.losses[0]

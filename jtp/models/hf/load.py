@@ -278,18 +278,21 @@ def config_of(
     max_seq_len: int | None = None,
     remat: str | bool = "none",
     attention: str = "auto",
+    context_attention: str = "all-gather",
     scan_layers: bool = True,
     lora_rank: int = 0,
     lora_alpha: float = 16.0,
     lora_targets: str | tuple[str, ...] = tuple(TARGETS),
 ) -> LlamaConfig:
     """The :class:`LlamaConfig` of an HF directory (or config.json), run with ``remat``, the
-    ``attention`` kernel, ``scan_layers`` and LoRA adapters of ``lora_rank`` (0: none):
-    shapes for planning, the config :func:`load_pretrained` builds."""
+    ``attention`` kernel (and ``context_attention``, the strategy across a context axis),
+    ``scan_layers`` and LoRA adapters of ``lora_rank`` (0: none): shapes for planning, the
+    config :func:`load_pretrained` builds."""
     config = llama_config(read_config(path), max_seq_len=max_seq_len, remat=remat)
     return dataclasses.replace(
         config,
         attention=attention,
+        context_attention=context_attention,
         scan_layers=scan_layers,
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
