@@ -7,10 +7,10 @@ import dataclasses
 
 from jtp.errors import check_fields
 from jtp.models.attention import ATTENTION
-from jtp.parallel.context import STRATEGIES as CONTEXT_STRATEGIES
 from jtp.models.llama import PRESETS
 from jtp.models.lora import TARGETS
 from jtp.models.stack import REMAT_POLICIES, remat_name
+from jtp.parallel.context import STRATEGIES as CONTEXT_STRATEGIES
 from jtp.training.optimizers import LR_SCHEDULES
 
 PLANS = ("ready", "auto")
