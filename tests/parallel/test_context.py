@@ -52,10 +52,19 @@ class NextToken(TrainModule):
 
 
 @functools.cache
-def compiled_step(attention: str, pieces: int, seq_len: int = T, scan: bool = False):
+def compiled_step(
+    attention: str, pieces: int, seq_len: int = T, scan: bool = False, strategy="all-gather"
+):
     """(compiled train step, mesh) of :data:`CONFIG` with ``attention`` on one device
-    (``pieces`` 1) or on a mesh of ``pieces`` devices, all on "context"."""
-    config = dataclasses.replace(CONFIG, attention=attention, scan_layers=scan, max_seq_len=seq_len)
+    (``pieces`` 1) or on a mesh of ``pieces`` devices, all on "context"; ``strategy``: the
+    context attention."""
+    config = dataclasses.replace(
+        CONFIG,
+        attention=attention,
+        scan_layers=scan,
+        max_seq_len=seq_len,
+        context_attention=strategy,
+    )
     if pieces == 1:
         strategy = jtp.ModelParallelStrategy(1, 1, devices=jax.devices()[:1])
     else:
@@ -217,3 +226,33 @@ def test_collectives_over_context_are_the_kv_gathers_and_the_gradient_sums(scan)
     sums = [r for r in records if r.kind == "all-reduce" and r.shapes != (kv_shape,)]
     assert sum(r.bytes for r in sums) == param_bytes(config) + 4
     assert len(gathers) + len(back) + len(sums) == len(records)
+
+
+def test_the_ring_passes_blocks_and_gathers_nothing():
+    """The ring strategy on context 8 (scanned layers, T = 64): over "context" only
+    collective-permutes (each device's block to the next) and the gradient all-reduces; no
+    all-gather, no all-to-all. Each op inside a loop counts once per trip. Per layer:
+
+    - forward: C - 1 passes of K and V, (1, T/C, K, E) float32 blocks;
+    - backward: C - 1 passes of K, V and the travelling dK, dV, then one of dK, dV home:
+      so 6 (C - 1) + 2 block passes per layer in all;
+    - the (T/C,) int32 positions travel with the blocks: C - 1 passes per layer in the
+      backward, and C - 1 in the forward once for all layers (the same in every layer:
+      XLA hoists them out of the layers' loop)."""
+    seq_len, pieces = 64, 8
+    compiled, mesh = compiled_step("blockwise", pieces, seq_len, True, "ring")
+    records = collectives(compiled, mesh)
+    assert {r.axes for r in records} == {("context",)}
+    permutes = [r for r in records if r.kind == "collective-permute"]
+    sums = [r for r in records if r.kind == "all-reduce"]
+    assert len(permutes) + len(sums) == len(records), records
+    block = seq_len // pieces * CONFIG.n_kv_heads * CONFIG.head_dim * 4  # (1, T/C, K, E) f32
+    blocks = [r for r in permutes if r.dtype == "f32"]
+    positions = [r for r in permutes if r.dtype == "s32"]
+    assert {r.op_bytes for r in blocks} == {block}
+    assert {r.op_bytes for r in positions} == {seq_len // pieces * 4}
+    layers = CONFIG.n_layers
+    assert sum(r.trips for r in blocks) == layers * (6 * (pieces - 1) + 2)
+    assert sum(r.trips for r in positions) == (layers + 1) * (pieces - 1)
+    config = dataclasses.replace(CONFIG, scan_layers=True, max_seq_len=seq_len)
+    assert sum(r.bytes for r in sums) == param_bytes(config) + 4
