@@ -221,6 +221,14 @@ class ModelParallelStrategy:
         self.fsdp = fsdp
         self.devices = list(devices) if devices is not None else None
 
+    def _extra_axes(self) -> list[tuple[str, int]]:
+        """``(argument, size)`` of the expert and context axes this strategy has (> 1)."""
+        sizes = (
+            ("expert_parallel_size", self.expert_parallel_size),
+            ("context_parallel_size", self.context_parallel_size),
+        )
+        return [(name, size) for name, size in sizes if size > 1]
+
     def _sizes(self) -> tuple[int, int]:
         """(data, tensor) sizes, ``-1`` where make_mesh fills in the rest."""
         n = len(self.devices) if self.devices is not None else jax.device_count()
@@ -234,14 +242,7 @@ class ModelParallelStrategy:
         if tensor == "auto":
             return data, -1
         if data * x * tensor != n:
-            shown = "".join(
-                f" x {name}={size}"
-                for name, size in (
-                    ("expert_parallel_size", self.expert_parallel_size),
-                    ("context_parallel_size", self.context_parallel_size),
-                )
-                if size > 1
-            )
+            shown = "".join(f" x {name}={size}" for name, size in self._extra_axes())
             raise InputError(
                 f"ModelParallelStrategy: data_parallel_size={data}{shown} x "
                 f"tensor_parallel_size={tensor} = {data * x * tensor}, but there are {n} "
@@ -264,14 +265,7 @@ class ModelParallelStrategy:
 
     def __repr__(self) -> str:
         shape = mesh_shape(self.mesh) if "mesh" in self.__dict__ else None
-        expert = "".join(
-            f", {name}={size}"
-            for name, size in (
-                ("expert_parallel_size", self.expert_parallel_size),
-                ("context_parallel_size", self.context_parallel_size),
-            )
-            if size > 1
-        )
+        expert = "".join(f", {name}={size}" for name, size in self._extra_axes())
         return (
             f"ModelParallelStrategy(data_parallel_size={self.data_parallel_size!r}, "
             f"tensor_parallel_size={self.tensor_parallel_size!r}{expert}, fsdp={self.fsdp}, "

@@ -14,6 +14,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import jtp
+from jtp.parallel.context import balanced_order
 from jtp.parallel.names import path_str
 from jtp.parallel.stacked import stacked_name
 
@@ -325,3 +326,22 @@ def unrolled_copy(model: jtp.models.Llama) -> jtp.models.Llama:
         updates.append((p, var.replace(value)))
     nnx.update(out, nnx.from_flat_state(updates))
     return out
+
+
+def pieces_logits(model, mesh, tokens_bt, sp=False):
+    """The logits of ``tokens_bt`` (B, T) computed in the balanced order of ``mesh``'s
+    context size, returned in order, and the sharding they left the forward with."""
+    order_t = balanced_order(tokens_bt.shape[1], jtp.mesh.context_size(mesh))
+    positions_bt = np.broadcast_to(order_t, tokens_bt.shape).astype(np.int32)
+    batch = jtp.shard_batch({"tokens": tokens_bt[:, order_t], "positions": positions_bt}, mesh)
+    plan = jtp.plans.llama(model.config, sequence_parallel=sp, mesh=mesh)
+    graphdef, state = nnx.split(model)
+
+    def forward(state, batch):
+        return nnx.merge(graphdef, state)(batch["tokens"], positions_bt=batch["positions"])
+
+    with jtp.activation_rules(mesh, plan.activations):
+        out_btv = jax.jit(forward)(state, batch)
+    logits_btv = np.empty(out_btv.shape, np.float32)
+    logits_btv[:, order_t] = np.asarray(out_btv)  # piece order -> sequence order
+    return logits_btv, out_btv.sharding

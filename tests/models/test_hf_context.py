@@ -34,10 +34,10 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import pieces_logits
 from test_hf import T, errors, fixture, reference
 
 import jtp
-from jtp.parallel.context import balanced_order
 
 # id -> (fixture, mesh sizes, fsdp, sequence parallel, attention kernel). Each case loads
 # its fixture onto its own mesh: a load takes 0.1-0.2 s (the compile, ~2 s, is the cost),
@@ -62,25 +62,6 @@ CASES = {
 def context_mesh(sizes):
     n = int(np.prod(list(sizes.values())))
     return jtp.make_mesh(**sizes, devices=jax.devices()[:n])
-
-
-def pieces_logits(model, mesh, tokens_bt, sp=False):
-    """The logits of ``tokens_bt`` (B, T) computed in the balanced order of ``mesh``'s
-    context size, returned in order, and the sharding they left the forward with."""
-    order_t = balanced_order(tokens_bt.shape[1], jtp.mesh.context_size(mesh))
-    positions_bt = np.broadcast_to(order_t, tokens_bt.shape).astype(np.int32)
-    batch = jtp.shard_batch({"tokens": tokens_bt[:, order_t], "positions": positions_bt}, mesh)
-    plan = jtp.plans.llama(model.config, sequence_parallel=sp, mesh=mesh)
-    graphdef, state = nnx.split(model)
-
-    def forward(state, batch):
-        return nnx.merge(graphdef, state)(batch["tokens"], positions_bt=batch["positions"])
-
-    with jtp.activation_rules(mesh, plan.activations):
-        out_btv = jax.jit(forward)(state, batch)
-    logits_btv = np.empty(out_btv.shape, np.float32)
-    logits_btv[:, order_t] = np.asarray(out_btv)  # piece order -> sequence order
-    return logits_btv, out_btv.sharding
 
 
 @pytest.mark.parametrize("case", list(CASES))

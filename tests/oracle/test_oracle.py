@@ -45,13 +45,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import pieces_logits
 
 import jtp
 from jtp.models.decoder import cross_entropy
 from jtp.models.hf.config import ARCHITECTURES
 from jtp.models.lora import adapted
 from jtp.models.moe import load_balancing_loss
-from jtp.parallel.context import balanced_order
 
 WORKER = os.path.join(os.path.dirname(__file__), "oracle_worker.py")
 TOKENS = np.random.default_rng(0).integers(0, 128, (2, 16)).astype(np.int32)
@@ -231,21 +231,7 @@ def jtp_logits_in_pieces(source):
     """jtp's logits of ``source`` loaded onto :data:`CONTEXT_MESH`, the tokens in the
     balanced order of its context size with their positions, put back in order."""
     mesh = jtp.make_mesh(**CONTEXT_MESH, devices=jax.devices()[:8])
-    model = jtp.hf.load_pretrained(source, mesh)
-    order_t = balanced_order(TOKENS.shape[1], jtp.mesh.context_size(mesh))
-    positions_bt = np.broadcast_to(order_t, TOKENS.shape).astype(np.int32)
-    batch = jtp.shard_batch({"tokens": TOKENS[:, order_t], "positions": positions_bt}, mesh)
-    plan = jtp.plans.llama(model.config, mesh=mesh)
-    graphdef, state = nnx.split(model)
-
-    def forward(state, batch):
-        return nnx.merge(graphdef, state)(batch["tokens"], positions_bt=batch["positions"])
-
-    with jtp.activation_rules(mesh, plan.activations):
-        out_btv = jax.jit(forward)(state, batch)
-    logits_btv = np.empty(out_btv.shape, np.float32)
-    logits_btv[:, order_t] = np.asarray(out_btv)  # piece order -> sequence order
-    return logits_btv
+    return pieces_logits(jtp.hf.load_pretrained(source, mesh), mesh, TOKENS)[0]
 
 
 def jtp_loss(model, mesh):
