@@ -134,7 +134,19 @@ def _scores(static, q_bqkre, k_bcke, mask_qc):
 def _forward(static, q_nbqkre, k_mbcke, v_mbcke, positions, out_dtype=None):
     """Output (N, B, Q, K, R, E) (in ``out_dtype``, None: the queries') and log-sum-exp
     (N, B, K, R, Q) float32, by query block."""
-    m_blocks = k_mbcke.shape[0]
+    n, m_blocks = q_nbqkre.shape[0], k_mbcke.shape[0]
+    # One barrier over every input, the block indices included, so that each tile depends on
+    # the queries. Differentiated inside an outer scan (scanned layers), JAX linearizes the
+    # scan and then hoists out of it whatever depends only on its loop-invariant operands
+    # (``_scan_known_hoisting`` in jax/_src/lax/control_flow/loops.py): the masks depend on
+    # the indices alone (and on k, v, positions when those are loop-invariant), so each
+    # tile's mask, broadcast to (B, K, R, Q, C), would be computed ahead for all N x M
+    # tiles, O(T^2) memory. A barrier's outputs are unknown to that partial evaluation as
+    # soon as one input is, so nothing inside is hoisted. It changes no value.
+    block_ids = (jnp.arange(n), jnp.arange(m_blocks))
+    q_nbqkre, k_mbcke, v_mbcke, positions, (i_n, j_m) = jax.lax.optimization_barrier(
+        (q_nbqkre, k_mbcke, v_mbcke, positions, block_ids)
+    )
     q_pos_nq, k_pos_mc = (None, None) if positions is None else positions
 
     def query_block(_, xs):
@@ -166,14 +178,13 @@ def _forward(static, q_nbqkre, k_mbcke, v_mbcke, positions, out_dtype=None):
 
             return jax.lax.cond(any_, update, lambda c: c, carry), None
 
-        ys = (jnp.arange(m_blocks), k_mbcke, v_mbcke, k_pos_mc)
+        ys = (j_m, k_mbcke, v_mbcke, k_pos_mc)
         (m, total, acc), _ = jax.lax.scan(key_block, init, ys)
         total = jnp.where(total == 0.0, 1.0, total)  # a row with no key to attend: output 0
         out_bkrqe = (acc / total[..., None]).astype(out_dtype or q_bqkre.dtype)
         return None, (jnp.einsum("bkrqe->bqkre", out_bkrqe), m + jnp.log(total))
 
-    n = q_nbqkre.shape[0]
-    _, (out, lse) = jax.lax.scan(query_block, None, (jnp.arange(n), q_nbqkre, q_pos_nq))
+    _, (out, lse) = jax.lax.scan(query_block, None, (i_n, q_nbqkre, q_pos_nq))
     return out, lse
 
 

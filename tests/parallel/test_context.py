@@ -32,9 +32,7 @@ T = 2048  # the issue's sequence: a 2048-token step on context 8
 # 32 (2 kv heads) instead of 16 of 8: the blockwise kernel's tiles hold (heads, Q, 512)
 # scores whatever the head dim, and with 16 heads its four live tiles (32 MiB per device on
 # context 8) outweigh the activations a device holds there (measured: 112.5 -> 48.5 MiB,
-# 0.43). Layers unrolled: differentiated inside a scan, the blockwise kernel currently
-# keeps its forward's tiles (two scanned calls at T = 1024, 16 heads: 317 MiB of
-# temporaries, unrolled 70), an O(T^2) that would flatter the one-device figure.
+# 0.43). Layers unrolled: the figures of the memory test below are the unrolled program's.
 CONFIG = dataclasses.replace(
     PRESETS["tiny"], n_heads=4, n_kv_heads=2, max_seq_len=T, scan_layers=False
 )
