@@ -3,7 +3,7 @@ memory per device, step time, the attention work each device does, and the longe
 a memory budget trains.
 
 The model: the tiny Llama's widths (dim 128, SwiGLU 384, vocabulary 512) with 4 heads of 32
-(2 kv heads), ``--layers`` blocks unrolled; batch 1 x ``--seq-len`` tokens (4096: at 8192
+(2 kv heads), ``--layers`` blocks scanned (as jtp runs them by default); batch 1 x ``--seq-len`` tokens (4096: at 8192
 XLA's one-device step takes ~40 s on two cores) in the balanced order
 (:func:`jtp.parallel.context.next_token_pieces`), float32, AdamW, the trainer's own step
 (``jtp.training.compile``), on forced CPU devices, a context-only mesh of
@@ -23,9 +23,7 @@ row per C:
 - the longest sequence (a power of two from ``--search-from`` up to ``--max-seq-len``) whose
   step fits ``--budget-mib`` per device, compiled on shapes only (nothing runs).
 
-Layers are unrolled: in a scanned body the blockwise kernel's forward currently keeps every
-tile for the backward (O(T^2) memory, jax's differentiation of the scan), which would hide
-what the kernel does. On CPU the C devices of a mesh share the machine's cores, so the step
+On CPU the C devices of a mesh share the machine's cores, so the step
 time measures the total work (and its balance only indirectly), not what C GPUs would take.
 """
 
@@ -112,7 +110,6 @@ def model_config(layers: int, seq_len: int, attention: str):
         max_seq_len=seq_len,
         attention=kernel,
         context_attention=strategy or "all-gather",
-        scan_layers=False,
     )
 
 
