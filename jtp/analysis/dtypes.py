@@ -81,8 +81,10 @@ def dots(jaxpr: Any, trips: float = 1.0) -> list[Dot]:
     """Every ``dot_general``, grouped matmul (``ragged_dot_general``) and convolution of
     ``jaxpr`` (a ``ClosedJaxpr`` or ``Jaxpr``, e.g. ``jax.make_jaxpr(step)(...)`` or
     ``jitted.trace(...).jaxpr``), nested ones included; a dot inside a ``scan`` counts once
-    per trip. A grouped matmul counts the work of its groups, not the dense product the CPU
-    backend lowers it to (each row times all G groups' weights, masked)."""
+    per trip, one inside a ``shard_map`` once per device of its manual axes (its shapes are
+    a shard's), so the FLOPs are always the global program's. A grouped matmul counts the
+    work of its groups, not the dense product the CPU backend lowers it to (each row times
+    all G groups' weights, masked)."""
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
     found: list[Dot] = []
     for eqn in jaxpr.eqns:
@@ -101,6 +103,11 @@ def dots(jaxpr: Any, trips: float = 1.0) -> list[Dot]:
             found.append(Dot((str(lhs.dtype), str(rhs.dtype)), flops, _where(eqn)))
             continue
         inner = trips * eqn.params.get("length", 1) if eqn.primitive.name == "scan" else trips
+        if eqn.primitive.name == "shard_map":  # the body runs on every device of its manual
+            # axes, on its shard: the global program does that many times its local shapes
+            mesh = eqn.params["mesh"]
+            manual = eqn.params.get("newly_manual_axes", mesh.axis_names)
+            inner *= math.prod(mesh.shape[a] for a in manual)
         for value in eqn.params.values():
             for sub in _sub_jaxprs(value):
                 found += dots(sub, inner)
