@@ -21,42 +21,50 @@ blockwise kernel with the same O(T) memory (:func:`compiled_attention`).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from jtp.analysis.collectives import axes_key, collectives
+from jtp.analysis.collectives import collectives
 from jtp.analysis.dtypes import dot_flops_by_dtype
 from jtp.analysis.memory import KEEP_BF16, peak_memory_per_device
 from jtp.capacity.roofline import ring_factor
+from jtp.mesh import CONTEXT, DATA, EXPERT, TENSOR, ModelParallelStrategy
 from jtp.models.attention import choose_attention
 from jtp.models.hf import config_of
-from jtp.recipes import LlamaTaskConfig
-from jtp.recipes.llama import preset_config, trace_llama_step
+from jtp.models.plans import replicate_kv
+from jtp.recipes import LlamaTask, LlamaTaskConfig
+from jtp.recipes.llama import model_shapes, preset_config, trace_llama_step
+from jtp.training.compile import trace_abstract_step
 from jtp.training.precision import policy
 
-# axes_key -> the planner's names; a collective over no axis (1-device groups) is free.
-AXES_KEYS = {"tensor": "tensor", "data": "data", "data+tensor": "both", "-": "tensor"}
-# With an "expert" axis: the MoE layers' all-to-alls over it are "expert" (charged at the
-# bandwidth its group spans: :func:`jtp.capacity.roofline.estimate`); any other collective
-# over it is data-like ("expert" splits the batch as "data" does outside the MoE layers:
-# gradient reductions, fsdp's gathers), so it joins "data" or "both".
-EXPERT_KEYS = {
-    "expert": "data",
-    "data+expert": "data",
-    "expert+tensor": "both",
-    "data+expert+tensor": "both",
-}
-BUCKETS = ("tensor", "data", "both", "expert")
+BUCKETS = ("tensor", "data", "both", "expert", "context")
+# The axes that split the tokens: the weights' gradients are summed over them.
+BATCH_AXES = frozenset({DATA, EXPERT, CONTEXT})
 
 
 def bucket(record: Any) -> str:
-    """The planner's name for a collective's traffic: ``"expert"`` (an all-to-all over axes
-    holding "expert"), else ``"tensor"``, ``"data"`` or ``"both"`` by its axes."""
-    key = axes_key(record)
-    if "expert" in (record.axes or ()) and record.kind == "all-to-all":
+    """The planner's name for a collective's traffic, by its mesh axes and kind:
+
+    - ``"expert"``: an all-to-all over axes holding "expert" (a MoE layer's token exchange,
+      charged at the link its expert x tensor group spans);
+    - ``"context"``: anything but an all-reduce over "context" (with or without "tensor")
+      and no batch axis: the K/V all-gathers of context parallelism and their gradients'
+      reduce-scatters (charged at the link a context x tensor group spans);
+    - else ``"tensor"`` (over "tensor" alone, or no axis: a 1-device group, free),
+      ``"data"`` (over axes that split the tokens: "data", "expert", "context", the
+      gradient sums and fsdp's gathers) or ``"both"`` (those and "tensor")."""
+    axes = set(record.axes or ())
+    if EXPERT in axes and record.kind == "all-to-all":
         return "expert"
-    return AXES_KEYS.get(key) or EXPERT_KEYS[key]
+    if CONTEXT in axes and record.kind != "all-reduce" and axes <= {CONTEXT, TENSOR}:
+        return "context"
+    if not axes & BATCH_AXES:
+        return "tensor"
+    return "both" if TENSOR in axes else "data"
 
 
 def compiled_attention(
@@ -107,6 +115,7 @@ def measure(
     """
     platform = devices[0].platform
     expert = getattr(layout, "expert", 1)
+    context = getattr(layout, "context", 1)
     model = config_of(hf, max_seq_len=seq) if hf else preset_config(preset)
     task_config = LlamaTaskConfig(
         preset=preset,
@@ -121,15 +130,20 @@ def measure(
             attention, precision, model.head_dim, platform, model.attn_softcap
         ),
     )
-    traced, mesh = trace_llama_step(
-        task_config,
-        (layout.data, layout.tensor),
-        devices,
-        precision=precision,
-        n_layers=n_layers,
-        accumulate=accumulate,
-        expert=expert,
-    )
+    if context == 1:
+        traced, mesh = trace_llama_step(
+            task_config,
+            (layout.data, layout.tensor),
+            devices,
+            precision=precision,
+            n_layers=n_layers,
+            accumulate=accumulate,
+            expert=expert,
+        )
+    else:
+        traced, mesh = trace_context_step(
+            task_config, layout, devices, precision, n_layers, accumulate
+        )
     compiled = traced.lower().compile(KEEP_BF16 if platform == "cpu" else None)
     records = collectives(compiled, mesh)
     by_axis = dict.fromkeys(BUCKETS, 0.0)
@@ -148,6 +162,45 @@ def measure(
         **{f"bytes_{k}": v for k, v in by_axis.items()},
         **{f"wire_{k}": v for k, v in wire.items()},
     }
+
+
+def trace_context_step(
+    config: LlamaTaskConfig,
+    layout: Any,
+    devices: list,
+    precision: str,
+    n_layers: int,
+    accumulate: int,
+) -> tuple[Any, Any]:
+    """The traced Llama train step on a mesh with a "context" axis, as the trainer runs
+    it there: ``trace_llama_step``'s task, model and plan, the strategy with
+    ``context_parallel_size``, and a batch of :func:`jtp.parallel.context.next_token_pieces`
+    (``inputs``, ``labels``, ``positions``: each (B, T) int32, T split over "context").
+    Attention then gathers K and V over the axis and attends by position
+    (:func:`jtp.parallel.context.attend_pieces`): the blockwise kernel on CPU is what a GPU
+    runs under context parallelism too (cuDNN's fused kernel cannot attend by position).
+    And that mesh."""
+    shapes = dataclasses.replace(model_shapes(config), n_layers=n_layers)
+    task = LlamaTask(config, model_config=shapes)
+    strategy = ModelParallelStrategy(
+        layout.data,
+        layout.tensor,
+        fsdp=config.fsdp,
+        expert_parallel_size=getattr(layout, "expert", 1),
+        context_parallel_size=layout.context,
+        devices=devices[: layout.devices],
+    )
+    pieces = jax.ShapeDtypeStruct((config.batch_size, config.seq_len), jnp.int32)
+    traced = trace_abstract_step(
+        task,
+        strategy,
+        {"inputs": pieces, "labels": pieces, "positions": pieces},
+        factory=task.model_factory(strategy.mesh),  # resolved for this mesh: plan below follows
+        plan=task.plan,
+        precision=precision,
+        accumulate_grad_batches=accumulate,
+    )
+    return traced, strategy.mesh
 
 
 def analytic_floor(model: Any, n_devices: int, layout: Any, precision: str) -> float:
@@ -177,3 +230,23 @@ def expert_floor(model: Any, n_devices: int, layout: Any, precision: str) -> flo
     expert = getattr(layout, "expert", 1)
     shards = n_devices if layout.fsdp else layout.tensor * expert
     return model.num_expert_params() / shards * per_param
+
+
+def kv_exchange_bytes(model: Any, config: Any, seq: int, micro_batch: int, precision: str) -> float:
+    """Bytes a device sends per micro-step for context parallelism's K/V exchange, by hand
+    (ring all-gather and reduce-scatter, the planner's convention:
+    :func:`jtp.capacity.roofline.ring_factor`). Per layer the forward all-gathers K and V
+    over "context" and the backward reduce-scatters their gradients, each way
+    ``2 x (C - 1) / C x B x T x K x E`` elements of the compute dtype: B the rows of a data
+    rank, T the whole sequence, K the kv heads a device holds (its tensor rank's share; kv
+    heads are replicated where tensor is wider, :func:`jtp.plans.replicate_kv`), E the
+    head dim. A remat policy repeats the forward's gathers in the backward (the block's
+    forward is recomputed from its input). 0 without a context axis."""
+    c = getattr(config, "context", 1)
+    if c == 1:
+        return 0.0
+    kv_local = replicate_kv(model, config.tensor).cached_kv_heads // config.tensor
+    dtype = policy(precision).compute_dtype
+    size = micro_batch * seq * kv_local * model.head_dim * np.dtype(dtype).itemsize
+    gathers = 2 if config.remat != "none" else 1  # forward (and its recomputation)
+    return model.n_layers * 2 * (gathers + 1) * (c - 1) / c * size

@@ -17,6 +17,18 @@ them): experts split on E over it, tokens exchanged by all-to-alls, whose bytes 
 carries (``expert_bytes_per_step``) and the roofline charges at the link the group spans;
 the table says whether the axis pays (:func:`jtp.capacity.report.format_table`).
 
+A long sequence gets layouts with a "context" mesh axis (context parallelism,
+:mod:`jtp.parallel.context`): each sequence split into C pieces, one per device of a context
+group, so every per-token activation per device is C times smaller, at the price of
+all-gathering each layer's keys and values over the group (and reduce-scattering their
+gradients). :func:`layouts` proposes every power of two C dividing the devices with T
+divisible by 2C (the balanced order cuts T into 2C chunks) and pieces of at least
+:data:`CONTEXT_MIN_PIECE` tokens; ``Request.context`` names the sizes instead. Each row then
+carries ``context_bytes_per_step`` (the compiled step's exchanges over "context") and
+``kv_exchange_bytes_per_step`` (the K/V gathers and gradient scatters by hand,
+:func:`jtp.capacity.measure.kv_exchange_bytes`), charged at the link a context x tensor
+group spans.
+
 It needs one jax device per device of the cluster (forced CPU devices stand in for GPUs:
 ``JAX_NUM_CPU_DEVICES=64`` before jax starts; the program does that itself).
 """
@@ -30,7 +42,13 @@ from typing import Any
 
 import jax
 
-from jtp.capacity.measure import analytic_floor, compiled_attention, expert_floor, measure
+from jtp.capacity.measure import (
+    analytic_floor,
+    compiled_attention,
+    expert_floor,
+    kv_exchange_bytes,
+    measure,
+)
 from jtp.capacity.report import format_table
 from jtp.capacity.roofline import Hardware, estimate
 from jtp.errors import InputError
@@ -50,21 +68,54 @@ class Layout:
     sequence_parallel: bool
     remat: str  # a policy of jtp.models.stack ("none", "full", ...); True / False: full / none
     expert: int = 1  # the "expert" mesh axis (a MoE's experts split over it); 1: none
+    context: int = 1  # the "context" mesh axis (each sequence split into pieces); 1: none
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "remat", remat_name(self.remat))
 
+    @property
+    def devices(self) -> int:
+        return self.data * self.expert * self.context * self.tensor
+
     def label(self) -> str:
+        """``"DxT options"``; with an expert or context axis its size in mesh order
+        (``"DxExT"``, ``"DxCxT"``, ``"DxExCxT"``); the table's header names the axes."""
         flags = [f for f in ("fsdp", "sequence_parallel") if getattr(self, f)]
         flags += [] if self.remat == "none" else [f"remat={self.remat}".replace("=full", "")]
-        axes = (
-            (self.data, self.tensor) if self.expert == 1 else (self.data, self.expert, self.tensor)
-        )
+        axes = (self.data, *(n for n in (self.expert, self.context) if n > 1), self.tensor)
         return (
             "x".join(map(str, axes))
             + " "
             + (",".join(f.replace("sequence_parallel", "sp") for f in flags) or "-")
         )
+
+
+# The shortest piece of a sequence the search gives a device by itself: below it the step
+# fits without a context axis (the default tables train 8,192 tokens whole per tensor
+# group) and the K/V gathers only add traffic. --context tries any size.
+CONTEXT_MIN_PIECE = 8192
+
+
+def context_sizes(n_devices: int, seq: int, min_piece: int = CONTEXT_MIN_PIECE) -> list[int]:
+    """The context sizes the search proposes for ``seq`` tokens on ``n_devices``: 1 and
+    every power of two C dividing the devices with ``seq`` divisible by 2C (the balanced
+    order's chunks, :func:`jtp.parallel.context.balanced_order`) and pieces ``seq / C`` of
+    at least ``min_piece`` tokens."""
+    out, c = [1], 2
+    while c <= n_devices and n_devices % c == 0 and seq % (2 * c) == 0 and seq // c >= min_piece:
+        out.append(c)
+        c *= 2
+    return out
+
+
+def context_problem(c: int, seq: int) -> str | None:
+    """Why a context size cannot split ``seq`` tokens (None when it can)."""
+    if c > 1 and seq % (2 * c):
+        return (
+            f"sequence length {seq} is not divisible by 2 x context = {2 * c} (the balanced "
+            "order cuts each sequence into two chunks per device)"
+        )
+    return None
 
 
 def layouts(
@@ -76,6 +127,7 @@ def layouts(
     seq: int,
     remat: tuple[str, ...] = REMAT_POLICIES,
     n_experts: int = 0,
+    contexts: tuple[int, ...] = (1,),
 ) -> list[Layout]:
     """Valid splits: tensor divides the query heads and divides the kv heads or is a
     multiple of them (each kv head then replicated, :func:`jtp.plans.replicate_kv`: the
@@ -85,7 +137,13 @@ def layouts(
     A mixture of experts (``n_experts`` > 0) also gets every "expert" axis size X > 1 that
     divides ``n_experts`` with X x tensor inside one host (its all-to-alls want the fast
     links); data is the rest, and the batch is split data x X ways. A dense model gets
-    none: its layouts are those of before."""
+    none: its layouts are those of before.
+
+    Each context size C in ``contexts`` (:func:`context_sizes`) that divides what tensor
+    and expert leave, with ``seq`` divisible by 2C, gives layouts with a "context" axis:
+    data is then devices / (X x C x tensor) (rows are not split over "context"), and
+    sequence parallelism needs ``seq`` divisible by C x tensor. A context group may cross
+    hosts (its K/V gathers are charged at the link it spans)."""
     out = []
     for t in range(1, min(per_host, n_devices) + 1):
         if n_devices % t or n_heads % t or (n_kv % t and t % n_kv):
@@ -94,14 +152,17 @@ def layouts(
         for x in experts:
             if x * t > per_host or n_devices % (x * t):
                 continue
-            d = n_devices // (x * t)
-            if batch % (d * x):
-                continue
-            ranks = d * x  # fsdp shards over the batch axes: over 1 device it is a no-op
-            for fsdp in (False, True) if ranks > 1 else (False,):
-                for sp in (False, True) if t > 1 and seq % t == 0 else (False,):
-                    for policy in remat:
-                        out.append(Layout(d, t, fsdp, sp, policy, expert=x))
+            for c in contexts:
+                if n_devices % (x * c * t) or context_problem(c, seq):
+                    continue
+                d = n_devices // (x * c * t)
+                if batch % (d * x):
+                    continue
+                ranks = d * x  # fsdp shards over the batch axes: over 1 device it is a no-op
+                for fsdp in (False, True) if ranks > 1 else (False,):
+                    for sp in (False, True) if t > 1 and seq % (c * t) == 0 else (False,):
+                        for policy in remat:
+                            out.append(Layout(d, t, fsdp, sp, policy, expert=x, context=c))
     return out
 
 
@@ -124,6 +185,8 @@ class Request:
       remat: the remat policies to try.
       expert: only these "expert" axis sizes (1: none); None: every valid one (a MoE
         model's; a dense model has only 1).
+      context: only these "context" axis sizes (1: none); None: those
+        :func:`context_sizes` proposes for ``seq_len`` (1 alone below 16,384 tokens).
     """
 
     model: str = "llama3-8b"
@@ -138,6 +201,7 @@ class Request:
     tensor: tuple[int, ...] | None = None
     remat: tuple[str, ...] = REMAT_POLICIES
     expert: tuple[int, ...] | None = None
+    context: tuple[int, ...] | None = None
 
     def model_config(self) -> LlamaConfig:
         """The model's shapes: ``hf``'s config.json, else the preset's."""
@@ -199,6 +263,12 @@ def moe_summary(model: LlamaConfig) -> dict[str, Any] | None:
 def _chosen(request: Request, model: LlamaConfig) -> list[Layout]:
     """The layouts to size; ``request.tensor`` matching none is an error that says why."""
     r = request
+    for c in r.context or ():
+        problem = context_problem(c, r.seq_len) or (
+            f"it does not divide --devices {r.devices}" if r.devices % c else None
+        )
+        if problem:  # say why, not "no configuration fits"
+            raise InputError(f"--context {c}: {problem}")
     found = layouts(
         r.devices,
         r.devices_per_host,
@@ -208,6 +278,7 @@ def _chosen(request: Request, model: LlamaConfig) -> list[Layout]:
         r.seq_len,
         tuple(remat_name(p) for p in r.remat),
         model.n_experts or 0,
+        tuple(r.context) if r.context else tuple(context_sizes(r.devices, r.seq_len)),
     )
     if r.expert:
         found = [c for c in found if c.expert in r.expert]
@@ -271,6 +342,7 @@ def search(
             attention=r.attention,
         )
         est = estimate(m, layout, hw, r.devices_per_host)
+        kv = kv_exchange_bytes(model, layout, r.seq_len, r.micro_batch, r.precision)
         rows.append(
             {
                 "config": dataclasses.asdict(layout),
@@ -285,6 +357,14 @@ def search(
                 "tensor_bytes_per_step": m["bytes_tensor"],
                 "data_bytes_per_step": m["bytes_data"] + m["bytes_both"],
                 **({"expert_bytes_per_step": m["bytes_expert"]} if model.n_experts else {}),
+                **(
+                    {
+                        "context_bytes_per_step": m["bytes_context"],
+                        "kv_exchange_bytes_per_step": kv * accumulate,
+                    }
+                    if layout.context > 1
+                    else {}
+                ),
                 **est,
                 "tokens_per_s_per_device": r.global_batch * r.seq_len / est["step_s"] / r.devices,
             }

@@ -22,11 +22,15 @@ COLUMNS = (  # (title, width)
 )
 # A mixture of experts' table adds its all-to-all bytes (over an "expert" axis) after "data".
 EXPERT_COLUMN = ("a2a GB/step", 11)
+# A table with "context" rows adds their exchanges over it (the K/V gathers and scatters).
+CONTEXT_COLUMN = ("ctx GB/step", 11)
 
 
-def _header(r: dict[str, Any], hw: dict[str, Any]) -> str:
+def _header(r: dict[str, Any], hw: dict[str, Any], context: bool = False) -> str:
     memory, fraction = hw["memory_gb"], hw["mem_fraction"]
     kernel = KERNELS.get(r["attention_compiled"], r["attention_compiled"])
+    if context and r["attention_compiled"] == "blockwise":  # cuDNN cannot attend by position
+        kernel += " (with a context axis, what the GPU runs too)"
     return (
         f"{r['label']} on {r['devices']} devices ({r['devices_per_host']}/host, "
         f"{memory:g} GB), global batch {r['global_batch']} x {r['seq_len']} tokens, "
@@ -41,16 +45,28 @@ def _header(r: dict[str, Any], hw: dict[str, Any]) -> str:
     )
 
 
+def _has_context(payload: dict[str, Any]) -> bool:
+    return any(r["config"].get("context", 1) > 1 for r in payload["rows"])
+
+
+def _has_expert(payload: dict[str, Any]) -> bool:
+    return bool(payload.get("moe")) and any("expert_bytes_per_step" in r for r in payload["rows"])
+
+
 def _columns(payload: dict[str, Any]) -> tuple[tuple[str, int], ...]:
-    if not payload.get("moe") or not any("expert_bytes_per_step" in r for r in payload["rows"]):
+    expert, context = _has_expert(payload), _has_context(payload)
+    if not expert and not context:
         return COLUMNS
-    return (("d x [e x] t, options", 26),) + COLUMNS[1:7] + (EXPERT_COLUMN,) + COLUMNS[7:]
+    axes = "d x " + "[e x] " * expert + "[c x] " * context + "t, options"
+    extra = (EXPERT_COLUMN,) * expert + (CONTEXT_COLUMN,) * context
+    return ((axes, 26),) + COLUMNS[1:7] + extra + COLUMNS[7:]
 
 
-def _row(row: dict[str, Any], mark: str, expert: bool) -> str:
+def _row(row: dict[str, Any], mark: str, expert: bool, context: bool) -> str:
     a2a = (f"{row.get('expert_bytes_per_step', 0.0) / GB:>11.1f}",) if expert else ()
+    ctx = (f"{row.get('context_bytes_per_step', 0.0) / GB:>11.1f}",) if context else ()
     cells = (
-        f"{row['label']:<{26 if expert else 22}}",
+        f"{row['label']:<{26 if expert or context else 22}}",
         f"{row['accumulate']:>5}",
         f"{row['memory_bytes'] / GB:>9.2f}",
         f"{row['floor_bytes'] / GB:>8.2f}",
@@ -58,6 +74,7 @@ def _row(row: dict[str, Any], mark: str, expert: bool) -> str:
         f"{row['tensor_bytes_per_step'] / GB:>14.1f}",
         f"{row['data_bytes_per_step'] / GB:>12.1f}",
         *a2a,
+        *ctx,
         f"{row['step_s']:>12.2f}",
         f"{row['tokens_per_s_per_device']:>15,.0f}",
     )
@@ -109,12 +126,43 @@ def _expert_verdict(payload: dict[str, Any]) -> str:
     )
 
 
+def _context_verdict(payload: dict[str, Any]) -> str:
+    """Whether a "context" axis pays, in one line: needed to fit (no fitting row without
+    one), or the fastest fitting row with one against the fastest without; and why it can:
+    each device keeps 1/C of every sequence's activations, for the K/V exchange over the
+    link its group spans. Empty without context rows."""
+    if not _has_context(payload):
+        return ""
+    request = payload["request"]
+    fits = [r for r in payload["rows"] if r["fits"]]
+    with_axis = next((r for r in fits if r["config"].get("context", 1) > 1), None)
+    without = next((r for r in fits if r["config"].get("context", 1) == 1), None)
+    if with_axis is None:
+        return '\ncontext axis: no layout with a "context" axis fits'
+    c, t = with_axis["config"]["context"], with_axis["config"]["tensor"]
+    link = "in host" if c * t <= request["devices_per_host"] else "across hosts"
+    why = (
+        f"each device holds the activations of {request['seq_len'] // c:,} of each sequence's "
+        f"{request['seq_len']:,} tokens, for {with_axis['context_bytes_per_step'] / GB:.1f} "
+        f"GB/step of K/V exchange {link}"
+    )
+    if without is None:
+        return f"\ncontext axis: needed (only layouts with one fit; {with_axis['label']}: {why})"
+    verdict = "pays" if with_axis is fits[0] else "does not pay"
+    return (
+        f"\ncontext axis: {verdict} ({with_axis['label']}: "
+        f"{with_axis['tokens_per_s_per_device']:,.0f} tok/s/dev against "
+        f"{without['label']}: {without['tokens_per_s_per_device']:,.0f}; {why})"
+    )
+
+
 def format_table(payload: dict[str, Any]) -> str:
     """The table of a planner JSON: one row per layout, the recommended one starred; a
-    mixture of experts' adds its all-to-all bytes and whether an "expert" axis pays."""
+    mixture of experts' adds its all-to-all bytes and whether an "expert" axis pays, one
+    with "context" rows their exchange bytes and whether the axis pays."""
     best = payload["recommended"]
     columns = _columns(payload)
-    expert = columns is not COLUMNS
+    expert, context = _has_expert(payload), _has_context(payload)
     cells = [f"{n:<{w}}" if i == 0 else f"{n:>{w}}" for i, (n, w) in enumerate(columns)]
     lines = [
         "|   | " + " | ".join(cells) + " |",
@@ -122,8 +170,8 @@ def format_table(payload: dict[str, Any]) -> str:
     ]
     for row in payload["rows"]:
         mark = "*" if best is not None and row["label"] == best["label"] else " "
-        lines.append(_row(row, mark, expert))
+        lines.append(_row(row, mark, expert, context))
     tail = f"\n* recommended: {best['label']}" if best else "\nno configuration fits"
-    tail += _expert_verdict(payload)
-    head = _header(payload["request"], payload["hardware"]) + _moe_line(payload)
+    tail += _expert_verdict(payload) + _context_verdict(payload)
+    head = _header(payload["request"], payload["hardware"], context) + _moe_line(payload)
     return head + "\n".join(lines) + tail

@@ -60,24 +60,35 @@ def ring_factor(kind: str, n: int) -> float:
     return 2 * (n - 1) / n if kind == "all-reduce" else (n - 1) / n
 
 
+def link_gbps(group: int, per_host: int, hw: Hardware) -> float:
+    """The bandwidth of a group of ``group`` consecutive devices (an axis with the axes
+    inside it: the mesh is row-major, tensor innermost): in-host while it fits a host."""
+    return hw.inter_host_gbps if group > per_host else hw.intra_host_gbps
+
+
 def estimate(m: dict[str, float], config: Any, hw: Hardware, per_host: int) -> dict[str, float]:
     """Roofline seconds per optimizer step (``m`` is per optimizer step already): matmul
     FLOPs with 16-bit operands (``flops_bf16``) at the bf16 peak, the others at
     ``fp32_ratio`` of it, both at ``compute_efficiency``; plus the wire bytes of the tensor
-    axis at the in-host bandwidth, of the data axis (data-like collectives over "expert"
-    included) at the bandwidth it spans, and of the MoE all-to-alls over an "expert" axis
-    (``wire_expert``) at the in-host bandwidth when an expert x tensor group fits in a host,
-    else the across-host one; no overlap."""
+    axis at the in-host bandwidth, of the data axis (data-like collectives over "expert" or
+    "context" included: the gradient sums) at the bandwidth the whole mesh spans, of the MoE
+    all-to-alls over an "expert" axis (``wire_expert``) at the in-host bandwidth when an
+    expert x tensor group fits in a host, else the across-host one, and of the exchanges
+    over a "context" axis (``wire_context``: the K/V gathers and their gradients'
+    scatters) at the in-host bandwidth when a context x tensor group fits in a host, else
+    the across-host one; no overlap."""
     rate = hw.peak_tflops * 1e12 * hw.compute_efficiency
     low = m.get("flops_bf16", 0.0)
     compute = low / rate + (m["flops"] - low) / (rate * hw.fp32_ratio)
     expert = getattr(config, "expert", 1)
-    spans = config.data * expert * config.tensor > per_host
-    data_bw = hw.inter_host_gbps if spans else hw.intra_host_gbps
-    expert_bw = hw.inter_host_gbps if expert * config.tensor > per_host else hw.intra_host_gbps
+    context = getattr(config, "context", 1)
+    data_bw = link_gbps(config.data * expert * context * config.tensor, per_host, hw)
+    expert_bw = link_gbps(expert * config.tensor, per_host, hw)
+    context_bw = link_gbps(context * config.tensor, per_host, hw)
     comm = (
         m["wire_tensor"] / (hw.intra_host_gbps * 1e9)
         + (m["wire_data"] + m["wire_both"]) / (data_bw * 1e9)
         + m.get("wire_expert", 0.0) / (expert_bw * 1e9)
+        + m.get("wire_context", 0.0) / (context_bw * 1e9)
     )
     return {"compute_s": compute, "comm_s": comm, "step_s": compute + comm}

@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help='only these "expert" axis sizes of a MoE (1: none), e.g. 1,8; default: all valid',
     )
+    add(
+        "--context",
+        default=None,
+        help='only these "context" axis sizes (1: none), e.g. 1,4,8; default: powers of two '
+        "leaving each device >= 8192 tokens of a sequence",
+    )
     add("--remat", default=",".join(REMAT_POLICIES), help="remat policies to try, e.g. none,full")
     add("--json", default=None, metavar="PATH", help="also write the table as JSON here")
     add_compilation_cache_flags(p)
@@ -128,6 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tensor=_tensor_sizes(args.tensor) if args.tensor else None,
         remat=tuple(args.remat.split(",")),
         expert=_tensor_sizes(args.expert, "--expert") if args.expert else None,
+        context=_tensor_sizes(args.context, "--context") if args.context else None,
     )
     hardware = Hardware(
         peak_tflops=args.peak_tflops,
@@ -141,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     devices = select_devices(args.devices)
 
     def progress(layout: Any, measured: dict[str, float], seconds: float) -> None:
-        line = f"  {layout.label():<22} {measured['memory'] / GB:8.2f} GB  {seconds:6.0f} s"
+        line = f"  {layout.label():<26} {measured['memory'] / GB:8.2f} GB  {seconds:6.0f} s"
         print(line, file=sys.stderr)
 
     table = search(request, hardware, devices=devices, progress=progress)
