@@ -21,24 +21,20 @@ blockwise kernel with the same O(T) memory (:func:`compiled_attention`).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jtp.analysis.collectives import collectives
 from jtp.analysis.dtypes import dot_flops_by_dtype
 from jtp.analysis.memory import KEEP_BF16, peak_memory_per_device
 from jtp.capacity.roofline import ring_factor
-from jtp.mesh import CONTEXT, DATA, EXPERT, TENSOR, ModelParallelStrategy
+from jtp.mesh import CONTEXT, DATA, EXPERT, TENSOR
 from jtp.models.attention import choose_attention
 from jtp.models.hf import config_of
 from jtp.models.plans import replicate_kv
-from jtp.recipes import LlamaTask, LlamaTaskConfig
-from jtp.recipes.llama import model_shapes, preset_config, trace_llama_step
-from jtp.training.compile import trace_abstract_step
+from jtp.recipes import LlamaTaskConfig
+from jtp.recipes.llama import preset_config, trace_llama_step
 from jtp.training.precision import policy
 
 BUCKETS = ("tensor", "data", "both", "expert", "context")
@@ -103,6 +99,7 @@ def measure(
     ``accumulate`` micro-batches per optimizer step (as the trainer runs it); figures per
     device and per optimizer step: memory (accumulation buffer included), collective bytes
     by :func:`bucket` (``bytes_expert``: the MoE layers' all-to-alls over an "expert" axis;
+    ``bytes_context``: the K/V gathers over a "context" axis and their gradients' scatters;
     loop bodies counted once per trip), and the matmul FLOPs of the traced step (scan
     bodies once per trip; the backward and remat's recomputation included), all and those
     with 16-bit operands
@@ -130,20 +127,20 @@ def measure(
             attention, precision, model.head_dim, platform, model.attn_softcap
         ),
     )
-    if context == 1:
-        traced, mesh = trace_llama_step(
-            task_config,
-            (layout.data, layout.tensor),
-            devices,
-            precision=precision,
-            n_layers=n_layers,
-            accumulate=accumulate,
-            expert=expert,
-        )
-    else:
-        traced, mesh = trace_context_step(
-            task_config, layout, devices, precision, n_layers, accumulate
-        )
+    # on a context axis the batch is the loader's balanced pieces (inputs, labels and
+    # positions, T split over "context") and attention gathers K and V over the axis and
+    # attends by position: the blockwise kernel on CPU is then what a GPU runs too (cuDNN's
+    # fused kernel cannot attend by position)
+    traced, mesh = trace_llama_step(
+        task_config,
+        (layout.data, layout.tensor),
+        devices,
+        precision=precision,
+        n_layers=n_layers,
+        accumulate=accumulate,
+        expert=expert,
+        context=context,
+    )
     compiled = traced.lower().compile(KEEP_BF16 if platform == "cpu" else None)
     records = collectives(compiled, mesh)
     by_axis = dict.fromkeys(BUCKETS, 0.0)
@@ -162,45 +159,6 @@ def measure(
         **{f"bytes_{k}": v for k, v in by_axis.items()},
         **{f"wire_{k}": v for k, v in wire.items()},
     }
-
-
-def trace_context_step(
-    config: LlamaTaskConfig,
-    layout: Any,
-    devices: list,
-    precision: str,
-    n_layers: int,
-    accumulate: int,
-) -> tuple[Any, Any]:
-    """The traced Llama train step on a mesh with a "context" axis, as the trainer runs
-    it there: ``trace_llama_step``'s task, model and plan, the strategy with
-    ``context_parallel_size``, and a batch of :func:`jtp.parallel.context.next_token_pieces`
-    (``inputs``, ``labels``, ``positions``: each (B, T) int32, T split over "context").
-    Attention then gathers K and V over the axis and attends by position
-    (:func:`jtp.parallel.context.attend_pieces`): the blockwise kernel on CPU is what a GPU
-    runs under context parallelism too (cuDNN's fused kernel cannot attend by position).
-    And that mesh."""
-    shapes = dataclasses.replace(model_shapes(config), n_layers=n_layers)
-    task = LlamaTask(config, model_config=shapes)
-    strategy = ModelParallelStrategy(
-        layout.data,
-        layout.tensor,
-        fsdp=config.fsdp,
-        expert_parallel_size=getattr(layout, "expert", 1),
-        context_parallel_size=layout.context,
-        devices=devices[: layout.devices],
-    )
-    pieces = jax.ShapeDtypeStruct((config.batch_size, config.seq_len), jnp.int32)
-    traced = trace_abstract_step(
-        task,
-        strategy,
-        {"inputs": pieces, "labels": pieces, "positions": pieces},
-        factory=task.model_factory(strategy.mesh),  # resolved for this mesh: plan below follows
-        plan=task.plan,
-        precision=precision,
-        accumulate_grad_batches=accumulate,
-    )
-    return traced, strategy.mesh
 
 
 def analytic_floor(model: Any, n_devices: int, layout: Any, precision: str) -> float:

@@ -10,12 +10,14 @@ import json
 import jax
 import pytest
 
-from jtp.capacity.measure import analytic_floor, kv_exchange_bytes, measure
+import jtp
+from jtp.capacity.measure import analytic_floor, bucket, kv_exchange_bytes, measure
 from jtp.capacity.planner import Layout, Request, _chosen, context_sizes, layouts
 from jtp.capacity.roofline import Hardware, estimate
 from jtp.cli.capacity import main
 from jtp.errors import InputError
 from jtp.models.llama import PRESETS
+from jtp.recipes import LlamaTask, LlamaTaskConfig
 
 SEQ = 256
 TINY = PRESETS["tiny"]
@@ -99,6 +101,33 @@ def test_a_context_row_splits_memory_and_flops_and_exchanges_the_kv_gathers():
         model, Layout(1, 1, False, False, "full", context=4), SEQ, 1, "32-true"
     )
     assert kv_remat == 1.5 * kv and remat["wire_context"] == kv_remat + positions
+
+
+def test_a_context_row_is_the_trainers_compiled_step():
+    """The planner compiles what ``fit`` runs on a mesh with a context axis: data 2 x
+    context 2 x tensor 2 with sequence parallelism, two sequences per step, gives the
+    trainer's memory per device and its bytes over "context" (the K/V gathers and their
+    gradients' scatters), exactly."""
+    layout = Layout(2, 2, False, True, "none", context=2)
+    planned = measure(layout, "tiny", TINY.n_layers, 32, 1, "32-true", jax.devices())
+    task = LlamaTask(
+        LlamaTaskConfig(
+            seq_len=32, batch_size=2, samples=2, sequence_parallel=True, loss_parallel=True
+        )
+    )
+    trainer = jtp.Trainer(
+        jtp.ModelParallelStrategy(2, 2, context_parallel_size=2),
+        max_steps=1,
+        logger=None,
+        enable_progress_bar=False,
+        report_memory=False,
+    )
+    trainer.fit(task)
+    assert planned["memory"] == trainer.peak_memory_bytes_per_device
+    colls = jtp.collectives(trainer.compiled_step, trainer.mesh)
+    context = sum(c.bytes for c in colls if bucket(c) == "context")
+    assert planned["bytes_context"] == context > 0
+    assert planned["bytes_tensor"] == sum(c.bytes for c in colls if bucket(c) == "tensor")
 
 
 def test_the_roofline_charges_the_exchange_at_the_link_the_group_spans():
