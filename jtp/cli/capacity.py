@@ -102,12 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help='only these "expert" axis sizes of a MoE (1: none), e.g. 1,8; default: all valid',
     )
-    add(
-        "--context",
-        default=None,
-        help='only these "context" axis sizes (1: none), e.g. 1,4,8; default: powers of two '
-        "leaving each device >= 8192 tokens of a sequence",
-    )
+    add("--context", default=None, help='only these "context" axis sizes, e.g. 1,8 (1: none)')
     add("--remat", default=",".join(REMAT_POLICIES), help="remat policies to try, e.g. none,full")
     add("--json", default=None, metavar="PATH", help="also write the table as JSON here")
     add_compilation_cache_flags(p)
