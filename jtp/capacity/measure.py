@@ -165,9 +165,11 @@ def analytic_floor(model: Any, n_devices: int, layout: Any, precision: str) -> f
     """(params + grads + 2 AdamW moments) bytes per device, fp32 state, for the Llama
     config ``model``: every parameter split ``tensor`` ways (and ``data`` ways with fsdp),
     except ``wk`` / ``wv`` where the tensor axis is wider than the kv heads: those are
-    replicated over "tensor" (:func:`jtp.plans.replicate_kv`), a whole copy on each device."""
+    replicated over "tensor" (:func:`jtp.plans.replicate_kv`), a whole copy on each device.
+    A "context" axis splits no parameter (fsdp shards over the batch axes, which it is
+    not): every device of a context group holds the same state."""
     per_param = 16 if precision != "bf16-true" else 8
-    shards = n_devices if layout.fsdp else layout.tensor
+    shards = n_devices // getattr(layout, "context", 1) if layout.fsdp else layout.tensor
     kv = 0
     if layout.tensor > model.n_kv_heads:  # wk, wv (and their biases) on every tensor rank
         kv = model.n_layers * 2 * model.n_kv_heads * model.head_dim * (model.dim + model.qkv_bias)
@@ -183,10 +185,10 @@ def expert_floor(model: Any, n_devices: int, layout: Any, precision: str) -> flo
     way; and ``data`` ways with fsdp). 0 for a dense model. With an "expert" mesh axis of
     size X the experts are split on E over it too (``P("expert", None, "tensor")``: E / X
     experts per device, each F / tensor wide), so X times less; fsdp shards them over all
-    devices either way."""
+    devices but a "context" axis either way."""
     per_param = 16 if precision != "bf16-true" else 8
     expert = getattr(layout, "expert", 1)
-    shards = n_devices if layout.fsdp else layout.tensor * expert
+    shards = n_devices // getattr(layout, "context", 1) if layout.fsdp else layout.tensor * expert
     return model.num_expert_params() / shards * per_param
 
 

@@ -45,6 +45,10 @@ def test_the_search_proposes_context_for_long_sequences_only():
         (2, 1), (4, 1), (8, 1), (2, 2), (4, 2), (2, 4)
     }  # fmt: skip
     assert "1x8x1 -" in {c.label() for c in found}  # data 1: no fsdp (one batch rank)
+    # fsdp shards the state over data (and tensor), never over "context"
+    llama = PRESETS["llama3-8b"]
+    fsdp = Layout(8, 1, True, False, "full", context=8)
+    assert analytic_floor(llama, 64, fsdp, "bf16-mixed") == llama.num_params() * 16 / 8
     assert Layout(2, 2, False, True, "full", context=2).label() == "2x2x2 sp,remat"
 
     short = Request(model="tiny", devices=8, global_batch=8, seq_len=SEQ, remat=("none",))
