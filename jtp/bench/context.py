@@ -3,8 +3,9 @@ memory per device, step time, the attention work each device does, and the longe
 a memory budget trains.
 
 The model: the tiny Llama's widths (dim 128, SwiGLU 384, vocabulary 512) with 4 heads of 32
-(2 kv heads), ``--layers`` blocks scanned (as jtp runs them by default); batch 1 x ``--seq-len`` tokens (4096: at 8192
-XLA's one-device step takes ~40 s on two cores) in the balanced order
+(2 kv heads), ``--layers`` blocks scanned (as jtp runs them by default); batch 1 x
+``--seq-len`` tokens (4096: at 8192 XLA's one-device step takes ~40 s on two cores) in the
+balanced order
 (:func:`jtp.parallel.context.next_token_pieces`), float32, AdamW, the trainer's own step
 (``jtp.training.compile``), on forced CPU devices, a context-only mesh of
 C = 1, 2, 4, 8 devices (``--sizes``). Each attention (``--kernels``: XLA's kernel, which
@@ -23,8 +24,8 @@ row per C:
 - the longest sequence (a power of two from ``--search-from`` up to ``--max-seq-len``) whose
   step fits ``--budget-mib`` per device, compiled on shapes only (nothing runs).
 
-On CPU the C devices of a mesh share the machine's cores, so the step
-time measures the total work (and its balance only indirectly), not what C GPUs would take.
+On CPU the C devices of a mesh share the machine's cores, so the step time measures the total
+work (and its balance only indirectly), not what C GPUs would take.
 """
 
 from __future__ import annotations

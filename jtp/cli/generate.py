@@ -156,10 +156,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.context_parallel > 1:  # jtp.generate's check_mesh, before jax starts
         raise InputError(
             f"--context-parallel {args.context_parallel}: generation does not split the "
-            "sequence over 'context' (context parallelism splits training and evaluation "
-            "sequences; a decode step attends one token to the whole cache, which every "
-            "device would gather at every token): leave it out, and give those devices to "
-            "--data-parallel"
+            "sequence over 'context' (each decode step would gather the whole cache): leave "
+            "it out, and give those devices to --data-parallel"
         )
     if args.step is not None and args.hf is not None:
         raise ValueError("--step picks a step of --checkpoint DIR; --hf has none")

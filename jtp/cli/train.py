@@ -62,6 +62,8 @@ ALIASES = {
 }
 METAVARS = dict.fromkeys(("data", "hf", "default_root_dir", "checkpoint_dir"), "DIR")
 METAVARS["preset"] = "NAME"
+WHAT_EXPERT = "splits a mixture-of-experts model's experts (--model feedforward has none)"
+WHAT_CONTEXT = "splits each token sequence over devices (--model feedforward has none)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,19 +160,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from jtp.models.hf.families import refuse_peft
 
         refuse_peft(read_config(args.hf), "--export-peft")
-    if args.data and args.model != "llama":
-        raise InputError("--data DIR trains a language model: add --model llama")
-    if args.expert_parallel > 1 and args.model != "llama":
-        raise InputError(
-            f"--expert-parallel {args.expert_parallel} splits a mixture-of-experts model's "
-            "experts: --model feedforward has none (use --model llama with a MoE preset or "
-            "--hf checkpoint)"
-        )
-    if args.context_parallel > 1 and args.model != "llama":
-        raise InputError(
-            f"--context-parallel {args.context_parallel} splits each token sequence over "
-            "devices: --model feedforward has no sequence (use --model llama)"
-        )
+    for flag, given, what in (
+        ("--data DIR", args.data, "trains a language model"),
+        (f"--expert-parallel {args.expert_parallel}", args.expert_parallel > 1, WHAT_EXPERT),
+        (f"--context-parallel {args.context_parallel}", args.context_parallel > 1, WHAT_CONTEXT),
+    ):
+        if given and args.model != "llama":
+            raise InputError(f"{flag} {what}: add --model llama")
     check_paths(args)
     # Before the first compile: a repeated or resumed run loads its steps from this cache.
     compilation_cache.enable(args.compilation_cache)
@@ -197,7 +193,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from jtp.recipes import FeedForwardTask, LlamaTask
     from jtp.training.trainer import Trainer
 
-    check_context_devices(args.context_parallel, len(devices or jax.devices()))
     strategy = ModelParallelStrategy(
         args.data_parallel,
         args.tensor_parallel,
@@ -267,16 +262,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     write_json(args.metrics_json, metrics, announce=False)
     return metrics
-
-
-def check_context_devices(pieces: int, n_devices: int) -> None:
-    """``--context-parallel`` divides the devices (said before any mesh is built)."""
-    if n_devices % pieces:
-        sizes = ", ".join(str(k) for k in range(1, n_devices + 1) if n_devices % k == 0)
-        raise InputError(
-            f"--context-parallel {pieces} does not divide the {n_devices} devices; "
-            f"valid sizes: {sizes}"
-        )
 
 
 def check_paths(args: argparse.Namespace) -> None:

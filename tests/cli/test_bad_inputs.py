@@ -317,14 +317,14 @@ CASES = [
         None,
         "train",
         ["--context-parallel", "2"],
-        "--model feedforward has no sequence",
+        "splits each token sequence over devices (--model feedforward has none)",
     ),
     (
         "context-parallel-not-dividing-the-devices",
         None,
         "train",
         ["--model", "llama", "--context-parallel", "3"],
-        "--context-parallel 3 does not divide the 8 devices; valid sizes: 1, 2, 4, 8",
+        "8 devices are not divisible by data=1 x context=3 = 3; valid sizes: 1, 2, 4, 8",
     ),
     (
         "seq-len-not-in-2c-chunks",
