@@ -86,7 +86,7 @@ def assert_grads_close(got: dict, want: dict) -> None:
 
 
 CASES = [
-    pytest.param(8, (1, 8), {}, id="E-split-tensor8"),
+    # E split over tensor 8 alone: tests/training/test_moe_training.py (tensor8 cases)
     pytest.param(8, (2, 4), {"sequence_parallel": True}, id="E-split-2x4-sp"),
     pytest.param(8, (2, 4), {"fsdp": True}, id="E-split-2x4-fsdp"),
     pytest.param(8, (8, 1), {}, id="data8"),
