@@ -678,9 +678,10 @@ def test_planner_plans_for_the_checkpoint_shapes(tmp_path, monkeypatch, name, pr
         ]
     )
     assert out["request"]["attention_compiled"] == kernel
-    # devices, per host, heads, kv heads, batch, seq, remat policies
+    # devices, per host, heads, kv heads, batch, seq, remat policies, experts, context sizes
     remats = ("none", "full", "dots", "minimal")
-    assert asked == [(8, 8, 16, 8, 8, T, remats, 0)]  # 0 experts: a dense checkpoint
+    # 0 experts: a dense checkpoint; context 1 only: 16 tokens are no long sequence
+    assert asked == [(8, 8, 16, 8, 8, T, remats, 0, (1,))]
     config = jtp.hf.config_of(str(src))
     (row,) = out["rows"]
     assert row["floor_bytes"] == config.num_params() * 16 / 8 and config.tie_embeddings

@@ -140,8 +140,7 @@ MESHES = {  # (data, tensor, fsdp, scan_layers, accumulate, capacity_factor)
     "2x4-fsdp-accumulate2": (2, 4, True, True, 2, None),
     # per step with a capacity: 4 = E / k never drops, so the step is the dropless one's
     "2x4-per-step-capacity-accumulate2": (2, 4, False, True, 2, 4.0),
-    # 4 experts on tensor 8: each expert's F split instead of E
-    "tensor8-4-experts": (1, 8, False, True, 1, None),
+    # F split (experts fewer than the tensor size): tests/parallel/test_experts.py
 }
 
 
