@@ -345,3 +345,18 @@ def pieces_logits(model, mesh, tokens_bt, sp=False):
     logits_btv = np.empty(out_btv.shape, np.float32)
     logits_btv[:, order_t] = np.asarray(out_btv)  # piece order -> sequence order
     return logits_btv, out_btv.sharding
+
+
+def fit_once(strategy: jtp.ModelParallelStrategy, task: jtp.TrainModule, **trainer_kwargs):
+    """A quiet Trainer after one step of ``task``: the compiled step and the peak memory the
+    planner's figures are compared with (``accumulate_grad_batches`` and the like pass on)."""
+    trainer = jtp.Trainer(
+        strategy,
+        max_steps=1,
+        logger=None,
+        enable_progress_bar=False,
+        report_memory=False,
+        **trainer_kwargs,
+    )
+    trainer.fit(task)
+    return trainer

@@ -105,54 +105,53 @@ def _moe_line(payload: dict[str, Any]) -> str:
 
 
 def _expert_verdict(payload: dict[str, Any]) -> str:
-    """Whether an "expert" axis pays: the fastest fitting row with one against the fastest
-    without (rows are sorted best first). Empty for a dense model or without expert rows."""
-    if not payload.get("moe"):
+    """Whether an "expert" axis pays (:func:`_axis_verdict`). Empty for a dense model or
+    without expert rows."""
+    if not payload.get("moe") or not any(r["config"].get("expert", 1) > 1 for r in payload["rows"]):
         return ""
-    fits = [r for r in payload["rows"] if r["fits"]]
-    with_axis = next((r for r in fits if r["config"].get("expert", 1) > 1), None)
-    without = next((r for r in fits if r["config"].get("expert", 1) == 1), None)
-    if not any(r["config"].get("expert", 1) > 1 for r in payload["rows"]):
-        return ""
-    if with_axis is None:
-        return '\nexpert axis: no layout with an "expert" axis fits'
-    if without is None:
-        return f"\nexpert axis: pays (only layouts with one fit; best {with_axis['label']})"
-    verdict = "pays" if with_axis is fits[0] else "does not pay"
-    return (
-        f"\nexpert axis: {verdict} ({with_axis['label']}: "
-        f"{with_axis['tokens_per_s_per_device']:,.0f} tok/s/dev against "
-        f"{without['label']}: {without['tokens_per_s_per_device']:,.0f})"
-    )
+    return _axis_verdict(payload, "expert", lambda row: "")
 
 
 def _context_verdict(payload: dict[str, Any]) -> str:
-    """Whether a "context" axis pays, in one line: needed to fit (no fitting row without
-    one), or the fastest fitting row with one against the fastest without; and why it can:
-    each device keeps 1/C of every sequence's activations, for the K/V exchange over the
-    link its group spans. Empty without context rows."""
+    """Whether a "context" axis pays (:func:`_axis_verdict`), and why it can: each device
+    keeps 1/C of every sequence's activations, for the K/V exchange over the link its group
+    spans. Empty without context rows."""
     if not _has_context(payload):
         return ""
     request = payload["request"]
+
+    def why(row: dict[str, Any]) -> str:
+        c, t = row["config"]["context"], row["config"]["tensor"]
+        link = "in host" if c * t <= request["devices_per_host"] else "across hosts"
+        return (
+            f"; each device holds the activations of {request['seq_len'] // c:,} of each "
+            f"sequence's {request['seq_len']:,} tokens, for "
+            f"{row['context_bytes_per_step'] / GB:.1f} GB/step of K/V exchange {link}"
+        )
+
+    return _axis_verdict(payload, "context", why)
+
+
+def _axis_verdict(payload: dict[str, Any], axis: str, why: Any) -> str:
+    """One line on whether an ``axis`` of size > 1 pays: needed (only rows with one fit), or
+    the fastest fitting row with one against the fastest without (rows are sorted best
+    first). ``why(row)`` adds the axis's own reason to the line."""
     fits = [r for r in payload["rows"] if r["fits"]]
-    with_axis = next((r for r in fits if r["config"].get("context", 1) > 1), None)
-    without = next((r for r in fits if r["config"].get("context", 1) == 1), None)
+    with_axis = next((r for r in fits if r["config"].get(axis, 1) > 1), None)
+    without = next((r for r in fits if r["config"].get(axis, 1) == 1), None)
+    an = "an" if axis[0] in "aeiou" else "a"
     if with_axis is None:
-        return '\ncontext axis: no layout with a "context" axis fits'
-    c, t = with_axis["config"]["context"], with_axis["config"]["tensor"]
-    link = "in host" if c * t <= request["devices_per_host"] else "across hosts"
-    why = (
-        f"each device holds the activations of {request['seq_len'] // c:,} of each sequence's "
-        f"{request['seq_len']:,} tokens, for {with_axis['context_bytes_per_step'] / GB:.1f} "
-        f"GB/step of K/V exchange {link}"
-    )
+        return f'\n{axis} axis: no layout with {an} "{axis}" axis fits'
     if without is None:
-        return f"\ncontext axis: needed (only layouts with one fit; {with_axis['label']}: {why})"
+        return (
+            f"\n{axis} axis: needed (only layouts with one fit; best {with_axis['label']}"
+            f"{why(with_axis)})"
+        )
     verdict = "pays" if with_axis is fits[0] else "does not pay"
     return (
-        f"\ncontext axis: {verdict} ({with_axis['label']}: "
+        f"\n{axis} axis: {verdict} ({with_axis['label']}: "
         f"{with_axis['tokens_per_s_per_device']:,.0f} tok/s/dev against "
-        f"{without['label']}: {without['tokens_per_s_per_device']:,.0f}; {why})"
+        f"{without['label']}: {without['tokens_per_s_per_device']:,.0f}{why(with_axis)})"
     )
 
 

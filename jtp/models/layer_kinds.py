@@ -125,13 +125,7 @@ def layer_attention(
                 ring=functools.partial(by_ring, sliding_window=w),
             )
 
-        if window is None:
-            return run_positioned(None)
-        if isinstance(sliding, jax.Array):
-            return jax.lax.cond(
-                sliding, lambda: run_positioned(window), lambda: run_positioned(None)
-            )
-        return run_positioned(window if sliding else None)
+        return _by_layer_kind(run_positioned, sliding, window)
     t = q_bthe.shape[1]
     local = None if window is None or window >= t else (window - 1, 0)
 
@@ -147,8 +141,15 @@ def layer_attention(
             softcap=softcap,
         )
 
-    if local is None:
+    return _by_layer_kind(run, sliding, local)
+
+
+def _by_layer_kind(run: Any, sliding: bool | jax.Array, windowed: Any) -> jax.Array:
+    """``run(windowed)`` on a sliding layer, ``run(None)`` on a global one: chosen while
+    tracing when ``sliding`` is a Python bool, by ``jax.lax.cond`` when it is traced (this
+    layer's kind is scan data), and no branch at all when there is no window to apply."""
+    if windowed is None:
         return run(None)
-    if isinstance(sliding, jax.Array):  # traced: this layer's kind is data
-        return jax.lax.cond(sliding, lambda: run(local), lambda: run(None))
-    return run(local if sliding else None)
+    if isinstance(sliding, jax.Array):
+        return jax.lax.cond(sliding, lambda: run(windowed), lambda: run(None))
+    return run(windowed if sliding else None)

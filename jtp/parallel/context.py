@@ -31,7 +31,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jtp.errors import InputError
@@ -130,9 +129,9 @@ def attend_pieces(
     mesh, rules, data_mapped = layout
     heads = rules.get(HEADS, P(DATA, None, None, None))
     spec = sequence_spec(batch_spec(heads, mesh, data_mapped=data_mapped), mesh)
-    _check_pieces(mesh, t)
-    pos_spec = P(spec[0], spec[1])
     pieces = int(mesh.shape[CONTEXT])
+    _check_pieces(t, pieces, "the context axis's ")
+    pos_spec = P(spec[0], spec[1])
 
     def body(q_bthe, k_bske, v_bske, pos_bt):
         q_pos_t = pos_bt[0]  # (T/C,): rows share the order
@@ -153,12 +152,10 @@ def attend_pieces(
     )(q_bthe, k_bske, v_bske, positions_bt)
 
 
-def _check_pieces(mesh: Mesh, seq_len: int) -> None:
-    pieces = int(mesh.shape[CONTEXT])
+def _check_pieces(seq_len: int, pieces: int, what: str = "") -> None:
+    """The one rule of a sequence cut in pieces: T divides into C of them."""
     if seq_len % pieces:
-        raise InputError(
-            f"sequence length {seq_len} is not divisible by the context axis ({pieces} pieces)"
-        )
+        raise InputError(f"sequence length {seq_len} is not divisible by {what}{pieces} pieces")
 
 
 # Per-device attention work (what the balanced order balances), for tests and benchmarks.
@@ -173,8 +170,7 @@ def piece_positions(seq_len: int, pieces: int, order: str = "balanced") -> np.nd
     C consecutive pieces: what an unbalanced split gives)."""
     if order not in ORDERS:
         raise ValueError(f"order={order!r} must be one of {ORDERS}")
-    if seq_len % pieces:
-        raise InputError(f"sequence length {seq_len} is not divisible by {pieces} pieces")
+    _check_pieces(seq_len, pieces)
     if order == "plain":
         return np.arange(seq_len, dtype=np.int32).reshape(pieces, -1)
     return balanced_order(seq_len, pieces).reshape(pieces, -1)

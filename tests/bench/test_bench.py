@@ -381,14 +381,19 @@ def test_lora_benchmark_code_path_on_the_tiny_preset(tmp_path):
     assert "LoRA r = 4" in RENDERERS["lora"](payload)
 
 
-def test_moe_benchmark_code_path_at_tiny_sizes(tmp_path):
-    """``bench moe`` end to end on one block (its figures: bench_results/moe.json): only
+def test_moe_benchmark_code_path_at_tiny_sizes(tmp_path, monkeypatch):
+    """``bench moe`` end to end on one block (its figures: bench_results/moe.json), on its
+    three placements over 8 devices (the one-device and dense rows run the same code): only
     capacity rows drop pairs; the expert axis moves, per device and step, the padded
     exchange's worst-case buffers (2 all-to-alls forward, 2 backward, each X x M rows of
     D float32: M = 16 tokens x k 2 on each device, X = 4, D = 256) plus the (X, E) int32
     counts, and the capacity rows C pairs per expert."""
+    from jtp.bench import moe
     from jtp.bench.docs import RENDERERS
 
+    placed = [layout for layout in moe.LAYOUTS if "data" in layout and not layout.get("dense")]
+    assert len(placed) == 3
+    monkeypatch.setattr(moe, "LAYOUTS", tuple(placed))
     out = tmp_path / "moe.json"
     args = "moe --layers 1 --seq-len 16 --repeats 1 --json".split()
     payload = bench_main([*args, str(out)])

@@ -9,6 +9,7 @@ import json
 
 import jax
 import pytest
+from helpers import fit_once
 
 import jtp
 from jtp.capacity.measure import analytic_floor, bucket, kv_exchange_bytes, measure
@@ -119,14 +120,7 @@ def test_a_context_row_is_the_trainers_compiled_step():
             seq_len=32, batch_size=2, samples=2, sequence_parallel=True, loss_parallel=True
         )
     )
-    trainer = jtp.Trainer(
-        jtp.ModelParallelStrategy(2, 2, context_parallel_size=2),
-        max_steps=1,
-        logger=None,
-        enable_progress_bar=False,
-        report_memory=False,
-    )
-    trainer.fit(task)
+    trainer = fit_once(jtp.ModelParallelStrategy(2, 2, context_parallel_size=2), task)
     assert planned["memory"] == trainer.peak_memory_bytes_per_device
     colls = jtp.collectives(trainer.compiled_step, trainer.mesh)
     context = sum(c.bytes for c in colls if bucket(c) == "context")
@@ -190,5 +184,5 @@ def test_only_a_context_layout_fits_end_to_end(tmp_path, capsys, monkeypatch):
     text = capsys.readouterr().out
     assert "d x [c x] t, options" in text and "ctx GB/step" in text
     why = "each device holds the activations of 256 of each sequence's 512 tokens"
-    assert f"context axis: needed (only layouts with one fit; 1x2x1 -: {why}" in text
+    assert f"context axis: needed (only layouts with one fit; best 1x2x1 -; {why}" in text
     assert "blockwise" not in text  # float32: XLA's attention, by position

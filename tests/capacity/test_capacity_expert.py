@@ -6,6 +6,7 @@ floor falls X-fold; the roofline charges the all-to-alls at the link the group s
 import dataclasses
 
 import jax
+from helpers import fit_once
 
 import jtp
 from jtp.capacity.measure import analytic_floor, expert_floor
@@ -106,15 +107,9 @@ def test_expert_row_all_to_all_bytes_are_the_trainers_compiled_step():
     task = LlamaTask(
         LlamaTaskConfig(preset="tiny-moe", seq_len=SEQ, batch_size=4, samples=8, loss_parallel=True)
     )
-    trainer = jtp.Trainer(
-        jtp.ModelParallelStrategy(2, 2, expert_parallel_size=2),
-        max_steps=1,
-        logger=None,
-        enable_progress_bar=False,
-        report_memory=False,
-        accumulate_grad_batches=2,
+    trainer = fit_once(
+        jtp.ModelParallelStrategy(2, 2, expert_parallel_size=2), task, accumulate_grad_batches=2
     )
-    trainer.fit(task)
     colls = jtp.collectives(trainer.compiled_step, trainer.mesh)
     a2a = sum(c.bytes for c in colls if c.kind == "all-to-all" and "expert" in (c.axes or ()))
     assert a2a > 0
