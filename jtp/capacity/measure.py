@@ -14,9 +14,10 @@ the backward loop a few layers on, so a line through shallow points misses the d
 (2 -> 3 layers added 2.6 GiB on the GPU, each layer from 16 to 32 added 3.9).
 
 Used by :func:`jtp.capacity.planner` and ``python -m jtp.bench gpu``.
-On CPU devices the compile sizes what a GPU runs: bf16 buffers at 2 bytes
-(:data:`jtp.analysis.memory.KEEP_BF16`) and, where a GPU takes cuDNN's fused attention, jtp's
-blockwise kernel with the same O(T) memory (:func:`compiled_attention`).
+On CPU devices the compile sizes what a GPU runs (:data:`jtp.analysis.memory.AS_ON_GPU`):
+bf16 buffers at 2 bytes, no float32 copies of the logits that only the CPU's reductions
+need, and, where a GPU takes cuDNN's fused attention, jtp's blockwise kernel with the same
+O(T) memory (:func:`compiled_attention`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 
 from jtp.analysis.collectives import collectives
 from jtp.analysis.dtypes import dot_flops_by_dtype
-from jtp.analysis.memory import KEEP_BF16, peak_memory_per_device
+from jtp.analysis.memory import AS_ON_GPU, peak_memory_per_device
 from jtp.capacity.roofline import ring_factor
 from jtp.mesh import CONTEXT, DATA, EXPERT, TENSOR
 from jtp.models.attention import choose_attention
@@ -94,6 +95,8 @@ def measure(
     accumulate: int = 1,
     hf: str | None = None,
     attention: str = "auto",
+    *,
+    as_gpu: bool = True,
 ) -> dict[str, Any]:
     """Compile one :class:`~jtp.capacity.planner.Layout` with ``n_layers`` scanned blocks and
     ``accumulate`` micro-batches per optimizer step (as the trainer runs it); figures per
@@ -106,9 +109,11 @@ def measure(
     (``flops_bf16``). Elementwise FLOPs are left out: they are memory-bound, and XLA's cost
     analysis, which counts them, counts a loop body once.
 
-    On CPU devices the compile keeps bf16 buffers bf16 (:data:`KEEP_BF16`) and attention is
-    :func:`compiled_attention`'s. ``hf``: the shapes of that Hugging Face checkpoint
-    instead of ``preset``'s.
+    On CPU devices the compile sizes what a GPU holds (:data:`AS_ON_GPU`: bf16 buffers at 2
+    bytes, no CPU-only float32 copies) and attention is :func:`compiled_attention`'s;
+    ``as_gpu=False`` compiles with the CPU's own options instead, the program ``fit`` runs
+    on these CPU devices (what tests compare with the trainer). ``hf``: the shapes of that
+    Hugging Face checkpoint instead of ``preset``'s.
     """
     platform = devices[0].platform
     expert = getattr(layout, "expert", 1)
@@ -141,7 +146,7 @@ def measure(
         expert=expert,
         context=context,
     )
-    compiled = traced.lower().compile(KEEP_BF16 if platform == "cpu" else None)
+    compiled = traced.lower().compile(AS_ON_GPU if platform == "cpu" and as_gpu else None)
     records = collectives(compiled, mesh)
     by_axis = dict.fromkeys(BUCKETS, 0.0)
     wire = dict.fromkeys(BUCKETS, 0.0)

@@ -8,12 +8,14 @@ import jax
 import pytest
 
 import jtp
+from jtp.analysis.memory import AS_ON_GPU, KEEP_BF16, memory_breakdown
 from jtp.capacity.measure import measure
 from jtp.capacity.planner import Layout, layouts
 from jtp.capacity.roofline import Hardware, default_mem_fraction, estimate
 from jtp.cli.capacity import main
-from jtp.models.llama import PRESETS
+from jtp.models.llama import PRESETS, LlamaConfig
 from jtp.recipes import LlamaTask, LlamaTaskConfig
+from jtp.recipes.llama import trace_llama_step
 
 SEQ = 32
 
@@ -25,9 +27,11 @@ def test_planner_equals_the_trainers_compiled_step(fsdp, k):
     """The planner compiles what fit runs, layers scanned and accumulation included: the same
     memory (the accumulation buffer counted) and the same bytes per optimizer step (the layer
     loop's and the accumulation loop's collectives counted once per trip). Its FLOPs are
-    checked against a hand count below (XLA's cost analysis counts a loop body once)."""
+    checked against a hand count below (XLA's cost analysis counts a loop body once).
+    ``as_gpu=False``: compiled as fit compiles it on these CPU devices (the planner's
+    default sizes a GPU's program: test_gpu_sizing_drops_the_cpus_float32_logits)."""
     config = Layout(2, 4, fsdp=fsdp, sequence_parallel=True, remat="none")
-    planned = measure(config, "tiny", 2, SEQ, 4, "32-true", jax.devices(), k)
+    planned = measure(config, "tiny", 2, SEQ, 4, "32-true", jax.devices(), k, as_gpu=False)
     task = LlamaTask(
         LlamaTaskConfig(
             seq_len=SEQ,
@@ -108,6 +112,30 @@ def test_usable_memory_is_the_preallocated_fraction(monkeypatch):
     monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "1.5")
     with pytest.raises(ValueError, match="XLA_PYTHON_CLIENT_MEM_FRACTION=1.5"):
         default_mem_fraction()
+
+
+def test_gpu_sizing_drops_the_cpus_float32_logits():
+    """The planner's CPU compile (AS_ON_GPU) against the CPU's own with bf16 kept (KEEP_BF16),
+    on one bf16-mixed Llama step whose loss dominates, compiled as the planner compiles
+    Llama-3-8B (scanned, remat=dots, blockwise attention): T = 128, V = 4096, D = 32, one
+    layer. The same arguments, outputs and donations; the temporaries smaller by the two
+    float32 (T, V) buffers the CPU's reductions take whole and a GPU's compute inside its
+    kernels (the float32 copy of the bf16 logits and the float32 one-hot; 4.2 GB each for
+    Llama-3-8B at T = 8192), plus the CPU's partial sums of those reductions (seen 97,792
+    bytes, 4.7% of one such buffer: the bound is a quarter)."""
+    t, v = 128, 4096
+    model = LlamaConfig(
+        vocab_size=v, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=t
+    )
+    task = LlamaTaskConfig(seq_len=t, batch_size=1, remat="dots", attention="blockwise")
+    lowered = trace_llama_step(
+        task, (1, 1), jax.devices(), precision="bf16-mixed", model_config=model
+    )[0].lower()
+    cpu, gpu = (memory_breakdown(lowered.compile(o)) for o in (KEEP_BF16, AS_ON_GPU))
+    for part in ("arguments", "outputs", "aliased"):
+        assert gpu[part] == cpu[part], part
+    logits_f32 = t * v * 4
+    assert 2 * logits_f32 <= cpu["temps"] - gpu["temps"] < 2.25 * logits_f32
 
 
 def test_llama3_8b_one_host_tp8_remat_against_a_hand_count():
