@@ -40,8 +40,8 @@ KEEP_BF16 = {"xla_disable_hlo_passes": "float-normalization-bf16"}
 # assignment, docs/planning.md), and with these options it holds neither: Llama-3-8B cut to
 # 16 layers (bench_results/gpu.json's layout) sizes 88.3 GB instead of 97.2, where XLA
 # compiled 83.4 GB for an H200; at 32 layers 155.4 against 150.3. The layers' part is the
-# same either way (4.19 GB per layer). A float32 program changes by the reductions' small
-# partial sums only. tests/capacity/test_capacity.py checks the difference on a small step.
+# same either way (4.19 GB per layer). A float32 program changes too (the one-hot is float32
+# in every precision). tests/capacity/test_capacity.py checks the difference on a small step.
 AS_ON_GPU = {
     "xla_disable_hlo_passes": "float-normalization-bf16,tree_reduction_rewriter",
     "xla_cpu_experimental_ynn_fusion_type": "",  # empty: no YNNPACK fusion
