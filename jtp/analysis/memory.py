@@ -27,26 +27,6 @@ RNG_KEY_BYTES = 8  # a typed threefry key is two uint32 words
 # unchanged (tests/analysis/test_memory.py checks both).
 KEEP_BF16 = {"xla_disable_hlo_passes": "float-normalization-bf16"}
 
-# Compiler options for sizing on CPU what a GPU runs: the capacity planner's stand-in
-# (jtp.capacity.measure). KEEP_BF16, and two rewrites of XLA's CPU backend that leave whole
-# buffers where a GPU's fusion leaves none. "tree_reduction_rewriter" splits every long
-# reduction into a reduce-window and a reduce, which the CPU's fusion does not fuse their
-# operands into; and the YNNPACK library fusions ("__ynn_fusion", the CPU's dots and
-# reductions), which take their operands as buffers. So a bf16 -> float32 convert or a
-# broadcast feeding a reduction becomes a buffer of its own on CPU: in the Llama step,
-# the float32 copy of the bf16 logits (B, T, V) that cross_entropy reduces and its
-# float32 one-hot, which a GPU computes inside its reduction kernels. At vocabulary
-# 128,256 and T = 8192 they are 4.2 GB each; the CPU's peak held both (its buffer
-# assignment, docs/planning.md), and with these options it holds neither: Llama-3-8B cut to
-# 16 layers (bench_results/gpu.json's layout) sizes 88.3 GB instead of 97.2, where XLA
-# compiled 83.4 GB for an H200; at 32 layers 155.4 against 150.3. The layers' part is the
-# same either way (4.19 GB per layer). A float32 program changes too (the one-hot is float32
-# in every precision). tests/capacity/test_capacity.py checks the difference on a small step.
-AS_ON_GPU = {
-    "xla_disable_hlo_passes": "float-normalization-bf16,tree_reduction_rewriter",
-    "xla_cpu_experimental_ynn_fusion_type": "",  # empty: no YNNPACK fusion
-}
-
 
 def nbytes(shape: tuple[int, ...], dtype: Any) -> int:
     """Bytes of an array of ``shape`` and ``dtype`` (typed RNG keys included): the one rule

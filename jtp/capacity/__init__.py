@@ -13,7 +13,7 @@ planner's figures equal the trainer's compiled step, compiled with the CPU's own
 
 It sizes the GPU program, not the CPU stand-in: bf16 buffers are counted at 2 bytes, and
 the float32 copies of the logits that only the CPU's reductions materialise are not there
-(the compile turns those CPU rewrites off: :data:`jtp.analysis.memory.AS_ON_GPU`);
+(the compile turns those CPU rewrites off: :data:`jtp.capacity.measure.AS_ON_GPU`);
 attention is compiled as jtp's O(T) blockwise kernel where a GPU would run cuDNN's fused
 one (bf16, supported head dim); and "fits" compares with the memory jax may use, not all
 of it (:mod:`jtp.capacity.roofline`). On the one GPU figure recorded the planner is 5.8%

@@ -14,7 +14,7 @@ the backward loop a few layers on, so a line through shallow points misses the d
 (2 -> 3 layers added 2.6 GiB on the GPU, each layer from 16 to 32 added 3.9).
 
 Used by :func:`jtp.capacity.planner` and ``python -m jtp.bench gpu``.
-On CPU devices the compile sizes what a GPU runs (:data:`jtp.analysis.memory.AS_ON_GPU`):
+On CPU devices the compile sizes what a GPU runs (:data:`AS_ON_GPU`):
 bf16 buffers at 2 bytes, no float32 copies of the logits that only the CPU's reductions
 need, and, where a GPU takes cuDNN's fused attention, jtp's blockwise kernel with the same
 O(T) memory (:func:`compiled_attention`).
@@ -28,7 +28,7 @@ import numpy as np
 
 from jtp.analysis.collectives import collectives
 from jtp.analysis.dtypes import dot_flops_by_dtype
-from jtp.analysis.memory import AS_ON_GPU, peak_memory_per_device
+from jtp.analysis.memory import KEEP_BF16, peak_memory_per_device
 from jtp.capacity.roofline import ring_factor
 from jtp.mesh import CONTEXT, DATA, EXPERT, TENSOR
 from jtp.models.attention import choose_attention
@@ -37,6 +37,26 @@ from jtp.models.plans import replicate_kv
 from jtp.recipes import LlamaTaskConfig
 from jtp.recipes.llama import preset_config, trace_llama_step
 from jtp.training.precision import policy
+
+# Compiler options for sizing on CPU what a GPU runs. KEEP_BF16 (bf16 buffers at 2 bytes),
+# and two rewrites of XLA's CPU backend off that leave whole buffers where a GPU's fusion
+# leaves none: "tree_reduction_rewriter" splits every long reduction into a reduce-window
+# and a reduce, into which the CPU's fusion fuses no producer; the YNNPACK library fusions
+# ("__ynn_fusion" in the HLO: the CPU's dots and reductions) take their operands as
+# buffers. With them, a bf16 -> float32 convert or a broadcast feeding a reduction becomes a
+# buffer of its own: in the Llama step the float32 copy of the bf16 logits (B, T, V) that
+# the cross-entropy reduces, and its float32 one-hot of the labels, which a GPU computes
+# inside its reduction kernels. At T = 8192 and vocabulary 128,256 they are 4.2 GB each;
+# the CPU's peak held both (its buffer assignment: docs/planning.md), and without the
+# rewrites it holds neither. Llama-3-8B cut to 16 layers, bench_results/gpu.json's layout,
+# then sizes 88.3 GB instead of 97.2, where XLA compiled 83.4 GB for an H200 (at 32 layers
+# 155.4 against 150.3); the layers' part is the same either way (4.19 GB per layer). A
+# float32 program changes too (the one-hot is float32 whatever the precision).
+# tests/capacity/test_capacity.py checks the difference on a small step.
+AS_ON_GPU = {
+    "xla_disable_hlo_passes": KEEP_BF16["xla_disable_hlo_passes"] + ",tree_reduction_rewriter",
+    "xla_cpu_experimental_ynn_fusion_type": "",  # empty: no YNNPACK fusion
+}
 
 BUCKETS = ("tensor", "data", "both", "expert", "context")
 # The axes that split the tokens: the weights' gradients are summed over them.

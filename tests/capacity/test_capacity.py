@@ -8,8 +8,8 @@ import jax
 import pytest
 
 import jtp
-from jtp.analysis.memory import AS_ON_GPU, KEEP_BF16, memory_breakdown
-from jtp.capacity.measure import measure
+from jtp.analysis.memory import KEEP_BF16, memory_breakdown
+from jtp.capacity.measure import AS_ON_GPU, measure
 from jtp.capacity.planner import Layout, layouts
 from jtp.capacity.roofline import Hardware, default_mem_fraction, estimate
 from jtp.cli.capacity import main
@@ -157,7 +157,7 @@ def test_llama3_8b_one_host_tp8_remat_against_a_hand_count():
 
     The loss's transient is smaller on a GPU: logits (T, V / 8) in bf16, the float32 exp
     of them and their bf16 gradient, 8192 x 16032 x (2 + 4 + 2) = 1.05 GB. The CPU's own
-    compile adds two float32 copies (1.05 GB more: jtp.analysis.memory.AS_ON_GPU says why)
+    compile adds two float32 copies (1.05 GB more: jtp.capacity.measure.AS_ON_GPU says why)
     and peaks there instead (21.16 GB). Attention adds O(T) (blockwise, as cuDNN's
     kernel). The planner's figure (XLA's buffer assignment, with its packing and reuse)
     must be within 10% of the count. With two micro-steps of accumulation (the planner's
