@@ -45,14 +45,14 @@ from jtp.training.precision import policy
 # ("__ynn_fusion" in the HLO: the CPU's dots and reductions) take their operands as
 # buffers. With them, a bf16 -> float32 convert or a broadcast feeding a reduction becomes a
 # buffer of its own: in the Llama step the float32 copy of the bf16 logits (B, T, V) that
-# the cross-entropy reduces, and its float32 one-hot of the labels, which a GPU computes
-# inside its reduction kernels. At T = 8192 and vocabulary 128,256 they are 4.2 GB each;
-# the CPU's peak held both (its buffer assignment), and without the rewrites it holds
-# neither; the H200's compiled peak leaves no room for them (docs/planning.md, which also
-# says what is left: the float32 exp of the logits). Llama-3-8B cut to 16 layers,
-# bench_results/gpu.json's layout, then sizes 88.3 GB instead of 97.2, where XLA compiled
-# 83.4 GB for an H200 (at 32 layers 155.4 against 150.3); the layers' part is the same
-# either way (4.19 GB per layer). A float32 program changes too (the one-hot is float32
+# the cross-entropy reduces, the float32 one-hot of the labels and their product, which a
+# GPU computes inside its reduction kernels. At T = 8192 and vocabulary 128,256 they are
+# 4.2 GB each; the CPU's peak, at the loss, held all three (its buffer assignment), and
+# without the rewrites it holds one float32 (T, V) buffer, the exp of the logits; the
+# H200's compiled peak leaves no room for the others (docs/planning.md). Llama-3-8B cut to
+# 16 layers, bench_results/gpu.json's layout, then sizes 88.3 GB instead of 97.2, where
+# XLA compiled 83.4 GB for an H200 (at 32 layers 155.4 against 150.3); the layers' part is
+# the same either way (4.19 GB per layer). A float32 program changes too (the one-hot is float32
 # whatever the precision).
 # tests/capacity/test_capacity.py checks the difference on a small step.
 AS_ON_GPU = {
