@@ -52,9 +52,9 @@ from jtp.training.precision import policy
 # H200's compiled peak leaves no room for the others (docs/planning.md). Llama-3-8B cut to
 # 16 layers, bench_results/gpu.json's layout, then sizes 88.3 GB instead of 97.2, where
 # XLA compiled 83.4 GB for an H200 (at 32 layers 155.4 against 150.3); the layers' part is
-# the same either way (4.19 GB per layer). A float32 program changes too (the one-hot is float32
-# whatever the precision).
-# tests/capacity/test_capacity.py checks the difference on a small step.
+# the same either way (4.19 GB per layer). A float32 program changes too (the one-hot is
+# float32 whatever the precision). tests/capacity/test_capacity.py checks the difference
+# on a small step.
 AS_ON_GPU = {
     "xla_disable_hlo_passes": KEEP_BF16["xla_disable_hlo_passes"] + ",tree_reduction_rewriter",
     "xla_cpu_experimental_ynn_fusion_type": "",  # empty: no YNNPACK fusion
