@@ -118,11 +118,13 @@ def test_gpu_sizing_drops_the_cpus_float32_logits():
     """The planner's CPU compile (AS_ON_GPU) against the CPU's own with bf16 kept (KEEP_BF16),
     on one bf16-mixed Llama step whose loss dominates, compiled as the planner compiles
     Llama-3-8B (scanned, remat=dots, blockwise attention): T = 128, V = 4096, D = 32, one
-    layer. The same arguments, outputs and donations; the temporaries smaller by the two
-    float32 (T, V) buffers the CPU's reductions take whole and a GPU's compute inside its
-    kernels (the float32 copy of the bf16 logits and the float32 one-hot; 4.2 GB each for
-    Llama-3-8B at T = 8192), plus the CPU's partial sums of those reductions (seen 97,792
-    bytes, 4.7% of one such buffer: the bound is a quarter)."""
+    layer. The same arguments, outputs and donations; the temporaries smaller by two
+    float32 (T, V) buffers (4.2 GB each for Llama-3-8B at T = 8192), plus the CPU's partial
+    sums of the reductions (seen 97,792 bytes, 4.7% of one such buffer: the bound is a
+    quarter). The CPU's own compile holds three float32 (T, V) buffers that its reductions
+    take whole and a GPU's compute inside their kernels (the widened logits, the one-hot of
+    the labels, their product), as at Llama-3-8B's peak; AS_ON_GPU's holds one, the exp of
+    the logits (seen in the optimised HLO, ``compiled.as_text()``)."""
     t, v = 128, 4096
     model = LlamaConfig(
         vocab_size=v, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=t
