@@ -144,9 +144,9 @@ def planner_check(
     layout: Any, preset: str, layers: int, seq: int, micro_batch: int, gpu_memory: float
 ) -> dict[str, Any] | None:
     """What ``python -m jtp.capacity`` would have said about this layout without a GPU: the same
-    step compiled for CPU devices (bf16 kept at 2 bytes, the blockwise kernel standing in
-    for cuDNN), against the memory XLA compiles for the GPU itself. None where jax has fewer
-    CPU devices than the layout needs."""
+    step compiled for CPU devices as for a GPU (:data:`jtp.capacity.measure.AS_ON_GPU`, the
+    blockwise kernel standing in for cuDNN), against the memory XLA compiles for the GPU
+    itself. None where jax has fewer CPU devices than the layout needs."""
     import jax
 
     from jtp.capacity.measure import measure

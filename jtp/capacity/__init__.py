@@ -9,13 +9,15 @@ matmul FLOPs by dtype (the traced step) and collective bytes by mesh axis (the H
 compiles the step ``fit`` runs, layers scanned, at the model's whole depth: a scanned step
 compiles in the time of one layer, and a shallower one does not predict it
 (:mod:`jtp.capacity.measure` says why; ``tests/capacity/test_capacity.py`` checks that the
-planner's figures equal the trainer's compiled step).
+planner's figures equal the trainer's compiled step, compiled with the CPU's own options).
 
-It sizes the GPU program, not the CPU stand-in: bf16 buffers are counted at 2 bytes (the
-compile keeps the CPU backend from upcasting them: :data:`jtp.analysis.memory.KEEP_BF16`),
+It sizes the GPU program, not the CPU stand-in: bf16 buffers are counted at 2 bytes, and
+the float32 copies of the logits that only the CPU's reductions materialise are not there
+(the compile turns those CPU rewrites off: :data:`jtp.capacity.measure.AS_ON_GPU`);
 attention is compiled as jtp's O(T) blockwise kernel where a GPU would run cuDNN's fused
-one (bf16, supported head dim), and "fits" compares with the memory jax may use, not all of
-it (:mod:`jtp.capacity.roofline`).
+one (bf16, supported head dim); and "fits" compares with the memory jax may use, not all
+of it (:mod:`jtp.capacity.roofline`). On the one GPU figure recorded the planner is 5.8%
+above XLA's compiled peak for the GPU (docs/planning.md).
 
 Times are ESTIMATES from a roofline: matmul FLOPs (read off the traced step, by operand
 dtype) at a fraction of the device's peak, plus communication at the link bandwidths

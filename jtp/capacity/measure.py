@@ -14,9 +14,10 @@ the backward loop a few layers on, so a line through shallow points misses the d
 (2 -> 3 layers added 2.6 GiB on the GPU, each layer from 16 to 32 added 3.9).
 
 Used by :func:`jtp.capacity.planner` and ``python -m jtp.bench gpu``.
-On CPU devices the compile sizes what a GPU runs: bf16 buffers at 2 bytes
-(:data:`jtp.analysis.memory.KEEP_BF16`) and, where a GPU takes cuDNN's fused attention, jtp's
-blockwise kernel with the same O(T) memory (:func:`compiled_attention`).
+On CPU devices the compile sizes what a GPU runs (:data:`AS_ON_GPU`):
+bf16 buffers at 2 bytes, no float32 copies of the logits that only the CPU's reductions
+need, and, where a GPU takes cuDNN's fused attention, jtp's blockwise kernel with the same
+O(T) memory (:func:`compiled_attention`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,28 @@ from jtp.models.plans import replicate_kv
 from jtp.recipes import LlamaTaskConfig
 from jtp.recipes.llama import preset_config, trace_llama_step
 from jtp.training.precision import policy
+
+# Compiler options for sizing on CPU what a GPU runs. KEEP_BF16 (bf16 buffers at 2 bytes),
+# and two rewrites of XLA's CPU backend off that leave whole buffers where a GPU's fusion
+# leaves none: "tree_reduction_rewriter" splits every long reduction into a reduce-window
+# and a reduce, into which the CPU's fusion fuses no producer; the YNNPACK library fusions
+# ("__ynn_fusion" in the HLO: the CPU's dots and reductions) take their operands as
+# buffers. With them, a bf16 -> float32 convert or a broadcast feeding a reduction becomes a
+# buffer of its own: in the Llama step the float32 copy of the bf16 logits (B, T, V) that
+# the cross-entropy reduces, the float32 one-hot of the labels and their product, which a
+# GPU computes inside its reduction kernels. At T = 8192 and vocabulary 128,256 they are
+# 4.2 GB each; the CPU's peak, at the loss, held all three (its buffer assignment), and
+# without the rewrites it holds one float32 (T, V) buffer, the exp of the logits; the
+# H200's compiled peak leaves no room for the others (docs/planning.md). Llama-3-8B cut to
+# 16 layers, bench_results/gpu.json's layout, then sizes 88.3 GB instead of 97.2, where
+# XLA compiled 83.4 GB for an H200 (at 32 layers 155.4 against 150.3); the layers' part is
+# the same either way (4.19 GB per layer). A float32 program changes too (the one-hot is
+# float32 whatever the precision). tests/capacity/test_capacity.py checks the difference
+# on a small step.
+AS_ON_GPU = {
+    "xla_disable_hlo_passes": KEEP_BF16["xla_disable_hlo_passes"] + ",tree_reduction_rewriter",
+    "xla_cpu_experimental_ynn_fusion_type": "",  # empty: no YNNPACK fusion
+}
 
 BUCKETS = ("tensor", "data", "both", "expert", "context")
 # The axes that split the tokens: the weights' gradients are summed over them.
@@ -94,6 +117,8 @@ def measure(
     accumulate: int = 1,
     hf: str | None = None,
     attention: str = "auto",
+    *,
+    as_gpu: bool = True,
 ) -> dict[str, Any]:
     """Compile one :class:`~jtp.capacity.planner.Layout` with ``n_layers`` scanned blocks and
     ``accumulate`` micro-batches per optimizer step (as the trainer runs it); figures per
@@ -106,9 +131,11 @@ def measure(
     (``flops_bf16``). Elementwise FLOPs are left out: they are memory-bound, and XLA's cost
     analysis, which counts them, counts a loop body once.
 
-    On CPU devices the compile keeps bf16 buffers bf16 (:data:`KEEP_BF16`) and attention is
-    :func:`compiled_attention`'s. ``hf``: the shapes of that Hugging Face checkpoint
-    instead of ``preset``'s.
+    On CPU devices the compile sizes what a GPU holds (:data:`AS_ON_GPU`: bf16 buffers at 2
+    bytes, no CPU-only float32 copies) and attention is :func:`compiled_attention`'s;
+    ``as_gpu=False`` compiles with the CPU's own options instead, the program ``fit`` runs
+    on these CPU devices (what tests compare with the trainer). ``hf``: the shapes of that
+    Hugging Face checkpoint instead of ``preset``'s.
     """
     platform = devices[0].platform
     expert = getattr(layout, "expert", 1)
@@ -141,7 +168,7 @@ def measure(
         expert=expert,
         context=context,
     )
-    compiled = traced.lower().compile(KEEP_BF16 if platform == "cpu" else None)
+    compiled = traced.lower().compile(AS_ON_GPU if platform == "cpu" and as_gpu else None)
     records = collectives(compiled, mesh)
     by_axis = dict.fromkeys(BUCKETS, 0.0)
     wire = dict.fromkeys(BUCKETS, 0.0)
