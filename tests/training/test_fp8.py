@@ -1,0 +1,123 @@
+"""The "transformer-engine" (fp8) precision: float8 matmuls with current per-tensor scales,
+asserted from the program (which matmuls are float8, and in which format), gradients
+within float8 rounding of float32 ones, and a checkpoint that resumes as under bf16 (the
+scales are not state, so there is nothing of fp8 to save)."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import jtp
+from jtp.analysis.dtypes import dot_flops_by_dtype, dots, float8_fraction
+from jtp.cli.train import main
+from jtp.recipes import LlamaTask, LlamaTaskConfig
+from jtp.training import fp8
+from jtp.training.compile import build_state, trace_train_step, train_step
+from jtp.training.options import TrainerOptions
+from jtp.training.precision import PRECISIONS, apply_compute_dtype, policy
+
+# Worst-case relative rounding error of one element: half an ulp, 2^-(mantissa bits + 1).
+E4M3_REL, E5M2_REL = 2.0**-4, 2.0**-3
+
+
+def _rel(a, b) -> float:
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def test_names_and_what_they_store():
+    """Lightning's fp8 name and jtp's alias: float32 storage, bf16 compute, float8 dots."""
+    for name in ("transformer-engine", "fp8-mixed"):
+        assert name in PRECISIONS
+        p = policy(name)
+        assert (p.param_dtype, p.compute_dtype, p.float8) == (jnp.float32, jnp.bfloat16, True)
+    assert not policy("bf16-mixed").float8
+
+
+def test_linear_gradients_are_within_float8_rounding_of_float32():
+    """An ``nnx.Linear`` under the policy (bf16 compute, the fp8 dot) against the same
+    Linear in float32: output, input gradient and kernel gradient, each relative to its
+    norm. Each product's factors carry independent rounding errors of at most 2^-4 (e4m3,
+    forward) or 2^-4 and 2^-3 (e4m3 operand, e5m2 gradient, backward) and bf16's 2^-9;
+    summed over 64 or 256 products those errors average out, so the norm-relative error is
+    well under the per-element worst case (observed ~0.03 forward, ~0.05 backward): 2^-4 +
+    2^-9 forward and 2^-3 backward are bounds with margin that a wrong transpose (error ~1)
+    or a missing scale (error ~1) cannot meet. It is also above 1e-3: float8 is in use.
+    A batched dot with two contracted dimensions checks the general transposes."""
+    keys = jax.random.split(jax.random.key(0), 6)
+    x = jax.random.normal(keys[0], (4, 8, 64))
+    cot = jax.random.normal(keys[1], (4, 8, 32))
+    linear = nnx.Linear(64, 32, rngs=nnx.Rngs(0))
+    fp8_linear = nnx.Linear(64, 32, rngs=nnx.Rngs(0))
+    apply_compute_dtype(fp8_linear, "transformer-engine")
+    assert fp8_linear.dot_general is fp8.dot_general
+
+    def loss(model, x):  # a linear loss: its gradients are the matmuls' transposes exactly
+        return jnp.sum(model(x).astype(jnp.float32) * cot)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))  # one compile each, not one per op
+    want, got = grad(linear, x), grad(fp8_linear, x)
+    out = _rel(jax.jit(lambda m, x: m(x).astype(jnp.float32))(fp8_linear, x), linear(x))
+    assert 1e-3 < out < E4M3_REL + 2.0**-9
+    assert 1e-3 < _rel(got[1], want[1]) < E5M2_REL  # input gradient
+    assert 1e-3 < _rel(got[0].kernel[...], want[0].kernel[...]) < E5M2_REL  # kernel gradient
+
+    a = jax.random.normal(keys[2], (3, 5, 7, 6))  # (B, M, K1, K2)
+    b = jax.random.normal(keys[3], (3, 6, 7, 4))  # (B, K2, K1, N)
+    c = jax.random.normal(keys[4], (3, 5, 4))  # (B, M, N)
+    dims = (((3, 2), (1, 2)), ((0,), (0,)))
+
+    def batched(dot):
+        return jax.jit(jax.grad(lambda a, b: jnp.sum(c * dot(a, b, dims)), argnums=(0, 1)))(a, b)
+
+    for g, w in zip(batched(fp8.dot_general), batched(jax.lax.dot_general), strict=True):
+        assert g.shape == w.shape and 1e-3 < _rel(g, w) < E5M2_REL
+
+
+def test_llama_train_step_runs_its_matmuls_in_float8():
+    """The trainer's own train step for the tiny Llama (2x4, fsdp + sequence + loss
+    parallel) under "transformer-engine", read off its jaxpr: >= 90% of the matmul FLOPs
+    have float8 operands (the rest is attention's scores and values, in bf16 as under
+    "bf16-mixed"); the forward ones are e4m3 x e4m3 and every backward one multiplies an
+    e5m2 gradient by an e4m3 residual; no float8 dot in another pairing; parameters and
+    optimizer state float32; and the compiled-step check counts float8 as low precision
+    (no "not bfloat16" warning)."""
+    config = LlamaTaskConfig(fsdp=True, sequence_parallel=True, loss_parallel=True)
+    module, strategy = LlamaTask(config), jtp.ModelParallelStrategy(2, 4, fsdp=True)
+    tokens = np.random.default_rng(0).integers(0, 512, (8, 33)).astype(np.int32)
+    options = TrainerOptions(precision="transformer-engine")
+    state, rules = build_state(module, strategy, options)
+    step = train_step(module, state, options, fsdp=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batches = [jtp.shard_batch(tokens, strategy.mesh)]
+        traced = trace_train_step(step, state, batches, rules, precision="transformer-engine")
+    totals = dot_flops_by_dtype(traced.jaxpr)
+    assert float8_fraction(traced.jaxpr) >= 0.9, totals
+    float8_pairs = {d.dtype for d in dots(traced.jaxpr) if "float8" in d.dtype}
+    assert float8_pairs == {"float8_e4m3fn", "float8_e5m2 x float8_e4m3fn"}, totals
+    # backward FLOPs are twice the forward's (input and weight gradients)
+    np.testing.assert_allclose(
+        totals["float8_e5m2 x float8_e4m3fn"], 2 * totals["float8_e4m3fn"], rtol=1e-6
+    )
+    for tree in (state.params, state.opt_state):
+        floats = [x.dtype for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+        assert floats and set(floats) == {jnp.dtype(jnp.float32)}
+
+
+def test_an_fp8_run_resumes_bitwise(tmp_path):
+    """2 steps + checkpoint, then --resume to 4, equals 4 straight steps bit for bit under
+    "transformer-engine" (FeedForward, 2x4 fsdp): the scales are recomputed from the
+    tensors every step, so the checkpoint (float32 parameters and optimizer state, as for
+    bf16) is the whole state."""
+    flags = "--devices 8 --dim 32 --hidden-dim 64 --samples 64 --no-progress --fsdp".split()
+    flags += ["--data-parallel", "2", "--tensor-parallel", "4", "--root-dir", str(tmp_path)]
+    flags += ["--precision", "transformer-engine"]
+    full = main(flags + ["--max-steps", "4"])["losses"]
+    ck = str(tmp_path / "ck")
+    first = main(flags + ["--checkpoint-dir", ck, "--max-steps", "2"])
+    second = main(flags + ["--checkpoint-dir", ck, "--resume", "--max-steps", "4"])
+    assert first["losses"] == full[:2] and second["first_step"] == 2
+    assert second["losses"] == full[2:]
