@@ -6,6 +6,7 @@ table and JSON.
     python -m jtp.bench llama     [--json PATH] [--no-8b]
     python -m jtp.bench multihost [--calls 200] [--json PATH]
     python -m jtp.bench text      [--steps 300] [--json PATH] [--plot PNG]
+    python -m jtp.bench fp8       [--steps 300] [--precisions bf16-mixed,transformer-engine]
     python -m jtp.bench gpu       [--steps 20] [--json PATH] [--smoke]
     python -m jtp.bench attention [--json PATH] [--smoke]
     python -m jtp.bench compile   [--depths 2,8,32,80] [--dim 256] [--json PATH]
@@ -74,6 +75,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tx.add_argument("--val-fraction", type=float, default=0.02, help="held-out share")
     tx.add_argument("--json", default=None, help=JSON_HELP)
     tx.add_argument("--plot", default="auto", help="PNG (needs matplotlib); default: by the JSON")
+    f8 = sub.add_parser("fp8", help="bench text's run in float8 against bf16-mixed; fp8 share")
+    f8.add_argument("--steps", type=int, default=300, help="optimizer steps per precision")
+    f8.add_argument("--warmup", type=int, default=30, help="lr warmup steps")
+    f8.add_argument("--val-every", type=int, default=100, help="validate every N steps")
+    f8.add_argument("--val-fraction", type=float, default=0.02, help="held-out share")
+    f8.add_argument(
+        "--precisions", default="bf16-mixed,transformer-engine", help="first is the baseline"
+    )
+    f8.add_argument("--no-programs", action="store_true", help="skip the FLOP-share traces")
+    f8.add_argument("--json", default=None, help=JSON_HELP)
     gp = sub.add_parser("gpu", help="Llama-3-8B tokens/s/device and MFU on the local GPUs")
     gp.add_argument("--preset", default="llama3-8b", help="a jtp.models.llama preset")
     gp.add_argument("--seq-len", type=int, default=8192, help="tokens per sequence")
