@@ -7,7 +7,7 @@ table and JSON.
     python -m jtp.bench multihost [--calls 200] [--json PATH]
     python -m jtp.bench text      [--steps 300] [--json PATH] [--plot PNG]
     python -m jtp.bench fp8       [--steps 300] [--precisions bf16-mixed,transformer-engine]
-    python -m jtp.bench gpu       [--steps 20] [--json PATH] [--smoke]
+    python -m jtp.bench gpu       [--steps 20] [--precision bf16-mixed,...] [--json PATH] [--smoke]
     python -m jtp.bench attention [--json PATH] [--smoke]
     python -m jtp.bench compile   [--depths 2,8,32,80] [--dim 256] [--json PATH]
     python -m jtp.bench cache     [--json PATH]
@@ -92,6 +92,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     gp.add_argument("--steps", type=int, default=20, help="timed steps")
     gp.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     gp.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak (default: table)")
+    gp.add_argument(
+        "--precision",
+        default="bf16-mixed",
+        help="jtp precisions, comma-separated, run in turn in one process on the same "
+        "layout (e.g. bf16-mixed,transformer-engine); the first is the baseline",
+    )
     gp.add_argument("--smoke", action="store_true", help="tiny shape on 8 CPU devices (CI)")
     gp.add_argument("--json", default=None, help=JSON_HELP)
     at = sub.add_parser("attention", help="attention kernels on Llama/Gemma shapes vs float32")
