@@ -65,7 +65,7 @@ def fp8(args: argparse.Namespace) -> dict[str, Any]:
         "band_nats": BAND_NATS,
         "tail_steps": TAIL,
         "runs": runs,
-        "programs": [program_shares(*p) for p in PROGRAMS] if not args.no_programs else [],
+        "programs": [program_shares(*p) for p in PROGRAMS],
     }
     print(format_fp8(payload))
     write_result(args, payload)
