@@ -5,8 +5,9 @@ A float8 number has 3 mantissa bits (``float8_e4m3fn``, largest 448) or 2 (``flo
 largest 57344), so a tensor is *scaled* into the format's range before the cast and the
 product is scaled back: ``x ~ q * s`` with ``s = amax(|x|) / finfo(dtype).max``. Hopper's
 tensor cores multiply two float8 operands at twice bf16's rate and accumulate in float32;
-XLA's GPU backend sends a ``dot_general`` whose operands are float8 to cuBLASLt's fp8 GEMM
-(and folds the scale multiply after it into the call).
+XLA's GPU backend rewrites a ``dot_general`` whose operands are both float8 into cuBLASLt's
+fp8 GEMM (whether it also folds the scale multiply after it into the call is for a GPU run
+to show: ``python -m jtp.bench gpu --precision bf16-mixed,transformer-engine``).
 
 Scaling is *current* (torchtitan's default "tensorwise", TransformerEngine's
 ``Float8CurrentScaling``): the scale is the amax of the tensor being cast, taken in float32
@@ -107,18 +108,18 @@ def _fp8_dot_bwd(dims, out_dtype, out_sharding, res, g):
     # d lhs = g . rhs over rhs's kept dims -> (batch, lhs kept, rhs's contracted dims in
     # rhs's order), then permuted into lhs's layout.
     d = _scaled_dot(
-        q_g, q_rhs, ((g_rhs, tuple(rhs_kept)), (g_batch, rb)), s_g, s_rhs, jnp.float32, hi
+        q_g, q_rhs, ((g_rhs, tuple(rhs_kept)), (g_batch, rb)), s_g, s_rhs, lhs_like.dtype, hi
     )
     src = [*lb, *lhs_kept, *(lc[rc.index(r)] for r in sorted(rc))]
-    d_lhs = jax.lax.transpose(d, tuple(np.argsort(src))).astype(lhs_like.dtype)
+    d_lhs = jax.lax.transpose(d, tuple(np.argsort(src)))
 
     # d rhs = g . lhs over lhs's kept dims -> (batch, rhs kept, lhs's contracted dims in
     # lhs's order), then permuted into rhs's layout.
     d = _scaled_dot(
-        q_g, q_lhs, ((g_lhs, tuple(lhs_kept)), (g_batch, lb)), s_g, s_lhs, jnp.float32, hi
+        q_g, q_lhs, ((g_lhs, tuple(lhs_kept)), (g_batch, lb)), s_g, s_lhs, rhs_like.dtype, hi
     )
     src = [*rb, *rhs_kept, *(rc[lc.index(c)] for c in sorted(lc))]
-    d_rhs = jax.lax.transpose(d, tuple(np.argsort(src))).astype(rhs_like.dtype)
+    d_rhs = jax.lax.transpose(d, tuple(np.argsort(src)))
     return d_lhs, d_rhs
 
 
