@@ -4,6 +4,7 @@ within float8 rounding of float32 ones, and a checkpoint that resumes as under b
 scales are not state, so there is nothing of fp8 to save)."""
 
 import warnings
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -54,25 +55,30 @@ def test_linear_gradients_are_within_float8_rounding_of_float32():
     apply_compute_dtype(fp8_linear, "transformer-engine")
     assert fp8_linear.dot_general is fp8.dot_general
 
-    def loss(model, x):  # a linear loss: its gradients are the matmuls' transposes exactly
-        return jnp.sum(model(x).astype(jnp.float32) * cot)
-
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))  # one compile each, not one per op
-    want, got = grad(linear, x), grad(fp8_linear, x)
-    out = _rel(jax.jit(lambda m, x: m(x).astype(jnp.float32))(fp8_linear, x), linear(x))
-    assert 1e-3 < out < E4M3_REL + 2.0**-9
-    assert 1e-3 < _rel(got[1], want[1]) < E5M2_REL  # input gradient
-    assert 1e-3 < _rel(got[0].kernel[...], want[0].kernel[...]) < E5M2_REL  # kernel gradient
-
     a = jax.random.normal(keys[2], (3, 5, 7, 6))  # (B, M, K1, K2)
     b = jax.random.normal(keys[3], (3, 6, 7, 4))  # (B, K2, K1, N)
     c = jax.random.normal(keys[4], (3, 5, 4))  # (B, M, N)
     dims = (((3, 2), (1, 2)), ((0,), (0,)))
 
-    def batched(dot):
-        return jax.jit(jax.grad(lambda a, b: jnp.sum(c * dot(a, b, dims)), argnums=(0, 1)))(a, b)
+    @partial(jax.jit, static_argnums=1)  # one compile per dot, not one per operation
+    def both(model, dot):
+        # linear losses: their gradients are exactly the matmuls' transposes
+        def loss(model, x):
+            return jnp.sum(model(x).astype(jnp.float32) * cot)
 
-    for g, w in zip(batched(fp8.dot_general), batched(jax.lax.dot_general), strict=True):
+        def batched(a, b):
+            return jnp.sum(c * dot(a, b, dims))
+
+        out = model(x).astype(jnp.float32)
+        return out, jax.grad(loss, argnums=(0, 1))(model, x), jax.grad(batched, (0, 1))(a, b)
+
+    want = both(linear, jax.lax.dot_general)
+    got = both(fp8_linear, fp8.dot_general)
+    assert 1e-3 < _rel(got[0], want[0]) < E4M3_REL + 2.0**-9  # output
+    (g_model, g_x), (w_model, w_x) = got[1], want[1]
+    assert 1e-3 < _rel(g_x, w_x) < E5M2_REL  # input gradient
+    assert 1e-3 < _rel(g_model.kernel[...], w_model.kernel[...]) < E5M2_REL  # kernel gradient
+    for g, w in zip(got[2], want[2], strict=True):  # the batched dot's two gradients
         assert g.shape == w.shape and 1e-3 < _rel(g, w) < E5M2_REL
 
 
