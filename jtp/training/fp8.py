@@ -59,16 +59,23 @@ def quantize(x: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
 
 
 def _scaled_dot(a, b, dims, a_scale, b_scale, out_dtype, precision=None, out_sharding=None):
-    """``dot_general`` of two float8 operands, accumulated in float32, times both scales."""
+    """``dot_general`` of two float8 operands times both scales, in ``out_dtype``.
+
+    The product is accumulated in float32 (the tensor cores do) and *written* in
+    ``out_dtype`` (bf16 under the policy), as a bf16 matmul's is: where the contracted
+    dimension is split over devices (a row-parallel layer, a weight gradient over "data"),
+    XLA all-reduces the dot's output, so a float32 output would double those bytes. The
+    scales are applied after, in float32 (one more bf16 rounding, 2^-9 relative: a
+    thirty-second of e4m3's)."""
     y = jax.lax.dot_general(
         a,
         b,
         dims,
         precision=precision,
-        preferred_element_type=jnp.float32,
+        preferred_element_type=out_dtype,
         out_sharding=out_sharding,
     )
-    return (y * (a_scale * b_scale)).astype(out_dtype)
+    return (y.astype(jnp.float32) * (a_scale * b_scale)).astype(out_dtype)
 
 
 def _kept(ndim: int, contract: tuple, batch: tuple) -> list[int]:

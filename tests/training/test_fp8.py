@@ -12,7 +12,13 @@ import numpy as np
 from flax import nnx
 
 import jtp
-from jtp.analysis.dtypes import dot_flops_by_dtype, dots, float8_fraction
+from jtp.analysis.dtypes import (
+    collective_bytes,
+    dot_flops_by_dtype,
+    dots,
+    float8_fraction,
+    partitioned_hlo,
+)
 from jtp.cli.train import main
 from jtp.recipes import LlamaTask, LlamaTaskConfig
 from jtp.training import fp8
@@ -88,8 +94,9 @@ def test_llama_train_step_runs_its_matmuls_in_float8():
     have float8 operands (the rest is attention's scores and values, in bf16 as under
     "bf16-mixed"); the forward ones are e4m3 x e4m3 and every backward one multiplies an
     e5m2 gradient by an e4m3 residual; no float8 dot in another pairing; parameters and
-    optimizer state float32; and the compiled-step check counts float8 as low precision
-    (no "not bfloat16" warning)."""
+    optimizer state float32; the compiled-step check counts float8 as low precision (no
+    "not bfloat16" warning); and the collectives' element types, read after SPMD
+    partitioning (before the CPU promotes them)."""
     config = LlamaTaskConfig(fsdp=True, sequence_parallel=True, loss_parallel=True)
     module, strategy = LlamaTask(config), jtp.ModelParallelStrategy(2, 4, fsdp=True)
     tokens = np.random.default_rng(0).integers(0, 512, (8, 33)).astype(np.int32)
@@ -108,6 +115,12 @@ def test_llama_train_step_runs_its_matmuls_in_float8():
     np.testing.assert_allclose(
         totals["float8_e5m2 x float8_e4m3fn"], 2 * totals["float8_e4m3fn"], rtol=1e-6
     )
+    # After SPMD partitioning: the tensor-parallel all-reduces carry bf16 (the fp8 dots
+    # write bf16, as bf16 ones do; a float32 output would double those bytes), fsdp
+    # gathers the quantized weights in float8, and float32 stays under 2% of the bytes.
+    found = collective_bytes(partitioned_hlo(traced.lower()))
+    assert found[("all-reduce", "bf16")] > 0 and found[("all-gather", "f8e4m3fn")] > 0, found
+    assert sum(v for (_, e), v in found.items() if e == "f32") < 0.02 * sum(found.values())
     for tree in (state.params, state.opt_state):
         floats = [x.dtype for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
         assert floats and set(floats) == {jnp.dtype(jnp.float32)}
