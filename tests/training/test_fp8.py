@@ -9,7 +9,9 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
+from helpers import MIXED_PLAN, ff_loss, mixed_factory
 
 import jtp
 from jtp.analysis.dtypes import (
@@ -158,3 +160,35 @@ def test_llama3_8b_step_at_t2048_is_at_least_90_percent_float8():
     assert float8_fraction(traced.jaxpr) >= 0.9, dot_flops_by_dtype(traced.jaxpr)
     others = {d.where.split(" ")[-1] for d in dots(traced.jaxpr) if not is_float8(d.dtype)}
     assert others == {"(attention)"}, others
+
+
+class _Mixed(jtp.TrainModule):
+    """Every parameterised stock Flax layer (tests/helpers.py's MixedBlock), 2x4."""
+
+    def configure_model(self, mesh):
+        return mixed_factory(), MIXED_PLAN
+
+    def training_step(self, model, batch):
+        return ff_loss(model, batch)[0]
+
+    def configure_optimizers(self):
+        return optax.adamw(1e-3)
+
+
+def test_every_stock_linear_layer_gets_the_float8_matmul():
+    """The policy reaches ``nnx.LinearGeneral`` (MultiHeadAttention's query, key, value and
+    output projections), ``nnx.Einsum`` (two) and ``nnx.Linear`` (``LoRALinear``'s base and
+    a plain one): their 8 forward matmuls are e4m3 x e4m3; what stays bf16 is the rest
+    (attention's own products, the convolutions, LoRA's A and B, a raw-Param layer). The
+    block holds LoRA, so only the adapters train and the layers before them run no backward:
+    the Llama test above checks the backward's formats."""
+    x = np.random.default_rng(0).standard_normal((4, 8, 16)).astype(np.float32)
+    module, strategy = _Mixed(), jtp.ModelParallelStrategy(2, 4)
+    options = TrainerOptions(precision="transformer-engine")
+    state, rules = build_state(module, strategy, options)
+    step = train_step(module, state, options, fsdp=False)
+    batches = [jtp.shard_batch((x, x), strategy.mesh)]
+    traced = trace_train_step(step, state, batches, rules, precision="transformer-engine")
+    found = dots(traced.jaxpr)
+    assert sum(d.dtype == "float8_e4m3fn" for d in found) == 8
+    assert {d.dtype for d in found if "float8" not in d.dtype} == {"bfloat16"}
