@@ -16,7 +16,9 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--sequence-parallel", action="store_true")
 parser.add_argument("--loss-parallel", action="store_true")
 parser.add_argument(
-    "--precision", default="32-true", choices=["32-true", "bf16-mixed", "bf16-true"]
+    "--precision",
+    default="32-true",
+    choices=["32-true", "bf16-mixed", "bf16-true", "transformer-engine", "fp8-mixed"],
 )
 parser.add_argument("--steps", type=int, default=8)
 args = parser.parse_args()

@@ -130,12 +130,32 @@ def flops_fraction(jaxpr: Any, dtype: str) -> float:
     return totals.get(dtype, 0.0) / total if total else 0.0
 
 
+FLOAT8 = ("float8_e4m3fn", "float8_e5m2")  # the float8 formats a training step multiplies
+
+
+def is_float8(dtype: str) -> bool:
+    """Whether a :attr:`Dot.dtype` (``"a"`` or ``"a x b"``) has float8 operands only: an
+    fp8 forward (e4m3 x e4m3) or backward (e5m2 gradient x e4m3 residual) matmul."""
+    return all(d in FLOAT8 for d in dtype.split(" x "))
+
+
+def float8_fraction(jaxpr: Any) -> float:
+    """The share of ``jaxpr``'s matmul FLOPs whose operands are both float8 (any format)."""
+    totals = dot_flops_by_dtype(jaxpr)
+    total = sum(totals.values())
+    return sum(v for k, v in totals.items() if is_float8(k)) / total if total else 0.0
+
+
 _COLLECTIVE = re.compile(
     r"=\s*(?P<type>\(?[a-z0-9]+\[[^=]*?)\s+(?P<kind>all-reduce|all-gather|reduce-scatter|"
     r"all-to-all|collective-permute)(?:-start)?\("
 )
-_ELEMENT = re.compile(r"\b(bf16|f16|f32|f64|s32|u32|s8|u8|pred|s64|u64)\[([0-9,]*)\]")
+_ELEMENT = re.compile(
+    r"\b(bf16|f16|f32|f64|s32|u32|s8|u8|pred|s64|u64|f8e4m3fn|f8e5m2)\[([0-9,]*)\]"
+)
 ELEMENT_BYTES = {
+    "f8e4m3fn": 1,
+    "f8e5m2": 1,
     "bf16": 2,
     "f16": 2,
     "f32": 4,

@@ -105,6 +105,12 @@ def _gpu(p: dict[str, Any]) -> str:
     return format_gpu(p)
 
 
+def _fp8(p: dict[str, Any]) -> str:
+    from jtp.bench.fp8 import format_fp8
+
+    return format_fp8(p)
+
+
 def _text(p: dict[str, Any]) -> str:
     from jtp.bench.text import format_text
 
@@ -118,6 +124,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "llama": _llama,
     "capacity": _capacity,
     "text": _text,
+    "fp8": _fp8,
     "compile": _compile,
     "cache": _cache,
     "gpu": _gpu,

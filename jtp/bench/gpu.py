@@ -174,12 +174,21 @@ def choose_layout(
         layers = max(1, layers // 2)
 
 
-def _step(config: str, layout: Any, devices: list, batch: int, seq: int, layers: int | None):
-    """A compiled bf16-mixed train step on real arrays, its state and a batch."""
+def _step(
+    config: str,
+    layout: Any,
+    devices: list,
+    batch: int,
+    seq: int,
+    layers: int | None,
+    precision: str = "bf16-mixed",
+):
+    """A compiled train step in ``precision`` on real arrays, its state and a batch; the
+    shares of its matmul FLOPs in bf16 and in float8 (read off its jaxpr)."""
     import jax
     import numpy as np
 
-    from jtp.analysis.dtypes import flops_fraction
+    from jtp.analysis.dtypes import float8_fraction, flops_fraction
     from jtp.mesh import ModelParallelStrategy
     from jtp.parallel.batch import shard_batch
     from jtp.recipes import LlamaTask, LlamaTaskConfig
@@ -202,25 +211,70 @@ def _step(config: str, layout: Any, devices: list, batch: int, seq: int, layers:
         shapes = dataclasses.replace(shapes, n_layers=layers)
     task = LlamaTask(task_config, model_config=shapes)
     strategy = ModelParallelStrategy(d, t, fsdp=fsdp, devices=devices[: d * t])
-    options = TrainerOptions(precision="bf16-mixed")
+    options = TrainerOptions(precision=precision)
     state, rules = build_state(task, strategy, options)
     step = train_step(task, state, options, fsdp=fsdp)
     tokens = np.random.default_rng(0).integers(0, task.model_config.vocab_size, (batch, seq + 1))
     batches = [shard_batch(tokens.astype(np.int32), strategy.mesh)]
     t0 = time.perf_counter()
-    traced = trace_train_step(step, state, batches, rules, precision="bf16-mixed")
+    traced = trace_train_step(step, state, batches, rules, precision=precision)
     compiled = traced.lower().compile()
     compile_s = time.perf_counter() - t0
-    share = flops_fraction(traced.jaxpr, "bfloat16")  # the program just compiled
+    share = {  # of the program just compiled
+        "bfloat16": flops_fraction(traced.jaxpr, "bfloat16"),
+        "float8": float8_fraction(traced.jaxpr),
+    }
     jax.block_until_ready(state.params)
     return compiled, state, batches, compile_s, task.model_config, share
+
+
+def _timed(compiled: Any, state: Any, batches: list, warmup: int, steps: int) -> list[float]:
+    """Seconds of each of ``steps`` steps after ``warmup`` untimed ones (state donated)."""
+    import jax
+
+    arrays = state.arrays()
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        *arrays, metrics = compiled(*arrays, batches)
+        jax.block_until_ready(metrics)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def _run(args: argparse.Namespace, precision: str, preset: str, chosen: Any, devices, layers, seq):
+    """One precision's step on the chosen layout: compiled, timed, its figures. Everything
+    it allocated is dropped on return, so the next precision's state has the memory."""
+    from jtp.analysis.memory import peak_memory_per_device
+
+    batch = args.micro_batch * chosen.data
+    compiled, state, batches, compile_s, model_config, share = _step(
+        preset, chosen, devices, batch, seq, layers, precision
+    )
+    times = _timed(compiled, state, batches, args.warmup, args.steps)
+    step_s = statistics.median(times)
+    return {
+        "precision": precision,
+        "compile_seconds": compile_s,
+        "step_seconds": {"median": step_s, "min": min(times), "max": max(times)},
+        "tokens_per_s_per_device": batch * seq / step_s / len(devices),
+        "compiled_peak_bytes_per_device": peak_memory_per_device(compiled),
+        "matmul_flops_share": share,
+        "cudnn_attention_in_program": "__cudnn$fmha" in compiled.as_text(),
+        "model_config": model_config,
+    }
 
 
 def gpu(args: argparse.Namespace) -> dict[str, Any]:
     import jax
 
-    from jtp.analysis.memory import peak_memory_per_device
     from jtp.mesh import select_devices
+    from jtp.training.precision import policy
+
+    precisions = args.precision.split(",")
+    for name in precisions:
+        policy(name)  # an unknown name raises, listing the choices, before anything runs
 
     if not args.smoke:
         try:  # CPU devices beside the GPUs, for the planner's CPU stand-in (planner_check)
@@ -254,9 +308,6 @@ def gpu(args: argparse.Namespace) -> dict[str, Any]:
         preset, devices, seq, args.micro_batch, peak, usable, smoke=args.smoke
     )
     batch = args.micro_batch * chosen.data
-    compiled, state, batches, compile_s, model_config, share = _step(
-        preset, chosen, devices, batch, seq, layers
-    )
     depth = layers or n_layers(preset)
     planned = next(r for r in tried if r["layout"] == chosen.label() and r["layers"] == depth)
     cpu_plan = planner_check(chosen, preset, depth, seq, args.micro_batch, planned["memory_bytes"])
@@ -264,20 +315,19 @@ def gpu(args: argparse.Namespace) -> dict[str, Any]:
         SMOKE_ATTENTION_SHAPE if args.smoke else ATTENTION_SHAPE, platform
     )
     exchange_row = expert_exchange_check(devices, platform, smoke=args.smoke)
-    arrays = state.arrays()
-    times = []
-    for i in range(args.warmup + args.steps):
-        t0 = time.perf_counter()
-        *arrays, metrics = compiled(*arrays, batches)
-        jax.block_until_ready(metrics)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times)
-    tokens_per_s_per_device = batch * seq / step_s / n
+    # The layout is the one chosen for bf16-mixed (the planner's); every precision runs it.
+    runs = [_run(args, name, preset, chosen, devices, layers, seq) for name in precisions]
+    first = runs[0]  # the top-level figures are the first precision's (bf16-mixed by default)
+    model_config = first.pop("model_config")
+    for r in runs[1:]:
+        r.pop("model_config")
+        r["speedup"] = first["step_seconds"]["median"] / r["step_seconds"]["median"]
+    tokens_per_s_per_device = first["tokens_per_s_per_device"]
     fpt = flops_per_token(model_config, seq)
-    mfu = None if args.smoke else tokens_per_s_per_device * fpt / (peak * 1e12)
+    for r in runs:  # against the bf16 peak for every precision (float8's is twice that)
+        r["mfu"] = None if args.smoke else r["tokens_per_s_per_device"] * fpt / (peak * 1e12)
+    mfu = first["mfu"]
     stats = devices[0].memory_stats() or {}
-    hlo = compiled.as_text()
     payload = {
         "benchmark": "gpu",
         "machine": machine(),
@@ -297,21 +347,24 @@ def gpu(args: argparse.Namespace) -> dict[str, Any]:
         "layouts_tried": tried,
         "global_batch": batch,
         "seq_len": seq,
-        "precision": "bf16-mixed",
-        "cudnn_attention_in_program": "__cudnn$fmha" in hlo,
-        "bf16_matmul_flops_share": share,
+        "precision": first["precision"],
+        "cudnn_attention_in_program": first["cudnn_attention_in_program"],
+        "bf16_matmul_flops_share": first["matmul_flops_share"]["bfloat16"],
         # the first compile of this program (choose_layout's); the run's own compile below
         # reads the persistent compilation cache that one filled
         "compile_seconds": planned["compile_seconds"],
-        "cached_compile_seconds": compile_s,
-        "step_seconds": {"median": step_s, "min": min(times), "max": max(times)},
+        "cached_compile_seconds": first["compile_seconds"],
+        "step_seconds": first["step_seconds"],
         "tokens_per_s_per_device": tokens_per_s_per_device,
         "flops_per_token": fpt,
         "peak_tflops": peak,
         "peak_source": source,
         "mfu": mfu,
-        "compiled_peak_bytes_per_device": peak_memory_per_device(compiled),
+        "compiled_peak_bytes_per_device": first["compiled_peak_bytes_per_device"],
+        # the process's peak: with several precisions, the largest of their runs
         "hbm_peak_bytes_in_use": stats.get("peak_bytes_in_use"),
+        # one row per --precision, in the order run (same process, layout and batch)
+        "precisions": runs,
         "usable_bytes_per_device": usable,
         "planner_check": cpu_plan,
         "attention_shape": SMOKE_ATTENTION_SHAPE if args.smoke else ATTENTION_SHAPE,
@@ -401,6 +454,20 @@ def format_gpu(r: dict[str, Any]) -> str:
                 else " (ragged: not on CPU)"
             )
         )
+    if len(r.get("precisions", [])) > 1:  # several --precision names, one process
+        lines += [
+            "\n| precision | step s (median) | tok/s/device | MFU (bf16 peak) "
+            "| float8 matmul FLOPs | speed-up |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for p in r["precisions"]:
+            m = "n/a" if p["mfu"] is None else f"{100 * p['mfu']:.1f}%"
+            lines.append(
+                f"| {p['precision']} | {p['step_seconds']['median']:.3f} | "
+                f"{p['tokens_per_s_per_device']:,.0f} | {m} | "
+                f"{100 * p['matmul_flops_share']['float8']:.1f}% | "
+                f"{p.get('speedup', 1.0):.2f}x |"
+            )
     plan = r["planner_check"]
     if plan is not None:
         lines.append(

@@ -44,6 +44,7 @@ RESULT_FILES = {"lora": "lora_memory.json"}
 SUBPROCESSES = {
     "memory": ("jtp.train", "jtp.cli.train"),
     "text": ("jtp.train", "jtp.cli.train", "jtp.prepare", "jtp.cli.prepare"),
+    "fp8": ("jtp.train", "jtp.cli.train", "jtp.prepare", "jtp.cli.prepare"),
     "cache": ("jtp.train", "jtp.cli.train"),
 }
 # The module each result kind starts from (the planner's tables come from its program).

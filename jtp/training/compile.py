@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jtp.analysis.dtypes import dot_flops_by_dtype, dots
+from jtp.analysis.dtypes import dot_flops_by_dtype, dots, is_float8
 from jtp.mesh import ModelParallelStrategy
 from jtp.parallel.abstract import abstract_array, abstract_sharded
 from jtp.parallel.activations import activation_rules
@@ -80,18 +80,25 @@ FLOAT32_DOT_WARNING = 0.05  # share of matmul FLOPs in float32 that a bf16 polic
 
 
 def check_compute_dtype(jaxpr: Any, precision: str) -> float:
-    """The share of the program's matmul FLOPs that run in the precision's compute dtype;
-    under a bf16 policy, a warning naming the float32 matmuls when more than 5% of the
-    FLOPs are not bf16 (a module computing in float32 that the policy could not reach)."""
-    want = str(jax.numpy.dtype(policy(precision).compute_dtype))
+    """The share of the program's matmul FLOPs that run in the precision's low-precision
+    dtypes (bf16; under a float8 policy bf16 or float8); under a bf16 or float8 policy, a
+    warning naming the float32 matmuls when more than 5% of the FLOPs are neither (a module
+    computing in float32 that the policy could not reach)."""
+    p = policy(precision)
+    want = str(jax.numpy.dtype(p.compute_dtype))
+
+    def low(dtype: str) -> bool:
+        return dtype == want or (p.float8 and is_float8(dtype))
+
     totals = dot_flops_by_dtype(jaxpr)
     total = sum(totals.values())
-    share = totals.get(want, 0.0) / total if total else 1.0
+    share = sum(v for k, v in totals.items() if low(k)) / total if total else 1.0
     if want != "float32" and 1.0 - share > FLOAT32_DOT_WARNING:
-        where = sorted({d.where for d in dots(jaxpr) if d.dtype != want and d.where})[:5]
+        where = sorted({d.where for d in dots(jaxpr) if not low(d.dtype) and d.where})[:5]
+        kind = f"{want} or float8" if p.float8 else want
         warnings.warn(
             f"precision={precision!r}: {100 * (1 - share):.0f}% of the step's matmul FLOPs "
-            f"are not {want} ({ {k: f'{v:.3g}' for k, v in totals.items()} }); made at "
+            f"are not {kind} ({ {k: f'{v:.3g}' for k, v in totals.items()} }); made at "
             f"{'; '.join(where) or 'unknown places'}. A module pins float32 (a dtype "
             "attribute of its own, or an astype before a matmul): jtp.explain(..., "
             "compute_dtype=...) lists the modules the policy cannot reach.",

@@ -51,8 +51,10 @@ class TrainerOptions:
       precision: ``"32-true"``; ``"bf16-mixed"`` (fp32 parameters and optimizer state;
         matmuls and activations in bf16: parameters, float batch inputs and every stock Flax
         layer are cast inside the step; the loss in fp32); ``"bf16-true"`` (parameters and
-        optimizer state stored in bf16, the same bf16 compute). See
-        ``jtp.training.precision``.
+        optimizer state stored in bf16, the same bf16 compute); ``"transformer-engine"``
+        (alias ``"fp8-mixed"``: as bf16-mixed, and the linear layers' matmuls in float8,
+        e4m3 forward and e5m2 gradients with current per-tensor scales; for Hopper and
+        later GPUs). See ``jtp.training.precision``.
       checkpoint_dir: save sharded, asynchronous, atomic checkpoints here (orbax): every
         ``checkpoint_every_n_steps`` optimizer steps, at the end of ``fit`` and on an agreed
         stop (then exit with 128 + signal); ``keep_last`` complete ones are kept.

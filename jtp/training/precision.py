@@ -12,6 +12,15 @@ Lightning's names, with Lightning's meaning:
   ``dtype = dtype or embedding.dtype``). Matmuls accumulate in float32 as XLA does; norm
   statistics and jtp's attention softmax are taken in float32; the loss is cast to float32.
 - ``"bf16-true"``: parameters and optimizer state stored in bf16, the same bf16 compute.
+- ``"transformer-engine"`` (Lightning's fp8 name; ``"fp8-mixed"`` is the same policy): as
+  "bf16-mixed", and the large matmuls (every ``nnx.Linear``, ``nnx.LinearGeneral`` and
+  ``nnx.Einsum``, so a Llama's projections, feed-forward and untied LM head) run in float8:
+  e4m3 operands forward, e5m2 gradients backward, each tensor with its current per-tensor
+  scale (:mod:`jtp.training.fp8` says why current, not delayed). Unlike Lightning's (whose
+  TransformerEngine plugin stores bf16 weights), parameters and optimizer state stay
+  float32; the fp8 operands exist only inside the step, so nothing of fp8 is stored or
+  checkpointed. Norms, attention (its scores and softmax), the router, the experts' grouped
+  matmuls and the loss compute as under "bf16-mixed".
 
 Casting parameters alone is not a policy: ``nnx.Linear(dtype=None)`` promotes from its
 inputs, so a float32 batch or a module pinned to float32 turns bf16 kernels back into
@@ -33,6 +42,7 @@ from flax import nnx
 
 from jtp.analysis.dtypes import POLICY_LAYERS, module_dtypes
 from jtp.parallel.abstract import is_abstract
+from jtp.training import fp8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,12 +52,15 @@ class Precision:
     name: str
     param_dtype: Any  # what parameters (and so the optimizer state) are stored in
     compute_dtype: Any  # what the step casts the parameters to before the forward
+    float8: bool = False  # the stock linear layers' matmuls in float8 (jtp.training.fp8)
 
 
 POLICIES = {
     "32-true": Precision("32-true", jnp.float32, jnp.float32),
     "bf16-mixed": Precision("bf16-mixed", jnp.float32, jnp.bfloat16),
     "bf16-true": Precision("bf16-true", jnp.bfloat16, jnp.bfloat16),
+    "transformer-engine": Precision("transformer-engine", jnp.float32, jnp.bfloat16, True),
+    "fp8-mixed": Precision("fp8-mixed", jnp.float32, jnp.bfloat16, True),
 }
 PRECISIONS = tuple(POLICIES)
 
@@ -88,17 +101,25 @@ def stored_params(params: Any, precision: str) -> Any:
 
 
 def apply_compute_dtype(model: nnx.Module, precision: str) -> nnx.Module:
-    """Tell every stock Flax layer of ``model`` to compute in the precision's dtype.
+    """Tell every stock Flax layer of ``model`` to compute in the precision's dtype, and
+    under a float8 policy give the linear layers the float8 matmul (their ``dot_general``,
+    ``nnx.Einsum``'s ``einsum_op``; subclasses such as jtp's LoRALinear included).
 
     Called on the model a step merges from its parameters (a fresh object inside the
     trace), so nothing outside the step changes. Under "32-true" the model is untouched.
     """
-    dtype = policy(precision).compute_dtype
-    if dtype == jnp.float32:
+    p = policy(precision)
+    if p.compute_dtype == jnp.float32:
         return model
     for _, module in nnx.iter_graph(model):
         if isinstance(module, POLICY_LAYERS):
-            module.dtype = dtype
+            module.dtype = p.compute_dtype
+        if p.float8 and isinstance(module, nnx.Linear | nnx.LinearGeneral):
+            module.dot_general = fp8.dot_general
+            if getattr(module, "dot_general_cls", None) is not None:  # LinearGeneral's
+                module.dot_general_cls = None  # takes precedence over dot_general
+        elif p.float8 and isinstance(module, nnx.Einsum):
+            module.einsum_op = fp8.einsum
     return model
 
 

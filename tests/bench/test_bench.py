@@ -200,7 +200,10 @@ def test_gpu_benchmark_says_so_without_a_gpu_and_runs_its_code_path_with_smoke(
     """No GPU here: ``bench gpu`` exits 2 saying so. ``--smoke`` runs the whole path (the
     planner's layout choice, the bf16-mixed compiled step, timing, MFU fields, the table)
     on a tiny shape on CPU devices; its figures are labelled meaningless, and go to the
-    ad-hoc results directory: the committed bench_results/gpu.json stays byte for byte."""
+    ad-hoc results directory: the committed bench_results/gpu.json stays byte for byte.
+    With two precisions the second (float8) runs the same layout in the same process: a
+    row each, the float8 share of its matmul FLOPs read off its program (>= 90% at T = 32,
+    none under bf16-mixed), the top-level figures the first's."""
     from pathlib import Path
 
     import pytest
@@ -214,7 +217,10 @@ def test_gpu_benchmark_says_so_without_a_gpu_and_runs_its_code_path_with_smoke(
     assert stop.value.code == 2 and "no GPU here" in capsys.readouterr().err
     assert not (tmp_path / "none.json").exists()
     out = tmp_path / "gpu.json"
-    payload = bench_main(["gpu", "--smoke", "--steps", "2", "--warmup", "1"])
+    precisions = "bf16-mixed,transformer-engine"
+    payload = bench_main(
+        ["gpu", "--smoke", "--steps", "2", "--warmup", "1", "--precision", precisions]
+    )
     assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
     assert committed.read_bytes() == before
     assert payload["smoke"] and payload["platform"] == "cpu" and payload["mfu"] is None
@@ -222,6 +228,11 @@ def test_gpu_benchmark_says_so_without_a_gpu_and_runs_its_code_path_with_smoke(
     assert payload["tokens_per_s_per_device"] > 0 and payload["precision"] == "bf16-mixed"
     assert payload["cudnn_attention_in_program"] is False  # XLA's path on CPU
     assert payload["bf16_matmul_flops_share"] >= 0.95
+    bf16, fp8 = payload["precisions"]
+    assert (bf16["precision"], fp8["precision"]) == ("bf16-mixed", "transformer-engine")
+    assert bf16["matmul_flops_share"]["float8"] == 0.0
+    assert fp8["matmul_flops_share"]["float8"] >= 0.9 and fp8["speedup"] > 0
+    assert bf16["step_seconds"] == payload["step_seconds"]
     tried = payload["layouts_tried"]  # the whole-depth compile that chose the layout
     assert [(r["layout"], r["layers"], r["fits"]) for r in tried] == [("2x4 fsdp", 2, True)]
     assert payload["compile_seconds"] == tried[0]["compile_seconds"] > 0

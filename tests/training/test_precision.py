@@ -13,8 +13,8 @@ from jtp.training.options import TrainerOptions
 from jtp.training.precision import PRECISIONS, compute_params, policy, stored_params
 
 
-def test_the_three_names_and_what_they_mean():
-    assert PRECISIONS == ("32-true", "bf16-mixed", "bf16-true")
+def test_the_names_and_what_they_mean():
+    assert PRECISIONS == ("32-true", "bf16-mixed", "bf16-true", "transformer-engine", "fp8-mixed")
     assert (policy("32-true").param_dtype, policy("32-true").compute_dtype) == (
         jnp.float32,
         jnp.float32,
