@@ -190,12 +190,9 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 def lightning(args: argparse.Namespace) -> dict[str, Any]:
     check_setup(args.lightning_python, args.example_dir)
-    import jtp
-
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
     env["JAX_PLATFORMS"] = "cpu"
-    src = str(Path(jtp.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     runs: dict[str, list[dict[str, Any]]] = {"jtp": [], "lightning": []}
     for i in range(args.repeats):
         order = ("jtp", "lightning") if i % 2 == 0 else ("lightning", "jtp")  # A B B A ...
