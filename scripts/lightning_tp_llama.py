@@ -13,7 +13,8 @@ rank. What it changes, and only that:
   parameters; SwiGLU width 1536 by its ``multiple_of=256`` rule) instead of 7B;
 - float32: its ``parallelism.py`` hardcodes ``MixedPrecisionPolicy(param_dtype=bfloat16)``
   for FSDP2; here that name is replaced by a float32 policy before ``parallelize`` runs
-  (and ``torch.set_float32_matmul_precision`` is left at "highest");
+  (and ``torch.set_float32_matmul_precision`` is left at "highest"); the result lists the
+  dtypes every ``nn.Linear`` produced (``linear_output_dtypes``);
 - 16 optimizer steps (``max_epochs=2`` of 8 batches) instead of ``limit_train_batches=10``;
   no checkpoint at the epochs' ends (``enable_checkpointing=False``): jtp's side saves none.
 
@@ -124,6 +125,11 @@ def main(argv: list[str] | None = None) -> None:
             self.losses: list[float] = []
 
         def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+            # what the matmuls compute in (float32: the bf16 FSDP2 policy is replaced)
+            self.dtypes: set[str] = set()
+            for m in module.modules():
+                if isinstance(m, torch.nn.Linear):
+                    m.register_forward_hook(lambda _, __, out: self.dtypes.add(str(out.dtype)))
             self.t0 = time.perf_counter()
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
@@ -166,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
             "fit_seconds": fit_seconds,
             "world_size": trainer.world_size,
             "threads_per_process": torch.get_num_threads(),
+            "linear_output_dtypes": sorted(clock.dtypes),
             "model": {
                 "dim": args.dim,
                 "n_layers": args.n_layers,

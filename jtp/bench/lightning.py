@@ -138,6 +138,8 @@ def _lightning_run(python: str, example_dir: str) -> dict[str, Any]:
     r = parse_runner_output(out)
     if not r["finite"]:
         raise RuntimeError(f"Lightning's losses are not all finite: {r['losses']}")
+    if r["linear_output_dtypes"] != ["torch.float32"]:  # the fp32 policy did not take
+        raise RuntimeError(f"Lightning's matmuls computed in {r['linear_output_dtypes']}")
     return {"wall_s": wall, **step_figures(r["step_times"]), "losses": r["losses"], "runner": r}
 
 
