@@ -112,3 +112,25 @@ def test_without_a_lightning_environment_it_exits_2_saying_how(tmp_path, monkeyp
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "pip install torch==2.13.0 lightning" in err
     assert not (tmp_path / "l.json").exists()
+
+
+def test_a_lightning_run_in_bf16_or_with_a_nan_is_refused(monkeypatch):
+    """The runner swaps the example's bf16 FSDP2 policy for float32 and reports what its
+    ``nn.Linear`` layers produced: anything but float32 (or a non-finite loss) is no
+    comparison of the same numerics."""
+    from jtp.bench import lightning
+
+    def runner_says(**fields):
+        r = {"finite": True, "linear_output_dtypes": ["torch.float32"], "losses": [1.0]}
+        r["step_times"] = [2.0, 3.0, 4.0]
+        line = lightning.RESULT_PREFIX + json.dumps({**r, **fields})
+        monkeypatch.setattr(lightning, "_run", lambda cmd, env: (9.0, line + "\n"))
+
+    runner_says()
+    assert lightning._lightning_run("py", "dir")["median_step_s"] == 1.0
+    runner_says(linear_output_dtypes=["torch.bfloat16", "torch.float32"])
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        lightning._lightning_run("py", "dir")
+    runner_says(finite=False, losses=[float("nan")])
+    with pytest.raises(RuntimeError, match="not all finite"):
+        lightning._lightning_run("py", "dir")
