@@ -20,7 +20,8 @@ rank. What it changes, and only that:
 
 Process 0 prints one line ``LIGHTNING_TP_RESULT {json}`` with the parameter count, the
 losses (mean over the data-parallel ranks, one per step), ``step_times`` (seconds from the
-start of training to the end of each step) and the versions. Needs torch and lightning
+start of training to the end of each step), ``cpu_seconds`` (user + system, all ranks and
+their data workers) and the versions. Needs torch and lightning
 (never jtp's environment)::
 
     python3.11 -m venv /work/venv-lightning
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import resource
 import sys
 import time
 
@@ -163,6 +165,15 @@ def main(argv: list[str] | None = None) -> None:
     local = torch.tensor(clock.losses, dtype=torch.float64)
     torch.distributed.all_reduce(local)
     losses = (local / torch.distributed.get_world_size()).tolist()
+    # CPU seconds of the whole job: every rank's own (all its threads) and its reaped
+    # children's (the data workers), summed over the ranks
+    own, workers = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    cpu = sum(r.ru_utime + r.ru_stime for r in (own, workers))
+    cpu_seconds = torch.tensor([cpu], dtype=torch.float64)
+    torch.distributed.all_reduce(cpu_seconds)
     if trainer.is_global_zero:
         result = {
             "params": params,
@@ -170,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
             "finite": all(math.isfinite(x) for x in losses),
             "step_times": clock.times,
             "fit_seconds": fit_seconds,
+            "cpu_seconds": cpu_seconds.item(),
             "world_size": trainer.world_size,
             "threads_per_process": torch.get_num_threads(),
             "linear_output_dtypes": sorted(clock.dtypes),

@@ -14,7 +14,9 @@ and each side reports the median over its runs of:
 - the process's wall time (start to exit, imports, initialisation and compile included),
 - its median step time over steps 2..16 (between consecutive steps' losses reaching the host;
   jtp logs every step for this, as Lightning's progress bar does),
-- its first step: from the start of training (jtp: before the compile) to step 1's loss.
+- its first step: from the start of training (jtp: before the compile) to step 1's loss;
+- its CPU seconds (user + system, every thread; Lightning's: all 4 ranks and their data
+  workers): the figure other processes on the machine disturb least.
 
 jtp's main environment never imports torch: Lightning's side is a subprocess of the other
 Python. Without it (or the example's files) the benchmark exits 2 saying how to set them up.
@@ -28,6 +30,7 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -114,33 +117,48 @@ def step_figures(step_times: list[float]) -> dict[str, float]:
     return {"first_step_s": step_times[0], "median_step_s": statistics.median(steps)}
 
 
-def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
-    t0 = time.perf_counter()
+def _cpu_of_children() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
+    """(wall seconds, CPU seconds of the process and what it reaped, its stdout)."""
+    t0, cpu0 = time.perf_counter(), _cpu_of_children()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, _cpu_of_children() - cpu0
     if done.returncode != 0:
         tail = (done.stdout + done.stderr)[-3000:]
         raise RuntimeError(f"{' '.join(cmd)} exited {done.returncode}:\n{tail}")
-    return wall, done.stdout
+    return wall, cpu, done.stdout
 
 
 def _jtp_run(env: dict[str, str]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         metrics = os.path.join(tmp, "metrics.json")
-        wall, _ = _run(jtp_command(sys.executable, metrics, tmp), env)
+        wall, cpu, _ = _run(jtp_command(sys.executable, metrics, tmp), env)
         m = json.loads(Path(metrics).read_text())
-    return {"wall_s": wall, **step_figures(m["step_times"]), "losses": m["losses"]}
+    figures = step_figures(m["step_times"])
+    return {"wall_s": wall, "cpu_s": cpu, **figures, "losses": m["losses"]}
 
 
 def _lightning_run(python: str, example_dir: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
-        wall, out = _run(lightning_command(python, example_dir, tmp), dict(os.environ))
+        wall, _, out = _run(lightning_command(python, example_dir, tmp), dict(os.environ))
     r = parse_runner_output(out)
     if not r["finite"]:
         raise RuntimeError(f"Lightning's losses are not all finite: {r['losses']}")
     if r["linear_output_dtypes"] != ["torch.float32"]:  # the fp32 policy did not take
         raise RuntimeError(f"Lightning's matmuls computed in {r['linear_output_dtypes']}")
-    return {"wall_s": wall, **step_figures(r["step_times"]), "losses": r["losses"], "runner": r}
+    # its ranks are not all reaped by the launcher: each rank counts its own CPU time
+    figures = step_figures(r["step_times"])
+    return {
+        "wall_s": wall,
+        "cpu_s": r["cpu_seconds"],
+        **figures,
+        "losses": r["losses"],
+        "runner": r,
+    }
 
 
 def _refuse(message: str) -> None:
@@ -179,7 +197,7 @@ def _params() -> int:
 
 
 def _median(runs: list[dict[str, Any]]) -> dict[str, float]:
-    keys = ("wall_s", "median_step_s", "first_step_s")
+    keys = ("wall_s", "cpu_s", "median_step_s", "first_step_s")
     return {k: statistics.median(r[k] for r in runs) for k in keys}
 
 
@@ -245,18 +263,18 @@ def format_lightning(payload: dict[str, Any]) -> str:
         f"{m['n_heads']} heads, FFN {m['ffn_hidden']}, vocab {m['vocab_size']}), data 2 x tensor 2 "
         f"+ fsdp + sequence + loss parallel + full remat, float32, {payload['steps']} steps of "
         f"16 x 128 tokens; median of {payload['repeats']} alternating runs per side",
-        f"| {'side':<58} | {'process s':>9} | {'step s (2..)':>12} | {'first step s':>12} | "
-        f"{'loss (run 1)':>14} |",
-        f"|{'-' * 60}|{'-' * 10}:|{'-' * 13}:|{'-' * 13}:|{'-' * 15}:|",
+        f"| {'side':<58} | {'process s':>9} | {'CPU s':>7} | {'step s (2..)':>12} | "
+        f"{'first step s':>12} | {'loss (run 1)':>14} |",
+        f"|{'-' * 60}|{'-' * 10}:|{'-' * 8}:|{'-' * 13}:|{'-' * 13}:|{'-' * 15}:|",
     ]
     for side, label in sides.items():
         r = med[side]
         lines.append(
-            f"| {label:<58} | {r['wall_s']:>9.1f} | {r['median_step_s']:>12.2f} | "
-            f"{r['first_step_s']:>12.1f} | {loss(side):>14} |"
+            f"| {label:<58} | {r['wall_s']:>9.1f} | {r['cpu_s']:>7.1f} | "
+            f"{r['median_step_s']:>12.2f} | {r['first_step_s']:>12.1f} | {loss(side):>14} |"
         )
     lines.append(
-        f"| {'jtp / Lightning':<58} | {ratio['wall_s']:>9.2f} | {ratio['median_step_s']:>12.2f} | "
-        f"{ratio['first_step_s']:>12.2f} | {'':>14} |"
+        f"| {'jtp / Lightning':<58} | {ratio['wall_s']:>9.2f} | {ratio['cpu_s']:>7.2f} | "
+        f"{ratio['median_step_s']:>12.2f} | {ratio['first_step_s']:>12.2f} | {'':>14} |"
     )
     return "\n".join(lines)

@@ -80,8 +80,8 @@ def test_the_runners_line_and_the_step_figures():
 
 
 def test_the_table_from_the_json():
-    side = {"wall_s": 60.0, "median_step_s": 3.0, "first_step_s": 20.0}
-    other = {"wall_s": 120.0, "median_step_s": 6.0, "first_step_s": 20.0}
+    side = {"wall_s": 60.0, "cpu_s": 100.0, "median_step_s": 3.0, "first_step_s": 20.0}
+    other = {"wall_s": 120.0, "cpu_s": 200.0, "median_step_s": 6.0, "first_step_s": 20.0}
     payload = {
         "model": {
             "dim": 512,
@@ -96,7 +96,7 @@ def test_the_table_from_the_json():
         "lightning_versions": {"torch": "2.13.0+cpu", "lightning": "2.6.6"},
         "runs": {s: [{"losses": [10.8, 9.6]}] for s in ("jtp", "lightning")},
         "median": {"jtp": side, "lightning": other},
-        "ratio": {"wall_s": 0.5, "median_step_s": 0.5, "first_step_s": 1.0},
+        "ratio": {"wall_s": 0.5, "cpu_s": 0.5, "median_step_s": 0.5, "first_step_s": 1.0},
     }
     table = RENDERERS["lightning"](payload)
     assert "Llama 46.4M parameters" in table and "Lightning 2.6.6" in table
@@ -122,12 +122,14 @@ def test_a_lightning_run_in_bf16_or_with_a_nan_is_refused(monkeypatch):
 
     def runner_says(**fields):
         r = {"finite": True, "linear_output_dtypes": ["torch.float32"], "losses": [1.0]}
+        r["cpu_seconds"] = 7.0
         r["step_times"] = [2.0, 3.0, 4.0]
         line = lightning.RESULT_PREFIX + json.dumps({**r, **fields})
-        monkeypatch.setattr(lightning, "_run", lambda cmd, env: (9.0, line + "\n"))
+        monkeypatch.setattr(lightning, "_run", lambda cmd, env: (9.0, 1.0, line + "\n"))
 
     runner_says()
-    assert lightning._lightning_run("py", "dir")["median_step_s"] == 1.0
+    run = lightning._lightning_run("py", "dir")
+    assert (run["median_step_s"], run["cpu_s"]) == (1.0, 7.0)
     runner_says(linear_output_dtypes=["torch.bfloat16", "torch.float32"])
     with pytest.raises(RuntimeError, match="bfloat16"):
         lightning._lightning_run("py", "dir")
