@@ -117,6 +117,12 @@ def _text(p: dict[str, Any]) -> str:
     return format_text(p)
 
 
+def _lightning(p: dict[str, Any]) -> str:
+    from jtp.bench.lightning import format_lightning
+
+    return format_lightning(p)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "multihost": _multihost,
     "memory": _memory,
@@ -132,6 +138,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "lora": _lora,
     "moe": _moe,
     "context": _context,
+    "lightning": _lightning,
 }
 
 

@@ -46,6 +46,7 @@ SUBPROCESSES = {
     "text": ("jtp.train", "jtp.cli.train", "jtp.prepare", "jtp.cli.prepare"),
     "fp8": ("jtp.train", "jtp.cli.train", "jtp.prepare", "jtp.cli.prepare"),
     "cache": ("jtp.train", "jtp.cli.train"),
+    "lightning": ("jtp.train", "jtp.cli.train", "scripts.lightning_tp_llama"),
 }
 # The module each result kind starts from (the planner's tables come from its program).
 ENTRY = {"capacity": "jtp.cli.capacity"}

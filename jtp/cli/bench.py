@@ -15,20 +15,19 @@ table and JSON.
     python -m jtp.bench lora      [--preset llama3-8b] [--rank 16] [--json PATH]
     python -m jtp.bench moe       [--layers 4] [--seq-len 256] [--repeats 5] [--json PATH]
     python -m jtp.bench context   [--seq-len 4096] [--sizes 1,2,4,8] [--budget-mib 512]
+    python -m jtp.bench lightning --lightning-python PY --example-dir DIR [--repeats 3]
     python -m jtp.bench docs      [--check]
 
-Every benchmark also takes ``--record``, and every sub-command
-``--compilation-cache DIR`` / ``--no-compilation-cache``
-(:mod:`jtp.training.compilation_cache`; on by default).
+Every benchmark also takes ``--record``, and every sub-command ``--compilation-cache DIR`` /
+``--no-compilation-cache`` (:mod:`jtp.training.compilation_cache`; on by default).
 
 Where results go (:mod:`jtp.bench.results`): ``$JTP_BENCH_DIR/NAME.json``, else
 ``runs/bench/NAME.json`` (gitignored), or ``--json PATH``; only ``--record`` writes the
 committed ``bench_results/`` the docs render, and ``--smoke`` never does. Every result records
 its provenance (commit, a hash of the sources it measures, versions, machine, device, date).
 
-Each benchmark is a module of :mod:`jtp.bench` named like its sub-command, whose function
-of that name takes the parsed arguments (``memory.memory(args)``); it is imported only when
-run.
+Each benchmark is a module of :mod:`jtp.bench` named like its sub-command, whose function of
+that name takes the parsed arguments (``memory.memory(args)``), imported when it runs.
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ import importlib
 import sys
 from typing import Any
 
-from jtp.bench import results
+from jtp.bench import lightning, results
 from jtp.cli.flags import add_compilation_cache_flags
 from jtp.cli.output import program
 from jtp.training import compilation_cache
@@ -124,6 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cx.add_argument("--search-from", type=int, default=1024, help="shortest T searched")
     cx.add_argument("--max-seq-len", type=int, default=131072, help="longest T searched")
     sub.add_parser("cache", help="a repeated run's compile with the persistent cache")
+    lightning.add_flags(sub.add_parser("lightning", help="jtp vs Lightning's TP Llama example"))
     dc = sub.add_parser("docs", help="re-render the docs' figure tables from bench_results JSON")
     dc.add_argument("--root", default=".", help="repository root (holds docs/, bench_results/)")
     dc.add_argument("--check", action="store_true", help="fail if a table differs; write nothing")

@@ -252,6 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "peak_memory_bytes_per_device": trainer.peak_memory_bytes_per_device,
         "fit_seconds": trainer.fit_seconds,
         "compile_seconds": trainer.compile_seconds,
+        "step_times": trainer.step_times,  # each loss on the host, s from the fit's start
         "compile_cache_hits": trainer.compile_cache_hits,
         "compilation_cache": args.compilation_cache,
         **_fit_metrics(trainer),

@@ -44,6 +44,21 @@ PRESETS = {
         ffn_hidden=28672,
         max_seq_len=8192,
     ),
+    # Lightning's tensor-parallel Llama example (examples/pytorch/tensor_parallel) cut to
+    # 46.4M parameters: its ModelArgs at dim 512, 4 layers, vocab 32000, RoPE base 10000;
+    # SwiGLU width by its rule (4 x 512 x 2/3 rounded up to a multiple of 256 = 1536);
+    # 8 heads of 64 (its default 32 would make heads of 16). Trains on CPU (docs/performance.md,
+    # python -m jtp.bench lightning).
+    "lightning-46m": LlamaConfig(
+        vocab_size=32000,
+        dim=512,
+        n_layers=4,
+        n_heads=8,
+        n_kv_heads=8,
+        ffn_hidden=1536,
+        max_seq_len=2048,
+        rope_theta=10000.0,
+    ),
     # Mixtures of experts (jtp.models.moe; docs/moe.md). The tiny ones train on CPU in
     # seconds: 8 experts, top-2, every layer sparse (heads and experts divisible by 8).
     # Qwen3-MoE's routing: softmax over the experts, top-k, renormalised.

@@ -113,6 +113,12 @@ class FitRun:
         """Leave ``fit`` after an agreed stop (the step is saved): exit with ``exit_code``."""
         raise SystemExit(exit_code)
 
+    def step_times(self) -> list[float]:
+        """Seconds from the start of this fit (before the compile) to when each step's
+        metrics reached the host, one per step; consecutive steps' differ by a step's time
+        when every step is logged (``log_every_n_steps=1``)."""
+        return [t - self._t_start for t in self.metrics.fetched_at]
+
     def seconds(self) -> tuple[float, float | None]:
         """(whole fit incl. compile, steady state from the end of the compile)."""
         end = getattr(self, "_t_end", time.perf_counter())

@@ -6,6 +6,7 @@ devices); it keeps the metric arrays of the last few steps and fetches them toge
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import jax
@@ -26,6 +27,9 @@ class MetricsBuffer:
         self.pending: list[tuple[int, int, dict[str, Any]]] = []
         self.losses: list[float] = []  # one per optimizer step, in order
         self.history: list[dict[str, float]] = []
+        # perf_counter when each step's row reached the host: with a logging interval of
+        # 1 the differences are step times (a row waits for its step to finish)
+        self.fetched_at: list[float] = []
         self.validations: list[dict[str, float]] = []
         self._attached: dict[int, dict[str, float]] = {}
 
@@ -49,12 +53,14 @@ class MetricsBuffer:
         if not self.pending:
             return {}
         fetched = jax.device_get([m for _, _, m in self.pending])
+        now = time.perf_counter()
         rows = []
         for (step, epoch, _), values in zip(self.pending, fetched, strict=True):
             row = {k: float(v) for k, v in values.items()}
             row.update(self._attached.pop(step, {}))
             self.losses.append(row["loss"])
             self.history.append(row)
+            self.fetched_at.append(now)
             rows.append({"step": step, "epoch": epoch, **row})
         self.pending = []
         if self.logger is not None:

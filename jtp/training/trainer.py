@@ -69,6 +69,8 @@ class Trainer:
         self.peak_memory_bytes_per_device: int | None = None
         self.log_dir: str | None = None
         self.fit_seconds = self.train_seconds = self.steps_per_second = None
+        # seconds from the last fit's start to each step's metrics on the host (one per step)
+        self.step_times: list[float] = []
         self.model: nnx.Module | None = None
         self._module: TrainModule | None = None
         self._state: TrainState | None = None
@@ -281,6 +283,7 @@ class Trainer:
         self.losses, self.metrics_history = run.metrics.losses, run.metrics.history
         self.val_history = run.metrics.validations
         self.fit_seconds, self.train_seconds = run.seconds()
+        self.step_times = run.step_times()
         if run.compiled is not None:
             if self.train_seconds:
                 self.steps_per_second = (self.global_step - self.first_step) / self.train_seconds

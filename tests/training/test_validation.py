@@ -119,6 +119,9 @@ def test_val_metrics_reach_the_progress_bar(capsys):
         report_memory=False,
     )
     trainer.fit(Scheduled())
+    # every step logged: one arrival time per step, in order (python -m jtp.bench lightning)
+    times = trainer.step_times
+    assert len(times) == 4 and 0 < times[0] and times == sorted(times)
     lines = capsys.readouterr().err.splitlines()
     assert "val_loss" not in lines[0] and "lr 0.01 " in lines[0]
     assert all("val_loss" in line for line in lines[1:4])  # kept until the next validation
