@@ -9,6 +9,7 @@ compile with a dump option writes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import math
@@ -16,6 +17,7 @@ import os
 import re
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -170,11 +172,31 @@ ELEMENT_BYTES = {
 }
 
 
+@contextlib.contextmanager
+def _compiling_afresh() -> Iterator[None]:
+    """jax's persistent compilation cache off for the compiles inside, back as it was after.
+    jax leaves the dump options out of a cache entry's key, so with a warm cache (the
+    programs keep one by default; the test suite shares one per run) the program is loaded
+    and XLA writes no dump. jax decides once per process whether the cache is used:
+    ``reset_cache`` makes it decide again."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
+        compilation_cache.reset_cache()
+
+
 def partitioned_hlo(lowered: jax.stages.Lowered) -> str:
     """The HLO text of ``lowered`` right after SPMD partitioning: the collectives XLA
     inserted, with the element types the program asked for (the CPU backend promotes bf16
-    ones to float32 only later). Compiles ``lowered`` once more, with a dump option."""
-    with tempfile.TemporaryDirectory() as tmp:
+    ones to float32 only later). Compiles ``lowered`` once more, with a dump option, and
+    without jax's persistent compilation cache (:func:`_compiling_afresh`)."""
+    with tempfile.TemporaryDirectory() as tmp, _compiling_afresh():
         lowered.compile(
             compiler_options={"xla_dump_to": tmp, "xla_dump_hlo_pass_re": "spmd-partitioning"}
         )
