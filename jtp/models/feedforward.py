@@ -24,6 +24,21 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
+def per_token(layer: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
+    """``layer(x)`` for a linear ``layer`` applied to each token: the leading axes of ``x``
+    merged into one (N = B * T, a reshape) around the matmul, ``(..., n_in) -> (..., n_out)``.
+
+    Why: the backward's weight gradient then contracts one token axis, which XLA's CPU dot
+    reads where it lies; contracting (B, T) XLA first copies one operand transposed, each
+    layer and step (docs/performance.md, "Where a CPU training step's time goes"). The same
+    numbers either way: only the shapes around the matmul change (reshapes of contiguous
+    axes, free on any backend).
+    """
+    lead = x.shape[:-1]
+    y_nf = layer(x.reshape(-1, x.shape[-1]))  # (N, n_in) -> (N, n_out)
+    return y_nf.reshape(*lead, y_nf.shape[-1])
+
+
 class FeedForward(nnx.Module):
     """``w2(silu(w1(x)) * w3(x))`` with bias-free linears (Llama's MLP; Gemma's with gelu).
 
@@ -73,7 +88,8 @@ class FeedForward(nnx.Module):
         self.activation = activation
 
     def __call__(self, x_bd: jnp.ndarray) -> jnp.ndarray:
-        h_bh = ACTIVATIONS[self.activation](self.w1(x_bd)) * self.w3(x_bd)  # (..., hidden_dim)
+        gate_bh, up_bh = per_token(self.w1, x_bd), per_token(self.w3, x_bd)  # (..., hidden_dim)
+        h_bh = ACTIVATIONS[self.activation](gate_bh) * up_bh
         # A no-op unless a plan gives "ffn_hidden" a layout (jtp.plans.llama does).
         h_bh = shard_activation(h_bh, "ffn_hidden")
-        return self.w2(h_bh)  # (..., dim)
+        return per_token(self.w2, h_bh)  # (..., dim)
