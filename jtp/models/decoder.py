@@ -467,15 +467,12 @@ class Decoder(nnx.Module):
     def head(self, h_btd: jax.Array) -> jax.Array:
         """Logits (B, T, V) of the final norm's output: the output projection, or tied,
         ``h @ table.T``; soft-capped where configured."""
-        # One token axis N = B * T, as jtp.models.feedforward.per_token: contracting (B, T)
-        # the weight gradient would first copy the (B, T, V) logits' gradient transposed.
-        b, t, d = h_btd.shape
-        h_nd = h_btd.reshape(b * t, d)
-        if self.output is None:  # (N, D) x (V, D) -> (N, V)
-            logits_nv = self.tok_embeddings.attend(h_nd)
-        else:
-            logits_nv = self.output(h_nd)  # (N, V)
-        return soft_cap(logits_nv.reshape(b, t, -1), self.config.final_softcap)  # (B, T, V)
+        # One token axis N = B * T (jtp.models.feedforward.per_token says why): contracting
+        # (B, T) the weight gradient would first copy the (B, T, V) logits' gradient
+        # transposed. (N, D) x (V, D) -> (N, V) tied, else (N, D) x (D, V).
+        project = self.tok_embeddings.attend if self.output is None else self.output
+        logits_btv = per_token(project, h_btd)  # (B, T, V)
+        return soft_cap(logits_btv, self.config.final_softcap)
 
 
 def cross_entropy(logits_btv: jax.Array, labels_bt: jax.Array) -> jax.Array:

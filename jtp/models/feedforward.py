@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jtp.parallel.activations import shard_activation
+from jtp.parallel.context import context_active
 
 # The gate's nonlinearity by name: SwiGLU's silu (Llama) or GeGLU's gelu with the tanh
 # approximation (Gemma; transformers' "gelu_pytorch_tanh", the same formula).
@@ -32,8 +33,12 @@ def per_token(layer: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Arra
     reads where it lies; contracting (B, T) XLA first copies one operand transposed, each
     layer and step (docs/performance.md, "Where a CPU training step's time goes"). The same
     numbers either way: only the shapes around the matmul change (reshapes of contiguous
-    axes, free on any backend).
+    axes, free on any backend). Not on a mesh with a context axis: there T is split as well,
+    and one axis split over both "data" and "context" makes the partitioner reshard around
+    every matmul (more all-gathers and permutes than the (B, T) form).
     """
+    if context_active():
+        return layer(x)
     lead = x.shape[:-1]
     y_nf = layer(x.reshape(-1, x.shape[-1]))  # (N, n_in) -> (N, n_out)
     return y_nf.reshape(*lead, y_nf.shape[-1])
