@@ -49,7 +49,7 @@ from jtp.errors import InputError
 from jtp.models.attention import masked_attention
 from jtp.models.cache import KVCache, Slots
 from jtp.models.decoder_config import DecoderConfig
-from jtp.models.feedforward import FeedForward
+from jtp.models.feedforward import FeedForward, per_token
 from jtp.models.layer_kinds import by_kind, layer_attention, layer_kinds
 from jtp.models.lora import LoRALinear
 from jtp.models.moe import MoEFeedForward, RouterStats
@@ -196,7 +196,7 @@ class Attention(nnx.Module):
         out_bthe = shard_activation(out_bthe, "heads")  # keeps the backward split by head too
         out_bthe = checkpoint_name(out_bthe, ATTENTION_OUT)  # what remat="minimal" keeps
         b, t, h, e = out_bthe.shape
-        y_btd = self.wo(out_bthe.reshape(b, t, h * e))  # (B, T, H * E) -> (B, T, D)
+        y_btd = per_token(self.wo, out_bthe.reshape(b, t, h * e))  # (B, T, H * E) -> (B, T, D)
         return y_btd if cache is None else (y_btd, cache)
 
     def _qkv(
@@ -206,12 +206,13 @@ class Attention(nnx.Module):
         applied, split by head."""
         b, t, _ = x_btd.shape
         h, k, e = self.n_heads, self.n_kv_heads, self.head_dim
-        q_btf, k_btf = self.wq(x_btd), self.wk(x_btd)  # (B, T, H * E), (B, T, K * E)
+        # (B, T, H * E), (B, T, K * E); per_token: one token axis for the matmuls
+        q_btf, k_btf = per_token(self.wq, x_btd), per_token(self.wk, x_btd)
         if self.qk_norm_all:  # OLMoE: statistics over all heads' features, before the split
             q_btf, k_btf = self.q_norm(q_btf), self.k_norm(k_btf)
         q_bthe = q_btf.reshape(b, t, h, e)  # (B, T, H, E)
         k_bske = k_btf.reshape(b, t, k, e)  # (B, S, K, E), S = T
-        v_bske = self.wv(x_btd).reshape(b, t, k, e)  # (B, S, K, E)
+        v_bske = per_token(self.wv, x_btd).reshape(b, t, k, e)  # (B, S, K, E)
         if self.kv_replicas > 1:
             # (B, S, K, E) -> (B, S, K * r, E), head j's copies at j*r .. j*r + r - 1, so query
             # head i still meets kv head i // (H / K): with r = tensor / K and the "heads" split
@@ -466,10 +467,11 @@ class Decoder(nnx.Module):
     def head(self, h_btd: jax.Array) -> jax.Array:
         """Logits (B, T, V) of the final norm's output: the output projection, or tied,
         ``h @ table.T``; soft-capped where configured."""
-        if self.output is None:  # (B, T, D) x (V, D) -> (B, T, V)
-            logits_btv = self.tok_embeddings.attend(h_btd)
-        else:
-            logits_btv = self.output(h_btd)  # (B, T, V)
+        # One token axis N = B * T (jtp.models.feedforward.per_token says why): contracting
+        # (B, T) the weight gradient would first copy the (B, T, V) logits' gradient
+        # transposed. (N, D) x (V, D) -> (N, V) tied, else (N, D) x (D, V).
+        project = self.tok_embeddings.attend if self.output is None else self.output
+        logits_btv = per_token(project, h_btd)  # (B, T, V)
         return soft_cap(logits_btv, self.config.final_softcap)
 
 

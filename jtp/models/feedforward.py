@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jtp.parallel.activations import shard_activation
+from jtp.parallel.context import context_active
 
 # The gate's nonlinearity by name: SwiGLU's silu (Llama) or GeGLU's gelu with the tanh
 # approximation (Gemma; transformers' "gelu_pytorch_tanh", the same formula).
@@ -22,6 +23,25 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": nnx.silu,
     "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
 }
+
+
+def per_token(layer: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
+    """``layer(x)`` for a linear ``layer`` applied to each token: the leading axes of ``x``
+    merged into one (N = B * T, a reshape) around the matmul, ``(..., n_in) -> (..., n_out)``.
+
+    Why: the backward's weight gradient then contracts one token axis, which XLA's CPU dot
+    reads where it lies; contracting (B, T) XLA first copies one operand transposed, each
+    layer and step (docs/performance.md, "Where a CPU training step's time goes"). The same
+    numbers either way: only the shapes around the matmul change (reshapes of contiguous
+    axes, free on any backend). Not on a mesh with a context axis: there T is split as well,
+    and one axis split over both "data" and "context" makes the partitioner reshard around
+    every matmul (more all-gathers and permutes than the (B, T) form).
+    """
+    if context_active():
+        return layer(x)
+    lead = x.shape[:-1]
+    y_nf = layer(x.reshape(-1, x.shape[-1]))  # (N, n_in) -> (N, n_out)
+    return y_nf.reshape(*lead, y_nf.shape[-1])
 
 
 class FeedForward(nnx.Module):
@@ -73,7 +93,8 @@ class FeedForward(nnx.Module):
         self.activation = activation
 
     def __call__(self, x_bd: jnp.ndarray) -> jnp.ndarray:
-        h_bh = ACTIVATIONS[self.activation](self.w1(x_bd)) * self.w3(x_bd)  # (..., hidden_dim)
+        gate_bh, up_bh = per_token(self.w1, x_bd), per_token(self.w3, x_bd)  # (..., hidden_dim)
+        h_bh = ACTIVATIONS[self.activation](gate_bh) * up_bh
         # A no-op unless a plan gives "ffn_hidden" a layout (jtp.plans.llama does).
         h_bh = shard_activation(h_bh, "ffn_hidden")
-        return self.w2(h_bh)  # (..., dim)
+        return per_token(self.w2, h_bh)  # (..., dim)

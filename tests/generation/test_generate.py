@@ -250,8 +250,9 @@ def test_bad_input_is_a_clear_error(kwargs, message):
 
 def test_a_decode_step_costs_one_all_reduce_per_column_row_pair():
     """Read off the compiled decode loop on 1 x 8 (3 layers): inside the layer loop, two
-    all-reduces of the (B, 1, D) activation over "tensor" per trip (attention's wq/wk/wv ->
-    wo and the MLP's w1/w3 -> w2), as in training; per token outside it, the embedding
+    all-reduces of the (B * 1, D) activation over "tensor" per trip (attention's wq/wk/wv ->
+    wo and the MLP's w1/w3 -> w2; the linears see one token axis,
+    jtp.models.feedforward.per_token), as in training; per token outside it, the embedding
     lookup's all-reduce (its table is split on the vocabulary) and the argmax across the
     vocabulary shards (value and index, B x 8 each). No weight, logits or cache crosses."""
     import numpy as np
@@ -274,6 +275,6 @@ def test_a_decode_step_costs_one_all_reduce_per_column_row_pair():
     colls = jtp.collectives(compiled, mesh)
     assert all(c.axes == ("tensor",) for c in colls)
     in_layers = [c for c in colls if c.trips == 3]
-    assert [(c.kind, c.shapes) for c in in_layers] == [("all-reduce", ((1, 1, 64),))] * 2
+    assert [(c.kind, c.shapes) for c in in_layers] == [("all-reduce", ((1, 64),))] * 2
     per_token = sorted((c.kind, c.shapes) for c in colls if c.trips == 1)
     assert per_token == [("all-gather", ((1, 8),))] * 2 + [("all-reduce", ((1, 1, 64),))]

@@ -223,6 +223,43 @@ def test_remat_same_numbers():
     assert "remat" in jaxpr or "checkpoint" in jaxpr
 
 
+def _contractions(jaxpr) -> list[tuple[int, tuple[int, ...]]]:
+    """(contracted axes, output shape) of every dot_general in ``jaxpr``, nested ones too."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            found.append((len(contract), eqn.outvars[0].aval.shape))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if hasattr(getattr(sub, "jaxpr", sub), "eqns"):
+                    found += _contractions(sub)
+    return found
+
+
+def test_weight_gradients_contract_one_token_axis():
+    """The projections and the output layer see one token axis (N = B * T:
+    jtp.models.feedforward.per_token), so each weight gradient of the backward (a matmul
+    with a 2-D result, (n_in, n_out)) contracts one axis, which XLA's CPU dot reads where it
+    lies; contracting (B, T) it first copied an operand transposed, the (B, T, V) logits'
+    gradient among them (docs/performance.md, "Where a CPU training step's time goes").
+    Read from the jaxpr of the gradient, remat and scan included: nothing is compiled.
+    (Attention's key and value gradients contract (R, T) under grouped-query attention: no
+    weight there.)"""
+    model = factory(dataclasses.replace(CFG, remat="full"))()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(p):
+        return loss_fn(nnx.merge(graphdef, p, rest), TOKENS)[0]
+
+    found = [f for f in _contractions(jax.make_jaxpr(jax.grad(loss))(params)) if len(f[1]) == 2]
+    # at least the weight gradients of the 7 projections (the scan's body once) and the
+    # output layer
+    assert len(found) >= 7 + 1
+    assert all(n == 1 for n, _ in found), [f for f in found if f[0] != 1]
+
+
 def test_plan_errors_name_the_numbers():
     mesh = jtp.make_mesh(1, 8)
     bad_heads = LlamaConfig(dim=96, n_heads=12, n_kv_heads=4)

@@ -191,9 +191,10 @@ def _all_reduces(model, mesh, tokens):
 def test_adapters_add_no_collective_to_the_forward():
     """1x8: the adapted forward has exactly the plain one's all-reduces: one per column ->
     row pair per layer (attention, MLP: the scan body's two) and the embedding's. In each
-    pair's op the row layer's rank-r partial sums ``x @ A`` (B, T, r) travel with the
-    base's (B, T, D) as one combined (tuple) all-reduce: r / D more bytes (1/8 here; 16 /
-    4096 at Llama-3-8B's width with r = 16), no extra op, no extra latency."""
+    pair's op the row layer's rank-r partial sums ``x @ A`` (B * T, r: the linears see one
+    token axis, jtp.models.feedforward.per_token) travel with the base's as one combined
+    (tuple) all-reduce: r / D more bytes (1/8 here; 16 / 4096 at Llama-3-8B's width with
+    r = 16), no extra op, no extra latency."""
     tokens = reference("llama3")[0]
     b, t = tokens.shape
     plain, mesh = load("llama3", (1, 8), adapter=None)
@@ -204,8 +205,8 @@ def test_adapters_add_no_collective_to_the_forward():
     assert [c.trips for c in got] == [1, 2, 2]  # the embedding; two per layer (scan body)
     assert got[0].op_bytes == want[0].op_bytes  # the embedding's, untouched
     for g, w in zip(got[1:], want[1:], strict=True):
-        assert g.shapes == (*w.shapes, (b, t, 4))
-        assert g.op_bytes == w.op_bytes + b * t * 4 * 4  # + (B, T, r) float32
+        assert g.shapes == (*w.shapes, (b * t, 4))
+        assert g.op_bytes == w.op_bytes + b * t * 4 * 4  # + (B * T, r) float32
 
 
 def test_fresh_adapters_compute_the_base_model():
