@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tx.add_argument("--val-every", type=int, default=100, help="validate every N steps")
         tx.add_argument("--val-fraction", type=float, default=0.02, help="held-out share")
     sub.choices["text"].add_argument("--plot", default="auto", help="PNG; default: by the JSON")
-    tx.add_argument(
+    sub.choices["fp8"].add_argument(
         "--precisions", default="bf16-mixed,transformer-engine", help="the first is the baseline"
     )
     gp = sub.add_parser("gpu", help="Llama-3-8B tokens/s/device and MFU on the local GPUs")
