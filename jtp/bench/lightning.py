@@ -18,6 +18,14 @@ and each side reports the median over its runs of:
 - its CPU seconds (user + system, every thread; Lightning's: all 4 ranks and their data
   workers): the figure other processes on the machine disturb least.
 
+jtp's process keeps freed host memory for the next step, as it does by default on CPU
+(:mod:`jtp.host_memory`; the result records its ``host_memory``). Lightning's processes run
+as Lightning ships them, and once more with the same glibc settings through
+``GLIBC_TUNABLES`` (``jtp.host_memory.glibc_tunables()``): the ``lightning_retained`` side,
+so the table shows both what a user of each gets and how much of the difference is that
+setting.
+Every process has ``--timeout`` seconds (its whole process group is then killed).
+
 jtp's main environment never imports torch: Lightning's side is a subprocess of the other
 Python. Without it (or the example's files) the benchmark exits 2 saying how to set them up.
 Its flags are added here (:func:`add_flags`; :mod:`jtp.cli.bench` imports this module to
@@ -27,10 +35,12 @@ parse them): keep its module-level imports to the standard library and ``results
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -40,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from jtp.bench.results import REPO, machine, write_result
+from jtp.host_memory import glibc_tunables
 
 RUNNER = REPO / "scripts" / "lightning_tp_llama.py"
 RESULT_PREFIX = "LIGHTNING_TP_RESULT "  # the runner's machine-readable line
@@ -79,6 +90,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
         help="the example's model.py, parallelism.py, data.py (default: $LIGHTNING_EXAMPLE_DIR)",
     )
     p.add_argument("--repeats", type=int, default=3, help="alternating runs per side; medians")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per process (killed)")
 
 
 def jtp_command(python: str, metrics: str, root: str) -> list[str]:
@@ -120,29 +132,53 @@ def _cpu_of_children() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
-    """(wall seconds, CPU seconds of the process and what it reaped, its stdout)."""
+def _run(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[float, float, str]:
+    """(wall seconds, CPU seconds of the process and what it reaped, its stdout). Past
+    ``timeout`` seconds the process and everything it started (Lightning's ranks and data
+    workers) are killed and the benchmark stops saying so: a hung rank never hangs it."""
     t0, cpu0 = time.perf_counter(), _cpu_of_children()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    pipe = subprocess.PIPE
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=pipe, stderr=pipe, text=True, start_new_session=True
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise RuntimeError(f"{' '.join(cmd)} ran past {timeout:.0f} s: killed") from None
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # what it left behind
     wall, cpu = time.perf_counter() - t0, _cpu_of_children() - cpu0
-    if done.returncode != 0:
-        tail = (done.stdout + done.stderr)[-3000:]
-        raise RuntimeError(f"{' '.join(cmd)} exited {done.returncode}:\n{tail}")
-    return wall, cpu, done.stdout
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{(out + err)[-3000:]}")
+    return wall, cpu, out
 
 
-def _jtp_run(env: dict[str, str]) -> dict[str, Any]:
+def _jtp_run(env: dict[str, str], timeout: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         metrics = os.path.join(tmp, "metrics.json")
-        wall, cpu, _ = _run(jtp_command(sys.executable, metrics, tmp), env)
+        wall, cpu, _ = _run(jtp_command(sys.executable, metrics, tmp), env, timeout)
         m = json.loads(Path(metrics).read_text())
     figures = step_figures(m["step_times"])
-    return {"wall_s": wall, "cpu_s": cpu, **figures, "losses": m["losses"]}
+    return {
+        "wall_s": wall,
+        "cpu_s": cpu,
+        **figures,
+        "losses": m["losses"],
+        "host_memory": m["host_memory"],
+    }
 
 
-def _lightning_run(python: str, example_dir: str) -> dict[str, Any]:
+def _lightning_run(
+    python: str, example_dir: str, timeout: float, *, retained: bool = False
+) -> dict[str, Any]:
+    env = dict(os.environ)
+    if retained:
+        env["GLIBC_TUNABLES"] = glibc_tunables()
     with tempfile.TemporaryDirectory() as tmp:
-        wall, _, out = _run(lightning_command(python, example_dir, tmp), dict(os.environ))
+        wall, _, out = _run(lightning_command(python, example_dir, tmp), env, timeout)
     r = parse_runner_output(out)
     if not r["finite"]:
         raise RuntimeError(f"Lightning's losses are not all finite: {r['losses']}")
@@ -200,10 +236,14 @@ def _median(runs: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Per side the medians over its runs; the ratios jtp / Lightning."""
+    """Per side the medians over its runs; the ratios jtp / Lightning as shipped
+    (``ratio``) and, where it ran, jtp / Lightning with jtp's host-memory settings."""
     med = {side: _median(rs) for side, rs in runs.items()}
-    ratio = {k: med["jtp"][k] / med["lightning"][k] for k in med["jtp"]}
-    return {"median": med, "ratio": ratio}
+    out: dict[str, Any] = {"median": med}
+    for key, other in (("ratio", "lightning"), ("ratio_retained", "lightning_retained")):
+        if other in med:
+            out[key] = {k: med["jtp"][k] / med[other][k] for k in med["jtp"]}
+    return out
 
 
 def lightning(args: argparse.Namespace) -> dict[str, Any]:
@@ -211,15 +251,22 @@ def lightning(args: argparse.Namespace) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    runs: dict[str, list[dict[str, Any]]] = {"jtp": [], "lightning": []}
+    sides = ("jtp", "lightning", "lightning_retained")
+    runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
     for i in range(args.repeats):
-        order = ("jtp", "lightning") if i % 2 == 0 else ("lightning", "jtp")  # A B B A ...
+        order = sides if i % 2 == 0 else sides[::-1]  # A B C C B A ...
         for side in order:
             print(f"  run {i + 1}/{args.repeats}: {side}", file=sys.stderr, flush=True)
             if side == "jtp":
-                runs[side].append(_jtp_run(env))
+                runs[side].append(_jtp_run(env, args.timeout))
             else:
-                runs[side].append(_lightning_run(args.lightning_python, args.example_dir))
+                run = _lightning_run(
+                    args.lightning_python,
+                    args.example_dir,
+                    args.timeout,
+                    retained=side == "lightning_retained",
+                )
+                runs[side].append(run)
     first = runs["lightning"][0]["runner"]
     payload = {
         "benchmark": "lightning",
@@ -231,6 +278,10 @@ def lightning(args: argparse.Namespace) -> dict[str, Any]:
         "jtp_command": " ".join(["python -m jtp.train", *JTP_FLAGS]),
         "lightning_versions": first["versions"],
         "lightning_threads_per_process": first["threads_per_process"],
+        "host_memory": {
+            "jtp": runs["jtp"][0]["host_memory"],
+            "lightning_retained": glibc_tunables(),
+        },
         "example": _example(args.example_dir),
         "runs": {
             side: [{k: v for k, v in r.items() if k != "runner"} for r in rs]
@@ -245,12 +296,15 @@ def lightning(args: argparse.Namespace) -> dict[str, Any]:
 
 def format_lightning(payload: dict[str, Any]) -> str:
     """The side-by-side table, from the benchmark's JSON."""
-    m, med, ratio = payload["model"], payload["median"], payload["ratio"]
+    m, med = payload["model"], payload["median"]
     v = payload["lightning_versions"]
-    sides = {
+    shipped = f"Lightning {v['lightning']} (torch {v['torch']}): 4 processes, gloo"
+    labels = {
         "jtp": "jtp: 1 process, 4 CPU devices",
-        "lightning": f"Lightning {v['lightning']} (torch {v['torch']}): 4 processes, gloo",
+        "lightning": shipped,
+        "lightning_retained": f"{shipped}, jtp's host memory",
     }
+    ratios = {"ratio": "jtp / Lightning", "ratio_retained": "jtp / Lightning, same host memory"}
 
     def loss(side: str) -> str:
         losses = payload["runs"][side][0]["losses"]
@@ -261,18 +315,22 @@ def format_lightning(payload: dict[str, Any]) -> str:
         f"{m['n_heads']} heads, FFN {m['ffn_hidden']}, vocab {m['vocab_size']}), data 2 x tensor 2 "
         f"+ fsdp + sequence + loss parallel + full remat, float32, {payload['steps']} steps of "
         f"16 x 128 tokens; median of {payload['repeats']} alternating runs per side",
-        f"| {'side':<58} | {'process s':>9} | {'CPU s':>7} | {'step s (2..)':>12} | "
+        f"| {'side':<72} | {'process s':>9} | {'CPU s':>7} | {'step s (2..)':>12} | "
         f"{'first step s':>12} | {'loss (run 1)':>14} |",
-        f"|{'-' * 60}|{'-' * 10}:|{'-' * 8}:|{'-' * 13}:|{'-' * 13}:|{'-' * 15}:|",
+        f"|{'-' * 74}|{'-' * 10}:|{'-' * 8}:|{'-' * 13}:|{'-' * 13}:|{'-' * 15}:|",
     ]
-    for side, label in sides.items():
-        r = med[side]
-        lines.append(
-            f"| {label:<58} | {r['wall_s']:>9.1f} | {r['cpu_s']:>7.1f} | "
-            f"{r['median_step_s']:>12.2f} | {r['first_step_s']:>12.1f} | {loss(side):>14} |"
-        )
-    lines.append(
-        f"| {'jtp / Lightning':<58} | {ratio['wall_s']:>9.2f} | {ratio['cpu_s']:>7.2f} | "
-        f"{ratio['median_step_s']:>12.2f} | {ratio['first_step_s']:>12.2f} | {'':>14} |"
-    )
+    for side, label in labels.items():
+        if side in med:
+            r = med[side]
+            lines.append(
+                f"| {label:<72} | {r['wall_s']:>9.1f} | {r['cpu_s']:>7.1f} | "
+                f"{r['median_step_s']:>12.2f} | {r['first_step_s']:>12.1f} | {loss(side):>14} |"
+            )
+    for key, label in ratios.items():
+        if key in payload:
+            q = payload[key]
+            lines.append(
+                f"| {label:<72} | {q['wall_s']:>9.2f} | {q['cpu_s']:>7.2f} | "
+                f"{q['median_step_s']:>12.2f} | {q['first_step_s']:>12.2f} | {'':>14} |"
+            )
     return "\n".join(lines)

@@ -1,5 +1,4 @@
-"""``jtp bench`` (``python -m jtp.bench``): the figures the docs quote, re-measured, as a
-table and JSON.
+"""``jtp bench``: the figures the docs quote, re-measured, as a table and JSON.
 
     python -m jtp.bench memory    [--dim 8192] [--json PATH] [--plot PNG]
     python -m jtp.bench overhead  [--dim 512] [--steps 200] [--repeats 3] [--json PATH]
@@ -26,8 +25,8 @@ Where results go (:mod:`jtp.bench.results`): ``$JTP_BENCH_DIR/NAME.json``, else
 committed ``bench_results/`` the docs render, and ``--smoke`` never does. Every result records
 its provenance (commit, a hash of the sources it measures, versions, machine, device, date).
 
-Each benchmark is a module of :mod:`jtp.bench` named like its sub-command, whose function of
-that name takes the parsed arguments (``memory.memory(args)``), imported when it runs.
+Each benchmark is a module of :mod:`jtp.bench` named like its sub-command (imported when it
+runs), whose function of that name takes the parsed arguments: ``memory.memory(args)``.
 """
 
 from __future__ import annotations
@@ -40,6 +39,7 @@ from typing import Any
 from jtp.bench import lightning, results
 from jtp.cli.flags import add_compilation_cache_flags
 from jtp.cli.output import program
+from jtp.host_memory import retain_host_memory
 from jtp.training import compilation_cache
 from jtp.xla_flags import apply_gpu_flags
 
@@ -148,4 +148,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def run() -> None:
     """The ``python -m`` entry point."""
+    retain_host_memory()  # on CPU, before jax starts: jtp.host_memory says why
     main(sys.argv[1:])

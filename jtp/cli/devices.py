@@ -35,8 +35,7 @@ def init_distributed(
 
     Explicit flags, else the ``JAX_*`` variables, else what the launcher set (SLURM, Open
     MPI, Kubernetes JobSet): ``jtp.distributed.detect_launch``. Process 0 prints one line
-    naming the launcher and the settings. ``devices``: this process's CPU devices, forced
-    first (the backend starts with it).
+    naming the launcher and the settings. ``devices``: this process's CPU devices, forced first.
     """
     launch = detect_launch(
         os.environ, coordinator=coordinator, num_processes=num_processes, process_id=process_id

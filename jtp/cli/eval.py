@@ -34,6 +34,7 @@ from jtp.cli.flags import (
 )
 from jtp.cli.output import one_line_errors, program
 from jtp.errors import InputError
+from jtp.host_memory import retain_host_memory
 from jtp.mesh import select_devices
 from jtp.recipes.llama import check_context
 from jtp.recipes.perplexity import EvalConfig, build_task
@@ -173,6 +174,7 @@ def table(r: dict[str, Any]) -> str:
 
 def run() -> None:
     """The ``python -m jtp.eval`` entry point."""
+    retain_host_memory()  # on CPU, before jax starts: jtp.host_memory says why
     with one_line_errors("jtp.eval"):
         main(sys.argv[1:])
     import jax

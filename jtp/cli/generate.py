@@ -27,6 +27,7 @@ from jtp.cli.devices import add_mesh_flags, init_distributed
 from jtp.cli.flags import add_compilation_cache_flags, number
 from jtp.cli.output import one_line_errors, program
 from jtp.errors import InputError
+from jtp.host_memory import retain_host_memory
 from jtp.mesh import select_devices
 from jtp.training import compilation_cache
 from jtp.xla_flags import apply_gpu_flags
@@ -236,5 +237,6 @@ def report(r: dict[str, Any]) -> str:
 
 def run() -> None:
     """The ``python -m`` entry point: a bad input is one line on stderr and exit status 2."""
+    retain_host_memory()  # on CPU, before jax starts: jtp.host_memory says why
     with one_line_errors("jtp.generate", (ValueError,)):
         main(sys.argv[1:])

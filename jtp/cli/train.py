@@ -21,9 +21,8 @@ prints the peak memory per device at the end.
         --warmup-steps 30 --val-check-interval 100        # DIR from python -m jtp.prepare
 
 Every field of the task configs and of TrainerOptions is a flag named after it
-(``--log-every-n-steps``, ``--default-root-dir``, ...: jtp.cli.flags); :data:`ALIASES` keeps
-the earlier spellings working. ``main(argv)`` is importable (tests call it) and returns the
-metrics dict it writes.
+(``--log-every-n-steps``, ...: jtp.cli.flags); :data:`ALIASES` keeps the earlier spellings
+working. ``main(argv)`` (tests call it) returns the metrics dict it writes.
 """
 
 from __future__ import annotations
@@ -33,6 +32,7 @@ import os
 import sys
 from typing import Any
 
+from jtp import host_memory
 from jtp.checkpoint.outputs import write_json
 from jtp.cli.devices import add_mesh_flags, init_distributed
 from jtp.cli.flags import (
@@ -51,8 +51,7 @@ from jtp.training import compilation_cache
 from jtp.training.options import TrainerOptions
 from jtp.xla_flags import apply_gpu_flags
 
-# The fields of the task configs and of TrainerOptions are flags (jtp.cli.flags); these are
-# the CLI's earlier spellings of some, which keep working with the same meaning.
+# The fields of the task configs and TrainerOptions are flags; earlier spellings still work:
 ALIASES = {
     "log_every_n_steps": ("--log-every",),
     "default_root_dir": ("--root-dir",),
@@ -255,6 +254,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "step_times": trainer.step_times,  # each loss on the host, s from the fit's start
         "compile_cache_hits": trainer.compile_cache_hits,
         "compilation_cache": args.compilation_cache,
+        "host_memory": host_memory.setting(),  # jtp.host_memory: retained on CPU
         **_fit_metrics(trainer),
         "config": vars(args),
         "process_index": jax.process_index(),
@@ -354,4 +354,5 @@ def _run_and_exit(argv: list[str]) -> None:
 
 def run() -> None:
     """The ``python -m jtp.train`` entry point."""
+    host_memory.retain_host_memory()  # on CPU, before jax starts (its docstring says why)
     _run_and_exit(sys.argv[1:])

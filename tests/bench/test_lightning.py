@@ -5,13 +5,16 @@ and the table come from the JSON; a missing Lightning environment is a one-line 
 
 import json
 import math
+import os
+import sys
+import time
 
 import jax
 import pytest
 from flax import nnx
 
 from jtp.bench.docs import RENDERERS
-from jtp.bench.lightning import jtp_command, parse_runner_output, step_figures
+from jtp.bench.lightning import jtp_command, parse_runner_output, step_figures, summarise
 from jtp.cli.bench import main as bench_main
 from jtp.cli.train import main as train_main
 from jtp.models.llama import PRESETS, Llama
@@ -96,11 +99,18 @@ def test_the_table_from_the_json():
         "lightning_versions": {"torch": "2.13.0+cpu", "lightning": "2.6.6"},
         "runs": {s: [{"losses": [10.8, 9.6]}] for s in ("jtp", "lightning")},
         "median": {"jtp": side, "lightning": other},
-        "ratio": {"wall_s": 0.5, "cpu_s": 0.5, "median_step_s": 0.5, "first_step_s": 1.0},
+        **summarise({"jtp": [side], "lightning": [other]}),
     }
     table = RENDERERS["lightning"](payload)
     assert "Llama 46.4M parameters" in table and "Lightning 2.6.6" in table
-    assert "| jtp / Lightning" in table and "0.50 |" in table and "10.80 -> 9.60" in table
+    assert "| jtp / Lightning " in table and "0.50 |" in table and "10.80 -> 9.60" in table
+    assert "same host memory" not in table  # a result from before that side ran
+    retained = {**other, "wall_s": 100.0}
+    runs = {"jtp": [side], "lightning": [other], "lightning_retained": [retained]}
+    payload["runs"]["lightning_retained"] = [{"losses": [10.8, 9.5]}]
+    table = RENDERERS["lightning"]({**payload, **summarise(runs)})
+    assert "jtp's host memory" in table and "10.80 -> 9.50" in table
+    assert "| jtp / Lightning, same host memory" in table and "0.60 |" in table
 
 
 def test_without_a_lightning_environment_it_exits_2_saying_how(tmp_path, monkeypatch, capsys):
@@ -125,14 +135,43 @@ def test_a_lightning_run_in_bf16_or_with_a_nan_is_refused(monkeypatch):
         r["cpu_seconds"] = 7.0
         r["step_times"] = [2.0, 3.0, 4.0]
         line = lightning.RESULT_PREFIX + json.dumps({**r, **fields})
-        monkeypatch.setattr(lightning, "_run", lambda cmd, env: (9.0, 1.0, line + "\n"))
+        monkeypatch.setattr(lightning, "_run", lambda cmd, env, t: (9.0, 1.0, line + "\n"))
 
     runner_says()
-    run = lightning._lightning_run("py", "dir")
+    run = lightning._lightning_run("py", "dir", 60)
     assert (run["median_step_s"], run["cpu_s"]) == (1.0, 7.0)
     runner_says(linear_output_dtypes=["torch.bfloat16", "torch.float32"])
     with pytest.raises(RuntimeError, match="bfloat16"):
-        lightning._lightning_run("py", "dir")
+        lightning._lightning_run("py", "dir", 60)
     runner_says(finite=False, losses=[float("nan")])
     with pytest.raises(RuntimeError, match="not all finite"):
-        lightning._lightning_run("py", "dir")
+        lightning._lightning_run("py", "dir", 60)
+
+
+def test_a_hung_side_is_killed_with_what_it_started(tmp_path):
+    """A process past ``--timeout`` is killed with its whole group (Lightning's ranks are
+    its children): the benchmark stops with a message instead of hanging."""
+    from jtp.bench import lightning
+
+    pid_file = tmp_path / "child.pid"
+    script = (
+        "import subprocess, sys, time; "
+        "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+        f"open({str(pid_file)!r}, 'w').write(str(c.pid)); time.sleep(600)"
+    )
+    with pytest.raises(RuntimeError, match="ran past 3 s: killed"):
+        lightning._run([sys.executable, "-c", script], dict(os.environ), 3)
+    child = int(pid_file.read_text())
+    for _ in range(50):  # reaped by init once killed
+        if not os.path.exists(f"/proc/{child}") or "Z" in _state(child):
+            break
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{child}") or "Z" in _state(child)
+    assert lightning._run([sys.executable, "-c", "print('ok')"], dict(os.environ), 30)[2] == "ok\n"
+
+
+def _state(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"

@@ -6,6 +6,7 @@ import os
 
 from processes import clean_env, start_process, stop_all
 
+from jtp import host_memory
 from jtp.cli.train import build_parser
 from jtp.training import compilation_cache
 
@@ -29,12 +30,12 @@ def test_directory_from_the_environment_and_flags(monkeypatch, tmp_path):
     assert compilation_cache.enable(None) is None  # off: jax's config untouched
 
 
-def _run(tmp_path, tag, cache):
+def _run(tmp_path, tag, cache, **env):
     metrics = tmp_path / f"{tag}.json"
     proc = start_process(
         [*RUN, "--compilation-cache", str(cache), "--metrics-json", str(metrics)],
         tmp_path / f"{tag}.log",
-        env=clean_env(),
+        env={**clean_env(), **env},
     )
     try:
         assert proc.wait(timeout=300) == 0, (tmp_path / f"{tag}.log").read_text()[-3000:]
@@ -47,12 +48,17 @@ def test_a_second_process_loads_the_first_ones_programs(tmp_path):
     """The first run writes the entries (every program, small CPU ones too); an identical
     second run in a new process compiles nothing: it adds no entry (each program is a hit)
     and its train step is loaded, not compiled (jax's cache-hit events during the trainer's
-    compile; wall time would only infer it, and two test workers make it noisy)."""
+    compile; wall time would only infer it, and two test workers make it noisy).
+
+    The first run keeps freed host memory for reuse, as shipped on CPU (jtp.host_memory);
+    the second asks for glibc's defaults: the allocator changes no result."""
     cache = tmp_path / "cache"
     first = _run(tmp_path, "first", cache)
     entries = sorted(os.listdir(cache))
     assert len(entries) >= 2  # the sharded init and the train step at least
-    second = _run(tmp_path, "second", cache)
+    second = _run(tmp_path, "second", cache, JTP_HOST_MEMORY="system")
     assert sorted(os.listdir(cache)) == entries
     assert first["compile_cache_hits"] == 0 and second["compile_cache_hits"] >= 1
     assert second["losses"] == first["losses"]  # the loaded program computes the same
+    assert first["host_memory"] == host_memory.RETAINED
+    assert second["host_memory"] == "glibc's defaults (JTP_HOST_MEMORY=system)"
