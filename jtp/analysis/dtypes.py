@@ -17,7 +17,7 @@ import os
 import re
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -125,11 +125,16 @@ def dot_flops_by_dtype(jaxpr: Any) -> dict[str, float]:
     return dict(totals)
 
 
+def share(totals: dict[str, float], keep: Callable[[str], bool], empty: float = 0.0) -> float:
+    """The share of the FLOPs in ``totals`` (:func:`dot_flops_by_dtype`) whose dtype
+    ``keep`` accepts; ``empty`` for a program without matmuls."""
+    total = sum(totals.values())
+    return sum(v for k, v in totals.items() if keep(k)) / total if total else empty
+
+
 def flops_fraction(jaxpr: Any, dtype: str) -> float:
     """The share of ``jaxpr``'s matmul FLOPs whose operands are both ``dtype``."""
-    totals = dot_flops_by_dtype(jaxpr)
-    total = sum(totals.values())
-    return totals.get(dtype, 0.0) / total if total else 0.0
+    return share(dot_flops_by_dtype(jaxpr), lambda k: k == dtype)
 
 
 FLOAT8 = ("float8_e4m3fn", "float8_e5m2")  # the float8 formats a training step multiplies
@@ -143,9 +148,7 @@ def is_float8(dtype: str) -> bool:
 
 def float8_fraction(jaxpr: Any) -> float:
     """The share of ``jaxpr``'s matmul FLOPs whose operands are both float8 (any format)."""
-    totals = dot_flops_by_dtype(jaxpr)
-    total = sum(totals.values())
-    return sum(v for k, v in totals.items() if is_float8(k)) / total if total else 0.0
+    return share(dot_flops_by_dtype(jaxpr), is_float8)
 
 
 _COLLECTIVE = re.compile(

@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jtp.analysis.dtypes import dot_flops_by_dtype, dots, is_float8
+from jtp.analysis.dtypes import dot_flops_by_dtype, dots, is_float8, share
 from jtp.mesh import ModelParallelStrategy
 from jtp.parallel.abstract import abstract_array, abstract_sharded
 from jtp.parallel.activations import activation_rules
@@ -91,20 +91,19 @@ def check_compute_dtype(jaxpr: Any, precision: str) -> float:
         return dtype == want or (p.float8 and is_float8(dtype))
 
     totals = dot_flops_by_dtype(jaxpr)
-    total = sum(totals.values())
-    share = sum(v for k, v in totals.items() if low(k)) / total if total else 1.0
-    if want != "float32" and 1.0 - share > FLOAT32_DOT_WARNING:
+    low_share = share(totals, low, empty=1.0)
+    if want != "float32" and 1.0 - low_share > FLOAT32_DOT_WARNING:
         where = sorted({d.where for d in dots(jaxpr) if not low(d.dtype) and d.where})[:5]
         kind = f"{want} or float8" if p.float8 else want
         warnings.warn(
-            f"precision={precision!r}: {100 * (1 - share):.0f}% of the step's matmul FLOPs "
+            f"precision={precision!r}: {100 * (1 - low_share):.0f}% of the step's matmul FLOPs "
             f"are not {kind} ({ {k: f'{v:.3g}' for k, v in totals.items()} }); made at "
             f"{'; '.join(where) or 'unknown places'}. A module pins float32 (a dtype "
             "attribute of its own, or an astype before a matmul): jtp.explain(..., "
             "compute_dtype=...) lists the modules the policy cannot reach.",
             stacklevel=3,
         )
-    return share
+    return low_share
 
 
 def trace_train_step(
