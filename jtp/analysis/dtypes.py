@@ -254,9 +254,15 @@ POLICY_LAYERS = tuple(
 )
 
 
-def module_dtypes(model: nnx.Module, compute_dtype: Any) -> dict[str, str]:
+# The stock layers whose matmul a float8 policy replaces (jtp.training.precision).
+FLOAT8_LAYERS = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
+FLOAT8_MATMUL = "float8 (e4m3; e5m2 grads)"  # what those compute in, as explain shows it
+
+
+def module_dtypes(model: nnx.Module, compute_dtype: Any, float8: bool = False) -> dict[str, str]:
     """What each module with a compute dtype computes in under a policy of
-    ``compute_dtype``: ``{module path: dtype}`` for the stock layers (the policy sets them),
+    ``compute_dtype``: ``{module path: dtype}`` for the stock layers (the policy sets them;
+    with ``float8``, :data:`FLOAT8_MATMUL` for the linear ones),
     ``{path: "float32 (pinned)"}`` for a module of another class whose own float ``dtype``
     attribute differs (its code decides; the policy cannot reach it). Modules without a
     ``dtype`` attribute compute in what their inputs and parameters are: not listed."""
@@ -267,7 +273,9 @@ def module_dtypes(model: nnx.Module, compute_dtype: Any) -> dict[str, str]:
             continue
         name = ".".join(str(p) for p in path)
         dtype = getattr(module, "dtype", None)
-        if isinstance(module, POLICY_LAYERS):
+        if float8 and isinstance(module, FLOAT8_LAYERS):
+            found[name] = FLOAT8_MATMUL
+        elif isinstance(module, POLICY_LAYERS):
             found[name] = want.name
         elif dtype is not None and _is_float(dtype) and jnp.dtype(dtype) != want:
             found[name] = f"{jnp.dtype(dtype).name} (pinned)"

@@ -118,6 +118,7 @@ def explain(
     strict: bool = False,
     strict_min_bytes: int = 1 << 20,
     compute_dtype: Any = None,
+    float8: bool = False,
 ) -> Explanation:
     """Explain the layout ``plan`` gives ``model`` (a model, or a factory: used abstractly).
 
@@ -128,11 +129,13 @@ def explain(
         size is at least ``strict_min_bytes`` (a forgotten key costs that on every device).
       compute_dtype: the dtype a precision policy computes in (``jnp.bfloat16`` for
         "bf16-mixed"): adds a "computes in" column and names the modules it cannot reach.
+      float8: the policy also runs the linear layers' matmuls in float8
+        ("transformer-engine"): their "computes in" says so.
     """
     abstract = model if isinstance(model, nnx.Module) else nnx.eval_shape(model)
     placements = resolve(abstract, mesh, plan, fsdp=fsdp)
     params = {path_str(p) for p, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
-    dtypes = module_dtypes(abstract, compute_dtype) if compute_dtype is not None else {}
+    dtypes = module_dtypes(abstract, compute_dtype, float8) if compute_dtype is not None else {}
     rows = []
     for p in placements:
         shard = shard_shape(p, mesh)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from jtp.analysis.collectives import collectives
-from jtp.analysis.dtypes import dot_flops_by_dtype
+from jtp.analysis.dtypes import dot_flops_by_dtype, is_float8
 from jtp.analysis.memory import KEEP_BF16, peak_memory_per_device
 from jtp.capacity.roofline import ring_factor
 from jtp.mesh import CONTEXT, DATA, EXPERT, TENSOR
@@ -127,9 +127,9 @@ def measure(
     ``bytes_context``: the K/V gathers over a "context" axis and their gradients' scatters;
     loop bodies counted once per trip), and the matmul FLOPs of the traced step (scan
     bodies once per trip; the backward and remat's recomputation included), all and those
-    with 16-bit operands
-    (``flops_bf16``). Elementwise FLOPs are left out: they are memory-bound, and XLA's cost
-    analysis, which counts them, counts a loop body once.
+    with 16-bit operands (``flops_bf16``) and with float8 ones (``flops_float8``).
+    Elementwise FLOPs are left out: they are memory-bound, and XLA's cost analysis, which
+    counts them, counts a loop body once.
 
     On CPU devices the compile sizes what a GPU holds (:data:`AS_ON_GPU`: bf16 buffers at 2
     bytes, no CPU-only float32 copies) and attention is :func:`compiled_attention`'s;
@@ -183,6 +183,7 @@ def measure(
         "memory": float(peak_memory_per_device(compiled)),
         "flops": float(sum(flops.values())),
         "flops_bf16": float(sum(v for k, v in flops.items() if k in ("bfloat16", "float16"))),
+        "flops_float8": float(sum(v for k, v in flops.items() if is_float8(k))),
         **{f"bytes_{k}": v for k, v in by_axis.items()},
         **{f"wire_{k}": v for k, v in wire.items()},
     }

@@ -354,6 +354,7 @@ def search(
                 "fits": m["memory"] <= hw.usable_bytes,
                 "flops_per_step": m["flops"],
                 "bf16_flops_per_step": m["flops_bf16"],
+                "float8_flops_per_step": m["flops_float8"],
                 "tensor_bytes_per_step": m["bytes_tensor"],
                 "data_bytes_per_step": m["bytes_data"] + m["bytes_both"],
                 **({"expert_bytes_per_step": m["bytes_expert"]} if model.n_experts else {}),

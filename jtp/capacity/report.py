@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from jtp.capacity.roofline import GB
+from jtp.training.precision import policy
 
 KERNELS = {"blockwise": "blockwise, standing for cuDNN's fused kernel", "xla": "XLA's, T^2"}
 COLUMNS = (  # (title, width)
@@ -31,17 +32,23 @@ def _header(r: dict[str, Any], hw: dict[str, Any], context: bool = False) -> str
     kernel = KERNELS.get(r["attention_compiled"], r["attention_compiled"])
     if context and r["attention_compiled"] == "blockwise":  # cuDNN cannot attend by position
         kernel += " (with a context axis, what the GPU runs too)"
+    float8 = policy(r["precision"]).float8
+    # XLA's CPU has no float8 dot: it multiplies bf16 copies of the operands, which a GPU's
+    # float8 matmul does not make (jtp.capacity.measure.AS_ON_GPU leaves them in)
+    copies = "; float8 operands' bf16 copies included: cautious" if float8 else ""
+    rate8 = f", float8 at {hw.get('fp8_ratio', 2.0):g}x" if float8 else ""
     return (
         f"{r['label']} on {r['devices']} devices ({r['devices_per_host']}/host, "
         f"{memory:g} GB), global batch {r['global_batch']} x {r['seq_len']} tokens, "
         f"{r['precision']}, micro-batch {r['micro_batch']}/data rank.\n"
         f"Fits: memory <= {memory * fraction:g} GB usable ({fraction:.0%} of {memory:g} GB: "
-        "jax's preallocation). Memory and bytes: compiled (XLA CPU backend, bf16 kept bf16, "
-        f"attention {kernel}; per device).\n"
+        "jax's preallocation). Memory and bytes: compiled (XLA CPU backend sizing what a GPU "
+        f"holds: bf16 kept bf16, no CPU-only float32 copies{copies}; attention {kernel}; "
+        "per device).\n"
         f"Step time and tokens/s: ESTIMATES (roofline: {hw['compute_efficiency']:.0%} of "
-        f"{hw['peak_tflops']:g} TFLOP/s bf16, fp32 matmuls at {hw['fp32_ratio']:g}x that, "
-        f"{hw['intra_host_gbps']:g} GB/s in host, {hw['inter_host_gbps']:g} GB/s across, "
-        "no overlap).\n"
+        f"{hw['peak_tflops']:g} TFLOP/s bf16, fp32 matmuls at {hw['fp32_ratio']:g}x that"
+        f"{rate8}, {hw['intra_host_gbps']:g} GB/s in host, {hw['inter_host_gbps']:g} GB/s "
+        "across, no overlap).\n"
     )
 
 

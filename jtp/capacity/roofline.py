@@ -10,7 +10,9 @@ matmuls run at ``fp32_ratio`` of it: on a GPU, jax computes float32 dots with TF
 cores by default (the "DEFAULT" precision), whose dense peak is half the bf16 one on A100
 (156 vs 312 TFLOP/s), H100/H200 (495 vs 989) and B200 (1,100 vs 2,250); hence 0.5. With
 ``jax_default_matmul_precision="highest"`` (true float32, no tensor cores) the ratio is
-about 0.07 on an H100 (67 vs 989): pass it.
+about 0.07 on an H100 (67 vs 989): pass it. Matmuls with float8 operands (the
+"transformer-engine" precision's) run at ``fp8_ratio`` of the bf16 peak: twice it on H100
+and H200 (1,979 vs 989 TFLOP/s dense) and B200 (4,500 vs 2,250).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ GB = 1e9
 MEM_FRACTION = 0.75  # jax's GPU preallocation when XLA_PYTHON_CLIENT_MEM_FRACTION is unset
 MEM_FRACTION_ENV = "XLA_PYTHON_CLIENT_MEM_FRACTION"
 TF32_RATIO = 0.5  # TF32 / bf16 dense peak on A100, H100, H200 (B200: 0.49)
+FP8_RATIO = 2.0  # float8 / bf16 dense peak on H100, H200, B200 (A100: no float8)
 
 
 def default_mem_fraction() -> float:
@@ -46,6 +49,7 @@ class Hardware:
     memory_gb: float = 80.0  # per device
     mem_fraction: float = MEM_FRACTION  # of memory_gb that jax may allocate (preallocation)
     fp32_ratio: float = TF32_RATIO  # float32 matmul peak / bf16 peak (TF32 tensor cores)
+    fp8_ratio: float = FP8_RATIO  # float8 matmul peak / bf16 peak
 
     @property
     def usable_bytes(self) -> float:
@@ -68,8 +72,9 @@ def link_gbps(group: int, per_host: int, hw: Hardware) -> float:
 
 def estimate(m: dict[str, float], config: Any, hw: Hardware, per_host: int) -> dict[str, float]:
     """Roofline seconds per optimizer step (``m`` is per optimizer step already): matmul
-    FLOPs with 16-bit operands (``flops_bf16``) at the bf16 peak, the others at
-    ``fp32_ratio`` of it, both at ``compute_efficiency``; plus the wire bytes of the tensor
+    FLOPs with 16-bit operands (``flops_bf16``) at the bf16 peak, those with float8 ones
+    (``flops_float8``) at ``fp8_ratio`` of it, the others at ``fp32_ratio`` of it, all at
+    ``compute_efficiency``; plus the wire bytes of the tensor
     axis at the in-host bandwidth, of the data axis (data-like collectives over "expert" or
     "context" included: the gradient sums) at the bandwidth the whole mesh spans, of the MoE
     all-to-alls over an "expert" axis (``wire_expert``) at the in-host bandwidth when an
@@ -78,8 +83,9 @@ def estimate(m: dict[str, float], config: Any, hw: Hardware, per_host: int) -> d
     scatters) at the in-host bandwidth when a context x tensor group fits in a host, else
     the across-host one; no overlap."""
     rate = hw.peak_tflops * 1e12 * hw.compute_efficiency
-    low = m.get("flops_bf16", 0.0)
-    compute = low / rate + (m["flops"] - low) / (rate * hw.fp32_ratio)
+    low, f8 = m.get("flops_bf16", 0.0), m.get("flops_float8", 0.0)
+    rest = m["flops"] - low - f8
+    compute = low / rate + f8 / (rate * hw.fp8_ratio) + rest / (rate * hw.fp32_ratio)
     expert = getattr(config, "expert", 1)
     context = getattr(config, "context", 1)
     data_bw = link_gbps(config.data * expert * context * config.tensor, per_host, hw)

@@ -219,12 +219,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from jtp.analysis.explain import explain
         from jtp.training.precision import policy
 
-        compute = policy(args.precision).compute_dtype
-        print(
-            explain(
-                task.model_factory(mesh), mesh, task.plan, fsdp=args.fsdp, compute_dtype=compute
-            )
-        )
+        p = policy(args.precision)
+        computes = {"compute_dtype": p.compute_dtype, "float8": p.float8}
+        print(explain(task.model_factory(mesh), mesh, task.plan, fsdp=args.fsdp, **computes))
     trainer.fit(task, resume=args.resume)
     if args.export:
         from jtp.checkpoint.consolidated import save_consolidated

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jtp.analysis.dtypes import POLICY_LAYERS, module_dtypes
+from jtp.analysis.dtypes import FLOAT8_LAYERS, POLICY_LAYERS, module_dtypes
 from jtp.parallel.abstract import is_abstract
 from jtp.training import fp8
 
@@ -114,12 +114,14 @@ def apply_compute_dtype(model: nnx.Module, precision: str) -> nnx.Module:
     for _, module in nnx.iter_graph(model):
         if isinstance(module, POLICY_LAYERS):
             module.dtype = p.compute_dtype
-        if p.float8 and isinstance(module, nnx.Linear | nnx.LinearGeneral):
+        if not (p.float8 and isinstance(module, FLOAT8_LAYERS)):
+            continue
+        if isinstance(module, nnx.Einsum):
+            module.einsum_op = fp8.einsum
+        else:  # Linear, LinearGeneral
             module.dot_general = fp8.dot_general
             if getattr(module, "dot_general_cls", None) is not None:  # LinearGeneral's
                 module.dot_general_cls = None  # takes precedence over dot_general
-        elif p.float8 and isinstance(module, nnx.Einsum):
-            module.einsum_op = fp8.einsum
     return model
 
 

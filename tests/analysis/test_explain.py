@@ -166,3 +166,32 @@ def test_explain_says_what_each_layer_computes_in_and_names_pinned_modules():
         lambda: Pinned(rngs=nnx.Rngs(0)), jtp.make_mesh(2, 4), {}, compute_dtype=jnp.bfloat16
     )
     assert pinned.pinned == ("<model>",) and "WARNING" in str(pinned)
+
+
+def test_under_fp8_the_linear_layers_compute_in_float8_as_the_policy_sets_them():
+    """``precision="transformer-engine"``: explain's "computes in" names float8 for exactly
+    the layers whose matmul the policy replaces (read off the model the policy changed), and
+    bf16 for the rest of the stock layers (the embedding, the norms)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jtp.analysis.dtypes import FLOAT8_MATMUL
+    from jtp.training import fp8
+    from jtp.training.precision import apply_compute_dtype
+
+    mesh = jtp.make_mesh(2, 4)
+    shown = jtp.explain(lm_factory(), mesh, LM_PLAN, compute_dtype=jnp.bfloat16, float8=True)
+    float8_rows = {
+        r.placement.path.rsplit(".", 1)[0] for r in shown.rows if r.computes == FLOAT8_MATMUL
+    }
+    other = {r.computes for r in shown.rows if r.computes not in (None, FLOAT8_MATMUL)}
+    model = apply_compute_dtype(lm_factory()(), "transformer-engine")
+    replaced = {
+        ".".join(map(str, path))
+        for path, m in nnx.iter_graph(model)
+        if getattr(m, "dot_general", None) is fp8.dot_general
+        or getattr(m, "einsum_op", None) is fp8.einsum
+    }
+    assert float8_rows and float8_rows == replaced
+    assert other == {"bfloat16"}
+    assert FLOAT8_MATMUL in str(shown)

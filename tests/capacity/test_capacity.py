@@ -63,13 +63,19 @@ def _matmul_flops(c, batch, seq, *, remat, flash):
     block = d * c.n_heads * e * 2 + d * c.n_kv_heads * e * 2 + 3 * d * f
     linear_fwd = 2 * batch * seq * block
     recompute = linear_fwd - 2 * batch * seq * f * d if remat else 0
-    scores = 2 * batch * c.n_heads * seq * seq * e  # one (T, S) product
+    attention = _attention_flops(c, batch, seq, remat=remat, flash=flash) // c.n_layers
+    block_total = linear_fwd * 3 + recompute + attention
+    return c.n_layers * block_total + 2 * batch * seq * d * c.vocab_size * 3
+
+
+def _attention_flops(c, batch, seq, *, remat, flash):
+    """The part of :func:`_matmul_flops` that attention's (T, S) products make, all layers."""
+    scores = 2 * batch * c.n_heads * seq * seq * c.head_dim  # one (T, S) product
     fwd_products = 4 if remat else 2  # QK^T and PV, twice with remat
     bwd_products = 5 if flash else 4
     attention = scores * (fwd_products + bwd_products)
-    attention += 2 * batch * c.n_heads * seq * e if flash else 0
-    block_total = linear_fwd * 3 + recompute + attention
-    return c.n_layers * block_total + 2 * batch * seq * d * c.vocab_size * 3
+    attention += 2 * batch * c.n_heads * seq * c.head_dim if flash else 0
+    return c.n_layers * attention
 
 
 @pytest.mark.parametrize("remat", [False, True], ids=["no-remat", "remat"])
@@ -85,6 +91,43 @@ def test_matmul_flops_by_hand_and_by_dtype(remat):
         assert m["flops"] * 8 == want, precision  # integer counts, exact in float64
         share = m["flops_bf16"] / m["flops"]
         assert share == 0.0 if precision == "32-true" else share >= 0.95
+
+
+def test_fp8_is_priced_at_the_fp8_peak_and_says_what_it_sizes():
+    """``--precision transformer-engine``: every matmul but attention's products has
+    float8 operands (the hand count split: projections, feed-forward and the untied head
+    are the policy's linear layers; attention's (T, S) products are bf16 and the flash
+    backward's rowsum(dO x O) float32), those FLOPs are priced at twice the bf16 peak,
+    and the header says so and that the CPU's bf16 copies of float8 operands are counted
+    (XLA's CPU has no float8 dot; a GPU's float8 matmul makes no copies)."""
+    from jtp.capacity import Request, search
+
+    config = PRESETS["tiny"]
+    request = Request(
+        model="tiny",
+        devices=8,
+        global_batch=8,
+        seq_len=SEQ,
+        precision="transformer-engine",
+        tensor=(8,),
+        remat=("none",),
+    )
+    table = search(request, devices=jax.devices())
+    total = _matmul_flops(config, 8, SEQ, remat=False, flash=True)
+    attention = _attention_flops(config, 8, SEQ, remat=False, flash=True)
+    hw = Hardware()
+    rate = hw.peak_tflops * 1e12 * hw.compute_efficiency
+    for row in table.rows:
+        flops, f8, bf16 = (
+            row[k] * 8 for k in ("flops_per_step", "float8_flops_per_step", "bf16_flops_per_step")
+        )
+        rowsum = 2 * 8 * config.n_heads * SEQ * config.head_dim * config.n_layers  # float32
+        assert flops == total and (f8, bf16) == (total - attention, attention - rowsum)
+        want = (bf16 / rate + f8 / (rate * hw.fp8_ratio) + rowsum / (rate * hw.fp32_ratio)) / 8
+        assert row["compute_s"] == pytest.approx(want, rel=1e-12)
+    header = table.format().split("\n")[:4]
+    assert any("float8 at 2x" in line for line in header)
+    assert any("float8 operands' bf16 copies included" in line for line in header)
 
 
 def test_time_model_prices_float32_matmuls_at_the_tf32_ratio():
@@ -237,6 +280,7 @@ def test_fits_compares_with_the_usable_memory(tmp_path, monkeypatch):
             (
                 "flops",
                 "flops_bf16",
+                "flops_float8",
                 "bytes_tensor",
                 "bytes_data",
                 "bytes_both",
