@@ -34,8 +34,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from jtp import host_memory
 from jtp.checkpoint.outputs import write_json
+from jtp.host_memory import setting as host_memory
 
 REPO = Path(__file__).resolve().parents[2]  # jtp/bench/results.py -> the repository
 RECORD_DIR = REPO / "bench_results"  # what --record writes (tests point it elsewhere)
@@ -164,7 +164,7 @@ def provenance(benchmark: str, command: str, platform: str | None = None) -> dic
         "versions": versions(),
         "machine": machine(),
         "platform": platform or jax.devices()[0].platform,
-        "host_memory": host_memory.setting(),  # glibc's malloc settings (jtp.host_memory)
+        "host_memory": host_memory(),  # glibc's malloc settings (jtp.host_memory)
         "device_kind": jax.devices()[0].device_kind,
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": command,

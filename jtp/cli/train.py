@@ -32,7 +32,6 @@ import os
 import sys
 from typing import Any
 
-from jtp import host_memory
 from jtp.checkpoint.outputs import write_json
 from jtp.cli.devices import add_mesh_flags, init_distributed
 from jtp.cli.flags import (
@@ -44,6 +43,7 @@ from jtp.cli.flags import (
 )
 from jtp.cli.output import one_line_errors, program
 from jtp.errors import InputError
+from jtp.host_memory import retain_host_memory, setting
 from jtp.mesh import select_devices
 from jtp.recipes import FeedForwardConfig, LlamaTaskConfig, TaskConfig
 from jtp.recipes.objective import ROUTER_METRICS
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "step_times": trainer.step_times,  # each loss on the host, s from the fit's start
         "compile_cache_hits": trainer.compile_cache_hits,
         "compilation_cache": args.compilation_cache,
-        "host_memory": host_memory.setting(),  # jtp.host_memory: retained on CPU
+        "host_memory": setting(),  # jtp.host_memory: retained on CPU
         **_fit_metrics(trainer),
         "config": vars(args),
         "process_index": jax.process_index(),
@@ -351,5 +351,5 @@ def _run_and_exit(argv: list[str]) -> None:
 
 def run() -> None:
     """The ``python -m jtp.train`` entry point."""
-    host_memory.retain_host_memory()  # on CPU, before jax starts (its docstring says why)
+    retain_host_memory()  # on CPU, before jax starts (its docstring says why)
     _run_and_exit(sys.argv[1:])

@@ -24,7 +24,7 @@ def test_the_package_installs_the_jtp_script():
 def test_every_program_is_a_subcommand():
     programs = {p.stem for p in (ROOT / "jtp").glob("*.py")} - {"__init__", "__main__"}
     programs |= {p.parent.name for p in (ROOT / "jtp").glob("*/__main__.py")}
-    programs -= {"errors", "hf", "mesh", "plans", "xla_flags", "plan"}  # modules, old name
+    programs -= {"errors", "hf", "mesh", "plans", "xla_flags", "host_memory", "plan"}  # modules
     assert programs == set(command.COMMANDS)
 
 
