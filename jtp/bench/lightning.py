@@ -319,18 +319,12 @@ def format_lightning(payload: dict[str, Any]) -> str:
         f"{'first step s':>12} | {'loss (run 1)':>14} |",
         f"|{'-' * 74}|{'-' * 10}:|{'-' * 8}:|{'-' * 13}:|{'-' * 13}:|{'-' * 15}:|",
     ]
-    for side, label in labels.items():
-        if side in med:
-            r = med[side]
-            lines.append(
-                f"| {label:<72} | {r['wall_s']:>9.1f} | {r['cpu_s']:>7.1f} | "
-                f"{r['median_step_s']:>12.2f} | {r['first_step_s']:>12.1f} | {loss(side):>14} |"
-            )
-    for key, label in ratios.items():
-        if key in payload:
-            q = payload[key]
-            lines.append(
-                f"| {label:<72} | {q['wall_s']:>9.2f} | {q['cpu_s']:>7.2f} | "
-                f"{q['median_step_s']:>12.2f} | {q['first_step_s']:>12.2f} | {'':>14} |"
-            )
+
+    def row(label: str, r: dict[str, float], digits: int, losses: str) -> str:
+        whole = f"{r['wall_s']:>9.{digits}f} | {r['cpu_s']:>7.{digits}f}"
+        steps = f"{r['median_step_s']:>12.2f} | {r['first_step_s']:>12.{digits}f}"
+        return f"| {label:<72} | {whole} | {steps} | {losses:>14} |"
+
+    lines += [row(label, med[side], 1, loss(side)) for side, label in labels.items() if side in med]
+    lines += [row(label, payload[key], 2, "") for key, label in ratios.items() if key in payload]
     return "\n".join(lines)

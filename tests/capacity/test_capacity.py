@@ -68,6 +68,21 @@ def _matmul_flops(c, batch, seq, *, remat, flash):
     return c.n_layers * block_total + 2 * batch * seq * d * c.vocab_size * 3
 
 
+def _tiny_request(precision):
+    """One layout of the tiny preset on 8 devices: tensor 8, no remat, batch 8 x SEQ."""
+    from jtp.capacity import Request
+
+    return Request(
+        model="tiny",
+        devices=8,
+        global_batch=8,
+        seq_len=SEQ,
+        precision=precision,
+        tensor=(8,),
+        remat=("none",),
+    )
+
+
 def _attention_flops(c, batch, seq, *, remat, flash):
     """The part of :func:`_matmul_flops` that attention's (T, S) products make, all layers."""
     scores = 2 * batch * c.n_heads * seq * seq * c.head_dim  # one (T, S) product
@@ -100,19 +115,10 @@ def test_fp8_is_priced_at_the_fp8_peak_and_says_what_it_sizes():
     backward's rowsum(dO x O) float32), those FLOPs are priced at twice the bf16 peak,
     and the header says so and that the CPU's bf16 copies of float8 operands are counted
     (XLA's CPU has no float8 dot; a GPU's float8 matmul makes no copies)."""
-    from jtp.capacity import Request, search
+    from jtp.capacity import search
 
     config = PRESETS["tiny"]
-    request = Request(
-        model="tiny",
-        devices=8,
-        global_batch=8,
-        seq_len=SEQ,
-        precision="transformer-engine",
-        tensor=(8,),
-        remat=("none",),
-    )
-    table = search(request, devices=jax.devices())
+    table = search(_tiny_request("transformer-engine"), devices=jax.devices())
     total = _matmul_flops(config, 8, SEQ, remat=False, flash=True)
     attention = _attention_flops(config, 8, SEQ, remat=False, flash=True)
     hw = Hardware()
@@ -320,15 +326,7 @@ def test_the_library_function_returns_the_table_the_program_prints(capsys):
     the request names is an error that says how to get them."""
     from jtp.capacity import Request, search
 
-    request = Request(
-        model="tiny",
-        devices=8,
-        global_batch=8,
-        seq_len=SEQ,
-        precision="32-true",
-        tensor=(8,),
-        remat=("none",),
-    )
+    request = _tiny_request("32-true")
     table = search(request, devices=jax.devices())
     payload = main(
         [
