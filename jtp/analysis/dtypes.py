@@ -9,7 +9,6 @@ compile with a dump option writes.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import glob
 import math
@@ -17,12 +16,14 @@ import os
 import re
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from jtp.training import compilation_cache
 
 try:  # a readable "file:line (function)" for a warning; optional
     from jax._src import source_info_util
@@ -175,31 +176,14 @@ ELEMENT_BYTES = {
 }
 
 
-@contextlib.contextmanager
-def _compiling_afresh() -> Iterator[None]:
-    """jax's persistent compilation cache off for the compiles inside, back as it was after.
-    jax leaves the dump options out of a cache entry's key, so with a warm cache (the
-    programs keep one by default; the test suite shares one per run) the program is loaded
-    and XLA writes no dump. jax decides once per process whether the cache is used:
-    ``reset_cache`` makes it decide again."""
-    from jax.experimental.compilation_cache import compilation_cache
-
-    enabled = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
-    compilation_cache.reset_cache()
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_compilation_cache", enabled)
-        compilation_cache.reset_cache()
-
-
 def partitioned_hlo(lowered: jax.stages.Lowered) -> str:
     """The HLO text of ``lowered`` right after SPMD partitioning: the collectives XLA
     inserted, with the element types the program asked for (the CPU backend promotes bf16
     ones to float32 only later). Compiles ``lowered`` once more, with a dump option, and
-    without jax's persistent compilation cache (:func:`_compiling_afresh`)."""
-    with tempfile.TemporaryDirectory() as tmp, _compiling_afresh():
+    without jax's persistent compilation cache (``compilation_cache.afresh``: jax leaves
+    dump options out of a cache key, so a warm cache would load the program, dumping
+    nothing)."""
+    with tempfile.TemporaryDirectory() as tmp, compilation_cache.afresh():
         lowered.compile(
             compiler_options={"xla_dump_to": tmp, "xla_dump_hlo_pass_re": "spmd-partitioning"}
         )

@@ -8,6 +8,8 @@ shapes to the compiled program (tracing, lowering, XLA). Unrolled blocks are tra
 compiled once each: their time grows with the depth. A scanned stack is one loop body
 whatever the depth. The remat rows compile each policy at one depth, both forms; FLOPs are
 the unrolled program's (XLA's cost analysis counts a loop body once, not once per trip).
+Every compile here runs with jax's persistent compilation cache off, whatever
+``--compilation-cache`` says: with a warm cache the table would time loads.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 from typing import Any
 
 from jtp.bench.results import machine, write_result
+from jtp.training import compilation_cache
 
 MESH = (2, 4)
 PRECISION = "bf16-mixed"
@@ -46,9 +49,12 @@ def _compile(model: Any, devices: list, seq: int, batch: int) -> tuple[Any, floa
     from jtp.recipes.llama import abstract_llama_step
 
     task = LlamaTaskConfig(seq_len=seq, batch_size=batch, fsdp=True, remat=model.remat)
-    t0 = time.perf_counter()
-    compiled, _ = abstract_llama_step(task, MESH, devices, precision=PRECISION, model_config=model)
-    return compiled, time.perf_counter() - t0
+    with compilation_cache.afresh():  # a cached program would time a load, not a compile
+        t0 = time.perf_counter()
+        compiled, _ = abstract_llama_step(
+            task, MESH, devices, precision=PRECISION, model_config=model
+        )
+        return compiled, time.perf_counter() - t0
 
 
 def format_compile(p: dict[str, Any]) -> str:

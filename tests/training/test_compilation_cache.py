@@ -62,3 +62,33 @@ def test_a_second_process_loads_the_first_ones_programs(tmp_path):
     assert second["losses"] == first["losses"]  # the loaded program computes the same
     assert first["host_memory"] == host_memory.RETAINED
     assert second["host_memory"] == "glibc's defaults (JTP_HOST_MEMORY=system)"
+
+
+def test_afresh_compiles_what_the_warm_cache_holds(tmp_path):
+    """``compilation_cache.afresh``: inside it a program the persistent cache holds is
+    compiled again (no cache hit: what ``bench compile`` times, and what XLA's dumps need);
+    after it the cache loads the program again."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental.compilation_cache import compilation_cache as jax_cache
+
+    from jtp.training.compile import persistent_cache_hits
+
+    def compile_fresh_lowering():  # a Lowered keeps its compiled program: lower anew
+        jax.jit(lambda x: jnp.sin(x) * 3.0 + 1.0).lower(jnp.zeros((7, 13))).compile()
+
+    was = jax.config.jax_compilation_cache_dir
+    compilation_cache.enable(str(tmp_path / "cache"))
+    jax_cache.reset_cache()
+    try:
+        compile_fresh_lowering()  # written to the cache
+        with persistent_cache_hits() as warm:
+            compile_fresh_lowering()
+        with persistent_cache_hits() as fresh, compilation_cache.afresh():
+            compile_fresh_lowering()
+        with persistent_cache_hits() as after:
+            compile_fresh_lowering()
+    finally:
+        jax.config.update("jax_compilation_cache_dir", was)
+        jax_cache.reset_cache()
+    assert (len(warm), len(fresh), len(after)) == (1, 0, 1)
