@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jtp.training import compilation_cache
+from jtp.analysis import compiling
 
 try:  # a readable "file:line (function)" for a warning; optional
     from jax._src import source_info_util
@@ -180,10 +180,10 @@ def partitioned_hlo(lowered: jax.stages.Lowered) -> str:
     """The HLO text of ``lowered`` right after SPMD partitioning: the collectives XLA
     inserted, with the element types the program asked for (the CPU backend promotes bf16
     ones to float32 only later). Compiles ``lowered`` once more, with a dump option, and
-    without jax's persistent compilation cache (``compilation_cache.afresh``: jax leaves
+    without jax's persistent compilation cache (:func:`jtp.analysis.compiling.afresh`: jax leaves
     dump options out of a cache key, so a warm cache would load the program, dumping
     nothing)."""
-    with tempfile.TemporaryDirectory() as tmp, compilation_cache.afresh():
+    with tempfile.TemporaryDirectory() as tmp, compiling.afresh():
         lowered.compile(
             compiler_options={"xla_dump_to": tmp, "xla_dump_hlo_pass_re": "spmd-partitioning"}
         )

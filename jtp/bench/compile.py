@@ -20,8 +20,8 @@ import sys
 import time
 from typing import Any
 
+from jtp.analysis import compiling
 from jtp.bench.results import machine, write_result
-from jtp.training import compilation_cache
 
 MESH = (2, 4)
 PRECISION = "bf16-mixed"
@@ -49,7 +49,7 @@ def _compile(model: Any, devices: list, seq: int, batch: int) -> tuple[Any, floa
     from jtp.recipes.llama import abstract_llama_step
 
     task = LlamaTaskConfig(seq_len=seq, batch_size=batch, fsdp=True, remat=model.remat)
-    with compilation_cache.afresh():  # a cached program would time a load, not a compile
+    with compiling.afresh():  # a cached program would time a load, not a compile
         t0 = time.perf_counter()
         compiled, _ = abstract_llama_step(
             task, MESH, devices, precision=PRECISION, model_config=model

@@ -12,9 +12,7 @@ versions, so one directory serves every model, mesh and version safely.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 
 ENV = "JTP_COMPILATION_CACHE"
 OFF = ("off", "none", "0", "false", "")
@@ -42,23 +40,3 @@ def enable(directory: str | None) -> str | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     return directory
-
-
-@contextlib.contextmanager
-def afresh() -> Iterator[None]:
-    """The persistent cache off for the compiles inside, back as it was after: for what a
-    cached program cannot give, such as a compile's own time (``python -m jtp.bench
-    compile``) or XLA's dumps (jax leaves dump options out of an entry's key, so a warm
-    cache loads the program and XLA writes nothing). jax decides once per process whether
-    the cache is used: ``reset_cache`` makes it decide again, on entry and on exit."""
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache
-
-    enabled = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
-    compilation_cache.reset_cache()
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_compilation_cache", enabled)
-        compilation_cache.reset_cache()

@@ -65,13 +65,14 @@ def test_a_second_process_loads_the_first_ones_programs(tmp_path):
 
 
 def test_afresh_compiles_what_the_warm_cache_holds(tmp_path):
-    """``compilation_cache.afresh``: inside it a program the persistent cache holds is
+    """``jtp.analysis.compiling.afresh``: inside it a program the persistent cache holds is
     compiled again (no cache hit: what ``bench compile`` times, and what XLA's dumps need);
     after it the cache loads the program again."""
     import jax
     import jax.numpy as jnp
     from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
+    from jtp.analysis import compiling
     from jtp.training.compile import persistent_cache_hits
 
     def compile_fresh_lowering():  # a Lowered keeps its compiled program: lower anew
@@ -84,7 +85,7 @@ def test_afresh_compiles_what_the_warm_cache_holds(tmp_path):
         compile_fresh_lowering()  # written to the cache
         with persistent_cache_hits() as warm:
             compile_fresh_lowering()
-        with persistent_cache_hits() as fresh, compilation_cache.afresh():
+        with persistent_cache_hits() as fresh, compiling.afresh():
             compile_fresh_lowering()
         with persistent_cache_hits() as after:
             compile_fresh_lowering()
