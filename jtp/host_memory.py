@@ -41,6 +41,7 @@ SETTINGS: tuple[tuple[int, str, int, str], ...] = (
     (M_MMAP_MAX, "mmap_max", 0, "no mmap for large blocks: a freed block stays for the next step"),
     (M_TRIM_THRESHOLD, "trim_threshold", 2**31 - 1, "never give the heap's free top back"),
 )
+RETAINED = "retained (one arena, no mmap, no trim)"  # setting() once they are applied
 OPT_OUT = "JTP_HOST_MEMORY"
 USER_SETTINGS = (
     "MALLOC_ARENA_MAX",
@@ -86,9 +87,6 @@ def retain_host_memory(*, force: bool = False) -> bool:
     applied = all(mallopt(param, value) == 1 for param, _, value, _ in SETTINGS)
     _setting = RETAINED if applied else "glibc's defaults (mallopt refused)"
     return applied
-
-
-RETAINED = "retained (one arena, no mmap, no trim)"
 
 
 def setting() -> str:
