@@ -126,11 +126,16 @@ def dot_flops_by_dtype(jaxpr: Any) -> dict[str, float]:
     return dict(totals)
 
 
+def total(totals: dict[str, float], keep: Callable[[str], bool]) -> float:
+    """The FLOPs in ``totals`` (:func:`dot_flops_by_dtype`) whose dtype ``keep`` accepts."""
+    return float(sum(v for k, v in totals.items() if keep(k)))
+
+
 def share(totals: dict[str, float], keep: Callable[[str], bool], empty: float = 0.0) -> float:
     """The share of the FLOPs in ``totals`` (:func:`dot_flops_by_dtype`) whose dtype
     ``keep`` accepts; ``empty`` for a program without matmuls."""
-    total = sum(totals.values())
-    return sum(v for k, v in totals.items() if keep(k)) / total if total else empty
+    everything = sum(totals.values())
+    return total(totals, keep) / everything if everything else empty
 
 
 def flops_fraction(jaxpr: Any, dtype: str) -> float:

@@ -278,10 +278,7 @@ def lightning(args: argparse.Namespace) -> dict[str, Any]:
         "jtp_command": " ".join(["python -m jtp.train", *JTP_FLAGS]),
         "lightning_versions": first["versions"],
         "lightning_threads_per_process": first["threads_per_process"],
-        "host_memory": {
-            "jtp": runs["jtp"][0]["host_memory"],
-            "lightning_retained": glibc_tunables(),
-        },
+        "lightning_retained_glibc_tunables": glibc_tunables(),  # jtp's: each run's host_memory
         "example": _example(args.example_dir),
         "runs": {
             side: [{k: v for k, v in r.items() if k != "runner"} for r in rs]

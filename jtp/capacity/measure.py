@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from jtp.analysis.collectives import collectives
-from jtp.analysis.dtypes import dot_flops_by_dtype, is_float8
+from jtp.analysis.dtypes import dot_flops_by_dtype, is_float8, total
 from jtp.analysis.memory import KEEP_BF16, peak_memory_per_device
 from jtp.capacity.roofline import ring_factor
 from jtp.mesh import CONTEXT, DATA, EXPERT, TENSOR
@@ -182,8 +182,8 @@ def measure(
     return {
         "memory": float(peak_memory_per_device(compiled)),
         "flops": float(sum(flops.values())),
-        "flops_bf16": float(sum(v for k, v in flops.items() if k in ("bfloat16", "float16"))),
-        "flops_float8": float(sum(v for k, v in flops.items() if is_float8(k))),
+        "flops_bf16": total(flops, lambda k: k in ("bfloat16", "float16")),
+        "flops_float8": total(flops, is_float8),
         **{f"bytes_{k}": v for k, v in by_axis.items()},
         **{f"wire_{k}": v for k, v in wire.items()},
     }

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jtp.capacity.roofline import GB
+from jtp.capacity.roofline import FP8_RATIO, GB
 from jtp.training.precision import policy
 
 KERNELS = {"blockwise": "blockwise, standing for cuDNN's fused kernel", "xla": "XLA's, T^2"}
@@ -36,7 +36,7 @@ def _header(r: dict[str, Any], hw: dict[str, Any], context: bool = False) -> str
     # XLA's CPU has no float8 dot: it multiplies bf16 copies of the operands, which a GPU's
     # float8 matmul does not make (jtp.capacity.measure.AS_ON_GPU leaves them in)
     copies = "; float8 operands' bf16 copies included: cautious" if float8 else ""
-    rate8 = f", float8 at {hw.get('fp8_ratio', 2.0):g}x" if float8 else ""
+    rate8 = f", float8 at {hw.get('fp8_ratio', FP8_RATIO):g}x" if float8 else ""
     return (
         f"{r['label']} on {r['devices']} devices ({r['devices_per_host']}/host, "
         f"{memory:g} GB), global batch {r['global_batch']} x {r['seq_len']} tokens, "
