@@ -53,17 +53,19 @@ USER_SETTINGS = (
 
 
 def left_to_environment(environ: os._Environ[str] | dict[str, str] | None = None) -> str | None:
-    """Why glibc's malloc is left as it is here, or None when jtp may set it."""
+    """What the host allocator is left to here, as :func:`setting` records it (whose
+    settings, and why), or None when jtp may set it."""
     env = os.environ if environ is None else environ
     if env.get(OPT_OUT, "").lower() == "system":
-        return f"{OPT_OUT}=system"
-    if "glibc.malloc." in env.get("GLIBC_TUNABLES", ""):
-        return "GLIBC_TUNABLES sets glibc.malloc options"
+        return f"glibc's defaults ({OPT_OUT}=system)"
+    tunables = env.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc." in tunables:
+        return f"the environment's (GLIBC_TUNABLES={tunables})"
     given = [name for name in USER_SETTINGS if name in env]
     if given:
-        return f"{given[0]} is set"
+        return f"the environment's ({given[0]}={env[given[0]]})"
     if platform.libc_ver()[0] != "glibc":
-        return "the C library is not glibc"
+        return "the C library's own (not glibc)"
     return None
 
 
@@ -76,11 +78,11 @@ def retain_host_memory(*, force: bool = False) -> bool:
     allocation. Only where jax runs on CPU alone, unless ``force``. Returns whether the
     settings were applied."""
     global _setting
-    why = left_to_environment()
-    if why is None and not force and cuda_jax_installed():
-        why = "jax may run on GPUs"
-    if why is not None:
-        _setting = f"glibc's defaults ({why})"
+    left_to = left_to_environment()
+    if left_to is None and not force and cuda_jax_installed():
+        left_to = "glibc's defaults (jax may run on GPUs)"
+    if left_to is not None:
+        _setting = left_to
         return False
     mallopt = ctypes.CDLL(None).mallopt
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
@@ -90,8 +92,8 @@ def retain_host_memory(*, force: bool = False) -> bool:
 
 
 def setting() -> str:
-    """This process's host allocator, as results record it: :data:`RETAINED`, or glibc's
-    defaults and why."""
+    """This process's host allocator, as results record it: :data:`RETAINED`, glibc's
+    defaults and why, or the environment's settings."""
     return _setting
 
 

@@ -67,14 +67,21 @@ def test_a_freed_block_is_reused_not_faulted_in_again():
 
 
 def test_the_environment_and_the_user_decide_first():
-    assert host_memory.left_to_environment({}) in (None, "the C library is not glibc")
+    """What is recorded says whose settings ran: glibc's defaults only where nobody set
+    any, the environment's own (with their values) where the user did."""
+    not_glibc = "the C library's own (not glibc)"
+    assert host_memory.left_to_environment({}) in (None, not_glibc)
     assert host_memory.left_to_environment({"JTP_HOST_MEMORY": "system"}) == (
-        "JTP_HOST_MEMORY=system"
+        "glibc's defaults (JTP_HOST_MEMORY=system)"
     )
     tunables = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
-    assert host_memory.left_to_environment(tunables) == "GLIBC_TUNABLES sets glibc.malloc options"
+    assert host_memory.left_to_environment(tunables) == (
+        "the environment's (GLIBC_TUNABLES=glibc.malloc.hugetlb=1)"
+    )
     assert host_memory.left_to_environment({"GLIBC_TUNABLES": "glibc.rtld.nns=2"}) in (
         None,
-        "the C library is not glibc",
+        not_glibc,
     )
-    assert host_memory.left_to_environment({"MALLOC_ARENA_MAX": "4"}) == "MALLOC_ARENA_MAX is set"
+    assert host_memory.left_to_environment({"MALLOC_ARENA_MAX": "4"}) == (
+        "the environment's (MALLOC_ARENA_MAX=4)"
+    )
