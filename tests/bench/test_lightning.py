@@ -50,6 +50,17 @@ def test_jtp_side_is_the_examples_layout_batch_and_numerics(fits, tmp_path):
     )
     assert (c.lr, c.weight_decay, o.precision) == (3e-3, 0.01, "32-true")
     assert (o.max_epochs, c.samples // c.batch_size, o.log_every_n_steps) == (2, 8, 1)
+    assert "--no-compilation-cache" in cmd  # a first run: every program compiled
+
+
+def test_the_repeated_run_differs_only_in_its_compilation_cache(tmp_path):
+    """``jtp_cached``: the same command, the benchmark's own cache directory in place of
+    none; everything the step computes stays the same."""
+    first = jtp_command("python", "m.json", str(tmp_path))
+    again = jtp_command("python", "m.json", str(tmp_path), cache=str(tmp_path / "xla"))
+    assert [a for a in again if a not in first] == [f"--compilation-cache={tmp_path / 'xla'}"]
+    assert [a for a in first if a not in again] == ["--no-compilation-cache"]
+    assert len(first) == len(again)
 
 
 def test_the_preset_has_the_examples_parameter_count():
@@ -111,6 +122,13 @@ def test_the_table_from_the_json():
     table = RENDERERS["lightning"]({**payload, **summarise(runs)})
     assert "jtp's host memory" in table and "10.80 -> 9.50" in table
     assert "| jtp / Lightning, same host memory" in table and "0.60 |" in table
+    assert "repeated run" not in table
+    cached = {**side, "wall_s": 54.0}
+    runs["jtp_cached"] = [cached]
+    payload["runs"]["jtp_cached"] = [{"losses": [10.8, 9.6]}]
+    table = RENDERERS["lightning"]({**payload, **summarise(runs)})
+    assert "| jtp, a repeated run: its compilation cache warm" in table
+    assert "| jtp (a repeated run) / Lightning " in table and "0.45 |" in table
 
 
 def test_without_a_lightning_environment_it_exits_2_saying_how(tmp_path, monkeypatch, capsys):
