@@ -8,6 +8,7 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 
 import jax
 import pytest
@@ -164,6 +165,31 @@ def test_a_lightning_run_in_bf16_or_with_a_nan_is_refused(monkeypatch):
     runner_says(finite=False, losses=[float("nan")])
     with pytest.raises(RuntimeError, match="not all finite"):
         lightning._lightning_run("py", "dir", 60)
+
+
+def test_a_warm_run_that_loaded_nothing_from_the_cache_is_refused(monkeypatch):
+    """``jtp_cached`` times a repeated run only if jtp says it loaded its step from the
+    cache: a cache that did not take (another jax, a full disk) would time a first run
+    under the repeated run's name. The untimed run that fills the cache may load nothing."""
+    from jtp.bench import lightning
+
+    def jtp_says(hits: int) -> None:
+        def run(cmd, env, timeout):
+            metrics = {"step_times": [5.0, 7.5, 10.0], "losses": [10.8, 9.6]}
+            metrics |= {"host_memory": "retained", "compile_cache_hits": hits}
+            Path(cmd[cmd.index("--metrics-json") + 1]).write_text(json.dumps(metrics))
+            assert any(a.startswith("--compilation-cache=") for a in cmd)
+            return 40.0, 80.0, ""
+
+        monkeypatch.setattr(lightning, "_run", run)
+
+    jtp_says(0)
+    assert lightning._jtp_run({}, 60, "/c", warm=False)["compile_cache_hits"] == 0
+    with pytest.raises(RuntimeError, match="loaded nothing from its compilation cache"):
+        lightning._jtp_run({}, 60, "/c")
+    jtp_says(1)
+    run = lightning._jtp_run({}, 60, "/c")
+    assert (run["wall_s"], run["first_step_s"], run["median_step_s"]) == (40.0, 5.0, 2.5)
 
 
 def test_a_hung_side_is_killed_with_what_it_started(tmp_path):
