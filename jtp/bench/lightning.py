@@ -99,17 +99,22 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per process (killed)")
 
 
-def jtp_command(python: str, metrics: str, root: str, cache: str | None = None) -> list[str]:
-    """jtp's side: ``python -m jtp.train`` with :data:`JTP_FLAGS`, writing ``metrics``;
-    with a compilation ``cache`` directory instead of none when one is given."""
+def jtp_flags(cache: str | None = None) -> list[str]:
+    """:data:`JTP_FLAGS`, with a compilation ``cache`` directory instead of none when one is
+    given (the repeated run's side)."""
     flags = list(JTP_FLAGS)
     if cache is not None:
         flags[flags.index("--no-compilation-cache")] = f"--compilation-cache={cache}"
+    return flags
+
+
+def jtp_command(python: str, metrics: str, root: str, cache: str | None = None) -> list[str]:
+    """jtp's side: ``python -m jtp.train`` with :func:`jtp_flags`, writing ``metrics``."""
     return [
         python,
         "-m",
         "jtp.train",
-        *flags,
+        *jtp_flags(cache),
         "--default-root-dir",
         root,
         "--metrics-json",
@@ -306,7 +311,9 @@ def lightning(args: argparse.Namespace) -> dict[str, Any]:
         "repeats": args.repeats,
         "model": {**first["model"], "params_jtp": _params(), "params_lightning": first["params"]},
         "steps": len(runs["jtp"][0]["losses"]),
-        "jtp_command": " ".join(["python -m jtp.train", *JTP_FLAGS]),
+        "jtp_command": " ".join(["python -m jtp.train", *jtp_flags()]),
+        # the repeated run's: a cache the benchmark filled (a temporary directory, removed)
+        "jtp_cached_command": " ".join(["python -m jtp.train", *jtp_flags("DIR")]),
         "lightning_versions": first["versions"],
         "lightning_threads_per_process": first["threads_per_process"],
         "lightning_retained_glibc_tunables": glibc_tunables(),  # jtp's: each run's host_memory
