@@ -15,7 +15,13 @@ import pytest
 from flax import nnx
 
 from jtp.bench.docs import RENDERERS
-from jtp.bench.lightning import jtp_command, parse_runner_output, step_figures, summarise
+from jtp.bench.lightning import (
+    jtp_command,
+    jtp_flags,
+    parse_runner_output,
+    step_figures,
+    summarise,
+)
 from jtp.cli.bench import main as bench_main
 from jtp.cli.train import main as train_main
 from jtp.models.llama import PRESETS, Llama
@@ -62,6 +68,17 @@ def test_the_repeated_run_differs_only_in_its_compilation_cache(tmp_path):
     assert [a for a in again if a not in first] == [f"--compilation-cache={tmp_path / 'xla'}"]
     assert [a for a in first if a not in again] == ["--no-compilation-cache"]
     assert len(first) == len(again)
+
+
+def test_the_record_names_both_of_jtps_commands():
+    """The committed result says what each jtp side ran: the first run's command and the
+    repeated run's, which differ only in the compilation cache (a directory the benchmark
+    filled and removed, recorded as DIR)."""
+    record = json.loads((Path(__file__).parents[2] / "bench_results/lightning.json").read_text())
+    first, again = record["jtp_command"].split(), record["jtp_cached_command"].split()
+    assert first == ["python", "-m", "jtp.train", *jtp_flags()]
+    assert again == ["python", "-m", "jtp.train", *jtp_flags("DIR")]
+    assert [a for a in again if a not in first] == ["--compilation-cache=DIR"]
 
 
 def test_the_preset_has_the_examples_parameter_count():
