@@ -22,6 +22,7 @@ from jtp.bench.lightning import (
     step_figures,
     summarise,
 )
+from jtp.bench.results import REPO, result_name
 from jtp.cli.bench import main as bench_main
 from jtp.cli.train import main as train_main
 from jtp.models.llama import PRESETS, Llama
@@ -74,7 +75,7 @@ def test_the_record_names_both_of_jtps_commands():
     """The committed result says what each jtp side ran: the first run's command and the
     repeated run's, which differ only in the compilation cache (a directory the benchmark
     filled and removed, recorded as DIR)."""
-    record = json.loads((Path(__file__).parents[2] / "bench_results/lightning.json").read_text())
+    record = json.loads((REPO / "bench_results" / result_name("lightning")).read_text())
     first, again = record["jtp_command"].split(), record["jtp_cached_command"].split()
     assert first == ["python", "-m", "jtp.train", *jtp_flags()]
     assert again == ["python", "-m", "jtp.train", *jtp_flags("DIR")]
